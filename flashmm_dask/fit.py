@@ -1,0 +1,138 @@
+"""LmmFit: the result of fitting the mixed model to many features.
+
+Array orientation follows the R package: coefficient-like outputs are (p, m) and
+variance components (K+1, m), with m features in columns; matrices per feature (cov,
+FIM_beta, FIM_theta) carry the feature axis first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flashmm_dask.numerics.linalg import Array
+
+
+@dataclass(frozen=True, eq=False)
+class LmmFit:
+    """Fitted linear mixed models of m features.
+
+    Attributes
+    ----------
+    method : "REML" or "ML"
+    epsilon : convergence tolerance on max |dlogL|
+    df : residual degrees of freedom n - p (float), or a (p, m) array
+    coef, se, t, p : (p, m) arrays
+    theta, se_theta, dlogL : (K+1, m) arrays; last row the residual variance
+    logLik, niter : (m,) arrays (niter is NaN for features that were not fitted)
+    converged : (m,) bool array, max |dlogL| <= epsilon
+    cov, FIM_beta : (m, p, p) arrays or None
+    FIM_theta : (m, K+1, K+1) array or None
+    RE : (q, m) array of BLUPs or None
+    summary_data : the summary statistics the fit came from (a dict) or None
+    covariates : p coefficient names
+    features : m feature names
+    components : K+1 names, the random components then "residual"
+    random : q names of the random-effect columns
+    n : number of cells
+    d : sizes of the K random components
+    """
+
+    method: str
+    epsilon: float
+    df: float | Array
+    coef: Array
+    se: Array
+    t: Array
+    p: Array
+    theta: Array
+    se_theta: Array
+    dlogL: Array
+    logLik: Array
+    niter: Array
+    converged: np.ndarray
+    cov: Array | None
+    FIM_beta: Array | None
+    FIM_theta: Array | None
+    RE: Array | None
+    summary_data: dict[str, Any] | None
+    covariates: tuple[str, ...]
+    features: tuple[str, ...]
+    components: tuple[str, ...]
+    random: tuple[str, ...]
+    n: int
+    d: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return (
+            f"LmmFit(method={self.method!r}, features={len(self.features)}, "
+            f"covariates={len(self.covariates)}, components={list(self.components)}, "
+            f"converged={int(self.converged.sum())}/{len(self.features)})"
+        )
+
+    def df_array(self) -> Array:
+        """Degrees of freedom as a (p, m) array."""
+        return np.broadcast_to(np.asarray(self.df, dtype=np.float64), self.coef.shape)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Tidy table: one row per feature and covariate.
+
+        Columns: feature, covariate, coef, se, t, df, p.
+        """
+        p, m = self.coef.shape
+        return pd.DataFrame(
+            {
+                "feature": np.tile(np.asarray(self.features, dtype=object), p),
+                "covariate": np.repeat(np.asarray(self.covariates, dtype=object), m),
+                "coef": self.coef.ravel(),
+                "se": self.se.ravel(),
+                "t": self.t.ravel(),
+                "df": self.df_array().ravel(),
+                "p": self.p.ravel(),
+            }
+        )
+
+    def to_xarray(self):
+        """The fit as an ``xarray.Dataset`` with the feature dimension first."""
+        import xarray as xr
+
+        coords: dict[str, Any] = {
+            "feature": list(self.features),
+            "covariate": list(self.covariates),
+            "component": list(self.components),
+        }
+        fc = ("feature", "covariate")
+        fk = ("feature", "component")
+        data: dict[str, Any] = {
+            "coef": (fc, self.coef.T),
+            "se": (fc, self.se.T),
+            "t": (fc, self.t.T),
+            "df": (fc, self.df_array().T),
+            "p": (fc, self.p.T),
+            "theta": (fk, self.theta.T),
+            "se_theta": (fk, self.se_theta.T),
+            "dlogL": (fk, self.dlogL.T),
+            "logLik": ("feature", self.logLik),
+            "niter": ("feature", self.niter),
+            "converged": ("feature", self.converged),
+        }
+        if self.cov is not None:
+            coords["covariate2"] = list(self.covariates)
+            data["cov"] = (("feature", "covariate", "covariate2"), self.cov)
+        if self.FIM_beta is not None:
+            coords["covariate2"] = list(self.covariates)
+            data["FIM_beta"] = (("feature", "covariate", "covariate2"), self.FIM_beta)
+        if self.FIM_theta is not None:
+            coords["component2"] = list(self.components)
+            data["FIM_theta"] = (("feature", "component", "component2"), self.FIM_theta)
+        if self.RE is not None:
+            coords["random"] = list(self.random)
+            data["RE"] = (("feature", "random"), self.RE.T)
+        return xr.Dataset(
+            data,
+            coords=coords,
+            attrs={"method": self.method, "epsilon": self.epsilon, "n": self.n},
+        )

@@ -1,0 +1,1 @@
+"""Readers of expression stores and writers of results stores."""

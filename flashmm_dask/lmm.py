@@ -1,0 +1,351 @@
+"""``lmm``: fit the FLASH-MM linear mixed model of many features from summary statistics.
+
+The inputs follow the R package's orientation (ALGORITHM.md)::
+
+    XX (p, p)   XY (p, m)   ZX (q, p)   ZY (q, m)   ZZ (q, q)   Ynorm (m,)   n
+
+They are checked and converted once, here; the batched numerics in
+:mod:`flashmm_dask.numerics` then run on blocks of features (feature axis first).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flashmm_dask.errors import ConvergenceWarning, DesignError, InputError, ZeroFeatureWarning
+from flashmm_dask.fit import LmmFit
+from flashmm_dask.numerics.fisher import (
+    METHODS,
+    NotPositiveDefiniteError,
+    fit_theta,
+    prepare,
+)
+from flashmm_dask.numerics.fixed import fixed_effects
+from flashmm_dask.numerics.inference import t_pvalues
+from flashmm_dask.numerics.linalg import Array
+
+logger = logging.getLogger(__name__)
+
+#: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
+_GENERAL_BLOCK_VALUES = 2**22
+_SPECTRAL_BLOCK = 4096
+
+
+def _labels(obj: Any, axis: int) -> list[str] | None:
+    if isinstance(obj, pd.DataFrame):
+        return [str(x) for x in (obj.index if axis == 0 else obj.columns)]
+    if isinstance(obj, pd.Series) and axis == 0:
+        return [str(x) for x in obj.index]
+    return None
+
+
+def _as_matrix(name: str, obj: Any, ndim: int) -> np.ndarray:
+    try:
+        a = np.asarray(obj, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a numeric array; got {type(obj).__name__}: {exc}") from None
+    if ndim == 1:
+        a = np.ravel(a) if a.ndim == 2 and 1 in a.shape else a
+    if a.ndim != ndim:
+        raise InputError(f"{name} must be {ndim}-dimensional; got shape {a.shape}")
+    return a
+
+
+def _pick_names(candidates: list[tuple[str, list[str] | None]], size: int, prefix: str) -> tuple[str, ...]:
+    for _, labels in candidates:
+        if labels is not None and len(labels) == size:
+            return tuple(labels)
+    return tuple(f"{prefix}{i + 1}" for i in range(size))
+
+
+def _check_finite(name: str, a: np.ndarray, features: tuple[str, ...] | None = None) -> None:
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return
+    if features is not None:
+        cols = np.flatnonzero(bad.reshape(-1, len(features)).any(axis=0) if a.ndim == 2 else bad)
+        shown = ", ".join(repr(features[j]) for j in cols[:5])
+        more = f" and {cols.size - 5} more" if cols.size > 5 else ""
+        raise InputError(
+            f"{name} contains NaN or Inf for {cols.size} feature(s): {shown}{more}; "
+            "remove those features or fix the data they came from"
+        )
+    raise InputError(f"{name} contains NaN or Inf; the shared statistics must be finite")
+
+
+def _components(d: Any, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    if d is None:
+        return (q,), ("var1",)
+    if isinstance(d, Mapping):
+        names, sizes = [str(k) for k in d], list(d.values())
+    elif isinstance(d, pd.Series):
+        names, sizes = [str(k) for k in d.index], list(d.to_numpy())
+    else:
+        sizes = list(np.atleast_1d(np.asarray(d)))
+        names = [f"var{i + 1}" for i in range(len(sizes))]
+    try:
+        ints = tuple(int(s) for s in sizes)
+    except (TypeError, ValueError):
+        raise InputError(f"d must be component sizes (positive integers); got {d!r}") from None
+    if not ints or any(s <= 0 or s != v for s, v in zip(ints, sizes, strict=True)):
+        raise InputError(f"d must be component sizes (positive integers); got {list(sizes)}")
+    if sum(ints) != q:
+        raise InputError(
+            f"sum(d) = {sum(ints)} but Z has q = {q} columns (ZZ is {q} x {q}); "
+            "d must give the number of columns of each random component"
+        )
+    return ints, tuple(names)
+
+
+def _theta0(theta0: Any, K: int, m: int) -> np.ndarray | None:
+    if theta0 is None:
+        return None
+    t0 = np.asarray(theta0, dtype=np.float64)
+    if t0.ndim == 1 and t0.size == K + 1:
+        t0 = np.broadcast_to(t0[:, None], (K + 1, m))
+    if t0.shape != (K + 1, m):
+        raise InputError(
+            f"theta0 must have K+1 = {K + 1} entries (the {K} random-component variances "
+            f"then the residual variance), or shape ({K + 1}, {m}); got shape {np.shape(theta0)}"
+        )
+    if not np.isfinite(t0).all():
+        raise InputError("theta0 contains NaN or Inf")
+    return np.ascontiguousarray(t0.T)
+
+
+def lmm(
+    XX: Any,
+    XY: Any,
+    ZX: Any,
+    ZY: Any,
+    ZZ: Any,
+    Ynorm: Any,
+    n: int,
+    d: Sequence[int] | Mapping[str, int] | None = None,
+    *,
+    method: str = "REML",
+    theta0: Any = None,
+    max_iter: int = 50,
+    epsilon: float = 1e-5,
+    output_cov: bool = True,
+    output_fim: bool = False,
+    output_re: bool = False,
+    output_ss: bool = False,
+    verbose: bool = False,
+) -> LmmFit:
+    """Fit linear mixed models of many features from summary statistics.
+
+    Equivalent to R FLASHMM's ``lmm``. Features are fitted in batches; Fisher scoring
+    stops for each feature once max |dlogL| <= epsilon.
+
+    Parameters
+    ----------
+    XX : (p, p) array or DataFrame
+        X'X. DataFrame labels name the covariates.
+    XY : (p, m) array or DataFrame
+        X'Y'. DataFrame columns name the features.
+    ZX : (q, p) array or DataFrame
+    ZY : (q, m) array or DataFrame
+    ZZ : (q, q) array or DataFrame
+    Ynorm : (m,) array or Series
+        Sum of squares of each feature over cells.
+    n : int
+        Number of cells.
+    d : sequence of int or mapping name -> size, optional
+        Sizes of the K random components (sum(d) == q); default one component of size q.
+    method : {"REML", "ML"}
+    theta0 : (K+1,) or (K+1, m) array, optional
+        Starting variance components, the residual variance last.
+    max_iter : int
+    epsilon : float
+        Convergence tolerance on max |dlogL|.
+    output_cov, output_fim, output_re, output_ss : bool
+        Keep the coefficient covariances, the Fisher information matrices, the BLUPs of
+        the random effects, the summary statistics.
+    verbose : bool
+        Log how many features did not converge at WARNING level.
+
+    Returns
+    -------
+    LmmFit
+    """
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise InputError(f"unknown method {method!r}; use 'REML' or 'ML'")
+    method = method.upper()
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
+    if not np.isfinite(epsilon) or epsilon <= 0:
+        raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
+
+    arrays = {
+        "XX": _as_matrix("XX", XX, 2),
+        "XY": _as_matrix("XY", XY, 2),
+        "ZX": _as_matrix("ZX", ZX, 2),
+        "ZY": _as_matrix("ZY", ZY, 2),
+        "ZZ": _as_matrix("ZZ", ZZ, 2),
+        "Ynorm": _as_matrix("Ynorm", Ynorm, 1),
+    }
+    p, m, q = arrays["XX"].shape[0], arrays["Ynorm"].shape[0], arrays["ZZ"].shape[0]
+    expected = {
+        "XX": (p, p),
+        "XY": (p, m),
+        "ZX": (q, p),
+        "ZY": (q, m),
+        "ZZ": (q, q),
+        "Ynorm": (m,),
+    }
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise InputError(
+                f"{name} has shape {arrays[name].shape} but {shape} is expected from "
+                f"XX ({p} x {p}: p = {p} covariates), ZZ ({q} x {q}: q = {q} random-effect "
+                f"columns) and Ynorm ({m} features); inputs are in the R orientation "
+                "(XY is p x m, ZY is q x m)"
+            )
+    covariates = _pick_names(
+        [("XX", _labels(XX, 0)), ("XY", _labels(XY, 0)), ("ZX", _labels(ZX, 1))], p, "x"
+    )
+    features = _pick_names(
+        [("XY", _labels(XY, 1)), ("ZY", _labels(ZY, 1)), ("Ynorm", _labels(Ynorm, 0))],
+        m,
+        "feature",
+    )
+    random = _pick_names(
+        [("ZZ", _labels(ZZ, 0)), ("ZY", _labels(ZY, 0)), ("ZX", _labels(ZX, 0))], q, "z"
+    )
+    for name in ("XX", "ZX", "ZZ"):
+        _check_finite(name, arrays[name])
+    for name in ("XY", "ZY", "Ynorm"):
+        _check_finite(name, arrays[name], features)
+
+    try:
+        n_cells = int(n)
+    except (TypeError, ValueError):
+        raise InputError(f"n must be the number of cells (an integer); got {n!r}") from None
+    if n_cells != n:
+        raise InputError(f"n must be the number of cells (an integer); got {n!r}")
+    if n_cells <= p:
+        raise InputError(
+            f"n = {n_cells} cells but p = {p} covariates: n must exceed p for the residual "
+            "degrees of freedom n - p to be positive"
+        )
+    sizes, component_names = _components(d, q)
+    K = len(sizes)
+    t0 = _theta0(theta0, K, m)
+
+    try:
+        shared = prepare(arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method)
+    except NotPositiveDefiniteError as exc:
+        names = ", ".join(repr(covariates[j]) for j in exc.aliased) or "(could not tell which)"
+        raise DesignError(
+            f"X is not full column rank (X'X is not positive definite): aliased columns "
+            f"{names}; remove them from the fixed-effects design"
+        ) from None
+
+    fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon)
+    fitted = fit.pop("fitted")
+    n_zero = int(m - fitted.sum())
+    if n_zero:
+        warnings.warn(
+            f"{n_zero} of {m} features have Ynorm <= 0 (all zero) and were not fitted; "
+            "their results are NaN",
+            ZeroFeatureWarning,
+            stacklevel=2,
+        )
+    converged = fitted & (np.max(np.abs(fit["dlogL"]), axis=1) <= epsilon)
+    n_bad = int(fitted.sum() - converged.sum())
+    if n_bad:
+        log = logger.warning if verbose else logger.debug
+        log("%d of %d fitted features did not converge in %d iterations", n_bad, m, max_iter)
+        if verbose:
+            warnings.warn(
+                f"{n_bad} of {m} features did not converge within max_iter = {max_iter}",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+
+    df = float(n_cells - p)
+    coef = fit["coef"].T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt(np.diagonal(fit["cov"], axis1=1, axis2=2)).T
+        t = coef / se
+    summary = None
+    if output_ss:
+        summary = {k: v.copy() for k, v in arrays.items()} | {"n": n_cells, "d": sizes}
+    return LmmFit(
+        method=method,
+        epsilon=float(epsilon),
+        df=df,
+        coef=coef,
+        se=se,
+        t=t,
+        p=t_pvalues(t, df),
+        theta=fit["theta"].T,
+        se_theta=fit["se_theta"].T,
+        dlogL=fit["dlogL"].T,
+        logLik=fit["logLik"],
+        niter=fit["niter"],
+        converged=converged,
+        cov=fit["cov"] if output_cov else None,
+        FIM_beta=fit["FIM_beta"] if output_fim else None,
+        FIM_theta=fit["FIM_theta"] if output_fim else None,
+        RE=fit["RE"].T if output_re else None,
+        summary_data=summary,
+        covariates=covariates,
+        features=features,
+        components=(*component_names, "residual"),
+        random=random,
+        n=n_cells,
+        d=sizes,
+    )
+
+
+def _fit_blocks(
+    shared, arrays: dict[str, np.ndarray], theta0: np.ndarray | None, max_iter: int, epsilon: float
+) -> dict[str, Array]:
+    """Fit the features in blocks; features with Ynorm <= 0 get NaN."""
+    p, q, K = shared.p, shared.q, shared.K
+    m = arrays["Ynorm"].shape[0]
+    XY = np.ascontiguousarray(arrays["XY"].T)
+    ZY = np.ascontiguousarray(arrays["ZY"].T)
+    Ynorm = arrays["Ynorm"]
+    fitted = Ynorm > 0
+    shapes = {
+        "theta": (K + 1,),
+        "se_theta": (K + 1,),
+        "dlogL": (K + 1,),
+        "FIM_theta": (K + 1, K + 1),
+        "niter": (),
+        "coef": (p,),
+        "cov": (p, p),
+        "FIM_beta": (p, p),
+        "RE": (q,),
+        "logLik": (),
+    }
+    out = {k: np.full((m, *s), np.nan) for k, s in shapes.items()}
+    idx = np.flatnonzero(fitted)
+    block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // (q * q))
+    for start in range(0, idx.size, block):
+        rows = idx[start : start + block]
+        zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
+        th = fit_theta(
+            shared,
+            zry,
+            yry,
+            theta0=None if theta0 is None else theta0[rows],
+            max_iter=max_iter,
+            epsilon=epsilon,
+        )
+        fx = fixed_effects(shared, XY[rows], ZY[rows], th.theta, th.logdetM0)
+        for name in ("theta", "se_theta", "dlogL", "FIM_theta", "niter"):
+            out[name][rows] = getattr(th, name)
+        for name in ("coef", "cov", "FIM_beta", "RE", "logLik"):
+            out[name][rows] = getattr(fx, name)
+    out["fitted"] = fitted
+    return out

@@ -1,0 +1,77 @@
+"""t-tests of coefficients and contrasts, and multiple-testing adjustment.
+
+For a p x c contrast matrix L and a feature's coefficients b (p) with covariance cov
+(p x p): effect = L' b, se = sqrt(diag(L' cov L)), t = effect / se, and p-values from
+Student's t with ``df`` degrees of freedom: two-sided 2 P(T > |t|), "less" P(T <= t),
+"greater" P(T >= t).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.stats
+
+from flashmm_dask.numerics.linalg import Array
+
+ALTERNATIVES = ("two.sided", "less", "greater")
+
+
+def t_pvalues(t: Array, df: Array | float, alternative: str = "two.sided") -> Array:
+    """p-values of t statistics (any shape; df broadcasts); NaN stays NaN."""
+    if alternative == "two.sided":
+        return 2.0 * scipy.stats.t.sf(np.abs(t), df)
+    if alternative == "less":
+        return scipy.stats.t.cdf(t, df)
+    if alternative == "greater":
+        return scipy.stats.t.sf(t, df)
+    raise ValueError(f"unknown alternative {alternative!r}")
+
+
+def contrast_tests(
+    coef: Array, cov: Array, L: Array, df: Array | float, alternative: str = "two.sided"
+) -> tuple[Array, Array, Array]:
+    """Effects, t statistics and p-values of contrasts for a block of features.
+
+    Parameters
+    ----------
+    coef : (m, p) array
+    cov : (m, p, p) array
+    L : (p, c) array
+    df : float or array broadcastable to (m, c)
+    alternative : "two.sided", "less" or "greater"
+
+    Returns
+    -------
+    effect, t, p : (m, c) arrays
+    """
+    effect = coef @ L
+    var = np.einsum("pc,mpk,kc->mc", L, cov, L)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = effect / np.sqrt(var)
+    return effect, t, t_pvalues(t, df, alternative)
+
+
+def p_adjust(p: Array, method: str = "BH", axis: int = 0) -> Array:
+    """Benjamini-Hochberg ("BH") or Benjamini-Yekutieli ("BY") adjusted p-values.
+
+    NaN p-values are left NaN and do not count towards the number of tests, as in R's
+    ``p.adjust``.
+    """
+    if method not in ("BH", "BY"):
+        raise ValueError(f"unknown p-value adjustment {method!r}; use 'BH' or 'BY'")
+    p = np.asarray(p, dtype=np.float64)
+    moved = np.moveaxis(p, axis, -1)
+    out = np.full(moved.shape, np.nan)
+    flat_in = moved.reshape(-1, moved.shape[-1])
+    flat_out = out.reshape(-1, moved.shape[-1])
+    for row_in, row_out in zip(flat_in, flat_out, strict=True):
+        ok = np.flatnonzero(~np.isnan(row_in))
+        n = ok.size
+        if n == 0:
+            continue
+        factor = 1.0 if method == "BH" else float(np.sum(1.0 / np.arange(1, n + 1)))
+        order = np.argsort(row_in[ok])[::-1]
+        ranked = row_in[ok][order] * n * factor / np.arange(n, 0, -1)
+        adjusted = np.minimum(1.0, np.minimum.accumulate(ranked))
+        row_out[ok[order]] = adjusted
+    return np.moveaxis(out, -1, axis)
