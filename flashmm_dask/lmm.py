@@ -11,8 +11,10 @@ They are checked and converted once, here; the batched numerics in
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,9 @@ def _as_matrix(name: str, obj: Any, ndim: int) -> np.ndarray:
     try:
         a = np.asarray(obj, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be a numeric array; got {type(obj).__name__}: {exc}") from None
+        raise InputError(
+            f"{name} must be a numeric array; got {type(obj).__name__}: {exc}"
+        ) from None
     if ndim == 1:
         a = np.ravel(a) if a.ndim == 2 and 1 in a.shape else a
     if a.ndim != ndim:
@@ -57,7 +61,9 @@ def _as_matrix(name: str, obj: Any, ndim: int) -> np.ndarray:
     return a
 
 
-def _pick_names(candidates: list[tuple[str, list[str] | None]], size: int, prefix: str) -> tuple[str, ...]:
+def _pick_names(
+    candidates: list[tuple[str, list[str] | None]], size: int, prefix: str
+) -> tuple[str, ...]:
     for _, labels in candidates:
         if labels is not None and len(labels) == size:
             return tuple(labels)
@@ -138,6 +144,7 @@ def lmm(
     output_re: bool = False,
     output_ss: bool = False,
     verbose: bool = False,
+    n_threads: int | None = None,
 ) -> LmmFit:
     """Fit linear mixed models of many features from summary statistics.
 
@@ -169,7 +176,10 @@ def lmm(
         Keep the coefficient covariances, the Fisher information matrices, the BLUPs of
         the random effects, the summary statistics.
     verbose : bool
-        Log how many features did not converge at WARNING level.
+        Report how many features did not converge (a ConvergenceWarning and a log line).
+    n_threads : int, optional
+        Threads fitting blocks of features in parallel; default the number of CPUs (at
+        most 8). Inside Dask workers the pipeline passes 1.
 
     Returns
     -------
@@ -182,6 +192,7 @@ def lmm(
         raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
     if not np.isfinite(epsilon) or epsilon <= 0:
         raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
+    _threads(n_threads)
 
     arrays = {
         "XX": _as_matrix("XX", XX, 2),
@@ -248,7 +259,7 @@ def lmm(
             f"{names}; remove them from the fixed-effects design"
         ) from None
 
-    fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon)
+    fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon, n_threads)
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
     if n_zero:
@@ -306,8 +317,21 @@ def lmm(
     )
 
 
+def _threads(n_threads: int | None) -> int:
+    if n_threads is None:
+        return max(1, min(os.cpu_count() or 1, 8))
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+        raise InputError(f"n_threads must be a positive integer or None; got {n_threads!r}")
+    return n_threads
+
+
 def _fit_blocks(
-    shared, arrays: dict[str, np.ndarray], theta0: np.ndarray | None, max_iter: int, epsilon: float
+    shared,
+    arrays: dict[str, np.ndarray],
+    theta0: np.ndarray | None,
+    max_iter: int,
+    epsilon: float,
+    n_threads: int | None,
 ) -> dict[str, Array]:
     """Fit the features in blocks; features with Ynorm <= 0 get NaN."""
     p, q, K = shared.p, shared.q, shared.K
@@ -331,8 +355,11 @@ def _fit_blocks(
     out = {k: np.full((m, *s), np.nan) for k, s in shapes.items()}
     idx = np.flatnonzero(fitted)
     block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // (q * q))
-    for start in range(0, idx.size, block):
-        rows = idx[start : start + block]
+    workers = _threads(n_threads)
+    # several blocks per thread keep both busy while the slowest features iterate on
+    block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block
+
+    def fit_block(rows: np.ndarray) -> None:
         zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
         th = fit_theta(
             shared,
@@ -347,5 +374,14 @@ def _fit_blocks(
             out[name][rows] = getattr(th, name)
         for name in ("coef", "cov", "FIM_beta", "RE", "logLik"):
             out[name][rows] = getattr(fx, name)
+
+    blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
+    if workers > 1 and len(blocks) > 1:
+        # NumPy's batched linear algebra releases the GIL: blocks run in parallel
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(fit_block, blocks))
+    else:
+        for rows in blocks:
+            fit_block(rows)
     out["fitted"] = fitted
     return out

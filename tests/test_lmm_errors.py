@@ -116,7 +116,9 @@ def test_lmmtest_needs_cov(args):
 
 def test_lmmtest_unknown_coefficient():
     fit = lmm(**summary_args(load_case("simu_reml_k1")))
-    with pytest.raises(InputError, match="unknown coefficient 'cls9'.*valid names: log\\(libsize\\)"):
+    with pytest.raises(
+        InputError, match=r"unknown coefficient 'cls9'.*valid names: log\(libsize\)"
+    ):
         lmmtest(fit, index=["cls9"])
     with pytest.raises(InputError, match="unknown coefficient"):
         lmmtest(fit, contrast={"x": "cls9 - cls1"})
@@ -125,8 +127,14 @@ def test_lmmtest_unknown_coefficient():
 def test_lmmtest_index_equals_fit():
     fit = lmm(**summary_args(load_case("simu_reml_k1")))
     res = lmmtest(fit, index=["cls2", 0])
-    assert list(res.columns) == ["cls2_coef", "log(libsize)_coef", "cls2_t", "log(libsize)_t",
-                                 "cls2_p", "log(libsize)_p"]
+    assert list(res.columns) == [
+        "cls2_coef",
+        "log(libsize)_coef",
+        "cls2_t",
+        "log(libsize)_t",
+        "cls2_p",
+        "log(libsize)_p",
+    ]
     np.testing.assert_allclose(res["cls2_coef"], fit.coef[2], rtol=1e-12)
     np.testing.assert_allclose(res["cls2_t"], fit.t[2], rtol=1e-12)
     np.testing.assert_allclose(res["log(libsize)_p"], fit.p[0], rtol=1e-12)

@@ -45,12 +45,17 @@ def test_one_feature_at_a_time_equals_batch(name):
             expected = getattr(batch, out)[..., j]
             atol = {"dlogL": 1e-10, "RE": 1e-10 * np.max(np.abs(expected))}.get(out, 0)
             np.testing.assert_allclose(
-                getattr(single, out)[..., 0], expected, rtol=1e-10,
-                atol=atol, err_msg=f"{out} of feature {j}",
+                getattr(single, out)[..., 0],
+                expected,
+                rtol=1e-10,
+                atol=atol,
+                err_msg=f"{out} of feature {j}",
             )
 
 
-@pytest.mark.parametrize("name", ["doc_example_reml", "doc_example_ml", "simu_reml_k1", "simu_ml_k1"])
+@pytest.mark.parametrize(
+    "name", ["doc_example_reml", "doc_example_ml", "simu_reml_k1", "simu_ml_k1"]
+)
 def test_spectral_equals_general_path(name):
     case = load_case(name)
     a = summary_args(case, labelled=False)
@@ -81,8 +86,11 @@ def test_permuting_features_permutes_results(name):
     permuted = lmm(**columns(args, perm), method=case["fit"]["method"])
     for out in OUTPUTS:
         np.testing.assert_allclose(
-            getattr(permuted, out), getattr(base, out)[..., perm], rtol=1e-10,
-            atol=1e-10 if out == "dlogL" else 0, err_msg=out,
+            getattr(permuted, out),
+            getattr(base, out)[..., perm],
+            rtol=1e-10,
+            atol=1e-10 if out == "dlogL" else 0,
+            err_msg=out,
         )
 
 

@@ -33,6 +33,7 @@ iteration instead of O(q^3). :func:`fit_theta` takes that path automatically.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +130,7 @@ class SharedTerms:
     @property
     def slices(self) -> list[slice]:
         edges = np.concatenate([[0], np.cumsum(self.d)])
-        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
     def residualise(self, XY: Array, ZY: Array, Ynorm: Array) -> tuple[Array, Array]:
         """zry (m, q) and yry (m,) of a block of features."""
@@ -194,16 +195,41 @@ class _Score:
     logdetM0: Array  # (m,)
 
 
-def _score_general(sh: SharedTerms, s: Array, zry: Array, yry: Array) -> _Score:
+def _times_A(sh: SharedTerms, M0: Array, D: Array) -> Array:
+    """W = A M0 for M0 = (D A + I)^-1, in O(q^2) per feature where D allows.
+
+    (D A + I) M0 = I gives D W = I - M0, so row r of W is (I - M0)[r] / D[r]. The division
+    loses about log10(1 / (|D[r]| max|A|)) digits, so features with any small |D[r]| take
+    the product instead.
+    """
+    scale = np.max(np.abs(sh.A))
+    by_division = np.all(np.abs(D) * scale >= _DIVISION_MIN, axis=1)
+    W = np.empty_like(M0)
+    if by_division.any():
+        Mi = M0[by_division]
+        with np.errstate(divide="ignore"):
+            W[by_division] = (np.eye(sh.q) - Mi) / D[by_division][:, :, None]
+    if not by_division.all():
+        W[~by_division] = sh.A @ M0[~by_division]
+    return W
+
+
+#: |D[r]| * max|A| above which W = A M0 is taken from I - M0 (relative error ~1e-13 or less).
+_DIVISION_MIN = 1e-3
+
+
+def _score_general(
+    sh: SharedTerms, s: Array, zry: Array, yry: Array, *, final: bool = False
+) -> _Score:
     m, q, K = s.shape[0], sh.q, sh.K
     s0 = s[:, -1]
     D = np.repeat(s[:, :-1] / s0[:, None], sh.d, axis=1)  # (m, q)
     eye = np.eye(q)
     M = inv_or_pinv(D[:, :, None] * sh.zrz + eye)
     M0 = M if sh.method == "REML" else inv_or_pinv(D[:, :, None] * sh.ZZ + eye)
-    u = np.einsum("mji,mj->mi", M, zry)
-    W = sh.A @ M0
-    W2 = W @ M0
+    u = (zry[:, None, :] @ M)[:, 0, :]  # M' zry
+    W = _times_A(sh, M0, D)
+    M0t = np.swapaxes(M0, 1, 2)
     s02 = s0**2
     dl = np.empty((m, K + 1))
     F = np.empty((m, K + 1, K + 1))
@@ -211,18 +237,22 @@ def _score_general(sh: SharedTerms, s: Array, zry: Array, yry: Array) -> _Score:
         dl[:, i] = (np.sum(u[:, Ii] ** 2, axis=1) / s02 - trace(W[:, Ii, Ii]) / s0) / 2
         for j, Ij in enumerate(sh.slices[: i + 1]):
             F[:, i, j] = F[:, j, i] = np.sum(W[:, Ij, Ii] ** 2, axis=(1, 2)) / s02 / 2
-        F[:, i, K] = F[:, K, i] = trace(W2[:, Ii, Ii]) / s02 / 2
+        # tr (W M0)_ii without forming W M0: sum of W[Ii, :] * M0[:, Ii]'
+        trW2 = np.sum(W[:, Ii, :] * M0t[:, Ii, :], axis=(1, 2))
+        F[:, i, K] = F[:, K, i] = trW2 / s02 / 2
     nrq = sh.n - sh.r - q
-    F[:, K, K] = (nrq + np.einsum("mij,mji->m", M0, M0)) / s02 / 2
-    MDz = np.einsum("mij,mj->mi", M, D * zry)
+    F[:, K, K] = (nrq + np.sum(M0 * M0t, axis=(1, 2))) / s02 / 2
+    MDz = (M @ (D * zry)[:, :, None])[:, :, 0]
     yR2y = yry - np.sum((u + zry) * MDz, axis=1)
     dl[:, K] = (yR2y / s02 - (nrq + trace(M0)) / s0) / 2
     s0_prof = (yry - np.sum(zry * MDz, axis=1)) / (sh.n - sh.r)
-    logdet = np.linalg.slogdet(M0)[1]
+    logdet = np.linalg.slogdet(M0)[1] if final else np.full(m, np.nan)
     return _Score(dl, F, s0_prof, logdet)
 
 
-def _score_spectral(sh: SharedTerms, s: Array, z: Array, yry: Array) -> _Score:
+def _score_spectral(
+    sh: SharedTerms, s: Array, z: Array, yry: Array, *, final: bool = False
+) -> _Score:
     """K = 1: z = zry U (m, q), the projection of zry on the eigenvectors of zrz."""
     q = sh.q
     s0 = s[:, 1]
@@ -286,13 +316,13 @@ def fit_theta(
     if spectral:
         work = zry @ sh.U
 
-        def score(s: Array, rows: np.ndarray) -> _Score:
-            return _score_spectral(sh, s, work[rows], yry[rows])
+        def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+            return _score_spectral(sh, s, work[rows], yry[rows], final=final)
     else:
         work = zry
 
-        def score(s: Array, rows: np.ndarray) -> _Score:
-            return _score_general(sh, s, work[rows], yry[rows])
+        def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+            return _score_general(sh, s, work[rows], yry[rows], final=final)
 
     if theta0 is None:
         s = np.zeros((m, K + 1))
@@ -305,13 +335,13 @@ def fit_theta(
         while active.size and max_iter > 0:
             niter[active] += 1
             sc = score(s[active], active)
-            s[active] += np.einsum("mij,mj->mi", pinv_sym(sc.F), sc.dl)
+            s[active] += (pinv_sym(sc.F) @ sc.dl[:, :, None])[:, :, 0]
             still = (np.max(np.abs(sc.dl), axis=1) > epsilon) & (niter[active] < max_iter)
             active = active[still]
         # profile the residual variance, then evaluate score and information there
         all_rows = np.arange(m)
         s[:, -1] = score(s, all_rows).s0_profiled
-        final = score(s, all_rows)
+        final = score(s, all_rows, final=True)
         Finv = pinv_sym(final.F)
         se_theta = np.sqrt(np.diagonal(Finv, axis1=1, axis2=2))
     return ThetaFit(

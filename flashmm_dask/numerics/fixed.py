@@ -80,14 +80,14 @@ def fixed_effects(
             D = np.repeat(theta[:, :-1] / s0[:, None], sh.d, axis=1)
             MD = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q)) * D[:, None, :]
             C = sh.XX - sh.ZX.T @ (MD @ sh.ZX)
-            rhs = XY - np.einsum("mq,qp->mp", np.einsum("mqk,mk->mq", MD, ZY), sh.ZX)
+            rhs = XY - (MD @ ZY[:, :, None])[:, :, 0] @ sh.ZX
         Ci = pinv_sym(C)
-        coef = np.einsum("mij,mj->mi", Ci, rhs)
+        coef = (Ci @ rhs[:, :, None])[:, :, 0]
         resid = ZY - coef @ sh.ZX.T  # (m, q): ZY_j - ZX b
         if spectral:
             RE = (w * (resid @ sh.V)) @ sh.V.T
         else:
-            RE = np.einsum("mqk,mk->mq", MD, resid)
+            RE = (MD @ resid[:, :, None])[:, :, 0]
         cov = Ci * s0[:, None, None]
         FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None]
         logLik = -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0

@@ -1,0 +1,564 @@
+"""Expression data as a lazy Dask array over cells, from stores or from memory.
+
+:func:`read_expression` is the single entry point. It accepts
+
+1. a local path or fsspec URL (``file://``, ``memory://``, ``s3://``, ``gs://``, ...;
+   ``storage_options`` go to the filesystem) of
+
+   - an AnnData ``.zarr`` store (Zarr format 2 or 3, sharded or not) or ``.h5ad`` file:
+     X or a named ``layer``, stored as CSR, CSC or a dense array;
+   - a plain 2-D Zarr array (not AnnData), with ``orientation`` saying which axis holds
+     the cells, cell metadata as ``obs`` (DataFrame or CSV path) and optional
+     ``features`` names;
+
+2. an in-memory matrix: ``numpy.ndarray``, ``scipy.sparse`` matrix or array,
+   ``dask.array.Array``, an opened ``zarr.Array`` or ``zarr.Group``, or an
+   ``anndata.AnnData`` (X or a layer; backed or not).
+
+and returns an :class:`Expression`: a (cells, features) Dask array chunked along cells,
+whose blocks are ``numpy.ndarray`` (dense data) or ``scipy.sparse.csr_matrix`` (sparse
+data, whatever the stored encoding), with the feature names and the cell metadata.
+
+What is lazy and what is loaded
+-------------------------------
+Loaded when :func:`read_expression` is called (all small): the store's attributes, the
+matrix element's encoding, shape and dtype, ``obs`` (one row per cell, read with
+``anndata.io.read_elem``) and the ``var`` index (feature names). Lazy: every value of
+the matrix (for sparse stores also ``indptr``, ``indices`` and ``data``). Nothing of the
+matrix is read until the Dask array is computed, and then each task reads only its own
+row chunk, so memory per task does not grow with the number of cells.
+
+- CSR stores: a task reads the ``indptr`` slice of its rows and then only their entries
+  (through ``anndata.io.sparse_dataset``).
+- CSC stores: entries of a row chunk are scattered over all columns, so each task scans
+  every stored entry in bounded batches and keeps its rows. This is correct but reads the
+  matrix once per row chunk; write the store as CSR for one-pass speed, or use a large
+  ``chunk_cells`` to have fewer chunks.
+- Dense stores: Zarr arrays are read with ``anndata.experimental.read_elem_lazy`` in row
+  chunks aligned to the stored chunks (features keep their stored chunking); HDF5
+  datasets are read in row chunks over all features.
+- ``.h5ad`` files are opened inside each task (no open HDF5 handle is in the task graph),
+  so the graph runs on multi-process and multi-machine Dask clusters.
+- In-memory inputs are already in memory; the Dask array slices them without copying
+  (sparse input that is not CSR is converted to CSR once).
+
+Row chunk size (``chunk_cells``): 10,000 cells for sparse data; for dense data about
+128 MiB per block (at most 10,000 cells), rounded to the store's own row chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import anndata as ad
+import dask.array as da
+import h5py
+import numpy as np
+import pandas as pd
+import zarr
+from scipy import sparse
+
+from flashmm_dask.errors import DataError, InputError
+from flashmm_dask.io._blocks import (
+    DenseRows,
+    Element,
+    H5Element,
+    SparseEncoding,
+    SparseRows,
+    ZarrElement,
+    as_csr_or_ndarray,
+    lazy_rows,
+)
+from flashmm_dask.io._stores import (
+    DEFAULT_CHUNK_CELLS,
+    StoredMatrix,
+    check_lengths,
+    check_matrix,
+    default_dense_rows,
+    h5_element_for,
+    is_anndata,
+    locate,
+    open_hdf5,
+    open_zarr,
+    read_anndata,
+    read_obs_group,
+    store_kind,
+    stored_chunks,
+    zarr_element_for,
+)
+
+__all__ = ["ORIENTATIONS", "Expression", "read_expression", "read_obs"]
+
+logger = logging.getLogger(__name__)
+
+Orientation = Literal["cells_x_features", "features_x_cells"]
+#: The two accepted values of ``orientation``.
+ORIENTATIONS: tuple[Orientation, ...] = ("cells_x_features", "features_x_cells")
+
+_CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
+
+
+@dataclass(frozen=True, repr=False)
+class Expression:
+    """Expression values of ``n_cells`` cells and ``n_features`` features.
+
+    Attributes
+    ----------
+    data : dask.array.Array
+        Shape (n_cells, n_features), chunked along cells (features in one chunk or
+        several). Every block is a ``numpy.ndarray`` or a ``scipy.sparse.csr_matrix``.
+    features : pandas.Index
+        Feature (gene) names, length n_features.
+    obs : pandas.DataFrame or None
+        Cell metadata, one row per cell in ``data``'s row order; None when not given.
+    source : str
+        Where the data came from, e.g. ``"AnnData Zarr store (format 3) /x/y.zarr, layer
+        'counts' (csr_matrix, 5000 cells x 2000 features)"``.
+    """
+
+    data: da.Array
+    features: pd.Index
+    obs: pd.DataFrame | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, da.Array) or self.data.ndim != 2:
+            raise DataError(f"Expression.data must be a 2-D dask array, got {type(self.data)}")
+        check_lengths(
+            self.n_cells, self.n_features, obs=self.obs, features=self.features, what=self.source
+        )
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells (rows of ``data``)."""
+        return int(self.data.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """Number of features (columns of ``data``)."""
+        return int(self.data.shape[1])
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the blocks are ``csr_matrix`` (else ``ndarray``)."""
+        return sparse.issparse(self.data._meta)
+
+    def __repr__(self) -> str:
+        kind = "csr_matrix" if self.is_sparse else "ndarray"
+        return (
+            f"Expression({self.n_cells} cells x {self.n_features} features, "
+            f"{len(self.data.chunks[0])} row chunks of {kind}, source={self.source!r})"
+        )
+
+
+def read_expression(
+    data: Any,
+    *,
+    layer: str | None = None,
+    orientation: Orientation | None = None,
+    obs: pd.DataFrame | str | os.PathLike[str] | None = None,
+    features: Sequence[str] | pd.Index | None = None,
+    chunk_cells: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Expression:
+    """Present expression data lazily as a (cells, features) Dask array.
+
+    Parameters
+    ----------
+    data : str, os.PathLike, AnnData, numpy.ndarray, scipy.sparse matrix, dask array, zarr
+        An AnnData ``.zarr``/``.h5ad`` store or plain Zarr array (path or fsspec URL), or an
+        in-memory matrix or AnnData; see the module docstring.
+    layer : str, optional
+        AnnData layer to read instead of X.
+    orientation : {"cells_x_features", "features_x_cells"}, optional
+        Which axis of a plain matrix or Zarr array holds the cells. Required for plain
+        matrices unless ``obs`` is given and exactly one axis has its length. AnnData is
+        always cells x features.
+    obs : pandas.DataFrame or str or os.PathLike, optional
+        Cell metadata (or a CSV file of it; a first column without a header is the index),
+        one row per cell. Replaces an AnnData's own obs when given.
+    features : sequence of str, optional
+        Feature names, length n_features. Default: the AnnData var names, else "0", "1", ...
+    chunk_cells : int, optional
+        Cells per row chunk; default 10,000 for sparse data and about 128 MiB blocks for
+        dense data, aligned to the store's own chunks.
+    storage_options : dict, optional
+        fsspec options for URLs (and for a CSV ``obs`` URL), e.g. credentials for s3://.
+
+    Returns
+    -------
+    Expression
+        Lazy data, feature names and obs. Nothing of the matrix has been read.
+
+    Raises
+    ------
+    DataError
+        Missing, unreadable, empty or non-AnnData store; unknown layer; obs or features
+        of the wrong length; missing orientation; unsupported input type.
+    InputError
+        Invalid ``orientation`` or ``chunk_cells`` value.
+    """
+    if chunk_cells is not None and (
+        isinstance(chunk_cells, bool) or not isinstance(chunk_cells, int | np.integer)
+    ):
+        raise InputError(f"chunk_cells must be a positive integer, got {chunk_cells!r}")
+    if chunk_cells is not None and chunk_cells < 1:
+        raise InputError(f"chunk_cells must be a positive integer, got {chunk_cells}")
+    if orientation is not None and orientation not in ORIENTATIONS:
+        raise InputError(
+            f"orientation must be 'cells_x_features' or 'features_x_cells', got {orientation!r}"
+        )
+    rows = None if chunk_cells is None else int(chunk_cells)
+    obs_df = _load_obs(obs, storage_options)
+    names = None if features is None else pd.Index(features)
+    request = _Request(layer, orientation, obs_df, names, rows)
+
+    if isinstance(data, str | os.PathLike):
+        return _from_location(data, storage_options, request)
+    if isinstance(data, ad.AnnData):
+        return _from_anndata(data, request)
+    if isinstance(data, zarr.Group | zarr.Array):
+        return _from_zarr_node(data, f"Zarr node {data.store_path}", request)
+    if isinstance(data, h5py.HLObject):
+        raise DataError(
+            f"got an open h5py {type(data).__name__}; pass the .h5ad file's path instead "
+            "(open HDF5 handles cannot be sent to Dask workers)"
+        )
+    if layer is not None:
+        raise DataError(f"layer={layer!r} applies to AnnData inputs only, not {_type_name(data)}")
+    return _from_matrix(data, request, f"in-memory {_type_name(data)}")
+
+
+def read_obs(data: Any, *, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Read the cell metadata of an AnnData store or object, or of a CSV file.
+
+    Parameters
+    ----------
+    data : str, os.PathLike, AnnData or pandas.DataFrame
+        AnnData ``.zarr``/``.h5ad`` path or URL, AnnData object, or a CSV path (``.csv``,
+        ``.tsv``, ``.txt``, optionally gzipped; a first column without a header is the
+        index).
+    storage_options : dict, optional
+        fsspec options for URLs.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell; a copy, in memory.
+    """
+    if isinstance(data, ad.AnnData):
+        return _obs_frame(data.obs).copy()
+    if isinstance(data, pd.DataFrame):
+        return data.copy()
+    if not isinstance(data, str | os.PathLike):
+        raise DataError(
+            f"cannot read obs from {_type_name(data)}; pass an AnnData store path, an "
+            "AnnData object or a CSV path"
+        )
+    if os.fspath(data).lower().endswith(_CSV_SUFFIXES):
+        return _read_csv(data, storage_options)
+    loc = locate(data, storage_options)
+    if store_kind(loc) == "hdf5":
+        with open_hdf5(loc) as file:
+            return read_obs_group(file, f"HDF5 file {loc.shown!r}")
+    node = open_zarr(loc)
+    if not isinstance(node, zarr.Group):
+        raise DataError(f"{loc.shown!r} is a Zarr array, not an AnnData store; it has no obs")
+    return read_obs_group(node, f"Zarr store {loc.shown!r}")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The caller's options, validated."""
+
+    layer: str | None
+    orientation: Orientation | None
+    obs: pd.DataFrame | None
+    features: pd.Index | None
+    chunk_cells: int | None
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return f"{kind.__module__.split('.')[0]}.{kind.__qualname__}"
+
+
+def _load_obs(
+    obs: pd.DataFrame | str | os.PathLike[str] | None, storage_options: Mapping[str, Any] | None
+) -> pd.DataFrame | None:
+    if obs is None or isinstance(obs, pd.DataFrame):
+        return obs
+    if isinstance(obs, str | os.PathLike):
+        return _read_csv(obs, storage_options)
+    raise DataError(f"obs must be a pandas DataFrame or a CSV path, got {_type_name(obs)}")
+
+
+def _read_csv(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> pd.DataFrame:
+    shown = os.fspath(path)
+    sep = "\t" if ".tsv" in shown.lower() else ","
+    options = dict(storage_options) if storage_options and "://" in shown else None
+    try:
+        frame = pd.read_csv(shown, sep=sep, storage_options=options)
+    except FileNotFoundError as exc:
+        raise DataError(f"no such obs file: {shown!r}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read obs CSV {shown!r}: {exc}") from exc
+    first = str(frame.columns[0]) if len(frame.columns) else ""
+    if first == "" or first.startswith("Unnamed: 0"):
+        # R's write.csv and pandas' to_csv write row names as a first column with no header
+        frame = frame.set_index(frame.columns[0])
+        frame.index.name = None
+    return frame
+
+
+def _obs_frame(obs: Any) -> pd.DataFrame:
+    # anndata.experimental.read_lazy gives obs as a lazy Dataset2D
+    return obs if isinstance(obs, pd.DataFrame) else obs.to_memory()
+
+
+def _check_anndata_orientation(request: _Request, what: str) -> None:
+    if request.orientation not in (None, "cells_x_features"):
+        raise DataError(
+            f"{what} is AnnData, which is always cells x features; drop "
+            f"orientation={request.orientation!r}"
+        )
+
+
+def _finish(stored: StoredMatrix, request: _Request) -> Expression:
+    return Expression(
+        data=stored.data,
+        features=stored.features if request.features is None else request.features,
+        obs=stored.obs if request.obs is None else request.obs,
+        source=stored.description,
+    )
+
+
+def _from_location(
+    data: str | os.PathLike[str], storage_options: Mapping[str, Any] | None, request: _Request
+) -> Expression:
+    loc = locate(data, storage_options)
+    if store_kind(loc) == "hdf5":
+        where = f"AnnData HDF5 file {loc.shown!r}"
+        _check_anndata_orientation(request, where)
+        with open_hdf5(loc) as file:
+            stored = read_anndata(
+                file,
+                element_for=h5_element_for(loc),
+                where=where,
+                layer=request.layer,
+                chunk_cells=request.chunk_cells,
+            )
+        return _finish(stored, request)
+    return _from_zarr_node(open_zarr(loc), repr(loc.shown), request)
+
+
+def _from_zarr_node(node: Any, shown: str, request: _Request) -> Expression:
+    fmt = node.metadata.zarr_format
+    if isinstance(node, zarr.Array):
+        if request.layer is not None:
+            raise DataError(
+                f"layer={request.layer!r} applies to AnnData stores, but {shown} is a plain "
+                "Zarr array"
+            )
+        return _from_plain_zarr(node, f"Zarr array (format {fmt}) {shown}", request)
+    if not is_anndata(node):
+        arrays = sorted(node.array_keys())
+        raise DataError(
+            f"{shown} is a Zarr group but not an AnnData store (no anndata encoding-type "
+            "attribute). For a plain Zarr array, give the array's own path with "
+            "orientation='cells_x_features' or 'features_x_cells'"
+            + (f"; arrays in this group: {', '.join(arrays)}" if arrays else "")
+        )
+    where = f"AnnData Zarr store (format {fmt}) {shown}"
+    _check_anndata_orientation(request, where)
+    stored = read_anndata(
+        node,
+        element_for=zarr_element_for,
+        where=where,
+        layer=request.layer,
+        chunk_cells=request.chunk_cells,
+    )
+    return _finish(stored, request)
+
+
+def _resolve_orientation(shape: tuple[int, int], request: _Request, what: str) -> Orientation:
+    if request.orientation is not None:
+        return request.orientation
+    if request.obs is not None:
+        n_obs = len(request.obs)
+        matches = [axis for axis in (0, 1) if shape[axis] == n_obs]
+        if len(matches) == 1:
+            return ORIENTATIONS[matches[0]]
+        if not matches:
+            raise DataError(
+                f"obs has {n_obs} rows but {what} has shape {shape[0]} x {shape[1]}; neither "
+                "axis matches the number of cells. Give one obs row per cell."
+            )
+    raise DataError(
+        f"orientation is required for {what} of shape {shape[0]} x {shape[1]}: pass "
+        "orientation='cells_x_features' if rows are cells, or 'features_x_cells' if rows "
+        "are features (genes)"
+    )
+
+
+def _default_features(request: _Request, n_features: int) -> pd.Index:
+    if request.features is not None:
+        return request.features
+    return pd.Index([str(i) for i in range(n_features)])
+
+
+def _expression(data: da.Array, request: _Request, source: str) -> Expression:
+    return Expression(
+        data=data,
+        features=_default_features(request, int(data.shape[1])),
+        obs=request.obs,
+        source=source,
+    )
+
+
+def _from_plain_zarr(array: Any, what: str, request: _Request) -> Expression:
+    check_matrix(tuple(array.shape), np.dtype(array.dtype), what)
+    orientation = _resolve_orientation(tuple(array.shape), request, what)
+    stored = stored_chunks(array)
+    cell_axis = ORIENTATIONS.index(orientation)
+    feature_axis = 1 - cell_axis
+    n_features = int(array.shape[feature_axis])
+    feature_chunk = min(stored[feature_axis], n_features)
+    rows = request.chunk_cells or default_dense_rows(
+        feature_chunk, array.dtype.itemsize, stored[cell_axis]
+    )
+    rows = min(rows, int(array.shape[cell_axis]))
+    chunks = (rows, feature_chunk) if cell_axis == 0 else (feature_chunk, rows)
+    data = da.from_zarr(array, chunks=chunks)
+    if cell_axis == 1:
+        data = data.T
+    n_cells = int(data.shape[0])
+    source = f"{what} ({orientation}, {n_cells} cells x {n_features} features)"
+    return _expression(data, request, source)
+
+
+def _from_anndata(adata: ad.AnnData, request: _Request) -> Expression:
+    what = "AnnData object"
+    if adata.isbacked:
+        what = f"AnnData backed by {os.fspath(adata.filename)!r}"
+        if adata.is_view:
+            raise DataError(
+                f"a view of an {what} cannot be read lazily; write the subset to a store "
+                "(view.write_h5ad(...)) or load it with view.to_memory()"
+            )
+    _check_anndata_orientation(request, what)
+    if request.layer is None:
+        matrix, part = adata.X, "X"
+        if matrix is None:
+            raise DataError(
+                f"{what} has no X; choose one of its layers with layer=: "
+                f"{', '.join(sorted(adata.layers.keys())) or '(none)'}"
+            )
+    else:
+        if request.layer not in adata.layers:
+            raise DataError(
+                f"layer {request.layer!r} not found in {what}; available layers: "
+                f"{', '.join(sorted(adata.layers.keys())) or '(none)'} (or layer=None for X)"
+            )
+        matrix, part = adata.layers[request.layer], f"layer {request.layer!r}"
+    filled = _Request(
+        layer=None,
+        orientation="cells_x_features",
+        obs=_obs_frame(adata.obs) if request.obs is None else request.obs,
+        features=adata.var_names if request.features is None else request.features,
+        chunk_cells=request.chunk_cells,
+    )
+    return _from_matrix(matrix, filled, f"{what}, {part}")
+
+
+def _from_matrix(matrix: Any, request: _Request, what: str) -> Expression:
+    if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset | h5py.Dataset):
+        return _from_backed(matrix, request, what)
+    if isinstance(matrix, da.Array):
+        return _from_dask(matrix, request, what)
+    if sparse.issparse(matrix):
+        shape = cast(tuple[int, int], tuple(matrix.shape))
+        check_matrix(shape, np.dtype(matrix.dtype), what)
+        orientation = _resolve_orientation(shape, request, what)
+        csr = sparse.csr_matrix(matrix.T if orientation == "features_x_cells" else matrix)
+        rows = request.chunk_cells or DEFAULT_CHUNK_CELLS
+        meta = sparse.csr_matrix((0, 0), dtype=csr.dtype)
+        data = da.from_array(csr, chunks=(rows, -1), asarray=False, fancy=False, meta=meta)
+    elif isinstance(matrix, np.ndarray):
+        array = np.asarray(matrix)  # np.matrix and array views become plain ndarrays
+        shape = cast(tuple[int, int], tuple(array.shape))
+        check_matrix(shape, array.dtype, what)
+        orientation = _resolve_orientation(shape, request, what)
+        array = array.T if orientation == "features_x_cells" else array
+        rows = request.chunk_cells or default_dense_rows(array.shape[1], array.dtype.itemsize)
+        data = da.from_array(array, chunks=(rows, -1))
+    else:
+        raise DataError(
+            f"unsupported input type {_type_name(matrix)}; pass an AnnData .zarr/.h5ad path "
+            "or URL, a Zarr array path, an AnnData object, a numpy ndarray, a scipy.sparse "
+            "matrix or a dask array"
+        )
+    source = f"{what} ({orientation}, {data.shape[0]} cells x {data.shape[1]} features)"
+    return _expression(data, request, source)
+
+
+def _from_dask(matrix: da.Array, request: _Request, what: str) -> Expression:
+    if matrix.ndim != 2:
+        raise DataError(f"{what} has {matrix.ndim} dimensions; expected a 2-D matrix")
+    if any(np.isnan(size) for size in matrix.shape):
+        raise DataError(f"{what} has unknown chunk sizes; call .compute_chunk_sizes() on it first")
+    shape = cast(tuple[int, int], tuple(int(s) for s in matrix.shape))
+    check_matrix(shape, np.dtype(matrix.dtype), what)
+    orientation = _resolve_orientation(shape, request, what)
+    data = matrix.T if orientation == "features_x_cells" else matrix
+    meta = data._meta
+    if sparse.issparse(meta):
+        new_meta: Any = sparse.csr_matrix((0, 0), dtype=data.dtype)
+    elif isinstance(meta, np.ndarray):
+        new_meta = np.empty((0, 0), dtype=data.dtype)
+    else:
+        raise DataError(
+            f"{what} has blocks of type {_type_name(meta)}; only numpy and scipy.sparse "
+            "blocks are supported (map them with .map_blocks first)"
+        )
+    if request.chunk_cells is not None:
+        data = data.rechunk({0: min(request.chunk_cells, int(data.shape[0]))})
+    data = da.map_blocks(as_csr_or_ndarray, data, dtype=data.dtype, meta=new_meta)
+    source = f"{what} ({orientation}, {data.shape[0]} cells x {data.shape[1]} features)"
+    return _expression(data, request, source)
+
+
+def _from_backed(matrix: Any, request: _Request, what: str) -> Expression:
+    """A matrix that lives in a store: an anndata sparse dataset or an h5py dataset."""
+    shape = cast(tuple[int, int], tuple(int(s) for s in matrix.shape))
+    dtype = np.dtype(matrix.dtype)
+    check_matrix(shape, dtype, what)
+    if _resolve_orientation(shape, request, what) != "cells_x_features":
+        raise DataError(f"{what} is stored features x cells; only cells x features is readable")
+    element: Element
+    if isinstance(matrix, h5py.Dataset):
+        element = H5Element(os.fspath(matrix.file.filename), matrix.name)
+        rows = request.chunk_cells or default_dense_rows(shape[1], dtype.itemsize)
+        data = lazy_rows(
+            DenseRows(element), shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=False
+        )
+    else:
+        group = matrix.group
+        if isinstance(group, h5py.Group):
+            element = H5Element(os.fspath(group.file.filename), group.name)
+        else:
+            element = ZarrElement(group)
+        encoding: SparseEncoding = (
+            "csr_matrix" if isinstance(matrix, ad.abc.CSRDataset) else "csc_matrix"
+        )
+        reader = SparseRows(element, encoding, shape[1])
+        rows = request.chunk_cells or DEFAULT_CHUNK_CELLS
+        data = lazy_rows(reader, shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=True)
+    source = f"{what} (cells_x_features, {shape[0]} cells x {shape[1]} features)"
+    return _expression(data, request, source)
