@@ -1,0 +1,495 @@
+"""Chunked expression -> SummaryStats in one pass over the data, with Dask.
+
+The expression matrix E is a Dask array of cells x features (the transpose of the R
+orientation Y = E'), chunked along cells (i) and possibly features (j); its blocks are
+NumPy arrays or SciPy CSR matrices. Every statistic is a sum over cells, so for cell
+chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
+(n_i x m_j), after the transform:
+
+    per cell chunk i:        XX_i = X_i'X_i   ZX_i = Z_i'X_i   ZZ_i = Z_i'Z_i   n_i
+    per block (i, j):        XY_ij = X_i'E_ij   ZY_ij = Z_i'E_ij   Ynorm_ij = colsums(E_ij^2)
+
+The graph has, for each cell chunk i, one task that evaluates the design on the obs rows
+of the chunk (the Design object is a single graph key shared by all of them), one task
+for the shared partials, and for each block (i, j) one task that reads the block once
+and returns its three partials. Partials are summed over cell chunks in a tree of fan-in
+``split_every`` (float64), the feature chunks are concatenated, and the result is a
+:class:`~flashmm_dask.stats.SummaryStats`. Memory per task is set by the chunk size: no
+n-length dense matrix is ever formed, and CSR blocks stay sparse (X'E = (E'X)' is
+sparse @ dense, Z'E is sparse @ sparse, Ynorm comes from the stored values).
+
+Transforms (applied to each block before the products; sparse blocks only touch their
+stored values, since every transform maps 0 to 0):
+
+    "none"                          E
+    "log2p1"                        log2(1 + E)       R FLASHMM's is_counts=TRUE
+    "log1p_scaled" / "log1p_cpm"    log1p(E / rowsum(E) * target_sum)
+
+The scaled transform needs the total of each cell over all features, so when the features
+are split over several chunks the array is first rechunked to one feature chunk (each
+block then spans n_i cells x all features; choose the cell chunk size accordingly).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from flashmm_dask.errors import DataError, DesignError, InputError
+from flashmm_dask.stats import SummaryStats
+
+if TYPE_CHECKING:
+    from dask.delayed import Delayed
+
+__all__ = ["TRANSFORMS", "reduce_stats", "stats_graph"]
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMS = ("none", "log2p1", "log1p_scaled", "log1p_cpm")
+_COUNT_TRANSFORMS = frozenset({"log2p1", "log1p_scaled", "log1p_cpm"})
+_SCALED_TRANSFORMS = frozenset({"log1p_scaled", "log1p_cpm"})
+# the key prefix of the per-block tasks (progress counts them)
+_BLOCK_PREFIX = "flashmm-block-"
+
+
+class _Design(Protocol):
+    """What reduce needs of flashmm_dask.design.Design."""
+
+    @property
+    def covariates(self) -> Sequence[str]: ...
+
+    @property
+    def random_names(self) -> Sequence[str]: ...
+
+    @property
+    def components(self) -> Sequence[str]: ...
+
+    @property
+    def d(self) -> Sequence[int]: ...
+
+    def X(self, obs: Any) -> np.ndarray: ...
+
+    def Z(self, obs: Any) -> Any: ...
+
+
+class _Expression(Protocol):
+    """What reduce needs of flashmm_dask.io.readers.Expression."""
+
+    @property
+    def data(self) -> Any: ...
+
+    @property
+    def features(self) -> Any: ...
+
+    @property
+    def obs(self) -> Any: ...
+
+
+# -- tasks (run on workers) -------------------------------------------------------------
+
+
+def _design_chunk(design: _Design, obs: Any, start: int) -> tuple[np.ndarray, Any]:
+    """X_i (n_i x p, dense) and Z_i (n_i x q, CSR or dense) for the obs rows of chunk i."""
+    n_i = len(obs)
+    X = np.asarray(design.X(obs), dtype=np.float64)
+    Z = design.Z(obs)
+    Z = sp.csr_matrix(Z, dtype=np.float64) if sp.issparse(Z) else np.asarray(Z, np.float64)
+    p, q = len(design.covariates), len(design.random_names)
+    if X.shape != (n_i, p) or Z.shape != (n_i, q):
+        raise DesignError(
+            f"the design evaluated on cells {start}..{start + n_i - 1} gave X of shape "
+            f"{X.shape} and Z of shape {Z.shape}, expected ({n_i}, {p}) and ({n_i}, {q}); "
+            "the design must give one row per obs row and one column per name"
+        )
+    return X, Z
+
+
+def _shared_partial(XZ: tuple[np.ndarray, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(XX_i, ZX_i, ZZ_i, n_i) of one cell chunk."""
+    X, Z = XZ
+    ZZ = Z.T @ Z
+    return X.T @ X, np.asarray(Z.T @ X), _dense(ZZ), X.shape[0]
+
+
+def _block_partial(
+    block: Any,
+    XZ: tuple[np.ndarray, Any],
+    features: tuple[str, ...],
+    start: int,
+    col0: int,
+    transform: str,
+    target_sum: float,
+    check: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features)."""
+    X, Z = XZ
+    E = _as_float_block(block)
+    if E.shape[0] != X.shape[0]:
+        raise DataError(
+            f"the expression block of cells {start}.. has {E.shape[0]} rows but the obs "
+            f"chunk has {X.shape[0]}; expression and obs must have the same cells"
+        )
+    if check:
+        _check_block(E, features, start, col0, transform)
+    E = _transform(E, transform, target_sum)
+    if isinstance(E, sp.csr_matrix):
+        XY = np.asarray(E.T @ X).T
+        ZY = _dense(Z.T @ E) if sp.issparse(Z) else np.asarray(E.T @ Z).T
+        Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=E.shape[1])
+    else:
+        XY = X.T @ E
+        ZY = np.asarray(Z.T @ E)
+        Ynorm = np.einsum("ij,ij->j", E, E)
+    return XY, ZY, Ynorm
+
+
+def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Elementwise sum of partial tuples (float64 arrays and cell counts)."""
+    total = [np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in parts[0]]
+    for part in parts[1:]:
+        for k, a in enumerate(part):
+            total[k] += a
+    return tuple(total)
+
+
+def _assemble(
+    shared: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    per_feature_chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    names: Mapping[str, Any],
+) -> SummaryStats:
+    """SummaryStats from the shared totals and the totals of each feature chunk."""
+    XX, ZX, ZZ, n = shared
+    return SummaryStats(
+        XX=XX,
+        XY=np.concatenate([t[0] for t in per_feature_chunk], axis=1),
+        ZX=ZX,
+        ZY=np.concatenate([t[1] for t in per_feature_chunk], axis=1),
+        ZZ=ZZ,
+        Ynorm=np.concatenate([t[2] for t in per_feature_chunk]),
+        n=int(n),
+        **names,
+    )
+
+
+# -- block helpers ----------------------------------------------------------------------
+
+
+def _dense(matrix: Any) -> np.ndarray:
+    """A small (q x q, q x m_j) product as a dense array."""
+    return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+
+
+def _as_float_block(block: Any) -> np.ndarray | sp.csr_matrix:
+    """The block as float64 CSR (sparse input, duplicates summed) or float64 ndarray."""
+    if not sp.issparse(block) and hasattr(block, "to_scipy_sparse"):  # pydata sparse
+        block = block.to_scipy_sparse()
+    if sp.issparse(block):
+        E = sp.csr_matrix(block, dtype=np.float64)
+        if not E.has_canonical_format:
+            # a transform of stored values and a sum of their squares both need each
+            # (cell, feature) stored once; never modify the caller's block in place
+            E = E.copy()
+            E.sum_duplicates()
+        return E
+    return np.asarray(block, dtype=np.float64)
+
+
+def _check_block(
+    E: np.ndarray | sp.csr_matrix, features: tuple[str, ...], start: int, col0: int, transform: str
+) -> None:
+    n_i = E.shape[0]
+    cells = f"cells {start}..{start + n_i - 1}"
+    values = E.data if isinstance(E, sp.csr_matrix) else E
+    bad = ~np.isfinite(values)
+    if bad.any():
+        col = _first_column(E, bad)
+        raise DataError(
+            f"the expression of {cells} has NaN or Inf values, the first in feature "
+            f"{features[col0 + col]!r}; remove or impute them before computing statistics"
+        )
+    if transform in _COUNT_TRANSFORMS:
+        negative = values < 0
+        if negative.any():
+            col = _first_column(E, negative)
+            raise DataError(
+                f"feature {features[col0 + col]!r} has negative values ({cells}), which "
+                f"are not counts, but transform={transform!r} expects raw counts; if the "
+                "data are already normalised use transform='none' (R FLASHMM: "
+                "is_counts=FALSE, flashmm-dask: is_counts=False)"
+            )
+
+
+def _first_column(E: np.ndarray | sp.csr_matrix, mask: np.ndarray) -> int:
+    """The lowest feature (column) index of a True entry of ``mask`` over the values."""
+    if isinstance(E, sp.csr_matrix):
+        return int(E.indices[mask].min())
+    return int(np.argmax(mask.any(axis=0)))
+
+
+def _transform(
+    E: np.ndarray | sp.csr_matrix, transform: str, target_sum: float
+) -> np.ndarray | sp.csr_matrix:
+    if transform == "none":
+        return E
+    if transform == "log2p1":
+        if isinstance(E, sp.csr_matrix):
+            return sp.csr_matrix((np.log2(1.0 + E.data), E.indices, E.indptr), shape=E.shape)
+        return np.log2(1.0 + E)
+    # log1p_scaled: cells with no counts keep all zeros rather than 0/0
+    totals = np.asarray(E.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    if isinstance(E, sp.csr_matrix):
+        data = np.log1p(E.data * np.repeat(scale, np.diff(E.indptr)))
+        return sp.csr_matrix((data, E.indices, E.indptr), shape=E.shape)
+    return np.log1p(E * scale[:, None])
+
+
+# -- graph ------------------------------------------------------------------------------
+
+
+def _tree_sum(parts: list[Any], name: str, split_every: int) -> Any:
+    """Sum a list of delayed partials in a tree of fan-in ``split_every``."""
+    from dask import delayed
+
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            delayed(_sum_partials, pure=True)(
+                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
+            )
+            for k in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts[0]
+
+
+def _validate(
+    expr: _Expression, design: _Design, transform: str, target_sum: float, split_every: int
+) -> None:
+    import dask.array as da
+
+    if transform not in TRANSFORMS:
+        raise InputError(f"unknown transform {transform!r}; choose one of {list(TRANSFORMS)}")
+    if transform in _SCALED_TRANSFORMS and not (np.isfinite(target_sum) and target_sum > 0):
+        raise InputError(f"target_sum must be a positive number, got {target_sum!r}")
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise InputError(f"split_every must be an integer >= 2, got {split_every!r}")
+    data = expr.data
+    if not isinstance(data, da.Array) or data.ndim != 2:
+        raise InputError(
+            f"expr.data must be a 2-dimensional dask array (cells x features), got "
+            f"{type(data).__name__}; for in-memory matrices use SummaryStats.from_arrays"
+        )
+    if any(np.isnan(c) for c in data.chunks[0] + data.chunks[1]):
+        raise InputError(
+            "expr.data has unknown chunk sizes; call expr.data.compute_chunk_sizes() first"
+        )
+    n, m = data.shape
+    if n == 0 or m == 0:
+        raise DataError(f"the expression matrix is empty ({n} cells x {m} features)")
+    if len(expr.obs) != n:
+        raise DataError(
+            f"obs has {len(expr.obs)} rows but the expression matrix has {n} cells; "
+            "they must describe the same cells in the same order"
+        )
+    if len(expr.features) != m:
+        raise DataError(f"there are {len(expr.features)} feature names for {m} expression columns")
+    if sum(design.d) != len(design.random_names):
+        raise DesignError(
+            f"design.d = {design.d} adds up to {sum(design.d)}, but the design has "
+            f"{len(design.random_names)} random-effect columns"
+        )
+
+
+def stats_graph(
+    expr: _Expression,
+    design: _Design,
+    *,
+    transform: str = "none",
+    target_sum: float = 1e4,
+    split_every: int = 8,
+    check: bool = True,
+    provenance: Mapping[str, Any] | None = None,
+) -> Delayed:
+    """The lazy one-pass computation of the summary statistics.
+
+    Parameters
+    ----------
+    expr : Expression
+        ``expr.data`` a dask array (cells x features), blocks ndarray or CSR;
+        ``expr.features`` the m feature names; ``expr.obs`` a DataFrame with one row
+        per cell.
+    design : Design
+        Evaluated chunk by chunk: ``design.X(obs_rows)`` (n_i x p),
+        ``design.Z(obs_rows)`` (n_i x q); names ``covariates``, ``random_names``,
+        ``components`` and sizes ``d``.
+    transform : {"none", "log2p1", "log1p_scaled", "log1p_cpm"}
+        Applied to each block before the products (see the module docstring).
+    target_sum : float
+        Total each cell is scaled to by the ``log1p_scaled``/``log1p_cpm`` transform
+        (1e6 gives counts per million).
+    split_every : int
+        Fan-in of the tree that sums the partials over cell chunks.
+    check : bool
+        Raise :class:`DataError` on NaN/Inf, or on negative values with a counts
+        transform, naming the cells and the feature.
+    provenance : mapping, optional
+        Extra provenance (formulas, source); ``transform`` and ``target_sum`` are added.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Computes to a :class:`SummaryStats`. Compute it once (``.compute()``,
+        ``client.compute``); each expression block is read once.
+    """
+    graph, _ = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
+    return graph
+
+
+def _build_graph(
+    expr: _Expression,
+    design: _Design,
+    transform: str,
+    target_sum: float,
+    split_every: int,
+    check: bool,
+    provenance: Mapping[str, Any] | None,
+) -> tuple[Delayed, int]:
+    """The delayed SummaryStats and the number of expression blocks it reads."""
+    from dask import delayed
+    from dask.base import tokenize
+
+    _validate(expr, design, transform, target_sum, split_every)
+    data = expr.data
+    if transform in _SCALED_TRANSFORMS and data.numblocks[1] > 1:
+        logger.info(
+            "transform %r needs the total of each cell over all features: rechunking "
+            "%d feature chunks into one",
+            transform,
+            data.numblocks[1],
+        )
+        data = data.rechunk({1: -1})
+    features = tuple(str(f) for f in expr.features)
+    cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
+    feature_starts = np.concatenate([[0], np.cumsum(data.chunks[1])]).astype(int)
+    # unique keys: hashing obs and the design would cost O(n) and buys nothing here
+    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    blocks = data.to_delayed()
+    n_i, n_j = blocks.shape
+
+    design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
+    features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
+    shared: list[Any] = []
+    per_block: list[list[Any]] = [[] for _ in range(n_j)]
+    for i in range(n_i):
+        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+        obs_i = delayed(expr.obs.iloc[start:stop], name=f"flashmm-obs-{token}-{i}", traverse=False)
+        XZ_i = delayed(_design_chunk, pure=True)(
+            design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
+        )
+        shared.append(
+            delayed(_shared_partial, pure=True)(XZ_i, dask_key_name=f"flashmm-shared-{token}-{i}")
+        )
+        for j in range(n_j):
+            per_block[j].append(
+                delayed(_block_partial, pure=True)(
+                    blocks[i, j],
+                    XZ_i,
+                    features_key,
+                    start,
+                    int(feature_starts[j]),
+                    transform,
+                    target_sum,
+                    check,
+                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
+                )
+            )
+    shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
+    feature_totals = [
+        _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
+        for j, parts in enumerate(per_block)
+    ]
+    record: dict[str, Any] = {"transform": transform}
+    # formulas, when the design carries them (flashmm_dask.design.Design does)
+    fixed = getattr(design, "fixed", None)
+    if isinstance(fixed, str):
+        record["fixed"] = fixed
+        record["random"] = list(getattr(design, "random", ()))
+    if transform in _SCALED_TRANSFORMS:
+        record["target_sum"] = float(target_sum)
+    record.update(provenance or {})
+    names = {
+        "d": tuple(int(k) for k in design.d),
+        "covariates": tuple(str(c) for c in design.covariates),
+        "random": tuple(str(r) for r in design.random_names),
+        "components": tuple(str(c) for c in design.components),
+        "features": features,
+        "provenance": record,
+    }
+    logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
+    graph = delayed(_assemble, pure=True)(
+        shared_total, feature_totals, names, dask_key_name=f"flashmm-stats-{token}"
+    )
+    return graph, n_i * n_j
+
+
+def reduce_stats(
+    expr: _Expression,
+    design: _Design,
+    *,
+    transform: str = "none",
+    target_sum: float = 1e4,
+    split_every: int = 8,
+    check: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> SummaryStats:
+    """Compute the summary statistics of a chunked expression matrix in one pass.
+
+    Parameters
+    ----------
+    expr, design, transform, target_sum, split_every, check, provenance
+        As in :func:`stats_graph`.
+    progress : callable, optional
+        ``progress(done, total)`` after each expression block is reduced, on the local
+        (threaded, synchronous, multiprocessing) schedulers. On a distributed client it
+        is called once at the end; for live progress there compute :func:`stats_graph`
+        with ``client.compute`` and ``distributed.progress``.
+
+    Returns
+    -------
+    SummaryStats
+
+    Raises
+    ------
+    DataError
+        NaN/Inf, negative values with a counts transform, or obs/feature names that do
+        not match the expression matrix.
+    InputError
+        An unknown transform or invalid argument.
+    """
+    import dask
+    from dask.callbacks import Callback
+
+    graph, total = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
+    if progress is None:
+        (stats,) = dask.compute(graph)
+        return stats
+    done = 0
+
+    def _posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        nonlocal done
+        if isinstance(key, str) and key.startswith(_BLOCK_PREFIX):
+            done += 1
+            progress(done, total)
+
+    with Callback(posttask=_posttask):
+        (stats,) = dask.compute(graph)
+    if done < total:  # a distributed scheduler runs no local callbacks
+        progress(total, total)
+    return stats
