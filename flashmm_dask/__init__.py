@@ -16,26 +16,48 @@ from flashmm_dask.errors import (
     StoreError,
     ZeroFeatureWarning,
 )
+from flashmm_dask.design import Design, build_design
 from flashmm_dask.fit import LmmFit
+from flashmm_dask.fitting import flashmm, lmm_stats, lmmfit, sslmm
+from flashmm_dask.io.readers import Expression, read_expression, read_obs
 from flashmm_dask.lmm import lmm
 from flashmm_dask.lmmtest import lmmtest
+from flashmm_dask.reduce import TRANSFORMS, reduce_stats, stats_graph
+from flashmm_dask.simulate import simulate_rnaseq, simulate_to_store, write_store
+from flashmm_dask.stats import SummaryStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TRANSFORMS",
     "ConfigError",
     "ContrastError",
     "ConvergenceWarning",
     "DataError",
+    "Design",
     "DesignError",
+    "Expression",
     "FlashmmError",
     "FlashmmWarning",
     "InputError",
     "LmmFit",
     "StoreError",
+    "SummaryStats",
     "ZeroFeatureWarning",
     "__version__",
+    "build_design",
     "contrast_matrix",
+    "flashmm",
     "lmm",
+    "lmm_stats",
+    "lmmfit",
     "lmmtest",
+    "read_expression",
+    "read_obs",
+    "reduce_stats",
+    "simulate_rnaseq",
+    "simulate_to_store",
+    "sslmm",
+    "stats_graph",
+    "write_store",
 ]

@@ -179,6 +179,11 @@ def _assemble(
 # -- block helpers ----------------------------------------------------------------------
 
 
+def transform_block(block: Any, transform: str, target_sum: float = 1e4) -> Any:
+    """One expression block (cells x features) as float64 CSR or ndarray, transformed."""
+    return _transform(_as_float_block(block), transform, target_sum)
+
+
 def _dense(matrix: Any) -> np.ndarray:
     """A small (q x q, q x m_j) product as a dense array."""
     return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)

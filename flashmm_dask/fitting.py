@@ -1,0 +1,187 @@
+"""The R package's entry points on top of the fitter: sslmm, lmmfit, flashmm.
+
+``sslmm(X, Y, Z)`` computes the summary statistics of in-memory cell-level matrices,
+``lmmfit(Y, X, Z, d)`` fits from them, and ``flashmm(data, fixed, random, ...)`` goes
+from any expression input (an AnnData store, a Zarr array, in-memory matrices) and
+formulas to a fit, reducing the data in one Dask pass. All return the same
+:class:`~flashmm_dask.fit.LmmFit` as :func:`~flashmm_dask.lmm.lmm`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flashmm_dask.design import Design, build_design
+from flashmm_dask.errors import InputError
+from flashmm_dask.fit import LmmFit
+from flashmm_dask.io.readers import Expression, read_expression
+from flashmm_dask.lmm import lmm
+from flashmm_dask.reduce import reduce_stats
+from flashmm_dask.stats import SummaryStats
+
+logger = logging.getLogger(__name__)
+
+
+def sslmm(X: Any, Y: Any, Z: Any, d: Sequence[int] | None = None) -> SummaryStats:
+    """Summary statistics of cell-level matrices (R's ``sslmm``).
+
+    Parameters
+    ----------
+    X : (n, p) array or DataFrame
+    Y : (m, n) array, sparse matrix or DataFrame: features x cells, as in R
+    Z : (n, q) array, sparse matrix or DataFrame
+    d : sizes of the random components, optional (default one of size q)
+    """
+    return SummaryStats.from_arrays(X, Y, Z, d=d)
+
+
+def lmm_stats(stats: SummaryStats, **kwargs: Any) -> LmmFit:
+    """:func:`lmm` of a :class:`SummaryStats`, keeping its names.
+
+    Keyword arguments go to :func:`lmm` (method, theta0, max_iter, epsilon, output_*...).
+    """
+    cov, ran, feat = list(stats.covariates), list(stats.random), list(stats.features)
+    d = dict(zip(stats.components, stats.d, strict=True))
+    return lmm(
+        pd.DataFrame(np.asarray(stats.XX), index=cov, columns=cov),
+        pd.DataFrame(np.asarray(stats.XY), index=cov, columns=feat),
+        pd.DataFrame(np.asarray(stats.ZX), index=ran, columns=cov),
+        pd.DataFrame(np.asarray(stats.ZY), index=ran, columns=feat),
+        pd.DataFrame(np.asarray(stats.ZZ), index=ran, columns=ran),
+        pd.Series(np.asarray(stats.Ynorm), index=feat),
+        stats.n,
+        d,
+        **kwargs,
+    )
+
+
+def lmmfit(Y: Any, X: Any, Z: Any, d: Sequence[int] | None = None, **kwargs: Any) -> LmmFit:
+    """Fit from cell-level matrices (R's ``lmmfit``): Y is features x cells.
+
+    Keyword arguments go to :func:`lmm`.
+    """
+    return lmm_stats(sslmm(X, Y, Z, d=d), **kwargs)
+
+
+def resolve_transform(is_counts: bool, transform: str | None) -> str:
+    """The chunk transform from R's ``is_counts`` flag or an explicit transform name."""
+    if transform is None:
+        return "log2p1" if is_counts else "none"
+    if is_counts and transform == "none":
+        raise InputError(
+            "is_counts=True asks for log2(1 + counts) but transform='none' was given; "
+            "pass one of them"
+        )
+    return transform
+
+
+def add_pcs(expr: Expression, k: int, transform: str, fixed: str) -> tuple[Expression, str]:
+    """Add the top-k principal components of the transformed expression as covariates.
+
+    The components come from ``dask_ml.decomposition.PCA`` over the chunked data
+    (each chunk densified on its own, never the whole matrix). They are added to obs as
+    ``PC1..PCk`` and to the fixed formula.
+    """
+    import dask.array as da
+    from dask_ml.decomposition import PCA
+
+    from flashmm_dask.reduce import transform_block
+
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+        raise InputError(f"pcs must be a non-negative integer; got {k!r}")
+    if k == 0:
+        return expr, fixed
+    if k >= min(expr.n_cells, expr.n_features):
+        raise InputError(
+            f"pcs = {k} must be below the number of cells ({expr.n_cells}) and of "
+            f"features ({expr.n_features})"
+        )
+    if expr.obs is None:
+        raise InputError("pcs needs cell metadata (obs) to add the components to")
+    data = expr.data.rechunk({1: -1})
+
+    def dense_block(block: Any) -> np.ndarray:
+        out = transform_block(block, transform)
+        return out.toarray() if hasattr(out, "toarray") else out
+
+    dense = data.map_blocks(dense_block, dtype=np.float64, meta=np.empty((0, 0)))
+    scores = PCA(
+        n_components=k, svd_solver="randomized", iterated_power=7, random_state=0
+    ).fit_transform(dense)
+    scores = np.asarray(da.compute(scores)[0])
+    obs = expr.obs.copy()
+    names = [f"PC{i + 1}" for i in range(k)]
+    clash = [c for c in names if c in obs.columns]
+    if clash:
+        raise InputError(f"obs already has columns {clash}; rename them to use pcs")
+    for i, name in enumerate(names):
+        obs[name] = scores[:, i]
+    return (
+        Expression(data=expr.data, features=expr.features, obs=obs, source=expr.source),
+        fixed + " + " + " + ".join(names),
+    )
+
+
+def flashmm(
+    data: Any,
+    fixed: str,
+    random: str | Sequence[str] | Mapping[str, str],
+    metadata: Any = None,
+    *,
+    is_counts: bool = False,
+    transform: str | None = None,
+    target_sum: float = 1e4,
+    layer: str | None = None,
+    orientation: str | None = None,
+    chunk_cells: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    pcs: int = 0,
+    split_every: int = 8,
+    **kwargs: Any,
+) -> LmmFit:
+    """Fit the mixed model of every feature of an expression dataset.
+
+    Parameters
+    ----------
+    data : AnnData store path or URL (.zarr, .h5ad), Zarr array path, AnnData, numpy or
+        scipy.sparse matrix, or dask array (see :func:`flashmm_dask.read_expression`)
+    fixed : fixed-effects formula, e.g. ``"~ 0 + log(libsize) + cls + cls:trt"``
+    random : random-effects formula(s), e.g. ``"~ 0 + sam"`` or a list, one per component
+    metadata : cell metadata (DataFrame or CSV path) when data has none (plain arrays)
+    is_counts : transform counts to log2(1 + counts) chunk by chunk, as R FLASHMM does
+    transform : "none", "log2p1" or "log1p_scaled" (overrides is_counts)
+    target_sum : per-cell total of the log1p_scaled transform
+    layer, orientation, chunk_cells, storage_options : passed to the reader
+    pcs : add the top ``pcs`` principal components of the transformed data to X
+    split_every : fan-in of the tree reduction
+    **kwargs : passed to :func:`lmm` (method, max_iter, epsilon, output_* ...)
+
+    Returns
+    -------
+    LmmFit
+    """
+    expr = read_expression(
+        data,
+        layer=layer,
+        orientation=orientation,
+        obs=metadata,
+        chunk_cells=chunk_cells,
+        storage_options=storage_options,
+    )
+    chosen = resolve_transform(is_counts, transform)
+    if expr.obs is None:
+        raise InputError(
+            "the data carry no cell metadata; pass metadata= (a DataFrame or CSV path) "
+            "with the columns the formulas use"
+        )
+    expr, fixed = add_pcs(expr, pcs, chosen, fixed)
+    design: Design = build_design(expr.obs, fixed, random)
+    stats = reduce_stats(
+        expr, design, transform=chosen, target_sum=target_sum, split_every=split_every
+    )
+    return lmm_stats(stats, **kwargs)

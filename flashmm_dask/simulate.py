@@ -1,0 +1,837 @@
+"""Simulated multi-subject, multi-cell-type scRNA-seq counts: the ``simuRNAseq`` model.
+
+A port of ``simuRNAseq`` from the R package FLASHMM 1.3.0 (without a reference count
+matrix), written so that atlas-sized data sets can be streamed into an AnnData store.
+
+Model
+-----
+Notation: cells c = 1..n, genes g = 1..m, mu_g the gene mean and phi_g the negative
+binomial size ("dispersion" in R: variance mu + mu^2 / phi).
+
+- Every cell draws, independently and uniformly, a treatment trt(c) among the letters
+  "A", "B", ... (``n_treatments``) and a cell type cls(c) among "1".."n_celltypes".
+- Subjects are nested in treatments: treatment A has subjects "A1".."A{S_A}", B has
+  "B1".."B{S_B}", ..., with S_A + S_B + ... = ``n_samples``; a cell's subject sam(c) is
+  uniform among its treatment's subjects.
+- Library sizes: libsize(c) = sum_g R_cg with R_cg ~ NB(mu_g, phi_g), the column sums of
+  a reference count matrix, as R's ``metadata$libsize``.
+- Differentially expressed (DE) genes are the last ``n_de_genes`` genes; their numbers
+  per cell type are multinomial with equal probabilities over the observed cell types in
+  sorted order, and they are assigned to the cell types in that order. The effect beta_g
+  (a natural-log fold change) is uniform on [minbeta, maxbeta], with a random sign of
+  probability 1/2 each when ``direction="both"``.
+- Subject random effects b_sg ~ N(0, var_randomeffects), independent over subjects s and
+  genes g.
+- Counts::
+
+      Y_cg ~ NB(m_cg, phi_g),
+      log m_cg = log mu_g + b_{sam(c), g} + beta_g [trt(c) = T and cls(c) = k_g]
+                 + log libsize(c) - mean_c' log libsize(c')
+
+  where T, the treated condition, is the last observed treatment in sorted order and k_g
+  the cell type of DE gene g. NB(m, phi) is drawn as Poisson(m G / phi) with
+  G ~ Gamma(phi, 1).
+
+Defaults follow R: mu_g = 1 + Poisson(1) and phi_g = 1 + Poisson(1), the distribution R
+draws its reference matrix from.
+
+Differences from R (R fails or estimates where this module does not)
+--------------------------------------------------------------------
+- R re-estimates mu_g and phi_g from the reference matrix by moments (dropping genes with
+  variance <= mean); here ``gene_mean`` and ``dispersion`` are the model's values.
+- R spreads all ``nsam`` subjects over treatments multinomially and fails when a treatment
+  gets none; here every treatment gets one subject and the other
+  ``n_samples - n_treatments`` are spread multinomially.
+- A cell whose reference library is empty (R: log(0), NaN means) has its library size
+  redrawn, i.e. library sizes are conditioned on being positive.
+- ``n_de_genes`` defaults to min(n_celltypes, n_genes) (R: ncls, failing if > nGenes).
+- Subjects are always nested (R ``samples.nested = TRUE``); ``direction`` and the sorted
+  levels are R's; the ``nDEgenesType``, ``pDEgenesType``, ``adjust.library.size``,
+  ``trt``, ``metadata`` and ``counts`` arguments are not ported.
+
+Cost: about 130 ns per matrix entry (gamma and Poisson draws) on one thread; blocks of
+cells are independent, so ``n_threads`` scales it.
+
+Randomness
+----------
+Independent streams are spawned from ``numpy.random.SeedSequence(seed)``: gene parameters,
+cell metadata, DE genes, random effects, library sizes and counts. The library sizes and
+counts of cells [k B, (k + 1) B), B = ``RNG_BLOCK_CELLS``, come from the k-th spawned child
+of their stream, so the data do not depend on ``chunk_cells`` or ``n_threads``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import string
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from flashmm_dask.errors import InputError, StoreError
+
+__all__ = ["RNG_BLOCK_CELLS", "simulate_rnaseq", "simulate_to_store", "write_store"]
+
+logger = logging.getLogger(__name__)
+
+#: Cells per independent random stream; part of the model's reproducibility contract.
+RNG_BLOCK_CELLS = 128
+FORMAT_NAME = "flashmm_dask.simulate"
+FORMAT_VERSION = 1
+#: Upper bound on the elements of one zarr chunk of X (compressors cap a buffer at 2 GiB).
+_MAX_CHUNK_ELEMENTS = 2**26
+_STREAMS = ("genes", "metadata", "de", "random_effects", "libsize", "counts")
+_MAX_LIBSIZE_REDRAWS = 10_000
+_PER_GENE_ARGUMENTS = ("gene_mean", "dispersion", "dtype")  # recorded in var, or by name
+
+StoreFormat = Literal["zarr", "h5ad"]
+
+
+@dataclass(frozen=True)
+class _Params:
+    n_genes: int
+    n_cells: int
+    n_samples: int
+    n_celltypes: int
+    n_treatments: int
+    n_de_genes: int
+    minbeta: float
+    maxbeta: float
+    direction: str
+    var_randomeffects: float
+    gene_mean: np.ndarray | None
+    dispersion: np.ndarray | None
+    seed: int
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class _Model:
+    """Everything but the counts: O(n_cells + n_subjects * n_genes) memory.
+
+    log_base is (n_subjects, n_genes): log mu_g + b_sg; de_effect is (n_celltypes + 1,
+    n_genes): beta_g on the row of its cell type, the last row zeros (untreated cells).
+    """
+
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    uns: dict[str, Any]
+    log_base: np.ndarray
+    de_effect: np.ndarray
+    dispersion: np.ndarray
+    subject_code: np.ndarray
+    effect_code: np.ndarray
+    log_libsize: np.ndarray
+    counts_seed: np.random.SeedSequence
+    dtype: np.dtype
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def simulate_rnaseq(
+    n_genes: int = 100,
+    n_cells: int = 1000,
+    *,
+    n_samples: int = 10,
+    n_celltypes: int = 3,
+    n_treatments: int = 2,
+    n_de_genes: int | None = None,
+    minbeta: float = 0.25,
+    maxbeta: float = 1.0,
+    direction: str = "both",
+    var_randomeffects: float = 0.1,
+    gene_mean: float | np.ndarray | None = None,
+    dispersion: float | np.ndarray | None = None,
+    seed: int | None = None,
+    chunk_cells: int = 100_000,
+    dtype: str | np.dtype = "int32",
+    n_threads: int = 1,
+) -> ad.AnnData:
+    """Simulate negative binomial scRNA-seq counts as R FLASHMM's ``simuRNAseq``.
+
+    Parameters
+    ----------
+    n_genes, n_cells : int
+        Numbers of genes (R ``nGenes``) and cells (R ``nCells``).
+    n_samples : int
+        Number of subjects (R ``nsam``), nested in treatments; at least ``n_treatments``.
+    n_celltypes : int
+        Number of cell types (R ``ncls``), labelled "1".."n_celltypes".
+    n_treatments : int
+        Number of conditions (R ``ntrt``), labelled "A", "B", ...; at most 26.
+    n_de_genes : int, optional
+        Number of DE genes (R ``nDEgenes``); default ``min(n_celltypes, n_genes)``.
+    minbeta, maxbeta : float
+        Bounds of the absolute DE log fold change (natural log), minbeta < maxbeta.
+    direction : {"both", "up", "down"}
+        "both": random sign (requires minbeta * maxbeta > 0); "up": minbeta > 0;
+        "down": maxbeta < 0.
+    var_randomeffects : float
+        Variance of the subject random effects (R ``var.randomeffects``).
+    gene_mean, dispersion : float or array of shape (n_genes,), optional
+        NB mean at the average library size and NB size per gene; default
+        1 + Poisson(1) each, drawn from ``seed``.
+    seed : int, optional
+        Non-negative seed; if None one is drawn and recorded in ``uns["simulation"]``.
+    chunk_cells : int
+        Cells materialised at a time; does not change the result.
+    dtype : str or numpy.dtype
+        dtype of the counts in X (integer or floating).
+    n_threads : int
+        Threads drawing independent cell blocks; does not change the result.
+
+    Returns
+    -------
+    anndata.AnnData
+        n_cells x n_genes; X a ``scipy.sparse.csr_matrix`` of counts; obs categorical
+        ``sam``, ``cls``, ``trt`` (sorted levels) and float ``libsize`` (the cell's
+        reference library size, the offset of the model, as R's); var ``de``,
+        ``de_celltype``, ``beta`` (0 for non-DE), ``gene_mean``, ``dispersion``;
+        ``uns["simulation"]`` the parameters, the seed and the true random effects
+        (``random_effects``, n_subjects x n_genes, rows in the order of ``sam``'s levels).
+    """
+    params = _validate(
+        n_genes=n_genes,
+        n_cells=n_cells,
+        n_samples=n_samples,
+        n_celltypes=n_celltypes,
+        n_treatments=n_treatments,
+        n_de_genes=n_de_genes,
+        minbeta=minbeta,
+        maxbeta=maxbeta,
+        direction=direction,
+        var_randomeffects=var_randomeffects,
+        gene_mean=gene_mean,
+        dispersion=dispersion,
+        seed=seed,
+        dtype=dtype,
+    )
+    _check_positive_int("chunk_cells", chunk_cells)
+    model = _build_model(params, n_threads)
+    chunks = list(_iter_chunks(model, chunk_cells, n_threads))
+    X = sp.vstack(chunks, format="csr") if len(chunks) > 1 else chunks[0]
+    return ad.AnnData(X=sp.csr_matrix(X), obs=model.obs, var=model.var, uns=model.uns)
+
+
+def simulate_to_store(
+    path: str | os.PathLike[str],
+    n_genes: int = 100,
+    n_cells: int = 1000,
+    *,
+    n_samples: int = 10,
+    n_celltypes: int = 3,
+    n_treatments: int = 2,
+    n_de_genes: int | None = None,
+    minbeta: float = 0.25,
+    maxbeta: float = 1.0,
+    direction: str = "both",
+    var_randomeffects: float = 0.1,
+    gene_mean: float | np.ndarray | None = None,
+    dispersion: float | np.ndarray | None = None,
+    seed: int | None = None,
+    chunk_cells: int = 100_000,
+    store_chunk_cells: int = 10_000,
+    dtype: str | np.dtype = "int32",
+    format: StoreFormat | None = None,
+    overwrite: bool = False,
+    n_threads: int = 1,
+) -> Path:
+    """Simulate as :func:`simulate_rnaseq` and stream the cells into an AnnData store.
+
+    The counts are generated ``chunk_cells`` cells at a time and appended to X (CSR,
+    64-bit indptr) with anndata's ``write_elem`` and ``sparse_dataset(...).append``, so
+    memory is bounded by a chunk plus the O(n_cells) obs table. The result equals
+    ``simulate_rnaseq`` with the same arguments and seed.
+
+    Parameters
+    ----------
+    path : path-like
+        Store to create, a ".zarr" folder or an ".h5ad" file.
+    n_genes, n_cells, n_samples, n_celltypes, n_treatments, n_de_genes, minbeta, maxbeta,
+    direction, var_randomeffects, gene_mean, dispersion, seed, dtype, n_threads
+        As in :func:`simulate_rnaseq`.
+    chunk_cells : int
+        Cells generated and appended at a time; peak memory is about 16 bytes per
+        non-zero of a chunk (about 0.75 n_genes non-zeros per cell with the default
+        gene means), so lower it for many genes.
+    store_chunk_cells : int
+        X's data and indices are chunked to hold about this many cells' non-zeros.
+    format : {"zarr", "h5ad"}, optional
+        Default: from the suffix of ``path``.
+    overwrite : bool
+        Replace an existing store at ``path``; otherwise refuse.
+
+    Returns
+    -------
+    pathlib.Path
+        The store written; it appears only once complete.
+    """
+    target = Path(path)
+    fmt = _store_format(target, format)
+    params = _validate(
+        n_genes=n_genes,
+        n_cells=n_cells,
+        n_samples=n_samples,
+        n_celltypes=n_celltypes,
+        n_treatments=n_treatments,
+        n_de_genes=n_de_genes,
+        minbeta=minbeta,
+        maxbeta=maxbeta,
+        direction=direction,
+        var_randomeffects=var_randomeffects,
+        gene_mean=gene_mean,
+        dispersion=dispersion,
+        seed=seed,
+        dtype=dtype,
+    )
+    _check_positive_int("chunk_cells", chunk_cells)
+    _check_positive_int("store_chunk_cells", store_chunk_cells)
+    with _staged(target, overwrite) as tmp:
+        model = _build_model(params, n_threads)
+        meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
+        chunks = _iter_chunks(model, chunk_cells, n_threads)
+        if fmt == "zarr":
+            import zarr
+
+            group = _create_zarr_root(tmp)
+            ad.io.write_elem(group, "/", meta)
+            _append_x(group, chunks, store_chunk_cells)
+            zarr.consolidate_metadata(str(tmp))
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w-") as f:
+                ad.io.write_elem(f, "/", meta)
+                _append_x(f, chunks, store_chunk_cells)
+    logger.info("simulated %d cells x %d genes into %s", n_cells, n_genes, target)
+    return target
+
+
+def write_store(
+    adata: ad.AnnData,
+    path: str | os.PathLike[str],
+    *,
+    chunk_cells: int = 10_000,
+    format: StoreFormat | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an AnnData to a ".zarr" or ".h5ad" store, atomically.
+
+    The store is written to a hidden temporary sibling and renamed into place, so a
+    failed write leaves nothing at ``path``.
+
+    Parameters
+    ----------
+    adata : anndata.AnnData
+        The data; a CSR X is written to zarr with data and indices chunked to hold about
+        ``chunk_cells`` cells' non-zeros (other X kinds use anndata's default chunks).
+    path : path-like
+        Destination, ".zarr" (folder) or ".h5ad" (file).
+    chunk_cells : int
+        Cells per zarr chunk of X.
+    format : {"zarr", "h5ad"}, optional
+        Default: from the suffix of ``path``.
+    overwrite : bool
+        Replace an existing store at ``path``; otherwise refuse.
+
+    Returns
+    -------
+    pathlib.Path
+        The store written.
+    """
+    if not isinstance(adata, ad.AnnData):
+        raise InputError(f"write_store needs an anndata.AnnData, got {type(adata).__name__}")
+    _check_positive_int("chunk_cells", chunk_cells)
+    target = Path(path)
+    fmt = _store_format(target, format)
+    with _staged(target, overwrite) as tmp:
+        if fmt == "zarr":
+            _write_zarr(adata, tmp, chunk_cells)
+        else:
+            adata.write_h5ad(tmp)
+    return target
+
+
+# ------------------------------------------------------------------ validation and model
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _gene_vector(name: str, value: Any, n_genes: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n_genes, float(arr))
+    if arr.shape != (n_genes,):
+        raise InputError(
+            f"{name} must be a scalar or have n_genes={n_genes} entries, got shape {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr) & (arr > 0)):
+        raise InputError(
+            f"{name} must be finite and > 0 for every gene; "
+            f"{int(np.sum(~(np.isfinite(arr) & (arr > 0))))} entries are not"
+        )
+    return arr
+
+
+def _validate(
+    *,
+    n_genes: Any,
+    n_cells: Any,
+    n_samples: Any,
+    n_celltypes: Any,
+    n_treatments: Any,
+    n_de_genes: Any,
+    minbeta: Any,
+    maxbeta: Any,
+    direction: Any,
+    var_randomeffects: Any,
+    gene_mean: Any,
+    dispersion: Any,
+    seed: Any,
+    dtype: Any,
+) -> _Params:
+    n_genes = _check_positive_int("n_genes", n_genes)
+    n_cells = _check_positive_int("n_cells", n_cells)
+    n_celltypes = _check_positive_int("n_celltypes", n_celltypes)
+    n_treatments = _check_positive_int("n_treatments", n_treatments)
+    if n_treatments > len(string.ascii_uppercase):
+        raise InputError(f"n_treatments must be <= 26 (labels A..Z), got {n_treatments}")
+    n_samples = _check_positive_int("n_samples", n_samples)
+    if n_samples < n_treatments:
+        raise InputError(
+            f"n_samples={n_samples} is less than n_treatments={n_treatments}; "
+            "subjects are nested in treatments, so each needs one"
+        )
+    if n_de_genes is None:
+        n_de_genes = min(n_celltypes, n_genes)
+    n_de_genes = _check_positive_int("n_de_genes", n_de_genes, minimum=0)
+    if n_de_genes > n_genes:
+        raise InputError(
+            f"n_de_genes={n_de_genes} exceeds n_genes={n_genes}; lower n_de_genes or raise n_genes"
+        )
+    minbeta, maxbeta = float(minbeta), float(maxbeta)
+    if not (math.isfinite(minbeta) and math.isfinite(maxbeta) and minbeta < maxbeta):
+        raise InputError(f"need finite minbeta < maxbeta, got {minbeta} and {maxbeta}")
+    rule = {"both": minbeta * maxbeta > 0, "up": minbeta > 0, "down": maxbeta < 0}
+    if direction not in rule:
+        raise InputError(f"direction must be 'both', 'up' or 'down', got {direction!r}")
+    if not rule[direction]:
+        need = {"both": "minbeta * maxbeta > 0", "up": "minbeta > 0", "down": "maxbeta < 0"}
+        raise InputError(
+            f"direction={direction!r} needs {need[direction]}; "
+            f"got minbeta={minbeta}, maxbeta={maxbeta}"
+        )
+    var_randomeffects = float(var_randomeffects)
+    if not (math.isfinite(var_randomeffects) and var_randomeffects >= 0):
+        raise InputError(f"var_randomeffects must be finite and >= 0, got {var_randomeffects}")
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+    seed = _check_positive_int("seed", seed, minimum=0)
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise InputError(f"dtype {dtype!r} is not a numpy dtype; use e.g. 'int32'") from exc
+    if np_dtype.kind not in "iuf":
+        raise InputError(f"dtype must be an integer or floating dtype for counts, got {np_dtype}")
+    return _Params(
+        n_genes=n_genes,
+        n_cells=n_cells,
+        n_samples=n_samples,
+        n_celltypes=n_celltypes,
+        n_treatments=n_treatments,
+        n_de_genes=n_de_genes,
+        minbeta=minbeta,
+        maxbeta=maxbeta,
+        direction=direction,
+        var_randomeffects=var_randomeffects,
+        gene_mean=_gene_vector("gene_mean", gene_mean, n_genes),
+        dispersion=_gene_vector("dispersion", dispersion, n_genes),
+        seed=seed,
+        dtype=np_dtype,
+    )
+
+
+def _block_rng(stream: np.random.SeedSequence, block: int) -> np.random.Generator:
+    """The generator of cell block ``block``: the block-th child of ``stream.spawn``."""
+    child = np.random.SeedSequence(stream.entropy, spawn_key=(*stream.spawn_key, block))
+    return np.random.Generator(np.random.PCG64(child))
+
+
+def _sorted_levels(labels: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Observed labels[codes] as sorted levels (R's factor()), and each entry's level."""
+    observed = np.unique(codes)
+    order = np.argsort(labels[observed], kind="stable")
+    lookup = np.full(len(labels), -1, dtype=np.int64)
+    lookup[observed[order]] = np.arange(len(observed))
+    return labels[observed[order]], lookup[codes]
+
+
+def _build_model(params: _Params, n_threads: int) -> _Model:
+    """Draw everything but the counts: genes, cells, DE genes, random effects, libsizes."""
+    _check_positive_int("n_threads", n_threads)
+    seeds = np.random.SeedSequence(params.seed).spawn(len(_STREAMS))
+    streams = dict(zip(_STREAMS, seeds, strict=True))
+
+    def rng(name: str) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(streams[name]))
+
+    n, m = params.n_cells, params.n_genes
+    genes = rng("genes")
+    # both defaults are always drawn, so that one does not depend on the other being given
+    mu, phi = 1.0 + genes.poisson(1.0, m), 1.0 + genes.poisson(1.0, m)
+    mu = mu if params.gene_mean is None else params.gene_mean
+    phi = phi if params.dispersion is None else params.dispersion
+
+    cells = _draw_cells(rng("metadata"), params)
+    trt_levels, trt_code = cells["trt"]
+    cls_levels, cls_code = cells["cls"]
+    sam_levels, sam_code = cells["sam"]
+    treated = len(trt_levels) - 1
+    n_cls = len(cls_levels)
+    de_genes, de_cls, beta_de = _draw_de(rng("de"), params, n_cls)
+    de_effect = np.zeros((n_cls + 1, m))
+    de_effect[de_cls, de_genes] = beta_de
+    sd = math.sqrt(params.var_randomeffects)
+    random_effects = rng("random_effects").normal(0.0, sd, size=(len(sam_levels), m))
+
+    shape, scale = _libsize_groups(mu, phi)
+    blocks = _map_blocks(
+        lambda k: _block_libsize(streams["libsize"], k, n, shape, scale), n, n_threads
+    )
+    libsize = np.concatenate(list(blocks))
+    log_lib = np.log(libsize)
+    log_lib_mean = float(log_lib.mean())
+
+    obs = pd.DataFrame(
+        {
+            "sam": pd.Categorical.from_codes(sam_code, categories=list(sam_levels)),
+            "cls": pd.Categorical.from_codes(cls_code, categories=list(cls_levels)),
+            "trt": pd.Categorical.from_codes(trt_code, categories=list(trt_levels)),
+            "libsize": libsize,
+        },
+        index=pd.Index([f"cell{i + 1}" for i in range(n)], dtype=object),
+    )
+    de_codes = np.full(m, -1)
+    de_codes[de_genes] = de_cls
+    beta = np.zeros(m)
+    beta[de_genes] = beta_de
+    var = pd.DataFrame(
+        {
+            "de": de_codes >= 0,
+            "de_celltype": pd.Categorical.from_codes(de_codes, categories=list(cls_levels)),
+            "beta": beta,
+            "gene_mean": mu,
+            "dispersion": phi,
+        },
+        index=pd.Index([f"gene{j + 1}" for j in range(m)], dtype=object),
+    )
+    arguments = {k: v for k, v in vars(params).items() if k not in _PER_GENE_ARGUMENTS}
+    simulation = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": _package_version(),
+        "model": "simuRNAseq (R FLASHMM 1.3.0): negative binomial counts",
+        **arguments,
+        "dtype": params.dtype.name,
+        "rng_block_cells": RNG_BLOCK_CELLS,
+        "treatment": str(trt_levels[treated]),
+        "samples_per_treatment": cells["per_trt"],
+        "subjects": np.asarray(sam_levels, dtype=str),
+        "random_effects": random_effects,
+        "log_libsize_mean": log_lib_mean,
+    }
+    return _Model(
+        obs=obs,
+        var=var,
+        uns={"simulation": simulation},
+        log_base=np.log(mu)[None, :] + random_effects,
+        de_effect=de_effect,
+        dispersion=phi,
+        subject_code=sam_code,
+        effect_code=np.where(trt_code == treated, cls_code, n_cls),
+        log_libsize=log_lib - log_lib_mean,
+        counts_seed=streams["counts"],
+        dtype=params.dtype,
+    )
+
+
+def _draw_cells(rng: np.random.Generator, params: _Params) -> dict[str, Any]:
+    """Each cell's treatment, cell type and subject, as (sorted levels, codes) pairs."""
+    n, n_trt = params.n_cells, params.n_treatments
+    trt_raw = rng.integers(n_trt, size=n)
+    cls_raw = rng.integers(params.n_celltypes, size=n)
+    per_trt = 1 + rng.multinomial(params.n_samples - n_trt, np.full(n_trt, 1.0 / n_trt))
+    first_subject = np.concatenate([[0], np.cumsum(per_trt)[:-1]])
+    sam_raw = first_subject[trt_raw] + rng.integers(per_trt[trt_raw])
+    letters = np.array(list(string.ascii_uppercase[:n_trt]), dtype=object)
+    subjects = [f"{letters[t]}{j + 1}" for t in range(n_trt) for j in range(per_trt[t])]
+    cls_labels = [str(k + 1) for k in range(params.n_celltypes)]
+    return {
+        "trt": _sorted_levels(letters, trt_raw),
+        "cls": _sorted_levels(np.array(cls_labels, dtype=object), cls_raw),
+        "sam": _sorted_levels(np.array(subjects, dtype=object), sam_raw),
+        "per_trt": per_trt.astype(np.int64),
+    }
+
+
+def _draw_de(
+    rng: np.random.Generator, params: _Params, n_cls: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """DE genes (the last n_de_genes), their cell-type codes (sorted order) and betas."""
+    n_de = params.n_de_genes
+    per_cls = rng.multinomial(n_de, np.full(n_cls, 1.0 / n_cls))
+    beta = rng.uniform(params.minbeta, params.maxbeta, n_de)
+    if params.direction == "both":
+        beta *= 2 * rng.binomial(1, 0.5, n_de) - 1
+    genes = np.arange(params.n_genes - n_de, params.n_genes)
+    return genes, np.repeat(np.arange(n_cls), per_cls), beta
+
+
+def _package_version() -> str:
+    try:
+        return version("flashmm-dask")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------- generation
+
+
+def _block_rows(block: int, n_cells: int) -> slice:
+    return slice(block * RNG_BLOCK_CELLS, min(n_cells, (block + 1) * RNG_BLOCK_CELLS))
+
+
+def _libsize_groups(mu: np.ndarray, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gamma shapes and scales of the reference library, one per distinct p.
+
+    Genes sharing p = phi / (phi + mu) sum to one NB(sum phi, p) count, exactly, so the
+    default (integer mu and phi) costs a few draws per cell instead of n_genes.
+    """
+    p, group = np.unique(phi / (phi + mu), return_inverse=True)
+    shape = np.bincount(group, weights=phi, minlength=len(p))
+    return shape, np.bincount(group, weights=mu, minlength=len(p)) / shape
+
+
+def _block_libsize(
+    stream: np.random.SeedSequence, block: int, n_cells: int, shape: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """Reference library sizes of one block of cells, shape (cells in block,), all > 0."""
+    rows = _block_rows(block, n_cells)
+    rng = _block_rng(stream, block)
+
+    def draw(k: int) -> np.ndarray:
+        return rng.poisson(rng.standard_gamma(shape, size=(k, len(shape))) * scale).sum(axis=1)
+
+    libsize = draw(rows.stop - rows.start)
+    for _ in range(_MAX_LIBSIZE_REDRAWS):
+        empty = np.flatnonzero(libsize == 0)
+        if empty.size == 0:
+            return libsize.astype(np.float64)
+        libsize[empty] = draw(empty.size)
+    raise InputError(
+        f"reference library sizes stay 0 after {_MAX_LIBSIZE_REDRAWS} draws "
+        f"(sum of gene_mean = {np.sum(shape * scale):.3g}); raise gene_mean or n_genes"
+    )
+
+
+def _block_counts(model: _Model, block: int) -> sp.csr_matrix:
+    """Counts of one block of cells, shape (cells in block, n_genes), CSR."""
+    rows = _block_rows(block, len(model.subject_code))
+    scale = model.log_base[model.subject_code[rows]]
+    scale += model.de_effect[model.effect_code[rows]]
+    scale += model.log_libsize[rows, None]
+    np.exp(scale, out=scale)
+    scale /= model.dispersion
+    rng = _block_rng(model.counts_seed, block)
+    lam = rng.standard_gamma(model.dispersion, size=scale.shape)
+    lam *= scale
+    try:
+        counts = rng.poisson(lam)
+    except ValueError as exc:
+        raise InputError(
+            f"NB means too large to draw in cells {rows.start + 1}.."
+            f"{rows.stop}; lower gene_mean or var_randomeffects"
+        ) from exc
+    nonzero = counts != 0
+    data = counts[nonzero]
+    if model.dtype.kind in "iu" and data.size and data.max() > np.iinfo(model.dtype).max:
+        raise InputError(
+            f"counts up to {data.max()} do not fit dtype {model.dtype}; use dtype='int64'"
+        )
+    columns = np.broadcast_to(np.arange(counts.shape[1], dtype=np.int32), counts.shape)
+    indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
+    return sp.csr_matrix((data.astype(model.dtype), columns[nonzero], indptr), shape=counts.shape)
+
+
+def _map_blocks(func: Callable[[int], Any], n_cells: int, n_threads: int) -> Iterator[Any]:
+    """func(k) for every cell block k, in order, at most 2 n_threads blocks in flight."""
+    n_blocks = -(-n_cells // RNG_BLOCK_CELLS)
+    if n_threads == 1:
+        yield from map(func, range(n_blocks))
+        return
+    with ThreadPoolExecutor(n_threads) as pool:
+        pending: deque[Any] = deque()
+        for k in range(n_blocks):
+            pending.append(pool.submit(func, k))
+            if len(pending) >= 2 * n_threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _iter_chunks(model: _Model, chunk_cells: int, n_threads: int) -> Iterator[sp.csr_matrix]:
+    """The count matrix in consecutive CSR chunks of chunk_cells rows (the last shorter)."""
+    buffer: list[sp.csr_matrix] = []
+    buffered = 0
+    blocks = _map_blocks(lambda k: _block_counts(model, k), len(model.subject_code), n_threads)
+    for block in blocks:
+        buffer.append(block)
+        buffered += block.shape[0]
+        while buffered >= chunk_cells:
+            # split only the last block, so that each count is copied once
+            last = buffer.pop()
+            keep = buffered - chunk_cells
+            head = last[: last.shape[0] - keep] if keep else last
+            yield _stack([*buffer, head])
+            buffer = [last[last.shape[0] - keep :]] if keep else []
+            buffered = keep
+    if buffered:
+        yield _stack(buffer)
+
+
+def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
+    return sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
+
+
+# ------------------------------------------------------------------------------ stores
+
+
+def _store_format(path: Path, format: str | None) -> StoreFormat:
+    if format is None:
+        suffix = path.suffix.lower()
+        if suffix not in (".zarr", ".h5ad"):
+            raise InputError(
+                f"cannot tell the store format of {str(path)!r} from its suffix; "
+                "name it *.zarr or *.h5ad, or pass format='zarr' or 'h5ad'"
+            )
+        return "zarr" if suffix == ".zarr" else "h5ad"
+    if format not in ("zarr", "h5ad"):
+        raise InputError(f"format must be 'zarr' or 'h5ad', got {format!r}")
+    return format  # type: ignore[return-value]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _staged(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of path to write into; move it to path on success."""
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise StoreError(
+            f"{str(path)!r} already exists; pass overwrite=True to replace it "
+            "or choose another path"
+        )
+    if not path.parent.is_dir():
+        raise StoreError(f"folder {str(path.parent)!r} does not exist; create it first")
+    tag = uuid.uuid4().hex[:12]
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    exists = path.exists() or path.is_symlink()
+    try:
+        if exists and not overwrite:
+            raise StoreError(f"{str(path)!r} appeared while it was being written; not replaced")
+        if not exists or (path.is_file() and tmp.is_file()):
+            os.replace(tmp, path)
+            return
+        # a folder cannot be replaced in one rename: move the old store aside first
+        old = path.with_name(f".{path.name}.old-{tag}")
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        _remove(old)
+    finally:
+        _remove(tmp)
+
+
+def _x_chunk_len(nnz: int, n_rows: int, chunk_cells: int) -> int:
+    per_cell = nnz / max(n_rows, 1)
+    return int(min(_MAX_CHUNK_ELEMENTS, max(1, round(per_cell * chunk_cells))))
+
+
+def _create_zarr_root(path: Path) -> Any:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w-", zarr_format=ad.settings.zarr_write_format)
+    group.attrs["encoding-type"] = "anndata"
+    group.attrs["encoding-version"] = "0.1.0"
+    return group
+
+
+def _write_zarr(adata: ad.AnnData, path: Path, chunk_cells: int) -> None:
+    import zarr
+    from anndata.experimental import write_dispatched
+
+    x_kwargs: dict[str, Any] = {}
+    if sp.issparse(adata.X) and adata.X.format == "csr":
+        x_kwargs["chunks"] = (_x_chunk_len(adata.X.nnz, adata.n_obs, chunk_cells),)
+
+    def callback(
+        write_func: Any, store: Any, elem_name: str, elem: Any, *, dataset_kwargs: Any, iospec: Any
+    ) -> None:
+        if elem_name.lstrip("/") == "X":
+            dataset_kwargs = {**dataset_kwargs, **x_kwargs}
+        write_func(store, elem_name, elem, dataset_kwargs=dataset_kwargs)
+
+    write_dispatched(_create_zarr_root(path), "/", adata, callback=callback)
+    zarr.consolidate_metadata(str(path))
+
+
+def _append_x(group: Any, chunks: Iterator[sp.csr_matrix], chunk_cells: int) -> None:
+    """Write the first chunk as X (CSR, int64 indptr) and append the others to it."""
+    x = None
+    done = 0
+    for chunk in chunks:
+        if x is None:
+            kwargs = {
+                "chunks": (_x_chunk_len(chunk.nnz, chunk.shape[0], chunk_cells),),
+                "indptr_dtype": np.int64,
+            }
+            ad.io.write_elem(group, "X", chunk, dataset_kwargs=kwargs)
+            x = ad.io.sparse_dataset(group["X"])
+        else:
+            x.append(chunk)
+        done += chunk.shape[0]
+        logger.debug("appended cells up to %d", done)
