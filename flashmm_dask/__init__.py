@@ -4,6 +4,7 @@ The public API is re-exported here; see the README for a tour.
 """
 
 from flashmm_dask.contrasts import contrast_matrix
+from flashmm_dask.design import Design, build_design
 from flashmm_dask.errors import (
     ConfigError,
     ContrastError,
@@ -16,7 +17,6 @@ from flashmm_dask.errors import (
     StoreError,
     ZeroFeatureWarning,
 )
-from flashmm_dask.design import Design, build_design
 from flashmm_dask.fit import LmmFit
 from flashmm_dask.fitting import flashmm, lmm_stats, lmmfit, sslmm
 from flashmm_dask.io.readers import Expression, read_expression, read_obs

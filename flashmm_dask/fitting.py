@@ -137,7 +137,7 @@ def flashmm(
     transform: str | None = None,
     target_sum: float = 1e4,
     layer: str | None = None,
-    orientation: str | None = None,
+    orientation: Any = None,
     chunk_cells: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
     pcs: int = 0,

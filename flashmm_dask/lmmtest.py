@@ -109,9 +109,7 @@ def lmmtest(
         raise InputError("contrast tests need a fit with the residual degrees of freedom n - p")
     effect, t, p = contrast_tests(fit.coef.T, fit.cov, L.to_numpy(), float(fit.df), alternative)
     names = list(L.columns)
-    columns = (
-        [f"{c}_coef" for c in names] + [f"{c}_t" for c in names] + [f"{c}_p" for c in names]
-    )
+    columns = [f"{c}_coef" for c in names] + [f"{c}_t" for c in names] + [f"{c}_p" for c in names]
     return pd.DataFrame(
         np.concatenate([effect, t, p], axis=1), index=list(fit.features), columns=columns
     )
