@@ -1,0 +1,870 @@
+"""The results store: one Zarr group that feature blocks are written into independently.
+
+Layout (Zarr format 3; ``xarray.open_zarr`` opens it as a Dataset)::
+
+    dims      feature (m), covariate (p), covariate2 (p), component (K+1), contrast (c >= 0),
+              block (n_blocks)
+    coords    feature, covariate, covariate2, component, contrast        (strings)
+    (feature, covariate)              coef, se, t, p, df, padj
+    (feature, component)              theta, se_theta, dlogL
+    (feature,)                        logLik, niter, converged (bool)
+    (feature, covariate, covariate2)  cov                               (if store_cov)
+    (feature, contrast)               contrast_coef, contrast_se, contrast_t, contrast_p,
+                                      contrast_df, contrast_padj
+    (block,)                          block_done (bool): the resume record
+
+Every per-feature array is chunked along ``feature`` by ``block_size`` and whole along its
+other dimensions, so block b of the fit is chunk b of each array: workers writing different
+blocks never touch the same chunk, and rewriting a block is idempotent. A block is marked
+in ``block_done`` only after all of its arrays are written, and the group attribute
+``complete`` becomes True only after the Benjamini-Hochberg adjusted p-values (``padj``,
+``contrast_padj``, within each covariate / contrast) have been written by
+:func:`finalize_results`.
+
+Metadata is consolidated into the root ``zarr.json`` when the store is created (array
+metadata never changes afterwards; root attributes live in that same document), so that a
+plain ``xarray.open_zarr(path)`` opens it without probing every array.
+
+A *path* is a local path or an fsspec URL (``memory://``, ``s3://``, ``gs://``, ...). Local
+stores are created under a temporary sibling and renamed into place, so an interrupted
+creation leaves nothing that looks like a store.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import fsspec
+import numpy as np
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+from zarr.errors import ZarrUserWarning
+
+from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.numerics.inference import p_adjust
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xarray as xr
+
+    from flashmm_dask.fit import LmmFit
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "flashmm_dask.results"
+FORMAT_VERSION = 1
+REDACTED = "<redacted>"
+
+#: Attributes that only this module sets.
+_RESERVED_ATTRS = ("format", "format_version", "complete", "block_size", "n_blocks")
+_TABLE_FORMATS = ("csv", "parquet")
+
+
+@dataclass(frozen=True)
+class _Var:
+    """A per-feature variable: its dimensions after ``feature``, dtype and meaning."""
+
+    dims: tuple[str, ...]
+    dtype: str
+    description: str
+    per_block: bool = True  # written by write_block (else by finalize_results)
+
+
+_FC, _FK, _FN = ("covariate",), ("component",), ("contrast",)
+_VARS: dict[str, _Var] = {
+    "coef": _Var(_FC, "float64", "fixed-effect estimate"),
+    "se": _Var(_FC, "float64", "standard error of coef"),
+    "t": _Var(_FC, "float64", "t statistic coef / se"),
+    "p": _Var(_FC, "float64", "p-value of t"),
+    "df": _Var(_FC, "float64", "degrees of freedom of t"),
+    "padj": _Var(_FC, "float64", "Benjamini-Hochberg adjusted p within a covariate", False),
+    "theta": _Var(_FK, "float64", "variance components; the last is the residual variance"),
+    "se_theta": _Var(_FK, "float64", "standard error of theta"),
+    "dlogL": _Var(_FK, "float64", "score (gradient of the log-likelihood) at theta"),
+    "logLik": _Var((), "float64", "log-likelihood (REML or ML) at the fit"),
+    "niter": _Var((), "float64", "Fisher scoring iterations; NaN for features not fitted"),
+    "converged": _Var((), "bool", "max |dlogL| <= epsilon"),
+    "cov": _Var(("covariate", "covariate2"), "float64", "covariance matrix of coef"),
+    "contrast_coef": _Var(_FN, "float64", "contrast estimate L' coef"),
+    "contrast_se": _Var(_FN, "float64", "standard error of contrast_coef"),
+    "contrast_t": _Var(_FN, "float64", "t statistic of the contrast"),
+    "contrast_p": _Var(_FN, "float64", "p-value of contrast_t"),
+    "contrast_df": _Var(_FN, "float64", "degrees of freedom of contrast_t"),
+    "contrast_padj": _Var(
+        _FN, "float64", "Benjamini-Hochberg adjusted p within a contrast", per_block=False
+    ),
+}
+_COORDS = ("feature", "covariate", "covariate2", "component", "contrast")
+
+
+# -- layout ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Names and blocking of a results store.
+
+    Parameters
+    ----------
+    features : m feature names
+    covariates : p coefficient names
+    components : K+1 variance-component names, the residual last
+    contrasts : c contrast names (may be empty)
+    block_size : features per block (the chunk size along ``feature``)
+    store_cov : whether the (m, p, p) coefficient covariances are stored
+    """
+
+    features: tuple[str, ...]
+    covariates: tuple[str, ...]
+    components: tuple[str, ...]
+    contrasts: tuple[str, ...]
+    block_size: int
+    store_cov: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("features", "covariates", "components", "contrasts"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise InputError(f"ResultsLayout.{name} must be a sequence of names, not a string")
+            names = tuple(str(x) for x in value)
+            object.__setattr__(self, name, names)
+            if name != "contrasts" and not names:
+                raise InputError(
+                    f"ResultsLayout.{name} is empty; a results store needs at least one"
+                )
+            if name != "features" and len(set(names)) != len(names):
+                dupes = sorted({x for x in names if names.count(x) > 1})
+                raise InputError(f"ResultsLayout.{name} has duplicate names: {', '.join(dupes)}")
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise InputError(f"block_size must be a positive integer; got {size!r}")
+        object.__setattr__(self, "block_size", int(size))
+        object.__setattr__(self, "store_cov", bool(self.store_cov))
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of feature blocks, ceil(m / block_size)."""
+        return math.ceil(len(self.features) / self.block_size)
+
+    def block_slice(self, b: int) -> slice:
+        """The features of block ``b`` (0-based); the last block may be shorter."""
+        if (
+            isinstance(b, bool)
+            or not isinstance(b, (int, np.integer))
+            or not 0 <= b < self.n_blocks
+        ):
+            raise InputError(
+                f"block {b!r} is out of range: the store has blocks 0..{self.n_blocks - 1}"
+            )
+        start = int(b) * self.block_size
+        return slice(start, min(start + self.block_size, len(self.features)))
+
+    def dim_sizes(self) -> dict[str, int]:
+        return {
+            "feature": len(self.features),
+            "covariate": len(self.covariates),
+            "covariate2": len(self.covariates),
+            "component": len(self.components),
+            "contrast": len(self.contrasts),
+            "block": self.n_blocks,
+        }
+
+    def variables(self) -> tuple[str, ...]:
+        """Names of the per-feature variables of a store with this layout."""
+        return tuple(name for name in _VARS if name != "cov" or self.store_cov)
+
+
+# -- locations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A resolved store location: a local path, or a URL with its storage options."""
+
+    url: str
+    shown: str
+    storage_options: Mapping[str, Any]
+    local: bool
+
+    def open(self, mode: Literal["r", "r+", "w-"]) -> zarr.Group:
+        """Open the root group; a missing store raises StoreError."""
+        try:
+            if self.local:
+                return zarr.open_group(store=self.url, mode=mode, zarr_format=3)
+            return zarr.open_group(
+                store=self.url,
+                mode=mode,
+                zarr_format=3,
+                storage_options=dict(self.storage_options),
+            )
+        except FileNotFoundError as exc:
+            raise StoreError(
+                f"no results store at {self.shown!r}: nothing there, or not a Zarr group; "
+                "check the path (and storage_options for URLs)"
+            ) from exc
+
+    def fs(self) -> tuple[Any, str]:
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)
+
+
+def _target(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> _Target:
+    shown = os.fspath(path)
+    options = dict(storage_options or {})
+    if "://" not in shown and "::" not in shown:
+        if options:
+            logger.debug("storage_options ignored for the local path %s", shown)
+        return _Target(os.path.abspath(os.path.expanduser(shown)), shown, {}, local=True)
+    try:
+        fs, local_path = fsspec.core.url_to_fs(shown, **options)
+    except (ImportError, ValueError, OSError) as exc:
+        raise StoreError(
+            f"cannot open {shown!r}: {exc}. Install the fsspec filesystem for this protocol "
+            "(for example s3fs for s3://, gcsfs for gs://) and check storage_options."
+        ) from exc
+    if isinstance(fs, LocalFileSystem):
+        return _Target(local_path, shown, {}, local=True)
+    return _Target(shown.rstrip("/"), shown, options, local=False)
+
+
+# -- attributes -----------------------------------------------------------------------
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars/arrays, tuples and paths made JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist(), where)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item(), where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"attribute {where} is {value}; store attributes must be finite (JSON)")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise InputError(
+        f"attribute {where} has type {type(value).__name__}, which JSON cannot hold; "
+        "give strings, numbers, booleans, lists or dicts"
+    )
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with every entry named ``storage_options`` redacted.
+
+    A mapping under that name keeps its keys and has each value replaced by
+    ``"<redacted>"``; any other non-empty value is replaced whole.
+    """
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if key == "storage_options" and isinstance(item, Mapping):
+                out[key] = {k: REDACTED for k in item}
+            elif key == "storage_options" and item not in (None, "", [], ()):
+                out[key] = REDACTED
+            else:
+                out[key] = redact(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return copy.copy(value)
+
+
+def _user_attrs(
+    attrs: Mapping[str, Any] | None, what: str, managed: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``attrs`` redacted and made JSON; attributes this module manages may only repeat
+    the values in ``managed``."""
+    out = _jsonable(redact(dict(attrs or {})), what)
+    clash = [k for k in _RESERVED_ATTRS if k in out and out[k] != managed.get(k)]
+    if clash:
+        shown = ", ".join(f"{k}={out[k]!r} (the store's is {managed.get(k)!r})" for k in clash)
+        raise InputError(
+            f"{what} sets {shown}; these attributes are managed by the results store: leave "
+            "them out"
+        )
+    return out
+
+
+def _default_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("flashmm-dask", "numpy", "scipy", "zarr"):
+        try:
+            versions[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _check_format(attrs: Mapping[str, Any], shown: str) -> None:
+    fmt, version = attrs.get("format"), attrs.get("format_version")
+    if fmt != FORMAT:
+        raise StoreError(
+            f"{shown!r} is not a flashmm_dask results store: its format attribute is {fmt!r}, "
+            f"expected {FORMAT!r}"
+        )
+    if not isinstance(version, int) or version < 1:
+        raise StoreError(
+            f"{shown!r} has an invalid format_version {version!r}; the store is corrupt"
+        )
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{shown!r} has results store format version {version}, newer than this "
+            f"flashmm_dask reads ({FORMAT_VERSION}); upgrade flashmm_dask to read it"
+        )
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{shown!r} has results store format version {version}, which this flashmm_dask "
+            f"(format version {FORMAT_VERSION}) cannot read; refit to write a current store"
+        )
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{name!r} in the results store is a group, not an array; it is corrupt")
+    return node
+
+
+def _int_attr(group: zarr.Group, name: str) -> int:
+    value: Any = group.attrs[name]
+    return int(value)
+
+
+def _open_checked(target: _Target, mode: Literal["r", "r+"]) -> zarr.Group:
+    group = target.open(mode)
+    _check_format(dict(group.attrs), target.shown)
+    return group
+
+
+# -- creating -------------------------------------------------------------------------
+
+
+def _removable(target: _Target) -> bool:
+    """Whether an existing location may be replaced: a results store, an empty folder, or
+    a group of results arrays without attributes (an interrupted creation at a URL)."""
+    if target.local and os.path.isdir(target.url) and not os.listdir(target.url):
+        return True
+    try:
+        group = target.open("r")
+    except (StoreError, ValueError, OSError, TypeError):
+        return False
+    if group.attrs.get("format") == FORMAT:
+        return True
+    ours = {*_VARS, *_COORDS, "block_done"}
+    return not dict(group.attrs) and set(group.keys()) <= ours
+
+
+def _exists(target: _Target) -> bool:
+    if target.local:
+        return os.path.lexists(target.url)
+    fs, path = target.fs()
+    return bool(fs.exists(path))
+
+
+def _write_group(group: zarr.Group, layout: ResultsLayout, attrs: dict[str, Any]) -> None:
+    """Create every array of ``layout`` in the empty ``group``, then its attributes."""
+    sizes = layout.dim_sizes()
+    names = {
+        "feature": layout.features,
+        "covariate": layout.covariates,
+        "covariate2": layout.covariates,
+        "component": layout.components,
+        "contrast": layout.contrasts,
+    }
+    for dim in _COORDS:
+        coord = group.create_array(
+            dim,
+            shape=(sizes[dim],),
+            dtype=str,  # zarr's variable-length UTF-8 "string" type: no warnings, read as str
+            chunks=(max(1, sizes[dim]),),
+            fill_value="",
+            dimension_names=(dim,),
+        )
+        if sizes[dim]:
+            coord[:] = np.array(names[dim], dtype=object)
+    for name in layout.variables():
+        var = _VARS[name]
+        dims = ("feature", *var.dims)
+        shape = tuple(sizes[d] for d in dims)
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=var.dtype,
+            chunks=(layout.block_size, *(max(1, s) for s in shape[1:])),
+            fill_value=False if var.dtype == "bool" else np.nan,
+            dimension_names=dims,
+            attributes={"description": var.description},
+        )
+    group.create_array(
+        "block_done",
+        shape=(layout.n_blocks,),
+        dtype="bool",
+        chunks=(1,),
+        fill_value=False,
+        dimension_names=("block",),
+        attributes={"description": "whether the block's features have been written"},
+    )
+    # Array metadata is final: consolidate it into the root document. zarr warns that
+    # consolidated metadata is not (yet) in the v3 specification; zarr-python and xarray
+    # read it, and it is what lets xarray.open_zarr(path) open the store without a warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=ZarrUserWarning)
+        zarr.consolidate_metadata(group.store, zarr_format=3)
+    # The attributes come last: until they are written the group is not a results store.
+    root = zarr.open_group(store=group.store, mode="r+")
+    root.attrs.update(attrs)
+
+
+def create_results(
+    path: str | os.PathLike[str],
+    layout: ResultsLayout,
+    attrs: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Create an empty results store: every array filled with NaN (False for booleans).
+
+    Parameters
+    ----------
+    path : local path or fsspec URL
+    layout : ResultsLayout
+    attrs : mapping
+        JSON-serialisable group attributes (method, fixed, random, n_cells, epsilon,
+        alternative, config, config_hash, versions, timings, ...). Entries named
+        ``storage_options`` anywhere in it are redacted. ``created`` defaults to now and
+        ``versions`` to the installed versions of flashmm_dask, numpy, scipy and zarr.
+        format, format_version, complete, block_size and n_blocks are set here (given,
+        they must agree).
+    overwrite : bool
+        Replace an existing results store at ``path``. Anything else there (a folder with
+        other files, another Zarr store) is never removed.
+    storage_options : mapping, optional
+        fsspec options for URLs (ignored for local paths).
+
+    Raises
+    ------
+    StoreError
+        Something exists at ``path`` (and ``overwrite`` is False or it is not a results
+        store), or the store cannot be written.
+    InputError
+        ``attrs`` is not JSON-serialisable or sets an attribute this module manages.
+    """
+    target = _target(path, storage_options)
+    managed = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "block_size": layout.block_size,
+        "n_blocks": layout.n_blocks,
+    }
+    user = _user_attrs(attrs, "attrs", managed)
+    versions = user.get("versions", {})
+    full = {
+        **managed,
+        **user,
+        "versions": {**_default_versions(), **(versions if isinstance(versions, dict) else {})},
+        "created": user.get("created", datetime.now(UTC).isoformat(timespec="seconds")),
+    }
+    if _exists(target):
+        if not overwrite:
+            raise StoreError(
+                f"{target.shown!r} already exists; choose another output path, or overwrite it "
+                "(overwrite=True / --overwrite) to replace it"
+            )
+        if not _removable(target):
+            raise StoreError(
+                f"{target.shown!r} exists and is not a flashmm_dask results store; refusing to "
+                "overwrite it. Remove it yourself or choose another output path"
+            )
+    if target.local:
+        _create_local(target, layout, full)
+    else:
+        fs, fs_path = target.fs()
+        if fs.exists(fs_path):
+            fs.rm(fs_path, recursive=True)
+        group = target.open("w-")
+        _write_group(group, layout, full)
+    logger.info(
+        "created results store %s: %d features in %d blocks of %d",
+        target.shown,
+        layout.n_features,
+        layout.n_blocks,
+        layout.block_size,
+    )
+
+
+def _create_local(target: _Target, layout: ResultsLayout, attrs: dict[str, Any]) -> None:
+    parent, name = os.path.split(target.url.rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmp = os.path.join(parent, f".{name}.creating-{tag}")
+    trash = os.path.join(parent, f".{name}.replaced-{tag}")
+    try:
+        _write_group(zarr.open_group(store=tmp, mode="w-", zarr_format=3), layout, attrs)
+        if os.path.lexists(target.url):
+            os.rename(target.url, trash)
+        os.rename(tmp, target.url)
+    except OSError as exc:
+        raise StoreError(f"cannot create the results store {target.shown!r}: {exc}") from exc
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(trash):
+        if os.path.isdir(trash):
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.remove(trash)
+
+
+# -- writing blocks -------------------------------------------------------------------
+
+
+def read_layout(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> ResultsLayout:
+    """The :class:`ResultsLayout` of an existing results store (to check a resume)."""
+    target = _target(path, storage_options)
+    return _layout(_open_checked(target, "r"), target.shown)
+
+
+def _layout(group: zarr.Group, shown: str) -> ResultsLayout:
+    try:
+        names = {dim: tuple(str(x) for x in np.asarray(_array(group, dim)[:])) for dim in _COORDS}
+        block_size = _int_attr(group, "block_size")
+    except KeyError as exc:
+        raise StoreError(
+            f"the results store {shown!r} is corrupt: {exc} is missing; recreate it "
+            "(rerun with overwrite)"
+        ) from exc
+    return ResultsLayout(
+        features=names["feature"],
+        covariates=names["covariate"],
+        components=names["component"],
+        contrasts=names["contrast"],
+        block_size=block_size,
+        store_cov="cov" in group,
+    )
+
+
+def _block_array(name: str, value: Any, shape: tuple[int, ...], b: int) -> np.ndarray:
+    dtype = _VARS[name].dtype
+    a = np.asarray(value)
+    if dtype == "bool":
+        if a.dtype != np.bool_:
+            raise StoreError(f"block {b}: {name} must be a boolean array; got dtype {a.dtype}")
+    elif not any(np.issubdtype(a.dtype, kind) for kind in (np.integer, np.floating, np.bool_)):
+        raise StoreError(f"block {b}: {name} must be numeric; got dtype {a.dtype}")
+    if a.shape != shape:
+        raise StoreError(f"block {b}: {name} has shape {a.shape}; expected {shape}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def write_block(
+    path: str | os.PathLike[str],
+    b: int,
+    arrays: Mapping[str, Any],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the results of feature block ``b`` and mark the block done.
+
+    Parameters
+    ----------
+    path : local path or fsspec URL of a store made by :func:`create_results`
+    b : int
+        Block number; its features are ``layout.block_slice(b)`` (nb of them).
+    arrays : mapping name -> array
+        coef, se, t, p, df : (nb, p); theta, se_theta, dlogL : (nb, K+1);
+        logLik, niter : (nb,); converged : (nb,) bool; cov : (nb, p, p) when the store
+        keeps covariances; contrast_coef, contrast_se, contrast_t, contrast_p,
+        contrast_df : (nb, c) when the store has contrasts (c > 0). Not padj or
+        contrast_padj: :func:`finalize_results` computes those.
+
+    Raises
+    ------
+    StoreError
+        Missing, unknown or misshaped arrays (nothing is written then), a block out of
+        range, or a store already finalized.
+    """
+    target = _target(path, storage_options)
+    group = _open_checked(target, "r+")
+    if group.attrs.get("complete"):
+        raise StoreError(
+            f"the results store {target.shown!r} is complete (finalized); it takes no more "
+            "blocks. Write a new store (overwrite) to refit"
+        )
+    n_blocks, block_size = _int_attr(group, "n_blocks"), _int_attr(group, "block_size")
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < n_blocks:
+        raise StoreError(
+            f"block {b!r} is out of range: {target.shown!r} has blocks 0..{n_blocks - 1}"
+        )
+    m = int(_array(group, "feature").shape[0])
+    start = int(b) * block_size
+    rows = slice(start, min(start + block_size, m))
+    present = {name for name in _VARS if name in group}
+    required = {
+        name
+        for name in present
+        if _VARS[name].per_block and int(np.prod(_array(group, name).shape[1:])) > 0
+    }
+    optional = {name for name in present if _VARS[name].per_block} - required
+    given = set(arrays)
+    problems = []
+    if missing := sorted(required - given):
+        problems.append(f"missing {', '.join(missing)}")
+    if unknown := sorted(given - required - optional):
+        why = {
+            name: (
+                "computed by finalize_results"
+                if name in _VARS and not _VARS[name].per_block
+                else "not in this store"
+                if name in _VARS
+                else "unknown"
+            )
+            for name in unknown
+        }
+        problems.append("unexpected " + ", ".join(f"{k} ({v})" for k, v in why.items()))
+    if problems:
+        raise StoreError(
+            f"block {b} for {target.shown!r}: {'; '.join(problems)}. Expected arrays: "
+            f"{', '.join(sorted(required))}"
+        )
+    nb = rows.stop - rows.start
+    checked = {
+        name: _block_array(name, value, (nb, *_array(group, name).shape[1:]), int(b))
+        for name, value in arrays.items()
+    }
+    for name, value in checked.items():
+        _array(group, name)[rows] = value
+    # The resume record is written last: a block that is marked done is whole.
+    _array(group, "block_done")[int(b)] = True
+    logger.debug("wrote block %d (features %d:%d) to %s", b, rows.start, rows.stop, target.shown)
+
+
+def blocks_done(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Which blocks have been written: an (n_blocks,) bool array."""
+    target = _target(path, storage_options)
+    group = _open_checked(target, "r")
+    return np.asarray(_array(group, "block_done")[:], dtype=bool)
+
+
+def read_store_attrs(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The group attributes of a results store, after checking its format and version."""
+    target = _target(path, storage_options)
+    return dict(_open_checked(target, "r").attrs)
+
+
+def finalize_results(
+    path: str | os.PathLike[str],
+    *,
+    extra_attrs: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the adjusted p-values and mark the store complete.
+
+    ``padj`` and ``contrast_padj`` are Benjamini-Hochberg adjusted within each covariate
+    and each contrast, over the features whose p-value is not NaN. ``extra_attrs`` (e.g.
+    timings) are merged into the group attributes together with ``complete=True``, the
+    last write.
+
+    Raises
+    ------
+    StoreError
+        Some blocks have not been written; rerun the fit to write them.
+    """
+    target = _target(path, storage_options)
+    group = _open_checked(target, "r+")
+    extra = _user_attrs(extra_attrs, "extra_attrs", {**group.attrs, "complete": True})
+    done = np.asarray(_array(group, "block_done")[:], dtype=bool)
+    if not done.all():
+        missing = np.flatnonzero(~done)
+        shown = ", ".join(str(x) for x in missing[:10]) + (" ..." if missing.size > 10 else "")
+        raise StoreError(
+            f"{missing.size} of {done.size} blocks of {target.shown!r} are not written "
+            f"(blocks {shown}); rerun the same command to fit them, then finalize"
+        )
+    for p_name, padj_name in (("p", "padj"), ("contrast_p", "contrast_padj")):
+        if int(np.prod(_array(group, p_name).shape)) > 0:
+            _array(group, padj_name)[...] = p_adjust(
+                np.asarray(_array(group, p_name)[...]), "BH", axis=0
+            )
+    group.attrs.update({**extra, "complete": True})
+    logger.info("finalized results store %s", target.shown)
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+def open_results(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    allow_incomplete: bool = False,
+) -> xr.Dataset:
+    """Open a results store as a lazy ``xarray.Dataset`` (see the module docstring).
+
+    Raises
+    ------
+    StoreError
+        No store there, the wrong format or version, or a store whose run did not
+        finish (unless ``allow_incomplete``: unwritten features then read as NaN).
+    """
+    import xarray as xr
+
+    target = _target(path, storage_options)
+    group = _open_checked(target, "r")
+    if not group.attrs.get("complete") and not allow_incomplete:
+        done = np.asarray(_array(group, "block_done")[:], dtype=bool)
+        raise StoreError(
+            f"the results store {target.shown!r} is incomplete: the run that writes it did not "
+            f"finish ({int(done.sum())} of {done.size} blocks written). Rerun the same command "
+            "to resume it (finished blocks are kept), or pass allow_incomplete=True to read "
+            "what is there"
+        )
+    consolidated = group.metadata.consolidated_metadata is not None
+    if target.local:
+        return xr.open_zarr(target.url, consolidated=consolidated, zarr_format=3)
+    return xr.open_zarr(
+        target.url,
+        consolidated=consolidated,
+        zarr_format=3,
+        storage_options=dict(target.storage_options),
+    )
+
+
+def fit_arrays(fit: LmmFit) -> dict[str, np.ndarray]:
+    """The per-feature arrays of an :class:`~flashmm_dask.LmmFit` for :func:`write_block`.
+
+    Transposes the (p, m) and (K+1, m) outputs to feature-first; ``cov`` is included
+    when the fit has it. Contrast arrays are not included.
+    """
+    out = {
+        "coef": fit.coef.T,
+        "se": fit.se.T,
+        "t": fit.t.T,
+        "p": fit.p.T,
+        "df": fit.df_array().T,
+        "theta": fit.theta.T,
+        "se_theta": fit.se_theta.T,
+        "dlogL": fit.dlogL.T,
+        "logLik": fit.logLik,
+        "niter": np.asarray(fit.niter, dtype=np.float64),
+        "converged": np.asarray(fit.converged, dtype=bool),
+    }
+    if fit.cov is not None:
+        out["cov"] = fit.cov
+    return out
+
+
+def results_table(ds: xr.Dataset) -> pd.DataFrame:
+    """A tidy table of a results Dataset: one row per feature and term.
+
+    Terms are the covariates, then the contrasts; rows run over all features of the
+    first term, then of the next. Columns: feature, term, coef, se, t, df, p, padj,
+    converged, niter.
+    """
+    import pandas as pd
+
+    features = np.asarray(ds["feature"].values).astype(object)
+    parts = []
+    for prefix, dim in (("", "covariate"), ("contrast_", "contrast")):
+        terms = np.asarray(ds[dim].values).astype(object)
+        if terms.size == 0:
+            continue
+        columns = {
+            col: np.asarray(ds[prefix + col].transpose("feature", dim).values).T.ravel()
+            for col in ("coef", "se", "t", "df", "p", "padj")
+        }
+        parts.append(
+            pd.DataFrame(
+                {
+                    "feature": np.tile(features, terms.size),
+                    "term": np.repeat(terms, features.size),
+                    **columns,
+                    "converged": np.tile(np.asarray(ds["converged"].values), terms.size),
+                    "niter": np.tile(np.asarray(ds["niter"].values), terms.size),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_tables(
+    ds: xr.Dataset,
+    outdir: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = _TABLE_FORMATS,
+    name: str = "results",
+) -> list[Path]:
+    """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``.
+
+    Each file is written to a temporary name and renamed, so a reader never sees a
+    half-written table. Returns the paths written.
+    """
+    if isinstance(formats, str):
+        formats = (formats,)
+    unknown = [f for f in formats if f not in _TABLE_FORMATS]
+    if unknown:
+        raise InputError(
+            f"unknown table formats {unknown}; choose from {', '.join(_TABLE_FORMATS)}"
+        )
+    table = results_table(ds)
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in dict.fromkeys(formats):
+        final = out / f"{name}.{fmt}"
+        tmp = out / f".{name}.{fmt}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            if fmt == "csv":
+                table.to_csv(tmp, index=False)
+            else:
+                table.to_parquet(tmp, index=False)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        written.append(final)
+    return written
+
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ResultsLayout",
+    "blocks_done",
+    "create_results",
+    "finalize_results",
+    "fit_arrays",
+    "open_results",
+    "read_layout",
+    "read_store_attrs",
+    "redact",
+    "results_table",
+    "write_block",
+    "write_tables",
+]
