@@ -145,6 +145,7 @@ def lmm(
     output_ss: bool = False,
     verbose: bool = False,
     n_threads: int | None = None,
+    warn_zero: bool = True,
 ) -> LmmFit:
     """Fit linear mixed models of many features from summary statistics.
 
@@ -180,6 +181,8 @@ def lmm(
     n_threads : int, optional
         Threads fitting blocks of features in parallel; default the number of CPUs (at
         most 8). Inside Dask workers the pipeline passes 1.
+    warn_zero : bool
+        Warn about all-zero features (the pipeline, fitting blocks, reports totals instead).
 
     Returns
     -------
@@ -262,7 +265,7 @@ def lmm(
     fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon, n_threads)
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
-    if n_zero:
+    if n_zero and warn_zero:
         warnings.warn(
             f"{n_zero} of {m} features have Ynorm <= 0 (all zero) and were not fitted; "
             "their results are NaN",

@@ -1,0 +1,250 @@
+"""The ``flashmm-dask`` command line; the only place that configures logging.
+
+    flashmm-dask demo                       simulate, fit and plot on a local Dask cluster
+    flashmm-dask run CONFIG                 the whole job from a YAML config
+    flashmm-dask simulate OUT.zarr          a simulated AnnData store
+    flashmm-dask stats CONFIG               reduce the data to summary statistics only
+    flashmm-dask fit CONFIG --stats PATH    fit from saved summary statistics
+    flashmm-dask test STORE -c NAME=EXPR    new contrasts on a finished results store
+    flashmm-dask report STORE               plots of a finished results store
+
+Every config key can be overridden with ``--set section.key=value``. A user error prints
+one line and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from flashmm_dask.errors import FlashmmError
+
+logger = logging.getLogger("flashmm_dask")
+
+EXIT_USER_ERROR = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def _config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", help="YAML run configuration (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.method=ML (repeatable)",
+    )
+    p.add_argument("--output", help="output folder (output.path)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output of another config")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:port)")
+    p.add_argument("--workers", type=int, help="local Dask worker processes (cluster.n_workers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="flashmm-dask",
+        description="FLASH-MM linear mixed models for single-cell data on Dask and Zarr.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole job from a YAML config")
+    _config_args(p)
+    _common(p)
+
+    p = sub.add_parser("demo", help="simulate data, fit and plot on a local Dask cluster")
+    _config_args(p, config=False)
+    p.add_argument("--cells", type=int, help="simulated cells (simulate.n_cells)")
+    p.add_argument("--genes", type=int, help="simulated genes (simulate.n_genes)")
+    _common(p)
+
+    p = sub.add_parser("simulate", help="write a simulated AnnData store (simuRNAseq model)")
+    p.add_argument("out", help="store to write (.zarr or .h5ad)")
+    p.add_argument("--cells", type=int, default=20000)
+    p.add_argument("--genes", type=int, default=200)
+    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--celltypes", type=int, default=3)
+    p.add_argument("--de-genes", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--chunk-cells", type=int, default=10000)
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("stats", help="reduce the data to summary statistics and save them")
+    _config_args(p)
+    p.add_argument("--out", help="statistics store (default OUTPUT/stats.zarr)")
+    _common(p)
+
+    p = sub.add_parser("fit", help="fit from saved summary statistics")
+    _config_args(p)
+    p.add_argument("--stats", required=True, help="summary statistics store (flashmm-dask stats)")
+    _common(p)
+
+    p = sub.add_parser("test", help="test new contrasts on a finished results store")
+    p.add_argument("store", help="results store (OUTPUT/results.zarr)")
+    p.add_argument(
+        "-c",
+        "--contrast",
+        action="append",
+        required=True,
+        metavar="NAME=EXPR",
+        help="a contrast, e.g. -c 'B-A=cls1:trtB - cls2:trtB' (repeatable)",
+    )
+    p.add_argument("--alternative", default="two.sided", choices=["two.sided", "less", "greater"])
+    p.add_argument("--out", help="table to write (.csv or .parquet; default next to the store)")
+    _common(p)
+
+    p = sub.add_parser("report", help="plots of a finished results store")
+    p.add_argument("store", help="results store (OUTPUT/results.zarr)")
+    p.add_argument("--out", help="folder for plots/ (default the store's folder)")
+    _common(p)
+    return ap
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if args.output:
+        out.append(f"output.path={args.output}")
+    if args.overwrite:
+        out.append("output.overwrite=true")
+    if args.scheduler:
+        out += ["cluster.kind=address", f"cluster.address={args.scheduler}"]
+    if args.workers:
+        out.append(f"cluster.n_workers={args.workers}")
+    if args.no_progress:
+        out.append("progress=false")
+    if args.no_plots:
+        out.append("output.plots=false")
+    if getattr(args, "cells", None):
+        out.append(f"simulate.n_cells={args.cells}")
+    if getattr(args, "genes", None):
+        out.append(f"simulate.n_genes={args.genes}")
+    if getattr(args, "stats", None):
+        out.append(f"stats.load={args.stats}")
+    return out
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    import dask
+
+    # distributed sets up its loggers from dask's config when first imported
+    quiet = "debug" if args.debug else "warning"
+    dask.config.set({"logging": {"distributed": quiet}})
+    logging.getLogger("distributed").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flashmm_dask.config import load_config
+
+    source = None if args.command == "demo" else args.config
+    cfg = load_config(source, _overrides(args))
+    if args.command == "stats":
+        from flashmm_dask.cluster import open_client
+        from flashmm_dask.pipeline import STATS, compute_stats
+
+        folder = Path(cfg.output.path)
+        with open_client(cfg.cluster) as client:
+            stats = compute_stats(cfg, client, folder, show=cfg.progress)
+        target = args.out or str(folder / STATS)
+        if args.out:
+            stats.save(target, overwrite=cfg.output.overwrite)
+        print(f"summary statistics of {stats.m} features and {stats.n} cells in {target}")
+        return 0
+    from flashmm_dask.pipeline import run
+
+    summary = run(cfg)
+    print(summary.line())
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from flashmm_dask.simulate import simulate_to_store
+
+    path = simulate_to_store(
+        args.out,
+        args.genes,
+        args.cells,
+        n_samples=args.samples,
+        n_celltypes=args.celltypes,
+        n_de_genes=args.de_genes,
+        seed=args.seed,
+        store_chunk_cells=args.chunk_cells,
+        overwrite=args.overwrite,
+    )
+    print(f"simulated {args.cells} cells x {args.genes} genes in {path}")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from flashmm_dask.errors import InputError
+    from flashmm_dask.retest import retest
+
+    contrasts = {}
+    for item in args.contrast:
+        name, sep, expr = item.partition("=")
+        if not sep or not name.strip() or not expr.strip():
+            raise InputError(f"contrast {item!r} must be NAME=EXPRESSION, e.g. 'B-A=trtB - trtA'")
+        contrasts[name.strip()] = expr.strip()
+    table = retest(args.store, contrasts, alternative=args.alternative)
+    out = Path(args.out) if args.out else Path(args.store).parent / "contrasts.csv"
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        table.to_parquet(tmp, index=False)
+    else:
+        table.to_csv(tmp, index=False)
+    tmp.replace(out)
+    significant = table.groupby("term")["padj"].apply(lambda s: int((s < 0.05).sum()))
+    for term, count in significant.items():
+        print(f"{term}: {count} features with padj < 0.05")
+    print(f"wrote {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from flashmm_dask.io.results import open_results
+    from flashmm_dask.plots import make_report
+
+    ds = open_results(args.store)
+    files = make_report(ds, Path(args.out) if args.out else Path(args.store).parent)
+    print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flashmm-dask`` console script."""
+    args = parser().parse_args(argv)
+    _configure_logging(args)
+    handlers = {"simulate": _simulate, "test": _test, "report": _report}
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.simplefilter("ignore", FutureWarning)
+            return handlers.get(args.command, _run)(args)
+    except FlashmmError as exc:
+        if args.debug:
+            raise
+        print(f"flashmm-dask: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("flashmm-dask: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

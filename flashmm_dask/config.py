@@ -1,0 +1,695 @@
+"""Run configurations of the ``flashmm-dask`` command line: YAML files validated on load.
+
+A configuration has the sections data, simulate, model, contrasts, test, stats, fit,
+cluster and output, and the keys progress and log_level (``configs/demo.yaml`` lists every
+key with its default).
+It is built in three layers:
+
+1. the defaults (:func:`default_config`, the demo run on simulated data);
+2. a YAML file or a mapping (:func:`load_config`); its sections merge into the defaults and
+   its values (a whole mapping such as ``contrasts`` included) replace them;
+3. overrides ``"dotted.key=value"``, the value parsed as YAML: ``model.method=ML``,
+   ``cluster.slurm.cores=8``, ``contrasts.B-A=trtB - trtA`` (``contrasts.B-A=null`` removes
+   that entry), ``model.random=[~ 0 + sam, ~ 0 + sam:time]``.
+
+Only then is the result validated, so an error names the final key path, what is wrong
+and what is allowed, in one line (:class:`~flashmm_dask.errors.ConfigError`). The schema
+is the dataclasses below: each field carries its rule in its metadata. YAML is read with
+``yaml.safe_load``, so tags such as ``!!python/object`` are refused.
+
+Relative paths written in a config file (data.path, data.obs, stats.load, output.path) are
+resolved against the file's folder; URLs ("s3://...") and absolute paths are kept.
+:func:`dump_config` writes relative paths as absolute ones (against the current folder),
+so a dumped file means the same wherever it is loaded from.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import Field, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from flashmm_dask.errors import ConfigError
+
+__all__ = ["RunConfig", "default_config", "dump_config", "load_config"]
+
+# -- rules for single values: each returns the normalised value or raises _Bad ---------
+
+
+class _Bad(Exception):
+    """A value that breaks its key's rule; the message follows "config key 'a.b' "."""
+
+
+def _need(ok: bool, what: str, value: Any) -> None:
+    if not ok:
+        raise _Bad(f"must be {what}; got {value!r}")
+
+
+def _string(v: Any) -> str:
+    _need(isinstance(v, str) and v.strip() != "", "a non-empty string", v)
+    return str(v)
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        for option in options:
+            if isinstance(v, str) and v.strip().lower() == option.lower():
+                return option
+        raise _Bad(f"must be one of {', '.join(options)}; got {v!r}")
+
+    return check
+
+
+def _boolean(v: Any) -> bool:
+    _need(isinstance(v, bool), "true or false", v)
+    return bool(v)
+
+
+def _as_number(v: Any) -> float | None:
+    """A finite number from an int, float or numeric string (YAML reads 1e4 as a string)."""
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _number(minimum: float = -math.inf, strict: bool = False, integer: bool = False) -> Any:
+    kind = "integer" if integer else "number"
+    what = f"{'an' if integer else 'a'} {kind}"
+    if (minimum, strict) in ((0, True), (1, False)) and (integer or strict):
+        what = f"a positive {kind}"
+    elif minimum == 0:
+        what = f"a non-negative {kind}"
+    elif minimum > -math.inf:
+        what += f" {'>' if strict else '>='} {minimum:g}"
+
+    def check(v: Any) -> float | int:
+        x = _as_number(v)
+        ok = x is not None and (x > minimum if strict else x >= minimum)
+        _need(ok and (not integer or float(x or 0).is_integer()), what, v)
+        if integer:
+            return v if isinstance(v, int) else int(x or 0)
+        return float(x or 0)
+
+    return check
+
+
+def _integer(minimum: int) -> Callable[[Any], int]:
+    return _number(minimum, integer=True)
+
+
+def _strings(*allowed: str) -> Callable[[Any], tuple[str, ...]]:
+    what = f"a list of entries from {', '.join(allowed)}" if allowed else "a list of strings"
+    item = _choice(*allowed) if allowed else _string
+
+    def check(v: Any) -> tuple[str, ...]:
+        items = [v] if isinstance(v, str) else v
+        _need(isinstance(items, list | tuple), what, v)
+        try:
+            out = tuple(item(s) for s in items)
+        except _Bad:
+            raise _Bad(f"must be {what}; got {v!r}") from None
+        return tuple(dict.fromkeys(out)) if allowed else out
+
+    return check
+
+
+def _random(v: Any) -> str | tuple[str, ...]:
+    if isinstance(v, str):
+        return _string(v)
+    _need(isinstance(v, list | tuple) and len(v) > 0, "a formula or a list of formulas", v)
+    formulas = _strings()(v)
+    return formulas[0] if len(formulas) == 1 else formulas  # one component: one spelling
+
+
+def _mapping(value: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
+    def check(v: Any) -> dict[str, Any]:
+        _need(isinstance(v, Mapping), "a mapping", v)
+        out = {}
+        for key, item in v.items():
+            _need(isinstance(key, str) and key != "", "a mapping with non-empty string keys", v)
+            try:
+                out[key] = value(item)
+            except _Bad as exc:
+                raise _Bad(f"entry {key!r} {exc}") from None
+        return out
+
+    return check
+
+
+def _scalar_text(v: Any) -> str:
+    _need(isinstance(v, str | int | float) and not isinstance(v, bool), "a string", v)
+    return str(v)
+
+
+def _resources(v: Any) -> dict[str, dict[str, str]]:
+    out = _mapping(_mapping(_scalar_text))(v)
+    _need(set(out) <= {"requests", "limits"}, "a mapping with keys requests, limits", v)
+    return out
+
+
+def _size(auto: bool) -> Callable[[Any], Any]:
+    what = ("'auto', " if auto else "") + "a size such as '4GiB' or a number of bytes"
+
+    def check(v: Any) -> Any:
+        from dask.utils import parse_bytes
+
+        if (auto and v == "auto") or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        try:
+            ok = isinstance(v, str) and parse_bytes(v) > 0
+        except (ValueError, TypeError):
+            ok = False
+        _need(ok, what, v)
+        return v
+
+    return check
+
+
+def _walltime(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        # YAML 1.1 reads an unquoted 1:30:00 as 5400 seconds
+        return f"{v // 3600:02d}:{v % 3600 // 60:02d}:{v % 60:02d}"
+    ok = isinstance(v, str) and re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){0,2}", v.strip()) is not None
+    _need(ok, "a Slurm time such as '01:30:00' or '2-00:00:00'", v)
+    return str(v).strip()
+
+
+def _block_size(v: Any) -> Any:
+    ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+    _need(ok, "'auto' or a positive integer", v)
+    return v
+
+
+# -- the schema: each field carries its rule ------------------------------------------
+
+
+class _Rule(NamedTuple):
+    check: Callable[[Any], Any]
+    optional: bool = False  # null is allowed
+    text: bool = False  # an override's raw text is the value when YAML reads no string in it
+    keys: str | None = None  # "flat"/"nested": overrides may set entries of this mapping
+
+
+def _key(check: Callable[[Any], Any], default: Any = None, optional: bool = False) -> Any:
+    rule = _Rule(check, optional or default is None, text=check in (_string, _random))
+    return field(default=default, metadata={"rule": rule})
+
+
+def _entries(check: Callable[[Any], Any], keys: str) -> dict[str, _Rule]:
+    """Field metadata of a mapping whose entries overrides may set one by one."""
+    return {"rule": _Rule(check, text=True, keys=keys)}
+
+
+_transform = _choice("log2p1", "none", "log1p_scaled")
+_TEXT = functools.partial(_key, _string)
+_POSITIVE = functools.partial(_key, _integer(1))
+_BOOL = functools.partial(_key, _boolean)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The expression data; ``path`` null simulates them (section simulate)."""
+
+    path: str | None = _TEXT()
+    layer: str | None = _TEXT()
+    orientation: str | None = _key(_choice("cells_x_features", "features_x_cells"))
+    obs: str | None = _TEXT()
+    chunk_cells: int | None = _POSITIVE()
+    storage_options: dict[str, Any] = field(
+        default_factory=dict, metadata=_entries(_mapping(lambda v: v), "nested")
+    )
+    features: tuple[str, ...] | None = _key(_strings())
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Arguments of :func:`flashmm_dask.simulate.simulate_rnaseq`."""
+
+    n_genes: int = _POSITIVE(200)
+    n_cells: int = _POSITIVE(20000)
+    n_samples: int = _POSITIVE(12)
+    n_celltypes: int = _POSITIVE(3)
+    n_treatments: int = _POSITIVE(2)
+    n_de_genes: int | None = _key(_integer(0))
+    minbeta: float = _key(_number(), 0.25)
+    maxbeta: float = _key(_number(), 1.0)
+    var_randomeffects: float = _key(_number(0.0), 0.1)
+    seed: int | None = _key(_integer(0), 1, optional=True)
+    chunk_cells: int = _POSITIVE(10000)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The mixed model: formulas, method, expression transform and Fisher scoring limits."""
+
+    fixed: str = _TEXT("~ 0 + log(libsize) + cls + cls:trt")
+    random: str | tuple[str, ...] = _key(_random, "~ 0 + sam")
+    method: str = _key(_choice("REML", "ML"), "REML")
+    transform: str = _key(_transform, "log2p1")
+    target_sum: float = _key(_number(0.0, strict=True), 1e4)
+    max_iter: int = _POSITIVE(50)
+    epsilon: float = _key(_number(0.0, strict=True), 1e-5)
+    pcs: int = _key(_integer(0), 0)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Section ``test``: the alternative hypothesis of the contrast tests."""
+
+    alternative: str = _key(_choice("two.sided", "less", "greater"), "two.sided")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Summary statistics: ``load`` them instead of reading the data; ``save`` them."""
+
+    load: str | None = _TEXT()
+    save: bool = _BOOL(True)
+    split_every: int = _key(_integer(2), 8)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    block_size: int | str = _key(_block_size, "auto")
+    store_cov: bool = _BOOL(True)
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    minimum: int | None = _key(_integer(0))
+    maximum: int | None = _POSITIVE()
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """dask_jobqueue.SLURMCluster arguments, the number of jobs and adaptive scaling."""
+
+    cores: int = _POSITIVE(1)
+    processes: int = _POSITIVE(1)
+    memory: str = _key(_size(auto=False), "4GiB")
+    walltime: str = _key(_walltime, "01:00:00")
+    queue: str | None = _TEXT()
+    account: str | None = _TEXT()
+    job_extra_directives: tuple[str, ...] = _key(_strings(), ())
+    job_script_prologue: tuple[str, ...] = _key(_strings(), ())
+    local_directory: str | None = _TEXT()
+    log_directory: str | None = _TEXT()
+    interface: str | None = _TEXT()
+    n_jobs: int = _POSITIVE(1)
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={"section": AdaptiveConfig})
+
+
+def _default_resources() -> dict[str, dict[str, str]]:
+    return {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}}
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    """The worker pods of a dask-kubernetes cluster."""
+
+    image: str = _TEXT("flashmm-dask:latest")
+    namespace: str | None = _TEXT()
+    n_workers: int = _POSITIVE(2)
+    resources: dict[str, dict[str, str]] = field(
+        default_factory=_default_resources, metadata=_entries(_resources, "nested")
+    )
+    env: dict[str, str] = field(
+        default_factory=dict, metadata=_entries(_mapping(_scalar_text), "flat")
+    )
+    service_account: str | None = _TEXT()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the work runs: a local cluster, a running scheduler, Slurm or Kubernetes."""
+
+    kind: str = _key(_choice("local", "address", "slurm", "kubernetes"), "local")
+    address: str | None = _TEXT()
+    n_workers: int | None = _POSITIVE()
+    threads_per_worker: int = _POSITIVE(1)
+    memory_limit: str | int = _key(_size(auto=True), "auto")
+    processes: bool = _BOOL(True)
+    dashboard_address: str | None = _TEXT("127.0.0.1:0", optional=True)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = _TEXT("flashmm-output")
+    overwrite: bool = _BOOL(False)
+    tables: tuple[str, ...] = _key(_strings("csv", "parquet"), ("csv", "parquet"))
+    plots: bool = _BOOL(True)
+
+
+def _default_contrasts() -> dict[str, str]:
+    return {"trt_in_cls1": "cls1:trtB", "trt_cls2_vs_cls1": "cls2:trtB - cls1:trtB"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run configuration; build it with :func:`load_config`.
+
+    Sections are frozen dataclasses and lists are tuples. Change a copy with
+    :meth:`with_overrides` (validated), not ``dataclasses.replace`` (not validated).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    contrasts: dict[str, str] = field(
+        default_factory=_default_contrasts, metadata=_entries(_mapping(_string), "flat")
+    )
+    test: InferenceConfig = field(default_factory=InferenceConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    progress: bool = _BOOL(True)  # progress bars, shown only when stderr is a terminal
+    log_level: str = _key(_choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "INFO")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able nested dict; ``load_config(cfg.to_dict()) == cfg``."""
+        return dict(_plain(self))
+
+    def hash(self) -> str:
+        """Hex sha256 of the settings that determine the results.
+
+        Covers data (except storage_options, which say how to reach the data, e.g.
+        credentials), simulate (only when data.path is null), model, contrasts, test and
+        fit; not stats, cluster, output, progress or log_level, so a run resumed elsewhere matches.
+        """
+        d = self.to_dict()
+        data = {k: v for k, v in d["data"].items() if k != "storage_options"}
+        simulate = d["simulate"] if self.data.path is None else None
+        payload = {"hash_version": 1, "data": data, "simulate": simulate}
+        payload.update({k: d[k] for k in ("model", "contrasts", "test", "fit")})
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def with_overrides(self, overrides: Iterable[str]) -> RunConfig:
+        """A validated copy with ``"dotted.key=value"`` overrides applied."""
+        return load_config(self.to_dict(), overrides)
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _section_type(f: Field[Any]) -> Any:
+    factory = f.default_factory
+    section = factory if isinstance(factory, type) and is_dataclass(factory) else None
+    return f.metadata.get("section", section)
+
+
+def _schema(path: str) -> tuple[Field[Any] | None, Any]:
+    """(field, section class or None) at a dotted key path; (None, None) if unknown."""
+    found: Field[Any] | None = None
+    section: Any = RunConfig
+    for part in path.split(".") if path else []:
+        found = {f.name: f for f in fields(section)}.get(part) if section else None
+        if found is None:
+            return None, None
+        section = _section_type(found)
+    return found, section
+
+
+def _unknown(key: str, section: str) -> str:
+    valid = ", ".join(sorted(f.name for f in fields(_schema(section)[1])))
+    where = f"under '{section}'" if section else "at the top level"
+    return f"config key '{key}' is unknown; valid keys {where}: {valid}"
+
+
+def _fail(message: str, origin: str | None) -> ConfigError:
+    return ConfigError(f"{message} ({origin})" if origin else message)
+
+
+_PATH_KEYS = ("data.path", "data.obs", "stats.load", "output.path")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# R's is_counts=TRUE is the log2(1 + y) transform
+_IS_COUNTS = {True: "log2p1", False: "none"}
+
+# -- loading and dumping --------------------------------------------------------------
+
+
+def default_config() -> RunConfig:
+    """The demo configuration: simulated data, fitted on a local cluster."""
+    return RunConfig()
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | RunConfig | None = None,
+    overrides: Iterable[str] = (),
+) -> RunConfig:
+    """Read, merge and validate a run configuration.
+
+    Parameters
+    ----------
+    source : str or os.PathLike or Mapping or RunConfig, optional
+        A YAML file, a mapping of sections, or None for :func:`default_config`. Relative
+        paths in a file are resolved against the file's folder (not those of a mapping).
+    overrides : iterable of str
+        ``"dotted.key=value"`` strings, the value parsed as YAML, applied in order after
+        the source; ``contrasts.NAME=null`` removes one contrast.
+
+    Returns
+    -------
+    RunConfig
+
+    Raises
+    ------
+    ConfigError
+        One line naming the key path, the problem and what is allowed (and where the
+        value came from); or the file, and line, that could not be read.
+    """
+    tree = _plain(RunConfig())
+    origins: dict[str, str] = {}
+    if isinstance(source, RunConfig):
+        source = source.to_dict()
+    if isinstance(source, Mapping):
+        _merge(tree, copy.deepcopy(dict(source)), "", "in the given mapping", origins)
+    elif source is not None:
+        path = Path(source)
+        layer = _read_yaml(path)
+        _resolve_paths(layer, path.resolve().parent)
+        _merge(tree, layer, "", f"in {path}", origins)
+    for text in [overrides] if isinstance(overrides, str) else overrides:
+        _apply_override(tree, text, origins)
+    cfg: RunConfig = _build(RunConfig, "", tree, origins)
+    _check_consistency(cfg, origins)
+    return cfg
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike[str]) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal config.
+
+    Relative local paths are written as absolute paths (resolved against the current
+    folder), since a config file's relative paths are read against the file's folder.
+    """
+    tree = cfg.to_dict()
+    _resolve_paths(tree, Path.cwd())
+    text = yaml.safe_dump(tree, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    header = "# flashmm-dask run configuration (written by dump_config)\n"
+    Path(path).write_text(header + text, encoding="utf-8")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {path} {what}; give the path of a YAML run config")
+    try:
+        layer = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
+        raise ConfigError(f"cannot read config file {path}{where}: {problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(layer, dict):
+        got = "it is empty" if layer is None else f"got a {type(layer).__name__}"
+        raise ConfigError(f"config file {path} must be a mapping of sections (data:, ...); {got}")
+    return layer
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    for key in _PATH_KEYS:
+        section, name = key.split(".")
+        node = tree.get(section)
+        value = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(value, str) and value and not _URL.match(value):
+            node[name] = os.path.normpath(base / os.path.expanduser(value))
+
+
+# -- merging layers -------------------------------------------------------------------
+
+
+def _merge(
+    tree: dict[str, Any], layer: Any, path: str, origin: str, origins: dict[str, str]
+) -> None:
+    """Merge a user mapping into the tree of section ``path``; values replace defaults."""
+    if not isinstance(layer, Mapping):
+        what = f"config section '{path}'" if path else "a config"
+        raise _fail(f"{what} must be a mapping of keys; got {layer!r}", origin)
+    layer = dict(layer)
+    if path == "model" and "is_counts" in layer:
+        _is_counts_alias(layer, origin)
+    for key, value in layer.items():
+        full = f"{path}.{key}" if path else str(key)
+        found, section = _schema(full)
+        if found is None:
+            raise _fail(_unknown(full, path), origin)
+        if section is None:
+            tree[key] = value
+            origins[full] = origin
+        elif value is None and found.default is None:  # a nullable section set to null
+            tree[key] = None
+        else:
+            tree[key] = tree[key] if tree[key] is not None else _plain(section())
+            _merge(tree[key], {} if value is None else value, full, origin, origins)
+
+
+def _is_counts_alias(layer: dict[str, Any], origin: str) -> None:
+    """Replace ``is_counts`` in a model section by the transform it means."""
+    value = layer.pop("is_counts")
+    if not isinstance(value, bool):
+        raise _fail(f"config key 'model.is_counts' must be true or false; got {value!r}", origin)
+    if "transform" in layer:
+        try:
+            given = _transform(layer["transform"])
+        except _Bad:
+            given = None  # reported when the transform is validated
+        if given is not None and given != _IS_COUNTS[value]:
+            flag = str(value).lower()
+            raise _fail(
+                f"config keys 'model.is_counts' ({flag}) and 'model.transform' ({given!r}) "
+                f"conflict; give only one (is_counts: {flag} means transform: "
+                f"{_IS_COUNTS[value]})",
+                origin,
+            )
+    layer["transform"] = _IS_COUNTS[value]
+
+
+def _apply_override(tree: dict[str, Any], text: Any, origins: dict[str, str]) -> None:
+    """Apply one ``"dotted.key=value"`` override as a one-key layer."""
+    origin = f"from override {text!r}"
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"override {text!r} has no '='; write key=value, e.g. model.method=ML")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has a malformed key; write e.g. cluster.n_workers=4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(
+            f"cannot parse the value of override {text!r} as YAML: {problem}"
+        ) from None
+    for i in range(1, len(parts) + 1):
+        found, section = _schema(".".join(parts[:i]))
+        if found is None or section is None:
+            break
+    rule = found.metadata.get("rule") if found is not None else None
+    if rule is not None:
+        leaf, rest = parts[:i], parts[i:]
+        plain = value is not None and not isinstance(value, str | list | dict)
+        if rule.text and plain and (rest or rule.keys is None):
+            value = raw  # e.g. data.layer=1 names the layer "1"
+        if rest and rule.keys is None:
+            raise _fail(
+                f"config key '{key}' is unknown; '{'.'.join(leaf)}' holds one value", origin
+            )
+        if rest:
+            current = functools.reduce(lambda node, k: node[k], leaf, tree)
+            value = _set_entry(current, rest if rule.keys == "nested" else [".".join(rest)], value)
+            parts = leaf
+    for part in reversed(parts):
+        value = {part: value}
+    _merge(tree, value, "", origin, origins)
+
+
+def _set_entry(mapping: Any, keys: list[str], value: Any) -> dict[str, Any]:
+    """A copy of ``mapping`` with the entry at ``keys`` set (or removed by a null value)."""
+    out = dict(mapping) if isinstance(mapping, Mapping) else {}
+    head, rest = keys[0], keys[1:]
+    if rest:
+        out[head] = _set_entry(out.get(head), rest, value)
+    elif value is None:
+        out.pop(head, None)
+    else:
+        out[head] = value
+    return out
+
+
+# -- validation -----------------------------------------------------------------------
+
+
+def _build(cls: type, path: str, tree: dict[str, Any], origins: dict[str, str]) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        full, value = f"{path}.{f.name}" if path else f.name, tree[f.name]
+        section, rule = _section_type(f), f.metadata.get("rule")
+        if section is not None:
+            kwargs[f.name] = None if value is None else _build(section, full, value, origins)
+        elif value is None and rule is not None and rule.optional:
+            kwargs[f.name] = None
+        else:
+            try:
+                kwargs[f.name] = rule.check(value)  # type: ignore[union-attr]
+            except _Bad as exc:
+                raise _fail(f"config key '{full}' {exc}", origins.get(full)) from None
+    return cls(**kwargs)
+
+
+def _check_consistency(cfg: RunConfig, origins: dict[str, str]) -> None:
+    """Rules that span several keys."""
+
+    def fail(key: str, message: str) -> ConfigError:
+        return _fail(f"config key '{key}' {message}", origins.get(key))
+
+    if cfg.cluster.kind == "address" and cfg.cluster.address is None:
+        raise fail(
+            "cluster.address",
+            "is required when cluster.kind is 'address'; e.g. tcp://127.0.0.1:8786",
+        )
+    sim = cfg.simulate
+    if sim.minbeta > sim.maxbeta:
+        raise fail(
+            "simulate.minbeta", f"({sim.minbeta:g}) must be <= simulate.maxbeta ({sim.maxbeta:g})"
+        )
+    if sim.n_de_genes is not None and sim.n_de_genes > sim.n_genes:
+        raise fail(
+            "simulate.n_de_genes", f"({sim.n_de_genes}) must be <= simulate.n_genes ({sim.n_genes})"
+        )
+    for name in ("layer", "orientation", "obs", "features"):
+        if cfg.data.path is None and getattr(cfg.data, name) is not None:
+            raise fail(
+                f"data.{name}",
+                "is set but data.path is null (the data are simulated); "
+                f"set data.path or remove data.{name}",
+            )
+    adaptive = cfg.cluster.slurm.adaptive
+    low, high = (adaptive.minimum, adaptive.maximum) if adaptive else (None, None)
+    if low is not None and high is not None and low > high:
+        raise fail("cluster.slurm.adaptive.minimum", f"({low}) must be <= maximum ({high})")
