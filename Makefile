@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/flashmm-dask demo --output demo-output
 
 test: venv
 	$(BIN)/python -m pytest

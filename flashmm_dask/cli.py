@@ -156,10 +156,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(source, _overrides(args))
     if args.command == "stats":
         from flashmm_dask.cluster import open_client
-        from flashmm_dask.pipeline import STATS, compute_stats
+        from flashmm_dask.pipeline import STATS, OutputLock, compute_stats
 
         folder = Path(cfg.output.path)
-        with open_client(cfg.cluster) as client:
+        with OutputLock(folder), open_client(cfg.cluster) as client:
             stats = compute_stats(cfg, client, folder, show=cfg.progress)
         target = args.out or str(folder / STATS)
         if args.out:

@@ -35,7 +35,8 @@ def _local(cfg: Any) -> Any:
         threads_per_worker=cfg.threads_per_worker,
         processes=cfg.processes,
         memory_limit=cfg.memory_limit,
-        dashboard_address=cfg.dashboard_address,
+        # the scheduler's HTTP server always listens; null asks for no fixed port
+        dashboard_address=cfg.dashboard_address or "127.0.0.1:0",
         host="127.0.0.1",
     )
 

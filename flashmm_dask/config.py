@@ -244,7 +244,7 @@ class SimulateConfig:
     n_samples: int = _POSITIVE(12)
     n_celltypes: int = _POSITIVE(3)
     n_treatments: int = _POSITIVE(2)
-    n_de_genes: int | None = _key(_integer(0))
+    n_de_genes: int | None = _key(_integer(0), 20, optional=True)
     minbeta: float = _key(_number(), 0.25)
     maxbeta: float = _key(_number(), 1.0)
     var_randomeffects: float = _key(_number(0.0), 0.1)

@@ -404,7 +404,7 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
                 with timings.phase("statistics"):
                     stats = compute_stats(cfg, active, folder, show=show)
                 with timings.phase("fitting"):
-                    store, reports, layout = fit_store(cfg, active, stats, folder, show=show)
+                    store, reports, _ = fit_store(cfg, active, stats, folder, show=show)
             ds = open_results(str(store), allow_incomplete=True)
             counts = _counts(ds)
             history = list(read_store_attrs(str(store)).get("history", []))

@@ -1,0 +1,56 @@
+"""Small runs of the pipeline shared by the pipeline and CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from flashmm_dask.config import load_config
+
+SMALL = (
+    "simulate.n_cells=1500",
+    "simulate.n_genes=30",
+    "simulate.n_samples=6",
+    "simulate.seed=7",
+    "simulate.chunk_cells=400",
+    "fit.block_size=7",
+    "output.plots=false",
+    "progress=false",
+)
+VARIABLES = (
+    "coef",
+    "se",
+    "t",
+    "p",
+    "df",
+    "padj",
+    "theta",
+    "se_theta",
+    "dlogL",
+    "logLik",
+    "niter",
+    "converged",
+    "cov",
+    "contrast_coef",
+    "contrast_se",
+    "contrast_t",
+    "contrast_p",
+    "contrast_padj",
+)
+
+
+def small_config(output: Path, *extra: str):
+    return load_config(None, (*SMALL, f"output.path={output}", *extra))
+
+
+def assert_stores_equal(a, b, rtol=1e-12):
+    """Two opened results stores hold the same numbers (NaN where the other has NaN)."""
+    for name in VARIABLES:
+        x, y = a[name].values, b[name].values
+        if x.dtype == bool:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        else:
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=0, err_msg=name)
+    for coord in ("feature", "covariate", "component", "contrast"):
+        assert list(a[coord].values) == list(b[coord].values)
