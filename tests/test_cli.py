@@ -89,7 +89,7 @@ def test_demo_then_test_and_report(tmp_path):
     L[covariates.index("cls2:trtB"), 0] = 1
     L[covariates.index("cls3:trtB"), 1] = 1
     L[covariates.index("cls2:trtB"), 1] = -1
-    coef, t, p = contrast_tests(
+    coef, _, p = contrast_tests(
         ds["coef"].values, ds["cov"].values, L, ds["df"].values[0, 0], "greater"
     )
     for j, name in enumerate(["B_in_cls2", "d"]):

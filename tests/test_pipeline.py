@@ -71,7 +71,7 @@ def test_run_equals_in_process_flashmm(reference_run):
 
 
 def test_several_worker_processes_agree(reference_run, tmp_path):
-    cfg, summary = reference_run
+    _, summary = reference_run
     out = tmp_path / "three"
     with (
         LocalCluster(
@@ -93,7 +93,7 @@ def test_rerun_of_a_complete_run_fits_nothing(reference_run, one_worker):
 def test_different_config_on_existing_output_is_refused(reference_run, one_worker):
     cfg, summary = reference_run
     other = cfg.with_overrides(["model.method=ML"])
-    with pytest.raises(StoreError, match="different configuration.*--overwrite"):
+    with pytest.raises(StoreError, match=r"different configuration.*--overwrite"):
         run(other, client=one_worker)
     # nothing was touched
     assert open_results(str(summary.store)).attrs["method"] == "REML"
