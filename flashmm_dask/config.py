@@ -673,6 +673,13 @@ def _check_consistency(cfg: RunConfig, origins: dict[str, str]) -> None:
             "cluster.address",
             "is required when cluster.kind is 'address'; e.g. tcp://127.0.0.1:8786",
         )
+    if "://" in cfg.output.path and not cfg.output.path.startswith("file://"):
+        raise fail(
+            "output.path",
+            "must be a folder on a filesystem that the driver and every worker share (a "
+            "local disk, NFS/Lustre, or a volume mounted in every pod); object-store URLs "
+            f"are supported for data.path, not for the output; got {cfg.output.path!r}",
+        )
     sim = cfg.simulate
     if sim.minbeta > sim.maxbeta:
         raise fail(

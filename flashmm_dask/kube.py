@@ -4,8 +4,9 @@
 ``kubernetes.dask.org/v1`` DaskCluster resource. The pods run ``dask scheduler`` and
 ``dask worker`` (distributed >= 2026.6 no longer ships the ``dask-scheduler`` and
 ``dask-worker`` commands that dask-kubernetes 2026.3 still writes), as a non-root user
-without privilege escalation, and the dashboard stays inside the cluster (a ClusterIP
-service). :func:`kube_cluster` hands the spec to dask-kubernetes' ``KubeCluster``.
+without privilege escalation or capabilities, under the RuntimeDefault seccomp profile
+(the "restricted" Pod Security Standard), and the dashboard stays inside the cluster (a
+ClusterIP service). :func:`kube_cluster` hands the spec to dask-kubernetes' ``KubeCluster``.
 """
 
 from __future__ import annotations

@@ -150,6 +150,9 @@ class OutputLock:
             return False
         if host != socket.gethostname():
             return False
+        if int(pid) == os.getpid():
+            # a rerun in a container with the same host name and pid (PID 1 of a pod)
+            return True
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:

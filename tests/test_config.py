@@ -96,7 +96,7 @@ def test_shipped_examples_use_their_cluster_kind():
     assert slurm.cluster.slurm.job_script_prologue[0] == "module load python/3.11"
     kube = load_config(CONFIGS / "kubernetes.yaml")
     assert kube.cluster.kind == "kubernetes"
-    assert kube.data.path.startswith("s3://") and kube.output.path.startswith("s3://")
+    assert kube.data.path.startswith("s3://") and kube.output.path == "/results/atlas"
     assert kube.cluster.kubernetes.resources["limits"]["memory"] == "8Gi"
 
 
@@ -377,17 +377,22 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch)
 def test_absolute_paths_urls_and_overrides_are_kept(tmp_path):
     path = write(
         tmp_path / "c.yaml",
-        "data: {path: 's3://bucket/atlas.zarr', obs: /abs/obs.csv}\noutput: {path: gs://b/out}\n",
+        "data: {path: 's3://bucket/atlas.zarr', obs: /abs/obs.csv}\noutput: {path: /abs/out}\n",
     )
     cfg = load_config(path, ["stats.load=rel/stats"])
     assert cfg.data.path == "s3://bucket/atlas.zarr"
     assert cfg.data.obs == "/abs/obs.csv"
-    assert cfg.output.path == "gs://b/out"
+    assert cfg.output.path == "/abs/out"
     assert cfg.stats.load == "rel/stats"  # command-line values are relative to the caller
     assert load_config({"output": {"path": "rel"}}).output.path == "rel"
 
 
 # -- errors ---------------------------------------------------------------------------
+
+
+def test_output_url_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"'output.path' must be a folder on a filesystem"):
+        load_config(None, ["output.path=s3://bucket/results"])
 
 
 def test_unknown_key_lists_the_valid_keys(tmp_path):

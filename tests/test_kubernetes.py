@@ -9,8 +9,9 @@ Everything here runs offline. What is checked against what:
   installed ``dask-kubernetes`` wheel ships them in its helm chart (the CRDs the operator
   installs), made strict the same way;
 - the pods, deployments and services the operator creates from them, built with the
-  operator's own functions, against the Kubernetes schemas and the "restricted" Pod
-  Security Standard;
+  operator's own functions, against the Kubernetes schemas, and their wiring (service
+  selector and ports, $(VAR) arguments, the scheduler address the operator injects);
+- every pod spec against the rules of the "restricted" Pod Security Standard;
 - the pod commands against the ``dask`` and ``flashmm-dask`` command lines;
 - the committed daskcluster.yaml and the DaskJob's cluster against
   ``flashmm_dask.kube.cluster_spec(configs/kubernetes.yaml)``;
