@@ -31,11 +31,12 @@ from flashmm_dask.numerics.fisher import (
 from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.inference import t_pvalues
 from flashmm_dask.numerics.linalg import Array
+from flashmm_dask.numerics.satterthwaite import DF_METHODS, satterthwaite_df, satterthwaite_terms
 
 logger = logging.getLogger(__name__)
 
 #: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
-_GENERAL_BLOCK_VALUES = 2**22
+_GENERAL_BLOCK_VALUES = 2**19
 _SPECTRAL_BLOCK = 4096
 
 
@@ -136,6 +137,7 @@ def lmm(
     d: Sequence[int] | Mapping[str, int] | None = None,
     *,
     method: str = "REML",
+    df: str = "residual",
     theta0: Any = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
@@ -168,6 +170,13 @@ def lmm(
     d : sequence of int or mapping name -> size, optional
         Sizes of the K random components (sum(d) == q); default one component of size q.
     method : {"REML", "ML"}
+    df : {"residual", "satterthwaite"}
+        Degrees of freedom of the t-tests: "residual", n - p for every test (the R
+        package), or "satterthwaite", computed per feature and coefficient from the
+        observed information of theta (as lmerTest does; see
+        :mod:`flashmm_dask.numerics.satterthwaite`). With "satterthwaite" ``fit.df`` is a
+        (p, m) array, and with ``output_cov`` the fit keeps ``vcov_theta`` and ``jac_cov``
+        so that :func:`lmmtest` gives the df of any contrast.
     theta0 : (K+1,) or (K+1, m) array, optional
         Starting variance components, the residual variance last.
     max_iter : int
@@ -191,6 +200,9 @@ def lmm(
     if not isinstance(method, str) or method.upper() not in METHODS:
         raise InputError(f"unknown method {method!r}; use 'REML' or 'ML'")
     method = method.upper()
+    if not isinstance(df, str) or df.lower() not in DF_METHODS:
+        raise InputError(f"unknown df {df!r}; use 'residual' (n - p) or 'satterthwaite'")
+    df_method = df.lower()
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
         raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
     if not np.isfinite(epsilon) or epsilon <= 0:
@@ -262,7 +274,7 @@ def lmm(
             f"{names}; remove them from the fixed-effects design"
         ) from None
 
-    fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon, n_threads)
+    fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon, n_threads, df_method)
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
     if n_zero and warn_zero:
@@ -284,22 +296,32 @@ def lmm(
                 stacklevel=2,
             )
 
-    df = float(n_cells - p)
     coef = fit["coef"].T
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.sqrt(np.diagonal(fit["cov"], axis1=1, axis2=2)).T
         t = coef / se
+    df_t: float | Array = float(n_cells - p)
+    satterthwaite = df_method == "satterthwaite"
+    if satterthwaite:
+        df_t = satterthwaite_df(fit["cov"], fit["jac_cov"], fit["vcov_theta"], np.eye(p)).T
+        n_nan = int(np.sum(np.isnan(df_t[:, fitted])))
+        if n_nan:
+            logger.warning(
+                "Satterthwaite's df is undefined (NaN) for %d coefficient(s) of fitted "
+                "features: the observed information of theta is not positive definite there",
+                n_nan,
+            )
     summary = None
     if output_ss:
         summary = {k: v.copy() for k, v in arrays.items()} | {"n": n_cells, "d": sizes}
     return LmmFit(
         method=method,
         epsilon=float(epsilon),
-        df=df,
+        df=df_t,
         coef=coef,
         se=se,
         t=t,
-        p=t_pvalues(t, df),
+        p=t_pvalues(t, df_t),
         theta=fit["theta"].T,
         se_theta=fit["se_theta"].T,
         dlogL=fit["dlogL"].T,
@@ -317,6 +339,9 @@ def lmm(
         random=random,
         n=n_cells,
         d=sizes,
+        df_method=df_method,
+        vcov_theta=fit["vcov_theta"] if satterthwaite and output_cov else None,
+        jac_cov=fit["jac_cov"] if satterthwaite and output_cov else None,
     )
 
 
@@ -335,6 +360,7 @@ def _fit_blocks(
     max_iter: int,
     epsilon: float,
     n_threads: int | None,
+    df_method: str = "residual",
 ) -> dict[str, Array]:
     """Fit the features in blocks; features with Ynorm <= 0 get NaN."""
     p, q, K = shared.p, shared.q, shared.K
@@ -355,6 +381,8 @@ def _fit_blocks(
         "RE": (q,),
         "logLik": (),
     }
+    if df_method == "satterthwaite":
+        shapes.update(vcov_theta=(K + 1, K + 1), jac_cov=(K + 1, p, p))
     out = {k: np.full((m, *s), np.nan) for k, s in shapes.items()}
     idx = np.flatnonzero(fitted)
     block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // (q * q))
@@ -377,6 +405,10 @@ def _fit_blocks(
             out[name][rows] = getattr(th, name)
         for name in ("coef", "cov", "FIM_beta", "RE", "logLik"):
             out[name][rows] = getattr(fx, name)
+        if df_method == "satterthwaite":
+            vcov_theta, jac_cov = satterthwaite_terms(shared, th.theta, zry, yry, fx.cov)
+            out["vcov_theta"][rows] = vcov_theta
+            out["jac_cov"][rows] = jac_cov
 
     blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
     if workers > 1 and len(blocks) > 1:

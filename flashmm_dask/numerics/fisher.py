@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciprocal, trace
+from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal, trace
 
 METHODS = ("REML", "ML")
 
@@ -204,6 +204,8 @@ def _times_A(sh: SharedTerms, M0: Array, D: Array) -> Array:
     """
     scale = np.max(np.abs(sh.A))
     by_division = np.all(np.abs(D) * scale >= _DIVISION_MIN, axis=1)
+    if by_division.all():
+        return (np.eye(sh.q) - M0) / D[:, :, None]
     W = np.empty_like(M0)
     if by_division.any():
         Mi = M0[by_division]
@@ -224,9 +226,8 @@ def _score_general(
     m, q, K = s.shape[0], sh.q, sh.K
     s0 = s[:, -1]
     D = np.repeat(s[:, :-1] / s0[:, None], sh.d, axis=1)  # (m, q)
-    eye = np.eye(q)
-    M = inv_or_pinv(D[:, :, None] * sh.zrz + eye)
-    M0 = M if sh.method == "REML" else inv_or_pinv(D[:, :, None] * sh.ZZ + eye)
+    M = inv_shifted(sh.zrz, D)
+    M0 = M if sh.method == "REML" else inv_shifted(sh.ZZ, D)
     u = (zry[:, None, :] @ M)[:, 0, :]  # M' zry
     W = _times_A(sh, M0, D)
     M0t = np.swapaxes(M0, 1, 2)

@@ -101,6 +101,59 @@ def inv_or_pinv(A: Array) -> Array:
     return out
 
 
+def inv_shifted(A: Array, D: Array) -> Array:
+    """(diag(D_j) A + I)^-1 for a shared symmetric PSD A and a stack of diagonals D.
+
+    With r = sqrt|D| and signs s = sign(D), diag(D) A + I = R S (R A R + S) R^-1
+    (R = diag(r), S = diag(s)), so (diag(D) A + I)^-1 = R T^-1 S R^-1 with T = R A R + S
+    symmetric: positive definite when every D > 0 (Cholesky, LAPACK potrf/potri), else
+    indefinite (Bunch-Kaufman, sytrf/sytri). Both cost about half an LU inverse. Rows with
+    a zero D, or whose factorisation fails, take :func:`inv_or_pinv`.
+
+    Parameters
+    ----------
+    A : (q, q) symmetric positive semi-definite
+    D : (m, q)
+
+    Returns
+    -------
+    (m, q, q) array
+    """
+    from scipy.linalg.lapack import dpotrf, dpotri, dsytrf, dsytri
+
+    m, q = D.shape
+    out = np.empty((m, q, q))
+    done = np.zeros(m, dtype=bool)
+    upper = np.triu(np.ones((q, q), dtype=bool))
+    eye = np.eye(q)
+    positive = np.all(D > 0, axis=1)
+    for k in np.flatnonzero(np.all(D != 0, axis=1)):
+        r = np.sqrt(np.abs(D[k]))
+        RAR = r[:, None] * A * r[None, :]
+        if positive[k]:
+            chol, info = dpotrf(RAR + eye, lower=0)
+            if info == 0:
+                inv, info = dpotri(chol, lower=0)
+        else:
+            sign = np.sign(D[k])
+            ldu, piv, info = dsytrf(RAR + np.diag(sign), lower=0)
+            if info == 0:
+                inv, info = dsytri(ldu, piv, lower=0)
+                inv = inv * sign[None, :]  # T^-1 S (symmetric part first, below)
+        if info != 0:
+            continue
+        if positive[k]:
+            inv = np.where(upper, inv, inv.T)
+        else:
+            inv = np.where(upper, inv, inv.T * sign[:, None] * sign[None, :])
+        out[k] = r[:, None] * inv / r[None, :]
+        done[k] = True
+    if not done.all():
+        rest = ~done
+        out[rest] = inv_or_pinv(D[rest][:, :, None] * A + eye)
+    return out
+
+
 def reciprocal(x: Array) -> Array:
     """Elementwise 1/x with 0 where x == 0 (the pseudo-inverse of a diagonal matrix)."""
     with np.errstate(divide="ignore"):
