@@ -19,11 +19,12 @@ from flashmm_dask.errors import (
 )
 from flashmm_dask.fit import LmmFit
 from flashmm_dask.fitting import flashmm, lmm_stats, lmmfit, sslmm
+from flashmm_dask.io.anndata_store import write_store
 from flashmm_dask.io.readers import Expression, read_expression, read_obs
 from flashmm_dask.lmm import lmm
 from flashmm_dask.lmmtest import lmmtest
 from flashmm_dask.reduce import TRANSFORMS, reduce_stats, stats_graph
-from flashmm_dask.simulate import simulate_rnaseq, simulate_to_store, write_store
+from flashmm_dask.simulate import simulate_rnaseq, simulate_to_store
 from flashmm_dask.stats import SummaryStats
 
 __version__ = "0.1.0"

@@ -65,24 +65,29 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import string
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.errors import InputError
+from flashmm_dask.io.anndata_store import (
+    StoreFormat,
+    append_x,
+    create_zarr_root,
+    staged,
+    store_format,
+    write_store,
+)
 
 __all__ = ["RNG_BLOCK_CELLS", "simulate_rnaseq", "simulate_to_store", "write_store"]
 
@@ -93,12 +98,9 @@ RNG_BLOCK_CELLS = 128
 FORMAT_NAME = "flashmm_dask.simulate"
 FORMAT_VERSION = 1
 #: Upper bound on the elements of one zarr chunk of X (compressors cap a buffer at 2 GiB).
-_MAX_CHUNK_ELEMENTS = 2**26
 _STREAMS = ("genes", "metadata", "de", "random_effects", "libsize", "counts")
 _MAX_LIBSIZE_REDRAWS = 10_000
 _PER_GENE_ARGUMENTS = ("gene_mean", "dispersion", "dtype")  # recorded in var, or by name
-
-StoreFormat = Literal["zarr", "h5ad"]
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ def simulate_to_store(
         The store written; it appears only once complete.
     """
     target = Path(path)
-    fmt = _store_format(target, format)
+    fmt = store_format(target, format)
     params = _validate(
         n_genes=n_genes,
         n_cells=n_cells,
@@ -301,69 +303,24 @@ def simulate_to_store(
     )
     _check_positive_int("chunk_cells", chunk_cells)
     _check_positive_int("store_chunk_cells", store_chunk_cells)
-    with _staged(target, overwrite) as tmp:
+    with staged(target, overwrite) as tmp:
         model = _build_model(params, n_threads)
         meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
         chunks = _iter_chunks(model, chunk_cells, n_threads)
         if fmt == "zarr":
             import zarr
 
-            group = _create_zarr_root(tmp)
+            group = create_zarr_root(tmp)
             ad.io.write_elem(group, "/", meta)
-            _append_x(group, chunks, store_chunk_cells)
+            append_x(group, chunks, store_chunk_cells)
             zarr.consolidate_metadata(str(tmp))
         else:
             import h5py
 
             with h5py.File(tmp, "w-") as f:
                 ad.io.write_elem(f, "/", meta)
-                _append_x(f, chunks, store_chunk_cells)
+                append_x(f, chunks, store_chunk_cells)
     logger.info("simulated %d cells x %d genes into %s", n_cells, n_genes, target)
-    return target
-
-
-def write_store(
-    adata: ad.AnnData,
-    path: str | os.PathLike[str],
-    *,
-    chunk_cells: int = 10_000,
-    format: StoreFormat | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write an AnnData to a ".zarr" or ".h5ad" store, atomically.
-
-    The store is written to a hidden temporary sibling and renamed into place, so a
-    failed write leaves nothing at ``path``.
-
-    Parameters
-    ----------
-    adata : anndata.AnnData
-        The data; a CSR X is written to zarr with data and indices chunked to hold about
-        ``chunk_cells`` cells' non-zeros (other X kinds use anndata's default chunks).
-    path : path-like
-        Destination, ".zarr" (folder) or ".h5ad" (file).
-    chunk_cells : int
-        Cells per zarr chunk of X.
-    format : {"zarr", "h5ad"}, optional
-        Default: from the suffix of ``path``.
-    overwrite : bool
-        Replace an existing store at ``path``; otherwise refuse.
-
-    Returns
-    -------
-    pathlib.Path
-        The store written.
-    """
-    if not isinstance(adata, ad.AnnData):
-        raise InputError(f"write_store needs an anndata.AnnData, got {type(adata).__name__}")
-    _check_positive_int("chunk_cells", chunk_cells)
-    target = Path(path)
-    fmt = _store_format(target, format)
-    with _staged(target, overwrite) as tmp:
-        if fmt == "zarr":
-            _write_zarr(adata, tmp, chunk_cells)
-        else:
-            adata.write_h5ad(tmp)
     return target
 
 
@@ -723,115 +680,3 @@ def _iter_chunks(model: _Model, chunk_cells: int, n_threads: int) -> Iterator[sp
 
 def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
     return sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
-
-
-# ------------------------------------------------------------------------------ stores
-
-
-def _store_format(path: Path, format: str | None) -> StoreFormat:
-    if format is None:
-        suffix = path.suffix.lower()
-        if suffix not in (".zarr", ".h5ad"):
-            raise InputError(
-                f"cannot tell the store format of {str(path)!r} from its suffix; "
-                "name it *.zarr or *.h5ad, or pass format='zarr' or 'h5ad'"
-            )
-        return "zarr" if suffix == ".zarr" else "h5ad"
-    if format not in ("zarr", "h5ad"):
-        raise InputError(f"format must be 'zarr' or 'h5ad', got {format!r}")
-    return format  # type: ignore[return-value]
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def _staged(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of path to write into; move it to path on success."""
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise StoreError(
-            f"{str(path)!r} already exists; pass overwrite=True to replace it "
-            "or choose another path"
-        )
-    if not path.parent.is_dir():
-        raise StoreError(f"folder {str(path.parent)!r} does not exist; create it first")
-    tag = uuid.uuid4().hex[:12]
-    tmp = path.with_name(f".{path.name}.tmp-{tag}")
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    exists = path.exists() or path.is_symlink()
-    try:
-        if exists and not overwrite:
-            raise StoreError(f"{str(path)!r} appeared while it was being written; not replaced")
-        if not exists or (path.is_file() and tmp.is_file()):
-            os.replace(tmp, path)
-            return
-        # a folder cannot be replaced in one rename: move the old store aside first
-        old = path.with_name(f".{path.name}.old-{tag}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        _remove(old)
-    finally:
-        _remove(tmp)
-
-
-def _x_chunk_len(nnz: int, n_rows: int, chunk_cells: int) -> int:
-    per_cell = nnz / max(n_rows, 1)
-    return int(min(_MAX_CHUNK_ELEMENTS, max(1, round(per_cell * chunk_cells))))
-
-
-def _create_zarr_root(path: Path) -> Any:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="w-", zarr_format=ad.settings.zarr_write_format)
-    group.attrs["encoding-type"] = "anndata"
-    group.attrs["encoding-version"] = "0.1.0"
-    return group
-
-
-def _write_zarr(adata: ad.AnnData, path: Path, chunk_cells: int) -> None:
-    import zarr
-    from anndata.experimental import write_dispatched
-
-    x_kwargs: dict[str, Any] = {}
-    if sp.issparse(adata.X) and adata.X.format == "csr":
-        x_kwargs["chunks"] = (_x_chunk_len(adata.X.nnz, adata.n_obs, chunk_cells),)
-
-    def callback(
-        write_func: Any, store: Any, elem_name: str, elem: Any, *, dataset_kwargs: Any, iospec: Any
-    ) -> None:
-        if elem_name.lstrip("/") == "X":
-            dataset_kwargs = {**dataset_kwargs, **x_kwargs}
-        write_func(store, elem_name, elem, dataset_kwargs=dataset_kwargs)
-
-    write_dispatched(_create_zarr_root(path), "/", adata, callback=callback)
-    zarr.consolidate_metadata(str(path))
-
-
-def _append_x(group: Any, chunks: Iterator[sp.csr_matrix], chunk_cells: int) -> None:
-    """Write the first chunk as X (CSR, int64 indptr) and append the others to it."""
-    x = None
-    done = 0
-    for chunk in chunks:
-        if x is None:
-            kwargs = {
-                "chunks": (_x_chunk_len(chunk.nnz, chunk.shape[0], chunk_cells),),
-                "indptr_dtype": np.int64,
-            }
-            ad.io.write_elem(group, "X", chunk, dataset_kwargs=kwargs)
-            x = ad.io.sparse_dataset(group["X"])
-        else:
-            x.append(chunk)
-        done += chunk.shape[0]
-        logger.debug("appended cells up to %d", done)

@@ -22,12 +22,8 @@ import zarr
 from scipy import stats
 
 from flashmm_dask.errors import InputError, StoreError
-from flashmm_dask.simulate import (
-    RNG_BLOCK_CELLS,
-    simulate_rnaseq,
-    simulate_to_store,
-    write_store,
-)
+from flashmm_dask.io.anndata_store import write_store
+from flashmm_dask.simulate import RNG_BLOCK_CELLS, simulate_rnaseq, simulate_to_store
 
 REFERENCE = Path(__file__).parent / "reference"
 Z_MAX = 5.0
