@@ -53,9 +53,7 @@ give one column each (``poly(x, 2)``-style matrix terms are not supported).
 
 from __future__ import annotations
 
-import itertools
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,278 +63,22 @@ import pandas as pd
 import scipy.linalg
 import scipy.sparse
 
+from flashmm_dask.design_terms import (
+    INTERCEPT,
+    TermBlock,
+    build_block,
+    parse_formula,
+    required_columns,
+)
 from flashmm_dask.errors import DesignError
+from flashmm_dask.numerics.linalg import aliased_columns
 
-__all__ = ["Design", "aliased_columns", "build_design"]
+__all__ = ["Design", "build_design"]
 
 logger = logging.getLogger(__name__)
 
 #: Rows of X formed at once when X'X is accumulated for the rank check.
 RANK_CHUNK_ROWS = 100_000
-
-#: A column is aliased when 1 - R^2 of its regression on the earlier columns is below this.
-ALIAS_RTOL = 1e-9
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m|⧛|⧚")
-_INTERCEPT = "(Intercept)"
-
-
-# --------------------------------------------------------------------------------------
-# One formula -> one block of columns
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class _Block:
-    """One formula, evaluated by formulaic with full indicator coding.
-
-    Attributes
-    ----------
-    formula : str
-        The formula as given.
-    spec : formulaic.ModelSpec
-        The learned structure (levels, transforms, full indicator columns).
-    keep : ndarray of int64, shape (ncol,)
-        Positions, among formulaic's columns, of the columns R keeps, in R's order.
-    names : tuple of str, length ncol
-        R's names of the kept columns.
-    levels : dict of str to list
-        The levels of each factor of the formula.
-    """
-
-    formula: str
-    spec: Any
-    keep: np.ndarray
-    names: tuple[str, ...]
-    levels: dict[str, list[Any]]
-
-    def dense(self, frame: pd.DataFrame) -> np.ndarray:
-        """Evaluate the block on ``frame`` as a dense (rows, ncol) float64 array."""
-        mm = self._evaluate(frame, "numpy")
-        return np.ascontiguousarray(np.asarray(mm)[:, self.keep], dtype=np.float64)
-
-    def sparse(self, frame: pd.DataFrame) -> scipy.sparse.csc_matrix:
-        """Evaluate the block on ``frame`` as a sparse (rows, ncol) float64 matrix."""
-        mm = self._evaluate(frame, "sparse")
-        return scipy.sparse.csc_matrix(mm.__wrapped__, dtype=np.float64)[:, self.keep]
-
-    def _evaluate(self, frame: pd.DataFrame, output: str) -> Any:
-        try:
-            mm = self.spec.get_model_matrix(frame, context={}, output=output)
-        except Exception as exc:  # formulaic raises several unrelated classes
-            raise DesignError(
-                f"formula '{self.formula}' could not be evaluated on a chunk of obs: {_clean(exc)}"
-            ) from exc
-        if mm.shape[0] != len(frame):
-            raise DesignError(
-                f"formula '{self.formula}' gave {mm.shape[0]} rows for {len(frame)} cells; "
-                "check obs for missing values"
-            )
-        return mm
-
-
-def _clean(exc: BaseException) -> str:
-    """formulaic's message on one line, without its terminal colour codes."""
-    text = _ANSI.sub("", str(exc))
-    return " ".join(text.split())
-
-
-def _parse(formula: str, role: str) -> Any:
-    """Parse one formula with formulaic, keeping the written term order.
-
-    Parameters
-    ----------
-    formula : str
-        A one-sided formula such as ``"~ 0 + sam"``.
-    role : str
-        Where the formula came from ("fixed formula", "random formula 'sam'"), for messages.
-
-    Returns
-    -------
-    formulaic.Formula
-        A simple (unstructured) formula with its terms in written order.
-    """
-    from formulaic import Formula
-
-    if not isinstance(formula, str):
-        raise DesignError(f"the {role} must be a string such as '~ 0 + sam', got {formula!r}")
-    if "|" in formula:
-        raise DesignError(
-            f"the {role} '{formula}' contains '|'; lme4-style terms such as '(1 | sam)' are "
-            "not supported: write the random effect as its own formula, e.g. random='~ 0 + sam'"
-        )
-    try:
-        parsed = Formula(formula, _ordering="none")
-    except Exception as exc:
-        raise DesignError(
-            f"the {role} '{formula}' could not be parsed: {_clean(exc)}; "
-            "write it as in R, e.g. '~ 0 + log(libsize) + cls + cls:trt'"
-        ) from exc
-    if type(parsed).__name__ != "SimpleFormula":
-        raise DesignError(
-            f"the {role} '{formula}' must be one-sided ('~ 0 + cls'); remove the response "
-            "on the left of '~'"
-        )
-    return parsed
-
-
-def _required_columns(parsed: Any) -> set[str]:
-    """Names a parsed formula needs from obs (transform functions such as log excluded)."""
-    from formulaic.transforms import TRANSFORMS
-
-    return {str(v) for v in parsed.required_variables} - set(TRANSFORMS)
-
-
-def _r_codes(
-    terms: Sequence[frozenset[str]],
-    var_order: Mapping[str, int],
-    n_levels: Mapping[str, int],
-    intercept: bool,
-) -> list[dict[str, int]]:
-    """R's coding of each variable in each term: 1 = treatment contrasts, 2 = indicators.
-
-    Parameters
-    ----------
-    terms : sequence of frozenset of str
-        The variables of each term, terms in R's order (by degree).
-    var_order : mapping of str to int
-        Position of each variable in order of first appearance in the formula.
-    n_levels : mapping of str to int
-        Number of levels of each factor; numeric variables are absent.
-    intercept : bool
-        Whether the formula has an intercept.
-
-    Returns
-    -------
-    list of dict
-        For each term, variable -> code, as R's ``terms.formula`` (``TermCode``) and
-        ``model.matrix`` compute it.
-    """
-    codes = []
-    for i, term in enumerate(terms):
-        code = {}
-        for v in term:
-            rest = term - {v}
-            in_margin = not rest or any(rest <= earlier for earlier in terms[:i])
-            code[v] = 1 if in_margin else 2
-        codes.append(code)
-    if not intercept:
-        # The first factor (with 2+ levels) of the first term that has one: indicators.
-        for code in codes:
-            factors = [v for v in sorted(code, key=var_order.__getitem__) if n_levels.get(v, 0) > 1]
-            if factors:
-                code[factors[0]] = 2
-                break
-    return codes
-
-
-def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[str, str]]:
-    """R's columns of a formula, with the names formulaic gives them under full coding.
-
-    Parameters
-    ----------
-    parsed : formulaic.Formula
-        The formula with terms in written order.
-    levels : mapping of str to sequence
-        The levels of each factor (formulaic's learned categories); numeric variables
-        are absent.
-
-    Returns
-    -------
-    list of (R name, formulaic name)
-        One entry per R column, in R's order.
-    """
-    written = list(parsed)
-    intercept = any(t.degree == 0 for t in written)
-    terms = sorted((t for t in written if t.degree > 0), key=lambda t: t.degree)
-    var_order: dict[str, int] = {}
-    for term in written:
-        for factor in term.factors:
-            var_order.setdefault(factor.expr, len(var_order))
-    codes = _r_codes(
-        [frozenset(f.expr for f in t.factors) for t in terms],
-        var_order,
-        {v: len(lv) for v, lv in levels.items()},
-        intercept,
-    )
-
-    columns = [(_INTERCEPT, "Intercept")] if intercept else []
-    for term, code in zip(terms, codes, strict=True):
-        f_order = [f.expr for f in term.factors]
-        r_order = sorted(f_order, key=var_order.__getitem__)
-        options: list[list[tuple[str, str | None]]] = []
-        for v in r_order:
-            if v not in levels:
-                options.append([(v, None)])
-            else:
-                drop_first = code[v] == 1
-                options.append([(v, str(lv)) for lv in levels[v][int(drop_first) :]])
-        # R varies the first variable fastest: product over the reversed list, reversed.
-        for combo in itertools.product(*reversed(options)):
-            level_of = dict(combo)
-            r_name = ":".join(f"{v}{level_of[v]}" if v in levels else v for v in r_order)
-            f_name = ":".join(f"{v}[{level_of[v]}]" if v in levels else v for v in f_order)
-            columns.append((r_name, f_name))
-    return columns
-
-
-def _factor_levels(spec: Any) -> dict[str, list[Any]]:
-    """Levels of each categorical factor of a formulaic ModelSpec, in formulaic's order."""
-    return {
-        expr: list(state["categories"])
-        for expr, (kind, state) in spec.encoder_state.items()
-        if getattr(kind, "value", None) == "categorical"
-    }
-
-
-def _build_block(
-    formula: str, parsed: Any, frame: pd.DataFrame, role: str, *, dense: bool
-) -> _Block:
-    """Learn the structure of one formula from the whole of ``frame`` (prepared obs).
-
-    Parameters
-    ----------
-    formula : str
-        The formula as given, for messages.
-    parsed : formulaic.Formula
-        The parsed formula.
-    frame : pandas.DataFrame
-        All cells' metadata, prepared by :func:`_prepare`.
-    role : str
-        Where the formula came from, for messages.
-    dense : bool
-        Whether the block is evaluated dense (X) or sparse (Z).
-    """
-    from formulaic import model_matrix
-
-    try:
-        mm = model_matrix(
-            parsed,
-            frame,
-            ensure_full_rank=False,
-            na_action="raise",
-            output="numpy" if dense else "sparse",
-            context={},
-        )
-    except Exception as exc:
-        raise DesignError(
-            f"the {role} '{formula}' could not be evaluated on obs: {_clean(exc)}"
-        ) from exc
-    spec = mm.model_spec
-    levels = _factor_levels(spec)
-    position = {name: i for i, name in enumerate(spec.column_names)}
-    keep: list[int] = []
-    names: list[str] = []
-    for r_name, f_name in _r_columns(parsed, levels):
-        if f_name not in position:
-            raise DesignError(
-                f"the {role} '{formula}' has a term that flashmm_dask cannot name as R does "
-                f"(column {r_name!r}); use plain variables, functions of one numeric "
-                "variable such as log(x), and their interactions"
-            )
-        keep.append(position[f_name])
-        names.append(r_name)
-    return _Block(formula, spec, np.asarray(keep, dtype=np.int64), tuple(names), levels)
 
 
 # --------------------------------------------------------------------------------------
@@ -404,7 +146,7 @@ def _normalise_random(random: str | Sequence[str] | Mapping[str, str]) -> list[t
 
 def _component_name(parsed: Any) -> str:
     terms = [str(t) for t in parsed if t.degree > 0]
-    return " + ".join(terms) if terms else _INTERCEPT
+    return " + ".join(terms) if terms else INTERCEPT
 
 
 # --------------------------------------------------------------------------------------
@@ -440,8 +182,8 @@ class Design:
     random_names: tuple[str, ...]
     components: tuple[str, ...]
     d: tuple[int, ...]
-    _fixed_block: _Block = field(repr=False, compare=False)
-    _random_blocks: tuple[_Block, ...] = field(repr=False, compare=False)
+    _fixed_block: TermBlock = field(repr=False, compare=False)
+    _random_blocks: tuple[TermBlock, ...] = field(repr=False, compare=False)
     _columns: tuple[str, ...] = field(repr=False, compare=False)
     _levels: tuple[tuple[str, frozenset[Any]], ...] = field(repr=False, compare=False)
 
@@ -561,9 +303,9 @@ def build_design(
     if len(obs) == 0:
         raise DesignError("obs has no cells (0 rows); a design needs the metadata of every cell")
 
-    fixed_parsed = _parse(fixed, "fixed formula")
+    fixed_parsed = parse_formula(fixed, "fixed formula")
     random_pairs = _normalise_random(random)
-    random_parsed = [_parse(f, "random formula") for _, f in random_pairs]
+    random_parsed = [parse_formula(f, "random formula") for _, f in random_pairs]
     names = [
         name or _component_name(parsed)
         for (name, _), parsed in zip(random_pairs, random_parsed, strict=True)
@@ -580,7 +322,7 @@ def build_design(
         ("fixed formula", fixed, fixed_parsed),
         *[("random formula", f, p) for (_, f), p in zip(random_pairs, random_parsed, strict=True)],
     ]:
-        for col in sorted(_required_columns(parsed)):
+        for col in sorted(required_columns(parsed)):
             if col not in obs.columns:
                 raise DesignError(
                     f"column '{col}' not found in obs; available: "
@@ -593,7 +335,7 @@ def build_design(
     frame = _prepare(obs, used)
     _check_missing_values(frame)
 
-    fixed_block = _build_block(fixed, fixed_parsed, frame, "fixed formula", dense=True)
+    fixed_block = build_block(fixed, fixed_parsed, frame, "fixed formula", dense=True)
     for expr, lv in fixed_block.levels.items():
         if len(lv) < 2:
             raise DesignError(
@@ -606,7 +348,7 @@ def build_design(
         )
     random_blocks = []
     for name, (_, formula), parsed in zip(names, random_pairs, random_parsed, strict=True):
-        block = _build_block(formula, parsed, frame, "random formula", dense=False)
+        block = build_block(formula, parsed, frame, "random formula", dense=False)
         if len(block.names) < 2:
             raise DesignError(
                 f"random component '{name}' has a single level; a random effect needs at "
@@ -649,51 +391,6 @@ def build_design(
 # --------------------------------------------------------------------------------------
 # Rank
 # --------------------------------------------------------------------------------------
-
-
-def aliased_columns(XX: np.ndarray, rtol: float = ALIAS_RTOL) -> np.ndarray:
-    """Columns of X that are linear combinations of earlier columns, from X'X alone.
-
-    Column j is aliased when its squared distance to the span of the earlier non-aliased
-    columns, relative to its squared norm (1 - R^2 of that regression), is at most ``rtol``;
-    a zero column is aliased. This is R's ``lm`` convention: the earliest columns are kept.
-
-    Parameters
-    ----------
-    XX : ndarray, shape (p, p)
-        X'X, symmetric positive semi-definite.
-    rtol : float
-        Threshold on 1 - R^2.
-
-    Returns
-    -------
-    ndarray of int64, shape (n_aliased,)
-        Indices of the aliased columns, increasing.
-    """
-    XX = np.asarray(XX, dtype=np.float64)
-    norms = np.sqrt(np.clip(np.diag(XX), 0.0, None))
-    scale = np.where(norms > 0, norms, 1.0)
-    S = XX / np.outer(scale, scale)
-    kept: list[int] = []
-    aliased: list[int] = []
-    L = np.zeros((0, 0))
-    for j in range(XX.shape[0]):
-        if norms[j] == 0:
-            aliased.append(j)
-            continue
-        w = scipy.linalg.solve_triangular(L, S[kept, j], lower=True) if kept else np.zeros(0)
-        resid = S[j, j] - w @ w
-        if resid <= rtol:
-            aliased.append(j)
-            continue
-        k = len(kept)
-        L_new = np.zeros((k + 1, k + 1))
-        L_new[:k, :k] = L
-        L_new[k, :k] = w
-        L_new[k, k] = np.sqrt(resid)
-        L = L_new
-        kept.append(j)
-    return np.asarray(aliased, dtype=np.int64)
 
 
 def _check_rank(design: Design, obs: pd.DataFrame) -> None:

@@ -20,8 +20,9 @@ import pytest
 import scipy.sparse
 
 from flashmm_dask import design as design_module
-from flashmm_dask.design import Design, aliased_columns, build_design
+from flashmm_dask.design import Design, build_design
 from flashmm_dask.errors import DesignError, InputError
+from flashmm_dask.numerics.linalg import aliased_columns
 
 REFERENCE = Path(__file__).parent / "reference"
 FIXED = "~ 0 + log(libsize) + cls + cls:trt"

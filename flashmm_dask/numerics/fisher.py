@@ -39,7 +39,14 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal, trace
+from flashmm_dask.numerics.linalg import (
+    Array,
+    aliased_columns,
+    inv_shifted,
+    pinv_sym,
+    reciprocal,
+    trace,
+)
 
 METHODS = ("REML", "ML")
 
@@ -50,31 +57,6 @@ class NotPositiveDefiniteError(np.linalg.LinAlgError):
     def __init__(self, aliased: list[int]):
         super().__init__(f"X'X is not positive definite (aliased columns {aliased})")
         self.aliased = aliased
-
-
-def aliased_columns(XX: Array, tol: float = 1e-9) -> list[int]:
-    """Indices of columns of X that are linear combinations of earlier columns.
-
-    Works on X'X alone: a column is aliased when its residual sum of squares after
-    projecting on the earlier kept columns is below ``tol`` times its own.
-    """
-    keep: list[int] = []
-    aliased: list[int] = []
-    for j in range(XX.shape[0]):
-        if XX[j, j] <= 0:
-            aliased.append(j)
-            continue
-        if keep:
-            sub = XX[np.ix_(keep, keep)]
-            b = XX[keep, j]
-            resid = XX[j, j] - b @ np.linalg.lstsq(sub, b, rcond=None)[0]
-        else:
-            resid = XX[j, j]
-        if resid <= tol * XX[j, j]:
-            aliased.append(j)
-        else:
-            keep.append(j)
-    return aliased
 
 
 @dataclass(frozen=True)
@@ -145,7 +127,7 @@ def prepare(XX: Array, ZX: Array, ZZ: Array, n: float, d, method: str) -> Shared
     try:
         cho = scipy.linalg.cho_factor(XX, lower=True)
     except np.linalg.LinAlgError:
-        raise NotPositiveDefiniteError(aliased_columns(XX)) from None
+        raise NotPositiveDefiniteError([int(j) for j in aliased_columns(XX)]) from None
     XXinv = scipy.linalg.cho_solve(cho, np.eye(XX.shape[0]))
     zrz = ZZ - ZX @ XXinv @ ZX.T
     zrz = 0.5 * (zrz + zrz.T)

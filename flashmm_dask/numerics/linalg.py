@@ -10,9 +10,13 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import numpy as np
+import scipy.linalg
 
 #: Arrays of float64 throughout the numerics (shapes are given in the docstrings).
 Array: TypeAlias = np.ndarray
+
+#: Threshold on 1 - R^2 below which a column of X counts as aliased (aliased_columns).
+ALIAS_RTOL = 1e-9
 
 #: Relative singular-value cut-off of MASS::ginv.
 GINV_TOL = float(np.sqrt(np.finfo(np.float64).eps))
@@ -163,3 +167,48 @@ def reciprocal(x: Array) -> Array:
 def trace(A: Array) -> Array:
     """Traces of a stack of square matrices: (..., k, k) -> (...)."""
     return np.trace(A, axis1=-2, axis2=-1)
+
+
+def aliased_columns(XX: np.ndarray, rtol: float = ALIAS_RTOL) -> np.ndarray:
+    """Columns of X that are linear combinations of earlier columns, from X'X alone.
+
+    Column j is aliased when its squared distance to the span of the earlier non-aliased
+    columns, relative to its squared norm (1 - R^2 of that regression), is at most ``rtol``;
+    a zero column is aliased. This is R's ``lm`` convention: the earliest columns are kept.
+
+    Parameters
+    ----------
+    XX : ndarray, shape (p, p)
+        X'X, symmetric positive semi-definite.
+    rtol : float
+        Threshold on 1 - R^2.
+
+    Returns
+    -------
+    ndarray of int64, shape (n_aliased,)
+        Indices of the aliased columns, increasing.
+    """
+    XX = np.asarray(XX, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(XX), 0.0, None))
+    scale = np.where(norms > 0, norms, 1.0)
+    S = XX / np.outer(scale, scale)
+    kept: list[int] = []
+    aliased: list[int] = []
+    L = np.zeros((0, 0))
+    for j in range(XX.shape[0]):
+        if norms[j] == 0:
+            aliased.append(j)
+            continue
+        w = scipy.linalg.solve_triangular(L, S[kept, j], lower=True) if kept else np.zeros(0)
+        resid = S[j, j] - w @ w
+        if resid <= rtol:
+            aliased.append(j)
+            continue
+        k = len(kept)
+        L_new = np.zeros((k + 1, k + 1))
+        L_new[:k, :k] = L
+        L_new[k, :k] = w
+        L_new[k, k] = np.sqrt(resid)
+        L = L_new
+        kept.append(j)
+    return np.asarray(aliased, dtype=np.int64)

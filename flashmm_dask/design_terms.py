@@ -1,0 +1,287 @@
+"""R's model.matrix coding of one formula, on top of formulaic.
+
+formulaic builds every term with one indicator column per factor level; this module picks
+the columns R would keep and names them R's way, so that coefficient names and contrasts
+written for the R package work unchanged:
+
+- terms are sorted by degree, keeping the written order within a degree;
+- variables inside a term go in order of first appearance, the first varying fastest;
+- a factor gets treatment contrasts if the term without it is empty or contained in an
+  earlier term, otherwise one column per level (R's ``TermCode`` rule);
+- without an intercept, the first factor of the first term that has one gets a column
+  per level;
+- names: "cls1", "cls2:trtB", "(Intercept)", "log(libsize)", "samA1:time".
+
+:func:`build_block` returns a :class:`TermBlock`: the formulaic ModelSpec plus the kept
+columns and their R names, evaluated on any row subset of the cell metadata.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+
+from flashmm_dask.errors import DesignError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|⧛|⧚")
+INTERCEPT = "(Intercept)"
+
+
+@dataclass(frozen=True, eq=False)
+class TermBlock:
+    """One formula, evaluated by formulaic with full indicator coding.
+
+    Attributes
+    ----------
+    formula : str
+        The formula as given.
+    spec : formulaic.ModelSpec
+        The learned structure (levels, transforms, full indicator columns).
+    keep : ndarray of int64, shape (ncol,)
+        Positions, among formulaic's columns, of the columns R keeps, in R's order.
+    names : tuple of str, length ncol
+        R's names of the kept columns.
+    levels : dict of str to list
+        The levels of each factor of the formula.
+    """
+
+    formula: str
+    spec: Any
+    keep: np.ndarray
+    names: tuple[str, ...]
+    levels: dict[str, list[Any]]
+
+    def dense(self, frame: pd.DataFrame) -> np.ndarray:
+        """Evaluate the block on ``frame`` as a dense (rows, ncol) float64 array."""
+        mm = self._evaluate(frame, "numpy")
+        return np.ascontiguousarray(np.asarray(mm)[:, self.keep], dtype=np.float64)
+
+    def sparse(self, frame: pd.DataFrame) -> scipy.sparse.csc_matrix:
+        """Evaluate the block on ``frame`` as a sparse (rows, ncol) float64 matrix."""
+        mm = self._evaluate(frame, "sparse")
+        return scipy.sparse.csc_matrix(mm.__wrapped__, dtype=np.float64)[:, self.keep]
+
+    def _evaluate(self, frame: pd.DataFrame, output: str) -> Any:
+        try:
+            mm = self.spec.get_model_matrix(frame, context={}, output=output)
+        except Exception as exc:  # formulaic raises several unrelated classes
+            raise DesignError(
+                f"formula '{self.formula}' could not be evaluated on a chunk of obs: {_clean(exc)}"
+            ) from exc
+        if mm.shape[0] != len(frame):
+            raise DesignError(
+                f"formula '{self.formula}' gave {mm.shape[0]} rows for {len(frame)} cells; "
+                "check obs for missing values"
+            )
+        return mm
+
+
+def _clean(exc: BaseException) -> str:
+    """formulaic's message on one line, without its terminal colour codes."""
+    text = _ANSI.sub("", str(exc))
+    return " ".join(text.split())
+
+
+def parse_formula(formula: str, role: str) -> Any:
+    """Parse one formula with formulaic, keeping the written term order.
+
+    Parameters
+    ----------
+    formula : str
+        A one-sided formula such as ``"~ 0 + sam"``.
+    role : str
+        Where the formula came from ("fixed formula", "random formula 'sam'"), for messages.
+
+    Returns
+    -------
+    formulaic.Formula
+        A simple (unstructured) formula with its terms in written order.
+    """
+    from formulaic import Formula
+
+    if not isinstance(formula, str):
+        raise DesignError(f"the {role} must be a string such as '~ 0 + sam', got {formula!r}")
+    if "|" in formula:
+        raise DesignError(
+            f"the {role} '{formula}' contains '|'; lme4-style terms such as '(1 | sam)' are "
+            "not supported: write the random effect as its own formula, e.g. random='~ 0 + sam'"
+        )
+    try:
+        parsed = Formula(formula, _ordering="none")
+    except Exception as exc:
+        raise DesignError(
+            f"the {role} '{formula}' could not be parsed: {_clean(exc)}; "
+            "write it as in R, e.g. '~ 0 + log(libsize) + cls + cls:trt'"
+        ) from exc
+    if type(parsed).__name__ != "SimpleFormula":
+        raise DesignError(
+            f"the {role} '{formula}' must be one-sided ('~ 0 + cls'); remove the response "
+            "on the left of '~'"
+        )
+    return parsed
+
+
+def required_columns(parsed: Any) -> set[str]:
+    """Names a parsed formula needs from obs (transform functions such as log excluded)."""
+    from formulaic.transforms import TRANSFORMS
+
+    return {str(v) for v in parsed.required_variables} - set(TRANSFORMS)
+
+
+def _r_codes(
+    terms: Sequence[frozenset[str]],
+    var_order: Mapping[str, int],
+    n_levels: Mapping[str, int],
+    intercept: bool,
+) -> list[dict[str, int]]:
+    """R's coding of each variable in each term: 1 = treatment contrasts, 2 = indicators.
+
+    Parameters
+    ----------
+    terms : sequence of frozenset of str
+        The variables of each term, terms in R's order (by degree).
+    var_order : mapping of str to int
+        Position of each variable in order of first appearance in the formula.
+    n_levels : mapping of str to int
+        Number of levels of each factor; numeric variables are absent.
+    intercept : bool
+        Whether the formula has an intercept.
+
+    Returns
+    -------
+    list of dict
+        For each term, variable -> code, as R's ``terms.formula`` (``TermCode``) and
+        ``model.matrix`` compute it.
+    """
+    codes = []
+    for i, term in enumerate(terms):
+        code = {}
+        for v in term:
+            rest = term - {v}
+            in_margin = not rest or any(rest <= earlier for earlier in terms[:i])
+            code[v] = 1 if in_margin else 2
+        codes.append(code)
+    if not intercept:
+        # The first factor (with 2+ levels) of the first term that has one: indicators.
+        for code in codes:
+            factors = [v for v in sorted(code, key=var_order.__getitem__) if n_levels.get(v, 0) > 1]
+            if factors:
+                code[factors[0]] = 2
+                break
+    return codes
+
+
+def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[str, str]]:
+    """R's columns of a formula, with the names formulaic gives them under full coding.
+
+    Parameters
+    ----------
+    parsed : formulaic.Formula
+        The formula with terms in written order.
+    levels : mapping of str to sequence
+        The levels of each factor (formulaic's learned categories); numeric variables
+        are absent.
+
+    Returns
+    -------
+    list of (R name, formulaic name)
+        One entry per R column, in R's order.
+    """
+    written = list(parsed)
+    intercept = any(t.degree == 0 for t in written)
+    terms = sorted((t for t in written if t.degree > 0), key=lambda t: t.degree)
+    var_order: dict[str, int] = {}
+    for term in written:
+        for factor in term.factors:
+            var_order.setdefault(factor.expr, len(var_order))
+    codes = _r_codes(
+        [frozenset(f.expr for f in t.factors) for t in terms],
+        var_order,
+        {v: len(lv) for v, lv in levels.items()},
+        intercept,
+    )
+
+    columns = [(INTERCEPT, "Intercept")] if intercept else []
+    for term, code in zip(terms, codes, strict=True):
+        f_order = [f.expr for f in term.factors]
+        r_order = sorted(f_order, key=var_order.__getitem__)
+        options: list[list[tuple[str, str | None]]] = []
+        for v in r_order:
+            if v not in levels:
+                options.append([(v, None)])
+            else:
+                drop_first = code[v] == 1
+                options.append([(v, str(lv)) for lv in levels[v][int(drop_first) :]])
+        # R varies the first variable fastest: product over the reversed list, reversed.
+        for combo in itertools.product(*reversed(options)):
+            level_of = dict(combo)
+            r_name = ":".join(f"{v}{level_of[v]}" if v in levels else v for v in r_order)
+            f_name = ":".join(f"{v}[{level_of[v]}]" if v in levels else v for v in f_order)
+            columns.append((r_name, f_name))
+    return columns
+
+
+def _factor_levels(spec: Any) -> dict[str, list[Any]]:
+    """Levels of each categorical factor of a formulaic ModelSpec, in formulaic's order."""
+    return {
+        expr: list(state["categories"])
+        for expr, (kind, state) in spec.encoder_state.items()
+        if getattr(kind, "value", None) == "categorical"
+    }
+
+
+def build_block(
+    formula: str, parsed: Any, frame: pd.DataFrame, role: str, *, dense: bool
+) -> TermBlock:
+    """Learn the structure of one formula from the whole of ``frame`` (prepared obs).
+
+    Parameters
+    ----------
+    formula : str
+        The formula as given, for messages.
+    parsed : formulaic.Formula
+        The parsed formula.
+    frame : pandas.DataFrame
+        All cells' metadata, prepared by :func:`_prepare`.
+    role : str
+        Where the formula came from, for messages.
+    dense : bool
+        Whether the block is evaluated dense (X) or sparse (Z).
+    """
+    from formulaic import model_matrix
+
+    try:
+        mm = model_matrix(
+            parsed,
+            frame,
+            ensure_full_rank=False,
+            na_action="raise",
+            output="numpy" if dense else "sparse",
+            context={},
+        )
+    except Exception as exc:
+        raise DesignError(
+            f"the {role} '{formula}' could not be evaluated on obs: {_clean(exc)}"
+        ) from exc
+    spec = mm.model_spec
+    levels = _factor_levels(spec)
+    position = {name: i for i, name in enumerate(spec.column_names)}
+    keep: list[int] = []
+    names: list[str] = []
+    for r_name, f_name in _r_columns(parsed, levels):
+        if f_name not in position:
+            raise DesignError(
+                f"the {role} '{formula}' has a term that flashmm_dask cannot name as R does "
+                f"(column {r_name!r}); use plain variables, functions of one numeric "
+                "variable such as log(x), and their interactions"
+            )
+        keep.append(position[f_name])
+        names.append(r_name)
+    return TermBlock(formula, spec, np.asarray(keep, dtype=np.int64), tuple(names), levels)
