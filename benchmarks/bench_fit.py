@@ -2,7 +2,8 @@
 
 Run: ``python benchmarks/bench_fit.py [--features 5000]``. Prints features per second and the
 ratio to R FLASHMM 1.3.0's ``lmm`` (1000 features with p=21, q=25 in 1.33 s on this machine
-type, i.e. 752 features/s). Not a test: it asserts nothing.
+type, i.e. 752 features/s). Not a test: it asserts nothing. statsmodels' MixedLM on the
+cell-level data (the Python peer) is compared in ``bench_peer.py``.
 """
 
 from __future__ import annotations
@@ -76,14 +77,17 @@ def one_at_a_time(st, m_loop):
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", type=int, default=5000)
     ap.add_argument("--cells", type=int, default=20000)
-    args = ap.parse_args()
+    ap.add_argument("--loop", type=int, default=LOOP, help="features of the one-at-a-time loop")
+    args = ap.parse_args(argv)
+    loop = min(args.loop, args.features)
     m = args.features
     print(f"m = {m} features; R FLASHMM 1.3.0 reference: {R_FEATURES_PER_S:.0f} features/s")
     print(f"{'case':<28}{'path':<18}{'features/s':>12}{'seconds':>10}{'x R':>8}")
+    ratios = []
     for label, p, d in (
         ("p=21 q=25 K=1", 21, (25,)),
         ("p=60 q=259 K=1", 60, (259,)),
@@ -97,9 +101,11 @@ def main() -> None:
             rows.append(("general (auto)", *rate(lambda st=st: lmm(**st), m)))
         if len(d) == 1 and d[0] <= 50:
             rows.append(("general", *rate(lambda st=st: general_path(st), m)))
-        rows.append(("one-at-a-time", *rate(lambda st=st: one_at_a_time(st, LOOP), LOOP, 1)))
+        rows.append(("one-at-a-time", *rate(lambda st=st: one_at_a_time(st, loop), loop, 1)))
         for path, fps, sec in rows:
             print(f"{label:<28}{path:<18}{fps:>12.0f}{sec:>10.3f}{fps / R_FEATURES_PER_S:>8.1f}")
+            ratios.append(f"ratio to R FLASHMM ({label}, {path}): {fps / R_FEATURES_PER_S:.1f} x")
+    print("\n".join(ratios))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from flashmm_dask.io.anndata_store import write_store
 from flashmm_dask.io.readers import Expression, read_expression, read_obs
 from flashmm_dask.lmm import lmm
 from flashmm_dask.lmmtest import lmmtest
+from flashmm_dask.lrt import lrt_fixed, vctest
+from flashmm_dask.numerics.inference import p_adjust
 from flashmm_dask.reduce import TRANSFORMS, reduce_stats, stats_graph
 from flashmm_dask.simulate import simulate_rnaseq, simulate_to_store
 from flashmm_dask.stats import SummaryStats
@@ -53,6 +55,8 @@ __all__ = [
     "lmm_stats",
     "lmmfit",
     "lmmtest",
+    "lrt_fixed",
+    "p_adjust",
     "read_expression",
     "read_obs",
     "reduce_stats",
@@ -60,5 +64,6 @@ __all__ = [
     "simulate_to_store",
     "sslmm",
     "stats_graph",
+    "vctest",
     "write_store",
 ]

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,11 +158,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(source, _overrides(args))
     if args.command == "stats":
         from flashmm_dask.cluster import open_client
-        from flashmm_dask.pipeline import STATS, OutputLock, compute_stats
+        from flashmm_dask.pipeline import STATS, OutputLock, compute_stats, prepare_inputs
 
         folder = Path(cfg.output.path)
-        with OutputLock(folder), open_client(cfg.cluster) as client:
-            stats = compute_stats(cfg, client, folder, show=cfg.progress)
+        with OutputLock(folder):
+            inputs = prepare_inputs(cfg, folder)  # user errors before the cluster starts
+            with open_client(cfg.cluster) as client:
+                stats = compute_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
         target = args.out or str(folder / STATS)
         if args.out:
             stats.save(target, overwrite=cfg.output.overwrite)
@@ -226,9 +230,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (scancel, kill, a pod's termination) like Ctrl-C: stop cleanly."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flashmm-dask`` console script."""
     args = parser().parse_args(argv)
+    _stop_on_sigterm()
     _configure_logging(args)
     handlers = {"simulate": _simulate, "test": _test, "report": _report}
     try:
@@ -241,6 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"flashmm-dask: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:
+        if args.debug or exc.errno is None:
+            raise
+        # a file-system failure outside the pipeline's own checks (full disk, read-only)
+        print(f"flashmm-dask: error: {exc}; --debug shows the traceback", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("flashmm-dask: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,12 +41,17 @@ def _local(cfg: Any) -> Any:
         memory_limit=cfg.memory_limit,
         # the scheduler's HTTP server always listens; null asks for no fixed port
         dashboard_address=cfg.dashboard_address or "127.0.0.1:0",
+        # every server on the loopback interface only. Threads would talk over inproc://,
+        # which takes no host and leaves the workers' HTTP servers on all interfaces
         host="127.0.0.1",
+        protocol="tcp://",
     )
 
 
 def slurm_cluster(cfg: Any) -> Any:
     """A dask-jobqueue SLURMCluster from the ``cluster.slurm`` settings, scaled."""
+    first = "dask_jobqueue" not in sys.modules
+    handler = signal.getsignal(signal.SIGINT)
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
@@ -50,6 +59,10 @@ def slurm_cluster(cfg: Any) -> Any:
             "cluster.kind 'slurm' needs dask-jobqueue; install it with "
             "pip install 'flashmm-dask[slurm]'"
         ) from None
+    if first and threading.current_thread() is threading.main_thread():
+        # dask-jobqueue 0.9.0 sets SIGINT to sys.exit() on import (dask/dask-jobqueue#696):
+        # Ctrl-C would end the run with status 0 and no message
+        signal.signal(signal.SIGINT, handler)
     s = cfg.slurm
     kwargs: dict[str, Any] = {
         "cores": s.cores,
@@ -69,7 +82,9 @@ def slurm_cluster(cfg: Any) -> Any:
     if s.adaptive is not None and (s.adaptive.minimum is not None or s.adaptive.maximum):
         cluster.adapt(minimum_jobs=s.adaptive.minimum or 0, maximum_jobs=s.adaptive.maximum)
     else:
-        cluster.scale(jobs=s.n_jobs)
+        # adapt, not scale: a worker job that ends (walltime, preemption, node failure) is
+        # then replaced; after scale(jobs=n) it is not, and the run waits without workers
+        cluster.adapt(minimum_jobs=s.n_jobs, maximum_jobs=s.n_jobs)
     return cluster
 
 
@@ -80,6 +95,59 @@ def kubernetes_cluster(cfg: Any) -> Any:
     return kube_cluster(cfg)
 
 
+def _unreachable(address: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"cannot reach the Dask scheduler at {address!r} ({why}); start it with "
+        "'dask scheduler' or fix cluster.address"
+    )
+
+
+def probe_scheduler(address: str, timeout: float = 10.0) -> None:
+    """Fail at once when nothing listens at a ``tcp://host:port`` scheduler address.
+
+    ``distributed.Client`` retries a refused connection until its timeout; a refused or
+    unresolvable address is conclusive, so it is reported without the wait. Other
+    protocols (tls://, ws://, ...) are left to the client.
+    """
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "tcp", address
+    if scheme != "tcp":
+        return
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon or not port.isdigit():
+        raise ConfigError(
+            f"cluster.address {address!r} has no port; write e.g. tcp://127.0.0.1:8786"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise _unreachable(address, exc.strerror or str(exc) or type(exc).__name__) from None
+
+
+def _not_a_task_failure(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Compute Failed")
+
+
+def _quiet_task_errors() -> Any:
+    """A worker plugin that drops the workers' "Compute Failed" log records.
+
+    A failed task's exception is raised again in the driver, which reports it once (one
+    line for a user error such as NaN in the data); the workers of a local cluster would
+    otherwise print it, with its traceback, on the same terminal first.
+    """
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class QuietTaskErrors(WorkerPlugin):
+        name = "flashmm-quiet-task-errors"
+
+        def setup(self, worker: Any) -> None:
+            logging.getLogger("distributed.worker").addFilter(_not_a_task_failure)
+
+    return QuietTaskErrors()
+
+
 @contextmanager
 def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
     """A ``distributed.Client`` for the ``cluster`` config section, closed on exit."""
@@ -87,13 +155,11 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
 
     cluster = None
     if cfg.kind == "address":
+        probe_scheduler(cfg.address, timeout=min(timeout, 10.0))
         try:
             client = Client(cfg.address, timeout=timeout)
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(
-                f"cannot reach the Dask scheduler at {cfg.address!r} ({exc}); start it with "
-                "'dask scheduler' or fix cluster.address"
-            ) from None
+            raise _unreachable(cfg.address, str(exc)) from None
     else:
         if cfg.kind == "local":
             cluster = _local(cfg)
@@ -104,6 +170,8 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
         else:
             raise ConfigError(f"unknown cluster.kind {cfg.kind!r}")
         client = Client(cluster)
+        if cfg.kind == "local" and not logging.getLogger("distributed").isEnabledFor(logging.DEBUG):
+            client.register_plugin(_quiet_task_errors())
     logger.info("Dask client: %s", client)
     try:
         yield client

@@ -259,6 +259,7 @@ class ModelConfig:
     fixed: str = _TEXT("~ 0 + log(libsize) + cls + cls:trt")
     random: str | tuple[str, ...] = _key(_random, "~ 0 + sam")
     method: str = _key(_choice("REML", "ML"), "REML")
+    df: str = _key(_choice("residual", "satterthwaite"), "residual")
     transform: str = _key(_transform, "log2p1")
     target_sum: float = _key(_number(0.0, strict=True), 1e4)
     max_iter: int = _POSITIVE(50)
@@ -268,9 +269,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Section ``test``: the alternative hypothesis of the contrast tests."""
+    """Section ``test``: the alternative hypothesis of the contrast tests and the
+    multiple-testing adjustment of the p-values (Benjamini-Hochberg or -Yekutieli)."""
 
     alternative: str = _key(_choice("two.sided", "less", "greater"), "two.sided")
+    p_adjust: str = _key(_choice("BH", "BY"), "BH")
 
 
 @dataclass(frozen=True)
@@ -688,6 +691,11 @@ def _check_consistency(cfg: RunConfig, origins: dict[str, str]) -> None:
     if sim.n_de_genes is not None and sim.n_de_genes > sim.n_genes:
         raise fail(
             "simulate.n_de_genes", f"({sim.n_de_genes}) must be <= simulate.n_genes ({sim.n_genes})"
+        )
+    if cfg.data.features is not None and not cfg.data.features:
+        raise fail(
+            "data.features",
+            "is an empty list; list the features to keep, or remove the key to keep all",
         )
     for name in ("layer", "orientation", "obs", "features"):
         if cfg.data.path is None and getattr(cfg.data, name) is not None:

@@ -24,7 +24,8 @@ class LmmFit:
     ----------
     method : "REML" or "ML"
     epsilon : convergence tolerance on max |dlogL|
-    df : residual degrees of freedom n - p (float), or a (p, m) array
+    df : degrees of freedom of t: n - p (a float) with ``df_method="residual"``, or a (p, m)
+        array of Satterthwaite's df with ``df_method="satterthwaite"``
     coef, se, t, p : (p, m) arrays
     theta, se_theta, dlogL : (K+1, m) arrays; last row the residual variance
     logLik, niter : (m,) arrays (niter is NaN for features that were not fitted)
@@ -39,6 +40,13 @@ class LmmFit:
     random : q names of the random-effect columns
     n : number of cells
     d : sizes of the K random components
+    df_method : "residual" or "satterthwaite"
+    vcov_theta : (m, K+1, K+1) array or None
+        Inverse observed information of theta (minus the inverse Hessian of the REML or
+        ML log-likelihood); kept with ``df_method="satterthwaite"`` and ``output_cov``.
+    jac_cov : (m, K+1, p, p) array or None
+        Derivatives of ``cov`` in each variance component (same condition). With
+        ``vcov_theta`` they give Satterthwaite's df of any contrast in :func:`lmmtest`.
     """
 
     method: str
@@ -65,6 +73,9 @@ class LmmFit:
     random: tuple[str, ...]
     n: int
     d: tuple[int, ...]
+    df_method: str = "residual"
+    vcov_theta: Array | None = None
+    jac_cov: Array | None = None
 
     def __repr__(self) -> str:
         return (
@@ -131,8 +142,20 @@ class LmmFit:
         if self.RE is not None:
             coords["random"] = list(self.random)
             data["RE"] = (("feature", "random"), self.RE.T)
+        if self.vcov_theta is not None:
+            coords["component2"] = list(self.components)
+            data["vcov_theta"] = (("feature", "component", "component2"), self.vcov_theta)
+        if self.jac_cov is not None:
+            coords["covariate2"] = list(self.covariates)
+            dims = ("feature", "component", "covariate", "covariate2")
+            data["jac_cov"] = (dims, self.jac_cov)
         return xr.Dataset(
             data,
             coords=coords,
-            attrs={"method": self.method, "epsilon": self.epsilon, "n": self.n},
+            attrs={
+                "method": self.method,
+                "epsilon": self.epsilon,
+                "n": self.n,
+                "df_method": self.df_method,
+            },
         )

@@ -43,7 +43,7 @@ def sslmm(X: Any, Y: Any, Z: Any, d: Sequence[int] | None = None) -> SummaryStat
 def lmm_stats(stats: SummaryStats, **kwargs: Any) -> LmmFit:
     """:func:`lmm` of a :class:`SummaryStats`, keeping its names.
 
-    Keyword arguments go to :func:`lmm` (method, theta0, max_iter, epsilon, output_*...).
+    Keyword arguments go to :func:`lmm` (method, df, theta0, max_iter, epsilon, output_*...).
     """
     cov, ran, feat = list(stats.covariates), list(stats.random), list(stats.features)
     d = dict(zip(stats.components, stats.d, strict=True))
@@ -159,7 +159,8 @@ def flashmm(
     layer, orientation, chunk_cells, storage_options : passed to the reader
     pcs : add the top ``pcs`` principal components of the transformed data to X
     split_every : fan-in of the tree reduction
-    **kwargs : passed to :func:`lmm` (method, max_iter, epsilon, output_* ...)
+    **kwargs : passed to :func:`lmm` (method, df ("residual" or "satterthwaite"), max_iter,
+        epsilon, output_* ...)
 
     Returns
     -------

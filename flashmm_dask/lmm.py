@@ -274,7 +274,10 @@ def lmm(
             f"{names}; remove them from the fixed-effects design"
         ) from None
 
-    fit = _fit_blocks(shared, arrays, t0, max_iter, epsilon, n_threads, df_method)
+    satterthwaite = df_method == "satterthwaite"
+    fit = _fit_blocks(
+        shared, arrays, t0, max_iter, epsilon, n_threads, df_method, satterthwaite and output_cov
+    )
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
     if n_zero and warn_zero:
@@ -301,9 +304,8 @@ def lmm(
         se = np.sqrt(np.diagonal(fit["cov"], axis1=1, axis2=2)).T
         t = coef / se
     df_t: float | Array = float(n_cells - p)
-    satterthwaite = df_method == "satterthwaite"
     if satterthwaite:
-        df_t = satterthwaite_df(fit["cov"], fit["jac_cov"], fit["vcov_theta"], np.eye(p)).T
+        df_t = fit["df"].T
         n_nan = int(np.sum(np.isnan(df_t[:, fitted])))
         if n_nan:
             logger.warning(
@@ -340,8 +342,8 @@ def lmm(
         n=n_cells,
         d=sizes,
         df_method=df_method,
-        vcov_theta=fit["vcov_theta"] if satterthwaite and output_cov else None,
-        jac_cov=fit["jac_cov"] if satterthwaite and output_cov else None,
+        vcov_theta=fit.get("vcov_theta"),
+        jac_cov=fit.get("jac_cov"),
     )
 
 
@@ -361,8 +363,13 @@ def _fit_blocks(
     epsilon: float,
     n_threads: int | None,
     df_method: str = "residual",
+    keep_satterthwaite: bool = False,
 ) -> dict[str, Array]:
-    """Fit the features in blocks; features with Ynorm <= 0 get NaN."""
+    """Fit the features in blocks; features with Ynorm <= 0 get NaN.
+
+    With ``df_method="satterthwaite"`` the output has the df of each coefficient ("df"),
+    and with ``keep_satterthwaite`` also ``vcov_theta`` and ``jac_cov`` (for contrasts).
+    """
     p, q, K = shared.p, shared.q, shared.K
     m = arrays["Ynorm"].shape[0]
     XY = np.ascontiguousarray(arrays["XY"].T)
@@ -382,6 +389,8 @@ def _fit_blocks(
         "logLik": (),
     }
     if df_method == "satterthwaite":
+        shapes["df"] = (p,)
+    if keep_satterthwaite:
         shapes.update(vcov_theta=(K + 1, K + 1), jac_cov=(K + 1, p, p))
     out = {k: np.full((m, *s), np.nan) for k, s in shapes.items()}
     idx = np.flatnonzero(fitted)
@@ -407,8 +416,10 @@ def _fit_blocks(
             out[name][rows] = getattr(fx, name)
         if df_method == "satterthwaite":
             vcov_theta, jac_cov = satterthwaite_terms(shared, th.theta, zry, yry, fx.cov)
-            out["vcov_theta"][rows] = vcov_theta
-            out["jac_cov"][rows] = jac_cov
+            out["df"][rows] = satterthwaite_df(fx.cov, jac_cov, vcov_theta, np.eye(p))
+            if keep_satterthwaite:
+                out["vcov_theta"][rows] = vcov_theta
+                out["jac_cov"][rows] = jac_cov
 
     blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
     if workers > 1 and len(blocks) > 1:

@@ -1,6 +1,9 @@
 """The main job: expression store -> summary statistics -> feature blocks on Dask workers
 -> one results store -> tables and plots.
 
+0. Inputs (:func:`prepare_inputs`): the data's metadata, the design, the feature
+   selection and the contrasts are read and checked before any cluster starts, so a
+   user error is reported at once.
 1. Statistics: loaded from a saved store (``stats.load``), or reduced from the expression
    data in one Dask pass (:mod:`flashmm_dask.reduce`), or, with no data path, reduced from
    data simulated into the output folder first (the embedded demo).
@@ -11,7 +14,9 @@
 3. Resume: the store records each finished block. Rerunning the same configuration on the
    same output fits only the missing blocks; a different configuration is refused unless
    ``output.overwrite``. The store is marked complete only after every block, the
-   adjusted p-values and the attributes are written.
+   adjusted p-values and the attributes are written. A write that fails (disk full,
+   read-only) raises :class:`StoreError`; the blocks already written are kept for the
+   rerun.
 4. Tables (CSV, Parquet) and plots are written from the finished store.
 
 This is the one module that brings Dask, Zarr and the numerics together.
@@ -25,7 +30,8 @@ import os
 import shutil
 import socket
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -37,9 +43,10 @@ import numpy as np
 from flashmm_dask.blockfit import BlockReport, SharedModel, fit_block
 from flashmm_dask.cluster import open_client
 from flashmm_dask.contrasts import contrast_matrix
-from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
 from flashmm_dask.fitting import add_pcs, resolve_transform
 from flashmm_dask.io.results import (
+    STATUS,
     ResultsLayout,
     blocks_done,
     create_results,
@@ -71,6 +78,8 @@ class RunSummary:
     blocks_fitted : blocks fitted by this invocation (a resumed run skips the others)
     n_converged, n_not_converged, n_zero : over all features of the store
     timings : seconds per phase;  files : tables and plots written
+    status_counts : features per status code (ok, not_converged, all_zero, constant,
+        non_finite; see :data:`flashmm_dask.io.results.STATUS`)
     """
 
     output: Path
@@ -83,15 +92,38 @@ class RunSummary:
     n_zero: int
     timings: dict[str, float]
     files: tuple[Path, ...] = field(default=())
+    status_counts: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
+        if self.status_counts:
+            counts = ", ".join(
+                f"{self.status_counts.get(name, 0)} {_STATUS_LABELS[name]}" for name in STATUS
+            )
+        else:  # a store written before the status codes
+            counts = (
+                f"{self.n_converged} converged, {self.n_not_converged} not converged, "
+                f"{self.n_zero} all-zero (not fitted)"
+            )
         return (
             f"{self.n_features} features in {self.n_blocks} blocks "
-            f"({len(self.blocks_fitted)} fitted now): {self.n_converged} converged, "
-            f"{self.n_not_converged} not converged, {self.n_zero} all-zero (not fitted); "
-            f"results in {self.store}"
+            f"({len(self.blocks_fitted)} fitted now): {counts}; results in {self.store}"
         )
+
+
+_STATUS_LABELS = {
+    "ok": "ok",
+    "not_converged": "not converged",
+    "all_zero": "all-zero (not fitted)",
+    "constant": "constant (no residual variation)",
+    "non_finite": "with non-finite results",
+}
+_STATUS_ADVICE = {
+    "not_converged": "converged = false; raise model.max_iter, or check their scale",
+    "all_zero": "not fitted, their results are NaN",
+    "constant": "the fixed effects explain them exactly: no test is possible",
+    "non_finite": "some of their results are NaN or infinite",
+}
 
 
 def versions() -> dict[str, str]:
@@ -116,6 +148,37 @@ def auto_block_size(m: int, p: int, q: int, K: int, n_workers: int) -> int:
 # -- the output folder ------------------------------------------------------------------
 
 
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError of the file system (full, read-only, permissions), not of a network."""
+    return (
+        isinstance(exc, OSError)
+        and exc.errno is not None
+        and not isinstance(exc, ConnectionError | TimeoutError)
+    )
+
+
+@contextmanager
+def _writing(what: str, folder: Path) -> Iterator[None]:
+    """Turn a file-system write failure into a StoreError that says what to do."""
+    try:
+        yield
+    except FlashmmError:
+        raise
+    except OSError as exc:
+        if not _is_write_failure(exc):
+            raise
+        raise _write_error(what, folder, exc) from exc
+
+
+def _write_error(what: str, folder: Path, exc: OSError) -> StoreError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StoreError(
+        f"cannot write {what} in {str(folder)!r}: {exc.strerror or exc}{where}; free disk "
+        "space or make the folder writable (or choose another output.path), then rerun the "
+        "same command: it resumes, keeping the blocks already written"
+    )
+
+
 class OutputLock:
     """An exclusive lock file in the output folder, so two runs cannot share an output."""
 
@@ -123,6 +186,15 @@ class OutputLock:
         self.path = folder / LOCK
 
     def __enter__(self) -> OutputLock:
+        with _writing("the lock file", self.path.parent):
+            return self._acquire()
+
+    def _acquire(self) -> OutputLock:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise StoreError(
+                f"output {str(self.path.parent)!r} is a file, not a folder; choose another "
+                "output.path"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
@@ -162,7 +234,14 @@ class OutputLock:
         return False
 
     def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as error:  # e.g. the folder became read-only: keep the real error
+            logger.warning(
+                "could not remove the lock %s (%s); remove it before the next run",
+                self.path,
+                error,
+            )
 
 
 def _clear_output(folder: Path) -> None:
@@ -194,7 +273,7 @@ def _check_existing(store: Path, cfg: Any) -> bool:
 # -- statistics -------------------------------------------------------------------------
 
 
-def _expression_source(cfg: Any, folder: Path, show: bool) -> tuple[Any, dict[str, Any]]:
+def _expression_source(cfg: Any, folder: Path) -> tuple[Any, dict[str, Any]]:
     """The data path to read (simulating it first when the config has none)."""
     if cfg.data.path is not None:
         return cfg.data.path, dict(cfg.data.storage_options or {})
@@ -221,51 +300,167 @@ def _expression_source(cfg: Any, folder: Path, show: bool) -> tuple[Any, dict[st
     return str(target), {}
 
 
-def compute_stats(cfg: Any, client: Any, folder: Path, *, show: bool = False) -> SummaryStats:
-    """Summary statistics for a run: loaded, cached from an interrupted run, or reduced."""
+@dataclass(frozen=True)
+class Inputs:
+    """The checked inputs of a run, read before any cluster starts.
+
+    Attributes
+    ----------
+    stats : the summary statistics to fit (``stats.load`` or this run's cached ones), or
+        None when they must be reduced from the data
+    expr : the lazy expression data (None with ``stats``)
+    design : its design, without the principal components of ``model.pcs``
+    transform : the expression transform
+    covariates : the coefficient names, with PC1.. PCk (the contrasts are checked on them)
+    """
+
+    stats: SummaryStats | None
+    expr: Any = None
+    design: Any = None
+    transform: str = "none"
+    covariates: tuple[str, ...] = ()
+
+
+def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
+    """Read and check the cheap inputs of a run: a user error surfaces here, at once.
+
+    Loads the saved statistics, or reads the data's metadata lazily (nothing of the
+    matrix), checks the feature selection and builds the design; then checks the
+    contrasts against the coefficient names. With no data path the demo data are
+    simulated into ``folder`` first.
+
+    Raises
+    ------
+    DataError, DesignError, ContrastError, InputError, StoreError
+    """
     from flashmm_dask.design import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import stats_graph
 
+    inputs: Inputs | None = None
     if cfg.stats.load is not None:
         logger.info("loading summary statistics from %s", cfg.stats.load)
-        return SummaryStats.load(cfg.stats.load)
-    cached = folder / STATS
-    if cached.exists():
-        stats = SummaryStats.load(str(cached))
-        if stats.provenance.get("config_hash") == cfg.hash():
-            logger.info("reusing the summary statistics of this run in %s", cached)
-            return stats
-    source, options = _expression_source(cfg, folder, show)
-    expr = read_expression(
-        source,
-        layer=cfg.data.layer,
-        orientation=cfg.data.orientation,
-        obs=cfg.data.obs,
-        chunk_cells=cfg.data.chunk_cells,
-        storage_options=options or None,
-    )
-    if expr.obs is None:
-        raise InputError("the data carry no cell metadata; set data.obs to a CSV of cell metadata")
-    transform = resolve_transform(False, cfg.model.transform)
-    expr, fixed = add_pcs(expr, cfg.model.pcs, transform, cfg.model.fixed)
-    design = build_design(expr.obs, fixed, cfg.model.random)
+        inputs = Inputs(SummaryStats.load(cfg.stats.load))
+    elif (folder / STATS).exists():
+        try:
+            cached: SummaryStats | None = SummaryStats.load(str(folder / STATS))
+        except StoreError as exc:  # e.g. its write was interrupted: compute them again
+            logger.warning("ignoring the saved statistics in %s: %s", folder / STATS, exc)
+            cached = None
+        if cached is not None and cached.provenance.get("config_hash") == cfg.hash():
+            logger.info("reusing the summary statistics of this run in %s", folder / STATS)
+            inputs = Inputs(cached)
+    if inputs is None:
+        source, options = _expression_source(cfg, folder)
+        expr = read_expression(
+            source,
+            layer=cfg.data.layer,
+            orientation=cfg.data.orientation,
+            obs=cfg.data.obs,
+            chunk_cells=cfg.data.chunk_cells,
+            storage_options=options or None,
+        )
+        if expr.obs is None:
+            raise InputError(
+                "the data carry no cell metadata; set data.obs to a CSV of cell metadata"
+            )
+        if expr.n_cells < 2:
+            raise DataError(
+                f"the data have {expr.n_cells} cell(s); a mixed model needs many cells (more "
+                "than its fixed-effect coefficients, over 2 or more random-effect levels)"
+            )
+        _check_features(cfg.data.features, expr.features)
+        design = build_design(expr.obs, cfg.model.fixed, cfg.model.random)
+        pcs = tuple(f"PC{i + 1}" for i in range(cfg.model.pcs))
+        inputs = Inputs(
+            None,
+            expr,
+            design,
+            resolve_transform(False, cfg.model.transform),
+            (*design.covariates, *pcs),
+        )
+    else:
+        assert inputs.stats is not None
+        inputs = Inputs(inputs.stats, covariates=tuple(inputs.stats.covariates))
+    if cfg.contrasts:
+        contrast_matrix(dict(cfg.contrasts), list(inputs.covariates))
+    return inputs
+
+
+def _check_features(selected: Any, available: Any) -> None:
+    if not selected:
+        return
+    known = set(map(str, available))
+    missing = [f for f in selected if f not in known]
+    if missing:
+        shown = ", ".join(repr(f) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise InputError(
+            f"data.features names {len(missing)} features that the data do not have: "
+            f"{shown}; the data have {len(known)} features, e.g. "
+            f"{', '.join(repr(str(f)) for f in list(available)[:3])}"
+        )
+
+
+def compute_stats(
+    cfg: Any,
+    client: Any,
+    folder: Path,
+    *,
+    show: bool = False,
+    inputs: Inputs | None = None,
+) -> SummaryStats:
+    """Summary statistics for a run: loaded, cached from an interrupted run, or reduced.
+
+    ``inputs`` are those of :func:`prepare_inputs` (read here when not given).
+
+    Raises
+    ------
+    DataError
+        The data hold NaN/Inf (or negative counts with a counts transform), or a chunk
+        of the store cannot be read (corrupt or truncated).
+    """
+    from flashmm_dask.design import build_design
+    from flashmm_dask.reduce import stats_graph, unreadable
+
+    if inputs is None:
+        inputs = prepare_inputs(cfg, folder)
+    if inputs.stats is not None:
+        return inputs.stats
+    expr, design = inputs.expr, inputs.design
+    if cfg.model.pcs:
+        expr, fixed = add_pcs(expr, cfg.model.pcs, inputs.transform, cfg.model.fixed)
+        design = build_design(expr.obs, fixed, cfg.model.random)
     graph = stats_graph(
         expr,
         design,
-        transform=transform,
+        transform=inputs.transform,
         target_sum=cfg.model.target_sum,
         split_every=cfg.stats.split_every,
         provenance={"config_hash": cfg.hash(), "source": expr.source},
     )
     future = client.compute(graph)
-    wait([future], "reduction", show=show)
-    stats = future.result()
+    try:
+        wait([future], "reduction", show=show)
+        stats = future.result()
+    except Exception as exc:
+        error = unreadable(exc, expr.source)
+        if error is None:
+            raise
+        raise error from exc
     if cfg.data.features:
         stats = stats.subset(list(cfg.data.features))
     if cfg.stats.save:
-        stats.save(str(cached), overwrite=True)
+        with _writing("the summary statistics", folder):
+            stats.save(str(folder / STATS), overwrite=True)
     return stats
+
+
+def check_fittable(stats: SummaryStats) -> None:
+    """Refuse statistics in which every feature is zero: there is nothing to fit."""
+    if not (np.asarray(stats.Ynorm) > 0).any():
+        raise DataError(
+            f"all {stats.m} features are zero in every cell: nothing to fit; check the "
+            "data (data.layer: raw counts may be in a layer) and data.features"
+        )
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -338,6 +533,7 @@ def fit_store(
         alternative=cfg.test.alternative,
         store_cov=layout.store_cov,
         store=str(store),
+        df=cfg.model.df,
     )
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
@@ -357,8 +553,17 @@ def fit_store(
                 retries=1,
             )
         )
-    wait(futures, "fitting", show=show)
-    reports = client.gather(futures)
+    try:
+        wait(futures, "fitting", show=show)
+        reports = client.gather(futures)
+    except FlashmmError:
+        raise
+    except OSError as exc:
+        if not _is_write_failure(exc):
+            raise
+        written = int(blocks_done(str(store)).sum())
+        logger.error("%d of %d blocks are written in %s", written, layout.n_blocks, store)
+        raise _write_error("the results store", folder, exc) from exc
     return store, list(reports), layout
 
 
@@ -403,9 +608,11 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
             logger.info("%s is complete for this configuration; writing tables and plots", store)
             reports: list[BlockReport] = []
         else:
+            inputs = prepare_inputs(cfg, folder)
             with nullcontext(client) if client is not None else open_client(cfg.cluster) as active:
                 with timings.phase("statistics"):
-                    stats = compute_stats(cfg, active, folder, show=show)
+                    stats = compute_stats(cfg, active, folder, show=show, inputs=inputs)
+                check_fittable(stats)
                 with timings.phase("fitting"):
                     store, reports, _ = fit_store(cfg, active, stats, folder, show=show)
             ds = open_results(str(store), allow_incomplete=True)
@@ -418,12 +625,14 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
                     "seconds": round(time.perf_counter() - started, 3),
                 }
             )
-            with timings.phase("finalize"):
+            with timings.phase("finalize"), _writing("the results store", folder):
                 finalize_results(
                     str(store),
                     extra_attrs={"timings": dict(timings), "history": history, **counts},
+                    method=cfg.test.p_adjust,
                 )
-        files = _outputs(cfg, store, folder, timings)
+        with _writing("the tables and plots", folder):
+            files = _outputs(cfg, store, folder, timings)
     ds = open_results(str(store))
     counts = _counts(ds)
     summary = RunSummary(
@@ -437,28 +646,34 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
         n_zero=counts["n_zero"],
         timings=dict(timings),
         files=tuple(files),
+        status_counts=dict(counts.get("status_counts", {})),
     )
-    if summary.n_zero:
-        logger.warning("%d features are all zero and were not fitted (NaN)", summary.n_zero)
-    if summary.n_not_converged:
-        logger.warning(
-            "%d features did not converge within max_iter = %s (converged = false)",
-            summary.n_not_converged,
-            cfg.model.max_iter,
-        )
+    for name, advice in _STATUS_ADVICE.items():
+        if summary.status_counts.get(name):
+            logger.warning(
+                "%d features %s: %s (results column status = %s)",
+                summary.status_counts[name],
+                _STATUS_LABELS[name].replace("with ", "have "),
+                advice,
+                name,
+            )
     logger.info("%s", summary.line())
     return summary
 
 
-def _counts(ds: Any) -> dict[str, int]:
+def _counts(ds: Any) -> dict[str, Any]:
     niter = ds["niter"].values
     converged = ds["converged"].values.astype(bool)
     fitted = ~np.isnan(niter)
-    return {
+    counts: dict[str, Any] = {
         "n_converged": int(converged.sum()),
         "n_not_converged": int((fitted & ~converged).sum()),
         "n_zero": int((~fitted).sum()),
     }
+    if "status" in ds:
+        codes = np.asarray(ds["status"].values)
+        counts["status_counts"] = {name: int((codes == k).sum()) for k, name in enumerate(STATUS)}
+    return counts
 
 
 def _outputs(cfg: Any, store: Path, folder: Path, timings: Timings) -> list[Path]:

@@ -9,14 +9,18 @@ chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
     per cell chunk i:        XX_i = X_i'X_i   ZX_i = Z_i'X_i   ZZ_i = Z_i'Z_i   n_i
     per block (i, j):        XY_ij = X_i'E_ij   ZY_ij = Z_i'E_ij   Ynorm_ij = colsums(E_ij^2)
 
-The graph has, for each cell chunk i, one task that evaluates the design on the obs rows
-of the chunk (the Design object is a single graph key shared by all of them), one task
-for the shared partials, and for each block (i, j) one task that reads the block once
-and returns its three partials. Partials are summed over cell chunks in a tree of fan-in
-``split_every`` (float64), the feature chunks are concatenated, and the result is a
+With one feature chunk (the usual case) the graph has one task per cell chunk i: it
+reads the block, evaluates the design on the obs rows of the chunk (the Design object is
+a single graph key shared by all of them) and returns all seven partials. With several
+feature chunks, one task per cell chunk evaluates the design, one computes the shared
+partials, and one task per block (i, j) reads the block once and returns its three
+partials. Partials are summed over cell chunks in a tree of fan-in ``split_every``
+(float64), the feature chunks are concatenated, and the result is a
 :class:`~flashmm_dask.stats.SummaryStats`. Memory per task is set by the chunk size: no
-n-length dense matrix is ever formed, and CSR blocks stay sparse (X'E = (E'X)' is
-sparse @ dense, Z'E is sparse @ sparse, Ynorm comes from the stored values).
+n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E and Z'E cost one
+multiply-add per pair of non-zeros of a row of E and of the same row of the (mostly
+zero) design, in a compiled kernel (see :func:`_sparse_products`), and Ynorm comes from
+the stored values.
 
 Transforms (applied to each block before the products; sparse blocks only touch their
 stored values, since every transform maps 0 to 0):
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from flashmm_dask.errors import DataError, DesignError, InputError
+from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats import SummaryStats
 
 if TYPE_CHECKING:
@@ -53,6 +57,15 @@ logger = logging.getLogger(__name__)
 TRANSFORMS = ("none", "log2p1", "log1p_scaled", "log1p_cpm")
 _COUNT_TRANSFORMS = frozenset({"log2p1", "log1p_scaled", "log1p_cpm"})
 _SCALED_TRANSFORMS = frozenset({"log1p_scaled", "log1p_cpm"})
+# integer counts below this are log-transformed by table look-up
+_LOOKUP_MAX = 1 << 16
+# columns of X non-zero in more than this fraction of a chunk's cells are multiplied as
+# dense columns; the others go through the scatter kernel with Z
+_DENSE_COLUMN = 0.5
+# cells are visited by subject when Z'E (q x m_j float64) is larger than this
+_ORDER_BYTES = 1 << 20
+# dense expression blocks with at most this fraction of non-zeros are reduced as CSR
+_SPARSIFY = 0.25
 # the key prefix of the per-block tasks (progress counts them)
 _BLOCK_PREFIX = "flashmm-block-"
 
@@ -128,7 +141,7 @@ def _block_partial(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features)."""
     X, Z = XZ
-    E = _as_float_block(block)
+    E = _as_block(block, sparsify=True)
     if E.shape[0] != X.shape[0]:
         raise DataError(
             f"the expression block of cells {start}.. has {E.shape[0]} rows but the obs "
@@ -136,16 +149,34 @@ def _block_partial(
         )
     if check:
         _check_block(E, features, start, col0, transform)
-    E = _transform(E, transform, target_sum)
+    table = _lookup_table(E.data, transform) if isinstance(E, sp.csr_matrix) else None
+    if table is None:
+        E = _transform(E, transform, target_sum)
     if isinstance(E, sp.csr_matrix):
-        XY = np.asarray(E.T @ X).T
-        ZY = _dense(Z.T @ E) if sp.issparse(Z) else np.asarray(E.T @ Z).T
-        Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=E.shape[1])
+        XY, ZY, Ynorm = _sparse_products(E, X, Z, table)
     else:
         XY = X.T @ E
         ZY = np.asarray(Z.T @ E)
         Ynorm = np.einsum("ij,ij->j", E, E)
     return XY, ZY, Ynorm
+
+
+def _chunk_partial(
+    block: Any,
+    design: _Design,
+    obs: Any,
+    features: tuple[str, ...],
+    start: int,
+    transform: str,
+    target_sum: float,
+    check: bool,
+) -> tuple[Any, ...]:
+    """(XX_i, ZX_i, ZZ_i, n_i, XY_i, ZY_i, Ynorm_i) of a cell chunk with all its features."""
+    XZ = _design_chunk(design, obs, start)
+    return (
+        *_shared_partial(XZ),
+        *_block_partial(block, XZ, features, start, 0, transform, target_sum, check),
+    )
 
 
 def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -176,12 +207,18 @@ def _assemble(
     )
 
 
+def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> SummaryStats:
+    """SummaryStats from the summed :func:`_chunk_partial` tuples (one feature chunk)."""
+    XX, ZX, ZZ, n, XY, ZY, Ynorm = total
+    return _assemble((XX, ZX, ZZ, n), [(XY, ZY, Ynorm)], names)
+
+
 # -- block helpers ----------------------------------------------------------------------
 
 
 def transform_block(block: Any, transform: str, target_sum: float = 1e4) -> Any:
     """One expression block (cells x features) as float64 CSR or ndarray, transformed."""
-    return _transform(_as_float_block(block), transform, target_sum)
+    return _transform(_as_block(block), transform, target_sum)
 
 
 def _dense(matrix: Any) -> np.ndarray:
@@ -189,19 +226,33 @@ def _dense(matrix: Any) -> np.ndarray:
     return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
 
 
-def _as_float_block(block: Any) -> np.ndarray | sp.csr_matrix:
-    """The block as float64 CSR (sparse input, duplicates summed) or float64 ndarray."""
+def _as_block(block: Any, sparsify: bool = False) -> np.ndarray | sp.csr_matrix:
+    """The block as CSR (sparse input, duplicates summed, stored dtype kept until the
+    transform makes it float64) or a float64 ndarray.
+
+    With ``sparsify``, a dense block that is mostly zeros (at most _SPARSIFY of its
+    values non-zero, as counts usually are) becomes CSR: its products and transform then
+    cost per non-zero rather than per value.
+    """
     if not sp.issparse(block) and hasattr(block, "to_scipy_sparse"):  # pydata sparse
         block = block.to_scipy_sparse()
     if sp.issparse(block):
-        E = sp.csr_matrix(block, dtype=np.float64)
-        if not E.has_canonical_format:
+        E = sp.csr_matrix(block)
+        if E.dtype.kind not in "iuf" or not E.has_canonical_format:
             # a transform of stored values and a sum of their squares both need each
-            # (cell, feature) stored once; never modify the caller's block in place
-            E = E.copy()
+            # (cell, feature) stored once; astype copies: the caller's block is not modified
+            E = E.astype(np.float64)
             E.sum_duplicates()
         return E
-    return np.asarray(block, dtype=np.float64)
+    values = np.asarray(block)
+    if (
+        sparsify
+        and values.ndim == 2
+        and values.dtype.kind in "iuf"
+        and np.count_nonzero(values) <= _SPARSIFY * values.size
+    ):
+        return sp.csr_matrix(values)
+    return np.asarray(values, dtype=np.float64)
 
 
 def _check_block(
@@ -210,7 +261,7 @@ def _check_block(
     n_i = E.shape[0]
     cells = f"cells {start}..{start + n_i - 1}"
     values = E.data if isinstance(E, sp.csr_matrix) else E
-    bad = ~np.isfinite(values)
+    bad = ~np.isfinite(values) if values.dtype.kind == "f" else np.zeros(0, dtype=bool)
     if bad.any():
         col = _first_column(E, bad)
         raise DataError(
@@ -236,22 +287,175 @@ def _first_column(E: np.ndarray | sp.csr_matrix, mask: np.ndarray) -> int:
     return int(np.argmax(mask.any(axis=0)))
 
 
+def _lookup_table(values: np.ndarray, transform: str) -> np.ndarray | None:
+    """log2(1 + k) for k = 0..max(values) when ``transform`` is log2p1 and the stored
+    values are non-negative integers below _LOOKUP_MAX (then the transform of value t is
+    table[values[t]]); None otherwise."""
+    if transform != "log2p1" or values.dtype.kind not in "iu" or not values.size:
+        return None
+    low, high = values.min(), values.max()
+    if low < 0 or high >= _LOOKUP_MAX:
+        return None
+    return np.log2(np.arange(1.0, float(high) + 2.0))
+
+
+def _log2p1(values: np.ndarray) -> np.ndarray:
+    """log2(1 + values) in float64; small non-negative integer counts by table look-up."""
+    table = _lookup_table(values, "log2p1")
+    if table is not None:
+        return table[values]
+    return np.log2(1.0 + values.astype(np.float64, copy=False))
+
+
 def _transform(
     E: np.ndarray | sp.csr_matrix, transform: str, target_sum: float
 ) -> np.ndarray | sp.csr_matrix:
+    """The transformed block in float64 (stored values only for CSR)."""
     if transform == "none":
-        return E
+        return E.astype(np.float64, copy=False)
     if transform == "log2p1":
         if isinstance(E, sp.csr_matrix):
-            return sp.csr_matrix((np.log2(1.0 + E.data), E.indices, E.indptr), shape=E.shape)
+            return sp.csr_matrix((_log2p1(E.data), E.indices, E.indptr), shape=E.shape)
         return np.log2(1.0 + E)
     # log1p_scaled: cells with no counts keep all zeros rather than 0/0
+    E = E.astype(np.float64, copy=False)
     totals = np.asarray(E.sum(axis=1), dtype=np.float64).ravel()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     if isinstance(E, sp.csr_matrix):
         data = np.log1p(E.data * np.repeat(scale, np.diff(E.indptr)))
         return sp.csr_matrix((data, E.indices, E.indptr), shape=E.shape)
     return np.log1p(E * scale[:, None])
+
+
+# -- products of a sparse block ---------------------------------------------------------
+
+
+def _sparse_products(
+    E: sp.csr_matrix, X: np.ndarray, Z: Any, table: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j), X (n_i x p) dense.
+
+    E's values are ``table[E.data]`` when a look-up table is given (integer counts and
+    the log2p1 transform), else ``E.data`` (float64, already transformed).
+
+    Designs are mostly zeros (factor indicators in X, one subject indicator per row in
+    Z, so Z'E is a sum of E's rows per subject), and a product with a sparse E then costs
+    one multiply-add per pair of non-zeros of a row of E and of the same row of A = [X_s,
+    Z], X_s the columns of X that are mostly zero. :func:`_scatter_products` does exactly
+    that, the mostly non-zero columns of X (e.g. log library size) as one dense row each
+    and colsums(E^2), in one pass over E compiled with numba; when Z'E is large, cells are
+    visited by subject, so the rows of Z'E being summed stay in cache. Without numba,
+    scipy's sparse products give the same sums.
+    """
+    n_i, m = E.shape
+    p = X.shape[1]
+    Zs = sp.csr_matrix(Z, dtype=np.float64)
+    kernel = _compiled_kernel()
+    if kernel is None:
+        if table is not None:
+            E = sp.csr_matrix((table[E.data], E.indices, E.indptr), shape=E.shape)
+        XY = np.asarray(E.T @ X).T
+        ZY = _dense(Zs.T @ E)
+        Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=m)
+        return XY, ZY, Ynorm
+    dense = np.count_nonzero(X, axis=0) > _DENSE_COLUMN * n_i
+    A = sp.hstack([sp.csr_matrix(X[:, ~dense]), Zs], format="csr", dtype=np.float64)
+    A.eliminate_zeros()
+    if table is None:
+        codes, table, values = np.zeros(0, np.int32), np.zeros(0), E.data
+    else:
+        codes, values = E.data, np.zeros(0)
+    # visiting cells by subject keeps the rows of Z'E being summed in cache, which pays
+    # when Z'E is larger than a core's cache and costs a little when it is not
+    order = np.arange(n_i)
+    if Zs.shape[1] * m * 8 > _ORDER_BYTES:
+        subject = np.full(n_i, Zs.shape[1], dtype=np.int64)  # a cell's first Z column
+        has = np.diff(Zs.indptr) > 0
+        subject[has] = Zs.indices[Zs.indptr[:-1][has]]
+        order = np.argsort(subject, kind="stable")
+    out, XdY, Ynorm = kernel(
+        E.indptr.astype(np.int64, copy=False),
+        E.indices,
+        codes,
+        table,
+        values,
+        np.ascontiguousarray(X[:, dense]),
+        A.indptr.astype(np.int64, copy=False),
+        A.indices.astype(np.int64, copy=False),
+        A.data,
+        order,
+        A.shape[1],
+        m,
+    )
+    n_sparse = p - int(dense.sum())
+    XY = np.empty((p, m))
+    XY[~dense] = out[:n_sparse]
+    XY[dense] = XdY.T
+    return XY, out[n_sparse:], Ynorm
+
+
+def _scatter_products(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    codes: np.ndarray,
+    table: np.ndarray,
+    values: np.ndarray,
+    Xd: np.ndarray,
+    a_indptr: np.ndarray,
+    a_indices: np.ndarray,
+    a_values: np.ndarray,
+    order: np.ndarray,
+    n_out: int,
+    m: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A'E (n_out, m), (E'Xd) (m, p_d) and colsums(E^2) (m,) in one pass over E.
+
+    E (n x m), A (n x n_out) are CSR (indptr, indices, values); value t of E is
+    ``table[codes[t]]`` when ``table`` is not empty, else ``values[t]``. Xd (n, p_d) is
+    dense. Plain loops, compiled by numba (:func:`_compiled_kernel`); ``order`` is the
+    order in which the n rows are visited.
+    """
+    out = np.zeros((n_out, m))
+    XdY = np.zeros((m, Xd.shape[1]))
+    ynorm = np.zeros(m)
+    lookup = table.size > 0
+    row = np.empty(m)
+    for c in order:
+        lo = indptr[c]
+        hi = indptr[c + 1]
+        for t in range(lo, hi):
+            v = table[codes[t]] if lookup else values[t]
+            row[t - lo] = v
+            j = indices[t]
+            ynorm[j] += v * v
+            for r in range(Xd.shape[1]):
+                XdY[j, r] += Xd[c, r] * v
+        for s in range(a_indptr[c], a_indptr[c + 1]):
+            k = a_indices[s]
+            a = a_values[s]
+            for t in range(lo, hi):
+                out[k, indices[t]] += a * row[t - lo]
+    return out, XdY, ynorm
+
+
+_KERNEL: list[Any] = []
+
+
+def _compiled_kernel() -> Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """:func:`_scatter_products` compiled with numba (cached on disk), or None without numba."""
+    if not _KERNEL:
+        try:
+            import numba
+        except ImportError:  # numba comes with dask-ml; without it scipy does the products
+            logger.info("numba is not installed: sparse products use scipy (slower)")
+            _KERNEL.append(None)
+        else:
+            try:
+                kernel = numba.njit(cache=True, nogil=True)(_scatter_products)
+            except RuntimeError:  # no writable cache folder
+                kernel = numba.njit(cache=False, nogil=True)(_scatter_products)
+            _KERNEL.append(kernel)
+    return _KERNEL[0]
 
 
 # -- graph ------------------------------------------------------------------------------
@@ -389,11 +593,29 @@ def _build_graph(
 
     design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
+    # the design reads obs by position; a string index would be most of the graph's bytes
+    obs = expr.obs.reset_index(drop=True)
     shared: list[Any] = []
     per_block: list[list[Any]] = [[] for _ in range(n_j)]
+    fused: list[Any] = []
     for i in range(n_i):
         start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
-        obs_i = delayed(expr.obs.iloc[start:stop], name=f"flashmm-obs-{token}-{i}", traverse=False)
+        obs_i = delayed(obs.iloc[start:stop], name=f"flashmm-obs-{token}-{i}", traverse=False)
+        if n_j == 1:  # one task per cell chunk: no X_i, Z_i to move between workers
+            fused.append(
+                delayed(_chunk_partial, pure=True)(
+                    blocks[i, 0],
+                    design_key,
+                    obs_i,
+                    features_key,
+                    start,
+                    transform,
+                    target_sum,
+                    check,
+                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+                )
+            )
+            continue
         XZ_i = delayed(_design_chunk, pure=True)(
             design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
         )
@@ -414,11 +636,12 @@ def _build_graph(
                     dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
                 )
             )
-    shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
-    feature_totals = [
-        _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
-        for j, parts in enumerate(per_block)
-    ]
+    if not fused:
+        shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
+        feature_totals = [
+            _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
+            for j, parts in enumerate(per_block)
+        ]
     record: dict[str, Any] = {"transform": transform}
     # formulas, when the design carries them (flashmm_dask.design.Design does)
     fixed = getattr(design, "fixed", None)
@@ -437,9 +660,16 @@ def _build_graph(
         "provenance": record,
     }
     logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
-    graph = delayed(_assemble, pure=True)(
-        shared_total, feature_totals, names, dask_key_name=f"flashmm-stats-{token}"
-    )
+    if fused:
+        graph = delayed(_assemble_fused, pure=True)(
+            _tree_sum(fused, f"flashmm-sum-{token}", split_every),
+            names,
+            dask_key_name=f"flashmm-stats-{token}",
+        )
+    else:
+        graph = delayed(_assemble, pure=True)(
+            shared_total, feature_totals, names, dask_key_name=f"flashmm-stats-{token}"
+        )
     return graph, n_i * n_j
 
 
@@ -473,18 +703,17 @@ def reduce_stats(
     Raises
     ------
     DataError
-        NaN/Inf, negative values with a counts transform, or obs/feature names that do
-        not match the expression matrix.
+        NaN/Inf, negative values with a counts transform, obs/feature names that do
+        not match the expression matrix, or a chunk that cannot be read (corrupt store).
     InputError
         An unknown transform or invalid argument.
     """
-    import dask
     from dask.callbacks import Callback
 
     graph, total = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
+    source = str(getattr(expr, "source", "the expression data"))
     if progress is None:
-        (stats,) = dask.compute(graph)
-        return stats
+        return _compute(graph, source)
     done = 0
 
     def _posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
@@ -494,7 +723,35 @@ def reduce_stats(
             progress(done, total)
 
     with Callback(posttask=_posttask):
-        (stats,) = dask.compute(graph)
+        stats = _compute(graph, source)
     if done < total:  # a distributed scheduler runs no local callbacks
         progress(total, total)
     return stats
+
+
+def _compute(graph: Delayed, source: str) -> SummaryStats:
+    import dask
+
+    try:
+        (stats,) = dask.compute(graph)
+    except Exception as exc:
+        error = unreadable(exc, source)
+        if error is None:
+            raise
+        raise error from exc
+    return stats
+
+
+def unreadable(exc: BaseException, source: str) -> DataError | None:
+    """The DataError for an exception raised while the expression chunks were read and
+    reduced (a codec error of a corrupt chunk, a truncated file), or None for errors of
+    other kinds (flashmm_dask's own, network errors), which are raised as they are."""
+    if isinstance(exc, FlashmmError | ConnectionError | TimeoutError):
+        return None
+    if not isinstance(exc, OSError | RuntimeError | ValueError | KeyError | EOFError):
+        return None
+    return DataError(
+        f"reading the expression data failed ({type(exc).__name__}: {exc}); a chunk of "
+        f"{source} is unreadable, corrupt or truncated: re-copy or re-write the store "
+        "(--debug shows the traceback)"
+    )

@@ -45,6 +45,13 @@ def retest(
             f"{store} holds no coefficient covariances (fit.store_cov was false); "
             "refit with fit.store_cov: true to test new contrasts"
         )
+    df_method = ds.attrs.get("config", {}).get("model", {}).get("df", "residual")
+    if df_method != "residual":
+        raise InputError(
+            f"{store} was fitted with {df_method} degrees of freedom, which new contrasts "
+            "cannot reuse without refitting; add the contrasts to the config's contrasts "
+            "section and run it on a new output, or use flashmm_dask.lmmtest(fit, df=...)"
+        )
     covariates = [str(c) for c in ds["covariate"].values]
     L = contrast_matrix(dict(contrasts), covariates)
     coef = ds["coef"].values

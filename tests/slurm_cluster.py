@@ -1,6 +1,6 @@
 """A throwaway one-node Slurm cluster for the tests marked ``slurm``.
 
-The session fixture ``slurm_cluster`` writes a ``slurm.conf`` for this host (its real
+The session fixture ``slurm_session`` writes a ``slurm.conf`` for this host (its real
 CPUs, its memory less a margin, one partition ``debug``) and a MUNGE key into a temporary
 folder, starts ``munged``, ``slurmctld`` and ``slurmd`` there as child processes, waits
 until ``sinfo`` shows the node idle, and exports ``SLURM_CONF`` so that every subprocess
@@ -16,9 +16,10 @@ It needs root (slurmd runs jobs as their user) and the Slurm and MUNGE binaries
 ``FLASHMM_REQUIRE_SLURM=1`` (set in CI), which turns the skip into a failure.
 ``FLASHMM_KEEP_SLURM=1`` keeps the temporary folder (configs, daemon and job logs).
 
-A test module uses it with ``from slurm_cluster import fixture_slurm_cluster``: pytest
-registers the fixture under its name ``slurm_cluster`` (the ``fixture_`` name keeps linters
-from reading the test's argument as a redefinition of the import).
+A test module imports ``fixture_slurm_session`` and ``fixture_slurm_cluster``; its tests ask
+for ``slurm_cluster``: the session's cluster, its queue emptied before and after each test.
+(Pytest registers each under its ``name``; the ``fixture_`` names keep linters from reading
+a test's argument as a redefinition of the import.)
 """
 
 from __future__ import annotations
@@ -186,11 +187,12 @@ def _schedulable_memory_mb() -> int:
 
 def write_config(root: Path, node: str) -> SlurmTestCluster:
     """Folders, MUNGE key and slurm.conf of a one-node cluster in ``root``."""
-    for sub in ("munge", "log", "state", f"spool/slurmd.{node}", "jobs"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    # munged insists that every folder above its socket is searchable by all
+    # munged insists that every folder above its socket and key is searchable by all and
+    # writable by its owner only (whatever the umask)
     root.chmod(0o755)
-    (root / "munge").chmod(0o755)
+    for sub in ("munge", "log", "state", "spool", f"spool/slurmd.{node}", "jobs"):
+        (root / sub).mkdir(exist_ok=True)
+        (root / sub).chmod(0o755)
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
@@ -352,16 +354,17 @@ def running_slurm(root: Path) -> Iterator[SlurmTestCluster]:
             daemons.stop()
 
 
-@pytest.fixture(scope="session", name="slurm_cluster")
-def fixture_slurm_cluster() -> Iterator[SlurmTestCluster]:
+@pytest.fixture(scope="session", name="slurm_session")
+def fixture_slurm_session() -> Iterator[SlurmTestCluster]:
     """A running one-node Slurm cluster, with ``SLURM_CONF`` exported for the session."""
     reason = unavailable()
     if reason is not None:
         if os.environ.get(REQUIRE, "") not in ("", "0"):
             pytest.fail(f"{REQUIRE} is set but {reason}")
         pytest.skip(reason)
-    # not tmp_path: munged refuses a socket below pytest's private (0700) folders
-    root = Path(tempfile.mkdtemp(prefix="flashmm-slurm-"))
+    # not tmp_path (or $TMPDIR): munged refuses a socket below private (0700) folders, and
+    # a socket path must stay short
+    root = Path(tempfile.mkdtemp(prefix="flashmm-slurm-", dir="/tmp"))
     try:
         with running_slurm(root) as cluster, pytest.MonkeyPatch.context() as mp:
             mp.setenv("SLURM_CONF", str(cluster.conf))
@@ -369,3 +372,11 @@ def fixture_slurm_cluster() -> Iterator[SlurmTestCluster]:
     finally:
         if os.environ.get(KEEP, "") in ("", "0"):
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(name="slurm_cluster")
+def fixture_slurm_cluster(slurm_session: SlurmTestCluster) -> Iterator[SlurmTestCluster]:
+    """The session's Slurm cluster with an empty queue, emptied again after the test."""
+    slurm_session.cancel_all()
+    yield slurm_session
+    slurm_session.cancel_all()

@@ -3,6 +3,7 @@ resume after a kill, refusal of a different config, the output lock."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,11 +110,19 @@ def test_overwrite_replaces_a_different_run(tmp_path, one_worker):
 
 
 def test_output_in_use_is_refused(tmp_path, one_worker):
-    tmp_path.mkdir(exist_ok=True)
-    (tmp_path / LOCK).write_text(f"{os.uname().nodename} {os.getpid()}\n")
-    with pytest.raises(StoreError, match="in use by a run"):
-        run(small_config(tmp_path), client=one_worker)
-    assert not (tmp_path / RESULTS).exists()
+    # a lock held by another live process on this host
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(f"{socket.gethostname()} {holder.pid}\n")
+        with pytest.raises(StoreError, match="in use by a run"):
+            run(small_config(tmp_path), client=one_worker)
+        assert not (tmp_path / RESULTS).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # once its holder is gone, the lock is stale and the run takes it over
+    summary = run(small_config(tmp_path), client=one_worker)
+    assert summary.n_blocks == 5 and not (tmp_path / LOCK).exists()
 
 
 def test_resume_after_kill_fits_only_missing_blocks(tmp_path, one_worker):

@@ -10,6 +10,7 @@ of finished jobs, and the SLURM_JOB_ID that slurmd gives the processes of a job.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
-from slurm_cluster import REQUIRE, SlurmTestCluster, fixture_slurm_cluster  # noqa: F401
+from slurm_cluster import (  # noqa: F401 (fixtures)
+    REQUIRE,
+    SlurmTestCluster,
+    fixture_slurm_cluster,
+    fixture_slurm_session,
+)
 
 from flashmm_dask.io.results import open_results
 
@@ -31,6 +37,9 @@ WORKER_JOB = "dask-worker"  # the job name dask-jobqueue gives its worker jobs
 
 
 def _jobqueue() -> Any:
+    # dask-jobqueue 0.9.0 replaces the SIGINT handler with sys.exit() on import
+    # (dask/dask-jobqueue#696); keep pytest's
+    handler = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
     except ImportError:
@@ -38,6 +47,8 @@ def _jobqueue() -> Any:
         if os.environ.get(REQUIRE, "") not in ("", "0"):
             pytest.fail(f"{REQUIRE} is set but {reason}")
         pytest.skip(reason)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     return dask_jobqueue
 
 
@@ -205,6 +216,51 @@ def _flashmm_run(slurm: SlurmTestCluster, output: Path, overrides: dict[str, str
 
 
 @pytest.mark.distributed
+def test_interrupted_slurm_run_stops_cleanly_and_resumes(
+    slurm_cluster: SlurmTestCluster, tmp_path: Path
+) -> None:
+    """Ctrl-C (or the driver script's time-limit signal) ends a Slurm run with status 130,
+    its worker jobs cancelled and the output unlocked; the same command then finishes."""
+    slurm = slurm_cluster
+    _jobqueue()
+    output = tmp_path / "out"
+    overrides = {
+        **SITE,
+        **SIMULATED,
+        "cluster.kind": "slurm",
+        "cluster.slurm.queue": slurm.partition,
+        "cluster.slurm.n_jobs": "1",
+        "cluster.slurm.log_directory": str(tmp_path / "logs"),
+        "cluster.slurm.local_directory": str(tmp_path / "scratch"),
+    }
+    args = [str(CLI), "run", *_run_args(output, overrides)]
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, env=slurm.env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # the statistics phase runs on the Slurm workers: interrupt it there
+        deadline = time.monotonic() + 90
+        while "statistics ..." not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 130, f"status {rc}:\n{text[-3000:]}"
+    assert "interrupted; rerun the same command to resume" in text
+    assert not (output / "run.lock").exists()
+    slurm.wait_idle(timeout=30)  # the worker job was cancelled, not left to its walltime
+
+    _flashmm_run(slurm, output, overrides)
+    ds = open_results(output / "results.zarr")
+    assert ds.sizes["feature"] == 40
+    assert bool(ds["converged"].values.any())
+
+
+@pytest.mark.distributed
 def test_flashmm_run_on_slurm_equals_local_run(
     slurm_cluster: SlurmTestCluster, tmp_path: Path
 ) -> None:
@@ -230,9 +286,7 @@ def test_flashmm_run_on_slurm_equals_local_run(
     }
     # a marker job: every job id after it belongs to this test
     mark = slurm.sbatch("--job-name=mark", "--mem=16M", "--output=/dev/null", "--wrap=true")
-    started = time.monotonic()
     _flashmm_run(slurm, tmp_path / "slurm", on_slurm)
-    slurm_seconds = time.monotonic() - started
     workers = _worker_jobs(slurm, after=mark)
     _flashmm_run(slurm, tmp_path / "local", on_local)
 
@@ -258,7 +312,6 @@ def test_flashmm_run_on_slurm_equals_local_run(
             assert_array_equal(x, y, err_msg=name)
         else:
             assert_allclose(x, y, rtol=1e-12, atol=0, equal_nan=True, err_msg=name)
-    assert slurm_seconds < 120, f"the Slurm run took {slurm_seconds:.0f} s"
 
 
 # ------------------------------------------------------- deploy/slurm/flashmm-dask.sbatch

@@ -306,7 +306,10 @@ def _read_csv(
     try:
         frame = pd.read_csv(shown, sep=sep, storage_options=options)
     except FileNotFoundError as exc:
-        raise DataError(f"no such obs file: {shown!r}") from exc
+        raise DataError(
+            f"no such obs file: {shown!r}; give the path of a CSV file of cell metadata, "
+            "one row per cell"
+        ) from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read obs CSV {shown!r}: {exc}") from exc
     first = str(frame.columns[0]) if len(frame.columns) else ""

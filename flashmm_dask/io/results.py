@@ -7,7 +7,7 @@ Layout (Zarr format 3; ``xarray.open_zarr`` opens it as a Dataset)::
     coords    feature, covariate, covariate2, component, contrast        (strings)
     (feature, covariate)              coef, se, t, p, df, padj
     (feature, component)              theta, se_theta, dlogL
-    (feature,)                        logLik, niter, converged (bool)
+    (feature,)                        logLik, niter, converged (bool), status (int8)
     (feature, covariate, covariate2)  cov                               (if store_cov)
     (feature, contrast)               contrast_coef, contrast_se, contrast_t, contrast_p,
                                       contrast_df, contrast_padj
@@ -20,6 +20,14 @@ in ``block_done`` only after all of its arrays are written, and the group attrib
 ``complete`` becomes True only after the Benjamini-Hochberg adjusted p-values (``padj``,
 ``contrast_padj``, within each covariate / contrast) have been written by
 :func:`finalize_results`.
+
+``status`` says why a feature's results may not be usable, one code per feature (the
+code table is in the array's ``flag_values`` / ``flag_meanings`` attributes, CF style;
+:data:`STATUS` lists the meanings in code order): 0 ``ok``; 1 ``not_converged``; 2
+``all_zero`` (not fitted: NaN results); 3 ``constant`` (no residual variation once the
+fixed effects are fitted: the feature is constant, or a combination of the covariates);
+4 ``non_finite`` (a coefficient, standard error, variance component or log-likelihood is
+NaN or infinite). -1 marks a feature not yet written.
 
 Metadata is consolidated into the root ``zarr.json`` when the store is created (array
 metadata never changes afterwards; root attributes live in that same document), so that a
@@ -71,6 +79,10 @@ REDACTED = "<redacted>"
 _RESERVED_ATTRS = ("format", "format_version", "complete", "block_size", "n_blocks")
 _TABLE_FORMATS = ("csv", "parquet")
 
+#: Meanings of the ``status`` codes 0, 1, 2, ...: the first that applies, in the order
+#: all_zero, constant, non_finite, not_converged, ok.
+STATUS = ("ok", "not_converged", "all_zero", "constant", "non_finite")
+
 
 @dataclass(frozen=True)
 class _Var:
@@ -95,7 +107,8 @@ _VARS: dict[str, _Var] = {
     "dlogL": _Var(_FK, "float64", "score (gradient of the log-likelihood) at theta"),
     "logLik": _Var((), "float64", "log-likelihood (REML or ML) at the fit"),
     "niter": _Var((), "float64", "Fisher scoring iterations; NaN for features not fitted"),
-    "converged": _Var((), "bool", "max |dlogL| <= epsilon"),
+    "converged": _Var((), "bool", "max |dlogL| <= epsilon and theta at the optimum"),
+    "status": _Var((), "int8", "fit status code; see flag_values and flag_meanings"),
     "cov": _Var(("covariate", "covariate2"), "float64", "covariance matrix of coef"),
     "contrast_coef": _Var(_FN, "float64", "contrast estimate L' coef"),
     "contrast_se": _Var(_FN, "float64", "standard error of contrast_coef"),
@@ -107,6 +120,47 @@ _VARS: dict[str, _Var] = {
     ),
 }
 _COORDS = ("feature", "covariate", "covariate2", "component", "contrast")
+# a feature whose results are not all finite has status non_finite
+_FINITE_VARS = ("coef", "se", "theta", "logLik")
+
+
+def status_codes(
+    niter: np.ndarray,
+    converged: np.ndarray,
+    finite: np.ndarray,
+    constant: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ``status`` code of each feature: an index into :data:`STATUS`.
+
+    Parameters
+    ----------
+    niter : (m,) Fisher scoring iterations; NaN for features not fitted (all zero)
+    converged : (m,) bool
+    finite : (m,) bool, whether every result of the feature is finite
+    constant : (m,) bool, optional; no residual variation after the fixed effects
+
+    Returns
+    -------
+    (m,) int8 array: the first that applies of all_zero, constant, non_finite,
+    not_converged, ok.
+    """
+    code = {name: np.int8(k) for k, name in enumerate(STATUS)}
+    out = np.where(np.asarray(converged, dtype=bool), code["ok"], code["not_converged"])
+    out = out.astype(np.int8)
+    out[~np.asarray(finite, dtype=bool)] = code["non_finite"]
+    if constant is not None:
+        out[np.asarray(constant, dtype=bool)] = code["constant"]
+    out[np.isnan(np.asarray(niter, dtype=np.float64))] = code["all_zero"]
+    return out
+
+
+def finite_features(arrays: Mapping[str, Any]) -> np.ndarray:
+    """(m,) bool: whether coef, se, theta and logLik of each feature are all finite."""
+    rows = [
+        np.isfinite(np.asarray(arrays[name], dtype=np.float64).reshape(len(arrays[name]), -1))
+        for name in _FINITE_VARS
+    ]
+    return np.asarray(np.concatenate(rows, axis=1).all(axis=1))
 
 
 # -- layout ---------------------------------------------------------------------------
@@ -214,10 +268,15 @@ class _Target:
                 storage_options=dict(self.storage_options),
             )
         except FileNotFoundError as exc:
-            raise StoreError(
-                f"no results store at {self.shown!r}: nothing there, or not a Zarr group; "
-                "check the path (and storage_options for URLs)"
-            ) from exc
+            if self.local and os.path.exists(self.url):
+                why = (
+                    "something is there, but not a Zarr format 3 group: not a results "
+                    "store; give the results.zarr in a run's output folder"
+                )
+            else:
+                why = "nothing there, or not a Zarr group; check the path (and "
+                why += "storage_options for URLs)"
+            raise StoreError(f"no results store at {self.shown!r}: {why}") from exc
 
     def fs(self) -> tuple[Any, str]:
         return fsspec.core.url_to_fs(self.url, **self.storage_options)
@@ -401,18 +460,22 @@ def _write_group(group: zarr.Group, layout: ResultsLayout, attrs: dict[str, Any]
         )
         if sizes[dim]:
             coord[:] = np.array(names[dim], dtype=object)
+    fill = {"bool": False, "int8": -1}
     for name in layout.variables():
         var = _VARS[name]
         dims = ("feature", *var.dims)
         shape = tuple(sizes[d] for d in dims)
+        attributes: dict[str, Any] = {"description": var.description}
+        if name == "status":
+            attributes.update(flag_values=list(range(len(STATUS))), flag_meanings=" ".join(STATUS))
         group.create_array(
             name,
             shape=shape,
             dtype=var.dtype,
             chunks=(layout.block_size, *(max(1, s) for s in shape[1:])),
-            fill_value=False if var.dtype == "bool" else np.nan,
+            fill_value=fill.get(var.dtype, np.nan),
             dimension_names=dims,
-            attributes={"description": var.description},
+            attributes=attributes,
         )
     group.create_array(
         "block_done",
@@ -572,6 +635,15 @@ def _block_array(name: str, value: Any, shape: tuple[int, ...], b: int) -> np.nd
     if dtype == "bool":
         if a.dtype != np.bool_:
             raise StoreError(f"block {b}: {name} must be a boolean array; got dtype {a.dtype}")
+    elif dtype == "int8":
+        codes = np.issubdtype(a.dtype, np.integer) and (
+            a.size == 0 or (0 <= a.min() and a.max() < len(STATUS))
+        )
+        if not codes:
+            raise StoreError(
+                f"block {b}: {name} must hold integer codes 0..{len(STATUS) - 1}; got dtype "
+                f"{a.dtype}" + (f", values {a.min()}..{a.max()}" if a.size else "")
+            )
     elif not any(np.issubdtype(a.dtype, kind) for kind in (np.integer, np.floating, np.bool_)):
         raise StoreError(f"block {b}: {name} must be numeric; got dtype {a.dtype}")
     if a.shape != shape:
@@ -598,7 +670,9 @@ def write_block(
         logLik, niter : (nb,); converged : (nb,) bool; cov : (nb, p, p) when the store
         keeps covariances; contrast_coef, contrast_se, contrast_t, contrast_p,
         contrast_df : (nb, c) when the store has contrasts (c > 0). Not padj or
-        contrast_padj: :func:`finalize_results` computes those.
+        contrast_padj: :func:`finalize_results` computes those. status : (nb,) int
+        codes (see :data:`STATUS`), optional: by default derived from niter, converged
+        and the finiteness of the results (never ``constant``).
 
     Raises
     ------
@@ -627,6 +701,7 @@ def write_block(
         for name in present
         if _VARS[name].per_block and int(np.prod(_array(group, name).shape[1:])) > 0
     }
+    required.discard("status")  # derived below when not given
     optional = {name for name in present if _VARS[name].per_block} - required
     given = set(arrays)
     problems = []
@@ -654,6 +729,10 @@ def write_block(
         name: _block_array(name, value, (nb, *_array(group, name).shape[1:]), int(b))
         for name, value in arrays.items()
     }
+    if "status" in present and "status" not in checked:
+        checked["status"] = status_codes(
+            checked["niter"], checked["converged"], finite_features(checked)
+        )
     for name, value in checked.items():
         _array(group, name)[rows] = value
     # The resume record is written last: a block that is marked done is whole.
@@ -683,11 +762,13 @@ def finalize_results(
     *,
     extra_attrs: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    method: str = "BH",
 ) -> None:
     """Write the adjusted p-values and mark the store complete.
 
-    ``padj`` and ``contrast_padj`` are Benjamini-Hochberg adjusted within each covariate
-    and each contrast, over the features whose p-value is not NaN. ``extra_attrs`` (e.g.
+    ``padj`` and ``contrast_padj`` are Benjamini-Hochberg (``method="BH"``) or
+    Benjamini-Yekutieli (``"BY"``) adjusted within each covariate and each contrast, over
+    the features whose p-value is not NaN. ``extra_attrs`` (e.g.
     timings) are merged into the group attributes together with ``complete=True``, the
     last write.
 
@@ -710,9 +791,9 @@ def finalize_results(
     for p_name, padj_name in (("p", "padj"), ("contrast_p", "contrast_padj")):
         if int(np.prod(_array(group, p_name).shape)) > 0:
             _array(group, padj_name)[...] = p_adjust(
-                np.asarray(_array(group, p_name)[...]), "BH", axis=0
+                np.asarray(_array(group, p_name)[...]), method, axis=0
             )
-    group.attrs.update({**extra, "complete": True})
+    group.attrs.update({**extra, "p_adjust": method, "complete": True})
     logger.info("finalized results store %s", target.shown)
 
 
@@ -785,11 +866,20 @@ def results_table(ds: xr.Dataset) -> pd.DataFrame:
 
     Terms are the covariates, then the contrasts; rows run over all features of the
     first term, then of the next. Columns: feature, term, coef, se, t, df, p, padj,
-    converged, niter.
+    converged, niter, and status (the :data:`STATUS` name; "not_written" for a feature
+    of an unfinished run) when the store has it.
     """
     import pandas as pd
 
     features = np.asarray(ds["feature"].values).astype(object)
+    per_feature = {
+        "converged": np.asarray(ds["converged"].values),
+        "niter": np.asarray(ds["niter"].values),
+    }
+    if "status" in ds:
+        # code -1 (not written) indexes the last label
+        labels = np.array([*STATUS, "not_written"], dtype=object)
+        per_feature["status"] = labels[np.asarray(ds["status"].values, dtype=np.int64)]
     parts = []
     for prefix, dim in (("", "covariate"), ("contrast_", "contrast")):
         terms = np.asarray(ds[dim].values).astype(object)
@@ -805,8 +895,7 @@ def results_table(ds: xr.Dataset) -> pd.DataFrame:
                     "feature": np.tile(features, terms.size),
                     "term": np.repeat(terms, features.size),
                     **columns,
-                    "converged": np.tile(np.asarray(ds["converged"].values), terms.size),
-                    "niter": np.tile(np.asarray(ds["niter"].values), terms.size),
+                    **{k: np.tile(v, terms.size) for k, v in per_feature.items()},
                 }
             )
         )
@@ -855,16 +944,19 @@ def write_tables(
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "STATUS",
     "ResultsLayout",
     "blocks_done",
     "create_results",
     "finalize_results",
+    "finite_features",
     "fit_arrays",
     "open_results",
     "read_layout",
     "read_store_attrs",
     "redact",
     "results_table",
+    "status_codes",
     "write_block",
     "write_tables",
 ]

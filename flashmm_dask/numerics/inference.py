@@ -14,6 +14,8 @@ import scipy.stats
 from flashmm_dask.numerics.linalg import Array
 
 ALTERNATIVES = ("two.sided", "less", "greater")
+#: Multiple-testing adjustments of :func:`p_adjust`.
+P_ADJUST_METHODS = ("BH", "BY")
 
 
 def t_pvalues(t: Array, df: Array | float, alternative: str = "two.sided") -> Array:
@@ -57,7 +59,7 @@ def p_adjust(p: Array, method: str = "BH", axis: int = 0) -> Array:
     NaN p-values are left NaN and do not count towards the number of tests, as in R's
     ``p.adjust``.
     """
-    if method not in ("BH", "BY"):
+    if method not in P_ADJUST_METHODS:
         raise ValueError(f"unknown p-value adjustment {method!r}; use 'BH' or 'BY'")
     p = np.asarray(p, dtype=np.float64)
     moved = np.moveaxis(p, axis, -1)

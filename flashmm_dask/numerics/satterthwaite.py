@@ -1,0 +1,259 @@
+"""Satterthwaite degrees of freedom of fixed-effect t-tests, from the summary statistics.
+
+Notation as in :mod:`flashmm_dask.numerics.fisher`: theta = (s_1..s_K, s_0), V = s_0 I_n +
+sum_k s_k Z_k Z_k', so dV/ds_k = Z_k Z_k' and dV/ds_0 = I. For a contrast L'b with
+variance c(theta) = L' cov(theta) L, Satterthwaite's approximation is
+
+    df = 2 c^2 / (g' A g),   g = dc/dtheta,
+
+with A the inverse of the *observed* information (minus the Hessian of the REML or ML
+log-likelihood in theta at the estimate), as lmerTest computes it. The df do not depend on
+how theta is parameterised (lmerTest uses relative covariance factors and sigma), because
+at a stationary point the Hessian and the gradient transform with the same Jacobian.
+
+Observed information
+--------------------
+For y ~ N(0, V(theta)) with V linear in theta and H = V^-1, the log-likelihood has
+
+    -d2 l / dtheta_i dtheta_j = Q_ij - T_ij / 2,
+    Q_ij = y'H V_i H V_j H y,   T_ij = tr(H V_i H V_j).
+
+The REML log-likelihood of (y, X, Z) is the log-likelihood of K'y ~ N(0, K'VK), K an
+orthonormal basis of the orthogonal complement of col(X), whose statistics are
+(zrz, zry, yry) on N = n - p "cells". The ML log-likelihood profiled over beta has the same
+quadratic term and the trace term of the full model (ZZ, n)::
+
+    REML: I = Q(zrz, zry, yry) - T(zrz, n - p) / 2
+    ML:   I = Q(zrz, zry, yry) - T(ZZ, n) / 2
+
+For a Gram matrix G (zrz or ZZ) of N rows, D = diag(s_k / s_0 repeated d_k times) and
+M = (D G + I)^-1, the Woodbury identity gives Z'H = M'Z' / s_0, hence::
+
+    Z'HZ = G M / s_0        Z'H^2 Z = M'G M / s_0^2        tr H^2 = (N - q + tr M M) / s_0^2
+
+and with a = H y, z = Z'y, yy = y'y and w = M D z::
+
+    u = Z'a = M'z / s_0     v = Z'Ha = M'u / s_0
+    a'a = (yy - 2 z'w + w'G w) / s_0^2            a'Ha = (a'a - u' M D u) / s_0
+
+    random i, j:  Q_ij = u_i' (Z'HZ)_ij u_j      T_ij = |(Z'HZ)_ij|^2 (sum of squares)
+    random i, 0:  Q_i0 = u_i' v_i                T_i0 = tr (Z'H^2 Z)_ii
+    0, 0:         Q_00 = a'Ha                    T_00 = tr H^2
+
+Gradient of the covariance
+--------------------------
+cov = (X'HX)^-1 (the full model, G = ZZ): d cov / ds_k = cov B_k'B_k cov with
+B = Z'HX = M'ZX / s_0 (rows of component k), and d cov / ds_0 = cov X'H^2 X cov with
+X'H^2 X = (XX - 2 ZX' MD ZX + ZX' MD ZZ MD ZX) / s_0^2, MD = M D.
+
+With one random component (K = 1), M is diagonal in the eigenvectors of G, and every term
+above is a sum over eigenvalues, as in the K = 1 path of the fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashmm_dask.numerics.fisher import SharedTerms
+from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciprocal
+
+#: The df methods of the t-tests: the R package's n - p, or Satterthwaite's.
+DF_METHODS = ("residual", "satterthwaite")
+
+
+def observed_information(
+    sh: SharedTerms,
+    theta: Array,
+    zry: Array,
+    yry: Array,
+    *,
+    spectral: bool | None = None,
+) -> Array:
+    """Minus the Hessian of the REML (or ML) log-likelihood in theta, per feature.
+
+    Parameters
+    ----------
+    sh : SharedTerms
+    theta : (m, K+1) array
+    zry : (m, q) array
+    yry : (m,) array
+    spectral : bool, optional
+        Use the K = 1 eigenvalue path; default whenever K == 1.
+
+    Returns
+    -------
+    (m, K+1, K+1) array
+    """
+    if spectral is None:
+        spectral = sh.K == 1
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if spectral:
+            return _information_spectral(sh, theta, zry, yry)
+        return _information_general(sh, theta, zry, yry)
+
+
+def _ratios(sh: SharedTerms, theta: Array) -> Array:
+    return np.repeat(theta[:, :-1] / theta[:, -1:], sh.d, axis=1)  # (m, q): diagonal of D
+
+
+def _trace_terms(
+    sh: SharedTerms, G: Array, N: float, D: Array, s0: Array, M: Array | None = None
+) -> Array:
+    """T of the model with Gram matrix G of N rows; M = (D G + I)^-1 if already known."""
+    m, q, K = D.shape[0], sh.q, sh.K
+    if M is None:
+        M = inv_or_pinv(D[:, :, None] * G + np.eye(q))
+    Mt = np.swapaxes(M, 1, 2)
+    ZHZ = (G @ M) / s0[:, None, None]
+    ZH2Z = (Mt @ G @ M) / (s0**2)[:, None, None]
+    T = np.empty((m, K + 1, K + 1))
+    for i, Ii in enumerate(sh.slices):
+        for j, Ij in enumerate(sh.slices[: i + 1]):
+            T[:, i, j] = T[:, j, i] = np.sum(ZHZ[:, Ii, Ij] ** 2, axis=(1, 2))
+        T[:, i, K] = T[:, K, i] = np.trace(ZH2Z[:, Ii, Ii], axis1=1, axis2=2)
+    T[:, K, K] = (N - q + np.sum(M * Mt, axis=(1, 2))) / s0**2
+    return T
+
+
+def _information_general(sh: SharedTerms, theta: Array, zry: Array, yry: Array) -> Array:
+    K = sh.K
+    s0 = theta[:, -1]
+    D = _ratios(sh, theta)
+    M = inv_or_pinv(D[:, :, None] * sh.zrz + np.eye(sh.q))
+    if sh.method == "REML":
+        T = _trace_terms(sh, sh.zrz, sh.n - sh.p, D, s0, M)
+    else:
+        T = _trace_terms(sh, sh.ZZ, sh.n, D, s0)
+    Mt = np.swapaxes(M, 1, 2)
+    ZHZ = (sh.zrz @ M) / s0[:, None, None]
+    u = (Mt @ zry[:, :, None])[:, :, 0] / s0[:, None]
+    v = (Mt @ u[:, :, None])[:, :, 0] / s0[:, None]
+    w = (M @ (D * zry)[:, :, None])[:, :, 0]
+    aa = (yry - 2.0 * np.sum(zry * w, axis=1) + np.sum(w * (w @ sh.zrz), axis=1)) / s0**2
+    MDu = (M @ (D * u)[:, :, None])[:, :, 0]
+    aHa = (aa - np.sum(u * MDu, axis=1)) / s0
+    Q = np.empty_like(T)
+    for i, Ii in enumerate(sh.slices):
+        for j, Ij in enumerate(sh.slices[: i + 1]):
+            Q[:, i, j] = Q[:, j, i] = np.einsum("ma,mab,mb->m", u[:, Ii], ZHZ[:, Ii, Ij], u[:, Ij])
+        Q[:, i, K] = Q[:, K, i] = np.sum(u[:, Ii] * v[:, Ii], axis=1)
+    Q[:, K, K] = aHa
+    return Q - T / 2.0
+
+
+def _information_spectral(sh: SharedTerms, theta: Array, zry: Array, yry: Array) -> Array:
+    """K = 1: sums over the eigenvalues lam of zrz (and mu of ZZ for ML)."""
+    s0 = theta[:, 1]
+    rho = (theta[:, 0] / s0)[:, None]
+    z2 = (zry @ sh.U) ** 2  # squared projections of zry on the eigenvectors of zrz
+    mv = reciprocal(1.0 + rho * sh.lam)  # eigenvalues of M
+
+    def trace_terms(g: Array, mvals: Array, N: float) -> Array:
+        T = np.empty((theta.shape[0], 2, 2))
+        T[:, 0, 0] = np.sum((g * mvals) ** 2, axis=1) / s0**2
+        T[:, 0, 1] = T[:, 1, 0] = np.sum(g * mvals**2, axis=1) / s0**2
+        T[:, 1, 1] = (N - sh.q + np.sum(mvals**2, axis=1)) / s0**2
+        return T
+
+    if sh.method == "REML":
+        T = trace_terms(sh.lam, mv, sh.n - sh.p)
+    else:
+        T = trace_terms(sh.mu, reciprocal(1.0 + rho * sh.mu), sh.n)
+    aa = (yry - np.sum(z2 * (2.0 * rho * mv - (rho * mv) ** 2 * sh.lam), axis=1)) / s0**2
+    aHa = (aa - np.sum(z2 * rho * mv**3, axis=1) / s0**2) / s0
+    Q = np.empty_like(T)
+    Q[:, 0, 0] = np.sum(z2 * sh.lam * mv**3, axis=1) / s0**3
+    Q[:, 0, 1] = Q[:, 1, 0] = np.sum(z2 * mv**3, axis=1) / s0**3
+    Q[:, 1, 1] = aHa
+    return Q - T / 2.0
+
+
+def cov_jacobian(
+    sh: SharedTerms, theta: Array, cov: Array, *, spectral: bool | None = None
+) -> Array:
+    """Derivatives of the coefficient covariance in each variance component.
+
+    Parameters
+    ----------
+    sh : SharedTerms
+    theta : (m, K+1) array
+    cov : (m, p, p) array, the covariance of the coefficients at theta
+    spectral : bool, optional
+        Use the K = 1 eigenvalue path; default whenever K == 1.
+
+    Returns
+    -------
+    (m, K+1, p, p) array: d cov / d theta_i in entry [:, i]
+    """
+    if spectral is None:
+        spectral = sh.K == 1
+    m, K, p = theta.shape[0], sh.K, sh.p
+    s0 = theta[:, -1]
+    s02 = (s0**2)[:, None, None]
+    inner = np.empty((m, K + 1, p, p))  # X'H V_i H X
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if spectral:
+            rho = (theta[:, 0] / s0)[:, None]
+            mf = reciprocal(1.0 + rho * sh.mu)  # eigenvalues of (D ZZ + I)^-1
+            md = rho * mf  # eigenvalues of MD
+            G = sh.V.T @ sh.ZX  # (q, p)
+            GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
+            inner[:, 0] = (mf**2 @ GG).reshape(m, p, p) / s02
+            XH2X = sh.XX - ((2.0 * md - md**2 * sh.mu) @ GG).reshape(m, p, p)
+        else:
+            D = _ratios(sh, theta)
+            M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
+            B = np.swapaxes(M, 1, 2) @ sh.ZX  # s0 Z'HX, (m, q, p)
+            for k, Ik in enumerate(sh.slices):
+                Bk = B[:, Ik, :]
+                inner[:, k] = np.swapaxes(Bk, 1, 2) @ Bk / s02
+            MDZX = (M * D[:, None, :]) @ sh.ZX  # MD ZX, (m, q, p)
+            ZXt = sh.ZX.T
+            XH2X = sh.XX - 2.0 * ZXt @ MDZX + np.swapaxes(MDZX, 1, 2) @ sh.ZZ @ MDZX
+        inner[:, K] = XH2X / s02
+        jac = cov[:, None] @ inner @ cov[:, None]
+    return 0.5 * (jac + np.swapaxes(jac, -1, -2))
+
+
+def satterthwaite_df(cov: Array, jac_cov: Array, vcov_theta: Array, L: Array) -> Array:
+    """Satterthwaite's df of contrasts L'b for a block of features.
+
+    Parameters
+    ----------
+    cov : (m, p, p) array
+    jac_cov : (m, K+1, p, p) array, from :func:`cov_jacobian`
+    vcov_theta : (m, K+1, K+1) array, the inverse observed information
+    L : (p, c) array
+
+    Returns
+    -------
+    (m, c) array; NaN where the approximation is not a positive finite number (features
+    not fitted, or an information matrix that is not positive definite there).
+    """
+    c = np.einsum("pc,mpk,kc->mc", L, cov, L)
+    g = np.einsum("pc,mipk,kc->mic", L, jac_cov, L)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        df = 2.0 * c**2 / np.einsum("mic,mij,mjc->mc", g, vcov_theta, g)
+    return np.where(np.isfinite(df) & (df > 0), df, np.nan)
+
+
+def satterthwaite_terms(
+    sh: SharedTerms,
+    theta: Array,
+    zry: Array,
+    yry: Array,
+    cov: Array,
+    *,
+    spectral: bool | None = None,
+) -> tuple[Array, Array]:
+    """The per-feature ingredients of Satterthwaite's df for any contrast.
+
+    Returns
+    -------
+    vcov_theta : (m, K+1, K+1) array
+        Inverse of the observed information (a pseudo-inverse where singular).
+    jac_cov : (m, K+1, p, p) array
+        d cov / d theta.
+    """
+    info = observed_information(sh, theta, zry, yry, spectral=spectral)
+    return pinv_sym(info), cov_jacobian(sh, theta, cov, spectral=spectral)

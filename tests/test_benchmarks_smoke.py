@@ -1,0 +1,104 @@
+"""The benchmark scripts run, with tiny arguments, and print their ratio lines.
+
+The timings themselves are not asserted (they are measured on purpose-sized data, see
+benchmarks/RESULTS.md). What is asserted: each script's ``main`` finishes and prints its
+"ratio ..." lines with finite numbers, and where a script computes something checkable it
+is checked independently: the reduction's statistics against a dense NumPy computation
+from the store, MixedLM's estimates against lmm's, the atlas run's feature count.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# the first number after the colon of each "ratio ...: ..." line
+RATIO = re.compile(r"^ratio [^:\n]*:[^0-9\n]*?(-?[0-9][0-9.]*|\bnan\b|\binf\b)", re.MULTILINE)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script as a module (its folder on sys.path, as when run)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+def ratios(text: str) -> list[float]:
+    found = [float(x) for x in RATIO.findall(text)]
+    assert found, f"no ratio lines in:\n{text}"
+    assert all(math.isfinite(x) for x in found), found
+    return found
+
+
+def test_bench_fit(bench, capsys):
+    bench("bench_fit").main(["--features", "30", "--cells", "1500", "--loop", "1"])
+    out = capsys.readouterr().out
+    # one ratio per (case, path): 3 + 2 + 2 rows
+    assert len(ratios(out)) == 7
+    assert "p=60 q=259 K=1" in out and "p=21 q=50 K=2" in out
+
+
+def test_bench_peer(bench, capsys):
+    args = ["--cells", "1500", "--features", "1", "--fit-features", "20", "--cases", "1,3"]
+    rows = bench("bench_peer").main(args)
+    assert len(ratios(capsys.readouterr().out)) == 2
+    # MixedLM and lmm fit the same REML models: the estimates agree
+    for label, _, diff in rows:
+        assert np.isnan(diff) or diff < 1e-2, (label, diff)
+
+
+@pytest.mark.distributed
+def test_bench_reduce(bench, capsys, tmp_path):
+    from flashmm_dask.design import build_design
+
+    module = bench("bench_reduce")
+    args = ["--cells", "3000", "--genes", "40", "--chunk-cells", "1000,0", "--codecs"]
+    results = module.main([*args, "lz4,none", "--repeat", "1", "--store-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 4 and "peak memory" in out
+    # the statistics of the benchmark's reduction, against a dense NumPy computation
+    _, run = results[0]
+    adata = ad.read_zarr(run["store"])
+    E = np.log2(1.0 + adata.X.toarray())
+    design = build_design(adata.obs, module.FIXED, module.RANDOM)
+    X, Z = design.X(adata.obs), design.Z(adata.obs).toarray()
+    stats = run["stats"]
+    np.testing.assert_allclose(stats.XY, X.T @ E, rtol=1e-10)
+    np.testing.assert_allclose(stats.ZY, Z.T @ E, rtol=1e-10)
+    np.testing.assert_allclose(stats.Ynorm, (E * E).sum(axis=0), rtol=1e-10)
+    assert stats.n == adata.n_obs
+
+
+@pytest.mark.distributed
+def test_bench_atlas(bench, capsys, tmp_path):
+    args = ["--sizes", "1500", "--genes", "30", "--store-dir", str(tmp_path)]
+    rows = bench("bench_atlas").main(args)
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 1 and "peak memory" in out
+    for n_cells, nnz, *_ in rows:
+        assert 0 < nnz < n_cells * 30
+    summary = rows[-1][5]
+    assert summary.n_features == 30
+    assert {"statistics", "fitting"} <= set(summary.timings)
+
+
+@pytest.mark.distributed
+def test_bench_scaling(bench, capsys, tmp_path):
+    args = ["--cells", "1500", "--genes", "30", "--layouts", "1x1", "--chunk-cells", "500"]
+    args += ["--block-sizes", "auto", "--repeat", "1", "--store-dir", str(tmp_path)]
+    bench("bench_scaling").main(args)
+    out = capsys.readouterr().out
+    assert len(ratios(out)) == 1 and "auto =" in out
