@@ -342,7 +342,17 @@ def test_tables_equal_the_dataset_row_by_row(tmp_path: Path, fit: LmmFit, arrays
     )
     parquet = pd.read_parquet(written[1])
     columns = [
-        "feature", "term", "coef", "se", "t", "df", "p", "padj", "converged", "niter", "status"
+        "feature",
+        "term",
+        "coef",
+        "se",
+        "t",
+        "df",
+        "p",
+        "padj",
+        "converged",
+        "niter",
+        "status",
     ]
     terms = [("covariate", "", t) for t in fit.covariates] + [
         ("contrast", "contrast_", c) for c in CONTRASTS
