@@ -166,3 +166,28 @@ def test_resume_after_kill_fits_only_missing_blocks(tmp_path, one_worker):
     assert_stores_equal(
         open_results(str(resumed.store)), open_results(str(uninterrupted.store)), rtol=0
     )
+
+
+def test_satterthwaite_and_by_in_a_run(tmp_path, one_worker):
+    """model.df and test.p_adjust reach the store: df, p and padj equal the in-process fit."""
+    from flashmm_dask.numerics.inference import p_adjust
+
+    cfg = small_config(tmp_path, "model.df=satterthwaite", "test.p_adjust=BY")
+    summary = run(cfg, client=one_worker)
+    ds = open_results(str(summary.store))
+    fit = flashmm(
+        str(summary.output / SIMULATED),
+        cfg.model.fixed,
+        cfg.model.random,
+        is_counts=True,
+        df="satterthwaite",
+    )
+    np.testing.assert_allclose(ds["df"].values, fit.df.T, rtol=1e-10)
+    assert np.all(ds["df"].values < fit.n - len(fit.covariates))
+    np.testing.assert_allclose(ds["p"].values, fit.p.T, rtol=1e-10)
+    np.testing.assert_allclose(ds["padj"].values, p_adjust(fit.p.T, "BY", axis=0), rtol=1e-10)
+    tested = lmmtest(fit, contrast=dict(cfg.contrasts), df="satterthwaite")
+    for j, name in enumerate(cfg.contrasts):
+        np.testing.assert_allclose(ds["contrast_df"].values[:, j], tested[f"{name}_df"], rtol=1e-10)
+        np.testing.assert_allclose(ds["contrast_p"].values[:, j], tested[f"{name}_p"], rtol=1e-10)
+    assert ds.attrs["p_adjust"] == "BY"
