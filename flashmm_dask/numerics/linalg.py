@@ -64,7 +64,7 @@ def pinv_sym(A: Array) -> Array:
             norm_a = np.abs(sub).sum(axis=-1).max(axis=-1)
             norm_i = np.abs(inv).sum(axis=-1).max(axis=-1)
             with np.errstate(invalid="ignore", over="ignore"):
-                safe = np.isfinite(norm_i) & (k * norm_a * norm_i < 0.01 / GINV_TOL)
+                safe = np.isfinite(norm_i) & (k * norm_a * norm_i < 0.5 / GINV_TOL)
             idx = np.flatnonzero(todo)
             out[idx[safe]] = 0.5 * (inv[safe] + np.swapaxes(inv[safe], -1, -2))
             todo[idx[safe]] = False
