@@ -51,7 +51,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Stats:
-    """Summary statistics in the R orientation (XY is p x m, ZY is q x m), with names."""
+    """Summary statistics in the R orientation (XY is p x m, ZY is q x m), with names.
+
+    Unlike :class:`~flashmm_dask.stats.SummaryStats` this allows K = 0 random components:
+    the reduced model of a one-component likelihood-ratio test has none.
+    """
 
     XX: np.ndarray
     XY: np.ndarray
