@@ -46,7 +46,7 @@ def pinv_sym(A: Array) -> Array:
     out = np.full(A.shape, np.nan)
     todo: np.ndarray = np.asarray(np.isfinite(A).all(axis=(-2, -1)))
     if todo.any():
-        sub = A[todo]
+        sub = A if todo.all() else A[todo]
         inv: Array | None
         if k == 2:  # closed form: the K = 1 information matrices, once per iteration
             a, b, c = sub[:, 0, 0], sub[:, 0, 1], sub[:, 1, 1]
@@ -65,6 +65,8 @@ def pinv_sym(A: Array) -> Array:
             norm_i = np.abs(inv).sum(axis=-1).max(axis=-1)
             with np.errstate(invalid="ignore", over="ignore"):
                 safe = np.isfinite(norm_i) & (k * norm_a * norm_i < 0.5 / GINV_TOL)
+            if safe.all() and todo.all():  # the usual case: no copies by fancy indexing
+                return 0.5 * (inv + np.swapaxes(inv, -1, -2))
             idx = np.flatnonzero(todo)
             out[idx[safe]] = 0.5 * (inv[safe] + np.swapaxes(inv[safe], -1, -2))
             todo[idx[safe]] = False
