@@ -15,10 +15,12 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from flashmm_dask.errors import ConvergenceWarning, DesignError, InputError, ZeroFeatureWarning
 from flashmm_dask.fit import LmmFit
@@ -276,7 +278,14 @@ def lmm(
 
     satterthwaite = df_method == "satterthwaite"
     fit = _fit_blocks(
-        shared, arrays, t0, max_iter, epsilon, n_threads, df_method, satterthwaite and output_cov
+        shared,
+        arrays,
+        t0,
+        max_iter,
+        epsilon,
+        n_threads,
+        df_method,
+        keep=_Keep(cov=output_cov, fim=output_fim, re=output_re),
     )
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
@@ -299,10 +308,6 @@ def lmm(
                 stacklevel=2,
             )
 
-    coef = fit["coef"].T
-    with np.errstate(invalid="ignore", divide="ignore"):
-        se = np.sqrt(np.diagonal(fit["cov"], axis1=1, axis2=2)).T
-        t = coef / se
     df_t: float | Array = float(n_cells - p)
     if satterthwaite:
         df_t = fit["df"].T
@@ -320,19 +325,19 @@ def lmm(
         method=method,
         epsilon=float(epsilon),
         df=df_t,
-        coef=coef,
-        se=se,
-        t=t,
-        p=t_pvalues(t, df_t),
+        coef=fit["coef"].T,
+        se=fit["se"].T,
+        t=fit["t"].T,
+        p=fit["p"].T,
         theta=fit["theta"].T,
         se_theta=fit["se_theta"].T,
         dlogL=fit["dlogL"].T,
         logLik=fit["logLik"],
         niter=fit["niter"],
         converged=converged,
-        cov=fit["cov"] if output_cov else None,
-        FIM_beta=fit["FIM_beta"] if output_fim else None,
-        FIM_theta=fit["FIM_theta"] if output_fim else None,
+        cov=fit.get("cov"),
+        FIM_beta=fit.get("FIM_beta"),
+        FIM_theta=fit.get("FIM_theta"),
         RE=fit["RE"].T if output_re else None,
         summary_data=summary,
         covariates=covariates,
@@ -355,6 +360,15 @@ def _threads(n_threads: int | None) -> int:
     return n_threads
 
 
+@dataclass(frozen=True)
+class _Keep:
+    """Which optional per-feature outputs :func:`_fit_blocks` keeps."""
+
+    cov: bool = True
+    fim: bool = False
+    re: bool = False
+
+
 def _fit_blocks(
     shared,
     arrays: dict[str, np.ndarray],
@@ -363,12 +377,14 @@ def _fit_blocks(
     epsilon: float,
     n_threads: int | None,
     df_method: str = "residual",
-    keep_satterthwaite: bool = False,
+    keep: _Keep = _Keep(),
 ) -> dict[str, Array]:
     """Fit the features in blocks; features with Ynorm <= 0 get NaN.
 
-    With ``df_method="satterthwaite"`` the output has the df of each coefficient ("df"),
-    and with ``keep_satterthwaite`` also ``vcov_theta`` and ``jac_cov`` (for contrasts).
+    Always returns theta, se_theta, dlogL, niter, logLik (feature axis first), coef, se, t
+    and p (m, p) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and RE as ``keep``
+    says. With ``df_method="satterthwaite"`` also the df of each coefficient ("df"), and
+    with ``keep.cov`` ``vcov_theta`` and ``jac_cov`` (for contrasts).
     """
     p, q, K = shared.p, shared.q, shared.K
     m = arrays["Ynorm"].shape[0]
@@ -376,28 +392,36 @@ def _fit_blocks(
     ZY = np.ascontiguousarray(arrays["ZY"].T)
     Ynorm = arrays["Ynorm"]
     fitted = Ynorm > 0
-    shapes = {
+    satterthwaite = df_method == "satterthwaite"
+    shapes: dict[str, tuple[int, ...]] = {
         "theta": (K + 1,),
         "se_theta": (K + 1,),
         "dlogL": (K + 1,),
-        "FIM_theta": (K + 1, K + 1),
         "niter": (),
-        "coef": (p,),
-        "cov": (p, p),
-        "FIM_beta": (p, p),
-        "RE": (q,),
         "logLik": (),
+        "coef": (p,),
+        "se": (p,),
+        "t": (p,),
     }
-    if df_method == "satterthwaite":
+    if keep.cov:
+        shapes["cov"] = (p, p)
+    if keep.fim:
+        shapes.update(FIM_theta=(K + 1, K + 1), FIM_beta=(p, p))
+    if keep.re:
+        shapes["RE"] = (q,)
+    if satterthwaite:
         shapes["df"] = (p,)
-    if keep_satterthwaite:
-        shapes.update(vcov_theta=(K + 1, K + 1), jac_cov=(K + 1, p, p))
-    out = {k: np.full((m, *s), np.nan) for k, s in shapes.items()}
+        if keep.cov:
+            shapes.update(vcov_theta=(K + 1, K + 1), jac_cov=(K + 1, p, p))
+    out = {k: np.empty((m, *s)) for k, s in shapes.items()}
+    for v in out.values():
+        v[~fitted] = np.nan
     idx = np.flatnonzero(fitted)
     block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // (q * q))
     workers = _threads(n_threads)
     # several blocks per thread keep both busy while the slowest features iterate on
     block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block
+    df_residual = float(shared.n - p)
 
     def fit_block(rows: np.ndarray) -> None:
         zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
@@ -409,25 +433,41 @@ def _fit_blocks(
             max_iter=max_iter,
             epsilon=epsilon,
         )
-        fx = fixed_effects(shared, XY[rows], ZY[rows], th.theta, th.logdetM0)
-        for name in ("theta", "se_theta", "dlogL", "FIM_theta", "niter"):
+        fx = fixed_effects(
+            shared, XY[rows], ZY[rows], th.theta, th.logdetM0, fim=keep.fim, re=keep.re
+        )
+        for name in ("theta", "se_theta", "dlogL", "niter"):
             out[name][rows] = getattr(th, name)
-        for name in ("coef", "cov", "FIM_beta", "RE", "logLik"):
-            out[name][rows] = getattr(fx, name)
-        if df_method == "satterthwaite":
+        out["coef"][rows] = fx.coef
+        out["logLik"][rows] = fx.logLik
+        with np.errstate(invalid="ignore", divide="ignore"):
+            se = np.sqrt(np.diagonal(fx.cov, axis1=1, axis2=2))
+            t = fx.coef / se
+        out["se"][rows] = se
+        out["t"][rows] = t
+        if keep.cov:
+            out["cov"][rows] = fx.cov
+        if keep.fim:
+            out["FIM_theta"][rows] = th.FIM_theta
+            out["FIM_beta"][rows] = fx.FIM_beta
+        if keep.re:
+            out["RE"][rows] = fx.RE
+        if satterthwaite:
             vcov_theta, jac_cov = satterthwaite_terms(shared, th.theta, zry, yry, fx.cov)
             out["df"][rows] = satterthwaite_df(fx.cov, jac_cov, vcov_theta, np.eye(p))
-            if keep_satterthwaite:
+            if keep.cov:
                 out["vcov_theta"][rows] = vcov_theta
                 out["jac_cov"][rows] = jac_cov
 
     blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
     if workers > 1 and len(blocks) > 1:
-        # NumPy's batched linear algebra releases the GIL: blocks run in parallel
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
+        # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
             list(pool.map(fit_block, blocks))
     else:
         for rows in blocks:
             fit_block(rows)
+    out["p"] = t_pvalues(out["t"], out["df"] if satterthwaite else df_residual)
     out["fitted"] = fitted
     return out

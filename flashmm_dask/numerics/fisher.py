@@ -34,12 +34,15 @@ iteration instead of O(q^3). :func:`fit_theta` takes that path automatically.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
+from flashmm_dask.numerics import compiled
 from flashmm_dask.numerics.linalg import (
+    GINV_TOL,
     Array,
     aliased_columns,
     inv_shifted,
@@ -199,7 +202,22 @@ def _times_A(sh: SharedTerms, M0: Array, D: Array) -> Array:
 
 
 #: |D[r]| * max|A| above which W = A M0 is taken from I - M0 (relative error ~1e-13 or less).
-_DIVISION_MIN = 1e-3
+_DIVISION_MIN = compiled.DIVISION_MIN
+
+
+def _score_compiled(
+    sh: SharedTerms, s: Array, zry: Array, yry: Array, *, final: bool = False
+) -> _Score:
+    """:func:`_score_general` by the compiled per-feature kernel; the NumPy algebra (with
+    its pseudo-inverses) takes the features whose matrices the kernel could not invert."""
+    reml = sh.method == "REML"
+    dl, F, s0p, logdet, ok = compiled.score_batch(
+        sh.zrz, sh.A, reml, sh.d, s, zry, yry, sh.n, sh.r, final
+    )
+    if not ok.all():
+        rest = _score_general(sh, s[~ok], zry[~ok], yry[~ok], final=final)
+        dl[~ok], F[~ok], s0p[~ok], logdet[~ok] = rest.dl, rest.F, rest.s0_profiled, rest.logdetM0
+    return _Score(dl, F, s0p, logdet)
 
 
 def _score_general(
@@ -273,6 +291,7 @@ def fit_theta(
     max_iter: int = 50,
     epsilon: float = 1e-5,
     spectral: bool | None = None,
+    compiled_kernels: bool = True,
 ) -> ThetaFit:
     """Fisher scoring for a block of features.
 
@@ -286,6 +305,9 @@ def fit_theta(
     max_iter, epsilon : stopping rule, max |dl| <= epsilon or max_iter steps.
     spectral : bool, optional
         Use the K = 1 eigenvalue path; default: whenever K == 1.
+    compiled_kernels : bool
+        Iterate in the compiled per-feature kernels (:mod:`.compiled`); False runs the
+        same algebra batched in NumPy (the reference the kernels are tested against).
 
     Returns
     -------
@@ -296,22 +318,46 @@ def fit_theta(
         spectral = K == 1
     if spectral and K != 1:
         raise ValueError("the spectral path needs exactly one random component")
-    if spectral:
-        work = zry @ sh.U
-
-        def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
-            return _score_spectral(sh, s, work[rows], yry[rows], final=final)
-    else:
-        work = zry
-
-        def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
-            return _score_general(sh, s, work[rows], yry[rows], final=final)
-
     if theta0 is None:
         s = np.zeros((m, K + 1))
         s[:, -1] = yry / (sh.n - sh.p)
     else:
         s = np.array(theta0, dtype=np.float64, copy=True)
+    if not spectral:
+
+        def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+            if compiled_kernels:
+                return _score_compiled(sh, s, zry[rows], yry[rows], final=final)
+            return _score_general(sh, s, zry[rows], yry[rows], final=final)
+
+        return _scoring(score, s, max_iter, epsilon)
+    z = zry @ sh.U
+    if not compiled_kernels:
+        return _scoring(_spectral_scorer(sh, z, yry), s, max_iter, epsilon)
+    theta, se, dl, F, niter, logdet, ok = compiled.fit_spectral_batch(
+        sh.lam, sh.mu, sh.method == "REML", z, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT
+    )
+    if not ok.all():  # an ill-conditioned information matrix: the pseudo-inverse path
+        rest = _scoring(_spectral_scorer(sh, z[~ok], yry[~ok]), s[~ok], max_iter, epsilon)
+        theta[~ok], se[~ok], dl[~ok] = rest.theta, rest.se_theta, rest.dlogL
+        F[~ok], niter[~ok], logdet[~ok] = rest.FIM_theta, rest.niter, rest.logdetM0
+    return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
+
+
+#: Condition bound below which pinv_sym takes the inverse (see linalg.pinv_sym).
+GINV_LIMIT = 0.5 / GINV_TOL
+
+
+def _spectral_scorer(sh: SharedTerms, z: Array, yry: Array) -> Callable[..., _Score]:
+    def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+        return _score_spectral(sh, s, z[rows], yry[rows], final=final)
+
+    return score
+
+
+def _scoring(score: Callable[..., _Score], s: Array, max_iter: int, epsilon: float) -> ThetaFit:
+    """Fisher scoring from s (m, K+1), updated in place, with NumPy over the active features."""
+    m = s.shape[0]
     niter = np.zeros(m, dtype=np.int64)
     active = np.arange(m)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):

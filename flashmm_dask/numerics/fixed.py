@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashmm_dask.numerics.fisher import SharedTerms
-from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciprocal
+from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,16 @@ class FixedFit:
     Attributes
     ----------
     coef : (m, p)
-    cov, FIM_beta : (m, p, p)
-    RE : (m, q)
+    cov : (m, p, p)
+    FIM_beta : (m, p, p), or None when not asked for
+    RE : (m, q), or None when not asked for
     logLik : (m,)
     """
 
     coef: Array
     cov: Array
-    FIM_beta: Array
-    RE: Array
+    FIM_beta: Array | None
+    RE: Array | None
     logLik: Array
 
 
@@ -51,6 +52,8 @@ def fixed_effects(
     logdetM0: Array,
     *,
     spectral: bool | None = None,
+    fim: bool = True,
+    re: bool = True,
 ) -> FixedFit:
     """Coefficients, covariance, FIM and BLUPs at the fitted variance components.
 
@@ -63,6 +66,8 @@ def fixed_effects(
     logdetM0 : (m,) array, from the theta fit
     spectral : bool, optional
         Use the K = 1 eigenvalue path; default: whenever K == 1.
+    fim, re : bool
+        Compute FIM_beta and the BLUPs (else they are None).
     """
     if spectral is None:
         spectral = sh.K == 1
@@ -78,17 +83,20 @@ def fixed_effects(
             rhs = XY - (w * h) @ G
         else:
             D = np.repeat(theta[:, :-1] / s0[:, None], sh.d, axis=1)
-            MD = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q)) * D[:, None, :]
+            MD = inv_shifted(sh.ZZ, D) * D[:, None, :]
             C = sh.XX - sh.ZX.T @ (MD @ sh.ZX)
             rhs = XY - (MD @ ZY[:, :, None])[:, :, 0] @ sh.ZX
         Ci = pinv_sym(C)
         coef = (Ci @ rhs[:, :, None])[:, :, 0]
-        resid = ZY - coef @ sh.ZX.T  # (m, q): ZY_j - ZX b
-        if spectral:
-            RE = (w * (resid @ sh.V)) @ sh.V.T
-        else:
-            RE = (MD @ resid[:, :, None])[:, :, 0]
-        cov = Ci * s0[:, None, None]
-        FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None]
+        RE = None
+        if re:
+            resid = ZY - coef @ sh.ZX.T  # (m, q): ZY_j - ZX b
+            if spectral:
+                RE = (w * (resid @ sh.V)) @ sh.V.T
+            else:
+                RE = (MD @ resid[:, :, None])[:, :, 0]
+        Ci *= s0[:, None, None]
+        cov = Ci
+        FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
         logLik = -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0
     return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik)

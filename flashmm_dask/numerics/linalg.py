@@ -12,6 +12,8 @@ from typing import TypeAlias
 import numpy as np
 import scipy.linalg
 
+from flashmm_dask.numerics.compiled import inv_shifted_batch, inverse_checked_batch
+
 #: Arrays of float64 throughout the numerics (shapes are given in the docstrings).
 Array: TypeAlias = np.ndarray
 
@@ -27,9 +29,10 @@ def pinv_sym(A: Array) -> Array:
 
     For a symmetric matrix the singular values are the absolute eigenvalues, so an
     eigendecomposition gives exactly ``MASS::ginv``'s answer. Most matrices are well
-    conditioned, and for them the pseudo-inverse is the inverse: an LU inverse is taken
-    first, and only matrices whose condition number may exceed ``1 / GINV_TOL`` (bounded
-    by k * cond_inf, which is >= cond_2) are decomposed.
+    conditioned, and for them the pseudo-inverse is the inverse: an inverse is taken first
+    (2 x 2 in closed form, larger by compiled Gauss-Jordan elimination), and only matrices
+    whose condition number may exceed ``1 / GINV_TOL`` (bounded by k * cond_1, which is
+    >= cond_2) are decomposed.
 
     Parameters
     ----------
@@ -41,43 +44,38 @@ def pinv_sym(A: Array) -> Array:
     -------
     (..., k, k) array
     """
-    A = 0.5 * (A + np.swapaxes(A, -1, -2))
-    k = A.shape[-1]
-    out = np.full(A.shape, np.nan)
-    todo: np.ndarray = np.asarray(np.isfinite(A).all(axis=(-2, -1)))
-    if todo.any():
-        sub = A if todo.all() else A[todo]
-        inv: Array | None
-        if k == 2:  # closed form: the K = 1 information matrices, once per iteration
-            a, b, c = sub[:, 0, 0], sub[:, 0, 1], sub[:, 1, 1]
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                inv = (
-                    np.stack([c, -b, -b, a], axis=-1).reshape(-1, 2, 2)
-                    / (a * c - b * b)[:, None, None]
-                )
-        else:
-            try:
-                inv = np.linalg.inv(sub)
-            except np.linalg.LinAlgError:
-                inv = None
-        if inv is not None:
-            norm_a = np.abs(sub).sum(axis=-1).max(axis=-1)
-            norm_i = np.abs(inv).sum(axis=-1).max(axis=-1)
-            with np.errstate(invalid="ignore", over="ignore"):
-                safe = np.isfinite(norm_i) & (k * norm_a * norm_i < 0.5 / GINV_TOL)
-            if safe.all() and todo.all():  # the usual case: no copies by fancy indexing
-                return 0.5 * (inv + np.swapaxes(inv, -1, -2))
-            idx = np.flatnonzero(todo)
-            out[idx[safe]] = 0.5 * (inv[safe] + np.swapaxes(inv[safe], -1, -2))
-            todo[idx[safe]] = False
-    if todo.any():
-        evals, evecs = np.linalg.eigh(A[todo])
-        absval = np.abs(evals)
-        cutoff = GINV_TOL * absval.max(axis=-1, keepdims=True)
-        with np.errstate(divide="ignore"):
-            inv_vals = np.where((absval > cutoff) & (absval > 0), 1.0 / evals, 0.0)
-        out[todo] = (evecs * inv_vals[..., None, :]) @ np.swapaxes(evecs, -1, -2)
-    return out
+    A = np.asarray(A, dtype=np.float64)
+    shape, k = A.shape, A.shape[-1]
+    A = A.reshape(-1, k, k)
+    if k == 2:  # the K = 1 information matrices, once per iteration
+        A = 0.5 * (A + np.swapaxes(A, -1, -2))
+        out, ok = _inverse_2x2(A)
+    else:  # symmetrised, inverted and its condition bounded in one compiled pass
+        out, ok = inverse_checked_batch(A, 0.5 / GINV_TOL)
+    if not ok.all():
+        A = 0.5 * (A + np.swapaxes(A, -1, -2))
+        todo = ~ok & np.isfinite(A).all(axis=(-2, -1))
+        out[~ok] = np.nan
+        if todo.any():
+            evals, evecs = np.linalg.eigh(A[todo])
+            absval = np.abs(evals)
+            cutoff = GINV_TOL * absval.max(axis=-1, keepdims=True)
+            with np.errstate(divide="ignore"):
+                inv_vals = np.where((absval > cutoff) & (absval > 0), 1.0 / evals, 0.0)
+            out[todo] = (evecs * inv_vals[..., None, :]) @ np.swapaxes(evecs, -1, -2)
+    return out.reshape(shape)
+
+
+def _inverse_2x2(A: Array) -> tuple[Array, np.ndarray]:
+    """Closed-form inverses of symmetric 2 x 2 matrices (m, 2, 2), and which of them are
+    provably well conditioned (2 * ||A||_1 * ||A^-1||_1 < 0.5 / GINV_TOL)."""
+    a, b, c = A[:, 0, 0], A[:, 0, 1], A[:, 1, 1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = np.stack([c, -b, -b, a], axis=-1).reshape(-1, 2, 2) / (a * c - b * b)[:, None, None]
+        norm_a = np.abs(A).sum(axis=-1).max(axis=-1)
+        norm_i = np.abs(inv).sum(axis=-1).max(axis=-1)
+        ok = np.isfinite(norm_i) & (2 * norm_a * norm_i < 0.5 / GINV_TOL)
+    return inv, ok
 
 
 def inv_or_pinv(A: Array) -> Array:
@@ -110,11 +108,10 @@ def inv_or_pinv(A: Array) -> Array:
 def inv_shifted(A: Array, D: Array) -> Array:
     """(diag(D_j) A + I)^-1 for a shared symmetric PSD A and a stack of diagonals D.
 
-    With r = sqrt|D| and signs s = sign(D), diag(D) A + I = R S (R A R + S) R^-1
-    (R = diag(r), S = diag(s)), so (diag(D) A + I)^-1 = R T^-1 S R^-1 with T = R A R + S
-    symmetric: positive definite when every D > 0 (Cholesky, LAPACK potrf/potri), else
-    indefinite (Bunch-Kaufman, sytrf/sytri). Both cost about half an LU inverse. Rows with
-    a zero D, or whose factorisation fails, take :func:`inv_or_pinv`.
+    Compiled Gauss-Jordan inverses (:func:`~flashmm_dask.numerics.compiled.inv_shifted_batch`;
+    with every D > 0 through the symmetric R (R A R + I)^-1 R^-1, R = diag(sqrt D)). Rows
+    with a singular matrix, or a result that is not finite, take :func:`inv_or_pinv` (the
+    pseudo-inverse where singular).
 
     Parameters
     ----------
@@ -125,38 +122,10 @@ def inv_shifted(A: Array, D: Array) -> Array:
     -------
     (m, q, q) array
     """
-    from scipy.linalg.lapack import dpotrf, dpotri, dsytrf, dsytri
-
-    m, q = D.shape
-    out = np.empty((m, q, q))
-    done = np.zeros(m, dtype=bool)
-    upper = np.triu(np.ones((q, q), dtype=bool))
-    eye = np.eye(q)
-    positive = np.all(D > 0, axis=1)
-    for k in np.flatnonzero(np.all(D != 0, axis=1)):
-        r = np.sqrt(np.abs(D[k]))
-        RAR = r[:, None] * A * r[None, :]
-        if positive[k]:
-            chol, info = dpotrf(RAR + eye, lower=0)
-            if info == 0:
-                inv, info = dpotri(chol, lower=0)
-        else:
-            sign = np.sign(D[k])
-            ldu, piv, info = dsytrf(RAR + np.diag(sign), lower=0)
-            if info == 0:
-                inv, info = dsytri(ldu, piv, lower=0)
-                inv = inv * sign[None, :]  # T^-1 S (symmetric part first, below)
-        if info != 0:
-            continue
-        if positive[k]:
-            inv = np.where(upper, inv, inv.T)
-        else:
-            inv = np.where(upper, inv, inv.T * sign[:, None] * sign[None, :])
-        out[k] = r[:, None] * inv / r[None, :]
-        done[k] = True
-    if not done.all():
-        rest = ~done
-        out[rest] = inv_or_pinv(D[rest][:, :, None] * A + eye)
+    out, ok = inv_shifted_batch(A, D)
+    if not ok.all():
+        rest = ~ok
+        out[rest] = inv_or_pinv(D[rest][:, :, None] * A + np.eye(A.shape[0]))
     return out
 
 

@@ -1,0 +1,556 @@
+"""Per-feature kernels of the fitter, compiled with numba.
+
+The batched NumPy algebra of :mod:`~flashmm_dask.numerics.fisher` makes several passes over
+(m, q, q) stacks and calls LAPACK once per small matrix; for q = 50 that is dominated by
+call overhead and memory traffic. These kernels do the same algebra one feature at a time
+in compiled loops that stay in cache, and release the GIL so that blocks of features run in
+parallel threads.
+
+Every kernel reports, per feature, whether it succeeded (``ok``). A matrix with a zero
+pivot, or a result that is not finite, is left to the NumPy path, which takes the
+pseudo-inverse there exactly as before: the compiled kernels never change what is computed,
+only how fast.
+
+Inverses are by Gauss-Jordan elimination with partial pivoting, in place. For
+``(diag(D) A + I)^-1`` with every D > 0 the symmetric form ``R (R A R + I)^-1 R^-1``
+(R = diag(sqrt D)) is inverted, whose eigenvalues are all >= 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: |D[r]| * max|A| above which W = A M0 is taken from (I - M0) / D (see fisher._times_A).
+DIVISION_MIN = 1e-3
+
+
+def _compile(fn: Callable[..., Any]) -> Any:
+    """``fn`` compiled lazily (on first call), cached on disk where a cache folder is writable."""
+    try:
+        return numba.njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # no writable cache folder
+        return numba.njit(cache=False, **_OPTIONS)(fn)
+
+
+#: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds.
+_OPTIONS: dict[str, Any] = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
+
+
+@_compile
+def _gauss_jordan(a: np.ndarray, buf: np.ndarray, perm: np.ndarray) -> float:
+    """Invert the square matrix ``a`` in place; return log |det a|, or NaN if singular.
+
+    Gauss-Jordan elimination with partial (row) pivoting; the row interchanges are undone
+    on the columns at the end. ``buf`` (q,) float64 and ``perm`` (q,) int64 are scratch.
+    """
+    q = a.shape[0]
+    logdet = 0.0
+    for k in range(q):
+        piv = k
+        best = abs(a[k, k])
+        for i in range(k + 1, q):
+            v = abs(a[i, k])
+            if v > best:
+                best = v
+                piv = i
+        if not (best > 0.0 and best < np.inf):
+            return np.nan
+        perm[k] = piv
+        if piv != k:
+            for j in range(q):
+                t = a[k, j]
+                a[k, j] = a[piv, j]
+                a[piv, j] = t
+        p = a[k, k]
+        logdet += np.log(abs(p))
+        a[k, k] = 1.0
+        r = 1.0 / p
+        for j in range(q):
+            buf[j] = a[k, j] * r
+        for j in range(q):
+            a[k, j] = buf[j]
+        # eliminate column k from the other rows, two rows per sweep over buf
+        i = 0 if k != 0 else 1
+        while i < q:
+            i2 = i + 1 if i + 1 != k else i + 2
+            f = a[i, k]
+            a[i, k] = 0.0
+            if i2 < q:
+                f2 = a[i2, k]
+                a[i2, k] = 0.0
+                for j in range(q):
+                    b = buf[j]
+                    a[i, j] -= f * b
+                    a[i2, j] -= f2 * b
+            else:
+                for j in range(q):
+                    a[i, j] -= f * buf[j]
+            i = i2 + 1 if i2 + 1 != k else i2 + 2
+    for k in range(q - 1, -1, -1):
+        c = perm[k]
+        if c != k:
+            for i in range(q):
+                t = a[i, k]
+                a[i, k] = a[i, c]
+                a[i, c] = t
+    return logdet
+
+
+@_compile
+def _inv_shifted_into(
+    A: np.ndarray,
+    D: np.ndarray,
+    out: np.ndarray,
+    buf: np.ndarray,
+    buf2: np.ndarray,
+    perm: np.ndarray,
+) -> float:
+    """out = (diag(D) A + I)^-1 for a symmetric A; return log |det(diag(D) A + I)| or NaN.
+
+    ``buf``, ``buf2`` (q,) and ``perm`` (q,) int64 are scratch.
+    """
+    q = A.shape[0]
+    positive = True
+    zero = True
+    for a in range(q):
+        if not D[a] > 0.0:
+            positive = False
+        if D[a] != 0.0:
+            zero = False
+    if zero:
+        for a in range(q):
+            for b in range(q):
+                out[a, b] = 0.0
+            out[a, a] = 1.0
+        return 0.0
+    if positive:
+        for a in range(q):
+            buf[a] = np.sqrt(D[a])
+        for a in range(q):
+            for b in range(q):
+                out[a, b] = buf[a] * A[a, b] * buf[b]
+            out[a, a] += 1.0
+        logdet = _gauss_jordan(out, buf2, perm)
+        for a in range(q):
+            for b in range(q):
+                out[a, b] = buf[a] * out[a, b] / buf[b]
+    else:
+        for a in range(q):
+            for b in range(q):
+                out[a, b] = D[a] * A[a, b]
+            out[a, a] += 1.0
+        logdet = _gauss_jordan(out, buf, perm)
+    if np.isnan(logdet):
+        return np.nan
+    for a in range(q):
+        for b in range(q):
+            if not np.isfinite(out[a, b]):
+                return np.nan
+    return logdet
+
+
+@_compile
+def _inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(diag(D_j) A + I)^-1 for each row D_j of D (m, q), and which rows succeeded."""
+    m, q = D.shape
+    out = np.empty((m, q, q))
+    ok = np.empty(m, dtype=np.bool_)
+    buf = np.empty(q)
+    buf2 = np.empty(q)
+    perm = np.empty(q, dtype=np.int64)
+    for j in range(m):
+        ok[j] = not np.isnan(_inv_shifted_into(A, D[j], out[j], buf, buf2, perm))
+    return out, ok
+
+
+@_compile
+def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetrised inverses of symmetric matrices (m, k, k) whose condition is provably small.
+
+    ``ok[j]`` is False when A_j is singular or when k * ||A_j||_1 * ||A_j^-1||_1 (an upper
+    bound of the 2-norm condition number) is not below ``limit``: the caller then takes
+    the pseudo-inverse.
+    """
+    m, k, _ = A.shape
+    out = np.empty((m, k, k))
+    ok = np.empty(m, dtype=np.bool_)
+    work = np.empty((k, k))
+    buf = np.empty(k)
+    perm = np.empty(k, dtype=np.int64)
+    for j in range(m):
+        norm_a = 0.0
+        for a in range(k):
+            s = 0.0
+            for b in range(k):
+                work[a, b] = 0.5 * (A[j, a, b] + A[j, b, a])
+                s += abs(work[a, b])
+            norm_a = max(norm_a, s)
+        if np.isnan(_gauss_jordan(work, buf, perm)):
+            ok[j] = False
+            continue
+        norm_i = 0.0
+        for a in range(k):
+            s = 0.0
+            for b in range(k):
+                v = 0.5 * (work[a, b] + work[b, a])
+                out[j, a, b] = v
+                s += abs(v)
+            norm_i = max(norm_i, s)
+        ok[j] = np.isfinite(norm_i) and k * norm_a * norm_i < limit
+    return out, ok
+
+
+@_compile
+def _score_batch(
+    A: np.ndarray,
+    A0: np.ndarray,
+    reml: bool,
+    comp: np.ndarray,
+    n_comp: int,
+    s: np.ndarray,
+    zry: np.ndarray,
+    yry: np.ndarray,
+    nrq: float,
+    nr: float,
+    final: bool,
+    division_min: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Score, information, profiled s0 and log |det M0| of a block of features (general K).
+
+    The algebra of ``fisher._score_general`` for each feature: A = zrz, A0 = zrz (REML) or
+    ZZ (ML), ``comp[a]`` the component of random-effect column a, ``nrq`` = n - r - q and
+    ``nr`` = n - r. Returns dl (m, K+1), F (m, K+1, K+1), s0_profiled (m,), logdetM0 (m,)
+    (NaN unless ``final``) and ok (m,).
+    """
+    m, q = zry.shape
+    K = n_comp
+    dl = np.empty((m, K + 1))
+    F = np.empty((m, K + 1, K + 1))
+    s0p = np.empty(m)
+    logdet = np.full(m, np.nan)
+    ok = np.ones(m, dtype=np.bool_)
+    M = np.empty((q, q))
+    M0 = np.empty((q, q)) if not reml else M
+    M0t = np.empty((q, q))
+    edges = np.zeros(K + 1, dtype=np.int64)
+    for a in range(q):
+        edges[comp[a] + 1] = a + 1
+    W = np.empty(q)
+    D = np.empty(q)
+    u = np.empty(q)
+    buf = np.empty(q)
+    buf2 = np.empty(q)
+    perm = np.empty(q, dtype=np.int64)
+    dl_u = np.empty(K)
+    trW = np.empty(K)
+    blocks = np.empty((K, K))
+    trw = np.empty(K)
+    scale = 0.0
+    for a in range(q):
+        for b in range(q):
+            scale = max(scale, abs(A0[a, b]))
+    for j in range(m):
+        s0 = s[j, K]
+        division = True
+        for a in range(q):
+            D[a] = s[j, comp[a]] / s0
+            if not abs(D[a]) * scale >= division_min:
+                division = False
+        ld = _inv_shifted_into(A, D, M, buf, buf2, perm)
+        if np.isnan(ld):
+            ok[j] = False
+            continue
+        if not reml:
+            ld = _inv_shifted_into(A0, D, M0, buf, buf2, perm)
+            if np.isnan(ld):
+                ok[j] = False
+                continue
+        if final:
+            logdet[j] = -ld
+        # u = M' zry; M D zry
+        for b in range(q):
+            u[b] = 0.0
+        zMDz = 0.0
+        yR2y = yry[j]
+        for a in range(q):
+            za = zry[j, a]
+            mdz = 0.0
+            for b in range(q):
+                u[b] += za * M[a, b]
+                mdz += M[a, b] * D[b] * zry[j, b]
+            buf[a] = mdz
+            zMDz += za * mdz
+        for a in range(q):
+            yR2y -= (u[a] + zry[j, a]) * buf[a]
+        # W = A0 M0, one row at a time; block sums of W^2, tr (W M0)_ii, tr W_ii
+        for a in range(q):
+            for b in range(q):
+                M0t[a, b] = M0[b, a]
+        for i in range(K):
+            trw[i] = 0.0
+            dl_u[i] = 0.0
+            trW[i] = 0.0
+            for k in range(K):
+                blocks[i, k] = 0.0
+        trM0 = 0.0
+        trM0M0 = 0.0
+        for a in range(q):
+            ca = comp[a]
+            if division:
+                r = 1.0 / D[a]
+                for b in range(q):
+                    W[b] = -M0[a, b] * r
+                W[a] = (1.0 - M0[a, a]) * r
+            else:
+                for b in range(q):
+                    W[b] = 0.0
+                for c in range(q):
+                    f = A0[a, c]
+                    for b in range(q):
+                        W[b] += f * M0[c, b]
+            trW[ca] += W[a]
+            dl_u[ca] += u[a] * u[a]
+            trM0 += M0[a, a]
+            tw = 0.0
+            tm = 0.0
+            for b in range(q):
+                tw += W[b] * M0t[a, b]
+                tm += M0[a, b] * M0t[a, b]
+            trw[ca] += tw
+            trM0M0 += tm
+            for k in range(K):
+                sq = 0.0
+                for b in range(edges[k], edges[k + 1]):
+                    sq += W[b] * W[b]
+                blocks[ca, k] += sq
+        s02 = s0 * s0
+        for i in range(K):
+            dl[j, i] = (dl_u[i] / s02 - trW[i] / s0) / 2.0
+            for k in range(i + 1):
+                F[j, i, k] = F[j, k, i] = blocks[k, i] / s02 / 2.0
+            F[j, i, K] = F[j, K, i] = trw[i] / s02 / 2.0
+        F[j, K, K] = (nrq + trM0M0) / s02 / 2.0
+        dl[j, K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
+        s0p[j] = (yry[j] - zMDz) / nr
+    return dl, F, s0p, logdet, ok
+
+
+def inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(diag(D_j) A + I)^-1 (m, q, q) for a shared symmetric A, and ok (m,) per row D_j."""
+    return _inv_shifted_batch(np.ascontiguousarray(A), np.ascontiguousarray(D))
+
+
+def inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetrised inverses of (m, k, k) symmetric matrices with condition bound < limit."""
+    return _inverse_checked_batch(np.ascontiguousarray(A), float(limit))
+
+
+def score_batch(
+    A: np.ndarray,
+    A0: np.ndarray,
+    reml: bool,
+    d: np.ndarray,
+    s: np.ndarray,
+    zry: np.ndarray,
+    yry: np.ndarray,
+    n: float,
+    r: int,
+    final: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """dl, F, s0_profiled, logdetM0 and ok of a block of features; see :func:`_score_batch`."""
+    q = A.shape[0]
+    comp = np.repeat(np.arange(len(d)), d).astype(np.int64)
+    return _score_batch(
+        np.ascontiguousarray(A),
+        np.ascontiguousarray(A0),
+        bool(reml),
+        comp,
+        len(d),
+        np.ascontiguousarray(s),
+        np.ascontiguousarray(zry),
+        np.ascontiguousarray(yry),
+        float(n - r - q),
+        float(n - r),
+        bool(final),
+        DIVISION_MIN,
+    )
+
+
+@_compile
+def _spectral_score(
+    rho: float,
+    s0: float,
+    lam: np.ndarray,
+    mu: np.ndarray,
+    reml: bool,
+    z2: np.ndarray,
+    yry: float,
+    nrq: float,
+    nr: float,
+    out: np.ndarray,
+) -> None:
+    """K = 1 score and information at (rho s0, s0): out = (dl1, dl0, F11, F10, F00, s0_prof,
+    log |det M0|), the eigenvalue sums of ``fisher._score_spectral`` for one feature."""
+    q = lam.shape[0]
+    sw = 0.0
+    sww = 0.0
+    swm = 0.0
+    sm0 = 0.0
+    sm0m0 = 0.0
+    zm2 = 0.0
+    zm = 0.0
+    logdet = 0.0
+    for k in range(q):
+        x = 1.0 + rho * lam[k]
+        mv = 1.0 / x if x != 0.0 else 0.0
+        if reml:
+            av = lam[k]
+            m0 = mv
+        else:
+            av = mu[k]
+            x0 = 1.0 + rho * mu[k]
+            m0 = 1.0 / x0 if x0 != 0.0 else 0.0
+        wv = av * m0
+        sw += wv
+        sww += wv * wv
+        swm += wv * m0
+        sm0 += m0
+        sm0m0 += m0 * m0
+        zm2 += z2[k] * mv * mv
+        zm += z2[k] * mv
+        logdet += np.log(abs(m0))
+    s02 = s0 * s0
+    out[0] = (zm2 / s02 - sw / s0) / 2.0
+    yR2y = yry - rho * (zm2 + zm)
+    out[1] = (yR2y / s02 - (nrq + sm0) / s0) / 2.0
+    out[2] = sww / s02 / 2.0
+    out[3] = swm / s02 / 2.0
+    out[4] = (nrq + sm0m0) / s02 / 2.0
+    out[5] = (yry - rho * zm) / nr
+    out[6] = logdet
+
+
+@_compile
+def _inverse_2x2_into(F: np.ndarray, limit: float, inv: np.ndarray) -> bool:
+    """inv = F^-1 for F = (F11, F10, F00) (symmetric 2 x 2) when 2 ||F||_1 ||F^-1||_1 < limit."""
+    a = F[2]
+    b = F[3]
+    c = F[4]
+    det = a * c - b * b
+    inv[0] = c / det
+    inv[1] = -b / det
+    inv[2] = a / det
+    norm_a = max(abs(a) + abs(b), abs(b) + abs(c))
+    norm_i = max(abs(inv[0]) + abs(inv[1]), abs(inv[1]) + abs(inv[2]))
+    return np.isfinite(norm_i) and 2.0 * norm_a * norm_i < limit
+
+
+@_compile
+def _fit_spectral_batch(
+    lam: np.ndarray,
+    mu: np.ndarray,
+    reml: bool,
+    z: np.ndarray,
+    yry: np.ndarray,
+    s_init: np.ndarray,
+    nrq: float,
+    nr: float,
+    max_iter: int,
+    epsilon: float,
+    limit: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fisher scoring of one random component (K = 1) for a block of features.
+
+    The loop of ``fisher.fit_theta`` on the spectral path, one feature at a time: z (m, q)
+    is zry projected on the eigenvectors of zrz. Returns theta, se_theta, dlogL (m, 2),
+    FIM_theta (m, 2, 2), niter (m,), logdetM0 (m,) and ok (m,): False where an information
+    matrix was too ill-conditioned for the closed-form inverse (the caller refits those
+    features with the pseudo-inverse).
+    """
+    m, q = z.shape
+    theta = np.empty((m, 2))
+    se = np.empty((m, 2))
+    dl = np.empty((m, 2))
+    fim = np.empty((m, 2, 2))
+    niter = np.zeros(m, dtype=np.int64)
+    logdet = np.empty(m)
+    ok = np.ones(m, dtype=np.bool_)
+    z2 = np.empty(q)
+    sc = np.empty(7)
+    inv = np.empty(3)
+    for j in range(m):
+        for k in range(q):
+            z2[k] = z[j, k] * z[j, k]
+        s1 = s_init[j, 0]
+        s0 = s_init[j, 1]
+        it = 0
+        while max_iter > 0:
+            it += 1
+            _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc)
+            if not _inverse_2x2_into(sc, limit, inv):
+                ok[j] = False
+                break
+            step1 = inv[0] * sc[0] + inv[1] * sc[1]
+            step0 = inv[1] * sc[0] + inv[2] * sc[1]
+            s1 += step1
+            s0 += step0
+            big = abs(sc[0]) > epsilon or abs(sc[1]) > epsilon
+            if np.isnan(sc[0]) or np.isnan(sc[1]) or not big or it >= max_iter:
+                break
+        niter[j] = it
+        if not ok[j]:
+            continue
+        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc)
+        s0 = sc[5]
+        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc)
+        if not _inverse_2x2_into(sc, limit, inv):
+            ok[j] = False
+            continue
+        theta[j, 0] = s1
+        theta[j, 1] = s0
+        dl[j, 0] = sc[0]
+        dl[j, 1] = sc[1]
+        fim[j, 0, 0] = sc[2]
+        fim[j, 0, 1] = fim[j, 1, 0] = sc[3]
+        fim[j, 1, 1] = sc[4]
+        se[j, 0] = np.sqrt(inv[0])
+        se[j, 1] = np.sqrt(inv[2])
+        logdet[j] = sc[6]
+    return theta, se, dl, fim, niter, logdet, ok
+
+
+def fit_spectral_batch(
+    lam: np.ndarray,
+    mu: np.ndarray,
+    reml: bool,
+    z: np.ndarray,
+    yry: np.ndarray,
+    s_init: np.ndarray,
+    n: float,
+    r: int,
+    max_iter: int,
+    epsilon: float,
+    limit: float,
+) -> tuple[np.ndarray, ...]:
+    """K = 1 Fisher scoring of a block of features; see :func:`_fit_spectral_batch`."""
+    q = lam.shape[0]
+    return _fit_spectral_batch(
+        np.ascontiguousarray(lam),
+        np.ascontiguousarray(mu),
+        bool(reml),
+        np.ascontiguousarray(z),
+        np.ascontiguousarray(yry),
+        np.ascontiguousarray(s_init, dtype=np.float64),
+        float(n - r - q),
+        float(n - r),
+        int(max_iter),
+        float(epsilon),
+        float(limit),
+    )
