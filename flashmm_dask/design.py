@@ -53,6 +53,7 @@ give one column each (``poly(x, 2)``-style matrix terms are not supported).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ import pandas as pd
 import scipy.linalg
 import scipy.sparse
 
+from flashmm_dask.design_fast import FastDesign, combine, plan_block
 from flashmm_dask.design_terms import (
     INTERCEPT,
     TermBlock,
@@ -186,6 +188,7 @@ class Design:
     _random_blocks: tuple[TermBlock, ...] = field(repr=False, compare=False)
     _columns: tuple[str, ...] = field(repr=False, compare=False)
     _levels: tuple[tuple[str, frozenset[Any]], ...] = field(repr=False, compare=False)
+    _fast: FastDesign | None = field(default=None, repr=False, compare=False)
 
     @property
     def p(self) -> int:
@@ -214,6 +217,10 @@ class Design:
         -------
         ndarray of float64, shape (n_chunk, p), C-contiguous
         """
+        if self._fast is not None:
+            X = self._fast.X(obs)
+            if X is not None:
+                return X
         frame = self._frame(obs)
         if len(frame) == 0:
             return np.zeros((0, self.p), dtype=np.float64)
@@ -231,6 +238,10 @@ class Design:
         -------
         scipy.sparse.csr_matrix of float64, shape (n_chunk, q)
         """
+        if self._fast is not None:
+            Z = self._fast.Z(obs)
+            if Z is not None:
+                return Z
         frame = self._frame(obs)
         if len(frame) == 0:
             return scipy.sparse.csr_matrix((0, self.q), dtype=np.float64)
@@ -374,7 +385,15 @@ def build_design(
         _random_blocks=tuple(random_blocks),
         _columns=tuple(used),
         _levels=levels,
+        _fast=combine(
+            plan_block(fixed_parsed, fixed_block.levels, fixed_block.spec, frame),
+            [
+                plan_block(parsed, block.levels, block.spec, frame)
+                for parsed, block in zip(random_parsed, random_blocks, strict=True)
+            ],
+        ),
     )
+    design = _checked_fast_path(design, obs)
     if check_rank:
         _check_rank(design, obs)
     logger.debug(
@@ -386,6 +405,40 @@ def build_design(
         design.d,
     )
     return design
+
+
+# --------------------------------------------------------------------------------------
+# The fast path
+# --------------------------------------------------------------------------------------
+
+#: Cells on which the fast path is compared with formulaic when a design is built, besides
+#: the first cell of every level of every factor.
+FAST_CHECK_ROWS = 1_000
+
+
+def _checked_fast_path(design: Design, obs: pd.DataFrame) -> Design:
+    """The design, without its fast path unless X and Z from it equal formulaic's exactly
+    on the first :data:`FAST_CHECK_ROWS` cells and the first cell of each factor level."""
+    fast = design._fast
+    if fast is None:
+        return design
+    values = fast.values(obs)
+    rows = {int(r) for r in range(min(len(obs), FAST_CHECK_ROWS))}
+    for column in fast.factors:
+        if values is not None:
+            rows.update(int(r) for r in np.unique(values[column], return_index=True)[1])
+    sample = obs.iloc[sorted(rows)]
+    slow = dataclasses.replace(design, _fast=None)
+    X, Z = fast.X(sample), fast.Z(sample)
+    if (
+        X is not None
+        and Z is not None
+        and np.array_equal(X, slow.X(sample))
+        and (Z != slow.Z(sample)).nnz == 0
+    ):
+        return design
+    logger.debug("design: formulaic evaluates every chunk (the fast path differs from it)")
+    return slow
 
 
 # --------------------------------------------------------------------------------------

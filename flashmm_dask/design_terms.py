@@ -178,6 +178,64 @@ def _r_codes(
     return codes
 
 
+@dataclass(frozen=True)
+class RTerm:
+    """One term of a formula as R codes it.
+
+    Attributes
+    ----------
+    variables : tuple of str
+        The term's variables in R's order (first appearance in the formula); the first
+        varies fastest over the term's columns.
+    drop_first : tuple of bool
+        Per variable: True for treatment contrasts (first level dropped), False for one
+        indicator per level; False for numeric variables.
+    formulaic_order : tuple of str
+        The same variables in formulaic's order (which names formulaic's columns).
+    """
+
+    variables: tuple[str, ...]
+    drop_first: tuple[bool, ...]
+    formulaic_order: tuple[str, ...]
+
+
+def r_terms(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> tuple[bool, list[RTerm]]:
+    """Whether a formula has an intercept, and its other terms in R's order, R-coded.
+
+    Parameters
+    ----------
+    parsed : formulaic.Formula
+        The formula with terms in written order.
+    levels : mapping of str to sequence
+        The levels of each factor (formulaic's learned categories); numeric variables
+        are absent.
+
+    Returns
+    -------
+    (bool, list of RTerm)
+    """
+    written = list(parsed)
+    intercept = any(t.degree == 0 for t in written)
+    terms = sorted((t for t in written if t.degree > 0), key=lambda t: t.degree)
+    var_order: dict[str, int] = {}
+    for term in written:
+        for factor in term.factors:
+            var_order.setdefault(factor.expr, len(var_order))
+    codes = _r_codes(
+        [frozenset(f.expr for f in t.factors) for t in terms],
+        var_order,
+        {v: len(lv) for v, lv in levels.items()},
+        intercept,
+    )
+    out = []
+    for term, code in zip(terms, codes, strict=True):
+        f_order = tuple(f.expr for f in term.factors)
+        r_order = tuple(sorted(f_order, key=var_order.__getitem__))
+        drop = tuple(v in levels and code[v] == 1 for v in r_order)
+        out.append(RTerm(r_order, drop, f_order))
+    return intercept, out
+
+
 def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[str, str]]:
     """R's columns of a formula, with the names formulaic gives them under full coding.
 
@@ -194,36 +252,24 @@ def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[s
     list of (R name, formulaic name)
         One entry per R column, in R's order.
     """
-    written = list(parsed)
-    intercept = any(t.degree == 0 for t in written)
-    terms = sorted((t for t in written if t.degree > 0), key=lambda t: t.degree)
-    var_order: dict[str, int] = {}
-    for term in written:
-        for factor in term.factors:
-            var_order.setdefault(factor.expr, len(var_order))
-    codes = _r_codes(
-        [frozenset(f.expr for f in t.factors) for t in terms],
-        var_order,
-        {v: len(lv) for v, lv in levels.items()},
-        intercept,
-    )
-
+    intercept, terms = r_terms(parsed, levels)
     columns = [(INTERCEPT, "Intercept")] if intercept else []
-    for term, code in zip(terms, codes, strict=True):
-        f_order = [f.expr for f in term.factors]
-        r_order = sorted(f_order, key=var_order.__getitem__)
+    for term in terms:
         options: list[list[tuple[str, str | None]]] = []
-        for v in r_order:
+        for v, drop_first in zip(term.variables, term.drop_first, strict=True):
             if v not in levels:
                 options.append([(v, None)])
             else:
-                drop_first = code[v] == 1
                 options.append([(v, str(lv)) for lv in levels[v][int(drop_first) :]])
         # R varies the first variable fastest: product over the reversed list, reversed.
         for combo in itertools.product(*reversed(options)):
             level_of = dict(combo)
-            r_name = ":".join(f"{v}{level_of[v]}" if v in levels else v for v in r_order)
-            f_name = ":".join(f"{v}[{level_of[v]}]" if v in levels else v for v in f_order)
+            r_name = ":".join(
+                f"{v}{level_of[v]}" if v in levels else v for v in term.variables
+            )
+            f_name = ":".join(
+                f"{v}[{level_of[v]}]" if v in levels else v for v in term.formulaic_order
+            )
             columns.append((r_name, f_name))
     return columns
 

@@ -17,10 +17,9 @@ partials, and one task per block (i, j) reads the block once and returns its thr
 partials. Partials are summed over cell chunks in a tree of fan-in ``split_every``
 (float64), the feature chunks are concatenated, and the result is a
 :class:`~flashmm_dask.stats.SummaryStats`. Memory per task is set by the chunk size: no
-n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E and Z'E cost one
-multiply-add per pair of non-zeros of a row of E and of the same row of the (mostly
-zero) design, in a compiled kernel (see :func:`_sparse_products`), and Ynorm comes from
-the stored values.
+n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E, Z'E and Ynorm come
+from one compiled pass over the stored values (:mod:`flashmm_dask.block_products`), which
+also transforms integer counts by table look-up.
 
 Transforms (applied to each block before the products; sparse blocks only touch their
 stored values, since every transform maps 0 to 0):
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from flashmm_dask.block_products import dense_as_csr, lookup_table, sparse_products
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats import SummaryStats
 
@@ -57,13 +57,8 @@ logger = logging.getLogger(__name__)
 TRANSFORMS = ("none", "log2p1", "log1p_scaled", "log1p_cpm")
 _COUNT_TRANSFORMS = frozenset({"log2p1", "log1p_scaled", "log1p_cpm"})
 _SCALED_TRANSFORMS = frozenset({"log1p_scaled", "log1p_cpm"})
-# integer counts below this are log-transformed by table look-up
+# integer counts below this are log-transformed by table look-up (transform_block)
 _LOOKUP_MAX = 1 << 16
-# columns of X non-zero in more than this fraction of a chunk's cells are multiplied as
-# dense columns; the others go through the scatter kernel with Z
-_DENSE_COLUMN = 0.5
-# cells are visited by subject when Z'E (q x m_j float64) is larger than this
-_ORDER_BYTES = 1 << 20
 # dense expression blocks with at most this fraction of non-zeros are reduced as CSR
 _SPARSIFY = 0.25
 # the key prefix of the per-block tasks (progress counts them)
@@ -147,17 +142,24 @@ def _block_partial(
             f"the expression block of cells {start}.. has {E.shape[0]} rows but the obs "
             f"chunk has {X.shape[0]}; expression and obs must have the same cells"
         )
+    table = lookup_table(transform)
+    if isinstance(E, sp.csr_matrix) and table is not None:
+        # counts as stored, transformed inside the pass; None when a value is not a small
+        # non-negative integer (so no check can fail) or entries are duplicated
+        products = sparse_products(E, X, Z, table)
+        if products is not None:
+            return products
+    E = _canonical(E)
     if check:
         _check_block(E, features, start, col0, transform)
-    table = _lookup_table(E.data, transform) if isinstance(E, sp.csr_matrix) else None
-    if table is None:
-        E = _transform(E, transform, target_sum)
+    E = _transform(E, transform, target_sum)
     if isinstance(E, sp.csr_matrix):
-        XY, ZY, Ynorm = _sparse_products(E, X, Z, table)
-    else:
-        XY = X.T @ E
-        ZY = np.asarray(Z.T @ E)
-        Ynorm = np.einsum("ij,ij->j", E, E)
+        products = sparse_products(E, X, Z)
+        assert products is not None  # only a table can fail
+        return products
+    XY = X.T @ E
+    ZY = np.asarray(Z.T @ E)
+    Ynorm = np.einsum("ij,ij->j", E, E)
     return XY, ZY, Ynorm
 
 
@@ -218,7 +220,7 @@ def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> Summary
 
 def transform_block(block: Any, transform: str, target_sum: float = 1e4) -> Any:
     """One expression block (cells x features) as float64 CSR or ndarray, transformed."""
-    return _transform(_as_block(block), transform, target_sum)
+    return _transform(_canonical(_as_block(block)), transform, target_sum)
 
 
 def _dense(matrix: Any) -> np.ndarray:
@@ -227,8 +229,8 @@ def _dense(matrix: Any) -> np.ndarray:
 
 
 def _as_block(block: Any, sparsify: bool = False) -> np.ndarray | sp.csr_matrix:
-    """The block as CSR (sparse input, duplicates summed, stored dtype kept until the
-    transform makes it float64) or a float64 ndarray.
+    """The block as CSR (sparse input, stored dtype and entries as they are) or a
+    float64 ndarray.
 
     With ``sparsify``, a dense block that is mostly zeros (at most _SPARSIFY of its
     values non-zero, as counts usually are) becomes CSR: its products and transform then
@@ -237,22 +239,27 @@ def _as_block(block: Any, sparsify: bool = False) -> np.ndarray | sp.csr_matrix:
     if not sp.issparse(block) and hasattr(block, "to_scipy_sparse"):  # pydata sparse
         block = block.to_scipy_sparse()
     if sp.issparse(block):
-        E = sp.csr_matrix(block)
-        if E.dtype.kind not in "iuf" or not E.has_canonical_format:
-            # a transform of stored values and a sum of their squares both need each
-            # (cell, feature) stored once; astype copies: the caller's block is not modified
-            E = E.astype(np.float64)
-            E.sum_duplicates()
-        return E
+        return sp.csr_matrix(block)
     values = np.asarray(block)
-    if (
-        sparsify
-        and values.ndim == 2
-        and values.dtype.kind in "iuf"
-        and np.count_nonzero(values) <= _SPARSIFY * values.size
-    ):
-        return sp.csr_matrix(values)
+    if sparsify:
+        E = dense_as_csr(values, _SPARSIFY)
+        if E is not None:
+            return E
     return np.asarray(values, dtype=np.float64)
+
+
+def _canonical(E: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_matrix:
+    """A CSR block with each (cell, feature) stored once and a numeric dtype.
+
+    A transform of stored values and a sum of their squares both need each entry stored
+    once; the copy leaves the caller's block unmodified.
+    """
+    if isinstance(E, sp.csr_matrix) and (
+        E.dtype.kind not in "iuf" or not E.has_canonical_format
+    ):
+        E = E.astype(np.float64)
+        E.sum_duplicates()
+    return E
 
 
 def _check_block(
@@ -325,137 +332,6 @@ def _transform(
         data = np.log1p(E.data * np.repeat(scale, np.diff(E.indptr)))
         return sp.csr_matrix((data, E.indices, E.indptr), shape=E.shape)
     return np.log1p(E * scale[:, None])
-
-
-# -- products of a sparse block ---------------------------------------------------------
-
-
-def _sparse_products(
-    E: sp.csr_matrix, X: np.ndarray, Z: Any, table: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j), X (n_i x p) dense.
-
-    E's values are ``table[E.data]`` when a look-up table is given (integer counts and
-    the log2p1 transform), else ``E.data`` (float64, already transformed).
-
-    Designs are mostly zeros (factor indicators in X, one subject indicator per row in
-    Z, so Z'E is a sum of E's rows per subject), and a product with a sparse E then costs
-    one multiply-add per pair of non-zeros of a row of E and of the same row of A = [X_s,
-    Z], X_s the columns of X that are mostly zero. :func:`_scatter_products` does exactly
-    that, the mostly non-zero columns of X (e.g. log library size) as one dense row each
-    and colsums(E^2), in one pass over E compiled with numba; when Z'E is large, cells are
-    visited by subject, so the rows of Z'E being summed stay in cache. Without numba,
-    scipy's sparse products give the same sums.
-    """
-    n_i, m = E.shape
-    p = X.shape[1]
-    Zs = sp.csr_matrix(Z, dtype=np.float64)
-    kernel = _compiled_kernel()
-    if kernel is None:
-        if table is not None:
-            E = sp.csr_matrix((table[E.data], E.indices, E.indptr), shape=E.shape)
-        XY = np.asarray(E.T @ X).T
-        ZY = _dense(Zs.T @ E)
-        Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=m)
-        return XY, ZY, Ynorm
-    dense = np.count_nonzero(X, axis=0) > _DENSE_COLUMN * n_i
-    A = sp.hstack([sp.csr_matrix(X[:, ~dense]), Zs], format="csr", dtype=np.float64)
-    A.eliminate_zeros()
-    if table is None:
-        codes, table, values = np.zeros(0, np.int32), np.zeros(0), E.data
-    else:
-        codes, values = E.data, np.zeros(0)
-    # visiting cells by subject keeps the rows of Z'E being summed in cache, which pays
-    # when Z'E is larger than a core's cache and costs a little when it is not
-    order = np.arange(n_i)
-    if Zs.shape[1] * m * 8 > _ORDER_BYTES:
-        subject = np.full(n_i, Zs.shape[1], dtype=np.int64)  # a cell's first Z column
-        has = np.diff(Zs.indptr) > 0
-        subject[has] = Zs.indices[Zs.indptr[:-1][has]]
-        order = np.argsort(subject, kind="stable")
-    out, XdY, Ynorm = kernel(
-        E.indptr.astype(np.int64, copy=False),
-        E.indices,
-        codes,
-        table,
-        values,
-        np.ascontiguousarray(X[:, dense]),
-        A.indptr.astype(np.int64, copy=False),
-        A.indices.astype(np.int64, copy=False),
-        A.data,
-        order,
-        A.shape[1],
-        m,
-    )
-    n_sparse = p - int(dense.sum())
-    XY = np.empty((p, m))
-    XY[~dense] = out[:n_sparse]
-    XY[dense] = XdY.T
-    return XY, out[n_sparse:], Ynorm
-
-
-def _scatter_products(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    codes: np.ndarray,
-    table: np.ndarray,
-    values: np.ndarray,
-    Xd: np.ndarray,
-    a_indptr: np.ndarray,
-    a_indices: np.ndarray,
-    a_values: np.ndarray,
-    order: np.ndarray,
-    n_out: int,
-    m: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A'E (n_out, m), (E'Xd) (m, p_d) and colsums(E^2) (m,) in one pass over E.
-
-    E (n x m), A (n x n_out) are CSR (indptr, indices, values); value t of E is
-    ``table[codes[t]]`` when ``table`` is not empty, else ``values[t]``. Xd (n, p_d) is
-    dense. Plain loops, compiled by numba (:func:`_compiled_kernel`); ``order`` is the
-    order in which the n rows are visited.
-    """
-    out = np.zeros((n_out, m))
-    XdY = np.zeros((m, Xd.shape[1]))
-    ynorm = np.zeros(m)
-    lookup = table.size > 0
-    row = np.empty(m)
-    for c in order:
-        lo = indptr[c]
-        hi = indptr[c + 1]
-        for t in range(lo, hi):
-            v = table[codes[t]] if lookup else values[t]
-            row[t - lo] = v
-            j = indices[t]
-            ynorm[j] += v * v
-            for r in range(Xd.shape[1]):
-                XdY[j, r] += Xd[c, r] * v
-        for s in range(a_indptr[c], a_indptr[c + 1]):
-            k = a_indices[s]
-            a = a_values[s]
-            for t in range(lo, hi):
-                out[k, indices[t]] += a * row[t - lo]
-    return out, XdY, ynorm
-
-
-_KERNEL: list[Any] = []
-
-
-def _compiled_kernel() -> Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
-    """:func:`_scatter_products` compiled with numba (cached on disk), or None without numba."""
-    if not _KERNEL:
-        try:
-            import numba
-        except ImportError:  # numba comes with dask-ml; without it scipy does the products
-            logger.info("numba is not installed: sparse products use scipy (slower)")
-            _KERNEL.append(None)
-        else:
-            try:
-                kernel = numba.njit(cache=True, nogil=True)(_scatter_products)
-            except RuntimeError:  # no writable cache folder
-                kernel = numba.njit(cache=False, nogil=True)(_scatter_products)
-            _KERNEL.append(kernel)
-    return _KERNEL[0]
 
 
 # -- graph ------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def _theta_inputs(name, **kw):
 @pytest.mark.parametrize(
     "name", ["doc_example_reml", "doc_example_ml", "simu_reml_k1", "simu_ml_k1", "simu_reml_k2"]
 )
-@pytest.mark.parametrize("max_iter", [50, 2])
+@pytest.mark.parametrize("max_iter", [50, 2, 1, 0])
 def test_compiled_scoring_equals_numpy(name, max_iter):
     sh, zry, yry = _theta_inputs(name)
     fast = fit_theta(sh, zry, yry, max_iter=max_iter)
@@ -93,7 +93,7 @@ def test_compiled_scoring_equals_numpy(name, max_iter):
     np.testing.assert_array_equal(fast.niter, ref.niter)
     # features still iterating after many steps amplify rounding: compare the converged
     # ones, or all after 2 steps
-    done = (np.max(np.abs(ref.dlogL), axis=1) <= 1e-5) | (max_iter == 2)
+    done = (np.max(np.abs(ref.dlogL), axis=1) <= 1e-5) | (max_iter <= 2)
     assert done.sum() >= 0.9 * done.size
     for attr in THETA_FIELDS:
         np.testing.assert_allclose(getattr(fast, attr)[done], getattr(ref, attr)[done], rtol=1e-9)
