@@ -18,29 +18,31 @@ Inverses are by Gauss-Jordan elimination with partial pivoting, in place. For
 
 from __future__ import annotations
 
-import logging
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
 #: |D[r]| * max|A| above which W = A M0 is taken from (I - M0) / D (see fisher._times_A).
 DIVISION_MIN = 1e-3
 
 
-def _compile(fn: Callable[..., Any]) -> Any:
-    """``fn`` compiled lazily (on first call), cached on disk where a cache folder is writable."""
-    try:
-        return numba.njit(cache=True, **_OPTIONS)(fn)
-    except RuntimeError:  # no writable cache folder
-        return numba.njit(cache=False, **_OPTIONS)(fn)
-
-
 #: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds.
 _OPTIONS: dict[str, Any] = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
+
+
+def _compile(fn: Callable[..., Any], reassoc: bool = False) -> Any:
+    """``fn`` compiled lazily (on first call), cached on disk where a cache folder is
+    writable; ``reassoc`` also lets sums be reassociated (vectorised reductions)."""
+    options = dict(_OPTIONS)
+    if reassoc:
+        options["fastmath"] = {"contract", "reassoc"}
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # no writable cache folder
+        return numba.njit(cache=False, **options)(fn)
 
 
 @_compile
@@ -207,7 +209,7 @@ def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.
     return out, ok
 
 
-@_compile
+@functools.partial(_compile, reassoc=True)
 def _score_batch(
     A: np.ndarray,
     A0: np.ndarray,
