@@ -248,6 +248,24 @@ class Design:
         blocks = [block.sparse(frame) for block in self._random_blocks]
         return scipy.sparse.csr_matrix(scipy.sparse.hstack(blocks, format="csr"))
 
+    def XZ(self, obs: pd.DataFrame) -> tuple[np.ndarray, scipy.sparse.csr_matrix]:
+        """``(X(obs), Z(obs))``, reading the columns of ``obs`` once for both.
+
+        Parameters
+        ----------
+        obs : pandas.DataFrame, n_chunk rows
+            Any row subset of the obs the design was built from.
+
+        Returns
+        -------
+        (ndarray (n_chunk, p), scipy.sparse.csr_matrix (n_chunk, q))
+        """
+        fast = self._fast
+        values = None if fast is None else fast.values(obs)
+        if fast is None or values is None:
+            return self.X(obs), self.Z(obs)
+        return fast.fixed.dense(values, len(obs)), fast.random.sparse(values, len(obs))
+
     def to_dict(self) -> dict[str, Any]:
         """The design's formulas and names as plain JSON-serialisable values."""
         return {
@@ -422,13 +440,14 @@ def _checked_fast_path(design: Design, obs: pd.DataFrame) -> Design:
     fast = design._fast
     if fast is None:
         return design
-    values = fast.values(obs)
-    rows = {int(r) for r in range(min(len(obs), FAST_CHECK_ROWS))}
-    for column in fast.factors:
-        if values is not None:
-            rows.update(int(r) for r in np.unique(values[column], return_index=True)[1])
-    sample = obs.iloc[sorted(rows)]
     slow = dataclasses.replace(design, _fast=None)
+    values = fast.values(obs)
+    if values is None:  # e.g. log(0) somewhere: formulaic's values (and warnings) then
+        return slow
+    rows = set(range(min(len(obs), FAST_CHECK_ROWS)))
+    for column in fast.factors:
+        rows.update(int(r) for r in np.unique(values[column], return_index=True)[1])
+    sample = obs.iloc[sorted(rows)]
     X, Z = fast.X(sample), fast.Z(sample)
     if (
         X is not None

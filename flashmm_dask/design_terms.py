@@ -264,9 +264,7 @@ def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[s
         # R varies the first variable fastest: product over the reversed list, reversed.
         for combo in itertools.product(*reversed(options)):
             level_of = dict(combo)
-            r_name = ":".join(
-                f"{v}{level_of[v]}" if v in levels else v for v in term.variables
-            )
+            r_name = ":".join(f"{v}{level_of[v]}" if v in levels else v for v in term.variables)
             f_name = ":".join(
                 f"{v}[{level_of[v]}]" if v in levels else v for v in term.formulaic_order
             )

@@ -11,7 +11,10 @@ chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
 
 With one feature chunk (the usual case) the graph has one task per cell chunk i: it
 reads the block, evaluates the design on the obs rows of the chunk (the Design object is
-a single graph key shared by all of them) and returns all seven partials. With several
+a single graph key shared by all of them; the rows of obs are in the task) and returns
+all seven partials. When the block's own tasks are a small reader (a store's row chunk,
+not in-memory data, not shared with other blocks) they are run inside that task, so the
+block is never held for it in a worker's memory nor sent to another worker. With several
 feature chunks, one task per cell chunk evaluates the design, one computes the shared
 partials, and one task per block (i, j) reads the block once and returns its three
 partials. Partials are summed over cell chunks in a tree of fan-in ``split_every``
@@ -61,6 +64,8 @@ _SCALED_TRANSFORMS = frozenset({"log1p_scaled", "log1p_cpm"})
 _LOOKUP_MAX = 1 << 16
 # dense expression blocks with at most this fraction of non-zeros are reduced as CSR
 _SPARSIFY = 0.25
+# a block's read is done inside the task that reduces it when its tasks pickle to less
+_INLINE_BYTES = 1 << 16
 # the key prefix of the per-block tasks (progress counts them)
 _BLOCK_PREFIX = "flashmm-block-"
 
@@ -104,8 +109,9 @@ class _Expression(Protocol):
 def _design_chunk(design: _Design, obs: Any, start: int) -> tuple[np.ndarray, Any]:
     """X_i (n_i x p, dense) and Z_i (n_i x q, CSR or dense) for the obs rows of chunk i."""
     n_i = len(obs)
-    X = np.asarray(design.X(obs), dtype=np.float64)
-    Z = design.Z(obs)
+    both = getattr(design, "XZ", None)  # flashmm_dask.design.Design reads obs once for both
+    X, Z = both(obs) if callable(both) else (design.X(obs), design.Z(obs))
+    X = np.asarray(X, dtype=np.float64)
     Z = sp.csr_matrix(Z, dtype=np.float64) if sp.issparse(Z) else np.asarray(Z, np.float64)
     p, q = len(design.covariates), len(design.random_names)
     if X.shape != (n_i, p) or Z.shape != (n_i, q):
@@ -174,11 +180,65 @@ def _chunk_partial(
     check: bool,
 ) -> tuple[Any, ...]:
     """(XX_i, ZX_i, ZZ_i, n_i, XY_i, ZY_i, Ynorm_i) of a cell chunk with all its features."""
+    if isinstance(block, _InlineRead):
+        block = block.read()
     XZ = _design_chunk(design, obs, start)
     return (
         *_shared_partial(XZ),
         *_block_partial(block, XZ, features, start, 0, transform, target_sum, check),
     )
+
+
+class _InlineRead:
+    """The tasks that read one expression block, run by the task that reduces it.
+
+    The block then has no key of its own: it never waits in a worker's memory for the
+    reduction, nor is it moved to another worker to be reduced there.
+    """
+
+    __slots__ = ("graph", "key")
+
+    def __init__(self, graph: dict[Any, Any], key: Any) -> None:
+        self.graph = graph
+        self.key = key
+
+    def __getstate__(self) -> tuple[dict[Any, Any], Any]:
+        return self.graph, self.key
+
+    def __setstate__(self, state: tuple[dict[Any, Any], Any]) -> None:
+        self.graph, self.key = state
+
+    def read(self) -> Any:
+        """The block (computed in this thread)."""
+        import dask
+
+        return dask.get(self.graph, self.key)
+
+
+def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
+    """The reads of the blocks (delayed, one per cell chunk) as _InlineRead, or None when a
+    block's tasks are more than a small reader (in-memory data in the graph, or tasks
+    shared with other blocks, which would then be run more than once)."""
+    import cloudpickle
+    from dask.optimization import cull
+
+    graph = dict(blocks[0].__dask_graph__())
+    owner: dict[Any, int] = {}
+    reads = []
+    for i, block in enumerate(blocks):
+        sub, _ = cull(graph, [block.key])
+        for key, task in sub.items():
+            if owner.setdefault(key, i) != i and not _is_literal(task):
+                return None  # a computation shared by several blocks
+            if owner[key] == i and len(cloudpickle.dumps(task)) > _INLINE_BYTES:
+                return None
+        reads.append(_InlineRead(sub, block.key))
+    return reads
+
+
+def _is_literal(task: Any) -> bool:
+    """Whether a graph node is data rather than a computation (dask's DataNode)."""
+    return type(task).__name__ == "DataNode"
 
 
 def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -254,9 +314,7 @@ def _canonical(E: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_matrix:
     A transform of stored values and a sum of their squares both need each entry stored
     once; the copy leaves the caller's block unmodified.
     """
-    if isinstance(E, sp.csr_matrix) and (
-        E.dtype.kind not in "iuf" or not E.has_canonical_format
-    ):
+    if isinstance(E, sp.csr_matrix) and (E.dtype.kind not in "iuf" or not E.has_canonical_format):
         E = E.astype(np.float64)
         E.sum_duplicates()
     return E
@@ -474,13 +532,16 @@ def _build_graph(
     shared: list[Any] = []
     per_block: list[list[Any]] = [[] for _ in range(n_j)]
     fused: list[Any] = []
+    reads = _inline_reads(list(blocks[:, 0])) if n_j == 1 else None
     for i in range(n_i):
         start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
-        obs_i = delayed(obs.iloc[start:stop], name=f"flashmm-obs-{token}-{i}", traverse=False)
+        # in the task itself, not a key of its own: a key would be computed on one worker
+        # and sent to the one that holds the block
+        obs_i = obs.iloc[start:stop]
         if n_j == 1:  # one task per cell chunk: no X_i, Z_i to move between workers
             fused.append(
                 delayed(_chunk_partial, pure=True)(
-                    blocks[i, 0],
+                    blocks[i, 0] if reads is None else reads[i],
                     design_key,
                     obs_i,
                     features_key,

@@ -402,6 +402,39 @@ def test_design_object_is_one_graph_key(toy) -> None:
     assert 1_000_000 < per_task < 1_500_000
 
 
+def _task_keys(graph: Any) -> set[str]:
+    return {str(k[0] if isinstance(k, tuple) else k) for k in dict(graph.__dask_graph__())}
+
+
+def test_small_reads_run_inside_the_reduction_tasks(toy) -> None:
+    """A block read by a small task has no key of its own: it is read by the task that
+    reduces it (it cannot wait in memory or move between workers)."""
+    obs, counts, design, expected = toy
+    expr = counting_expr(obs, counts, (7, -1), "inline")
+    graph = stats_graph(expr, design, transform="log2p1")
+    assert not any(k.startswith(expr.data.name) for k in _task_keys(graph))
+    assert_stats_close(graph.compute(), expected)
+    assert len(reads("inline")) == 9 and set(reads("inline").values()) == {1}
+
+
+def test_large_or_shared_reads_keep_their_keys(toy, monkeypatch) -> None:
+    import flashmm_dask.reduce as reduce_module
+
+    obs, counts, design, expected = toy
+    big = toy_expr(obs, counts, (7, -1), sparse=True)  # the matrix is in the graph
+    monkeypatch.setattr(reduce_module, "_INLINE_BYTES", 100)
+    graph = stats_graph(big, design, transform="log2p1")
+    assert any(k.startswith(big.data.name) for k in _task_keys(graph))
+    assert_stats_close(graph.compute(), expected)
+    monkeypatch.undo()
+    # cell chunks of 7 from chunks of 10 computed by a task: two blocks share that task
+    source = da.from_array(counts, chunks=(10, -1)).map_blocks(np.positive)
+    shared = Expression(source.rechunk((7, -1)), big.features, obs)
+    graph = stats_graph(shared, design, transform="log2p1")
+    assert any(k.startswith(shared.data.name) for k in _task_keys(graph))
+    assert_stats_close(graph.compute(), expected)
+
+
 def test_memory_is_set_by_the_chunk_not_by_n() -> None:
     """200k cells x 2000 features, sparse: a dense copy would be 3.2 GB, a dense block 80 MB."""
     n, m, chunk = 200_000, 2_000, 10_000

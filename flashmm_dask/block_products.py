@@ -1,0 +1,485 @@
+"""The products of one sparse expression block with its design rows, in one compiled pass.
+
+For a CSR block E (n_i cells x m_j features) whose values are already transformed (or
+are integer counts transformed by table look-up), X_i (n_i x p) dense and Z_i (n_i x q)::
+
+    X'E (p x m_j),  Z'E (q x m_j),  Ynorm = colsums(E^2) (m_j)
+
+Designs are mostly zeros: factor indicators in X, one subject indicator per row of Z. Let
+A = [X_s, Z], X_s the columns of X that are mostly zero, and X_d the others (the intercept,
+log library size, age): each is a short dense row per cell. Then
+
+- **grouped** (the usual case): cells whose rows of A are identical (same cell type,
+  treatment and subject) form a group g, and A'E = A_g' S with S (n_groups x m_j) the sum
+  of E's rows in each group. The pass over E adds each value to one row of S (and its
+  square to Ynorm, its products with the two first columns of X_d to E'X_d); A_g'S is a
+  small product afterwards (n_groups x m_j per non-zero of A_g).
+- **per cell** (rows of A mostly distinct, e.g. a random slope on a numeric covariate):
+  A'E costs one multiply-add per pair of non-zeros of a row of E and of the same row of A.
+
+Both are one loop, :func:`_scatter_products`, compiled with numba (``njit(nogil=True,
+cache=True)``): in the grouped case A is the cell-to-group indicator (and the usual
+grouped case, with at most two dense columns of X, has its own lighter loop,
+:func:`_group_sums`). Cells are visited group by group (or subject by subject) when the
+accumulated rows are larger than a cache.
+
+Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
+pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
+or copied; a value outside the table, or a row whose column indices are not strictly
+increasing (duplicates to sum), stops the pass and the caller takes the general path
+(canonical float64 values, checked and transformed with NumPy).
+
+Without numba the same sums come from scipy's sparse products.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["dense_as_csr", "lookup_table", "sparse_products"]
+
+logger = logging.getLogger(__name__)
+
+# integer values below this are transformed by table look-up
+_LOOKUP_MAX = 1 << 16
+# columns of X non-zero in more than this fraction of a chunk's cells are multiplied as
+# dense columns; the others are in A with Z
+_DENSE_COLUMN = 0.5
+# cells are visited by group or subject when A'E (n_out x m_j float64) is larger than this
+_ORDER_BYTES = 4 << 20
+# the tables of _LOOKUP_MAX entries, by transform (built once per process)
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def lookup_table(transform: str) -> np.ndarray | None:
+    """The transform of each integer 0 .. _LOOKUP_MAX - 1 as float64, for the transforms
+    that map a count to a value alone ("none": k, "log2p1": log2(1 + k)); None otherwise."""
+    if transform not in ("none", "log2p1"):
+        return None
+    if transform not in _TABLES:
+        k = np.arange(float(_LOOKUP_MAX))
+        _TABLES[transform] = k if transform == "none" else np.log2(k + 1.0)
+    return _TABLES[transform]
+
+
+def sparse_products(
+    E: sp.csr_matrix, X: np.ndarray, Z: Any, table: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j); X (n_i x p) dense.
+
+    Parameters
+    ----------
+    E : scipy.sparse.csr_matrix
+        With a ``table``: the stored values as read (any numeric dtype, duplicates
+        allowed); value t of the block is ``table[E.data[t]]``. Without: the transformed
+        float64 values, canonical (no duplicate entries).
+    X : ndarray, shape (n_i, p)
+    Z : scipy.sparse matrix or ndarray, shape (n_i, q)
+    table : ndarray, optional
+        From :func:`lookup_table`.
+
+    Returns
+    -------
+    (XY (p, m_j), ZY (q, m_j), Ynorm (m_j,)) or None
+        None (only with a table, and only when numba is installed) when a stored value
+        is not an integer in [0, len(table)) or a row's indices are not strictly
+        increasing: then transform the block and call again without a table.
+    """
+    n_i, m = E.shape
+    p = X.shape[1]
+    Zs = sp.csr_matrix(Z, dtype=np.float64)
+    kernel = _compiled("_scatter_products")
+    if kernel is None:
+        if table is not None:
+            if not _fits_table(E, table):
+                return None
+            E = sp.csr_matrix((table[E.data.astype(np.intp)], E.indices, E.indptr), shape=E.shape)
+        XY = np.asarray(E.T @ X).T
+        ZY = np.asarray((Zs.T @ E).toarray())
+        Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=m)
+        return XY, ZY, Ynorm
+    dense = np.count_nonzero(X, axis=0) > _DENSE_COLUMN * n_i
+    Xd = X[:, dense]
+    Xs = np.ascontiguousarray(X[:, ~dense])
+    A, recover = _scatter_matrix(Xs, Zs, max_groups=E.nnz // max(m, 1))
+    codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
+    head = (
+        E.indptr.astype(np.int64, copy=False),
+        E.indices,
+        codes,
+        np.zeros(0) if table is None else table,
+        values,
+        _first_two(Xd),
+    )
+    group_sums = _compiled("_group_sums")
+    big = A.shape[1] * m * 8 > _ORDER_BYTES
+    if A.nnz == n_i and np.all(A.data == 1) and Xd.shape[1] <= 2 and not big and group_sums:
+        # one group per cell (the usual case): the lighter loop of the same sums
+        out, D, status = group_sums(*head, A.indices.astype(np.int64), A.shape[1], m, Xd.shape[1])
+        rest = np.zeros((0, m))
+    else:
+        order = np.arange(n_i)
+        if big:
+            # visiting cells by their first column of A (group or subject) keeps the rows
+            # of A'E being summed in cache, which pays when A'E is much larger than a
+            # core's cache and costs when not (the rows of E are then read out of order)
+            first = np.full(n_i, A.shape[1], dtype=np.int64)
+            has = np.diff(A.indptr) > 0
+            first[has] = A.indices[A.indptr[:-1][has]]
+            order = np.argsort(first, kind="stable")
+        out, D, rest, status = kernel(
+            *head,
+            np.ascontiguousarray(Xd[:, 2:]),
+            A.indptr.astype(np.int64, copy=False),
+            A.indices.astype(np.int64, copy=False),
+            A.data,
+            order,
+            A.shape[1],
+            m,
+            Xd.shape[1],
+            int(np.diff(A.indptr).max(initial=0)),
+        )
+    if status:
+        return None
+    XsY, ZY = recover(out)
+    XY = np.empty((p, m))
+    XY[~dense] = XsY
+    XY[dense] = np.concatenate([D[:, 1:].T, rest])[: Xd.shape[1]]
+    return XY, ZY, D[:, 0].copy()
+
+
+def _scatter_matrix(
+    Xs: np.ndarray, Zs: sp.csr_matrix, max_groups: int
+) -> tuple[sp.csr_matrix, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]]:
+    """The CSR matrix A whose A'E the pass accumulates, and the map from A'E to (X_s'E,
+    Z'E).
+
+    Grouped when [X_s, Z] has at most ``max_groups`` distinct rows (so that the group
+    sums are no larger than the block): A is the cell-to-group indicator. Else A = [X_s, Z].
+    """
+    groups = _row_groups(Xs, Zs, max_groups)
+    if groups is not None:
+        group, first = groups
+
+        def by_group(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return Xs[first].T @ out, np.asarray(Zs[first].T @ out)
+
+        return _indicator(group, len(first)), by_group
+    A = sp.hstack([sp.csr_matrix(Xs), Zs], format="csr", dtype=np.float64)
+    A.eliminate_zeros()
+    p_s = Xs.shape[1]
+
+    def by_column(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return out[:p_s], out[p_s:]
+
+    return A, by_column
+
+
+def _indicator(group: np.ndarray, n_groups: int) -> sp.csr_matrix:
+    """The (n, n_groups) CSR indicator of each row's group."""
+    n = len(group)
+    indptr = np.arange(n + 1, dtype=np.int64)
+    return sp.csr_matrix((np.ones(n), group, indptr), shape=(n, n_groups))
+
+
+def dense_as_csr(values: np.ndarray, max_fraction: float) -> sp.csr_matrix | None:
+    """A 2-D numeric array as CSR (stored dtype) when at most ``max_fraction`` of its
+    values are non-zero, else None."""
+    if values.ndim != 2 or values.dtype.kind not in "iuf":
+        return None
+    counter, filler = _compiled("_row_counts"), _compiled("_fill_rows")
+    if counter is None or filler is None:
+        if np.count_nonzero(values) > max_fraction * values.size:
+            return None
+        return sp.csr_matrix(values)
+    values = np.ascontiguousarray(values)
+    indptr = np.zeros(values.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counter(values), out=indptr[1:])
+    if indptr[-1] > max_fraction * values.size:
+        return None
+    indices, data = filler(values, indptr)
+    return sp.csr_matrix((data, indices, indptr), shape=values.shape)
+
+
+def _fits_table(E: sp.csr_matrix, table: np.ndarray) -> bool:
+    """Whether every stored value is an integer in [0, len(table)), E canonical."""
+    data = E.data
+    if not data.size:
+        return E.has_canonical_format
+    low, high = data.min(), data.max()
+    if not (low >= 0 and high < table.size):
+        return False
+    if data.dtype.kind == "f" and not np.array_equal(data, np.floor(data)):
+        return False
+    return bool(E.has_canonical_format)
+
+
+def _first_two(Xd: np.ndarray) -> np.ndarray:
+    """The first two columns of X_d, padded with zeros to two, C-contiguous."""
+    out = np.zeros((Xd.shape[0], 2))
+    k = min(2, Xd.shape[1])
+    out[:, :k] = Xd[:, :k]
+    return out
+
+
+def _row_groups(
+    Xs: np.ndarray, Zs: sp.csr_matrix, max_groups: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(group of each cell, its first cell per group) over the rows of A = [X_s, Z], or
+    None when there are more than ``max_groups`` distinct rows (or numba is missing)."""
+    import pandas as pd
+
+    keys_of, first_of = _compiled("_row_keys"), _compiled("_first_rows")
+    if keys_of is None or first_of is None or max_groups < 1:
+        return None
+    x_bits = Xs.view(np.int64)
+    z_indptr = Zs.indptr.astype(np.int64, copy=False)
+    z_bits = Zs.data.view(np.int64)
+    keys = keys_of(x_bits, z_indptr, Zs.indices, z_bits)
+    group, uniques = pd.factorize(keys)
+    if len(uniques) > max_groups:
+        return None
+    group = group.astype(np.int64, copy=False)
+    first, same = first_of(x_bits, z_indptr, Zs.indices, z_bits, group, len(uniques))
+    if not same:  # two distinct rows with the same 64-bit key
+        return None
+    return group, first
+
+
+# -- compiled loops (plain Python here; numba compiles them, see _compiled) -------------
+
+
+def _scatter_products(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    codes: np.ndarray,
+    table: np.ndarray,
+    values: np.ndarray,
+    X2: np.ndarray,
+    Xr: np.ndarray,
+    a_indptr: np.ndarray,
+    a_indices: np.ndarray,
+    a_values: np.ndarray,
+    order: np.ndarray,
+    n_out: int,
+    m: int,
+    n_dense: int,
+    a_max: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A'E (n_out, m), D (m, 3) = [colsums(E^2), E'X2] and E'Xr (p_r, m) in one pass.
+
+    E (n x m) and A (n x n_out) are CSR (indptr, indices, values). Value t of E is
+    ``table[codes[t]]`` when ``table`` is not empty (then codes[t] must be an integer in
+    [0, len(table)) and each row's indices strictly increasing, else the pass stops with
+    status 1), else ``values[t]``. X2 (n, 2) and Xr (n, p_r) are dense: the first two
+    are inline in the pass over a row, the others need one more pass over it each.
+    ``order`` is the order in which the rows are visited; ``n_dense`` is the number of
+    columns of X2 that are not padding and ``a_max`` the most entries in a row of A.
+    """
+    out = np.zeros((n_out + 1, m))  # row n_out takes the cells with fewer columns of A
+    D = np.zeros((m, 3))
+    rest = np.zeros((Xr.shape[1], m))
+    lookup = table.size > 0
+    size = table.size
+    row = np.empty(m)
+    two_x = n_dense > 1
+    two_a = a_max > 1
+    keep_row = a_max > 2 or Xr.shape[1] > 0
+    for c in order:
+        lo = indptr[c]
+        hi = indptr[c + 1]
+        s0 = a_indptr[c]
+        s1 = a_indptr[c + 1]
+        k0 = n_out
+        a0 = 0.0
+        k1 = n_out
+        a1 = 0.0
+        if s1 > s0:
+            k0 = a_indices[s0]
+            a0 = a_values[s0]
+        if s1 > s0 + 1:
+            k1 = a_indices[s0 + 1]
+            a1 = a_values[s0 + 1]
+        x0 = X2[c, 0]
+        x1 = X2[c, 1]
+        previous = -1
+        for t in range(lo, hi):
+            j = indices[t]
+            if lookup:
+                x = codes[t]
+                if not (x >= 0 and x < size) or j <= previous:
+                    return out[:n_out], D, rest, 1
+                k = int(x)
+                if k != x:
+                    return out[:n_out], D, rest, 1
+                v = table[k]
+                previous = j
+            else:
+                v = values[t]
+            out[k0, j] += a0 * v
+            D[j, 0] += v * v
+            D[j, 1] += x0 * v
+            # branches that go the same way for every value of the block
+            if two_a:
+                out[k1, j] += a1 * v
+            if two_x:
+                D[j, 2] += x1 * v
+            if keep_row:
+                row[t - lo] = v
+        for r in range(Xr.shape[1]):
+            xr = Xr[c, r]
+            for t in range(lo, hi):
+                rest[r, indices[t]] += xr * row[t - lo]
+        for s in range(s0 + 2, s1):
+            k = a_indices[s]
+            a = a_values[s]
+            for t in range(lo, hi):
+                out[k, indices[t]] += a * row[t - lo]
+    return out[:n_out], D, rest, 0
+
+
+def _group_sums(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    codes: np.ndarray,
+    table: np.ndarray,
+    values: np.ndarray,
+    X2: np.ndarray,
+    group: np.ndarray,
+    n_groups: int,
+    m: int,
+    n_dense: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`_scatter_products` when A is the indicator of ``group`` (each row of E is
+    added to the row of its group) and X has at most two dense columns: the same sums
+    (G = A'E, D) and status, in a loop that does only that."""
+    out = np.zeros((n_groups, m))
+    D = np.zeros((m, 3))
+    lookup = table.size > 0
+    size = table.size
+    two_x = n_dense > 1
+    for c in range(indptr.shape[0] - 1):
+        g = group[c]
+        x0 = X2[c, 0]
+        x1 = X2[c, 1]
+        previous = -1
+        for t in range(indptr[c], indptr[c + 1]):
+            j = indices[t]
+            if lookup:
+                x = codes[t]
+                if not (x >= 0 and x < size) or j <= previous:
+                    return out, D, 1
+                k = int(x)
+                if k != x:
+                    return out, D, 1
+                v = table[k]
+                previous = j
+            else:
+                v = values[t]
+            out[g, j] += v
+            D[j, 0] += v * v
+            D[j, 1] += x0 * v
+            if two_x:
+                D[j, 2] += x1 * v
+    return out, D, 0
+
+
+def _row_keys(
+    x_bits: np.ndarray, z_indptr: np.ndarray, z_indices: np.ndarray, z_bits: np.ndarray
+) -> np.ndarray:
+    """A 64-bit key (FNV-1a style) of each row of [X_s, Z]: X_s's bits (n, p_s) and
+    Z's CSR entries (column, value bits)."""
+    n = x_bits.shape[0]
+    keys = np.empty(n, dtype=np.int64)
+    prime = np.int64(1099511628211)
+    for c in range(n):
+        h = np.int64(-3750763034362895579)
+        for r in range(x_bits.shape[1]):
+            h = (h ^ x_bits[c, r]) * prime
+        for s in range(z_indptr[c], z_indptr[c + 1]):
+            h = (h ^ np.int64(z_indices[s])) * prime
+            h = (h ^ z_bits[s]) * prime
+        keys[c] = h
+    return keys
+
+
+def _first_rows(
+    x_bits: np.ndarray,
+    z_indptr: np.ndarray,
+    z_indices: np.ndarray,
+    z_bits: np.ndarray,
+    group: np.ndarray,
+    n_groups: int,
+) -> tuple[np.ndarray, bool]:
+    """The first row of each group, and whether every row equals its group's first."""
+    first = np.full(n_groups, -1, dtype=np.int64)
+    for c in range(group.shape[0]):
+        g = group[c]
+        f = first[g]
+        if f < 0:
+            first[g] = c
+            continue
+        for r in range(x_bits.shape[1]):
+            if x_bits[c, r] != x_bits[f, r]:
+                return first, False
+        lo, hi, f_lo = z_indptr[c], z_indptr[c + 1], z_indptr[f]
+        if hi - lo != z_indptr[f + 1] - f_lo:
+            return first, False
+        for s in range(hi - lo):
+            if z_indices[lo + s] != z_indices[f_lo + s] or z_bits[lo + s] != z_bits[f_lo + s]:
+                return first, False
+    return first, True
+
+
+def _row_counts(values: np.ndarray) -> np.ndarray:
+    """The number of non-zeros in each row of a 2-D array."""
+    n, m = values.shape
+    counts = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        k = 0
+        for j in range(m):
+            k += values[i, j] != 0
+        counts[i] = k
+    return counts
+
+
+def _fill_rows(values: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR indices and data of a 2-D array, given its indptr."""
+    n, m = values.shape
+    indices = np.empty(indptr[n], dtype=np.int32)
+    data = np.empty(indptr[n], dtype=values.dtype)
+    k = 0
+    for i in range(n):
+        for j in range(m):
+            v = values[i, j]
+            if v != 0:
+                indices[k] = j
+                data[k] = v
+                k += 1
+    return indices, data
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled(name: str) -> Callable[..., Any] | None:
+    """The loop ``name`` of this module compiled with numba (cached on disk), or None
+    without numba."""
+    if name not in _COMPILED:
+        try:
+            import numba
+        except ImportError:  # numba comes with dask-ml; without it scipy does the products
+            logger.info("numba is not installed: sparse products use scipy (slower)")
+            _COMPILED[name] = None
+        else:
+            function = globals()[name]
+            try:
+                _COMPILED[name] = numba.njit(cache=True, nogil=True)(function)
+            except RuntimeError:  # no writable cache folder
+                _COMPILED[name] = numba.njit(cache=False, nogil=True)(function)
+    return _COMPILED[name]

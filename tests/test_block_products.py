@@ -1,0 +1,177 @@
+"""flashmm_dask.block_products: X'E, Z'E and colsums(E^2) of one sparse block.
+
+Every path of the compiled pass (cells grouped by their design row, or scattered per
+cell; counts transformed by table look-up or values given; up to two or more dense
+columns of X; more than two entries in a row of [X_s, Z]; cells visited in order or by
+group) is compared with the dense NumPy products, and the pass must refuse what the
+look-up cannot handle (so that the caller takes the checked general path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from flashmm_dask import block_products
+from flashmm_dask.block_products import dense_as_csr, lookup_table, sparse_products
+
+
+def counts(n: int = 300, m: int = 40, seed: int = 0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    values = rng.negative_binomial(1, 0.5, size=(n, m)) * (rng.random((n, m)) < 0.3)
+    return sp.csr_matrix(values.astype(np.int32))
+
+
+def design_rows(n: int, *, dense_columns: int, slope: bool, seed: int = 1):
+    """X = [dense columns (libsize-like), cls indicators, cls x trt]; Z = [sam] (and a
+    random slope per sam, which makes every row of Z distinct)."""
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, 3, n)
+    trt = rng.integers(0, 2, n)
+    sam = rng.integers(0, 6, n)
+    dense = rng.uniform(1, 5, (n, dense_columns))
+    X = np.column_stack([dense, np.eye(3)[cls], np.eye(3)[cls] * trt[:, None]])
+    Z = np.eye(6)[sam]
+    if slope:
+        Z = np.column_stack([Z, Z * rng.normal(size=n)[:, None]])
+    return X, sp.csr_matrix(Z)
+
+
+def expected(E: np.ndarray, X: np.ndarray, Z: sp.csr_matrix):
+    Zd = Z.toarray()
+    return X.T @ E, Zd.T @ E, (E * E).sum(axis=0)
+
+
+def assert_products(got, want) -> None:
+    assert got is not None
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("dense_columns", [0, 1, 2, 3])
+@pytest.mark.parametrize("slope", [False, True])
+@pytest.mark.parametrize("transform", ["log2p1", "none"])
+def test_table_pass_equals_dense_products(dense_columns: int, slope: bool, transform: str) -> None:
+    E = counts()
+    X, Z = design_rows(E.shape[0], dense_columns=dense_columns, slope=slope)
+    values = E.toarray().astype(float)
+    want = expected(np.log2(1 + values) if transform == "log2p1" else values, X, Z)
+    assert_products(sparse_products(E, X, Z, lookup_table(transform)), want)
+
+
+@pytest.mark.parametrize("slope", [False, True])
+def test_values_pass_equals_dense_products(slope: bool) -> None:
+    E = counts().astype(np.float64)
+    E.data = np.random.default_rng(3).normal(size=E.nnz)  # any values, negatives included
+    X, Z = design_rows(E.shape[0], dense_columns=2, slope=slope)
+    assert_products(sparse_products(E, X, Z), expected(E.toarray(), X, Z))
+
+
+def test_grouped_and_per_cell_and_ordered_passes_agree(monkeypatch) -> None:
+    E = counts(n=500, m=30)
+    X, Z = design_rows(E.shape[0], dense_columns=1, slope=False)
+    table = lookup_table("log2p1")
+    want = expected(np.log2(1 + E.toarray()), X, Z)
+    rows = np.column_stack([X[:, 1:], Z.toarray()])
+    assert len(np.unique(rows, axis=0)) * E.shape[1] <= E.nnz  # so it is grouped
+    group_sums = block_products._compiled("_group_sums")
+    calls = []
+    monkeypatch.setitem(
+        block_products._COMPILED, "_group_sums", lambda *a: calls.append(1) or group_sums(*a)
+    )
+    assert_products(sparse_products(E, X, Z, table), want)  # the group loop
+    assert calls == [1]
+    monkeypatch.setattr(block_products, "_ORDER_BYTES", 0)
+    assert_products(sparse_products(E, X, Z, table), want)  # grouped, by group
+    assert calls == [1]
+    monkeypatch.setattr(block_products, "_row_groups", lambda *args, **kwargs: None)
+    assert_products(sparse_products(E, X, Z, table), want)  # per cell, by subject
+    monkeypatch.setattr(block_products, "_ORDER_BYTES", 1 << 40)
+    assert_products(sparse_products(E, X, Z, table), want)  # per cell
+    assert calls == [1]
+
+
+def test_rows_with_more_than_two_design_entries() -> None:
+    """Rows of [X_s, Z] with 4 non-zeros, scattered per cell: two in the pass, two after."""
+    E = counts()
+    X, Z = design_rows(E.shape[0], dense_columns=1, slope=True)
+    X = np.column_stack([X, np.random.default_rng(5).normal(size=(E.shape[0], 3)) * (X[:, 1:2])])
+    assert_products(
+        sparse_products(E, X, Z, lookup_table("none")), expected(E.toarray().astype(float), X, Z)
+    )
+
+
+def test_row_groups_refuse_too_many_groups_and_key_collisions(monkeypatch) -> None:
+    X, Z = design_rows(100, dense_columns=0, slope=False)
+    group, first = block_products._row_groups(np.ascontiguousarray(X), Z, max_groups=100)
+    rows = np.column_stack([X, Z.toarray()])
+    np.testing.assert_array_equal(rows[first][group], rows)
+    assert block_products._row_groups(np.ascontiguousarray(X), Z, max_groups=len(first) - 1) is None
+    keys = block_products._compiled("_row_keys")
+    monkeypatch.setitem(
+        block_products._COMPILED, "_row_keys", lambda *args: np.zeros_like(keys(*args))
+    )  # every row the same key: the check finds rows that differ
+    assert block_products._row_groups(np.ascontiguousarray(X), Z, max_groups=100) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["negative", "too large", "fraction", "nan", "duplicate", "unsorted"],
+)
+def test_table_pass_refuses_what_it_cannot_look_up(change: str) -> None:
+    E = counts().astype(np.float32)
+    X, Z = design_rows(E.shape[0], dense_columns=1, slope=False)
+    t = E.indptr[5]  # first entry of row 5 (rows 5 and 6 have >= 2 entries)
+    assert E.indptr[6] - t >= 2
+    if change == "negative":
+        E.data[t] = -1
+    elif change == "too large":
+        E.data[t] = 1 << 16
+    elif change == "fraction":
+        E.data[t] = 2.5
+    elif change == "nan":
+        E.data[t] = np.nan
+    elif change == "duplicate":
+        E.indices[t + 1] = E.indices[t]
+    else:
+        E.indices[t], E.indices[t + 1] = E.indices[t + 1], E.indices[t]
+    assert sparse_products(E, X, Z, lookup_table("log2p1")) is None
+
+
+def test_integer_valued_floats_use_the_table() -> None:
+    E = counts().astype(np.float32)
+    X, Z = design_rows(E.shape[0], dense_columns=1, slope=False)
+    want = expected(np.log2(1 + E.toarray().astype(float)), X, Z)
+    assert_products(sparse_products(E, X, Z, lookup_table("log2p1")), want)
+
+
+def test_without_numba_scipy_gives_the_same(monkeypatch) -> None:
+    E = counts()
+    X, Z = design_rows(E.shape[0], dense_columns=1, slope=True)
+    monkeypatch.setattr(block_products, "_compiled", lambda name: None)
+    want = expected(np.log2(1 + E.toarray()), X, Z)
+    assert_products(sparse_products(E, X, Z, lookup_table("log2p1")), want)
+    E.data[0] = -3
+    assert sparse_products(E, X, Z, lookup_table("log2p1")) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16])
+@pytest.mark.parametrize("numba", [True, False])
+def test_dense_as_csr(dtype, numba: bool, monkeypatch) -> None:
+    if not numba:
+        monkeypatch.setattr(block_products, "_compiled", lambda name: None)
+    values = counts().toarray().astype(dtype)
+    csr = dense_as_csr(values, 0.5)
+    assert isinstance(csr, sp.csr_matrix) and csr.dtype == dtype and csr.has_canonical_format
+    np.testing.assert_array_equal(csr.toarray(), values)
+    assert dense_as_csr(values, 0.01) is None  # more non-zeros than that
+    assert dense_as_csr(np.asfortranarray(values), 0.5).nnz == csr.nnz
+    assert dense_as_csr(values.astype(bool), 0.5) is None
+
+
+def test_lookup_tables() -> None:
+    k = np.arange(1 << 16)
+    np.testing.assert_array_equal(lookup_table("none"), k.astype(float))
+    np.testing.assert_allclose(lookup_table("log2p1"), np.log2(1.0 + k), rtol=1e-15)
+    assert lookup_table("log1p_scaled") is None
