@@ -195,6 +195,30 @@ def test_dense_zarr_default_chunks_follow_the_store(
     assert_expression(expr, values, pd.Index([str(j) for j in range(N_FEATURES)]), None)
 
 
+def test_default_sparse_blocks_hold_a_set_number_of_non_zeros(
+    adata: ad.AnnData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without chunk_cells, sparse blocks are cut by non-zeros (from the stored entry
+    count), within the cell bounds; the same for stores, backed and in-memory matrices."""
+    nnz = adata.X.nnz
+    assert _stores.default_sparse_rows(1_000_000, 50_000_000) == 100_000  # 50 per cell
+    assert _stores.default_sparse_rows(1_000_000, 2_000_000_000) == 2_500
+    assert _stores.default_sparse_rows(10, 0) == _stores.DEFAULT_CHUNK_CELLS
+    monkeypatch.setattr(_stores, "SPARSE_BLOCK_NNZ", nnz // 4)
+    monkeypatch.setattr(_stores, "SPARSE_ROWS_RANGE", (2, 1000))
+    rows = round(nnz // 4 * N_CELLS / nnz)
+    expected = (*(rows,) * (N_CELLS // rows), *((N_CELLS % rows,) if N_CELLS % rows else ()))
+    for fmt in ("zarr2", "h5ad"):
+        path = write_store(adata, tmp_path, fmt)
+        expr = read_expression(path)
+        assert expr.data.chunks[0] == expected, fmt
+        assert_expression(expr, expected_matrix(adata, None), adata.var_names, adata.obs)
+    expr = read_expression(adata.X, obs=adata.obs)
+    assert expr.data.chunks[0] == expected
+    monkeypatch.setattr(_stores, "SPARSE_ROWS_RANGE", (10, 1000))  # the lower bound wins
+    assert read_expression(adata.X, obs=adata.obs).data.chunks[0] == (10, 10, 3)
+
+
 # -- plain Zarr arrays ---------------------------------------------------------------
 
 

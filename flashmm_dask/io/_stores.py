@@ -43,6 +43,12 @@ logger = logging.getLogger(__name__)
 
 #: Cells per block for sparse matrices when the caller does not choose.
 DEFAULT_CHUNK_CELLS = 10_000
+#: Non-zeros per sparse block when the caller does not choose: per-block overheads (task,
+#: design evaluation, partial sums of p x m and q x m) then cost little against the
+#: products, and a block's arrays stay ~40-80 MB (benchmarks/RESULTS.md, section 4).
+SPARSE_BLOCK_NNZ = 5_000_000
+#: Bounds of the cells per sparse block chosen from :data:`SPARSE_BLOCK_NNZ`.
+SPARSE_ROWS_RANGE = (1_000, 100_000)
 #: Target size of a dense block when the caller does not choose.
 DENSE_BLOCK_BYTES = 128 * 2**20
 
@@ -253,6 +259,15 @@ def default_dense_rows(n_features: int, itemsize: int, align: int = 1) -> int:
     return align if align >= target else (target // align) * align
 
 
+def default_sparse_rows(n_cells: int, nnz: int) -> int:
+    """Cells per sparse block: about :data:`SPARSE_BLOCK_NNZ` non-zeros, within
+    :data:`SPARSE_ROWS_RANGE` (:data:`DEFAULT_CHUNK_CELLS` when there are no non-zeros)."""
+    if nnz <= 0 or n_cells <= 0:
+        return DEFAULT_CHUNK_CELLS
+    low, high = SPARSE_ROWS_RANGE
+    return int(min(high, max(low, round(SPARSE_BLOCK_NNZ * n_cells / nnz))))
+
+
 def read_anndata(
     root: Any,
     *,
@@ -305,7 +320,7 @@ def read_anndata(
     features = _read_var_index(root, where)
     check_lengths(n_cells, n_features, obs=obs, features=features, what=what)
     if encoding in _SPARSE_ENCODINGS:
-        rows = chunk_cells or DEFAULT_CHUNK_CELLS
+        rows = chunk_cells or default_sparse_rows(n_cells, int(node["data"].shape[0]))
         element: Element = element_for(node)
         reader = SparseRows(element, cast(SparseEncoding, encoding), n_features)
         data = lazy_rows(

@@ -42,8 +42,9 @@ row chunk, so memory per task does not grow with the number of cells.
 - In-memory inputs are already in memory; the Dask array slices them without copying
   (sparse input that is not CSR is converted to CSR once).
 
-Row chunk size (``chunk_cells``): 10,000 cells for sparse data; for dense data about
-128 MiB per block (at most 10,000 cells), rounded to the store's own row chunks.
+Row chunk size (``chunk_cells``): for sparse data about 5 million non-zeros per block
+(1,000 to 100,000 cells; read from the stored entry count, nothing is scanned); for dense
+data about 128 MiB per block (at most 10,000 cells), rounded to the store's own row chunks.
 """
 
 from __future__ import annotations
@@ -74,11 +75,11 @@ from flashmm_dask.io._blocks import (
     lazy_rows,
 )
 from flashmm_dask.io._stores import (
-    DEFAULT_CHUNK_CELLS,
     StoredMatrix,
     check_lengths,
     check_matrix,
     default_dense_rows,
+    default_sparse_rows,
     h5_element_for,
     is_anndata,
     locate,
@@ -184,8 +185,9 @@ def read_expression(
     features : sequence of str, optional
         Feature names, length n_features. Default: the AnnData var names, else "0", "1", ...
     chunk_cells : int, optional
-        Cells per row chunk; default 10,000 for sparse data and about 128 MiB blocks for
-        dense data, aligned to the store's own chunks.
+        Cells per row chunk; default about 5 million non-zeros per block for sparse data
+        (1,000 to 100,000 cells) and about 128 MiB blocks for dense data, aligned to the
+        store's own chunks.
     storage_options : dict, optional
         fsspec options for URLs (and for a CSV ``obs`` URL), e.g. credentials for s3://.
 
@@ -490,7 +492,7 @@ def _from_matrix(matrix: Any, request: _Request, what: str) -> Expression:
         check_matrix(shape, np.dtype(matrix.dtype), what)
         orientation = _resolve_orientation(shape, request, what)
         csr = sparse.csr_matrix(matrix.T if orientation == "features_x_cells" else matrix)
-        rows = request.chunk_cells or DEFAULT_CHUNK_CELLS
+        rows = request.chunk_cells or default_sparse_rows(csr.shape[0], csr.nnz)
         meta = sparse.csr_matrix((0, 0), dtype=csr.dtype)
         data = da.from_array(csr, chunks=(rows, -1), asarray=False, fancy=False, meta=meta)
     elif isinstance(matrix, np.ndarray):
@@ -561,7 +563,7 @@ def _from_backed(matrix: Any, request: _Request, what: str) -> Expression:
             "csr_matrix" if isinstance(matrix, ad.abc.CSRDataset) else "csc_matrix"
         )
         reader = SparseRows(element, encoding, shape[1])
-        rows = request.chunk_cells or DEFAULT_CHUNK_CELLS
+        rows = request.chunk_cells or default_sparse_rows(shape[0], int(group["data"].shape[0]))
         data = lazy_rows(reader, shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=True)
     source = f"{what} (cells_x_features, {shape[0]} cells x {shape[1]} features)"
     return _expression(data, request, source)
