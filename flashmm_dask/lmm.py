@@ -34,6 +34,7 @@ from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.inference import t_pvalues
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.satterthwaite import DF_METHODS, satterthwaite_df, satterthwaite_terms
+from flashmm_dask.stats import summary_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -220,15 +221,7 @@ def lmm(
         "Ynorm": _as_matrix("Ynorm", Ynorm, 1),
     }
     p, m, q = arrays["XX"].shape[0], arrays["Ynorm"].shape[0], arrays["ZZ"].shape[0]
-    expected = {
-        "XX": (p, p),
-        "XY": (p, m),
-        "ZX": (q, p),
-        "ZY": (q, m),
-        "ZZ": (q, q),
-        "Ynorm": (m,),
-    }
-    for name, shape in expected.items():
+    for name, shape in summary_shapes(p, q, m).items():
         if arrays[name].shape != shape:
             raise InputError(
                 f"{name} has shape {arrays[name].shape} but {shape} is expected from "

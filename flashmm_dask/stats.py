@@ -40,6 +40,13 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "SummaryStats"]
 
 logger = logging.getLogger(__name__)
 
+
+def summary_shapes(p: int, q: int, m: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the statistics of m features, p covariates and q random effects, in the
+    R orientation (features along the last axis)."""
+    return {"XX": (p, p), "XY": (p, m), "ZX": (q, p), "ZY": (q, m), "ZZ": (q, q), "Ynorm": (m,)}
+
+
 FORMAT = "flashmm_dask.summary_stats"
 FORMAT_VERSION = 1
 
@@ -172,15 +179,7 @@ class SummaryStats:
 
     def _check_shapes(self) -> None:
         p, q, m = len(self.covariates), len(self.random), len(self.features)
-        expected = {
-            "XX": (p, p),
-            "XY": (p, m),
-            "ZX": (q, p),
-            "ZY": (q, m),
-            "ZZ": (q, q),
-            "Ynorm": (m,),
-        }
-        for name, shape in expected.items():
+        for name, shape in summary_shapes(p, q, m).items():
             actual = getattr(self, name).shape
             if actual != shape:
                 raise InputError(

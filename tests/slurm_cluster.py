@@ -13,7 +13,7 @@ jobs are recorded by ``jobcomp/filetxt`` in ``jobcomp.log``, which
 
 It needs root (slurmd runs jobs as their user) and the Slurm and MUNGE binaries
 (``.ci/install-slurm``). Without them the tests are skipped with the reason, unless
-``FLASHMM_REQUIRE_SLURM=1`` (set in CI), which turns the skip into a failure.
+``FLASHMM_NO_SKIP=1`` (set in CI; tests/needs.py), which turns the skip into a failure.
 ``FLASHMM_KEEP_SLURM=1`` keeps the temporary folder (configs, daemon and job logs).
 
 A test module imports ``fixture_slurm_session`` and ``fixture_slurm_cluster``; its tests ask
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from needs import missing
 
-REQUIRE = "FLASHMM_REQUIRE_SLURM"
 KEEP = "FLASHMM_KEEP_SLURM"
 PARTITION = "debug"
 COMMANDS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel")
@@ -359,9 +359,7 @@ def fixture_slurm_session() -> Iterator[SlurmTestCluster]:
     """A running one-node Slurm cluster, with ``SLURM_CONF`` exported for the session."""
     reason = unavailable()
     if reason is not None:
-        if os.environ.get(REQUIRE, "") not in ("", "0"):
-            pytest.fail(f"{REQUIRE} is set but {reason}")
-        pytest.skip(reason)
+        missing(reason)
     # not tmp_path (or $TMPDIR): munged refuses a socket below private (0700) folders, and
     # a socket path must stay short
     root = Path(tempfile.mkdtemp(prefix="flashmm-slurm-", dir="/tmp"))

@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 import yaml
+from needs import missing, module
 
 from flashmm_dask import kube
 from flashmm_dask.config import load_config
@@ -207,7 +208,7 @@ def write_generated() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def k8s_validate() -> Any:
-    kv = pytest.importorskip("kubernetes_validate")
+    kv = module("kubernetes_validate")
 
     def validate(doc: dict[str, Any]) -> None:
         for version in K8S_VERSIONS:
@@ -245,11 +246,11 @@ def _strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def crd_validate() -> Any:
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = module("jsonschema")
     try:
         dist = importlib.metadata.distribution("dask-kubernetes")
     except importlib.metadata.PackageNotFoundError:
-        pytest.skip("dask-kubernetes is not installed (pip install -e '.[test]')")
+        missing("dask-kubernetes is not installed (pip install -e '.[test]')")
     validators = {}
     for kind, filename in CRD_FILES.items():
         crd = yaml.safe_load(Path(str(dist.locate_file(f"{CRD_DIR}/{filename}"))).read_text())
@@ -430,7 +431,7 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 def _operator_objects(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The objects the Dask operator creates for a DaskCluster or DaskJob, built with its
     own functions (dask_kubernetes.operator.controller)."""
-    pytest.importorskip("dask_kubernetes")
+    module("dask_kubernetes")
     from dask_kubernetes.operator.controller import controller as op
 
     name, namespace = doc["metadata"]["name"], doc["metadata"]["namespace"]

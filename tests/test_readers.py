@@ -28,6 +28,7 @@ import pytest
 import scipy.sparse as sp
 import zarr
 from fsspec.implementations.memory import MemoryFileSystem
+from needs import module
 
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.io import _blocks, _stores
@@ -509,7 +510,7 @@ def test_values_changed_after_read_expression_show_in_compute(
 def test_h5ad_and_zarr_graphs_run_on_a_multiprocess_cluster(
     adata: ad.AnnData, tmp_path: Path
 ) -> None:
-    distributed = pytest.importorskip("distributed")
+    distributed = module("distributed")
     h5ad = write_store(adata, tmp_path, "h5ad")
     zarr_path = write_store(adata, tmp_path, "zarr3")
     cases = [(h5ad, layer) for layer in LAYERS] + [(zarr_path, None), (zarr_path, "csc")]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from needs import module
 from reference_cases import load_case, summary_args
 from statsmodels.stats.multitest import multipletests
 
@@ -253,7 +254,7 @@ def test_unfitted_features_are_nan_and_excluded_from_bh(tmp_path: Path) -> None:
 def test_blocks_written_concurrently_by_worker_processes(
     tmp_path: Path, fit: LmmFit, arrays
 ) -> None:
-    distributed = pytest.importorskip("distributed")
+    distributed = module("distributed")
     path = str(tmp_path / "res.zarr")
     layout = _layout(fit)
     create_results(path, layout, ATTRS)

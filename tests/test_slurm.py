@@ -2,7 +2,7 @@
 are Slurm jobs, and ``flashmm-dask run`` on Slurm against the same run on a local cluster.
 
 The cluster comes from tests/slurm_cluster.py (root, the Slurm and MUNGE packages of
-``.ci/install-slurm``; skipped without them unless FLASHMM_REQUIRE_SLURM=1). Evidence that
+``.ci/install-slurm``; skipped without them unless FLASHMM_NO_SKIP=1). Evidence that
 work ran under Slurm is taken from Slurm itself: the queue while jobs run, the jobcomp log
 of finished jobs, and the SLURM_JOB_ID that slurmd gives the processes of a job.
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from needs import missing
 from numpy.testing import assert_allclose, assert_array_equal
 from slurm_cluster import (  # noqa: F401 (fixtures)
-    REQUIRE,
     SlurmTestCluster,
     fixture_slurm_cluster,
     fixture_slurm_session,
@@ -44,9 +44,7 @@ def _jobqueue() -> Any:
         import dask_jobqueue
     except ImportError:
         reason = "dask-jobqueue is not installed (pip install 'flashmm-dask[slurm]')"
-        if os.environ.get(REQUIRE, "") not in ("", "0"):
-            pytest.fail(f"{REQUIRE} is set but {reason}")
-        pytest.skip(reason)
+        missing(reason)
     finally:
         signal.signal(signal.SIGINT, handler)
     return dask_jobqueue
@@ -324,7 +322,7 @@ def test_driver_job_script_runs_and_resumes(
     slurm = slurm_cluster
     _jobqueue()
     if slurm.cpus < 2:
-        pytest.skip("the driver job and a worker job need 2 CPUs at once")
+        missing("the driver job and a worker job need 2 CPUs at once")
     script = ROOT / "deploy" / "slurm" / "flashmm-dask.sbatch"
     output = tmp_path / "out"
     overrides = {

@@ -53,7 +53,8 @@ def pinv_sym(A: Array) -> Array:
     else:  # symmetrised, inverted and its condition bounded in one compiled pass
         out, ok = inverse_checked_batch(A, 0.5 / GINV_TOL)
     if not ok.all():
-        A = 0.5 * (A + np.swapaxes(A, -1, -2))
+        if k != 2:  # the compiled kernel symmetrised its own copies
+            A = 0.5 * (A + np.swapaxes(A, -1, -2))
         todo = ~ok & np.isfinite(A).all(axis=(-2, -1))
         out[~ok] = np.nan
         if todo.any():
