@@ -71,7 +71,7 @@ def lmm_stats(stats: SummaryStats, *, check_design: bool = True, **kwargs: Any) 
 def lmmfit(Y: Any, X: Any, Z: Any, d: Sequence[int] | None = None, **kwargs: Any) -> LmmFit:
     """Fit from cell-level matrices (R's ``lmmfit``): Y is features x cells.
 
-    Keyword arguments go to :func:`lmm`.
+    Keyword arguments go to :func:`lmm_stats` (``check_design``) and :func:`lmm`.
     """
     return lmm_stats(sslmm(X, Y, Z, d=d), **kwargs)
 
