@@ -105,6 +105,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--alternative", default="two.sided", choices=["two.sided", "less", "greater"])
     p.add_argument("--out", help="table to write (.csv or .parquet; default next to the store)")
+    p.add_argument(
+        "--stats",
+        help="the run's summary statistics, for a store fitted with Satterthwaite df "
+        "(default: the run's stats.load, else stats.zarr next to the store)",
+    )
     _common(p)
 
     p = sub.add_parser("report", help="plots of a finished results store")
@@ -205,7 +210,7 @@ def _test(args: argparse.Namespace) -> int:
         if not sep or not name.strip() or not expr.strip():
             raise InputError(f"contrast {item!r} must be NAME=EXPRESSION, e.g. 'B-A=trtB - trtA'")
         contrasts[name.strip()] = expr.strip()
-    table = retest(args.store, contrasts, alternative=args.alternative)
+    table = retest(args.store, contrasts, alternative=args.alternative, stats=args.stats)
     out = Path(args.out) if args.out else Path(args.store).parent / "contrasts.csv"
     tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".parquet":

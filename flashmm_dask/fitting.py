@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from flashmm_dask.design import Design, build_design
+from flashmm_dask.design_check import check_design_replication, check_stats_replication
 from flashmm_dask.errors import InputError
 from flashmm_dask.fit import LmmFit
 from flashmm_dask.io.readers import Expression, read_expression
@@ -40,11 +41,18 @@ def sslmm(X: Any, Y: Any, Z: Any, d: Sequence[int] | None = None) -> SummaryStat
     return SummaryStats.from_arrays(X, Y, Z, d=d)
 
 
-def lmm_stats(stats: SummaryStats, **kwargs: Any) -> LmmFit:
+def lmm_stats(stats: SummaryStats, *, check_design: bool = True, **kwargs: Any) -> LmmFit:
     """:func:`lmm` of a :class:`SummaryStats`, keeping its names.
 
-    Keyword arguments go to :func:`lmm` (method, df, theta0, max_iter, epsilon, output_*...).
+    With ``check_design`` (the default) a random component that the fixed effects absorb
+    (no degrees of freedom left, e.g. one donor per condition) raises a DesignError, and
+    one with fewer than 3 left is named in a logged warning
+    (:mod:`flashmm_dask.design_check`); ``check_design=False`` fits any design, as R
+    FLASHMM does. Other keyword arguments go to :func:`lmm` (method, df, theta0, max_iter,
+    epsilon, output_*...).
     """
+    if check_design:
+        check_stats_replication(stats)
     cov, ran, feat = list(stats.covariates), list(stats.random), list(stats.features)
     d = dict(zip(stats.components, stats.d, strict=True))
     return lmm(
@@ -63,7 +71,7 @@ def lmm_stats(stats: SummaryStats, **kwargs: Any) -> LmmFit:
 def lmmfit(Y: Any, X: Any, Z: Any, d: Sequence[int] | None = None, **kwargs: Any) -> LmmFit:
     """Fit from cell-level matrices (R's ``lmmfit``): Y is features x cells.
 
-    Keyword arguments go to :func:`lmm`.
+    Keyword arguments go to :func:`lmm_stats` (``check_design``) and :func:`lmm`.
     """
     return lmm_stats(sslmm(X, Y, Z, d=d), **kwargs)
 
@@ -142,6 +150,7 @@ def flashmm(
     storage_options: Mapping[str, Any] | None = None,
     pcs: int = 0,
     split_every: int = 8,
+    check_design: bool = True,
     **kwargs: Any,
 ) -> LmmFit:
     """Fit the mixed model of every feature of an expression dataset.
@@ -159,6 +168,11 @@ def flashmm(
     layer, orientation, chunk_cells, storage_options : passed to the reader
     pcs : add the top ``pcs`` principal components of the transformed data to X
     split_every : fan-in of the tree reduction
+    check_design : refuse, before the expression is read, a design in which the fixed
+        effects absorb a random component (no degrees of freedom left for it, e.g. one donor
+        per condition), with a DesignError naming it and the fixed-effect columns that
+        absorb it; log a warning for a component with fewer than 3 left
+        (:mod:`flashmm_dask.design_check`). False fits any design, as R FLASHMM does.
     **kwargs : passed to :func:`lmm` (method, df ("residual" or "satterthwaite"), max_iter,
         epsilon, output_* ...)
 
@@ -180,9 +194,13 @@ def flashmm(
             "the data carry no cell metadata; pass metadata= (a DataFrame or CSV path) "
             "with the columns the formulas use"
         )
-    expr, fixed = add_pcs(expr, pcs, chosen, fixed)
     design: Design = build_design(expr.obs, fixed, random)
+    if check_design:  # from the cell metadata, before the expression is read
+        check_design_replication(design, expr.obs)
+    expr, with_pcs = add_pcs(expr, pcs, chosen, fixed)
+    if with_pcs != fixed:
+        design = build_design(expr.obs, with_pcs, random)
     stats = reduce_stats(
         expr, design, transform=chosen, target_sum=target_sum, split_every=split_every
     )
-    return lmm_stats(stats, **kwargs)
+    return lmm_stats(stats, check_design=False, **kwargs)

@@ -43,6 +43,7 @@ import numpy as np
 from flashmm_dask.blockfit import BlockReport, SharedModel, fit_block
 from flashmm_dask.cluster import open_client
 from flashmm_dask.contrasts import contrast_matrix
+from flashmm_dask.design_check import check_design_replication, check_stats_replication
 from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
 from flashmm_dask.fitting import add_pcs, resolve_transform
 from flashmm_dask.io.results import (
@@ -184,6 +185,7 @@ class OutputLock:
 
     def __init__(self, folder: Path):
         self.path = folder / LOCK
+        self.created = False  # the folder was made for this run (removed if left empty)
 
     def __enter__(self) -> OutputLock:
         with _writing("the lock file", self.path.parent):
@@ -195,6 +197,7 @@ class OutputLock:
                 f"output {str(self.path.parent)!r} is a file, not a folder; choose another "
                 "output.path"
             )
+        self.created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
@@ -242,6 +245,12 @@ class OutputLock:
                 self.path,
                 error,
             )
+            return
+        if self.created and exc[0] is not None:  # a failed run leaves no empty folder behind
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # not empty: something was written for the rerun
+                pass
 
 
 def _clear_output(folder: Path) -> None:
@@ -332,6 +341,8 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
     Raises
     ------
     DataError, DesignError, ContrastError, InputError, StoreError
+        DesignError also for a random component that the fixed effects absorb
+        (:mod:`flashmm_dask.design_check`).
     """
     from flashmm_dask.design import build_design
     from flashmm_dask.io.readers import read_expression
@@ -383,6 +394,10 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
         inputs = Inputs(inputs.stats, covariates=tuple(inputs.stats.covariates))
     if cfg.contrasts:
         contrast_matrix(dict(cfg.contrasts), list(inputs.covariates))
+    if inputs.stats is not None:  # random components the fixed effects absorb: refused
+        check_stats_replication(inputs.stats)
+    else:
+        check_design_replication(inputs.design, inputs.expr.obs)
     return inputs
 
 

@@ -454,7 +454,7 @@ def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("world")
     base = root / "base.zarr"
     simulate_to_store(
-        base, n_genes=8, n_cells=300, n_samples=4, n_de_genes=2, seed=3, store_chunk_cells=100
+        base, n_genes=8, n_cells=300, n_samples=6, n_de_genes=2, seed=3, store_chunk_cells=100
     )
     config = root / "run.yaml"
     config.write_text(

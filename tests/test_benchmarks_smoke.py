@@ -102,3 +102,28 @@ def test_bench_scaling(bench, capsys, tmp_path):
     bench("bench_scaling").main(args)
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "auto =" in out
+
+
+def test_calibration_runs_the_defaults_of_a_run(bench, capsys, tmp_path):
+    from flashmm_dask.config import load_config
+
+    args = ["--genes", "400", "--replicates", "2", "--donors", "3", "--out", str(tmp_path)]
+    args += ["--data", "counts"]
+    rows = bench("calibration").main(args)
+    out = capsys.readouterr().out
+    assert f"model.df={load_config().model.df}" in out.splitlines()[0]
+    assert [(r["scenario"], r["S"]) for r in rows] == [
+        ("between-donor", 3),
+        ("cell-type-specific", 3),
+    ]
+    for r in rows:
+        assert 0 <= r["fpr"][0] <= 1 and r["fpr"][1] > 0 and r["null"] > 600
+    table = (tmp_path / "CALIBRATION.md").read_text()
+    assert table.count("| counts | between-donor | 3 |") == 1 and "Command: `python" in table
+    assert (tmp_path / "calibration.png").stat().st_size > 5000
+    rows = bench("calibration").main(
+        [*args, "--df", "satterthwaite", "--scenarios", "between-donor"]
+    )
+    assert "model.df=satterthwaite" in capsys.readouterr().out.splitlines()[0]
+    # donors nested in condition: the treatment's df are about 2 S - 2 = 4, not n - p
+    assert 3 < rows[0]["df"][0] < 5

@@ -1,0 +1,237 @@
+"""Random components that the fixed effects absorb: refused before the data pass.
+
+A random component k with columns Z_k (n x d_k) can only be estimated, and effects that are
+constant within its levels can only be tested against it, from the variation of Z_k that
+the fixed effects X leave over. Its degrees of freedom are
+
+    df_k = rank [X Z_k] - rank X = rank Z_k - a_k,   a_k = dim(col X  intersect  col Z_k),
+
+a_k being the dimension the fixed effects absorb (with donors nested in condition and
+``~ trt`` fixed, a_k = the number of conditions: the intercept and ``trtB`` are constant
+within each donor). One donor per condition gives df_k = 0: the donor variance cannot be
+estimated and the condition cannot be tested; two donors per condition give df_k = 2.
+
+Everything comes from the cross-products XX = X'X, ZX = Z'X and ZZ = Z'Z, which the design
+gives from the cell metadata alone (no expression): after scaling every column to unit
+norm (A = XX, B = Z_k'X, C = Z_k'Z_k scaled),
+
+    df_k = rank(C - B A^+ B')                  (the Schur complement of X in [X Z_k])
+    a_k  = rank C - df_k
+    {a : X a in col Z_k} = null space of A - B' C^+ B
+
+and the fixed-effect columns that absorb Z_k are those on which that null space has weight.
+
+:func:`check_replication` raises a :class:`DesignError` naming a component with df_k = 0 and
+the columns that absorb it, and logs one warning naming the components with
+0 < df_k < :data:`MIN_DF`. :func:`design_crossproducts` computes XX, ZX, ZZ of a design
+from the cell metadata in chunks, so the check costs one cheap pass over obs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flashmm_dask.errors import DesignError
+
+__all__ = [
+    "MIN_DF",
+    "Replication",
+    "check_design_replication",
+    "check_replication",
+    "check_stats_replication",
+    "design_crossproducts",
+    "replication",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A random component with fewer degrees of freedom left after the fixed effects is warned of.
+MIN_DF = 3
+#: Relative eigenvalue below which a direction counts as absent (columns scaled to unit norm).
+RANK_RTOL = 1e-8
+#: Weight above which a fixed-effect column counts as absorbing a component.
+SUPPORT_TOL = 1e-6
+#: Cells whose design rows are formed at once by :func:`design_crossproducts`.
+CHUNK_ROWS = 100_000
+
+
+@dataclass(frozen=True)
+class Replication:
+    """What the fixed effects leave of one random component.
+
+    Attributes
+    ----------
+    component : its name
+    rank : rank Z_k (its number of levels for an indicator component)
+    df : rank [X Z_k] - rank X, the dimensions left after the fixed effects
+    absorbed : rank - df, the dimensions the fixed effects absorb
+    absorbing : the fixed-effect columns that absorb them (constant within its levels)
+    """
+
+    component: str
+    rank: int
+    df: int
+    absorbed: int
+    absorbing: tuple[str, ...]
+
+
+def _rank(sym: np.ndarray) -> int:
+    if sym.size == 0:
+        return 0
+    eig = np.linalg.eigvalsh(sym)
+    return int(np.sum(eig > RANK_RTOL * max(1.0, float(eig[-1]))))
+
+
+def _unit_scale(gram_diagonal: np.ndarray) -> np.ndarray:
+    scale = np.sqrt(np.clip(gram_diagonal, 0.0, None))
+    return np.where(scale > 0, scale, 1.0)
+
+
+def replication(
+    XX: Any,
+    ZX: Any,
+    ZZ: Any,
+    d: Sequence[int],
+    covariates: Sequence[str],
+    components: Sequence[str],
+) -> list[Replication]:
+    """The degrees of freedom each random component keeps after the fixed effects.
+
+    Parameters
+    ----------
+    XX : (p, p) array   ZX : (q, p) array   ZZ : (q, q) array
+    d : sizes of the K components (sum q)
+    covariates : p names of the columns of X
+    components : K names of the components
+
+    Returns
+    -------
+    list of Replication, one per component, in order
+    """
+    XX = np.asarray(XX, dtype=np.float64)
+    ZX = np.asarray(ZX, dtype=np.float64)
+    ZZ = np.asarray(ZZ, dtype=np.float64)
+    sx = _unit_scale(np.diag(XX))
+    A = XX / np.outer(sx, sx)
+    A_pinv = np.linalg.pinv(A, rcond=RANK_RTOL, hermitian=True)
+    out = []
+    start = 0
+    for name, size in zip(components, d, strict=True):
+        Ik = slice(start, start + int(size))
+        start += int(size)
+        sz = _unit_scale(np.diag(ZZ[Ik, Ik]))
+        C = ZZ[Ik, Ik] / np.outer(sz, sz)
+        B = ZX[Ik] / np.outer(sz, sx)
+        rank = _rank(C)
+        schur_z = C - B @ A_pinv @ B.T
+        df = min(rank, _rank(0.5 * (schur_z + schur_z.T)))
+        absorbed = rank - df
+        absorbing: tuple[str, ...] = ()
+        if absorbed:
+            schur_x = A - B.T @ np.linalg.pinv(C, rcond=RANK_RTOL, hermitian=True) @ B
+            _, vectors = np.linalg.eigh(0.5 * (schur_x + schur_x.T))
+            weight = np.linalg.norm(vectors[:, :absorbed], axis=1)
+            absorbing = tuple(str(covariates[int(j)]) for j in np.flatnonzero(weight > SUPPORT_TOL))
+        out.append(Replication(str(name), rank, df, absorbed, absorbing))
+    return out
+
+
+def _quoted(names: Sequence[str], shown: int = 6) -> str:
+    text = ", ".join(f"'{n}'" for n in names[:shown]) or "(the fixed effects)"
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_replication(
+    XX: Any,
+    ZX: Any,
+    ZZ: Any,
+    d: Sequence[int],
+    covariates: Sequence[str],
+    components: Sequence[str],
+    *,
+    min_df: int = MIN_DF,
+) -> list[Replication]:
+    """Refuse a random component the fixed effects absorb; warn of one with few df.
+
+    Parameters as :func:`replication`; ``min_df``: components with fewer degrees of freedom
+    left (but at least one) are named in one logged warning.
+
+    Returns
+    -------
+    list of Replication
+
+    Raises
+    ------
+    DesignError
+        A component keeps no degrees of freedom (its columns lie in the span of X), e.g.
+        one donor per condition with the condition among the fixed effects.
+    """
+    found = replication(XX, ZX, ZZ, d, covariates, components)
+    for r in found:
+        if r.rank and r.df == 0:
+            raise DesignError(
+                f"random component '{r.component}' has no replication left after the fixed "
+                f"effects: its {r.rank} levels lie in the span of the fixed-effect columns "
+                f"{_quoted(r.absorbing)} (constant within each of its levels), so its "
+                "variance cannot be estimated and those effects cannot be tested against it; "
+                f"use several '{r.component}' levels per level of those terms, or remove "
+                "the terms or the component"
+            )
+    few = [r for r in found if 0 < r.df < min_df]
+    if few:
+        logger.warning(
+            "few degrees of freedom left after the fixed effects: %s; the variance of such a "
+            "component and tests of effects constant within its levels rest on very few "
+            "levels",
+            "; ".join(
+                f"random component '{r.component}' keeps {r.df} of its {r.rank} levels' "
+                f"dimensions ({r.absorbed} absorbed by {_quoted(r.absorbing)})"
+                for r in few
+            ),
+        )
+    return found
+
+
+def design_crossproducts(
+    design: Any, obs: Any, *, chunk_rows: int = CHUNK_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X'X, Z'X and Z'Z of a design over the cells of ``obs`` (no expression data).
+
+    Parameters
+    ----------
+    design : flashmm_dask.Design
+    obs : pandas.DataFrame, the cell metadata the design was built from
+    chunk_rows : cells whose design rows are formed at once
+
+    Returns
+    -------
+    XX (p, p), ZX (q, p), ZZ (q, q) arrays
+    """
+    p, q = design.p, design.q
+    XX, ZX, ZZ = np.zeros((p, p)), np.zeros((q, p)), np.zeros((q, q))
+    for start in range(0, len(obs), chunk_rows):
+        X, Z = design.XZ(obs.iloc[start : start + chunk_rows])
+        XX += X.T @ X
+        ZX += np.asarray(Z.T @ X)
+        ZZ += (Z.T @ Z).toarray()
+    return XX, ZX, ZZ
+
+
+def check_design_replication(design: Any, obs: Any, *, min_df: int = MIN_DF) -> list[Replication]:
+    """:func:`check_replication` of a design over its cell metadata (before any data pass)."""
+    XX, ZX, ZZ = design_crossproducts(design, obs)
+    return check_replication(
+        XX, ZX, ZZ, design.d, design.covariates, design.components, min_df=min_df
+    )
+
+
+def check_stats_replication(stats: Any, *, min_df: int = MIN_DF) -> list[Replication]:
+    """:func:`check_replication` of the shared part of a :class:`SummaryStats`."""
+    return check_replication(
+        stats.XX, stats.ZX, stats.ZZ, stats.d, stats.covariates, stats.components, min_df=min_df
+    )

@@ -1,0 +1,237 @@
+"""Designs whose random component the fixed effects absorb are refused before the data pass
+(API and command line: one line, exit 2, nothing written); few degrees of freedom are
+warned of; nested designs with enough donors and crossed designs pass."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import flashmm_dask as fm
+from flashmm_dask.design_check import (
+    check_design_replication,
+    check_replication,
+    design_crossproducts,
+    replication,
+)
+
+CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
+FIXED, RANDOM = "~ 0 + log(libsize) + cls + cls:trt", "~ 0 + sam"
+
+
+def nested_obs(donors_per_condition: tuple[int, ...], n: int = 1200, seed: int = 0):
+    """Cells of donors nested in conditions A, B, ...; 3 cell types in every donor."""
+    rng = np.random.default_rng(seed)
+    conditions = "ABCD"[: len(donors_per_condition)]
+    trt = rng.integers(len(conditions), size=n)
+    donor = np.array([rng.integers(donors_per_condition[t]) for t in trt])
+    return pd.DataFrame(
+        {
+            "trt": pd.Categorical(np.array(list(conditions))[trt]),
+            "sam": [f"{conditions[t]}{k + 1}" for t, k in zip(trt, donor, strict=True)],
+            "cls": pd.Categorical(rng.integers(3, size=n).astype(str)),
+            "libsize": rng.uniform(500.0, 5000.0, n),
+            "batch": rng.integers(4, size=n).astype(str),
+        }
+    )
+
+
+def reps(obs, fixed, random):
+    design = fm.build_design(obs, fixed, random)
+    XX, ZX, ZZ = design_crossproducts(design, obs, chunk_rows=250)
+    return design, replication(XX, ZX, ZZ, design.d, design.covariates, design.components)
+
+
+@pytest.mark.parametrize("fixed", ["~ trt", "~ log(libsize) + trt", FIXED])
+@pytest.mark.parametrize("per", [1, 2, 3, 6])
+def test_donors_nested_in_condition_keep_donors_minus_conditions(per, fixed):
+    _, (r,) = reps(nested_obs((per, per)), fixed, "~ 0 + sam")
+    assert (r.component, r.rank, r.df, r.absorbed) == ("sam", 2 * per, 2 * per - 2, 2)
+    if fixed == "~ trt":
+        assert r.absorbing == ("(Intercept)", "trtB")
+    if fixed == FIXED:  # the intercept is cls1 + cls2 + cls3, trt the sum of cls:trtB
+        assert r.absorbing == ("cls0", "cls1", "cls2", "cls0:trtB", "cls1:trtB", "cls2:trtB")
+
+
+def test_crossproducts_equal_those_of_the_full_matrices():
+    obs = nested_obs((3, 4), n=700)
+    design = fm.build_design(obs, FIXED, ["~ 0 + sam", "~ 0 + batch"])
+    X, Z = design.X(obs), design.Z(obs).toarray()
+    XX, ZX, ZZ = design_crossproducts(design, obs, chunk_rows=97)
+    np.testing.assert_allclose(XX, X.T @ X, rtol=1e-12)
+    np.testing.assert_allclose(ZX, Z.T @ X, rtol=1e-12)
+    np.testing.assert_allclose(ZZ, Z.T @ Z, rtol=1e-12)
+
+
+def test_one_donor_per_condition_is_refused_naming_component_and_terms():
+    obs = nested_obs((1, 1))
+    design = fm.build_design(obs, "~ trt", "~ 0 + sam")
+    with pytest.raises(fm.DesignError) as raised:
+        check_design_replication(design, obs)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "random component 'sam' has no replication left" in message
+    assert "'(Intercept)', 'trtB'" in message and "several 'sam' levels" in message
+
+
+def test_a_component_given_also_as_fixed_effect_is_refused():
+    obs = nested_obs((3, 3))
+    design = fm.build_design(obs, "~ trt + batch", ["~ 0 + sam", "~ 0 + batch"])
+    with pytest.raises(fm.DesignError, match=r"component 'batch'.*'batch1', 'batch2'"):
+        check_design_replication(design, obs)
+
+
+def test_few_degrees_of_freedom_give_one_warning(caplog):
+    obs = nested_obs((2, 2))
+    design = fm.build_design(obs, FIXED, RANDOM)
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        (r,) = check_design_replication(design, obs)
+    assert r.df == 2
+    warned = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "random component 'sam' keeps 2 of its 4 levels' dimensions" in warned[0].message
+
+
+def test_enough_donors_and_crossed_designs_pass_quietly(caplog):
+    nested = nested_obs((3, 4))
+    crossed = nested_obs((5, 5))  # batch crosses donors and conditions
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        (r,) = check_design_replication(fm.build_design(nested, FIXED, RANDOM), nested)
+        both = check_design_replication(
+            fm.build_design(crossed, FIXED, ["~ 0 + sam", "~ 0 + batch"]), crossed
+        )
+    assert r.df == 5
+    assert [(b.component, b.df, b.absorbed) for b in both] == [("sam", 8, 2), ("batch", 3, 1)]
+    assert not caplog.records
+
+
+def test_scaling_of_the_columns_does_not_change_the_answer():
+    obs = nested_obs((1, 1))
+    design = fm.build_design(obs, "~ trt", "~ 0 + sam")
+    XX, ZX, ZZ = design_crossproducts(design, obs)
+    s = np.array([1e-6, 1e7])
+    with pytest.raises(fm.DesignError):
+        check_replication(XX * np.outer(s, s), ZX * s * 1e3, ZZ * 1e6, [2], ["a", "b"], ["sam"])
+
+
+# -- the Python entry points ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Simulated stores: one donor per condition, and 3 + 3 donors (subjects nested)."""
+    root = tmp_path_factory.mktemp("designs")
+    out = {}
+    for name, samples, seed in (("confounded", 2, 1), ("nested", 6, 11)):
+        path = root / f"{name}.zarr"
+        fm.simulate_to_store(
+            path, 12, 600, n_samples=samples, n_de_genes=2, seed=seed, store_chunk_cells=200
+        )
+        out[name] = path
+    for name, per in (("confounded", 1), ("nested", 3)):
+        obs = fm.read_expression(out[name]).obs
+        assert (obs.groupby("trt", observed=True)["sam"].nunique() == per).all()
+    return out
+
+
+def _spoil_expression(store: Path) -> None:
+    """Make every chunk of the expression unreadable: only the metadata can be read."""
+    for chunk in (store / "X").rglob("*"):
+        if chunk.is_file() and not chunk.name.startswith((".z", "zarr")):
+            chunk.write_bytes(b"\x00not a chunk")
+
+
+def test_flashmm_refuses_before_reading_the_expression(stores, tmp_path):
+    spoiled = tmp_path / "spoiled.zarr"
+    shutil.copytree(stores["confounded"], spoiled)
+    _spoil_expression(spoiled)
+    with pytest.raises(fm.DesignError, match=r"component 'sam' has no replication left"):
+        fm.flashmm(spoiled, FIXED, RANDOM, is_counts=True)
+
+
+def test_lmm_stats_refuses_and_check_design_false_fits_as_r(stores):
+    expr = fm.read_expression(stores["confounded"])
+    design = fm.build_design(expr.obs, FIXED, RANDOM)
+    stats = fm.reduce_stats(expr, design, transform="log2p1")
+    with pytest.raises(fm.DesignError, match=r"component 'sam'"):
+        fm.lmm_stats(stats)
+    fit = fm.lmm_stats(stats, check_design=False)  # R FLASHMM fits it regardless
+    assert fit.coef.shape == (design.p, 12)
+
+
+def test_nested_design_with_enough_donors_is_fitted(stores, caplog):
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        fit = fm.flashmm(stores["nested"], FIXED, RANDOM, is_counts=True)
+    assert np.isfinite(fit.coef).all()
+    assert not [r for r in caplog.records if "degrees of freedom left" in r.getMessage()]
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def _config(path: Path, data: Path) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(data)},
+                "model": {"fixed": FIXED, "random": RANDOM},
+                "cluster": {"n_workers": 1, "processes": False},
+                "output": {"plots": False},
+                "progress": False,
+            }
+        )
+    )
+    return path
+
+
+def _one_line_refusal(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("flashmm-dask: error: random component 'sam' has no replication")
+    assert "Traceback" not in res.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "stats"])
+def test_cli_refuses_with_one_line_and_writes_nothing(command, stores, tmp_path):
+    config = _config(tmp_path / "run.yaml", stores["confounded"])
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [CLI, command, str(config), "--output", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _one_line_refusal(res)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_cli_fit_on_saved_statistics_refuses(stores, tmp_path):
+    expr = fm.read_expression(stores["confounded"])
+    design = fm.build_design(expr.obs, FIXED, RANDOM)
+    saved = tmp_path / "stats.zarr"
+    fm.reduce_stats(expr, design, transform="log2p1").save(str(saved))
+    config = _config(tmp_path / "run.yaml", stores["confounded"])
+    existing = tmp_path / "existing"  # an output folder made before: kept, left empty
+    existing.mkdir()
+    for out in (tmp_path / "out", existing):
+        res = subprocess.run(
+            [CLI, "fit", str(config), "--stats", str(saved), "--output", str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        _one_line_refusal(res)
+    assert not (tmp_path / "out").exists()
+    assert existing.is_dir() and not any(existing.iterdir())
