@@ -439,3 +439,16 @@ def test_cli_run_on_a_soma_experiment_equals_the_zarr_run(
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "measurement 'ATAC' not found" in lines[0], res.stderr
     assert "available: RNA" in lines[0]
+
+
+def test_flashmm_takes_a_filtered_soma_expression(
+    atlas: ad.AnnData, experiment: str, tmp_path: Path
+) -> None:
+    expr = soma_io.read_soma(experiment, layer="raw", obs_filter=CELLS)
+    fit = fm.flashmm(expr, *FORMULA, is_counts=True, output_ss=True)
+    store = fm.write_store(atlas[selected(atlas)].copy(), tmp_path / "subset.zarr")
+    want = fm.flashmm(str(store), *FORMULA, is_counts=True, layer="raw", output_ss=True)
+    for key in ("coef", "se", "theta", "p"):
+        np.testing.assert_allclose(getattr(fit, key), getattr(want, key), rtol=1e-12, err_msg=key)
+    with pytest.raises(DataError, match=r"already an Expression; drop layer, orientation"):
+        read_expression(expr, layer="raw", orientation="cells_x_features")

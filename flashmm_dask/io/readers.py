@@ -177,7 +177,9 @@ def read_expression(
     ----------
     data : str, os.PathLike, AnnData, numpy.ndarray, scipy.sparse matrix, dask array, zarr
         An AnnData ``.zarr``/``.h5ad`` store or plain Zarr array (path or fsspec URL), a
-        SOMA experiment, or an in-memory matrix or AnnData; see the module docstring.
+        SOMA experiment, or an in-memory matrix or AnnData; see the module docstring. An
+        :class:`Expression` (e.g. from :func:`flashmm_dask.io.soma.read_soma`) is returned
+        as it is.
     layer : str, optional
         AnnData layer to read instead of X.
     orientation : {"cells_x_features", "features_x_cells"}, optional
@@ -224,6 +226,14 @@ def read_expression(
     names = None if features is None else pd.Index(features)
     request = _Request(layer, orientation, obs_df, names, rows)
 
+    if isinstance(data, Expression):  # e.g. from read_soma with filters: as it is
+        options = {"layer": layer, "orientation": orientation, "obs": obs}
+        given = [k for k, v in {**options, "features": features}.items() if v is not None]
+        if given or chunk_cells is not None:
+            raise DataError(
+                f"data is already an Expression; drop {', '.join(given or ['chunk_cells'])}"
+            )
+        return data
     if is_soma(data):  # TileDB-SOMA experiment: its own reader (flashmm_dask.io.soma)
         return _from_soma(data, storage_options, request)
     if isinstance(data, str | os.PathLike):
