@@ -452,3 +452,22 @@ def test_flashmm_takes_a_filtered_soma_expression(
         np.testing.assert_allclose(getattr(fit, key), getattr(want, key), rtol=1e-12, err_msg=key)
     with pytest.raises(DataError, match=r"already an Expression; drop layer, orientation"):
         read_expression(expr, layer="raw", orientation="cells_x_features")
+
+
+def test_bench_soma_runs_and_both_sources_agree(
+    tiledbsoma: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    for name in ("bench_soma", "bench_reduce", "_common"):
+        sys.modules.pop(name, None)
+    import bench_soma
+
+    args = ["--cells", "3000", "--genes", "30", "--chunk-cells", "700", "--repeat", "1"]
+    results = bench_soma.main([*args, "--workers", "1", "--store-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("ratio soma/zarr") == 1
+    assert out.count("statistics differ by 0.0e+00") == 1
+    by_label = {(label, r["chunk"]): r for label, r in results}
+    zarr, filtered = by_label[("zarr", 700)], by_label[("soma-filtered", 700)]
+    assert zarr["cells"] == 3000 and 0 < filtered["cells"] < 3000
+    assert_stats_identical(by_label[("soma", 700)]["stats"], zarr["stats"])
