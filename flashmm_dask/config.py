@@ -233,6 +233,16 @@ class DataConfig:
         default_factory=dict, metadata=_entries(_mapping(lambda v: v), "nested")
     )
     features: tuple[str, ...] | None = _key(_strings())
+    # TileDB-SOMA experiments only (flashmm_dask.io.soma): null is the reader's default
+    measurement: str | None = _TEXT()
+    obs_filter: str | None = _TEXT()
+    var_filter: str | None = _TEXT()
+    var_column: str | None = _TEXT()
+
+
+#: The data keys of SOMA experiments; left out of the config hash while null, so that the
+#: hash of a config without them is what it was before they existed.
+SOMA_KEYS = ("measurement", "obs_filter", "var_filter", "var_column")
 
 
 @dataclass(frozen=True)
@@ -397,7 +407,11 @@ class RunConfig:
         fit; not stats, cluster, output, progress or log_level, so a run resumed elsewhere matches.
         """
         d = self.to_dict()
-        data = {k: v for k, v in d["data"].items() if k != "storage_options"}
+        data = {
+            k: v
+            for k, v in d["data"].items()
+            if k != "storage_options" and not (k in SOMA_KEYS and v is None)
+        }
         simulate = d["simulate"] if self.data.path is None else None
         payload = {"hash_version": 1, "data": data, "simulate": simulate}
         payload.update({k: d[k] for k in ("model", "contrasts", "test", "fit")})
@@ -697,7 +711,7 @@ def _check_consistency(cfg: RunConfig, origins: dict[str, str]) -> None:
             "data.features",
             "is an empty list; list the features to keep, or remove the key to keep all",
         )
-    for name in ("layer", "orientation", "obs", "features"):
+    for name in ("layer", "orientation", "obs", "features", *SOMA_KEYS):
         if cfg.data.path is None and getattr(cfg.data, name) is not None:
             raise fail(
                 f"data.{name}",

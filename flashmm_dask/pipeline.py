@@ -346,6 +346,7 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
     """
     from flashmm_dask.design import build_design
     from flashmm_dask.io.readers import read_expression
+    from flashmm_dask.io.soma import read_for_run
 
     inputs: Inputs | None = None
     if cfg.stats.load is not None:
@@ -362,7 +363,9 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
             inputs = Inputs(cached)
     if inputs is None:
         source, options = _expression_source(cfg, folder)
-        expr = read_expression(
+        # a TileDB-SOMA experiment is read with the config's filters pushed down
+        soma = read_for_run(cfg, source, options)
+        expr = soma or read_expression(
             source,
             layer=cfg.data.layer,
             orientation=cfg.data.orientation,

@@ -11,6 +11,10 @@
      the cells, cell metadata as ``obs`` (DataFrame or CSV path) and optional
      ``features`` names;
 
+   - a TileDB-SOMA experiment (a folder that is one, ``*.soma``, ``soma://...`` or
+     ``tiledb://...``): X layer ``layer`` of measurement "RNA", read by
+     :func:`flashmm_dask.io.soma.read_soma` (which also takes obs and var filters);
+
 2. an in-memory matrix: ``numpy.ndarray``, ``scipy.sparse`` matrix or array,
    ``dask.array.Array``, an opened ``zarr.Array`` or ``zarr.Group``, or an
    ``anndata.AnnData`` (X or a layer; backed or not).
@@ -91,6 +95,7 @@ from flashmm_dask.io._stores import (
     stored_chunks,
     zarr_element_for,
 )
+from flashmm_dask.io.soma import is_soma, read_soma
 
 __all__ = ["ORIENTATIONS", "Expression", "read_expression", "read_obs"]
 
@@ -171,8 +176,10 @@ def read_expression(
     Parameters
     ----------
     data : str, os.PathLike, AnnData, numpy.ndarray, scipy.sparse matrix, dask array, zarr
-        An AnnData ``.zarr``/``.h5ad`` store or plain Zarr array (path or fsspec URL), or an
-        in-memory matrix or AnnData; see the module docstring.
+        An AnnData ``.zarr``/``.h5ad`` store or plain Zarr array (path or fsspec URL), a
+        SOMA experiment, or an in-memory matrix or AnnData; see the module docstring. An
+        :class:`Expression` (e.g. from :func:`flashmm_dask.io.soma.read_soma`) is returned
+        as it is.
     layer : str, optional
         AnnData layer to read instead of X.
     orientation : {"cells_x_features", "features_x_cells"}, optional
@@ -219,6 +226,16 @@ def read_expression(
     names = None if features is None else pd.Index(features)
     request = _Request(layer, orientation, obs_df, names, rows)
 
+    if isinstance(data, Expression):  # e.g. from read_soma with filters: as it is
+        options = {"layer": layer, "orientation": orientation, "obs": obs}
+        given = [k for k, v in {**options, "features": features}.items() if v is not None]
+        if given or chunk_cells is not None:
+            raise DataError(
+                f"data is already an Expression; drop {', '.join(given or ['chunk_cells'])}"
+            )
+        return data
+    if is_soma(data):  # TileDB-SOMA experiment: its own reader (flashmm_dask.io.soma)
+        return _from_soma(data, storage_options, request)
     if isinstance(data, str | os.PathLike):
         return _from_location(data, storage_options, request)
     if isinstance(data, ad.AnnData):
@@ -361,6 +378,21 @@ def _from_location(
             )
         return _finish(stored, request)
     return _from_zarr_node(open_zarr(loc), repr(loc.shown), request)
+
+
+def _from_soma(
+    data: str | os.PathLike[str], storage_options: Mapping[str, Any] | None, request: _Request
+) -> Expression:
+    _check_anndata_orientation(request, f"SOMA experiment {os.fspath(data)!r}")
+    expr = read_soma(
+        data, layer=request.layer, chunk_cells=request.chunk_cells, storage_options=storage_options
+    )
+    return Expression(
+        data=expr.data,
+        features=expr.features if request.features is None else request.features,
+        obs=expr.obs if request.obs is None else request.obs,
+        source=expr.source,
+    )
 
 
 def _from_zarr_node(node: Any, shown: str, request: _Request) -> Expression:
