@@ -344,6 +344,26 @@ def _score_batch(
     return dl, F, s0p, logdet, ok
 
 
+@_compile
+def _rowsums(a: np.ndarray) -> np.ndarray:
+    m, n = a.shape
+    out = np.empty(m)
+    for j in range(m):
+        t = 0.0
+        for i in range(n):
+            t += a[j, i]
+        out[j] = t
+    return out
+
+
+def rowsums(a: np.ndarray) -> np.ndarray:
+    """Sums over all but the leading axis, in the same order for every row whatever the
+    number of rows (NumPy's reductions round differently for different batch shapes, and
+    the fit of a feature must not depend on its block)."""
+    a = np.asarray(a, dtype=np.float64)
+    return _rowsums(np.ascontiguousarray(a.reshape(a.shape[0], -1)))
+
+
 def inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(diag(D_j) A + I)^-1 (m, q, q) for a shared symmetric A, and ok (m,) per row D_j."""
     return _inv_shifted_batch(np.ascontiguousarray(A), np.ascontiguousarray(D))
