@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+from threadpoolctl import threadpool_limits
 
 from flashmm_dask.numerics import compiled, structured
 from flashmm_dask.numerics.linalg import (
@@ -52,6 +53,7 @@ from flashmm_dask.numerics.linalg import (
     trace,
 )
 from flashmm_dask.numerics.structured import Structure, detect
+from flashmm_dask.numerics.structured import worth_it as structure_worth_it
 
 METHODS = ("REML", "ML")
 
@@ -139,7 +141,7 @@ class SharedTerms:
     def work_values(self) -> int:
         """float64 values of the work arrays per feature of the default path (block sizes)."""
         if self.structure is not None:
-            return self.structure.work_values
+            return self.structure.work_values + 8 * self.q * self.p * self.K
         return self.q * self.q
 
     @property
@@ -177,11 +179,20 @@ class SharedTerms:
 
 
 def prepare(
-    XX: Array, ZX: Array, ZZ: Array, n: float, d, method: str, *, structured: bool = True
+    XX: Array,
+    ZX: Array,
+    ZZ: Array,
+    n: float,
+    d,
+    method: str,
+    *,
+    structured: bool | None = None,
 ) -> SharedTerms:
     """Compute the shared terms of a design; raise NotPositiveDefiniteError if XX is not PD.
 
-    ``structured=False`` keeps the dense path even where ZZ has the structure.
+    ``structured``: None (default) takes the structured path where ZZ has the structure
+    and the path is estimated to cost less than the dense one
+    (:func:`.structured.worth_it`); True wherever ZZ has the structure; False never.
     """
     try:
         cho = scipy.linalg.cho_factor(XX, lower=True)
@@ -198,7 +209,7 @@ def prepare(
         d=d,
         method=method,
         chol=np.tril(cho[0]),
-        structure=detect(ZZ, d) if structured else None,
+        structure=_structure(ZZ, d, XX.shape[0], structured),
     )
     # computed here, once, rather than by the first threads that need them
     if sh.K == 1:
@@ -208,6 +219,15 @@ def prepare(
     else:
         sh.G  # noqa: B018
     return sh
+
+
+def _structure(ZZ: Array, d: np.ndarray, p: int, structured: bool | None) -> Structure | None:
+    if structured is False:
+        return None
+    st = detect(ZZ, d)
+    if st is None or structured or structure_worth_it(st, p, len(d)):
+        return st
+    return None
 
 
 @dataclass(frozen=True)
@@ -432,7 +452,9 @@ def fit_theta(
         def score_st(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
             return _score_structured(sh, s, zry_p[rows], yry[rows], final=final)
 
-        return _scoring(score_st, s, max_iter, epsilon)
+        # one BLAS thread: results independent of the thread layout, and no oversubscription
+        with threadpool_limits(1, user_api="blas"):
+            return _scoring(score_st, s, max_iter, epsilon)
     if not spectral:
 
         def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:

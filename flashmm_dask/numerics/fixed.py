@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from flashmm_dask.numerics.fisher import SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal
@@ -122,7 +123,8 @@ def _fixed_structured(
     D = theta[:, st.comp] / s0[:, None]  # permuted order
     ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
     x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
-    MDx, ok = md_solve(st, D, x)
+    with threadpool_limits(1, user_api="blas"):
+        MDx, ok = md_solve(st, D, x)
     C = sh.XX - ZXp.T @ MDx[:, :, :p]
     rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
     Ci = pinv_sym(C)
@@ -130,7 +132,8 @@ def _fixed_structured(
     RE = None
     if re:
         resid = ZYp - coef @ ZXp.T
-        REp, _ = md_solve(st, D, resid)
+        with threadpool_limits(1, user_api="blas"):
+            REp, _ = md_solve(st, D, resid)
         RE = np.empty_like(REp)
         RE[:, perm] = REp
     Ci *= s0[:, None, None]

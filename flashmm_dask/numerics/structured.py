@@ -33,9 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg.lapack
 import scipy.sparse
 
-from flashmm_dask.numerics.compiled import rowsums
+from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
 from flashmm_dask.numerics.linalg import Array
 
 
@@ -54,7 +55,7 @@ class Structure:
     qb : int
         Columns of the big component.
     zb : (qb,) diagonal of its block.
-    N : (qb, qs) sparse CSR, the coupling block.
+    N : (qb, qs) sparse CSR, the coupling block; NT its transpose (CSR).
     Zs : (qs, qs) dense block of the other components.
     diagonal : bool
         S is diagonal: Zs is diagonal and no row of N has two non-zeros.
@@ -67,6 +68,7 @@ class Structure:
     qb: int
     zb: Array
     N: scipy.sparse.csr_array
+    NT: scipy.sparse.csr_array
     Zs: Array
     diagonal: bool
     pairs: scipy.sparse.csr_array | None
@@ -82,10 +84,20 @@ class Structure:
         return 16 * q + (0 if self.diagonal else 6 * self.qs * self.qs)
 
 
+def worth_it(st: Structure, p: int, K: int) -> bool:
+    """Whether the structured path is estimated to cost less than the dense one (flops per
+    feature and iteration, with a factor 2 for the structured path's batched NumPy)."""
+    q = st.qb + st.qs
+    cost = (3 + K) * q * p * p + K * K * p**3
+    if not st.diagonal:
+        assert st.pairs is not None
+        cost += 4 * st.qs**3 + 2 * st.pairs.nnz
+    return 2 * cost < 2 * q**3
+
+
 def _is_diagonal(block: Array) -> bool:
-    off = block.copy()
-    np.fill_diagonal(off, 0.0)
-    return not np.any(off)
+    """No non-zero off the diagonal (exactly; without copying the block)."""
+    return int(np.count_nonzero(block)) == int(np.count_nonzero(np.diagonal(block)))
 
 
 def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
@@ -133,6 +145,7 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         qb=ib.size,
         zb=zb,
         N=N,
+        NT=N.T.tocsr(),
         Zs=Zs,
         diagonal=diagonal,
         pairs=pairs,
@@ -143,6 +156,25 @@ def _lastsums(a: Array) -> Array:
     """Sums over the last axis of (m, r, c) -> (m, r), in a fixed order."""
     m, r, c = a.shape
     return rowsums(np.reshape(a, (m * r, c))).reshape(m, r)
+
+
+def _inverse(S: Array, symmetric: np.ndarray) -> Array:
+    """Inverses of (m, k, k) matrices: by Cholesky where ``symmetric`` and positive definite,
+    else by LU; NaN where singular."""
+    out = np.empty_like(S)
+    for j in range(S.shape[0]):
+        if symmetric[j]:
+            c, info = scipy.linalg.lapack.dpotrf(S[j], lower=0)
+            if info == 0:
+                inv, info = scipy.linalg.lapack.dpotri(c, lower=0)
+                if info == 0:
+                    out[j] = np.triu(inv) + np.triu(inv, 1).T
+                    continue
+        try:
+            out[j] = np.linalg.inv(S[j])
+        except np.linalg.LinAlgError:
+            out[j] = np.nan
+    return out
 
 
 def _nmul(N: scipy.sparse.csr_array, x: Array) -> Array:
@@ -184,16 +216,7 @@ class Factor:
                 NWN = np.asarray(st.pairs.T @ self.w1.T).T.reshape(m, qs, qs)
                 self.U = st.Zs[None] - NWN
                 self.S = np.eye(qs) + self.ds[:, :, None] * self.U
-                self.Si = np.empty_like(self.S)
-                self.ok = np.ones(m, dtype=bool)
-                try:
-                    self.Si[:] = np.linalg.inv(self.S)
-                except np.linalg.LinAlgError:
-                    for j in range(m):
-                        try:
-                            self.Si[j] = np.linalg.inv(self.S[j])
-                        except np.linalg.LinAlgError:
-                            self.Si[j] = np.nan
+                self.Si = _inverse(self.S, np.all(self.ds == self.ds[:, :1], axis=1))
                 self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
             self.ok &= np.all(np.isfinite(self.pbi), axis=1)
 
@@ -213,7 +236,7 @@ class Factor:
         """P^-1 x for x (m, q) or (m, q, k), permuted order."""
         st, qb = self.st, self.st.qb
         xb, xs = x[:, :qb], x[:, qb:]
-        t = _nmul(st.N.T.tocsr(), self._col(self.pbi, xb))
+        t = _nmul(st.NT, self._col(self.pbi, xb))
         ys = self._si(xs - self._col(self.ds, t))
         yb = self._col(self.pbi, xb - self._col(self.db, _nmul(st.N, ys)))
         return np.concatenate([yb, ys], axis=1)
@@ -222,7 +245,7 @@ class Factor:
         """P^-T x for x (m, q) or (m, q, k), permuted order."""
         st, qb = self.st, self.st.qb
         xb, xs = x[:, :qb], x[:, qb:]
-        ys = self._si(xs - _nmul(st.N.T.tocsr(), self._col(self.w1, xb)), transpose=True)
+        ys = self._si(xs - _nmul(st.NT, self._col(self.w1, xb)), transpose=True)
         yb = self._col(self.pbi, xb - _nmul(st.N, self._col(self.ds, ys)))
         return np.concatenate([yb, ys], axis=1)
 
@@ -236,7 +259,7 @@ class Factor:
         else:
             ys_own = np.moveaxis(np.tensordot(st.Zs, xs, axes=([1], [1])), 0, 1)
         yb = self._col(np.broadcast_to(st.zb, (x.shape[0], qb)), xb) + _nmul(st.N, xs)
-        ys = _nmul(st.N.T.tocsr(), xb) + ys_own
+        ys = _nmul(st.NT, xb) + ys_own
         return np.concatenate([yb, ys], axis=1)
 
     def logdet(self) -> Array:
@@ -279,7 +302,13 @@ class Factor:
         SiDs = self.Si * self.ds[:, None, :]
         diagNSN = np.asarray(st.pairs @ SiDs.reshape(m, -1).T).T
         V = np.asarray(st.pairs.T @ p2.T).T.reshape(m, qs, qs)
-        US = self.U @ self.Si
+        # U S^-1 = Ds^-1 (I - S^-1) where no ratio is too small for the division
+        scale = np.max(np.abs(self.U), axis=(1, 2))
+        division = np.all(np.abs(self.ds) * scale[:, None] >= DIVISION_MIN, axis=1)
+        US = np.empty_like(self.Si)
+        with np.errstate(divide="ignore"):
+            US[division] = (np.eye(qs) - self.Si[division]) / self.ds[division][:, :, None]
+        US[~division] = self.U[~division] @ self.Si[~division]
         X = V @ self.Si
         XD = X * self.ds[:, None, :]
         t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
