@@ -100,36 +100,38 @@ def fit_path(st, structured):
     return th
 
 
-def section_nested(cells, m):
+def section_nested(cells, m, donors=259, states=29):
     print(f"\n[1] nested donor + donor:state, {cells} cells, {m} features (load {load()})")
-    st = nested_stats(cells, 259, 29, m)
+    st = nested_stats(cells, donors, states, m)
     k1 = donor_only(st)
     t1, f1 = best(lambda: lmm(**k1))
     t2, f2 = best(lambda: lmm(**st))
-    print(f"  K=1 donor (q=259):                  {t1:8.3f} s  niter mean {f1.niter.mean():.1f}")
+    q = sum(st["d"])
+    print(f"  K=1 donor (q={donors}):          {t1:8.3f} s  mean niter {f1.niter.mean():.1f}")
+    print(f"  K=2 nested (q={q}), structured: {t2:8.3f} s  mean niter {f2.niter.mean():.1f}")
     print(
-        f"  K=2 nested (q={sum(st['d'])}), structured: {t2:8.3f} s  niter mean "
-        f"{f2.niter.mean():.1f}"
+        f"ratio nested / donor-only (q={q}, p={st['XX'].shape[0]}): {t2 / t1:.1f} x (load {load()})"
     )
-    print(f"  ratio nested / donor-only: {t2 / t1:.1f} x (load {load()})")
 
 
-def section_paths(m):
+def section_paths(m, donors=40, states=10):
     print(
-        f"\n[2] structured vs dense vs K=1, nested 40 donors x 10 states, {m} features "
-        f"(load {load()})"
+        f"\n[2] structured vs dense vs K=1, nested {donors} donors x {states} states, {m} "
+        f"features (load {load()})"
     )
-    st = nested_stats(40000, 40, 10, m, seed=1)
+    st = nested_stats(1000 * donors, donors, states, m, seed=1)
+    q = sum(st["d"])
     k1 = donor_only(st)
     t_k1, _ = best(lambda: lmm(**k1))
     t_s, th_s = best(lambda: fit_path(st, True))
     t_d, th_d = best(lambda: fit_path(st, False), repeat=1)
     err = np.max(np.abs(th_s.theta - th_d.theta) / np.abs(th_d.theta))
-    print(f"  K=1 donor (q=40):           {t_k1:8.3f} s")
-    print(f"  K=2 structured (q=440):     {t_s:8.3f} s")
+    print(f"  K=1 donor (q={donors}):      {t_k1:8.3f} s")
+    print(f"  K=2 structured (q={q}): {t_s:8.3f} s")
+    print(f"  K=2 dense (q={q}):      {t_d:8.3f} s   max rel diff of theta {err:.1e}")
     print(
-        f"  K=2 dense (q=440):          {t_d:8.3f} s   dense / structured {t_d / t_s:.1f} x,"
-        f" max rel diff theta {err:.1e}"
+        f"ratio dense / structured (q={q}): {t_d / t_s:.1f} x; structured / K=1: "
+        f"{t_s / t_k1:.1f} x (load {load()})"
     )
 
 
@@ -146,41 +148,40 @@ def insteval_stats(m):
     )
 
 
-def lmer_seconds():
+def lmer_seconds(repeats):
     if shutil.which("Rscript") is None:
         return None, ""
     out = subprocess.run(
-        ["Rscript", str(HERE / "insteval_lmer.R"), "time", "3"],
+        ["Rscript", str(HERE / "insteval_lmer.R"), "time", str(repeats)],
         capture_output=True,
         text=True,
         check=True,
         cwd=HERE.parent,
     ).stdout
-    secs = [float(x) for x in re.search(r"per fit: (.*)", out).group(1).split()]
-    return min(secs), out
+    found = re.search(r"per fit: (.*)", out)
+    assert found is not None, out
+    return min(float(x) for x in found.group(1).split()), out
 
 
-def section_insteval(m):
+def section_insteval(m, lmer_repeats):
     print(f"\n[3] InstEval rows 1-10000, y ~ 1 + (1|s) + (1|d), q = 377 + 1035 (load {load()})")
     st = insteval_stats(m)
-    one = {
-        k: (v[:, :1] if k in ("XY", "ZY") else v[:1] if k == "Ynorm" else v) for k, v in st.items()
-    }
+    one = dict(st, XY=st["XY"][:, :1], ZY=st["ZY"][:, :1], Ynorm=st["Ynorm"][:1])
     t_one, fit1 = best(lambda: lmm(**one))
     t_m, _ = best(lambda: lmm(**st))
-    t_lmer, out = lmer_seconds()
     print(
-        f"  flashmm_dask, y alone:            {t_one:8.3f} s  niter {int(fit1.niter[0])}  "
-        f"theta (s, d, resid) {np.array2string(fit1.theta[:, 0], precision=8)}"
+        f"  flashmm_dask, y alone:      {t_one:8.3f} s  niter {int(fit1.niter[0])}  theta "
+        f"(s, d, residual) {np.array2string(fit1.theta[:, 0], precision=10)}"
     )
-    print(f"  flashmm_dask, {m} responses:       {t_m:8.3f} s  ({t_m / m:.4f} s per response)")
+    print(f"  flashmm_dask, {m} responses: {t_m:8.3f} s  ({t_m / m:.4f} s per response)")
+    t_lmer, out = lmer_seconds(lmer_repeats)
     if t_lmer is None:
         print("  lmer: Rscript not installed")
         return
-    print("  lmer: " + out.strip().replace("\n", "\n        "))
+    print("  lmer (best of the runs): " + out.strip().replace("\n", "\n    "))
     print(
-        f"  lmer / flashmm_dask per response: {t_lmer / t_one:.1f} x (y alone), "
-        f"{t_lmer / (t_m / m):.1f} x ({m} responses)  (load {load()})"
+        f"ratio lmer / flashmm_dask per response: {t_lmer / t_one:.1f} x (y alone), "
+        f"{t_lmer / (t_m / m):.1f} x ({m} responses) (load {load()})"
     )
 
 
@@ -192,23 +193,30 @@ def section_k2(m, cells):
         f"(load {load()})"
     )
     st = bench_fit.summary_stats(cells, 21, (25, 25), m)
-    t_s, _ = best(lambda: lmm(**st))
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML")
+    t_auto, _ = best(lambda: lmm(**st))
+    t_s, _ = best(lambda: fit_path(st, True))
     t_d, _ = best(lambda: fit_path(st, False))
-    for name, t in (("structured (auto)", t_s), ("dense", t_d)):
-        print(f"  {name:<20}{m / t:10.0f} features/s  {m / t / R_FEATURES_PER_S:6.1f} x R")
+    for name, t in ((f"lmm (auto: {sh.path})", t_auto), ("structured", t_s), ("dense", t_d)):
+        print(f"  {name:<24}{m / t:10.0f} features/s")
+        print(f"ratio to R FLASHMM (K=2 q=50, {name}): {m / t / R_FEATURES_PER_S:.1f} x")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=200000)
     ap.add_argument("--features", type=int, default=100)
+    ap.add_argument("--donors", type=int, default=259)
+    ap.add_argument("--states", type=int, default=29)
     ap.add_argument("--responses", type=int, default=20, help="InstEval responses")
+    ap.add_argument("--lmer-repeats", type=int, default=3)
     ap.add_argument("--k2-features", type=int, default=2000)
+    ap.add_argument("--k2-cells", type=int, default=20000)
     args = ap.parse_args(argv)
-    section_nested(args.cells, args.features)
-    section_paths(args.features)
-    section_insteval(args.responses)
-    section_k2(args.k2_features, 20000)
+    section_nested(args.cells, args.features, args.donors, args.states)
+    section_paths(args.features, max(2, args.donors // 6), max(2, args.states // 3))
+    section_insteval(args.responses, args.lmer_repeats)
+    section_k2(args.k2_features, args.k2_cells)
 
 
 if __name__ == "__main__":

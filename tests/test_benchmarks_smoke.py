@@ -102,3 +102,26 @@ def test_bench_scaling(bench, capsys, tmp_path):
     bench("bench_scaling").main(args)
     out = capsys.readouterr().out
     assert len(ratios(out)) == 1 and "auto =" in out
+
+
+def test_bench_structured(bench, capsys):
+    args = ["--cells", "3000", "--features", "4", "--donors", "12", "--states", "6"]
+    bench("bench_structured").main(
+        [
+            *args,
+            "--responses",
+            "2",
+            "--lmer-repeats",
+            "1",
+            "--k2-features",
+            "20",
+            "--k2-cells",
+            "1500",
+        ]
+    )
+    out = capsys.readouterr().out
+    # nested, paths, (lmer where Rscript is installed), three K=2 rows
+    assert len(ratios(out)) >= 5
+    assert "max rel diff of theta" in out
+    diff = float(re.search(r"max rel diff of theta ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-10
