@@ -24,6 +24,9 @@ def design(kind, n=2500, m=24, seed=1):
     if kind == "nested":  # donor + donor:state (the diagonal Schur complement)
         donor, state = rng.integers(0, 12, n), rng.integers(0, 4, n)
         Zs = [indicators(donor, 12), indicators(donor * 4 + state, 48)]
+    elif kind == "nested_large":  # q = 150: large enough for the default path to be structured
+        donor, state = rng.integers(0, 30, n), rng.integers(0, 4, n)
+        Zs = [indicators(donor, 30), indicators(donor * 4 + state, 120)]
     elif kind == "nested_first_big":  # the big diagonal component first, slopes after
         donor = rng.integers(0, 15, n)
         Zs = [indicators(donor, 15) * rng.uniform(1, 3, n)[:, None], indicators(donor, 15)]
@@ -115,7 +118,7 @@ def test_structured_equals_dense_from_negative_and_zero_starts():
 
 
 def test_lmm_takes_the_structured_path_and_matches_dense():
-    st = design("nested", m=40)
+    st = design("nested_large", m=40)
     sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML")
     assert sh.path == "structured"
     res = lmm(**st, n_threads=2, output_re=True)
@@ -126,27 +129,45 @@ def test_lmm_takes_the_structured_path_and_matches_dense():
     np.testing.assert_array_equal(res.niter, th_d.niter)
 
 
-@pytest.mark.parametrize(("kind", "path"), [("unstructured", "dense"), ("nested", "structured")])
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [("unstructured", "dense"), ("nested_large", "structured"), ("nested", "dense")],
+)
 def test_path_follows_the_structure_of_ZZ(kind, path):
     st = design(kind, m=4)
     sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML")
     assert sh.path == path
-    assert (detect(st["ZZ"], st["d"]) is None) == (path == "dense")
+    # the small nested design has the structure but is cheaper on the dense path
+    assert (detect(st["ZZ"], st["d"]) is None) == (kind == "unstructured")
+    forced = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML", structured=True)
+    assert forced.path == ("dense" if kind == "unstructured" else "structured")
 
 
 def test_one_component_or_a_nearly_diagonal_block_is_not_structured():
     st = design("nested", m=4)
+    forced = {"structured": True}
     # K = 1: the spectral path
-    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], [sum(st["d"])], "REML")
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], [sum(st["d"])], "REML", **forced)
     assert sh.path == "spectral"
     # an off-diagonal entry in every diagonal block (even a tiny one): dense
     ZZ = st["ZZ"].copy()
     ZZ[0, 1] = ZZ[1, 0] = 1e-300
     ZZ[12, 13] = ZZ[13, 12] = 1e-300
     assert detect(ZZ, st["d"]) is None
-    sh = prepare(st["XX"], st["ZX"], ZZ, st["n"], st["d"], "REML")
+    sh = prepare(st["XX"], st["ZX"], ZZ, st["n"], st["d"], "REML", **forced)
     assert sh.path == "dense"
     # one diagonal block is enough: the other block keeps its entry
     ZZ[0, 1] = ZZ[1, 0] = 0.0
     st_ = detect(ZZ, st["d"])
     assert st_ is not None and st_.big == 0 and not st_.diagonal
+
+
+def test_block_composition_does_not_change_a_feature():
+    """Each feature's fit is the same whatever features share its block (n_threads)."""
+    st = design("crossed", m=12)
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML", structured=True)
+    zry, yry = sh.residualise(st["XY"].T.copy(), st["ZY"].T.copy(), st["Ynorm"])
+    whole = fit_theta(sh, zry, yry)
+    parts = [fit_theta(sh, zry[i : i + 5], yry[i : i + 5]) for i in range(0, 12, 5)]
+    np.testing.assert_array_equal(whole.theta, np.concatenate([p.theta for p in parts]))
+    np.testing.assert_array_equal(whole.FIM_theta, np.concatenate([p.FIM_theta for p in parts]))

@@ -334,13 +334,13 @@ def _score_structured(
 ) -> _Score:
     """:func:`_score_general` through the block structure of ZZ (:mod:`.structured`); zry
     in the permuted column order. Features whose Schur complement is singular take the
-    dense algebra (with its pseudo-inverses)."""
+    compiled dense kernel (with the pseudo-inverses where that fails)."""
     st = sh.structure
     assert st is not None
     m, q, K = s.shape[0], sh.q, sh.K
     s0 = s[:, -1]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        t, Q, u2, yR2y, zMDz, logdet, ok = structured.score_terms(
+        t, Q, u2, yR2y, zMDz, logdet, ok = structured.score_terms_each(
             st, sh.G[st.perm], sh.method == "REML", K, s, zry, yry, final
         )
     Dk = s[:, :-1] / s0[:, None]  # (m, K)
@@ -360,7 +360,7 @@ def _score_structured(
     s0_prof = (yry - zMDz) / (sh.n - sh.r)
     if not ok.all():
         inv = np.argsort(st.perm)
-        rest = _score_general(sh, s[~ok], zry[~ok][:, inv], yry[~ok], final=final)
+        rest = _score_compiled(sh, s[~ok], zry[~ok][:, inv], yry[~ok], final=final)
         dl[~ok], F[~ok], s0_prof[~ok], logdet[~ok] = (
             rest.dl,
             rest.F,

@@ -118,6 +118,26 @@ def _fixed_structured(
     st = sh.structure
     assert st is not None
     m, p = XY.shape
+    if m > 1:  # one feature at a time: results independent of the block (score_terms_each)
+        parts = [
+            _fixed_structured(
+                sh,
+                XY[j : j + 1],
+                ZY[j : j + 1],
+                theta[j : j + 1],
+                logdetM0[j : j + 1],
+                fim=fim,
+                re=re,
+            )
+            for j in range(m)
+        ]
+        return FixedFit(
+            coef=np.concatenate([f.coef for f in parts]),
+            cov=np.concatenate([f.cov for f in parts]),
+            FIM_beta=np.concatenate([f.FIM_beta for f in parts]) if fim else None,
+            RE=np.concatenate([f.RE for f in parts]) if re else None,
+            logLik=np.concatenate([f.logLik for f in parts]),
+        )
     s0 = theta[:, -1]
     perm = st.perm
     D = theta[:, st.comp] / s0[:, None]  # permuted order

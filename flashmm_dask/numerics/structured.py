@@ -92,7 +92,12 @@ def worth_it(st: Structure, p: int, K: int) -> bool:
     if not st.diagonal:
         assert st.pairs is not None
         cost += 4 * st.qs**3 + 2 * st.pairs.nnz
-    return 2 * cost < 2 * q**3
+    return q**3 >= MIN_DENSE_FLOPS and 2 * cost < 2 * q**3
+
+
+#: q^3 below which the dense compiled kernel is kept (the structured path runs in NumPy,
+#: one feature at a time, with a per-call overhead of the order of a q = 100 dense step).
+MIN_DENSE_FLOPS = 10**6
 
 
 def _is_diagonal(block: Array) -> bool:
@@ -422,6 +427,27 @@ def score_terms(
     elif final:
         logdet = -fac.logdet()
     return t, Q, u2, yR2y, zMDz, logdet, ok
+
+
+def score_terms_each(
+    st: Structure,
+    G: Array,
+    reml: bool,
+    K: int,
+    s: Array,
+    zry: Array,
+    yry: Array,
+    final: bool,
+) -> tuple[Array, ...]:
+    """:func:`score_terms` one feature at a time: the result of a feature does not depend
+    on which features share its block (batched BLAS and NumPy reductions round differently
+    for different batch shapes). The structured path is taken where the work per feature
+    dwarfs the per-call overhead (:func:`worth_it`)."""
+    parts = [
+        score_terms(st, G, reml, K, s[j : j + 1], zry[j : j + 1], yry[j : j + 1], final)
+        for j in range(s.shape[0])
+    ]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(7))
 
 
 def md_solve(st: Structure, D: Array, x: Array) -> tuple[Array, Array]:
