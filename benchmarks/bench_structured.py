@@ -8,7 +8,9 @@ by side in one run (with the 1-minute load):
 2. structured vs dense vs K=1 on the same features of a smaller nested design;
 3. lme4's InstEval (rows 1-10000, ``y ~ 1 + (1|s) + (1|d)``, q = 377 + 1,035) against lmer
    (``benchmarks/insteval_lmer.R``; skipped when Rscript is not installed);
-4. bench_fit's K=2 case (p=21, q=25+25) against R FLASHMM's rate.
+4. bench_fit's K=2 case (p=21, q=25+25) against R FLASHMM's rate;
+5. K=1 on statistics shaped like R FLASHMM's case (simuRNAseq counts, p=21, q=25) and on
+   bench_fit's, against R FLASHMM's rate.
 
 Not a test: it asserts nothing.
 """
@@ -105,7 +107,7 @@ def section_nested(cells, m, donors=259, states=29):
     st = nested_stats(cells, donors, states, m)
     k1 = donor_only(st)
     t1, f1 = best(lambda: lmm(**k1))
-    t2, f2 = best(lambda: lmm(**st))
+    t2, f2 = best(lambda: lmm(**st), repeat=2)
     q = sum(st["d"])
     print(f"  K=1 donor (q={donors}):          {t1:8.3f} s  mean niter {f1.niter.mean():.1f}")
     print(f"  K=2 nested (q={q}), structured: {t2:8.3f} s  mean niter {f2.niter.mean():.1f}")
@@ -202,6 +204,46 @@ def section_k2(m, cells):
         print(f"ratio to R FLASHMM (K=2 q=50, {name}): {m / t / R_FEATURES_PER_S:.1f} x")
 
 
+def r_shaped_stats(m, cells):
+    """Statistics shaped like R FLASHMM's case: simuRNAseq counts, log2(1 + counts),
+    ``~ 0 + log(libsize) + cls + cls:trt`` (p = 21), ``~ 0 + sam`` (q = 25)."""
+    import flashmm_dask as fm
+
+    data = fm.simulate_rnaseq(m, cells, n_samples=25, n_celltypes=10, n_treatments=2, seed=1)
+    design = fm.build_design(data.obs, "~ 0 + log(libsize) + cls + cls:trt", "~ 0 + sam")
+    X, Z = design.X(data.obs), design.Z(data.obs)
+    Y = data.X.toarray() if hasattr(data.X, "toarray") else np.asarray(data.X)
+    Y = np.log2(1.0 + Y)
+    return dict(
+        XX=X.T @ X,
+        XY=X.T @ Y,
+        ZX=np.asarray(Z.T @ X),
+        ZY=np.asarray(Z.T @ Y),
+        ZZ=np.asarray((Z.T @ Z).todense()) if hasattr(Z, "todense") else Z.T @ Z,
+        Ynorm=np.sum(Y**2, 0),
+        n=cells,
+        d=[Z.shape[1]],
+    )
+
+
+def section_r_case(m, cells):
+    import bench_fit
+
+    print(
+        f"\n[5] K=1, p=21, q=25, {m} features: R-shaped statistics vs bench_fit's (load {load()})"
+    )
+    for name, st in (
+        ("R-shaped (simuRNAseq)", r_shaped_stats(m, cells)),
+        ("bench_fit", bench_fit.summary_stats(cells, 21, (25,), m)),
+    ):
+        t, fit = best(lambda st=st: lmm(**st), repeat=5)
+        print(f"  {name:<24}{m / t:10.0f} features/s  mean niter {np.nanmean(fit.niter):.1f}")
+        print(
+            f"ratio to R FLASHMM (K=1 q=25, {name}): {m / t / R_FEATURES_PER_S:.1f} x "
+            f"(load {load()})"
+        )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=200000)
@@ -212,11 +254,14 @@ def main(argv=None):
     ap.add_argument("--lmer-repeats", type=int, default=3)
     ap.add_argument("--k2-features", type=int, default=2000)
     ap.add_argument("--k2-cells", type=int, default=20000)
+    ap.add_argument("--r-features", type=int, default=2000)
+    ap.add_argument("--r-cells", type=int, default=20000)
     args = ap.parse_args(argv)
     section_nested(args.cells, args.features, args.donors, args.states)
     section_paths(args.features, max(2, args.donors // 6), max(2, args.states // 3))
     section_insteval(args.responses, args.lmer_repeats)
     section_k2(args.k2_features, args.k2_cells)
+    section_r_case(args.r_features, args.r_cells)
 
 
 if __name__ == "__main__":

@@ -117,11 +117,15 @@ def test_bench_structured(bench, capsys):
             "20",
             "--k2-cells",
             "1500",
+            "--r-features",
+            "10",
+            "--r-cells",
+            "600",
         ]
     )
     out = capsys.readouterr().out
-    # nested, paths, (lmer where Rscript is installed), three K=2 rows
-    assert len(ratios(out)) >= 5
+    # nested, paths, (lmer where Rscript is installed), three K=2 rows, two K=1 rows
+    assert len(ratios(out)) >= 7
     assert "max rel diff of theta" in out
     diff = float(re.search(r"max rel diff of theta ([0-9.e+-]+)", out).group(1))
     assert diff < 1e-10
