@@ -410,7 +410,7 @@ def _fit_blocks(
     for v in out.values():
         v[~fitted] = np.nan
     idx = np.flatnonzero(fitted)
-    block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // (q * q))
+    block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // shared.work_values)
     workers = _threads(n_threads)
     # several blocks per thread keep both busy while the slowest features iterate on
     block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block

@@ -127,3 +127,30 @@ def test_calibration_runs_the_defaults_of_a_run(bench, capsys, tmp_path):
     assert "model.df=satterthwaite" in capsys.readouterr().out.splitlines()[0]
     # donors nested in condition: the treatment's df are about 2 S - 2 = 4, not n - p
     assert 3 < rows[0]["df"][0] < 5
+
+
+def test_bench_structured(bench, capsys):
+    args = ["--cells", "3000", "--features", "4", "--donors", "12", "--states", "6"]
+    bench("bench_structured").main(
+        [
+            *args,
+            "--responses",
+            "2",
+            "--lmer-repeats",
+            "1",
+            "--k2-features",
+            "20",
+            "--k2-cells",
+            "1500",
+            "--r-features",
+            "10",
+            "--r-cells",
+            "600",
+        ]
+    )
+    out = capsys.readouterr().out
+    # nested, paths, (lmer where Rscript is installed), two K=2 rows, two K=1 rows
+    assert len(ratios(out)) >= 6
+    assert "max rel diff of theta" in out
+    diff = float(re.search(r"max rel diff of theta ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-10

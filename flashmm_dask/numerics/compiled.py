@@ -176,9 +176,9 @@ def _inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.nda
 def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
     """Symmetrised inverses of symmetric matrices (m, k, k) whose condition is provably small.
 
-    ``ok[j]`` is False when A_j is singular or when k * ||A_j||_1 * ||A_j^-1||_1 (an upper
-    bound of the 2-norm condition number) is not below ``limit``: the caller then takes
-    the pseudo-inverse.
+    ``ok[j]`` is False when A_j is singular or when ||A_j||_1 * ||A_j^-1||_1 (an upper
+    bound of the 2-norm condition number of a symmetric matrix: ||A||_2 = max |eigenvalue|
+    <= ||A||_1) is not below ``limit``: the caller then takes the pseudo-inverse.
     """
     m, k, _ = A.shape
     out = np.empty((m, k, k))
@@ -205,7 +205,7 @@ def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.
                 out[j, a, b] = v
                 s += abs(v)
             norm_i = max(norm_i, s)
-        ok[j] = np.isfinite(norm_i) and k * norm_a * norm_i < limit
+        ok[j] = np.isfinite(norm_i) and norm_a * norm_i < limit
     return out, ok
 
 
@@ -342,6 +342,26 @@ def _score_batch(
         dl[j, K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
         s0p[j] = (yry[j] - zMDz) / nr
     return dl, F, s0p, logdet, ok
+
+
+@_compile
+def _rowsums(a: np.ndarray) -> np.ndarray:
+    m, n = a.shape
+    out = np.empty(m)
+    for j in range(m):
+        t = 0.0
+        for i in range(n):
+            t += a[j, i]
+        out[j] = t
+    return out
+
+
+def rowsums(a: np.ndarray) -> np.ndarray:
+    """Sums over all but the leading axis, in the same order for every row whatever the
+    number of rows (NumPy's reductions round differently for different batch shapes, and
+    the fit of a feature must not depend on its block)."""
+    a = np.asarray(a, dtype=np.float64)
+    return _rowsums(np.ascontiguousarray(a.reshape(a.shape[0], -1)))
 
 
 def inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

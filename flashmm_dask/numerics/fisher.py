@@ -33,14 +33,16 @@ iteration instead of O(q^3). :func:`fit_theta` takes that path automatically.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+from threadpoolctl import threadpool_limits
 
-from flashmm_dask.numerics import compiled
+from flashmm_dask.numerics import compiled, structured
 from flashmm_dask.numerics.linalg import (
     GINV_TOL,
     Array,
@@ -50,6 +52,8 @@ from flashmm_dask.numerics.linalg import (
     reciprocal,
     trace,
 )
+from flashmm_dask.numerics.structured import Structure, detect
+from flashmm_dask.numerics.structured import worth_it as structure_worth_it
 
 METHODS = ("REML", "ML")
 
@@ -70,26 +74,75 @@ class SharedTerms:
     ----------
     XX, XXinv : (p, p)
     ZX : (q, p)
-    ZZ, zrz : (q, q)
+    ZZ : (q, q)
     n : float
     d : (K,) int
     method : "REML" or "ML"
-    lam, U : eigenvalues (q,) and vectors (q, q) of zrz
-    mu, V : eigenvalues (q,) and vectors (q, q) of ZZ
+    structure : Structure or None
+        The block structure of ZZ the structured path uses (K >= 2 with a diagonal
+        component; :func:`.structured.detect`), None for the dense path.
+    zrz : (q, q), computed on first use
+    lam, U : eigenvalues (q,) and vectors (q, q) of zrz, computed on first use
+    mu, V : eigenvalues (q,) and vectors (q, q) of ZZ, computed on first use
     """
 
     XX: Array
     XXinv: Array
     ZX: Array
     ZZ: Array
-    zrz: Array
     n: float
     d: np.ndarray
     method: str
-    lam: Array
-    U: Array
-    mu: Array
-    V: Array
+    chol: Array
+    structure: Structure | None = None
+
+    @functools.cached_property
+    def zrz(self) -> Array:
+        zrz = self.ZZ - self.ZX @ self.XXinv @ self.ZX.T
+        return 0.5 * (zrz + zrz.T)
+
+    @functools.cached_property
+    def _eig_zrz(self) -> tuple[Array, Array]:
+        return np.linalg.eigh(self.zrz)
+
+    @functools.cached_property
+    def _eig_zz(self) -> tuple[Array, Array]:
+        return np.linalg.eigh(0.5 * (self.ZZ + self.ZZ.T))
+
+    @property
+    def lam(self) -> Array:
+        return self._eig_zrz[0]
+
+    @property
+    def U(self) -> Array:
+        return self._eig_zrz[1]
+
+    @property
+    def mu(self) -> Array:
+        return self._eig_zz[0]
+
+    @property
+    def V(self) -> Array:
+        return self._eig_zz[1]
+
+    @functools.cached_property
+    def G(self) -> Array:
+        """(q, p) with G G' = ZX XXinv ZX' (G = ZX L^-T, XX = L L')."""
+        return scipy.linalg.solve_triangular(self.chol, self.ZX.T, lower=True).T
+
+    @property
+    def path(self) -> str:
+        """The path fit_theta takes by default: "spectral", "structured" or "dense"."""
+        if self.K == 1:
+            return "spectral"
+        return "dense" if self.structure is None else "structured"
+
+    @property
+    def work_values(self) -> int:
+        """float64 values of the work arrays per feature of the default path (block sizes)."""
+        if self.structure is not None:
+            return self.structure.work_values + 8 * self.q * self.p * self.K
+        return self.q * self.q
 
     @property
     def p(self) -> int:
@@ -125,31 +178,56 @@ class SharedTerms:
         return zry, yry
 
 
-def prepare(XX: Array, ZX: Array, ZZ: Array, n: float, d, method: str) -> SharedTerms:
-    """Compute the shared terms of a design; raise NotPositiveDefiniteError if XX is not PD."""
+def prepare(
+    XX: Array,
+    ZX: Array,
+    ZZ: Array,
+    n: float,
+    d,
+    method: str,
+    *,
+    structured: bool | None = None,
+) -> SharedTerms:
+    """Compute the shared terms of a design; raise NotPositiveDefiniteError if XX is not PD.
+
+    ``structured``: None (default) takes the structured path where ZZ has the structure
+    and the path is estimated to cost less than the dense one
+    (:func:`.structured.worth_it`); True wherever ZZ has the structure; False never.
+    """
     try:
         cho = scipy.linalg.cho_factor(XX, lower=True)
     except np.linalg.LinAlgError:
         raise NotPositiveDefiniteError([int(j) for j in aliased_columns(XX)]) from None
     XXinv = scipy.linalg.cho_solve(cho, np.eye(XX.shape[0]))
-    zrz = ZZ - ZX @ XXinv @ ZX.T
-    zrz = 0.5 * (zrz + zrz.T)
-    lam, U = np.linalg.eigh(zrz)
-    mu, V = np.linalg.eigh(0.5 * (ZZ + ZZ.T))
-    return SharedTerms(
+    d = np.asarray(d, dtype=np.int64)
+    sh = SharedTerms(
         XX=XX,
         XXinv=XXinv,
         ZX=ZX,
         ZZ=ZZ,
-        zrz=zrz,
         n=float(n),
-        d=np.asarray(d, dtype=np.int64),
+        d=d,
         method=method,
-        lam=lam,
-        U=U,
-        mu=mu,
-        V=V,
+        chol=np.tril(cho[0]),
+        structure=_structure(ZZ, d, XX.shape[0], structured),
     )
+    # computed here, once, rather than by the first threads that need them
+    if sh.K == 1:
+        sh.lam, sh.mu  # noqa: B018
+    elif sh.structure is None:
+        sh.zrz  # noqa: B018
+    else:
+        sh.G  # noqa: B018
+    return sh
+
+
+def _structure(ZZ: Array, d: np.ndarray, p: int, structured: bool | None) -> Structure | None:
+    if structured is False:
+        return None
+    st = detect(ZZ, d)
+    if st is None or structured or structure_worth_it(st, p, len(d)):
+        return st
+    return None
 
 
 @dataclass(frozen=True)
@@ -251,6 +329,47 @@ def _score_general(
     return _Score(dl, F, s0_prof, logdet)
 
 
+def _score_structured(
+    sh: SharedTerms, s: Array, zry: Array, yry: Array, *, final: bool = False
+) -> _Score:
+    """:func:`_score_general` through the block structure of ZZ (:mod:`.structured`); zry
+    in the permuted column order. Features whose Schur complement is singular take the
+    compiled dense kernel (with the pseudo-inverses where that fails)."""
+    st = sh.structure
+    assert st is not None
+    m, q, K = s.shape[0], sh.q, sh.K
+    s0 = s[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        t, Q, u2, yR2y, zMDz, logdet, ok = structured.score_terms_each(
+            st, sh.G[st.perm], sh.method == "REML", K, s, zry, yry, final
+        )
+    Dk = s[:, :-1] / s0[:, None]  # (m, K)
+    s02 = s0**2
+    dl = np.empty((m, K + 1))
+    F = np.empty((m, K + 1, K + 1))
+    dl[:, :K] = (u2 / s02[:, None] - t / s0[:, None]) / 2
+    F[:, :K, :K] = Q / s02[:, None, None] / 2
+    trW2 = t - np.einsum("mkl,ml->mk", Q, Dk)
+    F[:, :K, K] = F[:, K, :K] = trW2 / s02[:, None] / 2
+    Dt = np.sum(Dk * t, axis=1)
+    trM0 = q - Dt
+    trM0M0 = q - 2.0 * Dt + np.einsum("mk,mkl,ml->m", Dk, Q, Dk)
+    nrq = sh.n - sh.r - q
+    F[:, K, K] = (nrq + trM0M0) / s02 / 2
+    dl[:, K] = (yR2y / s02 - (nrq + trM0) / s0) / 2
+    s0_prof = (yry - zMDz) / (sh.n - sh.r)
+    if not ok.all():
+        inv = np.argsort(st.perm)
+        rest = _score_compiled(sh, s[~ok], zry[~ok][:, inv], yry[~ok], final=final)
+        dl[~ok], F[~ok], s0_prof[~ok], logdet[~ok] = (
+            rest.dl,
+            rest.F,
+            rest.s0_profiled,
+            rest.logdetM0,
+        )
+    return _Score(dl, F, s0_prof, logdet)
+
+
 def _score_spectral(
     sh: SharedTerms, s: Array, z: Array, yry: Array, *, final: bool = False
 ) -> _Score:
@@ -292,6 +411,7 @@ def fit_theta(
     epsilon: float = 1e-5,
     spectral: bool | None = None,
     compiled_kernels: bool = True,
+    structure: bool = True,
 ) -> ThetaFit:
     """Fisher scoring for a block of features.
 
@@ -308,6 +428,9 @@ def fit_theta(
     compiled_kernels : bool
         Iterate in the compiled per-feature kernels (:mod:`.compiled`); False runs the
         same algebra batched in NumPy (the reference the kernels are tested against).
+    structure : bool
+        With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
+        (:mod:`.structured`); False takes the dense path.
 
     Returns
     -------
@@ -323,6 +446,15 @@ def fit_theta(
         s[:, -1] = yry / (sh.n - sh.p)
     else:
         s = np.array(theta0, dtype=np.float64, copy=True)
+    if not spectral and sh.structure is not None and structure:
+        zry_p = zry[:, sh.structure.perm]
+
+        def score_st(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+            return _score_structured(sh, s, zry_p[rows], yry[rows], final=final)
+
+        # one BLAS thread: results independent of the thread layout, and no oversubscription
+        with threadpool_limits(1, user_api="blas"):
+            return _scoring(score_st, s, max_iter, epsilon)
     if not spectral:
 
         def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:

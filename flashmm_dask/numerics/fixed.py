@@ -19,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from flashmm_dask.numerics.fisher import SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal
+from flashmm_dask.numerics.structured import md_solve
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def fixed_effects(
     spectral: bool | None = None,
     fim: bool = True,
     re: bool = True,
+    structure: bool = True,
 ) -> FixedFit:
     """Coefficients, covariance, FIM and BLUPs at the fitted variance components.
 
@@ -68,6 +71,9 @@ def fixed_effects(
         Use the K = 1 eigenvalue path; default: whenever K == 1.
     fim, re : bool
         Compute FIM_beta and the BLUPs (else they are None).
+    structure : bool
+        With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
+        (MD x by structured solves, :func:`.structured.md_solve`); False: the dense path.
     """
     if spectral is None:
         spectral = sh.K == 1
@@ -81,6 +87,8 @@ def fixed_effects(
             C = sh.XX - (w @ GG).reshape(-1, sh.p, sh.p)
             h = ZY @ sh.V  # (m, q): V' ZY_j
             rhs = XY - (w * h) @ G
+        elif structure and sh.structure is not None:
+            return _fixed_structured(sh, XY, ZY, theta, logdetM0, fim=fim, re=re)
         else:
             D = np.repeat(theta[:, :-1] / s0[:, None], sh.d, axis=1)
             MD = inv_shifted(sh.ZZ, D) * D[:, None, :]
@@ -100,3 +108,67 @@ def fixed_effects(
         FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
         logLik = -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0
     return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik)
+
+
+def _fixed_structured(
+    sh: SharedTerms, XY: Array, ZY: Array, theta: Array, logdetM0: Array, *, fim: bool, re: bool
+) -> FixedFit:
+    """:func:`fixed_effects` with MD x = (D ZZ + I)^-1 D x by structured solves; features
+    whose Schur complement is singular take the dense algebra."""
+    st = sh.structure
+    assert st is not None
+    m, p = XY.shape
+    if m > 1:  # one feature at a time: results independent of the block (score_terms_each)
+        parts = [
+            _fixed_structured(
+                sh,
+                XY[j : j + 1],
+                ZY[j : j + 1],
+                theta[j : j + 1],
+                logdetM0[j : j + 1],
+                fim=fim,
+                re=re,
+            )
+            for j in range(m)
+        ]
+        return FixedFit(
+            coef=np.concatenate([f.coef for f in parts]),
+            cov=np.concatenate([f.cov for f in parts]),
+            FIM_beta=np.concatenate([f.FIM_beta for f in parts]) if fim else None,
+            RE=np.concatenate([f.RE for f in parts]) if re else None,
+            logLik=np.concatenate([f.logLik for f in parts]),
+        )
+    s0 = theta[:, -1]
+    perm = st.perm
+    D = theta[:, st.comp] / s0[:, None]  # permuted order
+    ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
+    x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
+    with threadpool_limits(1, user_api="blas"):
+        MDx, ok = md_solve(st, D, x)
+    C = sh.XX - ZXp.T @ MDx[:, :, :p]
+    rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
+    Ci = pinv_sym(C)
+    coef = (Ci @ rhs[:, :, None])[:, :, 0]
+    RE = None
+    if re:
+        resid = ZYp - coef @ ZXp.T
+        with threadpool_limits(1, user_api="blas"):
+            REp, _ = md_solve(st, D, resid)
+        RE = np.empty_like(REp)
+        RE[:, perm] = REp
+    Ci *= s0[:, None, None]
+    FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
+    logLik = -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0
+    out = FixedFit(coef=coef, cov=Ci, FIM_beta=FIM_beta, RE=RE, logLik=logLik)
+    if not ok.all():
+        rest = fixed_effects(
+            sh, XY[~ok], ZY[~ok], theta[~ok], logdetM0[~ok], fim=fim, re=re, structure=False
+        )
+        out.coef[~ok], out.cov[~ok], out.logLik[~ok] = rest.coef, rest.cov, rest.logLik
+        if fim:
+            assert out.FIM_beta is not None
+            out.FIM_beta[~ok] = rest.FIM_beta
+        if re:
+            assert out.RE is not None
+            out.RE[~ok] = rest.RE
+    return out

@@ -31,8 +31,8 @@ def pinv_sym(A: Array) -> Array:
     eigendecomposition gives exactly ``MASS::ginv``'s answer. Most matrices are well
     conditioned, and for them the pseudo-inverse is the inverse: an inverse is taken first
     (2 x 2 in closed form, larger by compiled Gauss-Jordan elimination), and only matrices
-    whose condition number may exceed ``1 / GINV_TOL`` (bounded by k * cond_1, which is
-    >= cond_2) are decomposed.
+    whose condition number may exceed ``1 / GINV_TOL`` (bounded by cond_1, which is >= cond_2
+    for a symmetric matrix) are decomposed.
 
     Parameters
     ----------

@@ -1,0 +1,457 @@
+"""Fisher scoring through the structure of Z'Z: K >= 2 components, one of them diagonal.
+
+A random component coded by the indicators of one factor has a diagonal block Z_k'Z_k. With
+such a component b ("big") and the others s ("small"), in the order [b, s]::
+
+    ZZ = [[diag(zb), N], [N', Zs]],   D = diag(db, ds)   (the ratios s_k / s0 per column)
+    P  = D ZZ + I = [[Pb, Db N], [Ds N', I + Ds Zs]],     Pb = diag(1 + db zb)
+
+The Schur complement over the diagonal block is S = I + Ds U with U = Zs - N' (Db Pb^-1) N
+(q_s x q_s; diagonal when Zs is diagonal and no row of N has two non-zeros, as for nested
+factors such as donor:state within donor). Every solve with P or P' is a diagonal scaling,
+products with the sparse N and a solve with S. The ML quantities follow from
+
+    W0 = ZZ P^-1 = [[diag(zb/pb) - T (S^-1 Ds) T', T S^-1], [S^-T T', U S^-1]],  T = Pb^-1 N
+
+and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Woodbury::
+
+    Y = P^-1 D G,  E = P^-T G,  C = I_p - G' Y,  B = C^-1
+    M = (D zrz + I)^-1 = P^-1 + Y B E',     W = zrz M = W0 - E B E'
+
+so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) (O(q p^2) when S
+is diagonal) instead of O(q^3). With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and
+M0 = I - D W, the score and information of ALGORITHM.md are
+
+    tr W2_kk = t_k - sum_l D_l Q_kl,   tr M0 = q - sum_k D_k t_k,
+    tr M0 M0 = q - 2 sum_k D_k t_k + sum_kl D_k D_l Q_kl.
+
+:func:`detect` finds the structure from ZZ alone (exact zeros), never from names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg.lapack
+import scipy.sparse
+
+from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
+from flashmm_dask.numerics.linalg import Array
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The block structure of ZZ that the structured path uses.
+
+    Attributes
+    ----------
+    big : int
+        Index of the diagonal component that is eliminated.
+    perm : (q,) int
+        Columns in the order [big component, the others in their order].
+    comp : (q,) int
+        Component of each permuted column.
+    qb : int
+        Columns of the big component.
+    zb : (qb,) diagonal of its block.
+    N : (qb, qs) sparse CSR, the coupling block; NT its transpose (CSR).
+    Zs : (qs, qs) dense block of the other components.
+    diagonal : bool
+        S is diagonal: Zs is diagonal and no row of N has two non-zeros.
+    pairs : (qb, qs*qs) sparse CSR, pairs[a, c*qs + c'] = N[a, c] N[a, c'] (dense S only).
+    """
+
+    big: int
+    perm: np.ndarray
+    comp: np.ndarray
+    qb: int
+    zb: Array
+    N: scipy.sparse.csr_array
+    NT: scipy.sparse.csr_array
+    Zs: Array
+    diagonal: bool
+    pairs: scipy.sparse.csr_array | None
+
+    @property
+    def qs(self) -> int:
+        return int(self.Zs.shape[0])
+
+    @property
+    def work_values(self) -> int:
+        """float64 values of work arrays per feature (for block sizes)."""
+        q = self.qb + self.qs
+        return 16 * q + (0 if self.diagonal else 6 * self.qs * self.qs)
+
+
+def worth_it(st: Structure, p: int, K: int) -> bool:
+    """Whether the structured path is estimated to cost less than the dense one (flops per
+    feature and iteration, with a factor 2 for the structured path's batched NumPy)."""
+    q = st.qb + st.qs
+    cost = (3 + K) * q * p * p + K * K * p**3
+    if not st.diagonal:
+        assert st.pairs is not None
+        cost += 4 * st.qs**3 + 2 * st.pairs.nnz
+    return q**3 >= MIN_DENSE_FLOPS and 2 * cost < 2 * q**3
+
+
+#: q^3 below which the dense compiled kernel is kept (the structured path runs in NumPy,
+#: one feature at a time, with a per-call overhead of the order of a q = 100 dense step).
+MIN_DENSE_FLOPS = 10**6
+
+
+def _is_diagonal(block: Array) -> bool:
+    """No non-zero off the diagonal (exactly; without copying the block)."""
+    return int(np.count_nonzero(block)) == int(np.count_nonzero(np.diagonal(block)))
+
+
+def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
+    """The structure of ZZ for the structured path, or None (the dense path).
+
+    Needs K >= 2 components and one with an exactly diagonal block Z_k'Z_k (the largest such
+    one is eliminated).
+    """
+    d = np.asarray(d, dtype=np.int64)
+    if len(d) < 2:
+        return None
+    edges = np.concatenate([[0], np.cumsum(d)])
+    diag = [
+        _is_diagonal(ZZ[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]) for k in range(len(d))
+    ]
+    if not any(diag):
+        return None
+    big = max((k for k in range(len(d)) if diag[k]), key=lambda k: (d[k], -k))
+    ib = np.arange(edges[big], edges[big + 1])
+    is_ = np.concatenate([np.arange(edges[k], edges[k + 1]) for k in range(len(d)) if k != big])
+    perm = np.concatenate([ib, is_])
+    comp = np.repeat(np.arange(len(d)), d)[perm]
+    zb = np.ascontiguousarray(np.diag(ZZ)[ib])
+    N = scipy.sparse.csr_array(ZZ[np.ix_(ib, is_)])
+    Zs = np.ascontiguousarray(ZZ[np.ix_(is_, is_)])
+    qs = is_.size
+    diagonal = _is_diagonal(Zs) and bool(np.all(np.diff(N.indptr) <= 1))
+    pairs = None
+    if not diagonal:
+        rows, cols, vals = [], [], []
+        for a in range(ib.size):
+            lo, hi = N.indptr[a], N.indptr[a + 1]
+            c, v = N.indices[lo:hi], N.data[lo:hi]
+            rows.append(np.full(c.size * c.size, a))
+            cols.append((c[:, None] * qs + c[None, :]).ravel())
+            vals.append((v[:, None] * v[None, :]).ravel())
+        pairs = scipy.sparse.csr_array(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(ib.size, qs * qs),
+        )
+    return Structure(
+        big=big,
+        perm=perm,
+        comp=comp,
+        qb=ib.size,
+        zb=zb,
+        N=N,
+        NT=N.T.tocsr(),
+        Zs=Zs,
+        diagonal=diagonal,
+        pairs=pairs,
+    )
+
+
+def _lastsums(a: Array) -> Array:
+    """Sums over the last axis of (m, r, c) -> (m, r), in a fixed order."""
+    m, r, c = a.shape
+    return rowsums(np.reshape(a, (m * r, c))).reshape(m, r)
+
+
+def _inverse(S: Array, symmetric: np.ndarray) -> Array:
+    """Inverses of (m, k, k) matrices: by Cholesky where ``symmetric`` and positive definite,
+    else by LU; NaN where singular."""
+    out = np.empty_like(S)
+    for j in range(S.shape[0]):
+        if symmetric[j]:
+            c, info = scipy.linalg.lapack.dpotrf(S[j], lower=0)
+            if info == 0:
+                inv, info = scipy.linalg.lapack.dpotri(c, lower=0)
+                if info == 0:
+                    out[j] = np.triu(inv) + np.triu(inv, 1).T
+                    continue
+        try:
+            out[j] = np.linalg.inv(S[j])
+        except np.linalg.LinAlgError:
+            out[j] = np.nan
+    return out
+
+
+def _nmul(N: scipy.sparse.csr_array, x: Array) -> Array:
+    """N x for a stack x (m, cols, ...) -> (m, rows, ...)."""
+    m, c = x.shape[0], x.shape[1]
+    rest = x.shape[2:]
+    xt = np.moveaxis(x, 1, 0).reshape(c, -1)
+    y = np.asarray(N @ xt).reshape(N.shape[0], m, *rest)
+    return np.moveaxis(y, 0, 1)
+
+
+class Factor:
+    """P = D ZZ + I of a block of features, factored through the structure.
+
+    Parameters
+    ----------
+    st : Structure
+    D : (m, q) ratios s_k / s0 per permuted column.
+    """
+
+    def __init__(self, st: Structure, D: Array):
+        self.st = st
+        qb = st.qb
+        self.db, self.ds = D[:, :qb], D[:, qb:]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            self.pb = 1.0 + self.db * st.zb
+            self.pbi = 1.0 / self.pb
+            self.w1 = self.db * self.pbi
+            m, qs = D.shape[0], st.qs
+            if st.diagonal:
+                nsq = st.N.multiply(st.N).tocsr()
+                self.nsq = nsq
+                self.U = np.diag(st.Zs)[None, :] - np.asarray(nsq.T @ self.w1.T).T
+                self.S = 1.0 + self.ds * self.U
+                self.Si = 1.0 / self.S
+                self.ok = np.all(np.isfinite(self.Si), axis=1) & np.all(self.S != 0, axis=1)
+            else:
+                assert st.pairs is not None
+                NWN = np.asarray(st.pairs.T @ self.w1.T).T.reshape(m, qs, qs)
+                self.U = st.Zs[None] - NWN
+                self.S = np.eye(qs) + self.ds[:, :, None] * self.U
+                self.Si = _inverse(self.S, np.all(self.ds == self.ds[:, :1], axis=1))
+                self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
+            self.ok &= np.all(np.isfinite(self.pbi), axis=1)
+
+    def _si(self, x: Array, transpose: bool = False) -> Array:
+        """S^-1 x (or S^-T x) for x (m, qs, ...)."""
+        if self.st.diagonal:
+            return self.Si.reshape(self.Si.shape + (1,) * (x.ndim - 2)) * x
+        Si = np.swapaxes(self.Si, 1, 2) if transpose else self.Si
+        if x.ndim == 2:
+            return (Si @ x[:, :, None])[:, :, 0]
+        return Si @ x
+
+    def _col(self, v: Array, x: Array) -> Array:
+        return v.reshape(v.shape + (1,) * (x.ndim - 2)) * x
+
+    def solve(self, x: Array) -> Array:
+        """P^-1 x for x (m, q) or (m, q, k), permuted order."""
+        st, qb = self.st, self.st.qb
+        xb, xs = x[:, :qb], x[:, qb:]
+        t = _nmul(st.NT, self._col(self.pbi, xb))
+        ys = self._si(xs - self._col(self.ds, t))
+        yb = self._col(self.pbi, xb - self._col(self.db, _nmul(st.N, ys)))
+        return np.concatenate([yb, ys], axis=1)
+
+    def solve_t(self, x: Array) -> Array:
+        """P^-T x for x (m, q) or (m, q, k), permuted order."""
+        st, qb = self.st, self.st.qb
+        xb, xs = x[:, :qb], x[:, qb:]
+        ys = self._si(xs - _nmul(st.NT, self._col(self.w1, xb)), transpose=True)
+        yb = self._col(self.pbi, xb - _nmul(st.N, self._col(self.ds, ys)))
+        return np.concatenate([yb, ys], axis=1)
+
+    def zz(self, x: Array) -> Array:
+        """ZZ x (permuted order)."""
+        st, qb = self.st, self.st.qb
+        xb, xs = x[:, :qb], x[:, qb:]
+        if st.diagonal:
+            zs = np.diag(st.Zs)
+            ys_own = self._col(np.broadcast_to(zs, (x.shape[0], zs.size)), xs)
+        else:
+            ys_own = np.moveaxis(np.tensordot(st.Zs, xs, axes=([1], [1])), 0, 1)
+        yb = self._col(np.broadcast_to(st.zb, (x.shape[0], qb)), xb) + _nmul(st.N, xs)
+        ys = _nmul(st.NT, xb) + ys_own
+        return np.concatenate([yb, ys], axis=1)
+
+    def logdet(self) -> Array:
+        """log |det P| (m,)."""
+        with np.errstate(divide="ignore"):
+            ld = rowsums(np.log(np.abs(self.pb)))
+            if self.st.diagonal:
+                return ld + rowsums(np.log(np.abs(self.S)))
+            return ld + np.linalg.slogdet(self.S)[1]
+
+    def w0_blocks(self, K: int) -> tuple[Array, Array]:
+        """t (m, K) traces of the diagonal blocks of W0 = ZZ P^-1 and Q (m, K, K) the sums of
+        squares of its blocks, by component."""
+        st = self.st
+        m = self.pb.shape[0]
+        big = st.big
+        cs = st.comp[st.qb :]
+        t = np.zeros((m, K))
+        Q = np.zeros((m, K, K))
+        zp = st.zb * self.pbi  # diag(zb / pb)
+        p2 = self.pbi**2
+        if st.diagonal:
+            SiDs = self.Si * self.ds
+            diagNSN = np.asarray(self.nsq @ SiDs.T).T  # diag(N (S^-1 Ds) N')
+            V = np.asarray(self.nsq.T @ p2.T).T  # diag of N' Pb^-2 N
+            US = self.U * self.Si
+            X = V * self.Si  # V S^-1
+            t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
+            Q[:, big, big] = (
+                rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN) + rowsums((X * self.ds) ** 2)
+            )
+            for k in np.unique(cs):
+                sel = cs == k
+                t[:, k] = rowsums(US[:, sel])
+                Q[:, big, k] = Q[:, k, big] = rowsums(self.Si[:, sel] * X[:, sel])
+                Q[:, k, k] = rowsums(US[:, sel] ** 2)
+            return t, Q
+        assert st.pairs is not None
+        qs = st.qs
+        SiDs = self.Si * self.ds[:, None, :]
+        diagNSN = np.asarray(st.pairs @ SiDs.reshape(m, -1).T).T
+        V = np.asarray(st.pairs.T @ p2.T).T.reshape(m, qs, qs)
+        # U S^-1 = Ds^-1 (I - S^-1) where no ratio is too small for the division
+        scale = np.max(np.abs(self.U), axis=(1, 2))
+        division = np.all(np.abs(self.ds) * scale[:, None] >= DIVISION_MIN, axis=1)
+        US = np.empty_like(self.Si)
+        with np.errstate(divide="ignore"):
+            US[division] = (np.eye(qs) - self.Si[division]) / self.ds[division][:, :, None]
+        US[~division] = self.U[~division] @ self.Si[~division]
+        X = V @ self.Si
+        XD = X * self.ds[:, None, :]
+        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
+        Q[:, big, big] = (
+            rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN) + rowsums(XD * np.swapaxes(XD, 1, 2))
+        )
+        colsq = _lastsums(np.swapaxes(self.Si * X, 1, 2))  # (m, qs): column sums of S^-1 o V S^-1
+        US2 = US**2
+        dUS = np.diagonal(US, axis1=1, axis2=2)
+        for k in np.unique(cs):
+            sk = cs == k
+            t[:, k] = rowsums(dUS[:, sk])
+            Q[:, big, k] = Q[:, k, big] = rowsums(colsq[:, sk])
+            for l in np.unique(cs):
+                sl = cs == l
+                Q[:, k, l] = rowsums(US2[:, sk][:, :, sl])
+        return t, Q
+
+
+def score_terms(
+    st: Structure,
+    G: Array,
+    reml: bool,
+    K: int,
+    s: Array,
+    zry: Array,
+    yry: Array,
+    final: bool,
+) -> tuple[Array, Array, Array, Array, Array, Array, Array]:
+    """The pieces of one scoring step of a block of features.
+
+    Parameters
+    ----------
+    st : Structure
+    G : (q, p) permuted, G G' = ZX XXinv ZX'
+    reml : bool
+    K : int
+    s : (m, K+1)
+    zry : (m, q) permuted
+    yry : (m,)
+    final : bool
+        Also compute log |det M0|.
+
+    Returns
+    -------
+    t (m, K), Q (m, K, K) of W; u2 (m, K) = |u_k|^2; yR2y (m,); zMDz (m,) = zry' M D zry;
+    logdetM0 (m,) (NaN unless final); ok (m,).
+    """
+    m = s.shape[0]
+    s0 = s[:, -1]
+    D = s[:, st.comp] / s0[:, None]
+    fac = Factor(st, D)
+    t, Q = fac.w0_blocks(K)
+    DG = D[:, :, None] * G[None]
+    Y = fac.solve(DG)  # P^-1 D G
+    E = fac.solve_t(np.broadcast_to(G, (m, *G.shape)))  # P^-T G
+    p = G.shape[1]
+    C = np.eye(p) - G.T @ Y  # I - G' Y
+    C = 0.5 * (C + np.swapaxes(C, 1, 2))
+    with np.errstate(invalid="ignore"):
+        try:
+            B = np.linalg.inv(C)
+        except np.linalg.LinAlgError:
+            B = np.full_like(C, np.nan)
+            for j in range(m):
+                try:
+                    B[j] = np.linalg.inv(C[j])
+                except np.linalg.LinAlgError:
+                    pass
+    ok = fac.ok & np.all(np.isfinite(B), axis=(1, 2))
+    # quadratic forms with M = P^-1 + Y B E'
+    Dz = D * zry
+    u = fac.solve_t(zry) + (E @ (B @ (np.swapaxes(Y, 1, 2) @ zry[:, :, None])))[:, :, 0]
+    MDz = fac.solve(Dz) + (Y @ (B @ (np.swapaxes(E, 1, 2) @ Dz[:, :, None])))[:, :, 0]
+    yR2y = yry - rowsums((u + zry) * MDz)
+    zMDz = rowsums(zry * MDz)
+    u2 = np.zeros((m, K))
+    for k in range(K):
+        sel = st.comp == k
+        u2[:, k] = rowsums(u[:, sel] ** 2)
+    logdet = np.full(m, np.nan)
+    if reml:
+        # W = W0 - E B E'
+        EB = E @ B
+        dEBE = _lastsums(EB * E)  # (m, q)
+        grams = []
+        for k in range(K):
+            sel = st.comp == k
+            t[:, k] -= rowsums(dEBE[:, sel])
+            Ek = E[:, sel]
+            grams.append(np.swapaxes(Ek, 1, 2) @ Ek)  # (m, p, p)
+        # R_kl = E_k' W0_kl E_l from W0 E^(l), all l at once
+        Ecols = np.zeros((m, E.shape[1], K * p))
+        for k in range(K):
+            sel = st.comp == k
+            Ecols[:, sel, k * p : (k + 1) * p] = E[:, sel]
+        WE = fac.zz(fac.solve(Ecols))  # W0 = ZZ P^-1
+        for k in range(K):
+            sk = st.comp == k
+            Ekt = np.swapaxes(E[:, sk], 1, 2)
+            for l in range(k, K):
+                R = Ekt @ WE[:, sk, l * p : (l + 1) * p]  # (m, p, p)
+                corr = -2.0 * rowsums(R * np.swapaxes(B, 1, 2))
+                GB = grams[k] @ B
+                corr += rowsums(GB * np.swapaxes(grams[l] @ B, 1, 2))
+                Q[:, k, l] += corr
+                if l != k:
+                    Q[:, l, k] = Q[:, k, l]
+        if final:
+            logdet = -(fac.logdet() + np.linalg.slogdet(C)[1])
+    elif final:
+        logdet = -fac.logdet()
+    return t, Q, u2, yR2y, zMDz, logdet, ok
+
+
+def score_terms_each(
+    st: Structure,
+    G: Array,
+    reml: bool,
+    K: int,
+    s: Array,
+    zry: Array,
+    yry: Array,
+    final: bool,
+) -> tuple[Array, ...]:
+    """:func:`score_terms` one feature at a time: the result of a feature does not depend
+    on which features share its block (batched BLAS and NumPy reductions round differently
+    for different batch shapes). The structured path is taken where the work per feature
+    dwarfs the per-call overhead (:func:`worth_it`)."""
+    parts = [
+        score_terms(st, G, reml, K, s[j : j + 1], zry[j : j + 1], yry[j : j + 1], final)
+        for j in range(s.shape[0])
+    ]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(7))
+
+
+def md_solve(st: Structure, D: Array, x: Array) -> tuple[Array, Array]:
+    """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,)."""
+    fac = Factor(st, D)
+    Dx = D.reshape(D.shape + (1,) * (x.ndim - 2)) * x
+    return fac.solve(Dx), fac.ok
