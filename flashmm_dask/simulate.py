@@ -144,6 +144,7 @@ class _Model:
     base_max: np.ndarray
     effect: np.ndarray
     effect_max: np.ndarray
+    effect_min: np.ndarray
     dispersion: np.ndarray
     subject_code: np.ndarray
     effect_code: np.ndarray
@@ -538,6 +539,7 @@ def _build_model(params: _Params, n_threads: int) -> _Model:
         base_max=base.max(axis=0),
         effect=effect,
         effect_max=effect.max(axis=0),
+        effect_min=effect.min(axis=0),
         dispersion=phi,
         subject_code=sam_code,
         effect_code=np.where(trt_code == treated, cls_code, n_cls),
@@ -635,6 +637,7 @@ def _block_counts(model: _Model, block: int) -> sp.csr_matrix:
         model.base_max,
         model.effect,
         model.effect_max,
+        model.effect_min,
         model.dispersion,
         model.subject_code[rows],
         model.effect_code[rows],

@@ -75,6 +75,7 @@ def _sparse_nb_block(
     base_max: np.ndarray,
     effect: np.ndarray,
     effect_max: np.ndarray,
+    effect_min: np.ndarray,
     phi: np.ndarray,
     subject: np.ndarray,
     klass: np.ndarray,
@@ -90,12 +91,10 @@ def _sparse_nb_block(
     lib_max = 0.0
     for c in range(n):
         lib_max = max(lib_max, lib[c])
-    # the rows of effect that differ from one (DE genes) are looked up, the others not
-    varies = np.zeros(m_genes, dtype=np.bool_)
+    # the columns of effect that differ from one (DE genes) are looked up, the others not
+    varies = np.empty(m_genes, dtype=np.bool_)
     for g in range(m_genes):
-        for e in range(effect.shape[0]):
-            if effect[e, g] != 1.0:
-                varies[g] = True
+        varies[g] = effect_max[g] != 1.0 or effect_min[g] != 1.0
     p_max = np.empty(m_genes)
     capacity = 1024
     cand_c = np.empty(capacity, dtype=np.int32)
@@ -153,8 +152,11 @@ def _sparse_nb_block(
             m = base[s, g] * f
             if varies[g]:
                 m *= effect[e, g]
+            u = rng.random() * p_max[g]
+            if u >= m:  # P(Y > 0) = 1 - (1 + m / phi)^-phi <= 1 - e^-m <= m
+                continue
             log_p0 = -ph * np.log1p(m / ph)
-            if rng.random() * p_max[g] >= -np.expm1(log_p0):
+            if u >= -np.expm1(log_p0):
                 continue
             indices[nnz] = g
             counts[nnz] = _truncated_nb(rng, m, ph, log_p0)
@@ -169,6 +171,7 @@ def sparse_nb_block(
     base_max: np.ndarray,
     effect: np.ndarray,
     effect_max: np.ndarray,
+    effect_min: np.ndarray,
     phi: np.ndarray,
     subject: np.ndarray,
     klass: np.ndarray,
@@ -185,7 +188,8 @@ def sparse_nb_block(
     base_max : ndarray, shape (m,)
         Its maximum over subjects, per gene.
     effect : ndarray, shape (K, m)
-        Class-by-gene factor (e^{beta}), C-contiguous; ``effect_max`` (m,) its maximum.
+        Class-by-gene factor (e^{beta}), C-contiguous; ``effect_max`` and ``effect_min``
+        (m,) its maximum and minimum per gene.
     phi : ndarray, shape (m,)
         NB sizes, > 0.
     subject, klass : ndarray of int64, shape (n,)
@@ -199,7 +203,7 @@ def sparse_nb_block(
         None when a mean exceeds 1e15 (counts that large cannot be drawn exactly).
     """
     indptr, indices, counts, status = _sparse_nb_block(
-        rng, base, base_max, effect, effect_max, phi, subject, klass, lib
+        rng, base, base_max, effect, effect_max, effect_min, phi, subject, klass, lib
     )
     if status:
         return None
