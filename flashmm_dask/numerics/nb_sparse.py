@@ -7,8 +7,8 @@ zeros:
 
 1. **Candidates** (thinning): for gene g, a bound m_g >= m_cg over the block's cells gives
    p_g = 1 - P(Y = 0 | m_g) >= P(Y_cg > 0). Candidate cells are the successes of
-   Bernoulli(p_g) trials, found by geometric gaps (one uniform per candidate, none per
-   cell that is skipped).
+   Bernoulli(p_g) trials, found by geometric gaps (one exponential draw per candidate,
+   none per cell that is skipped).
 2. **Thinning**: a candidate is kept with probability P(Y_cg > 0) / p_g, so each cell is
    non-zero with probability exactly P(Y_cg > 0), independently.
 3. **Value**: a kept count is drawn from NB(m_cg, phi_g) conditioned on Y > 0: by
@@ -43,9 +43,9 @@ def _compile(fn: Any) -> Any:
 
 
 @_compile
-def _truncated_nb(rng: Any, m: float, phi: float, log_p0: float) -> int:
-    """One draw of NB(m, phi) conditioned on being > 0; log_p0 = log P(Y = 0)."""
-    p_pos = -np.expm1(log_p0)  # P(Y > 0)
+def _truncated_nb(rng: Any, m: float, phi: float, log_p0: float, p_pos: float) -> int:
+    """One draw of NB(m, phi) conditioned on being > 0; log_p0 = log P(Y = 0) and
+    p_pos = P(Y > 0)."""
     if m / p_pos <= _INVERSION_MEAN:
         q = m / (m + phi)
         first = np.exp(log_p0) * phi * q  # P(Y = 1)
@@ -105,13 +105,15 @@ def _sparse_nb_block(
         bound = base_max[g] * effect_max[g] * lib_max
         if not bound <= _MAX_MEAN:
             return np.zeros(n + 1, np.int64), cand_g[:0], np.zeros(0, np.int64), 1
-        log_p0_max = -ph * np.log1p(bound / ph)  # log(1 - p_g)
-        p_max[g] = -np.expm1(log_p0_max)
-        if not log_p0_max < 0.0:
+        rate = ph * np.log1p(bound / ph)  # -log(1 - p_g)
+        p_max[g] = -np.expm1(-rate)
+        if not rate > 0.0:
             continue
+        scale = 1.0 / rate
         c = -1
         while True:
-            gap = np.floor(np.log(1.0 - rng.random()) / log_p0_max)
+            # failures before the next success: floor(E / rate), E ~ Exp(1)
+            gap = np.floor(rng.standard_exponential() * scale)
             if gap >= n - c - 1:
                 break
             c += 1 + int(gap)
@@ -156,10 +158,11 @@ def _sparse_nb_block(
             if u >= m:  # P(Y > 0) = 1 - (1 + m / phi)^-phi <= 1 - e^-m <= m
                 continue
             log_p0 = -ph * np.log1p(m / ph)
-            if u >= -np.expm1(log_p0):
+            p_pos = -np.expm1(log_p0)
+            if u >= p_pos:
                 continue
             indices[nnz] = g
-            counts[nnz] = _truncated_nb(rng, m, ph, log_p0)
+            counts[nnz] = _truncated_nb(rng, m, ph, log_p0, p_pos)
             nnz += 1
         indptr[c + 1] = nnz
     return indptr, indices[:nnz].copy(), counts[:nnz].copy(), 0
