@@ -20,8 +20,8 @@ log library size, age): each is a short dense row per cell. Then
 Both are one loop, :func:`_scatter_products`, compiled with numba (``njit(nogil=True,
 cache=True)``): in the grouped case A is the cell-to-group indicator (and the usual
 grouped case, with at most two dense columns of X, has its own lighter loop,
-:func:`_group_sums`). Cells are visited group by group (or subject by subject) when the
-accumulated rows are larger than a cache.
+:func:`_group_sums`). Cells are visited group by group (or subject by subject, by their
+last column of A) when the accumulated rows are larger than a cache.
 
 Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
 pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
@@ -125,13 +125,16 @@ def sparse_products(
     else:
         order = np.arange(n_i)
         if big:
-            # visiting cells by their first column of A (group or subject) keeps the rows
-            # of A'E being summed in cache, which pays when A'E is much larger than a
-            # core's cache and costs when not (the rows of E are then read out of order)
-            first = np.full(n_i, A.shape[1], dtype=np.int64)
+            # visiting cells by their last column of A (group, or the random-effect level:
+            # Z's columns come last and have the most levels) keeps the rows of A'E being
+            # summed in cache, which pays when A'E is much larger than a core's cache and
+            # costs when not (the rows of E are then read out of order). By the first
+            # column (a cell type of X) the subject rows, most of A'E, were written at
+            # random: 1.3-1.8x slower at 259 subjects x 11,596 genes
+            last = np.full(n_i, A.shape[1], dtype=np.int64)
             has = np.diff(A.indptr) > 0
-            first[has] = A.indices[A.indptr[:-1][has]]
-            order = np.argsort(first, kind="stable")
+            last[has] = A.indices[A.indptr[1:][has] - 1]
+            order = np.argsort(last, kind="stable")
         out, D, rest, status = kernel(
             *head,
             np.ascontiguousarray(Xd[:, 2:]),

@@ -11,7 +11,8 @@ chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
 
 With one feature chunk (the usual case) the graph has one task per cell chunk i: it
 reads the block, evaluates the design on the obs rows of the chunk (the Design object is
-a single graph key shared by all of them; the rows of obs are in the task) and returns
+a single graph key shared by all of them; the rows of obs are in the task, or, for an
+obs over 4 MiB on a distributed client, sliced from one scattered copy) and returns
 all seven partials. When the block's own tasks are a small reader (a store's row chunk,
 not in-memory data, not shared with other blocks) they are run inside that task, so the
 block is never held for it in a worker's memory nor sent to another worker. With several
@@ -66,6 +67,8 @@ _LOOKUP_MAX = 1 << 16
 _SPARSIFY = 0.25
 # a block's read is done inside the task that reduces it when its tasks pickle to less
 _INLINE_BYTES = 1 << 16
+# obs larger than this is scattered once to a distributed client, not put in the tasks
+_SCATTER_OBS_BYTES = 4 << 20
 # the key prefix of the per-block tasks (progress counts them)
 _BLOCK_PREFIX = "flashmm-block-"
 
@@ -411,6 +414,32 @@ def _tree_sum(parts: list[Any], name: str, split_every: int) -> Any:
     return parts[0]
 
 
+def _scattered(obs: Any) -> Any:
+    """obs scattered once to the active distributed client when it is larger than
+    _SCATTER_OBS_BYTES (a Future), else None (the rows of each chunk are in its task).
+
+    Each task carrying its own rows makes a graph as large as obs (tens of MiB at a
+    million cells, which distributed warns about); scattered, the graph holds one
+    reference and each chunk's rows are sliced on the cluster.
+    """
+    if int(obs.memory_usage(index=False, deep=True).sum()) <= _SCATTER_OBS_BYTES:
+        return None
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        client = default_client()
+    except ValueError:  # no client: a local scheduler, which copies nothing
+        return None
+    return client.scatter(obs, hash=False)
+
+
+def _obs_rows(obs: Any, start: int, stop: int) -> Any:
+    """The obs rows of cells start..stop - 1."""
+    return obs.iloc[start:stop]
+
+
 def _validate(
     expr: _Expression, design: _Design, transform: str, target_sum: float, split_every: int
 ) -> None:
@@ -529,6 +558,7 @@ def _build_graph(
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     # the design reads obs by position; a string index would be most of the graph's bytes
     obs = expr.obs.reset_index(drop=True)
+    obs_future = _scattered(obs)
     shared: list[Any] = []
     per_block: list[list[Any]] = [[] for _ in range(n_j)]
     fused: list[Any] = []
@@ -538,6 +568,10 @@ def _build_graph(
         # in the task itself, not a key of its own: a key would be computed on one worker
         # and sent to the one that holds the block
         obs_i = obs.iloc[start:stop]
+        if obs_future is not None:  # a large obs: sent once to the cluster, sliced there
+            obs_i = delayed(_obs_rows, pure=True)(
+                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
+            )
         if n_j == 1:  # one task per cell chunk: no X_i, Z_i to move between workers
             fused.append(
                 delayed(_chunk_partial, pure=True)(

@@ -96,6 +96,15 @@ def test_bench_atlas(bench, capsys, tmp_path):
 
 
 @pytest.mark.distributed
+def test_bench_atlas_parts(bench, capsys, tmp_path):
+    args = ["--cells", "1500", "--genes", "30", "--blocks", "1", "--repeat", "1"]
+    found = bench("bench_atlas_parts").main([*args, "--store-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert ratios(out) == pytest.approx([round(v, 2) for v in found.values()], abs=0.006)
+    assert len(found) == 5 and all(v > 0 for v in found.values())
+
+
+@pytest.mark.distributed
 def test_bench_scaling(bench, capsys, tmp_path):
     args = ["--cells", "1500", "--genes", "30", "--layouts", "1x1", "--chunk-cells", "500"]
     args += ["--block-sizes", "auto", "--repeat", "1", "--store-dir", str(tmp_path)]

@@ -385,6 +385,34 @@ def test_each_block_is_read_once_distributed(toy) -> None:
     assert calls[-1] == (27, 27)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("feature_chunk", [-1, 4])
+def test_large_obs_is_sent_once_not_in_every_task(toy, feature_chunk: int) -> None:
+    """On a distributed client an obs over 4 MiB is scattered once and sliced on the
+    cluster: the graph stays small (distributed warns about graphs over 10 MiB)."""
+    from distributed import Client, LocalCluster
+
+    obs, counts, design, expected = toy
+    heavy = obs.assign(notes=[f"{i}" + "x" * 100_000 for i in range(len(obs))])  # unread
+    expr = toy_expr(heavy, counts, (7, feature_chunk), sparse=True)
+    local = stats_graph(expr, design, transform="log2p1")  # no client: rows in the tasks
+    local_bytes = sum(len(pickle.dumps(t)) for t in dict(local.__dask_graph__()).values())
+    assert local_bytes > len(obs) * 100_000
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster),
+    ):
+        graph = stats_graph(expr, design, transform="log2p1")
+        tasks = dict(graph.__dask_graph__())
+        assert sum(str(k).startswith("flashmm-obs-") for k in tasks) == 9  # one per chunk
+        sizes = [len(pickle.dumps(t)) for k, t in tasks.items() if "flashmm-obs-" not in str(k)]
+        assert sum(sizes) < 1_000_000
+        stats = graph.compute()
+    assert_stats_close(stats, expected)
+
+
 def test_progress_counts_blocks(toy) -> None:
     obs, counts, design, _ = toy
     calls: list[tuple[int, int]] = []

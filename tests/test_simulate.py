@@ -254,6 +254,51 @@ def test_subject_effects_have_the_variance_and_drive_the_counts(large):
     assert np.abs((b_hat - b) / sd).max() < Z_MAX
 
 
+@pytest.mark.parametrize(
+    ("gene_mean", "dispersion"),
+    [
+        (0.05, None),  # atlas-like: ~5% non-zeros, conditioned values by inversion
+        (np.geomspace(0.01, 60.0, 40), np.geomspace(0.2, 8.0, 40)[::-1]),  # both branches
+    ],
+)
+def test_sparse_draws_match_dense_gamma_poisson_draws(gene_mean, dispersion):
+    # The counts are drawn in sparse form (candidates, thinning, NB conditioned on > 0);
+    # the generator they replace drew every entry as Poisson(m G / phi), G ~ Gamma(phi).
+    # Per gene, the zeros, ones, sum and sum of squares of the two must agree within
+    # their Monte Carlo error (two-sample z-scores; Var of a sum of Y^2 bounded by the
+    # sum of Y^4, estimated from both samples), and the zeros match the exact NB P(0).
+    a = simulate_rnaseq(
+        40,
+        6000,
+        n_samples=30,
+        n_celltypes=3,
+        n_de_genes=15,
+        var_randomeffects=0.3,
+        gene_mean=gene_mean,
+        dispersion=dispersion,
+        seed=13,
+    )
+    m = model_means(a)
+    phi = a.var["dispersion"].to_numpy()[None, :]
+    rng = np.random.default_rng(99)
+    dense = rng.poisson(m * rng.standard_gamma(np.broadcast_to(phi, m.shape)) / phi)
+    ours = a.X.toarray().astype(np.float64)
+    p0 = (phi / (phi + m)) ** phi
+    zeros = (ours == 0).sum(axis=0)
+    z = (zeros - p0.sum(axis=0)) / np.sqrt((p0 * (1 - p0)).sum(axis=0))
+    assert np.abs(z).max() < Z_MAX
+    for power in ("zeros", "ones", 1, 2):
+        if isinstance(power, str):
+            x, y = (ours == (power == "ones")), (dense == (power == "ones"))
+        else:
+            x, y = ours**power, dense.astype(np.float64) ** power
+        spread = (x.astype(float) ** 2).sum(axis=0) + (y.astype(float) ** 2).sum(axis=0)
+        if power == 1:  # exact: twice the sum of the NB variances
+            spread = 2 * nb_variance(m, phi).sum(axis=0)
+        z = (x.sum(axis=0) - y.sum(axis=0)) / np.sqrt(spread)
+        assert np.abs(z).max() < Z_MAX, power
+
+
 @pytest.mark.parametrize("given", [False, True])
 def test_library_sizes_are_reference_column_sums(given):
     n_genes, n_cells = 60, 3000

@@ -1,0 +1,177 @@
+"""The reduction and the simulator at the atlas shape, each against its I/O floor.
+
+Run: ``python benchmarks/bench_atlas_parts.py --cells 200000`` (11,596 genes, 5%
+non-zeros, 259 donors, 29 states: the shape of FLASH-MM's tuberculosis atlas).
+
+1. **Simulator vs plain store write**: the wall and CPU time of
+   :func:`~flashmm_dask.simulate.simulate_to_store` against writing the same shape through
+   the same writer (``append_x``, same codec and chunks) from one pre-drawn chunk of the
+   same density appended over and over (chunks are compressed independently, so the
+   bytes written are alike). Target: simulate / write <= 2.
+2. **Reduction vs read pass, per block, in-process CPU time** (ns per stored value): the
+   read of a block (decompression), the per-block products of
+   :func:`flashmm_dask.reduce._block_partial` with the atlas model and log2(1 + counts),
+   and the sum of two partials; for the blocks as stored (cells in random donor order)
+   and for the same blocks with their cells sorted by donor.
+3. **Reduction vs read pass on a local cluster** (``--workers`` processes x 1 thread,
+   wall time, best of ``--repeat``), as bench_reduce.py measures it. Target <= 1.5.
+
+The machine line and the 1-minute load are printed beside the figures; ratios are
+measured side by side. Not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import DEFAULT_STORE_DIR, load_average, local_client, machine_line
+from bench_atlas import FIXED, N_DONORS, N_STATES, RANDOM, atlas_store
+from bench_reduce import read_graph, run_pass
+
+GENES = 11_596
+
+
+def plain_write_seconds(store: Path, path: Path) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all threads) to write a store of the shape of
+    ``store`` through ``append_x`` from one chunk of ``store`` (its first 10,000 cells)
+    appended until the cell count is reached."""
+    import anndata as ad
+    import zarr
+
+    from flashmm_dask.io.anndata_store import append_x, create_zarr_root, staged
+
+    root = zarr.open_group(str(store), mode="r")
+    X = ad.io.sparse_dataset(root["X"])
+    n_cells = X.shape[0]
+    chunk = X[: min(10_000, n_cells)]
+    repeats, tail = divmod(n_cells, chunk.shape[0])
+
+    def chunks() -> Any:
+        for _ in range(repeats):
+            yield chunk
+        if tail:
+            yield chunk[:tail]
+
+    start, cpu = time.perf_counter(), time.process_time()
+    with staged(path, overwrite=True) as tmp:
+        group = create_zarr_root(tmp)
+        append_x(group, chunks(), 10_000)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
+    """CPU ns per stored value of reading, reducing and summing blocks (after one warm-up
+    block), as stored and with each block's cells sorted by donor."""
+    import dask
+
+    from flashmm_dask.design import build_design
+    from flashmm_dask.io.readers import read_expression
+    from flashmm_dask.reduce import _block_partial, _design_chunk, _sum_partials
+
+    expr = read_expression(str(store))
+    design = build_design(expr.obs, FIXED, RANDOM)
+    features = tuple(str(f) for f in expr.features)
+    donor = expr.obs["donor"].cat.codes.to_numpy()
+    out: dict[str, dict[str, float]] = {}
+    for label in ("random donor order", "grouped by donor"):
+        cost = {"read": 0.0, "reduce": 0.0, "sum": 0.0}
+        nnz, start, previous = 0, 0, None
+        delayed_blocks = expr.data.to_delayed().ravel()[: n_blocks + 1]
+        for k, delayed_block in enumerate(delayed_blocks):
+            c0 = time.process_time()
+            (block,) = dask.compute(delayed_block, scheduler="sync")
+            c1 = time.process_time()
+            obs = expr.obs.iloc[start : start + block.shape[0]]
+            if label == "grouped by donor":
+                order = np.argsort(donor[start : start + block.shape[0]], kind="stable")
+                block, obs = block[order], obs.iloc[order]
+            c2 = time.process_time()
+            XZ = _design_chunk(design, obs, start)
+            part = _block_partial(block, XZ, features, start, 0, "log2p1", 1e4, True)
+            c3 = time.process_time()
+            if previous is not None:
+                _sum_partials(previous, part)
+            c4 = time.process_time()
+            previous = part
+            if k or len(delayed_blocks) == 1:  # the first warms caches and compiled kernels
+                cost["read"] += c1 - c0
+                cost["reduce"] += c3 - c2
+                cost["sum"] += c4 - c3
+                nnz += int(block.nnz)
+            start += block.shape[0]
+        out[label] = {key: value / nnz * 1e9 for key, value in cost.items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; also return the ratios printed on the "ratio" lines."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=200_000)
+    ap.add_argument("--genes", type=int, default=GENES)
+    ap.add_argument("--density", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=3, help="blocks profiled in-process")
+    ap.add_argument("--store-dir", type=Path, default=DEFAULT_STORE_DIR)
+    args = ap.parse_args(argv)
+    print(machine_line())
+    print(
+        f"atlas shape: {args.cells} cells x {args.genes} genes, density {args.density}, "
+        f"{N_DONORS} donors, {N_STATES} states; model {FIXED} | {RANDOM}, log2p1"
+    )
+    args.store_dir.mkdir(parents=True, exist_ok=True)
+    store = args.store_dir / f"atlas-{args.cells}x{args.genes}-d{args.density:g}.zarr"
+    if store.exists():
+        import shutil
+
+        shutil.rmtree(store)  # simulate afresh: its time is measured
+    cpu = time.process_time()
+    store, sim_s = atlas_store(args.store_dir, args.cells, args.genes, args.density)
+    sim_cpu, load_sim = time.process_time() - cpu, load_average()
+    write_s, write_cpu = plain_write_seconds(store, args.store_dir / "plain-write.zarr")
+    print(
+        f"1. simulate_to_store {sim_s:.1f} s wall, {sim_cpu:.1f} s CPU (load {load_sim}) vs "
+        f"plain write of the same shape {write_s:.1f} s wall, {write_cpu:.1f} s CPU (load "
+        f"{load_average()}): ratio {sim_s / write_s:.2f} wall, {sim_cpu / write_cpu:.2f} "
+        "CPU (target <= 2)",
+        flush=True,
+    )
+    found = {"simulate / write (wall)": sim_s / write_s, "simulate / write (CPU)": 0.0}
+    found["simulate / write (CPU)"] = sim_cpu / write_cpu
+    for label, cost in block_costs(store, args.blocks).items():
+        ratio = (cost["read"] + cost["reduce"] + cost["sum"]) / cost["read"]
+        found[f"(read + reduce) / read per block, CPU, {label}"] = ratio
+        print(
+            f"2. per block, CPU ns per value, {label}: read {cost['read']:.1f}, reduce "
+            f"{cost['reduce']:.1f}, sum of partials {cost['sum']:.1f}; (read + reduce + "
+            f"sum) / read {ratio:.2f}; load {load_average()}",
+            flush=True,
+        )
+    from flashmm_dask.design import build_design
+    from flashmm_dask.io.readers import read_expression
+    from flashmm_dask.reduce import stats_graph
+
+    expr = read_expression(str(store))
+    design = build_design(expr.obs, FIXED, RANDOM)
+    reads, reduces = [], []
+    with local_client(args.workers) as client:
+        for _ in range(args.repeat):
+            reads.append(run_pass(client, read_graph(expr.data))[0])
+            reduces.append(run_pass(client, stats_graph(expr, design, transform="log2p1"))[0])
+    print(
+        f"3. cluster ({args.workers} workers x 1 thread, best of {args.repeat}): read pass "
+        f"{min(reads):.2f} s, reduction {min(reduces):.2f} s, ratio "
+        f"{min(reduces) / min(reads):.2f} (target <= 1.5); load {load_average()}"
+    )
+    found["reduce / read on the cluster (wall)"] = min(reduces) / min(reads)
+    for name, value in found.items():
+        print(f"ratio {name}: {value:.2f}")
+    return found
+
+
+if __name__ == "__main__":
+    main()
