@@ -42,9 +42,10 @@ import numpy as np
 
 from flashmm_dask.blockfit import BlockReport, SharedModel, fit_block
 from flashmm_dask.cluster import open_client
+from flashmm_dask.config import require_model
 from flashmm_dask.contrasts import contrast_matrix
 from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
-from flashmm_dask.fitting import add_pcs, resolve_transform
+from flashmm_dask.fitting import add_pcs, resolve_transform, with_factor_groupings
 from flashmm_dask.io.results import (
     STATUS,
     ResultsLayout,
@@ -57,6 +58,7 @@ from flashmm_dask.io.results import (
 )
 from flashmm_dask.progress import Timings, wait
 from flashmm_dask.stats import SummaryStats
+from flashmm_dask.stored_model import check_stats_model
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +342,9 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
     if cfg.stats.load is not None:
         logger.info("loading summary statistics from %s", cfg.stats.load)
         inputs = Inputs(SummaryStats.load(cfg.stats.load))
+        check_stats_model(cfg, inputs.stats, cfg.stats.load)
+    else:
+        require_model(cfg)
     elif (folder / STATS).exists():
         try:
             cached: SummaryStats | None = SummaryStats.load(str(folder / STATS))
@@ -369,6 +374,7 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
                 "than its fixed-effect coefficients, over 2 or more random-effect levels)"
             )
         _check_features(cfg.data.features, expr.features)
+        expr = with_factor_groupings(expr, cfg.model.fixed, cfg.model.random)
         design = build_design(expr.obs, cfg.model.fixed, cfg.model.random)
         pcs = tuple(f"PC{i + 1}" for i in range(cfg.model.pcs))
         inputs = Inputs(
@@ -395,7 +401,7 @@ def _check_features(selected: Any, available: Any) -> None:
         shown = ", ".join(repr(f) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise InputError(
             f"data.features names {len(missing)} features that the data do not have: "
-            f"{shown}; the data have {len(known)} features, e.g. "
+            f"{shown}; the data have {len(available)} features, e.g. "
             f"{', '.join(repr(str(f)) for f in list(available)[:3])}"
         )
 
