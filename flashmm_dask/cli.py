@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from flashmm_dask.errors import FlashmmError
+from flashmm_dask.errors import FlashmmError, FlashmmWarning
 
 logger = logging.getLogger("flashmm_dask")
 
@@ -250,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.simplefilter("ignore", FutureWarning)
+            # the package's warnings are log lines at the command line, never errors
+            warnings.simplefilter("default", FlashmmWarning)
             return handlers.get(args.command, _run)(args)
     except FlashmmError as exc:
         if args.debug:

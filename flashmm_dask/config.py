@@ -27,6 +27,7 @@ so a dumped file means the same wherever it is loaded from.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import hashlib
 import json
@@ -445,9 +446,11 @@ def _schema(path: str) -> tuple[Field[Any] | None, Any]:
 
 
 def _unknown(key: str, section: str) -> str:
-    valid = ", ".join(sorted(f.name for f in fields(_schema(section)[1])))
+    names = sorted(f.name for f in fields(_schema(section)[1]))
     where = f"under '{section}'" if section else "at the top level"
-    return f"config key '{key}' is unknown; valid keys {where}: {valid}"
+    close = difflib.get_close_matches(key.rpartition(".")[2], names, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"config key '{key}' is unknown; valid keys {where}: {', '.join(names)}{hint}"
 
 
 def _fail(message: str, origin: str | None) -> ConfigError:

@@ -339,12 +339,12 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
     from flashmm_dask.io.readers import read_expression
 
     inputs: Inputs | None = None
+    if cfg.stats.load is None:
+        require_model(cfg)
     if cfg.stats.load is not None:
         logger.info("loading summary statistics from %s", cfg.stats.load)
         inputs = Inputs(SummaryStats.load(cfg.stats.load))
         check_stats_model(cfg, inputs.stats, cfg.stats.load)
-    else:
-        require_model(cfg)
     elif (folder / STATS).exists():
         try:
             cached: SummaryStats | None = SummaryStats.load(str(folder / STATS))

@@ -186,7 +186,9 @@ def test_file_sections_merge_into_defaults_and_mappings_replace(tmp_path):
 
 
 def test_a_config_without_contrasts_inherits_none_of_the_demo(tmp_path):
-    path = write(tmp_path / "c.yaml", "model:\n  fixed: '~ 0 + cell_type'\n  random: '~ 0 + donor'\n")
+    path = write(
+        tmp_path / "c.yaml", "model:\n  fixed: '~ 0 + cell_type'\n  random: '~ 0 + donor'\n"
+    )
     cfg = load_config(path)
     assert cfg.contrasts == {}
     assert default_config().contrasts == DEMO["contrasts"]

@@ -122,7 +122,7 @@ def unique_features(features: pd.Index, what: str) -> pd.Index:
     more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
     unique = make_index_unique(pd.Index(features.astype(str)), join="-")
     warnings.warn(
-        f"{len(counts)} feature names of {what} are duplicated ({shown}{more}); they are made "
+        f"duplicated feature names in {what}: {shown}{more} (name x copies); they are made "
         "unique as anndata's var_names_make_unique does (the second 'NAME' is 'NAME-1'); "
         "select them by these names in data.features, or make var_names unique in the data",
         DuplicateFeatureWarning,
