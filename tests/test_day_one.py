@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -98,7 +100,7 @@ def test_config_without_contrasts_runs_without_the_demo_contrasts(base, tmp_path
         data={"path": str(base)},
         model={"fixed": "~ 0 + log(libsize) + cls", "random": RANDOM},
     )
-    code, out, err = _cli("run", cfg, "--output", tmp_path / "out", "--quiet")
+    code, _, err = _cli("run", cfg, "--output", tmp_path / "out", "--quiet")
     assert code == 0, err
     ds = open_results(tmp_path / "out" / "results.zarr")
     assert ds.sizes.get("contrast", 0) == 0
@@ -218,3 +220,58 @@ def test_misspelled_keyword_is_refused_before_reading(tmp_path):
         flashmm(tmp_path / "does-not-exist.zarr", FIXED, RANDOM, layers="counts")
     with pytest.raises(InputError, match=r"'metod' \(did you mean 'method'\?\)"):
         flashmm(tmp_path / "does-not-exist.zarr", FIXED, RANDOM, metod="ML")
+
+
+# 4. progress: a log line at every tenth outside a terminal, a labelled bar in one
+
+
+def _progress_config(base: Path, tmp_path: Path) -> Path:
+    return _config(
+        tmp_path / "run.yaml",
+        data={"path": str(base), "chunk_cells": 20},
+        model={"fixed": FIXED, "random": RANDOM},
+        progress=True,
+    )
+
+
+def test_progress_is_logged_at_every_tenth_outside_a_terminal(base, tmp_path):
+    res = subprocess.run(
+        [CLI, "run", str(_progress_config(base, tmp_path)), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = re.findall(r"reduction: (\d+)% \((\d+)/(\d+) tasks", res.stderr)
+    assert len(lines) >= 3, res.stderr  # 15 chunks and their sums: several tenths seen
+    percents = [int(p) for p, _, _ in lines]
+    assert percents == sorted(percents) and percents[-1] == 100
+    assert all(p % 10 == 0 for p in percents)
+    assert lines[-1][1] == lines[-1][2]
+    assert "fitting: 100%" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_progress_bar_in_a_terminal_is_labelled(base, tmp_path):
+    parent, child = pty.openpty()
+    with open(tmp_path / "stdout", "w") as out:
+        proc = subprocess.Popen(
+            [CLI, "run", str(_progress_config(base, tmp_path)), "--output", str(tmp_path / "o")],
+            stdout=out,
+            stderr=child,
+        )
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(parent, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(parent)
+    assert proc.wait(timeout=300) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"\rreduction \[#* *\] +\d+% \| \d+/\d+ tasks", shown), shown
+    assert re.search(r"\rfitting \[#+ *\] 100% \|", shown), shown
