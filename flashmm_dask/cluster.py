@@ -8,6 +8,7 @@ Slurm jobs) and ``kubernetes`` (dask-kubernetes' KubeCluster). Every kind yields
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -31,9 +32,38 @@ def local_workers(requested: int | None) -> int:
     return max(1, min(cpus or 1, 8))
 
 
+@contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Start child processes with SIGINT ignored (inherited through fork and exec).
+
+    Ctrl-C reaches every process of the terminal's foreground group: local worker
+    processes would each print a KeyboardInterrupt traceback. Ignoring it there leaves the
+    interrupt to the driver, which stops the run and closes the cluster.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _silence_distributed() -> None:
+    """No more log records from distributed, tornado or asyncio: the run is being stopped
+    and closing a busy cluster logs cancelled tasks and killed workers by the dozen."""
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
 def _local(cfg: Any) -> Any:
     from distributed import LocalCluster
 
+    with _children_ignore_sigint():
+        return _local_cluster(cfg, LocalCluster)
+
+
+def _local_cluster(cfg: Any, LocalCluster: Any) -> Any:
     return LocalCluster(
         n_workers=local_workers(cfg.n_workers),
         threads_per_worker=cfg.threads_per_worker,
@@ -175,6 +205,12 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
     logger.info("Dask client: %s", client)
     try:
         yield client
+    except KeyboardInterrupt:
+        _silence_distributed()
+        if cfg.kind == "local":  # its workers share the terminal: quiet them too
+            with contextlib.suppress(Exception):
+                client.run(_silence_distributed)
+        raise
     finally:
         client.close()
         if cluster is not None:

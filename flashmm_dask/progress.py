@@ -118,4 +118,4 @@ class Timings(dict):
             yield
         finally:
             self[name] = round(time.perf_counter() - start, 3)
-            logger.info("%s: %.2f s", name, self[name])
+        logger.info("%s: %.2f s", name, self[name])  # a phase that completed

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -275,3 +276,42 @@ def test_progress_bar_in_a_terminal_is_labelled(base, tmp_path):
     shown = b"".join(chunks).decode(errors="replace")
     assert re.search(r"\rreduction \[#* *\] +\d+% \| \d+/\d+ tasks", shown), shown
     assert re.search(r"\rfitting \[#+ *\] 100% \|", shown), shown
+
+
+# 3. Ctrl-C: one line, status 130, the local cluster closed
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("phase", ["reduction: ", "fitting: "])
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, phase):
+    cfg = _config(
+        tmp_path / "run.yaml",
+        simulate={"n_cells": 20000, "n_genes": 200, "chunk_cells": 500, "seed": 2},
+        data={"chunk_cells": 500},
+        model={"fixed": FIXED, "random": RANDOM},
+        fit={"block_size": 4},
+        cluster={"n_workers": 2, "processes": True},
+    )
+    proc = subprocess.Popen(
+        [CLI, "run", str(cfg), "--output", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if phase in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole group gets it
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(seen) + rest
+    assert rest.strip().splitlines() == [
+        "flashmm-dask: interrupted; rerun the same command to resume"
+    ], rest
+    with pytest.raises(ProcessLookupError):  # no worker process left behind
+        for _ in range(50):
+            os.killpg(proc.pid, 0)
+            time.sleep(0.2)
