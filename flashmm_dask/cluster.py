@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from flashmm_dask.cluster_checks import check_sbatch, wait_for_workers
 from flashmm_dask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,11 @@ def slurm_cluster(cfg: Any) -> Any:
         "scheduler_options": {"dashboard_address": cfg.dashboard_address or ":0"},
     }
     cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        check_sbatch(cluster.job_script())  # sbatch's own error now, not a hang later
+    except BaseException:
+        cluster.close()
+        raise
     if s.adaptive is not None and (s.adaptive.minimum is not None or s.adaptive.maximum):
         cluster.adapt(minimum_jobs=s.adaptive.minimum or 0, maximum_jobs=s.adaptive.maximum)
     else:
@@ -116,6 +122,13 @@ def slurm_cluster(cfg: Any) -> Any:
         # then replaced; after scale(jobs=n) it is not, and the run waits without workers
         cluster.adapt(minimum_jobs=s.n_jobs, maximum_jobs=s.n_jobs)
     return cluster
+
+
+def _expected_workers(cfg: Any) -> int:
+    """Workers a Slurm cluster starts before any work: n_jobs, or the adaptive minimum."""
+    s = cfg.slurm
+    jobs = (s.adaptive.minimum or 0) if s.adaptive is not None else s.n_jobs
+    return int(jobs) * int(s.processes)
 
 
 def kubernetes_cluster(cfg: Any) -> Any:
@@ -200,6 +213,14 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
         else:
             raise ConfigError(f"unknown cluster.kind {cfg.kind!r}")
         client = Client(cluster)
+        expected = _expected_workers(cfg) if cfg.kind == "slurm" else 0
+        if expected:  # an adaptive cluster from zero starts jobs only once there is work
+            try:
+                wait_for_workers(client, expected, cfg.worker_timeout, "Slurm")
+            except BaseException:
+                client.close()
+                cluster.close()
+                raise
         if cfg.kind == "local" and not logging.getLogger("distributed").isEnabledFor(logging.DEBUG):
             client.register_plugin(_quiet_task_errors())
     logger.info("Dask client: %s", client)

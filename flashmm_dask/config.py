@@ -350,6 +350,8 @@ class ClusterConfig:
     memory_limit: str | int = _key(_size(auto=True), "auto")
     processes: bool = _BOOL(True)
     dashboard_address: str | None = _TEXT("127.0.0.1:0", optional=True)
+    # seconds to wait for the first worker of a Slurm or Kubernetes cluster
+    worker_timeout: float = _key(_number(0.0, strict=True), 600.0)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
