@@ -70,3 +70,31 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(repr(v) for v in value) + "]" if len(value) != 1 else repr(value[0])
     return repr(value)
+
+
+def config_difference(stored: Any, cfg: Any) -> str | None:
+    """The first setting that determines the results and differs between a stored config
+    (a results store's ``config`` attribute) and ``cfg``: ``"model.method ('REML' there,
+    'ML' here)"``; None when none is found (e.g. a store written by another version)."""
+    if not isinstance(stored, dict):
+        return None
+    now = cfg.to_dict()
+    sections = ["data", "model", "contrasts", "test", "fit"]
+    if cfg.data.path is None:
+        sections.insert(1, "simulate")
+    for section in sections:
+        for key, there, here in _leaves(section, stored.get(section), now.get(section)):
+            if key == "data.storage_options":
+                continue
+            if there != here:
+                return f"{key} ({there!r} there, {here!r} here)"
+    return None
+
+
+def _leaves(path: str, a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict) and path != "contrasts":
+        out = []
+        for key in list(dict.fromkeys([*a, *b])):
+            out += _leaves(f"{path}.{key}", a.get(key), b.get(key))
+        return out
+    return [(path, a, b)]

@@ -458,7 +458,8 @@ CASES = [
     Case(
         "output holds another configuration",
         _different_config,
-        r"different configuration; rerun with --overwrite",
+        r"different configuration \(it differs in model\.method \('REML' there, 'ML' here\)\); "
+        r"rerun with --overwrite",
         StoreError,
     ),
     Case("output is a file", _output_is_a_file, r"is a file, not a folder", StoreError),

@@ -7,6 +7,7 @@ script where its standard error matters) on a few hundred simulated cells.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pty
@@ -28,6 +29,7 @@ import yaml
 
 from flashmm_dask import InputError, flashmm, simulate_to_store
 from flashmm_dask.cli import main
+from flashmm_dask.io.outputs import MANIFEST
 from flashmm_dask.io.results import open_results
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
@@ -315,3 +317,85 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, phase):
         for _ in range(50):
             os.killpg(proc.pid, 0)
             time.sleep(0.2)
+
+
+# 6. the output folder: the package replaces only what it owns
+
+
+def test_output_folder_holds_a_manifest_and_foreign_files_are_safe(base, tmp_path):
+    cfg = _config(
+        tmp_path / "run.yaml", data={"path": str(base)}, model={"fixed": FIXED, "random": RANDOM}
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("my own table\n")
+    code, _, err = _cli("run", cfg, "--output", out, "--quiet")
+    assert code == 2
+    assert "holds 'results.csv', which flashmm-dask did not write" in _error_line(err)
+    assert "--overwrite" in _error_line(err)
+    assert (out / "results.csv").read_text() == "my own table\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
+
+    (out / "results.csv").rename(out / "mine.csv")
+    (out / "plots").mkdir()
+    (out / "plots" / "my-figure.png").write_bytes(b"mine")
+    code, _, err = _cli("run", cfg, "--output", out, "--quiet", "--set", "output.plots=true")
+    assert code == 0, err
+    manifest = json.loads((out / MANIFEST).read_text())["files"]
+    assert {"results.zarr", "stats.zarr", "results.csv", "results.parquet"} <= set(manifest)
+    assert "plots/convergence.png" in manifest and "plots/my-figure.png" not in manifest
+    store = out / "results.zarr"
+    code, _, err = _cli("test", store, "-c", "x=cls1:trtB", "--quiet")
+    assert code == 0, err
+    assert "contrasts.csv" in json.loads((out / MANIFEST).read_text())["files"]
+
+    # --overwrite with another config: the manifest's files go (the stale contrasts.csv
+    # too), the user's stay
+    code, _, err = _cli(
+        "run", cfg, "--output", out, "--quiet", "--overwrite", "--set", "model.method=ML"
+    )
+    assert code == 0, err
+    assert not (out / "contrasts.csv").exists()
+    assert not (out / "plots" / "convergence.png").exists()
+    assert (out / "plots" / "my-figure.png").read_bytes() == b"mine"
+    assert (out / "mine.csv").read_text() == "my own table\n"
+    assert open_results(store).attrs["method"] == "ML"
+
+
+def test_a_refused_run_leaves_no_folder(base, tmp_path):
+    cfg = _config(tmp_path / "run.yaml", data={"path": str(base)}, model={"fixed": FIXED})
+    out = tmp_path / "new" / "out"
+    code, _, err = _cli("run", cfg, "--output", out, "--quiet")
+    assert code == 2 and "model.random" in _error_line(err)
+    assert not out.exists()
+    code, _, err = _cli("run", cfg, "--output", out, "--set", "model.random=~ 0 + nosuch")
+    assert code == 2 and "nosuch" in _error_line(err.strip().splitlines()[-1])
+    assert not out.exists()
+
+
+def test_a_different_configuration_names_the_key(base, tmp_path):
+    cfg = _config(
+        tmp_path / "run.yaml", data={"path": str(base)}, model={"fixed": FIXED, "random": RANDOM}
+    )
+    code, _, err = _cli("run", cfg, "--output", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    code, _, err = _cli(
+        "run", cfg, "--output", tmp_path / "out", "--quiet", "--set", "model.max_iter=7"
+    )
+    assert code == 2
+    assert "it differs in model.max_iter (50 there, 7 here)" in _error_line(err)
+
+
+def test_version_and_help_texts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("flashmm-dask ")
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--cells", "--genes", "--samples", "--celltypes", "--de-genes", "--seed"):
+        assert re.search(rf"{option} \w+\s+\S", text), option  # each has a help text
+    with pytest.raises(SystemExit):
+        main(["stats", "--help"])
+    text = capsys.readouterr().out
+    assert "--no-plots" not in text and "--out " not in text and "--output" in text
