@@ -399,3 +399,17 @@ def test_version_and_help_texts(capsys):
         main(["stats", "--help"])
     text = capsys.readouterr().out
     assert "--no-plots" not in text and "--out " not in text and "--output" in text
+
+
+def test_niter_is_an_integer_column_in_the_tables(base, tmp_path):
+    cfg = _config(
+        tmp_path / "run.yaml", data={"path": str(base)}, model={"fixed": FIXED, "random": RANDOM}
+    )
+    code, _, err = _cli("run", cfg, "--output", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    text = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    header = text[0].split(",")
+    niter = [row.split(",")[header.index('"niter"')] for row in text[1:]]
+    assert all(v.isdigit() for v in niter), niter[:5]
+    parquet = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert str(parquet["niter"].dtype) == "Int64"
