@@ -50,11 +50,20 @@ def _children_ignore_sigint() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
-def _silence_distributed() -> None:
+def _silence_distributed() -> dict[str, int]:
     """No more log records from distributed, tornado or asyncio: the run is being stopped
-    and closing a busy cluster logs cancelled tasks and killed workers by the dozen."""
+    and closing a busy cluster logs cancelled tasks and killed workers by the dozen.
+    Returns the levels before, for :func:`_restore_levels`."""
+    before = {}
     for name in ("distributed", "tornado", "asyncio"):
+        before[name] = logging.getLogger(name).level
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    return before
+
+
+def _restore_levels(levels: dict[str, int]) -> None:
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def _local(cfg: Any) -> Any:
@@ -224,6 +233,7 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
         if cfg.kind == "local" and not logging.getLogger("distributed").isEnabledFor(logging.DEBUG):
             client.register_plugin(_quiet_task_errors())
     logger.info("Dask client: %s", client)
+    restore: dict[str, int] = {}
     try:
         yield client
     except KeyboardInterrupt:
@@ -232,7 +242,13 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
             with contextlib.suppress(Exception):
                 client.run(_silence_distributed)
         raise
+    except BaseException:
+        # the run failed and says why in one line: closing the cluster under way (a slow
+        # worker killed after 4 s, cancelled tasks) is not news
+        restore = _silence_distributed()
+        raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+        _restore_levels(restore)
