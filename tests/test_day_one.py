@@ -177,10 +177,13 @@ def test_duplicated_feature_names_are_made_unique_with_a_warning(base, tmp_path)
     assert list(dict.fromkeys(table["feature"])) == ["g-1", "g-2", "u0"]
 
     # an unknown name is reported with the true number of features
-    code, _, err = _cli("run", cfg, "--set", "data.features=[NOTAGENE]", "--quiet")
+    code, _, err = _cli(
+        "run", cfg, "--output", tmp_path / "none", "--set", "data.features=[NOTAGENE]", "--quiet"
+    )
     assert code == 2
     line = err.strip().splitlines()[-1]  # after the warning's log line
     assert f"the data have {a.n_vars} features" in _error_line(line)
+    assert not (tmp_path / "none").exists()
 
 
 # 9. integer ids in a random formula are a grouping factor, as in lme4
