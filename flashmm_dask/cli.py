@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from flashmm_dask.errors import FlashmmError
+from flashmm_dask.errors import FlashmmError, FlashmmWarning
 
 logger = logging.getLogger("flashmm_dask")
 
@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
 
 
-def _config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+def _config_args(p: argparse.ArgumentParser, *, config: bool = True, plots: bool = True) -> None:
     if config:
         p.add_argument("config", help="YAML run configuration (see configs/)")
     p.add_argument(
@@ -47,11 +47,16 @@ def _config_args(p: argparse.ArgumentParser, *, config: bool = True) -> None:
         help="override a config key, e.g. --set model.method=ML (repeatable)",
     )
     p.add_argument("--output", help="output folder (output.path)")
-    p.add_argument("--overwrite", action="store_true", help="replace an output of another config")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of another config (and files of yours in their way)",
+    )
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:port)")
     p.add_argument("--workers", type=int, help="local Dask worker processes (cluster.n_workers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    if plots:
+        p.add_argument("--no-plots", action="store_true", help="skip the plots")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
         prog="flashmm-dask",
         description="FLASH-MM linear mixed models for single-cell data on Dask and Zarr.",
     )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the whole job from a YAML config")
@@ -73,19 +79,37 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="write a simulated AnnData store (simuRNAseq model)")
     p.add_argument("out", help="store to write (.zarr or .h5ad)")
-    p.add_argument("--cells", type=int, default=20000)
-    p.add_argument("--genes", type=int, default=200)
-    p.add_argument("--samples", type=int, default=12)
-    p.add_argument("--celltypes", type=int, default=3)
-    p.add_argument("--de-genes", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--chunk-cells", type=int, default=10000)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cells", type=int, default=20000, help="cells (default %(default)s)")
+    p.add_argument("--genes", type=int, default=200, help="genes (default %(default)s)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=12,
+        help="subjects, nested in the treatments (obs column sam; default %(default)s)",
+    )
+    p.add_argument(
+        "--celltypes", type=int, default=3, help="cell types (obs column cls; default %(default)s)"
+    )
+    p.add_argument(
+        "--de-genes",
+        type=int,
+        default=None,
+        help="differentially expressed genes (default: one per cell type, as R's simuRNAseq)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
+    p.add_argument(
+        "--chunk-cells",
+        type=int,
+        default=10000,
+        help="cells per chunk of the store (default %(default)s)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     _common(p)
 
-    p = sub.add_parser("stats", help="reduce the data to summary statistics and save them")
-    _config_args(p)
-    p.add_argument("--out", help="statistics store (default OUTPUT/stats.zarr)")
+    p = sub.add_parser(
+        "stats", help="reduce the data to summary statistics and save them (OUTPUT/stats.zarr)"
+    )
+    _config_args(p, plots=False)
     _common(p)
 
     p = sub.add_parser("fit", help="fit from saved summary statistics")
@@ -131,7 +155,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"cluster.n_workers={args.workers}")
     if args.no_progress:
         out.append("progress=false")
-    if args.no_plots:
+    if getattr(args, "no_plots", False):
         out.append("output.plots=false")
     if getattr(args, "cells", None):
         out.append(f"simulate.n_cells={args.cells}")
@@ -163,17 +187,25 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(source, _overrides(args))
     if args.command == "stats":
         from flashmm_dask.cluster import open_client
-        from flashmm_dask.pipeline import STATS, OutputLock, compute_stats, prepare_inputs
+        from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
+        from flashmm_dask.pipeline import (
+            SIMULATED,
+            STATS,
+            OutputLock,
+            compute_stats,
+            prepare_inputs,
+        )
 
         folder = Path(cfg.output.path)
-        with OutputLock(folder):
+        cfg = cfg.with_overrides(["stats.save=true"])  # saving them is the command's job
+        names = [STATS] + ([SIMULATED] if cfg.data.path is None else [])
+        with removed_if_unused(folder), OutputLock(folder):
+            refuse_foreign(folder, names, overwrite=cfg.output.overwrite)
             inputs = prepare_inputs(cfg, folder)  # user errors before the cluster starts
+            register(folder, names)
             with open_client(cfg.cluster) as client:
                 stats = compute_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
-        target = args.out or str(folder / STATS)
-        if args.out:
-            stats.save(target, overwrite=cfg.output.overwrite)
-        print(f"summary statistics of {stats.m} features and {stats.n} cells in {target}")
+        print(f"summary statistics of {stats.m} features and {stats.n} cells in {folder / STATS}")
         return 0
     from flashmm_dask.pipeline import run
 
@@ -202,6 +234,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _test(args: argparse.Namespace) -> int:
     from flashmm_dask.errors import InputError
+    from flashmm_dask.io.outputs import refuse_foreign, register
     from flashmm_dask.retest import retest
 
     contrasts = {}
@@ -212,6 +245,9 @@ def _test(args: argparse.Namespace) -> int:
         contrasts[name.strip()] = expr.strip()
     table = retest(args.store, contrasts, alternative=args.alternative, stats=args.stats)
     out = Path(args.out) if args.out else Path(args.store).parent / "contrasts.csv"
+    if not args.out:  # the run's output folder: its contrasts.csv is the package's
+        refuse_foreign(out.parent, [out.name], overwrite=False)
+        register(out.parent, [out.name])
     tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".parquet":
         table.to_parquet(tmp, index=False)
@@ -226,11 +262,15 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from flashmm_dask.io.outputs import register
     from flashmm_dask.io.results import open_results
     from flashmm_dask.plots import make_report
 
     ds = open_results(args.store)
-    files = make_report(ds, Path(args.out) if args.out else Path(args.store).parent)
+    folder = Path(args.out) if args.out else Path(args.store).parent
+    files = make_report(ds, folder)
+    if not args.out:
+        register(folder, files)
     print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
     return 0
 
@@ -245,6 +285,15 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("flashmm-dask")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flashmm-dask`` console script."""
     args = parser().parse_args(argv)
@@ -255,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.debug:
                 warnings.simplefilter("ignore", FutureWarning)
+            # the package's warnings are log lines at the command line, never errors
+            warnings.simplefilter("default", FlashmmWarning)
             return handlers.get(args.command, _run)(args)
     except FlashmmError as exc:
         if args.debug:

@@ -8,6 +8,7 @@ Slurm jobs) and ``kubernetes`` (dask-kubernetes' KubeCluster). Every kind yields
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from flashmm_dask.cluster_checks import check_sbatch, wait_for_workers
 from flashmm_dask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -31,9 +33,47 @@ def local_workers(requested: int | None) -> int:
     return max(1, min(cpus or 1, 8))
 
 
+@contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Start child processes with SIGINT ignored (inherited through fork and exec).
+
+    Ctrl-C reaches every process of the terminal's foreground group: local worker
+    processes would each print a KeyboardInterrupt traceback. Ignoring it there leaves the
+    interrupt to the driver, which stops the run and closes the cluster.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _silence_distributed() -> dict[str, int]:
+    """No more log records from distributed, tornado or asyncio: the run is being stopped
+    and closing a busy cluster logs cancelled tasks and killed workers by the dozen.
+    Returns the levels before, for :func:`_restore_levels`."""
+    before = {}
+    for name in ("distributed", "tornado", "asyncio"):
+        before[name] = logging.getLogger(name).level
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    return before
+
+
+def _restore_levels(levels: dict[str, int]) -> None:
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def _local(cfg: Any) -> Any:
     from distributed import LocalCluster
 
+    with _children_ignore_sigint():
+        return _local_cluster(cfg, LocalCluster)
+
+
+def _local_cluster(cfg: Any, LocalCluster: Any) -> Any:
     return LocalCluster(
         n_workers=local_workers(cfg.n_workers),
         threads_per_worker=cfg.threads_per_worker,
@@ -79,6 +119,11 @@ def slurm_cluster(cfg: Any) -> Any:
         "scheduler_options": {"dashboard_address": cfg.dashboard_address or ":0"},
     }
     cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        check_sbatch(cluster.job_script())  # sbatch's own error now, not a hang later
+    except BaseException:
+        cluster.close()
+        raise
     if s.adaptive is not None and (s.adaptive.minimum is not None or s.adaptive.maximum):
         cluster.adapt(minimum_jobs=s.adaptive.minimum or 0, maximum_jobs=s.adaptive.maximum)
     else:
@@ -86,6 +131,13 @@ def slurm_cluster(cfg: Any) -> Any:
         # then replaced; after scale(jobs=n) it is not, and the run waits without workers
         cluster.adapt(minimum_jobs=s.n_jobs, maximum_jobs=s.n_jobs)
     return cluster
+
+
+def _expected_workers(cfg: Any) -> int:
+    """Workers a Slurm cluster starts before any work: n_jobs, or the adaptive minimum."""
+    s = cfg.slurm
+    jobs = (s.adaptive.minimum or 0) if s.adaptive is not None else s.n_jobs
+    return int(jobs) * int(s.processes)
 
 
 def kubernetes_cluster(cfg: Any) -> Any:
@@ -170,12 +222,33 @@ def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
         else:
             raise ConfigError(f"unknown cluster.kind {cfg.kind!r}")
         client = Client(cluster)
+        expected = _expected_workers(cfg) if cfg.kind == "slurm" else 0
+        if expected:  # an adaptive cluster from zero starts jobs only once there is work
+            try:
+                wait_for_workers(client, expected, cfg.worker_timeout, "Slurm")
+            except BaseException:
+                client.close()
+                cluster.close()
+                raise
         if cfg.kind == "local" and not logging.getLogger("distributed").isEnabledFor(logging.DEBUG):
             client.register_plugin(_quiet_task_errors())
     logger.info("Dask client: %s", client)
+    restore: dict[str, int] = {}
     try:
         yield client
+    except KeyboardInterrupt:
+        _silence_distributed()
+        if cfg.kind == "local":  # its workers share the terminal: quiet them too
+            with contextlib.suppress(Exception):
+                client.run(_silence_distributed)
+        raise
+    except BaseException:
+        # the run failed and says why in one line: closing the cluster under way (a slow
+        # worker killed after 4 s, cancelled tasks) is not news
+        restore = _silence_distributed()
+        raise
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+        _restore_levels(restore)

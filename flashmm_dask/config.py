@@ -5,7 +5,8 @@ cluster and output, and the keys progress and log_level (``configs/demo.yaml`` l
 key with its default).
 It is built in three layers:
 
-1. the defaults (:func:`default_config`, the demo run on simulated data);
+1. the defaults (no model and no contrasts: a config states its own; with no source,
+   :func:`default_config`, the demo run on simulated data with its model, :data:`DEMO`);
 2. a YAML file or a mapping (:func:`load_config`); its sections merge into the defaults and
    its values (a whole mapping such as ``contrasts`` included) replace them;
 3. overrides ``"dotted.key=value"``, the value parsed as YAML: ``model.method=ML``,
@@ -26,6 +27,7 @@ so a dumped file means the same wherever it is loaded from.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import hashlib
 import json
@@ -41,7 +43,7 @@ import yaml
 
 from flashmm_dask.errors import ConfigError
 
-__all__ = ["RunConfig", "default_config", "dump_config", "load_config"]
+__all__ = ["DEMO", "RunConfig", "default_config", "dump_config", "load_config", "require_model"]
 
 # -- rules for single values: each returns the normalised value or raises _Bad ---------
 
@@ -266,8 +268,9 @@ class SimulateConfig:
 class ModelConfig:
     """The mixed model: formulas, method, expression transform and Fisher scoring limits."""
 
-    fixed: str = _TEXT("~ 0 + log(libsize) + cls + cls:trt")
-    random: str | tuple[str, ...] = _key(_random, "~ 0 + sam")
+    # no default model: a config for the user's data states its own (the demo's is DEMO)
+    fixed: str | None = _TEXT()
+    random: str | tuple[str, ...] | None = _key(_random)
     method: str = _key(_choice("REML", "ML"), "REML")
     df: str = _key(_choice("residual", "satterthwaite"), "residual")
     transform: str = _key(_transform, "log2p1")
@@ -357,6 +360,8 @@ class ClusterConfig:
     memory_limit: str | int = _key(_size(auto=True), "auto")
     processes: bool = _BOOL(True)
     dashboard_address: str | None = _TEXT("127.0.0.1:0", optional=True)
+    # seconds to wait for the first worker of a Slurm or Kubernetes cluster
+    worker_timeout: float = _key(_number(0.0, strict=True), 600.0)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
@@ -369,8 +374,13 @@ class OutputConfig:
     plots: bool = _BOOL(True)
 
 
-def _default_contrasts() -> dict[str, str]:
-    return {"trt_in_cls1": "cls1:trtB", "trt_cls2_vs_cls1": "cls2:trtB - cls1:trtB"}
+#: The model and contrasts of the demo (simulated data with columns libsize, cls, trt,
+#: sam). They are not defaults: ``load_config(None)`` (the ``demo`` command) merges them
+#: in; a config file or mapping states its own model and contrasts.
+DEMO: dict[str, Any] = {
+    "model": {"fixed": "~ 0 + log(libsize) + cls + cls:trt", "random": "~ 0 + sam"},
+    "contrasts": {"trt_in_cls1": "cls1:trtB", "trt_cls2_vs_cls1": "cls2:trtB - cls1:trtB"},
+}
 
 
 @dataclass(frozen=True)
@@ -385,7 +395,7 @@ class RunConfig:
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     contrasts: dict[str, str] = field(
-        default_factory=_default_contrasts, metadata=_entries(_mapping(_string), "flat")
+        default_factory=dict, metadata=_entries(_mapping(_string), "flat")
     )
     test: InferenceConfig = field(default_factory=InferenceConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
@@ -452,9 +462,11 @@ def _schema(path: str) -> tuple[Field[Any] | None, Any]:
 
 
 def _unknown(key: str, section: str) -> str:
-    valid = ", ".join(sorted(f.name for f in fields(_schema(section)[1])))
+    names = sorted(f.name for f in fields(_schema(section)[1]))
     where = f"under '{section}'" if section else "at the top level"
-    return f"config key '{key}' is unknown; valid keys {where}: {valid}"
+    close = difflib.get_close_matches(key.rpartition(".")[2], names, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"config key '{key}' is unknown; valid keys {where}: {', '.join(names)}{hint}"
 
 
 def _fail(message: str, origin: str | None) -> ConfigError:
@@ -470,8 +482,28 @@ _IS_COUNTS = {True: "log2p1", False: "none"}
 
 
 def default_config() -> RunConfig:
-    """The demo configuration: simulated data, fitted on a local cluster."""
-    return RunConfig()
+    """The demo configuration: simulated data, the demo's model and contrasts (:data:`DEMO`),
+    fitted on a local cluster. ``RunConfig()`` itself has no model and no contrasts."""
+    return load_config(None)
+
+
+def require_model(cfg: RunConfig) -> None:
+    """Refuse a run whose config states no model (``model.fixed`` and ``model.random``).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the missing key and an example.
+    """
+    examples = {"fixed": "'~ 0 + log(libsize) + cell_type + cell_type:condition'"}
+    examples["random"] = "'~ 0 + donor' (one random intercept per donor)"
+    for key in ("fixed", "random"):
+        if getattr(cfg.model, key) is None:
+            raise ConfigError(
+                f"config key 'model.{key}' is not set: a config states its own model, e.g. "
+                f"model.{key}: {examples[key]} over columns of the cell metadata (obs); "
+                "configs/demo.yaml shows a whole config"
+            )
 
 
 def load_config(
@@ -483,8 +515,9 @@ def load_config(
     Parameters
     ----------
     source : str or os.PathLike or Mapping or RunConfig, optional
-        A YAML file, a mapping of sections, or None for :func:`default_config`. Relative
-        paths in a file are resolved against the file's folder (not those of a mapping).
+        A YAML file, a mapping of sections, or None for :func:`default_config` (the demo:
+        its model and contrasts, :data:`DEMO`, are merged in only then). Relative paths in
+        a file are resolved against the file's folder (not those of a mapping).
     overrides : iterable of str
         ``"dotted.key=value"`` strings, the value parsed as YAML, applied in order after
         the source; ``contrasts.NAME=null`` removes one contrast.
@@ -503,6 +536,8 @@ def load_config(
     origins: dict[str, str] = {}
     if isinstance(source, RunConfig):
         source = source.to_dict()
+    if source is None:
+        _merge(tree, copy.deepcopy(DEMO), "", "in the demo configuration", origins)
     if isinstance(source, Mapping):
         _merge(tree, copy.deepcopy(dict(source)), "", "in the given mapping", origins)
     elif source is not None:

@@ -46,3 +46,7 @@ class ZeroFeatureWarning(FlashmmWarning):
 
 class ConvergenceWarning(FlashmmWarning):
     """Some features did not converge within max_iter iterations."""
+
+
+class DuplicateFeatureWarning(FlashmmWarning):
+    """Some feature names are duplicated; they were made unique as anndata does."""

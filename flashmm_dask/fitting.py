@@ -9,6 +9,7 @@ formulas to a fit, reducing the data in one Dask pass. All return the same
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +21,9 @@ from flashmm_dask.design import Design, build_design
 from flashmm_dask.design_check import check_design_replication, check_stats_replication
 from flashmm_dask.errors import InputError
 from flashmm_dask.fit import LmmFit
+from flashmm_dask.groupings import factor_groupings
 from flashmm_dask.io.readers import Expression, read_expression
+from flashmm_dask.keywords import check_keywords, keyword_names
 from flashmm_dask.lmm import lmm
 from flashmm_dask.reduce import reduce_stats
 from flashmm_dask.stats import SummaryStats
@@ -68,11 +71,24 @@ def lmm_stats(stats: SummaryStats, *, check_design: bool = True, **kwargs: Any) 
     )
 
 
+def with_factor_groupings(expr: Expression, fixed: str, random: Any) -> Expression:
+    """``expr`` with the integer grouping columns of the random formulas as factors
+    (:func:`flashmm_dask.groupings.factor_groupings`)."""
+    obs, converted = factor_groupings(expr.obs, fixed, random)
+    return dataclasses.replace(expr, obs=obs) if converted else expr
+
+
+def _lmm_keywords() -> list[str]:
+    """The keywords :func:`lmm` takes after its summary statistics."""
+    return keyword_names(lmm)[8:]
+
+
 def lmmfit(Y: Any, X: Any, Z: Any, d: Sequence[int] | None = None, **kwargs: Any) -> LmmFit:
     """Fit from cell-level matrices (R's ``lmmfit``): Y is features x cells.
 
     Keyword arguments go to :func:`lmm_stats` (``check_design``) and :func:`lmm`.
     """
+    check_keywords("lmmfit", kwargs, [*_lmm_keywords(), "check_design"])
     return lmm_stats(sslmm(X, Y, Z, d=d), **kwargs)
 
 
@@ -179,7 +195,13 @@ def flashmm(
     Returns
     -------
     LmmFit
+
+    Raises
+    ------
+    InputError
+        An unknown keyword (checked before the data are read, with the closest valid one).
     """
+    check_keywords("flashmm", kwargs, [*keyword_names(flashmm)[4:], *_lmm_keywords()])
     expr = read_expression(
         data,
         layer=layer,
@@ -194,6 +216,7 @@ def flashmm(
             "the data carry no cell metadata; pass metadata= (a DataFrame or CSV path) "
             "with the columns the formulas use"
         )
+    expr = with_factor_groupings(expr, fixed, random)
     design: Design = build_design(expr.obs, fixed, random)
     if check_design:  # from the cell metadata, before the expression is read
         check_design_replication(design, expr.obs)

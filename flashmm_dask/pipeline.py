@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -42,10 +41,12 @@ import numpy as np
 
 from flashmm_dask.blockfit import BlockReport, SharedModel, fit_block
 from flashmm_dask.cluster import open_client
+from flashmm_dask.config import require_model
 from flashmm_dask.contrasts import contrast_matrix
 from flashmm_dask.design_check import check_design_replication, check_stats_replication
 from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
-from flashmm_dask.fitting import add_pcs, resolve_transform
+from flashmm_dask.fitting import add_pcs, resolve_transform, with_factor_groupings
+from flashmm_dask.io.outputs import clear_owned, refuse_foreign, register, removed_if_unused
 from flashmm_dask.io.results import (
     STATUS,
     ResultsLayout,
@@ -58,6 +59,7 @@ from flashmm_dask.io.results import (
 )
 from flashmm_dask.progress import Timings, wait
 from flashmm_dask.stats import SummaryStats
+from flashmm_dask.stored_model import check_stats_model, config_difference
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +256,18 @@ class OutputLock:
 
 
 def _clear_output(folder: Path) -> None:
-    for name in (RESULTS, STATS, SIMULATED, "plots", "results.csv", "results.parquet"):
-        target = folder / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    """Remove the outputs of an earlier run: exactly the files of the folder's manifest."""
+    clear_owned(folder)
+
+
+def run_outputs(cfg: Any) -> list[str]:
+    """The names a run of ``cfg`` writes at the top of its output folder (plots aside)."""
+    names = [RESULTS]
+    if cfg.stats.save:
+        names.append(STATS)
+    if cfg.data.path is None:
+        names.append(SIMULATED)
+    return names + [f"results.{kind}" for kind in cfg.output.tables]
 
 
 def _check_existing(store: Path, cfg: Any) -> bool:
@@ -273,9 +281,11 @@ def _check_existing(store: Path, cfg: Any) -> bool:
         logger.warning("overwriting %s, which holds a run with another config", store.parent)
         _clear_output(store.parent)
         return False
+    differs = config_difference(attrs.get("config"), cfg)
     raise StoreError(
-        f"output {str(store.parent)!r} holds a run with a different configuration; "
-        "rerun with --overwrite to replace it, or choose another output.path"
+        f"output {str(store.parent)!r} holds a run with a different configuration"
+        + (f" (it differs in {differs})" if differs else "")
+        + "; rerun with --overwrite to replace it, or choose another output.path (--output)"
     )
 
 
@@ -349,9 +359,12 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
     from flashmm_dask.io.soma import read_for_run
 
     inputs: Inputs | None = None
+    if cfg.stats.load is None:
+        require_model(cfg)
     if cfg.stats.load is not None:
         logger.info("loading summary statistics from %s", cfg.stats.load)
         inputs = Inputs(SummaryStats.load(cfg.stats.load))
+        check_stats_model(cfg, inputs.stats, cfg.stats.load)
     elif (folder / STATS).exists():
         try:
             cached: SummaryStats | None = SummaryStats.load(str(folder / STATS))
@@ -383,6 +396,7 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
                 "than its fixed-effect coefficients, over 2 or more random-effect levels)"
             )
         _check_features(cfg.data.features, expr.features)
+        expr = with_factor_groupings(expr, cfg.model.fixed, cfg.model.random)
         design = build_design(expr.obs, cfg.model.fixed, cfg.model.random)
         pcs = tuple(f"PC{i + 1}" for i in range(cfg.model.pcs))
         inputs = Inputs(
@@ -413,7 +427,7 @@ def _check_features(selected: Any, available: Any) -> None:
         shown = ", ".join(repr(f) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise InputError(
             f"data.features names {len(missing)} features that the data do not have: "
-            f"{shown}; the data have {len(known)} features, e.g. "
+            f"{shown}; the data have {len(available)} features, e.g. "
             f"{', '.join(repr(str(f)) for f in list(available)[:3])}"
         )
 
@@ -619,9 +633,11 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
     show = cfg.progress if show_progress is None else show_progress
     timings = Timings()
     started = time.perf_counter()
-    with OutputLock(folder):
+    with removed_if_unused(folder), OutputLock(folder):
         store = folder / RESULTS
+        refuse_foreign(folder, run_outputs(cfg), overwrite=cfg.output.overwrite)
         resuming = _check_existing(store, cfg)
+        register(folder, run_outputs(cfg))
         if resuming and read_store_attrs(str(store)).get("complete"):
             logger.info("%s is complete for this configuration; writing tables and plots", store)
             reports: list[BlockReport] = []
@@ -675,8 +691,7 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
                 advice,
                 name,
             )
-    logger.info("%s", summary.line())
-    return summary
+    return summary  # the command line prints summary.line() once
 
 
 def _counts(ds: Any) -> dict[str, Any]:
@@ -705,4 +720,5 @@ def _outputs(cfg: Any, store: Path, folder: Path, timings: Timings) -> list[Path
 
         with timings.phase("plots"):
             files += make_report(ds, folder)
+    register(folder, files)
     return files

@@ -18,25 +18,93 @@ def interactive() -> bool:
 
 
 def wait(futures: Sequence[Any], what: str, *, show: bool) -> None:
-    """Wait for Dask futures: a distributed progress bar when ``show``, else log lines.
+    """Wait for Dask futures and every task they depend on, reporting the progress.
 
-    Log lines come at every tenth of the work, so a batch job's log shows how far a long
-    run got.
+    With ``show`` and standard error a terminal: a bar labelled with the phase
+    (``reduction [#####     ]  50% | 12/24 tasks | 3.1s``), redrawn in place. Otherwise
+    (a batch job's log, a pipe): a log line at every tenth of the tasks, so a log shows how
+    far a long run got. The tasks are counted over the whole graph (for the reduction,
+    every chunk read and summed), from the scheduler.
     """
-    from distributed import as_completed
-
-    total = len(futures)
-    if not total:
+    if not futures:
         return
-    if show and interactive():
-        from distributed.diagnostics.progressbar import progress
+    bar = PhaseProgress(list(futures), what, live=show and interactive())
+    try:
+        bar.run()
+    except Exception as exc:  # the scheduler's feed: fall back to the futures themselves
+        logger.debug("progress feed failed (%s); waiting on the futures", exc)
+    from distributed import wait as wait_all
 
-        progress(list(futures), notebook=False)
-        return
-    step = max(1, total // 10)
-    for done, _ in enumerate(as_completed(list(futures)), start=1):
-        if done % step == 0 or done == total:
-            logger.info("%s: %d/%d done", what, done, total)
+    wait_all(list(futures))
+
+
+_INTERVAL = 0.1  # seconds between two reports of the scheduler's progress feed
+
+
+def _bar_class() -> Any:
+    from distributed.diagnostics.progressbar import TextProgressBar
+
+    return TextProgressBar
+
+
+class PhaseProgress:
+    """Progress of the tasks behind some futures, from the scheduler's progress feed.
+
+    Parameters
+    ----------
+    futures : the futures to follow (their dependencies are counted too)
+    what : the phase's name, the label of the bar and of the log lines
+    live : draw a bar on standard error (a terminal) instead of log lines
+    """
+
+    def __init__(self, futures: Sequence[Any], what: str, *, live: bool) -> None:
+        self.what = what
+        self.live = live
+        self.logged = 0  # the last tenth logged (none before the first tenth is done)
+        outer = self
+
+        class _Feed(_bar_class()):  # type: ignore[misc]
+            def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
+                outer.update(all - remaining, all, self.elapsed)
+
+            def _draw_stop(self, **kwargs: Any) -> None:
+                outer.stop(kwargs.get("status") == "finished")
+
+        interval = f"{int(1000 * _INTERVAL)}ms"
+        client = getattr(futures[0], "client", None)
+        scheduler = client.scheduler.address if client is not None else None
+        self._feed = _Feed(list(futures), scheduler, interval=interval, start=False)
+
+    def run(self) -> None:
+        """Follow the tasks until they are all finished (or one fails)."""
+        self._feed._loop_runner.run_sync(self._feed.listen)
+        # the scheduler's feed notices the closed comm at its next write; a scheduler
+        # closed before that would log the feed's cancellation as an error
+        time.sleep(2.5 * _INTERVAL)
+
+    def update(self, done: int, total: int, elapsed: float) -> None:
+        """Draw the bar, or log when the work crossed another tenth."""
+        frac = done / total if total else 1.0
+        if self.live:
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(
+                f"\r{self.what} [{bar:<30}] {int(100 * frac):3d}% | {done}/{total} tasks | "
+                f"{elapsed:.1f}s"
+            )
+            sys.stderr.flush()
+            return
+        tenth = int(10 * frac)
+        if tenth > self.logged:
+            self.logged = tenth
+            logger.info(
+                "%s: %d%% (%d/%d tasks, %.1f s)", self.what, 10 * tenth, done, total, elapsed
+            )
+
+    def stop(self, finished: bool) -> None:
+        """End the bar's line."""
+        if self.live:
+            sys.stderr.write("\n" if finished else "\r\33[2K")
+            sys.stderr.flush()
 
 
 class Timings(dict):
@@ -50,4 +118,4 @@ class Timings(dict):
             yield
         finally:
             self[name] = round(time.perf_counter() - start, 3)
-            logger.info("%s: %.2f s", name, self[name])
+        logger.info("%s: %.2f s", name, self[name])  # a phase that completed

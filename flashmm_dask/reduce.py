@@ -142,6 +142,7 @@ def _block_partial(
     transform: str,
     target_sum: float,
     check: bool,
+    source: str = "",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features)."""
     X, Z = XZ
@@ -160,7 +161,7 @@ def _block_partial(
             return products
     E = _canonical(E)
     if check:
-        _check_block(E, features, start, col0, transform)
+        _check_block(E, features, start, col0, transform, source)
     E = _transform(E, transform, target_sum)
     if isinstance(E, sp.csr_matrix):
         products = sparse_products(E, X, Z)
@@ -181,6 +182,7 @@ def _chunk_partial(
     transform: str,
     target_sum: float,
     check: bool,
+    source: str = "",
 ) -> tuple[Any, ...]:
     """(XX_i, ZX_i, ZZ_i, n_i, XY_i, ZY_i, Ynorm_i) of a cell chunk with all its features."""
     if isinstance(block, _InlineRead):
@@ -188,7 +190,7 @@ def _chunk_partial(
     XZ = _design_chunk(design, obs, start)
     return (
         *_shared_partial(XZ),
-        *_block_partial(block, XZ, features, start, 0, transform, target_sum, check),
+        *_block_partial(block, XZ, features, start, 0, transform, target_sum, check, source),
     )
 
 
@@ -324,7 +326,12 @@ def _canonical(E: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_matrix:
 
 
 def _check_block(
-    E: np.ndarray | sp.csr_matrix, features: tuple[str, ...], start: int, col0: int, transform: str
+    E: np.ndarray | sp.csr_matrix,
+    features: tuple[str, ...],
+    start: int,
+    col0: int,
+    transform: str,
+    source: str = "",
 ) -> None:
     n_i = E.shape[0]
     cells = f"cells {start}..{start + n_i - 1}"
@@ -346,6 +353,21 @@ def _check_block(
                 "data are already normalised use transform='none' (R FLASHMM: "
                 "is_counts=FALSE, flashmm-dask: is_counts=False)"
             )
+        if transform == "log2p1" and values.dtype.kind == "f":
+            # counts are whole numbers: log-normalised values analysed as counts would be
+            # transformed twice. One vectorised comparison over the stored values
+            fraction = values != np.floor(values)
+            if fraction.any():
+                col = _first_column(E, fraction)
+                example = float(values[fraction].flat[0])
+                where = f" of {source}" if source else ""
+                raise DataError(
+                    f"the values{where} are not counts: feature {features[col0 + col]!r} has "
+                    f"non-integer values ({cells}, e.g. {example:.6g}), but "
+                    f"transform={transform!r} expects raw counts; read the layer that holds "
+                    "the counts (config: data.layer: counts; Python: layer='counts'), or, if "
+                    "the values are already normalised, use transform: none (is_counts=False)"
+                )
 
 
 def _first_column(E: np.ndarray | sp.csr_matrix, mask: np.ndarray) -> int:
@@ -508,8 +530,8 @@ def stats_graph(
     split_every : int
         Fan-in of the tree that sums the partials over cell chunks.
     check : bool
-        Raise :class:`DataError` on NaN/Inf, or on negative values with a counts
-        transform, naming the cells and the feature.
+        Raise :class:`DataError` on NaN/Inf, or on negative or non-integer values with a
+        counts transform, naming the data, the cells and the feature.
     provenance : mapping, optional
         Extra provenance (formulas, source); ``transform`` and ``target_sum`` are added.
 
@@ -547,6 +569,7 @@ def _build_graph(
         )
         data = data.rechunk({1: -1})
     features = tuple(str(f) for f in expr.features)
+    source = str(getattr(expr, "source", "") or "")
     cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
     feature_starts = np.concatenate([[0], np.cumsum(data.chunks[1])]).astype(int)
     # unique keys: hashing obs and the design would cost O(n) and buys nothing here
@@ -583,6 +606,7 @@ def _build_graph(
                     transform,
                     target_sum,
                     check,
+                    source,
                     dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
                 )
             )
@@ -604,6 +628,7 @@ def _build_graph(
                     transform,
                     target_sum,
                     check,
+                    source,
                     dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
                 )
             )

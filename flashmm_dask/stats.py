@@ -563,7 +563,7 @@ class SummaryStats:
         except Exception as exc:
             raise StoreError(
                 f"could not write summary statistics to {url}: {exc}; the store there is "
-                "incomplete (load() refuses it); write it again with overwrite=True"
+                "incomplete (load() refuses it); write it again with overwrite=True (--overwrite)"
             ) from exc
 
     @classmethod
@@ -617,7 +617,7 @@ class SummaryStats:
         if attrs.get("complete") is not True:
             raise StoreError(
                 f"{path} is incomplete (its write was interrupted); compute and save the "
-                "statistics again with overwrite=True"
+                "statistics again with overwrite=True (--overwrite)"
             )
         arrays: dict[str, np.ndarray] = {}
         try:
@@ -663,7 +663,7 @@ def _is_stats_store(path: str, options: Mapping[str, Any]) -> bool:
 
 def _refuse_replace(path: str, overwrite: bool, is_stats_store: bool) -> None:
     if not overwrite:
-        raise StoreError(f"{path} already exists; pass overwrite=True to replace it")
+        raise StoreError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     if not is_stats_store:
         raise StoreError(
             f"{path} exists and is not a summary-statistics store; refusing to replace it. "

@@ -337,6 +337,18 @@ def _override(text: str) -> Make:
     return make
 
 
+def _misspelled_keyword(c: Ctx):
+    base = c.world.base
+    return c.run_args("--set", "data.layers=counts"), lambda: flashmm(
+        base, FIXED, RANDOM, layers="counts"
+    )
+
+
+def _float_grouping(frame: pd.DataFrame) -> None:
+    # a float column is a number, not a grouping: still refused (integers are factors)
+    frame["donor"] = 1.5
+
+
 CASES = [
     Case("missing store", _missing_store, r"no such store.*give the path", DataError),
     Case("unreadable store", _unreadable_store, r"unreadable or corrupt", DataError),
@@ -346,6 +358,25 @@ CASES = [
     Case("NaN in expression", _with_value(np.nan), r"NaN or Inf.*remove or impute", DataError),
     Case("Inf in expression", _with_value(np.inf), r"NaN or Inf.*remove or impute", DataError),
     Case("negative counts", _with_value(-2.0), r"negative values.*transform", DataError),
+    Case(
+        "non-integer values under log2p1",
+        _with_value(0.6931),
+        r"not counts: feature .* non-integer values .*0\.6931.*data\.layer: counts.*"
+        r"transform: none",
+        DataError,
+    ),
+    Case(
+        "misspelled keyword",
+        _misspelled_keyword,
+        r"'(data\.)?layers'.*did you mean 'layer'",
+        InputError,
+    ),
+    Case(
+        "float column as a random grouping",
+        _formula(FIXED, "~ 0 + donor", obs=_float_grouping),
+        r"single level.*at least 2",
+        DesignError,
+    ),
     Case("obs length mismatch", _obs_length, r"obs has 297 rows.*one obs row per", DataError),
     Case("obs file missing", _obs_file_missing, r"no such obs file.*give the path", DataError),
     Case(
@@ -427,7 +458,8 @@ CASES = [
     Case(
         "output holds another configuration",
         _different_config,
-        r"different configuration; rerun with --overwrite",
+        r"different configuration \(it differs in model\.method \('REML' there, 'ML' here\)\); "
+        r"rerun with --overwrite",
         StoreError,
     ),
     Case("output is a file", _output_is_a_file, r"is a file, not a folder", StoreError),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flashmm_dask.config import RunConfig, default_config, dump_config, load_config
+from flashmm_dask.config import DEMO, RunConfig, default_config, dump_config, load_config
 from flashmm_dask.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -179,8 +179,20 @@ def test_file_sections_merge_into_defaults_and_mappings_replace(tmp_path):
     path = write(tmp_path / "c.yaml", "model:\n  method: ML\ncontrasts:\n  only: cls2\n")
     cfg = load_config(path)
     assert cfg.model.method == "ML"
-    assert cfg.model.fixed == default_config().model.fixed
+    # a file merges into the defaults, which carry no model: not the demo's (issue 16)
+    assert cfg.model.fixed is None and cfg.model.random is None
+    assert cfg.model.max_iter == default_config().model.max_iter
     assert cfg.contrasts == {"only": "cls2"}
+
+
+def test_a_config_without_contrasts_inherits_none_of_the_demo(tmp_path):
+    path = write(
+        tmp_path / "c.yaml", "model:\n  fixed: '~ 0 + cell_type'\n  random: '~ 0 + donor'\n"
+    )
+    cfg = load_config(path)
+    assert cfg.contrasts == {}
+    assert default_config().contrasts == DEMO["contrasts"]
+    assert load_config(None).model.fixed == DEMO["model"]["fixed"]
 
 
 def test_is_counts_alias():

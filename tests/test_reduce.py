@@ -470,7 +470,10 @@ def test_memory_is_set_by_the_chunk_not_by_n() -> None:
 
     def random_block(placeholder: np.ndarray, block_info: Any = None) -> sp.csr_matrix:
         (r0, r1), (c0, c1) = block_info[None]["array-location"]
-        return sp.random(r1 - r0, c1 - c0, density=2e-4, format="csr", rng=r0)
+        # counts (log2p1 refuses non-integer values, issue 16), stored as floats
+        rng = np.random.default_rng(r0)
+        counts = lambda k: rng.integers(1, 20, k).astype(float)  # noqa: E731
+        return sp.random(r1 - r0, c1 - c0, density=2e-4, format="csr", rng=rng, data_rvs=counts)
 
     x = da.zeros((n, m), chunks=(chunk, m)).map_blocks(
         random_block, dtype=float, meta=sp.csr_matrix((0, 0))

@@ -229,7 +229,11 @@ def test_credentials_are_not_written(tmp_path, caplog):
     options = {"key": "AKIAEXAMPLEKEY", "secret": SECRET, "client_kwargs": {"token": SECRET}}
     out = tmp_path / "out"
     cfg = load_config(
-        {"data": {"path": str(data), "storage_options": options}},
+        {
+            # a config states its model (no demo model by default, issue 16)
+            "data": {"path": str(data), "storage_options": options},
+            "model": {"fixed": "~ 0 + log(libsize) + cls + cls:trt", "random": "~ 0 + sam"},
+        },
         [
             f"output.path={out}",
             "cluster.n_workers=1",

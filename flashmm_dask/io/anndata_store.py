@@ -101,7 +101,7 @@ def staged(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of path to write into; move it to path on success."""
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise StoreError(
-            f"{str(path)!r} already exists; pass overwrite=True to replace it "
+            f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it "
             "or choose another path"
         )
     if not path.parent.is_dir():

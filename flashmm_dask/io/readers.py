@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -67,7 +68,7 @@ import pandas as pd
 import zarr
 from scipy import sparse
 
-from flashmm_dask.errors import DataError, InputError
+from flashmm_dask.errors import DataError, DuplicateFeatureWarning, InputError
 from flashmm_dask.io._blocks import (
     DenseRows,
     Element,
@@ -108,6 +109,33 @@ ORIENTATIONS: tuple[Orientation, ...] = ("cells_x_features", "features_x_cells")
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 
 
+def unique_features(features: pd.Index, what: str) -> pd.Index:
+    """``features`` with duplicated names made unique as anndata's ``var_names_make_unique``.
+
+    The second ``GENE`` becomes ``GENE-1``, the third ``GENE-2`` (a
+    :class:`~flashmm_dask.errors.DuplicateFeatureWarning` names the duplicates and their
+    count), so every row of the results names one feature and ``data.features`` can select
+    each copy. Unique names are returned as they are (the same object).
+    """
+    if features.is_unique:
+        return features
+    from anndata.utils import make_index_unique
+
+    counts = features.value_counts()
+    counts = counts[counts > 1]
+    shown = ", ".join(f"{name!r} x{int(k)}" for name, k in counts.head(5).items())
+    more = f" and {len(counts) - 5} more" if len(counts) > 5 else ""
+    unique = make_index_unique(pd.Index(features.astype(str)), join="-")
+    warnings.warn(
+        f"duplicated feature names in {what}: {shown}{more} (name x copies); they are made "
+        "unique as anndata's var_names_make_unique does (the second 'NAME' is 'NAME-1'); "
+        "select them by these names in data.features, or make var_names unique in the data",
+        DuplicateFeatureWarning,
+        stacklevel=2,
+    )
+    return unique
+
+
 @dataclass(frozen=True, repr=False)
 class Expression:
     """Expression values of ``n_cells`` cells and ``n_features`` features.
@@ -137,6 +165,9 @@ class Expression:
         check_lengths(
             self.n_cells, self.n_features, obs=self.obs, features=self.features, what=self.source
         )
+        unique = unique_features(self.features, self.source)
+        if unique is not self.features:
+            object.__setattr__(self, "features", unique)
 
     @property
     def n_cells(self) -> int:

@@ -899,7 +899,10 @@ def results_table(ds: xr.Dataset) -> pd.DataFrame:
                 }
             )
         )
-    return pd.concat(parts, ignore_index=True)
+    table = pd.concat(parts, ignore_index=True)
+    # iterations are counts: an integer column, empty (NA) where a feature was not fitted
+    table["niter"] = table["niter"].round().astype("Int64")
+    return table
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
