@@ -142,8 +142,12 @@ def flashmm(
     storage_options: Mapping[str, Any] | None = None,
     pcs: int = 0,
     split_every: int = 8,
+    by: str | None = None,
+    cells: Any = None,
+    min_cells: int = 0,
+    drop_missing: bool = False,
     **kwargs: Any,
-) -> LmmFit:
+) -> LmmFit | dict[str, LmmFit]:
     """Fit the mixed model of every feature of an expression dataset.
 
     Parameters
@@ -159,12 +163,22 @@ def flashmm(
     layer, orientation, chunk_cells, storage_options : passed to the reader
     pcs : add the top ``pcs`` principal components of the transformed data to X
     split_every : fan-in of the tree reduction
+    by : obs column: fit one model per level (a stratum), each with its own variance
+        components, all from one pass over the data (see :mod:`flashmm_dask.strata`)
+    cells : the cells to use: an expression over obs columns
+        (``"cell_type != 'doublet' and n_genes >= 200"``, see
+        :mod:`flashmm_dask.selection`) or a boolean mask
+    min_cells : a feature non-zero in fewer of a stratum's (selected) cells is not fitted
+        there: its results are NaN (niter NaN)
+    drop_missing : leave out cells with a missing value in a formula (or ``by``) column
+        instead of raising
     **kwargs : passed to :func:`lmm` (method, df ("residual" or "satterthwaite"), max_iter,
         epsilon, output_* ...)
 
     Returns
     -------
-    LmmFit
+    LmmFit, or with ``by`` a dict level -> LmmFit in level order (strata that cannot be
+    fitted are left out with a warning, see :func:`flashmm_dask.strata.plan_strata`)
     """
     expr = read_expression(
         data,
@@ -181,8 +195,86 @@ def flashmm(
             "with the columns the formulas use"
         )
     expr, fixed = add_pcs(expr, pcs, chosen, fixed)
+    if by is not None or cells is not None or min_cells or drop_missing:
+        from flashmm_dask.reduce_strata import reduce_strata
+        from flashmm_dask.strata import plan_strata
+
+        strata = plan_strata(
+            expr.obs, fixed, random, by=by, cells=cells, drop_missing=drop_missing
+        )
+        per_stratum = reduce_strata(
+            expr, strata, transform=chosen, target_sum=target_sum, split_every=split_every
+        )
+        fits = fit_strata(per_stratum, min_cells=min_cells, **kwargs)
+        return fits if by is not None else fits["all"]
     design: Design = build_design(expr.obs, fixed, random)
     stats = reduce_stats(
         expr, design, transform=chosen, target_sum=target_sum, split_every=split_every
     )
     return lmm_stats(stats, **kwargs)
+
+
+def filter_features(stats: SummaryStats, min_cells: int) -> tuple[SummaryStats, np.ndarray]:
+    """The statistics with the features non-zero in fewer than ``min_cells`` cells
+    emptied (XY, ZY, Ynorm set to 0, so that they are not fitted), and the (m,) mask of
+    those features.
+
+    Raises
+    ------
+    InputError
+        ``min_cells`` > 0 but the statistics carry no non-zero counts (``nnz``).
+    """
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 0:
+        raise InputError(f"min_cells must be a non-negative integer, got {min_cells!r}")
+    filtered = np.zeros(stats.m, dtype=bool)
+    if min_cells == 0:
+        return stats, filtered
+    if stats.nnz is None:
+        raise InputError(
+            "min_cells needs the per-feature non-zero counts, which these statistics do not "
+            "carry; compute them again with this version (flashmm-dask stats)"
+        )
+    filtered = np.asarray(stats.nnz) < min_cells
+    if not filtered.any():
+        return stats, filtered
+    keep = ~filtered
+    emptied = SummaryStats(
+        XX=stats.XX,
+        XY=np.asarray(stats.XY) * keep,
+        ZX=stats.ZX,
+        ZY=np.asarray(stats.ZY) * keep,
+        ZZ=stats.ZZ,
+        Ynorm=np.asarray(stats.Ynorm) * keep,
+        n=stats.n,
+        d=stats.d,
+        covariates=stats.covariates,
+        random=stats.random,
+        components=stats.components,
+        features=stats.features,
+        provenance=stats.provenance,
+        nnz=stats.nnz,
+    )
+    return emptied, filtered
+
+
+def fit_strata(strata: Mapping[str, SummaryStats], *, min_cells: int = 0, **kwargs: Any) -> dict:
+    """:func:`lmm_stats` of each stratum's statistics, in level order.
+
+    Features non-zero in fewer than ``min_cells`` cells of a stratum are not fitted there
+    (NaN results); keyword arguments go to :func:`lmm`.
+    """
+    fits = {}
+    for level, stats in strata.items():
+        emptied, filtered = filter_features(stats, min_cells)
+        if filtered.any():
+            logger.info(
+                "stratum %s: %d of %d features are non-zero in fewer than %d cells and are "
+                "not fitted",
+                level,
+                int(filtered.sum()),
+                stats.m,
+                min_cells,
+            )
+        options = {**kwargs, "warn_zero": False} if filtered.any() else kwargs
+        fits[level] = lmm_stats(emptied, **options)
+    return fits
