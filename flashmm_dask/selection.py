@@ -126,13 +126,7 @@ class CellSelection:
                 f"{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}; obs has "
                 f"{', '.join(map(str, obs.columns))}"
             )
-        out = _evaluate(self._tree, obs, self.text)
-        if isinstance(out, pd.Series | np.ndarray) and np.asarray(out).dtype == bool:
-            return np.asarray(out, dtype=bool)
-        raise SelectionError(
-            f"cell selection {self.text!r} is not a condition; write a comparison such as "
-            "\"cell_type != 'doublet'\""
-        )
+        return _condition(_evaluate(self._tree, obs, self.text), self._tree, self.text)
 
 
 class _Parser:
