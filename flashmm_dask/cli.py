@@ -22,6 +22,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flashmm_dask.errors import FlashmmError
 
@@ -161,6 +162,10 @@ def _run(args: argparse.Namespace) -> int:
         from flashmm_dask.pipeline import STATS, OutputLock, compute_stats, prepare_inputs
 
         folder = Path(cfg.output.path)
+        from flashmm_dask.pipeline_strata import uses_strata
+
+        if uses_strata(cfg):  # strata or a cell selection
+            return _strata_stats(cfg, folder, args.out)
         with OutputLock(folder):
             inputs = prepare_inputs(cfg, folder)  # user errors before the cluster starts
             with open_client(cfg.cluster) as client:
@@ -174,6 +179,27 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run(cfg)
     print(summary.line())
+    return 0
+
+
+def _strata_stats(cfg: Any, folder: Path, out: str | None) -> int:
+    """``flashmm-dask stats`` of a config with strata or a cell selection."""
+    from flashmm_dask.cluster import open_client
+    from flashmm_dask.pipeline import STATS, OutputLock
+    from flashmm_dask.pipeline_strata import compute_strata_stats, prepare_strata
+
+    with OutputLock(folder):
+        inputs = prepare_strata(cfg, folder)
+        with open_client(cfg.cluster) as client:
+            stats = compute_strata_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
+    target = out or str(folder / STATS)
+    if out:
+        if stats.by is None:
+            stats["all"].save(target, overwrite=cfg.output.overwrite)
+        else:
+            stats.save(target, overwrite=cfg.output.overwrite)
+    sizes = ", ".join(f"{k}: {v.n} cells" for k, v in stats.items())
+    print(f"summary statistics of {len(stats)} strata ({sizes}) in {target}")
     return 0
 
 
@@ -205,7 +231,12 @@ def _test(args: argparse.Namespace) -> int:
         if not sep or not name.strip() or not expr.strip():
             raise InputError(f"contrast {item!r} must be NAME=EXPRESSION, e.g. 'B-A=trtB - trtA'")
         contrasts[name.strip()] = expr.strip()
-    table = retest(args.store, contrasts, alternative=args.alternative)
+    from flashmm_dask.strata_results import is_strata_store, retest_strata
+
+    if is_strata_store(args.store):  # every stratum that has the contrast's coefficients
+        table = retest_strata(args.store, contrasts, alternative=args.alternative)
+    else:
+        table = retest(args.store, contrasts, alternative=args.alternative)
     out = Path(args.out) if args.out else Path(args.store).parent / "contrasts.csv"
     tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".parquet":
@@ -224,8 +255,15 @@ def _report(args: argparse.Namespace) -> int:
     from flashmm_dask.io.results import open_results
     from flashmm_dask.plots import make_report
 
+    from flashmm_dask.strata_results import is_strata_store, strata_report
+
+    out = Path(args.out) if args.out else Path(args.store).parent
+    if is_strata_store(args.store):
+        files = strata_report(args.store, out)
+        print(f"wrote {len(files)} plots into {out / 'strata'}")
+        return 0
     ds = open_results(args.store)
-    files = make_report(ds, Path(args.out) if args.out else Path(args.store).parent)
+    files = make_report(ds, out)
     print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
     return 0
 
