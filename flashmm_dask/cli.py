@@ -254,7 +254,6 @@ def _test(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from flashmm_dask.io.results import open_results
     from flashmm_dask.plots import make_report
-
     from flashmm_dask.strata_results import is_strata_store, strata_report
 
     out = Path(args.out) if args.out else Path(args.store).parent

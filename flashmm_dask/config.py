@@ -192,7 +192,7 @@ def _features(v: Any) -> tuple[str, ...] | dict[str, str]:
     """data.features: a list of names, or {var_column: NAME} (a boolean var column)."""
     if isinstance(v, Mapping):
         _need(
-            set(v) == {"var_column"} and isinstance(v["var_column"], str) and v["var_column"],
+            set(v) == {"var_column"} and isinstance(v["var_column"], str) and bool(v["var_column"]),
             "a list of feature names or a mapping {var_column: NAME} naming a boolean var "
             "column (e.g. {var_column: highly_variable})",
             v,
@@ -245,7 +245,7 @@ class DataConfig:
     storage_options: dict[str, Any] = field(
         default_factory=dict, metadata=_entries(_mapping(lambda v: v), "nested")
     )
-    features: tuple[str, ...] | dict[str, str] | None = _key(_features)
+    features: tuple[str, ...] | Mapping[str, str] | None = _key(_features)
     cells: str | None = _TEXT()
     drop_missing: bool = _BOOL(False)
 
@@ -416,8 +416,8 @@ class RunConfig:
         d = self.to_dict()
         # the keys of strata and selection count only when set, so that the hash of a
         # config without them is the one it had before they existed
-        unset = {("data", "cells"): None, ("data", "drop_missing"): False}
-        unset.update({("model", "by"): None, ("model", "min_cells"): 0})
+        unset: dict[tuple[str, str], Any] = {("data", "cells"): None, ("model", "by"): None}
+        unset.update({("data", "drop_missing"): False, ("model", "min_cells"): 0})
         for (section, key), default in unset.items():
             if d[section].get(key) == default:
                 d[section].pop(key)

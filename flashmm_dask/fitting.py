@@ -199,9 +199,7 @@ def flashmm(
         from flashmm_dask.reduce_strata import reduce_strata
         from flashmm_dask.strata import plan_strata
 
-        strata = plan_strata(
-            expr.obs, fixed, random, by=by, cells=cells, drop_missing=drop_missing
-        )
+        strata = plan_strata(expr.obs, fixed, random, by=by, cells=cells, drop_missing=drop_missing)
         per_stratum = reduce_strata(
             expr, strata, transform=chosen, target_sum=target_sum, split_every=split_every
         )

@@ -113,14 +113,15 @@ class StrataRunSummary(RunSummary):
     skipped: dict[str, str] = field(default_factory=dict)
 
     def line(self) -> str:
-        from flashmm_dask.pipeline import _STATUS_LABELS
-
         from flashmm_dask.io.results import STATUS
+        from flashmm_dask.pipeline import _STATUS_LABELS
 
         counts = ", ".join(
             f"{self.status_counts.get(name, 0)} {_STATUS_LABELS[name]}" for name in STATUS
         )
-        skipped = f", {len(self.skipped)} skipped ({', '.join(self.skipped)})" if self.skipped else ""
+        skipped = (
+            f", {len(self.skipped)} skipped ({', '.join(self.skipped)})" if self.skipped else ""
+        )
         return (
             f"{len(self.strata)} strata of {self.by}{skipped}: {self.n_features} features in "
             f"{self.n_blocks} blocks ({len(self.blocks_fitted)} fitted now); over all strata "
@@ -320,7 +321,9 @@ def _open_group(
     layout = _layout(cfg, stats, tuple(L.columns) if L is not None else (), n_workers)
     if not path.exists():
         attrs = _store_attrs(cfg, stats, layout)
-        attrs.update(stratum=level, by=stats.provenance.get("by"), cells=stats.provenance.get("cells"))
+        attrs.update(
+            stratum=level, by=stats.provenance.get("by"), cells=stats.provenance.get("cells")
+        )
         create_results(str(path), layout, attrs)
     else:
         layout = _layout_from_attrs(layout, read_store_attrs(str(path)))
@@ -414,7 +417,9 @@ def fit_strata_stores(
     return groups, list(reports)
 
 
-def _finalize(cfg: Any, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict) -> None:
+def _finalize(
+    cfg: Any, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict
+) -> None:
     import zarr
 
     total: dict[str, int] = {}
@@ -425,7 +430,9 @@ def _finalize(cfg: Any, store: Path, groups: list[_Group], stats: StratifiedStat
         else:
             mark_filtered(group.path, group.filtered)
             counts = _counts(open_results(str(group.path), allow_incomplete=True))
-            finalize_results(str(group.path), extra_attrs={**extra, **counts}, method=cfg.test.p_adjust)
+            finalize_results(
+                str(group.path), extra_attrs={**extra, **counts}, method=cfg.test.p_adjust
+            )
             counts = counts.get("status_counts", {})
         for name, k in counts.items():
             total[name] = total.get(name, 0) + int(k)
@@ -521,9 +528,11 @@ def _summary(
         for level, reason in strata.get("skipped", {}).items():
             logger.warning("stratum %s=%s was not fitted: %s", strata["by"], level, reason)
         for level, names in strata.get("missing_contrasts", {}).items():
-            logger.warning("stratum %s has no test of %s (its coefficients are absent)", level, names)
+            logger.warning(
+                "stratum %s has no test of %s (its coefficients are absent)", level, names
+            )
     fitted = tuple(range(len(reports)))
-    common = {
+    common: dict[str, Any] = {
         "output": folder,
         "store": store,
         "n_features": n_features,

@@ -213,7 +213,7 @@ def _graph(
     record["by"] = strata.by
     record["cells"] = strata.cells
     record.update(provenance or {})
-    names = []
+    names: list[dict[str, Any]] = []
     for level, design in zip(strata.levels, strata.designs, strict=True):
         names.append(
             {

@@ -163,13 +163,13 @@ class _Parser:
                 out.append(_Tok("name", text[i + 1 : end], i))
                 i = end + 1
             elif (number := _NUMBER.match(text, i)) is not None:
-                value = float(number.group())
-                if not math.isfinite(value):
+                number_value = float(number.group())
+                if not math.isfinite(number_value):
                     raise self.error(f"number {number.group()!r} at position {i} is too large")
                 if _NAME.match(text, number.end()):
                     raise self.error(f"unexpected {text[i:].split()[0]!r} at position {i}")
                 is_int = re.fullmatch(r"\d+", number.group()) is not None
-                out.append(_Tok("num", int(number.group()) if is_int else value, i))
+                out.append(_Tok("num", int(number.group()) if is_int else number_value, i))
                 i = number.end()
             elif (name := _NAME.match(text, i)) is not None:
                 word = name.group()
@@ -258,13 +258,14 @@ class _Parser:
             right = self.operand(depth)
             if self.at("op"):
                 raise self.error(
-                    f"chained comparison at position {self.peek().pos}; join comparisons "
-                    "with 'and'"
+                    f"chained comparison at position {self.peek().pos}; join comparisons with 'and'"
                 )
             return _Compare(left, op, right, pos)
         negate = False
-        if self.at("kw", "not") and self.tokens[self.i + 1].kind == "kw" and (
-            self.tokens[self.i + 1].value == "in"
+        if (
+            self.at("kw", "not")
+            and self.tokens[self.i + 1].kind == "kw"
+            and (self.tokens[self.i + 1].value == "in")
         ):
             self.take()
             negate = True
@@ -297,7 +298,7 @@ class _Parser:
             if not self.at("num"):
                 raise self.unexpected("a number after '-'")
         tok = self.peek()
-        if tok.kind in ("str", "bool") and sign == 1 or tok.kind == "num":
+        if (tok.kind in ("str", "bool") and sign == 1) or tok.kind == "num":
             self.take()
             return sign * tok.value if tok.kind == "num" else tok.value
         raise self.unexpected(wanted)

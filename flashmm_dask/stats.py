@@ -170,7 +170,9 @@ class SummaryStats:
         if self.nnz is not None:
             nnz = np.array(self.nnz, dtype=np.int64)
             if nnz.shape != (self.m,):
-                raise InputError(f"nnz has shape {nnz.shape}; expected ({self.m},), one per feature")
+                raise InputError(
+                    f"nnz has shape {nnz.shape}; expected ({self.m},), one per feature"
+                )
             nnz.setflags(write=False)
             object.__setattr__(self, "nnz", nnz)
 
@@ -650,7 +652,12 @@ class SummaryStats:
                 if not isinstance(array, zarr.Array):
                     raise KeyError(f"{name!r} is a group, expected an array")
                 arrays[name] = np.asarray(array[...])
-            nnz = np.asarray(group["nnz"][...]) if "nnz" in group else None
+            nnz = None
+            if "nnz" in group:
+                stored = group["nnz"]
+                if not isinstance(stored, zarr.Array):
+                    raise KeyError("'nnz' is a group, expected an array")
+                nnz = np.asarray(stored[:])
             return cls(
                 **arrays,
                 n=attrs["n"],

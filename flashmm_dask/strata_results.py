@@ -103,9 +103,11 @@ def mark_filtered(path: str | os.PathLike[str], filtered: np.ndarray) -> None:
     if not np.any(filtered):
         return
     group = zarr.open_group(str(path), mode="r+")
-    status = np.asarray(group["status"][...])
+    array = group["status"]
+    assert isinstance(array, zarr.Array)
+    status = np.asarray(array[:])
     status[np.asarray(filtered, dtype=bool)] = FILTERED
-    group["status"][...] = status
+    array[:] = status
 
 
 def strata_table(datasets: Mapping[str, Any]) -> pd.DataFrame:

@@ -160,7 +160,7 @@ def load_stats(path: str | os.PathLike[str]) -> SummaryStats | StratifiedStats:
         raise StoreError(
             f"no summary-statistics store at {path}: {exc}; write one with flashmm-dask stats"
         ) from exc
-    strata = attrs.get("strata")
+    strata: Any = attrs.get("strata")
     if not isinstance(strata, Mapping):
         return SummaryStats.load(path)
     if attrs.get("format") != FORMAT:

@@ -74,7 +74,7 @@ def stratified(store, one_worker, tmp_path_factory):
 
 
 def test_strata_groups_and_tables(stratified):
-    cfg, summary = stratified
+    _, summary = stratified
     root = zarr.open_group(str(summary.store), mode="r")
     strata = root.attrs["strata"]
     assert strata["by"] == "cls" and strata["levels"] == ["1", "2", "3"]
@@ -100,7 +100,7 @@ def test_strata_groups_and_tables(stratified):
 
 @pytest.mark.parametrize("level", ["2", "3"])
 def test_each_stratum_equals_a_run_on_its_cells(stratified, store, level, one_worker, tmp_path):
-    cfg, summary = stratified
+    _, summary = stratified
     adata, _ = store
     mask = ((adata.obs["cls"] == level) & (adata.obs["n_genes"] >= 6)).to_numpy()
     sub = adata[mask].copy()
@@ -144,12 +144,30 @@ def test_fit_from_saved_strata_and_test_new_contrasts(stratified, tmp_path):
     args = []
     for item in settings(cfg.data.path, tmp_path / "fit", "model.by=cls"):
         args += ["--set", item]
-    res = cli("fit", "--quiet", "--workers", "1", *args, "--stats", str(summary.output / "stats.zarr"), "configs/demo.yaml")
+    res = cli(
+        "fit",
+        "--quiet",
+        "--workers",
+        "1",
+        *args,
+        "--stats",
+        str(summary.output / "stats.zarr"),
+        "configs/demo.yaml",
+    )
     assert res.returncode == 0, res.stderr
     refit = open_strata(tmp_path / "fit" / RESULTS)
     for level, ds in open_strata(summary.store).items():
         assert_stores_equal(refit[level], ds, rtol=0)
-    res = cli("test", str(summary.store), "-c", "new=trtB", "-c", "zz=grpz", "--out", str(tmp_path / "c.csv"))
+    res = cli(
+        "test",
+        str(summary.store),
+        "-c",
+        "new=trtB",
+        "-c",
+        "zz=grpz",
+        "--out",
+        str(tmp_path / "c.csv"),
+    )
     assert res.returncode == 0, res.stderr
     table = pd.read_csv(tmp_path / "c.csv")
     assert table.columns[0] == "stratum"

@@ -90,7 +90,9 @@ def test_each_stratum_equals_its_cells_selected_by_hand(data, caplog):
 
 def test_selected_cells_equal_by_hand(data):
     text = "n_genes >= 8 and sam not in ['B4'] and cls != '4'"
-    fit = fm.flashmm(data, FIXED, RANDOM, is_counts=True, cells=text, chunk_cells=400, output_ss=True)
+    fit = fm.flashmm(
+        data, FIXED, RANDOM, is_counts=True, cells=text, chunk_cells=400, output_ss=True
+    )
     mask = (
         (data.obs["n_genes"] >= 8) & (data.obs["sam"] != "B4") & (data.obs["cls"] != "4")
     ).to_numpy()
@@ -108,7 +110,7 @@ def test_drop_missing(data):
     libsize = adata.obs["libsize"].to_numpy(dtype=float).copy()
     libsize[[5, 17, 400]] = np.nan
     adata.obs["libsize"] = libsize
-    with pytest.raises(fm.DesignError, match="libsize.*3 missing.*drop_missing"):
+    with pytest.raises(fm.DesignError, match=r"libsize.*3 missing.*drop_missing"):
         fm.flashmm(adata, FIXED, RANDOM, is_counts=True, by="cls")
     fits = fm.flashmm(
         adata, FIXED, RANDOM, is_counts=True, by="cls", drop_missing=True, output_ss=True
@@ -133,7 +135,9 @@ def test_min_cells_from_the_same_pass(data):
     assert filtered.any() and not filtered.all()
     assert np.isnan(fits["2"].coef[:, filtered]).all() and np.isnan(fits["2"].niter[filtered]).all()
     full = fm.flashmm(data, FIXED, RANDOM, is_counts=True, by="cls")
-    np.testing.assert_allclose(fits["2"].coef[:, ~filtered], full["2"].coef[:, ~filtered], rtol=1e-12)
+    np.testing.assert_allclose(
+        fits["2"].coef[:, ~filtered], full["2"].coef[:, ~filtered], rtol=1e-12
+    )
 
 
 def test_one_read_per_block_whatever_the_strata(data):

@@ -830,7 +830,8 @@ def open_results(
     target = _target(path, storage_options)
     group = _open_checked(target, "r")
     if "strata" in group.attrs:
-        groups = dict(group.attrs["strata"].get("groups", {}))  # type: ignore[union-attr]
+        strata: Any = group.attrs["strata"]
+        groups = dict(strata.get("groups", {}))
         raise StoreError(
             f"{target.shown!r} holds the results of {len(groups)} strata, one group each "
             f"({', '.join(list(groups.values())[:3])}...): open one of them, e.g. "
