@@ -19,8 +19,8 @@ dictionary (formulas, source, transform) in the group attributes.
 
 Optionally, ``nnz`` counts the cells in which each feature is non-zero (accumulated by
 the stratified reduction, :mod:`flashmm_dask.reduce_strata`, for ``min_cells``); format
-version 2 stores it as an array ``nnz`` when present. Version-1 stores (no ``nnz``) load
-with ``nnz=None``. A store of several strata (version 2, attribute ``strata``) is read with
+version 2 stores it as an array ``nnz`` (statistics without it are written as version 1,
+as before). Version-1 stores load with ``nnz=None``. A store of several strata (version 2, attribute ``strata``) is read with
 :func:`flashmm_dask.strata_stats.load_stats`.
 """
 
@@ -516,7 +516,8 @@ class SummaryStats:
     def _attrs(self) -> dict[str, Any]:
         attrs = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # version 1 when there is nothing of version 2 (nnz): older readers load it
+            "format_version": FORMAT_VERSION if self.nnz is not None else 1,
             "package_version": _package_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "complete": False,
