@@ -261,6 +261,7 @@ def compute_strata_stats(
         target_sum=cfg.model.target_sum,
         split_every=cfg.stats.split_every,
         provenance={"config_hash": cfg.hash(), "source": expr.source},
+        chains=_threads(client),
     )
     future = client.compute(graph)
     try:
@@ -280,6 +281,12 @@ def compute_strata_stats(
             else:
                 stats.save(folder / STATS, overwrite=True)
     return stats
+
+
+def _threads(client: Any) -> int:
+    """The worker threads of a cluster (the running sums of the stratified reduction)."""
+    workers = client.scheduler_info().get("workers", {})
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
 # -- the results store ------------------------------------------------------------------

@@ -10,26 +10,30 @@ code and, for each stratum s present in the chunk, evaluates s's design on those
 
 (nnz: the number of cells in which each feature is non-zero, for ``min_cells``). The rows
 of a stratum are selected from the block inside the task, so nothing but the chunk is ever
-held, and unselected cells cost nothing beyond their read. A chunk's partial is the list
-of its strata's tuples (None for a stratum absent from the chunk); partials are summed
-over chunks in a tree (fan-in ``split_every``), as in the unstratified reduction, so every
-block is read exactly once whatever the number of strata.
+held, and unselected cells cost nothing beyond their read.
 
-Memory per task is the chunk plus the partials, S x (p_s + q_s + 1) x m float64 for S
-strata: set by the model and the number of features, not by the number of cells.
+The statistics of S strata are S times those of one model (S x (p_s + q_s + 1) x m
+float64; 29 cell states x 260 x 11,596 features is 0.7 GB), so partials are not returned
+per chunk and summed in a tree as in the unstratified reduction: the chunks are dealt into
+``chains`` chains, and each chunk's task adds its strata's partials, one stratum at a time,
+into the running sums of its chain, which it receives from the previous task of the chain
+(their only consumer) and passes on. The chains' sums are then added in a tree of fan-in
+``split_every``. Every block is still read exactly once, whatever the number of strata;
+memory is ``chains`` running sums plus one chunk per task: set by the model, the number
+of features and ``chains``, not by the number of cells.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from flashmm_dask.errors import DataError
+from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.reduce import (
     _BLOCK_PREFIX,
     _SCALED_TRANSFORMS,
@@ -65,7 +69,7 @@ def _nonzero_counts(E: np.ndarray | sp.csr_matrix) -> np.ndarray:
     return np.count_nonzero(E, axis=0).astype(np.int64)
 
 
-def _strata_partial(
+def _strata_items(
     block: Any,
     strata: Strata,
     obs: Any,
@@ -75,8 +79,9 @@ def _strata_partial(
     transform: str,
     target_sum: float,
     check: bool,
-) -> list[tuple[Any, ...] | None]:
-    """Per stratum, (XX, ZX, ZZ, n, XY, ZY, Ynorm, nnz) of the cells of one chunk."""
+) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """(s, (XX, ZX, ZZ, n, XY, ZY, Ynorm, nnz)) of the cells of one chunk in each stratum s
+    present in it, one stratum at a time."""
     if isinstance(block, _InlineRead):
         block = block.read()
     E = _as_block(block, sparsify=True)
@@ -85,7 +90,6 @@ def _strata_partial(
             f"the expression block of cells {start}.. has {E.shape[0]} rows but the obs "
             f"chunk has {len(codes)}; expression and obs must have the same cells"
         )
-    out: list[tuple[Any, ...] | None] = [None] * strata.n_strata
     order = np.argsort(codes, kind="stable")
     sorted_codes = codes[order]
     bounds = np.searchsorted(sorted_codes, np.arange(-1, strata.n_strata + 1))
@@ -98,8 +102,35 @@ def _strata_partial(
         obs_s = strata.frame(s, obs.iloc[rows])
         XZ = _design_chunk(strata.designs[s], obs_s, start)
         XY, ZY, Ynorm = _block_partial(E_s, XZ, features, start, 0, transform, target_sum, check)
-        out[s] = (*_shared_partial(XZ), XY, ZY, Ynorm, _nonzero_counts(E_s))
+        yield s, (*_shared_partial(XZ), XY, ZY, Ynorm, _nonzero_counts(E_s))
+
+
+def _strata_partial(block: Any, strata: Strata, *args: Any) -> list[tuple[Any, ...] | None]:
+    """Per stratum, (XX, ZX, ZZ, n, XY, ZY, Ynorm, nnz) of the cells of one chunk (None
+    for a stratum absent from it); arguments as :func:`_strata_items`."""
+    out: list[tuple[Any, ...] | None] = [None] * strata.n_strata
+    for s, item in _strata_items(block, strata, *args):
+        out[s] = item
     return out
+
+
+def _accumulate(total: list[Any] | None, *args: Any) -> list[Any]:
+    """The chain's running sums with one more chunk added (``args`` as for
+    :func:`_strata_partial`); ``total`` is updated in place (its only consumer)."""
+    if total is None:
+        total = [None] * args[1].n_strata
+    for s, item in _strata_items(*args):
+        if total[s] is None:
+            total[s] = _sum_strata([item])[0]
+            continue
+        sums = list(total[s])
+        for k, a in enumerate(item):
+            if isinstance(a, np.ndarray):
+                sums[k] += a  # in place
+            else:
+                sums[k] = sums[k] + a
+        total[s] = tuple(sums)
+    return total
 
 
 def _sum_strata(*parts: list[tuple[Any, ...] | None]) -> list[tuple[Any, ...] | None]:
@@ -165,6 +196,7 @@ def _graph(
     split_every: int,
     check: bool,
     provenance: Mapping[str, Any] | None,
+    chains: int = 2,
 ) -> tuple[Delayed, int]:
     from dask import delayed
     from dask.base import tokenize
@@ -190,22 +222,25 @@ def _graph(
     columns = sorted({c for d in strata.designs for c in d._columns})
     obs = expr.obs[columns].reset_index(drop=True)
     reads = _inline_reads(blocks)
-    parts = []
+    if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
+        raise InputError(f"chains must be a positive integer, got {chains!r}")
+    n_chains = min(len(blocks), chains)
+    parts: list[Any] = [None] * n_chains
     for i, block in enumerate(blocks):
         start, stop = int(starts[i]), int(starts[i + 1])
-        parts.append(
-            delayed(_strata_partial, pure=True)(
-                block if reads is None else reads[i],
-                strata_key,
-                obs.iloc[start:stop],
-                strata.codes[start:stop],
-                features_key,
-                start,
-                transform,
-                target_sum,
-                check,
-                dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
-            )
+        c = i % n_chains
+        parts[c] = delayed(_accumulate, pure=True)(
+            parts[c],
+            block if reads is None else reads[i],
+            strata_key,
+            obs.iloc[start:stop],
+            strata.codes[start:stop],
+            features_key,
+            start,
+            transform,
+            target_sum,
+            check,
+            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
         )
     record: dict[str, Any] = {"transform": transform}
     if transform in _SCALED_TRANSFORMS:
@@ -250,19 +285,22 @@ def strata_graph(
     split_every: int = 8,
     check: bool = True,
     provenance: Mapping[str, Any] | None = None,
+    chains: int = 2,
 ) -> Delayed:
     """The lazy one-pass computation of every stratum's statistics.
 
     Parameters are those of :func:`flashmm_dask.reduce.stats_graph`, with the
     :class:`~flashmm_dask.strata.Strata` (from :func:`~flashmm_dask.strata.plan_strata`
-    on ``expr.obs``) in place of the design.
+    on ``expr.obs``) in place of the design. ``chains``: the number of running sums (the
+    chunks of one chain are reduced one after the other; give about the number of worker
+    threads).
 
     Returns
     -------
     dask.delayed.Delayed
         Computes to a :class:`~flashmm_dask.strata_stats.StratifiedStats`.
     """
-    graph, _ = _graph(expr, strata, transform, target_sum, split_every, check, provenance)
+    graph, _ = _graph(expr, strata, transform, target_sum, split_every, check, provenance, chains)
     return graph
 
 
@@ -276,6 +314,7 @@ def reduce_strata(
     check: bool = True,
     progress: Callable[[int, int], None] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    chains: int = 2,
 ) -> StratifiedStats:
     """Compute :func:`strata_graph` (each expression block read once).
 
@@ -283,7 +322,9 @@ def reduce_strata(
     """
     from dask.callbacks import Callback
 
-    graph, total = _graph(expr, strata, transform, target_sum, split_every, check, provenance)
+    graph, total = _graph(
+        expr, strata, transform, target_sum, split_every, check, provenance, chains
+    )
     source = str(getattr(expr, "source", "the expression data"))
     if progress is None:
         return _compute(graph, source)  # type: ignore[return-value]
