@@ -23,6 +23,7 @@ strata). The steps are those of the plain run, per stratum:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -66,6 +67,7 @@ from flashmm_dask.pipeline import (
     _store_attrs,
     _write_error,
     _writing,
+    auto_block_size,
 )
 from flashmm_dask.progress import Timings, wait
 from flashmm_dask.stats import SummaryStats
@@ -74,6 +76,9 @@ from flashmm_dask.strata_results import (
     mark_filtered,
     strata_report,
     write_strata_tables,
+)
+from flashmm_dask.strata_results import (
+    status_counts as read_status_counts,
 )
 from flashmm_dask.strata_stats import StratifiedStats, load_stats
 
@@ -322,10 +327,20 @@ class _Group:
 
 
 def _open_group(
-    cfg: Any, level: str, path: Path, stats: SummaryStats, contrasts: dict, n_workers: int
+    cfg: Any,
+    level: str,
+    path: Path,
+    stats: SummaryStats,
+    contrasts: dict,
+    n_workers: int,
+    n_strata: int,
 ) -> _Group:
     L = contrast_matrix(contrasts, list(stats.covariates)) if contrasts else None
     layout = _layout(cfg, stats, tuple(L.columns) if L is not None else (), n_workers)
+    if cfg.fit.block_size == "auto":
+        # a few blocks per worker over all strata together, not per stratum
+        size = auto_block_size(stats.m * n_strata, stats.p, stats.q, len(stats.d), n_workers)
+        layout = dataclasses.replace(layout, block_size=min(size, stats.m))
     if not path.exists():
         attrs = _store_attrs(cfg, stats, layout)
         attrs.update(
@@ -402,7 +417,7 @@ def fit_strata_stores(
     groups = []
     for level, s in stats.items():
         path = store if stats.by is None else store / "strata" / stats.groups[level]
-        groups.append(_open_group(cfg, level, path, s, per_stratum[level], n_workers))
+        groups.append(_open_group(cfg, level, path, s, per_stratum[level], n_workers, len(stats)))
     logger.info(
         "%d strata, %d blocks to fit (%d already done)",
         len(groups),
@@ -436,11 +451,16 @@ def _finalize(
             counts = attrs.get("status_counts", {})
         else:
             mark_filtered(group.path, group.filtered)
-            counts = _counts(open_results(str(group.path), allow_incomplete=True))
+            counts = read_status_counts(group.path)
+            plain = {
+                "n_converged": counts["ok"],
+                "n_not_converged": counts["not_converged"],
+                "n_zero": counts["all_zero"] + counts["filtered"],
+                "status_counts": counts,
+            }
             finalize_results(
-                str(group.path), extra_attrs={**extra, **counts}, method=cfg.test.p_adjust
+                str(group.path), extra_attrs={**extra, **plain}, method=cfg.test.p_adjust
             )
-            counts = counts.get("status_counts", {})
         for name, k in counts.items():
             total[name] = total.get(name, 0) + int(k)
     if stats.by is not None:
@@ -527,11 +547,12 @@ def _summary(
     else:
         attrs = read_store_attrs(str(store))
         status_counts = dict(attrs.get("status_counts", {}))
-        n_features, n_blocks = 0, 0
-        for path in strata["groups"].values():
-            sub = read_store_attrs(str(store / path))
-            n_blocks += int(sub["n_blocks"])
-            n_features = int(open_results(str(store / path)).sizes["feature"])
+        n_blocks = sum(
+            int(read_store_attrs(str(store / path))["n_blocks"])
+            for path in strata["groups"].values()
+        )
+        first = next(iter(strata["groups"].values()))
+        n_features = int(open_results(str(store / first)).sizes["feature"])
         for level, reason in strata.get("skipped", {}).items():
             logger.warning("stratum %s=%s was not fitted: %s", strata["by"], level, reason)
         for level, names in strata.get("missing_contrasts", {}).items():

@@ -20,8 +20,8 @@ dictionary (formulas, source, transform) in the group attributes.
 Optionally, ``nnz`` counts the cells in which each feature is non-zero (accumulated by
 the stratified reduction, :mod:`flashmm_dask.reduce_strata`, for ``min_cells``); format
 version 2 stores it as an array ``nnz`` (statistics without it are written as version 1,
-as before). Version-1 stores load with ``nnz=None``. A store of several strata (version 2, attribute ``strata``) is read with
-:func:`flashmm_dask.strata_stats.load_stats`.
+as before). Version-1 stores load with ``nnz=None``. A store of several strata (version 2,
+attribute ``strata``) is read with :func:`flashmm_dask.strata_stats.load_stats`.
 """
 
 from __future__ import annotations

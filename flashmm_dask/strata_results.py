@@ -96,6 +96,18 @@ def applicable_contrasts(
     return ok, missing
 
 
+def status_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Features per status name of a results group (read from its ``status`` array)."""
+    import zarr
+
+    from flashmm_dask.io.results import STATUS
+
+    array = zarr.open_group(str(path), mode="r")["status"]
+    assert isinstance(array, zarr.Array)
+    codes = np.asarray(array[:])
+    return {name: int((codes == k).sum()) for k, name in enumerate(STATUS)}
+
+
 def mark_filtered(path: str | os.PathLike[str], filtered: np.ndarray) -> None:
     """Set the status of the ``filtered`` features of a results group to ``filtered``."""
     import zarr
@@ -116,7 +128,9 @@ def strata_table(datasets: Mapping[str, Any]) -> pd.DataFrame:
 
     parts = []
     for level, ds in datasets.items():
-        table = results_table(ds)
+        # the table's variables in one read (not one dask compute per variable)
+        drop = [v for v in ("cov", "theta", "se_theta", "dlogL", "logLik", "block_done") if v in ds]
+        table = results_table(ds.drop_vars(drop).load())
         table.insert(0, "stratum", level)
         parts.append(table)
     return pd.concat(parts, ignore_index=True)
