@@ -324,6 +324,7 @@ class _Group:
     filtered: np.ndarray
     layout: Any
     todo: list[int]
+    create: dict[str, Any] | None = None  # the attributes of a group still to create
 
 
 def _open_group(
@@ -341,18 +342,22 @@ def _open_group(
         # a few blocks per worker over all strata together, not per stratum
         size = auto_block_size(stats.m * n_strata, stats.p, stats.q, len(stats.d), n_workers)
         layout = dataclasses.replace(layout, block_size=min(size, stats.m))
-    if not path.exists():
+    emptied, filtered = filter_features(stats, int(cfg.model.min_cells))
+    if not path.exists():  # created by a task on a worker, before the group's blocks
         attrs = _store_attrs(cfg, stats, layout)
         attrs.update(
             stratum=level, by=stats.provenance.get("by"), cells=stats.provenance.get("cells")
         )
-        create_results(str(path), layout, attrs)
-    else:
-        layout = _layout_from_attrs(layout, read_store_attrs(str(path)))
-    emptied, filtered = filter_features(stats, int(cfg.model.min_cells))
+        return _Group(level, path, emptied, filtered, layout, list(range(layout.n_blocks)), attrs)
+    layout = _layout_from_attrs(layout, read_store_attrs(str(path)))
     done = blocks_done(str(path))
     todo = [b for b in range(layout.n_blocks) if not done[b]]
     return _Group(level, path, emptied, filtered, layout, todo)
+
+
+def _after(_: Any, function: Any, *args: Any) -> Any:
+    """``function(*args)``, run after the task whose result is the first argument."""
+    return function(*args)
 
 
 def _submit(cfg: Any, client: Any, group: _Group, contrasts: dict, index: int) -> list:
@@ -376,11 +381,23 @@ def _submit(cfg: Any, client: Any, group: _Group, contrasts: dict, index: int) -
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
     token = cfg.hash()[:12]
+    created = None
+    if group.create is not None:
+        created = client.submit(
+            create_results,
+            str(group.path),
+            layout,
+            group.create,
+            key=f"flashmm-create-{token}-s{index}",
+            pure=False,
+        )
     futures = []
     for b in group.todo:
         sl = layout.block_slice(b)
         futures.append(
             client.submit(
+                _after,
+                created,
                 fit_block,
                 shared,
                 b,

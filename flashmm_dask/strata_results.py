@@ -161,7 +161,17 @@ def write_table(table: pd.DataFrame, folder: Path, name: str, formats: Sequence[
 def write_strata_tables(path: str | os.PathLike[str], folder: Path, formats: Sequence[str]) -> list:
     """The tables of a stratified results store (``results.csv``/``.parquet`` with a
     ``stratum`` column)."""
-    return write_table(strata_table(open_strata(path)), folder, "results", formats)
+    import xarray as xr
+
+    from flashmm_dask.io.results import read_store_attrs
+
+    datasets = {}
+    for level, p in stratum_paths(path).items():
+        if not read_store_attrs(str(p)).get("complete"):
+            raise StoreError(f"the results of stratum {level} in {p} are incomplete")
+        # numpy-backed (no dask): a table reads every variable once, whole
+        datasets[level] = xr.open_zarr(str(p), chunks=None, consolidated=True, zarr_format=3)
+    return write_table(strata_table(datasets), folder, "results", formats)
 
 
 def strata_report(path: str | os.PathLike[str], folder: Path) -> list[Path]:
