@@ -179,3 +179,15 @@ def test_fit_from_saved_strata_and_test_new_contrasts(stratified, tmp_path):
         ds["coef"].sel(covariate="trtB").values,
         rtol=1e-12,
     )
+
+
+def test_report_plots_each_stratum(stratified, tmp_path):
+    _, summary = stratified
+    res = cli("report", str(summary.store), "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    for level, terms in (("1", ("trt", "z_vs_y")), ("3", ("trt",))):
+        index = pd.read_csv(tmp_path / "strata" / level / "plots" / "index.tsv", sep="\t")
+        assert set(index["term"]) == set(terms)
+        assert (tmp_path / "strata" / level / "plots" / "convergence.png").stat().st_size > 5000
+    res = cli("test", str(summary.store), "-c", "x=nothing")
+    assert res.returncode == 2 and "no stratum" in res.stderr
