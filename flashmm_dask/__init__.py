@@ -28,6 +28,8 @@ from flashmm_dask.numerics.inference import p_adjust
 from flashmm_dask.reduce import TRANSFORMS, reduce_stats, stats_graph
 from flashmm_dask.simulate import simulate_rnaseq, simulate_to_store
 from flashmm_dask.stats import SummaryStats
+from flashmm_dask.strata import plan_strata, select_obs
+from flashmm_dask.strata_stats import StratifiedStats, load_stats
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,7 @@ __all__ = [
     "InputError",
     "LmmFit",
     "StoreError",
+    "StratifiedStats",
     "SummaryStats",
     "ZeroFeatureWarning",
     "__version__",
@@ -55,11 +58,14 @@ __all__ = [
     "lmm_stats",
     "lmmfit",
     "lmmtest",
+    "load_stats",
     "lrt_fixed",
     "p_adjust",
+    "plan_strata",
     "read_expression",
     "read_obs",
     "reduce_stats",
+    "select_obs",
     "simulate_rnaseq",
     "simulate_to_store",
     "sslmm",

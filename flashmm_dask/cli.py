@@ -22,6 +22,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flashmm_dask.errors import FlashmmError, FlashmmWarning
 
@@ -199,8 +200,13 @@ def _run(args: argparse.Namespace) -> int:
         folder = Path(cfg.output.path)
         cfg = cfg.with_overrides(["stats.save=true"])  # saving them is the command's job
         names = [STATS] + ([SIMULATED] if cfg.data.path is None else [])
+        from flashmm_dask.pipeline_strata import uses_strata
+
         with removed_if_unused(folder), OutputLock(folder):
             refuse_foreign(folder, names, overwrite=cfg.output.overwrite)
+            if uses_strata(cfg):  # strata or a cell selection
+                register(folder, names)
+                return _strata_stats(cfg, folder)
             inputs = prepare_inputs(cfg, folder)  # user errors before the cluster starts
             register(folder, names)
             with open_client(cfg.cluster) as client:
@@ -211,6 +217,21 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run(cfg)
     print(summary.line())
+    return 0
+
+
+def _strata_stats(cfg: Any, folder: Path) -> int:
+    """``flashmm-dask stats`` of a config with strata or a cell selection (lock held)."""
+    from flashmm_dask.cluster import open_client
+    from flashmm_dask.pipeline import STATS
+    from flashmm_dask.pipeline_strata import compute_strata_stats, prepare_strata
+
+    inputs = prepare_strata(cfg, folder)
+    with open_client(cfg.cluster) as client:
+        stats = compute_strata_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
+    target = str(folder / STATS)
+    sizes = ", ".join(f"{k}: {v.n} cells" for k, v in stats.items())
+    print(f"summary statistics of {len(stats)} strata ({sizes}) in {target}")
     return 0
 
 
@@ -243,7 +264,12 @@ def _test(args: argparse.Namespace) -> int:
         if not sep or not name.strip() or not expr.strip():
             raise InputError(f"contrast {item!r} must be NAME=EXPRESSION, e.g. 'B-A=trtB - trtA'")
         contrasts[name.strip()] = expr.strip()
-    table = retest(args.store, contrasts, alternative=args.alternative, stats=args.stats)
+    from flashmm_dask.strata_results import is_strata_store, retest_strata
+
+    if is_strata_store(args.store):  # every stratum that has the contrast's coefficients
+        table = retest_strata(args.store, contrasts, alternative=args.alternative)
+    else:
+        table = retest(args.store, contrasts, alternative=args.alternative, stats=args.stats)
     out = Path(args.out) if args.out else Path(args.store).parent / "contrasts.csv"
     if not args.out:  # the run's output folder: its contrasts.csv is the package's
         refuse_foreign(out.parent, [out.name], overwrite=False)
@@ -265,12 +291,17 @@ def _report(args: argparse.Namespace) -> int:
     from flashmm_dask.io.outputs import register
     from flashmm_dask.io.results import open_results
     from flashmm_dask.plots import make_report
+    from flashmm_dask.strata_results import is_strata_store, strata_report
 
+    out = Path(args.out) if args.out else Path(args.store).parent
+    if is_strata_store(args.store):
+        files = strata_report(args.store, out)
+        print(f"wrote {len(files)} plots into {out / 'strata'}")
+        return 0
     ds = open_results(args.store)
-    folder = Path(args.out) if args.out else Path(args.store).parent
-    files = make_report(ds, folder)
+    files = make_report(ds, out)
     if not args.out:
-        register(folder, files)
+        register(out, files)
     print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
     return 0
 

@@ -190,6 +190,19 @@ def _walltime(v: Any) -> str:
     return str(v).strip()
 
 
+def _features(v: Any) -> tuple[str, ...] | dict[str, str]:
+    """data.features: a list of names, or {var_column: NAME} (a boolean var column)."""
+    if isinstance(v, Mapping):
+        _need(
+            set(v) == {"var_column"} and isinstance(v["var_column"], str) and bool(v["var_column"]),
+            "a list of feature names or a mapping {var_column: NAME} naming a boolean var "
+            "column (e.g. {var_column: highly_variable})",
+            v,
+        )
+        return {"var_column": str(v["var_column"])}
+    return _strings()(v)
+
+
 def _block_size(v: Any) -> Any:
     ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
     _need(ok, "'auto' or a positive integer", v)
@@ -234,7 +247,9 @@ class DataConfig:
     storage_options: dict[str, Any] = field(
         default_factory=dict, metadata=_entries(_mapping(lambda v: v), "nested")
     )
-    features: tuple[str, ...] | None = _key(_strings())
+    features: tuple[str, ...] | Mapping[str, str] | None = _key(_features)
+    cells: str | None = _TEXT()
+    drop_missing: bool = _BOOL(False)
     # TileDB-SOMA experiments only (flashmm_dask.io.soma): null is the reader's default
     measurement: str | None = _TEXT()
     obs_filter: str | None = _TEXT()
@@ -278,6 +293,8 @@ class ModelConfig:
     max_iter: int = _POSITIVE(50)
     epsilon: float = _key(_number(0.0, strict=True), 1e-5)
     pcs: int = _key(_integer(0), 0)
+    by: str | None = _TEXT()
+    min_cells: int = _key(_integer(0), 0)
 
 
 @dataclass(frozen=True)
@@ -417,11 +434,15 @@ class RunConfig:
         fit; not stats, cluster, output, progress or log_level, so a run resumed elsewhere matches.
         """
         d = self.to_dict()
-        data = {
-            k: v
-            for k, v in d["data"].items()
-            if k != "storage_options" and not (k in SOMA_KEYS and v is None)
-        }
+        # the keys of strata, selection and SOMA count only when set, so that the hash of a
+        # config without them is the one it had before they existed
+        unset: dict[tuple[str, str], Any] = {("data", "cells"): None, ("model", "by"): None}
+        unset.update({("data", "drop_missing"): False, ("model", "min_cells"): 0})
+        unset.update({("data", key): None for key in SOMA_KEYS})
+        for (section, key), default in unset.items():
+            if d[section].get(key) == default:
+                d[section].pop(key)
+        data = {k: v for k, v in d["data"].items() if k != "storage_options"}
         simulate = d["simulate"] if self.data.path is None else None
         payload = {"hash_version": 1, "data": data, "simulate": simulate}
         payload.update({k: d[k] for k in ("model", "contrasts", "test", "fit")})

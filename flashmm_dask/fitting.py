@@ -19,7 +19,7 @@ import pandas as pd
 
 from flashmm_dask.design import Design, build_design
 from flashmm_dask.design_check import check_design_replication, check_stats_replication
-from flashmm_dask.errors import InputError
+from flashmm_dask.errors import DesignError, InputError
 from flashmm_dask.fit import LmmFit
 from flashmm_dask.groupings import factor_groupings
 from flashmm_dask.io.readers import Expression, read_expression
@@ -167,8 +167,12 @@ def flashmm(
     pcs: int = 0,
     split_every: int = 8,
     check_design: bool = True,
+    by: str | None = None,
+    cells: Any = None,
+    min_cells: int = 0,
+    drop_missing: bool = False,
     **kwargs: Any,
-) -> LmmFit:
+) -> LmmFit | dict[str, LmmFit]:
     """Fit the mixed model of every feature of an expression dataset.
 
     Parameters
@@ -189,17 +193,29 @@ def flashmm(
         per condition), with a DesignError naming it and the fixed-effect columns that
         absorb it; log a warning for a component with fewer than 3 left
         (:mod:`flashmm_dask.design_check`). False fits any design, as R FLASHMM does.
+    by : obs column: fit one model per level (a stratum), each with its own variance
+        components, all from one pass over the data (see :mod:`flashmm_dask.strata`)
+    cells : the cells to use: an expression over obs columns
+        (``"cell_type != 'doublet' and n_genes >= 200"``, see
+        :mod:`flashmm_dask.selection`) or a boolean mask
+    min_cells : a feature non-zero in fewer of a stratum's (selected) cells is not fitted
+        there: its results are NaN (niter NaN)
+    drop_missing : leave out cells with a missing value in a formula (or ``by``) column
+        instead of raising
     **kwargs : passed to :func:`lmm` (method, df ("residual" or "satterthwaite"), max_iter,
         epsilon, output_* ...)
 
     Returns
     -------
-    LmmFit
+    LmmFit, or with ``by`` a dict level -> LmmFit in level order (strata that cannot be
+    fitted are left out with a warning, see :func:`flashmm_dask.strata.plan_strata`)
 
     Raises
     ------
     InputError
         An unknown keyword (checked before the data are read, with the closest valid one).
+    DesignError
+        A design whose fixed effects absorb a random component (``check_design``).
     """
     check_keywords("flashmm", kwargs, [*keyword_names(flashmm)[4:], *_lmm_keywords()])
     expr = read_expression(
@@ -217,6 +233,21 @@ def flashmm(
             "with the columns the formulas use"
         )
     expr = with_factor_groupings(expr, fixed, random)
+    if by is not None or cells is not None or min_cells or drop_missing:
+        from flashmm_dask.reduce_strata import reduce_strata
+        from flashmm_dask.strata import plan_strata
+
+        if pcs:
+            raise InputError(
+                "pcs= cannot be combined with by=, cells=, min_cells= or drop_missing=; "
+                "fit the principal components without strata or add them to the metadata"
+            )
+        strata = plan_strata(expr.obs, fixed, random, by=by, cells=cells, drop_missing=drop_missing)
+        per_stratum = reduce_strata(
+            expr, strata, transform=chosen, target_sum=target_sum, split_every=split_every
+        )
+        fits = fit_strata(per_stratum, min_cells=min_cells, check_design=check_design, **kwargs)
+        return fits if by is not None else fits["all"]
     design: Design = build_design(expr.obs, fixed, random)
     if check_design:  # from the cell metadata, before the expression is read
         check_design_replication(design, expr.obs)
@@ -227,3 +258,83 @@ def flashmm(
         expr, design, transform=chosen, target_sum=target_sum, split_every=split_every
     )
     return lmm_stats(stats, check_design=False, **kwargs)
+
+
+def filter_features(stats: SummaryStats, min_cells: int) -> tuple[SummaryStats, np.ndarray]:
+    """The statistics with the features non-zero in fewer than ``min_cells`` cells
+    emptied (XY, ZY, Ynorm set to 0, so that they are not fitted), and the (m,) mask of
+    those features.
+
+    Raises
+    ------
+    InputError
+        ``min_cells`` > 0 but the statistics carry no non-zero counts (``nnz``).
+    """
+    if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 0:
+        raise InputError(f"min_cells must be a non-negative integer, got {min_cells!r}")
+    filtered = np.zeros(stats.m, dtype=bool)
+    if min_cells == 0:
+        return stats, filtered
+    if stats.nnz is None:
+        raise InputError(
+            "min_cells needs the per-feature non-zero counts, which these statistics do not "
+            "carry; compute them again with this version (flashmm-dask stats)"
+        )
+    filtered = np.asarray(stats.nnz) < min_cells
+    if not filtered.any():
+        return stats, filtered
+    keep = ~filtered
+    emptied = SummaryStats(
+        XX=stats.XX,
+        XY=np.asarray(stats.XY) * keep,
+        ZX=stats.ZX,
+        ZY=np.asarray(stats.ZY) * keep,
+        ZZ=stats.ZZ,
+        Ynorm=np.asarray(stats.Ynorm) * keep,
+        n=stats.n,
+        d=stats.d,
+        covariates=stats.covariates,
+        random=stats.random,
+        components=stats.components,
+        features=stats.features,
+        provenance=stats.provenance,
+        nnz=stats.nnz,
+    )
+    return emptied, filtered
+
+
+def fit_strata(
+    strata: Mapping[str, SummaryStats],
+    *,
+    min_cells: int = 0,
+    check_design: bool = True,
+    **kwargs: Any,
+) -> dict:
+    """:func:`lmm_stats` of each stratum's statistics, in level order.
+
+    Features non-zero in fewer than ``min_cells`` cells of a stratum are not fitted there
+    (NaN results); keyword arguments go to :func:`lmm`. A stratum whose fixed effects
+    absorb a random component (:mod:`flashmm_dask.design_check`) is left out with a
+    warning naming it, never silently.
+    """
+    fits = {}
+    for level, stats in strata.items():
+        if check_design:
+            try:
+                check_stats_replication(stats)
+            except DesignError as exc:
+                logger.warning("stratum %s is not fitted: %s", level, exc)
+                continue
+        emptied, filtered = filter_features(stats, min_cells)
+        if filtered.any():
+            logger.info(
+                "stratum %s: %d of %d features are non-zero in fewer than %d cells and are "
+                "not fitted",
+                level,
+                int(filtered.sum()),
+                stats.m,
+                min_cells,
+            )
+        options = {**kwargs, "warn_zero": False} if filtered.any() else kwargs
+        fits[level] = lmm_stats(emptied, check_design=False, **options)
+    return fits

@@ -120,12 +120,16 @@ _STATUS_LABELS = {
     "all_zero": "all-zero (not fitted)",
     "constant": "constant (no residual variation)",
     "non_finite": "with non-finite results",
+    "boundary": "at the boundary",
+    "negative_variance": "with a negative variance",
+    "filtered": "filtered (too few non-zero cells)",
 }
 _STATUS_ADVICE = {
     "not_converged": "converged = false; raise model.max_iter, or check their scale",
     "all_zero": "not fitted, their results are NaN",
     "constant": "the fixed effects explain them exactly: no test is possible",
     "non_finite": "some of their results are NaN or infinite",
+    "filtered": "not fitted: non-zero in fewer cells than model.min_cells",
 }
 
 
@@ -395,7 +399,7 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
                 f"the data have {expr.n_cells} cell(s); a mixed model needs many cells (more "
                 "than its fixed-effect coefficients, over 2 or more random-effect levels)"
             )
-        _check_features(cfg.data.features, expr.features)
+        _check_features(cfg.data.features, expr.features, cfg.data.path, options)
         expr = with_factor_groupings(expr, cfg.model.fixed, cfg.model.random)
         design = build_design(expr.obs, cfg.model.fixed, cfg.model.random)
         pcs = tuple(f"PC{i + 1}" for i in range(cfg.model.pcs))
@@ -418,18 +422,11 @@ def prepare_inputs(cfg: Any, folder: Path) -> Inputs:
     return inputs
 
 
-def _check_features(selected: Any, available: Any) -> None:
-    if not selected:
-        return
-    known = set(map(str, available))
-    missing = [f for f in selected if f not in known]
-    if missing:
-        shown = ", ".join(repr(f) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise InputError(
-            f"data.features names {len(missing)} features that the data do not have: "
-            f"{shown}; the data have {len(available)} features, e.g. "
-            f"{', '.join(repr(str(f)) for f in list(available)[:3])}"
-        )
+def _check_features(selected: Any, available: Any, data: Any = None, options: Any = None) -> None:
+    """Check data.features (names, repeated names, or a var column) before the run."""
+    from flashmm_dask.features import feature_positions
+
+    feature_positions(selected, list(available), data=data, storage_options=options)
 
 
 def compute_stats(
@@ -479,7 +476,15 @@ def compute_stats(
             raise
         raise error from exc
     if cfg.data.features:
-        stats = stats.subset(list(cfg.data.features))
+        from flashmm_dask.features import feature_positions
+
+        positions = feature_positions(
+            cfg.data.features,
+            list(stats.features),
+            data=cfg.data.path,
+            storage_options=cfg.data.storage_options,
+        )
+        stats = stats.subset(positions)
     if cfg.stats.save:
         with _writing("the summary statistics", folder):
             stats.save(str(folder / STATS), overwrite=True)
@@ -629,6 +634,10 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
     -------
     RunSummary
     """
+    from flashmm_dask.pipeline_strata import run_strata, uses_strata
+
+    if uses_strata(cfg):  # model.by, data.cells, data.drop_missing or model.min_cells
+        return run_strata(cfg, client=client, show_progress=show_progress)
     folder = Path(cfg.output.path)
     show = cfg.progress if show_progress is None else show_progress
     timings = Timings()

@@ -16,6 +16,12 @@ columns (``stats.subset(...)``). Nothing here touches n-length data except
 On disk a SummaryStats is a Zarr group: one array per statistic and the names, ``n``,
 ``d``, the format name and version, the package version and a free-form ``provenance``
 dictionary (formulas, source, transform) in the group attributes.
+
+Optionally, ``nnz`` counts the cells in which each feature is non-zero (accumulated by
+the stratified reduction, :mod:`flashmm_dask.reduce_strata`, for ``min_cells``); format
+version 2 stores it as an array ``nnz`` (statistics without it are written as version 1,
+as before). Version-1 stores load with ``nnz=None``. A store of several strata (version 2,
+attribute ``strata``) is read with :func:`flashmm_dask.strata_stats.load_stats`.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def summary_shapes(p: int, q: int, m: int) -> dict[str, tuple[int, ...]]:
 
 
 FORMAT = "flashmm_dask.summary_stats"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _ARRAYS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
 _NAMES = ("covariates", "random", "components", "features")
@@ -127,6 +133,8 @@ class SummaryStats:
     provenance : dict
         Free-form, JSON-serialisable description of where the statistics came from
         (formulas, source, transform); saved with the statistics.
+    nnz : ndarray of int64, shape (m,), optional
+        The number of cells in which each feature is non-zero (None when not counted).
 
     Notes
     -----
@@ -147,6 +155,7 @@ class SummaryStats:
     components: tuple[str, ...]
     features: tuple[str, ...]
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    nnz: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ndims = {"XX": 2, "XY": 2, "ZX": 2, "ZY": 2, "ZZ": 2, "Ynorm": 1}
@@ -158,6 +167,14 @@ class SummaryStats:
         object.__setattr__(self, "d", self._check_d(self.d))
         object.__setattr__(self, "provenance", dict(self.provenance or {}))
         self._check_shapes()
+        if self.nnz is not None:
+            nnz = np.array(self.nnz, dtype=np.int64)
+            if nnz.shape != (self.m,):
+                raise InputError(
+                    f"nnz has shape {nnz.shape}; expected ({self.m},), one per feature"
+                )
+            nnz.setflags(write=False)
+            object.__setattr__(self, "nnz", nnz)
 
     @staticmethod
     def _check_n(n: Any) -> int:
@@ -364,6 +381,7 @@ class SummaryStats:
             components=self.components,
             features=self.features,
             provenance=provenance,
+            nnz=None if self.nnz is None or other.nnz is None else self.nnz + other.nnz,
         )
 
     def __radd__(self, other: object) -> SummaryStats:
@@ -400,6 +418,7 @@ class SummaryStats:
             components=self.components,
             features=tuple(self.features[i] for i in index),
             provenance=self.provenance,
+            nnz=None if self.nnz is None else self.nnz[index],
         )
 
     def _feature_positions(self, features: Any) -> np.ndarray:
@@ -497,7 +516,8 @@ class SummaryStats:
     def _attrs(self) -> dict[str, Any]:
         attrs = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            # version 1 when there is nothing of version 2 (nnz): older readers load it
+            "format_version": FORMAT_VERSION if self.nnz is not None else 1,
             "package_version": _package_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "complete": False,
@@ -524,6 +544,8 @@ class SummaryStats:
         group.attrs.update(attrs)
         for name in _ARRAYS:
             group.create_array(name, data=np.ascontiguousarray(getattr(self, name)))
+        if self.nnz is not None:
+            group.create_array("nnz", data=np.ascontiguousarray(self.nnz))
         # marking completion last: a reader that sees complete=True sees every array
         group.attrs["complete"] = True
 
@@ -614,6 +636,11 @@ class SummaryStats:
                 f"{attrs.get('package_version', '?')}; this version reads format version "
                 f"{FORMAT_VERSION}: upgrade flashmm_dask"
             )
+        if "strata" in attrs:
+            raise StoreError(
+                f"{path} holds the statistics of several strata ({attrs['strata'].get('by')}); "
+                "read it with flashmm_dask.load_stats"
+            )
         if attrs.get("complete") is not True:
             raise StoreError(
                 f"{path} is incomplete (its write was interrupted); compute and save the "
@@ -626,6 +653,12 @@ class SummaryStats:
                 if not isinstance(array, zarr.Array):
                     raise KeyError(f"{name!r} is a group, expected an array")
                 arrays[name] = np.asarray(array[...])
+            nnz = None
+            if "nnz" in group:
+                stored = group["nnz"]
+                if not isinstance(stored, zarr.Array):
+                    raise KeyError("'nnz' is a group, expected an array")
+                nnz = np.asarray(stored[:])
             return cls(
                 **arrays,
                 n=attrs["n"],
@@ -635,6 +668,7 @@ class SummaryStats:
                 components=attrs["components"],
                 features=attrs["features"],
                 provenance=attrs.get("provenance", {}),
+                nnz=nnz,
             )
         except (KeyError, InputError) as exc:
             raise StoreError(f"{path} is not a consistent summary-statistics store: {exc}") from exc

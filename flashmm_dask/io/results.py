@@ -27,7 +27,9 @@ code table is in the array's ``flag_values`` / ``flag_meanings`` attributes, CF 
 ``all_zero`` (not fitted: NaN results); 3 ``constant`` (no residual variation once the
 fixed effects are fitted: the feature is constant, or a combination of the covariates);
 4 ``non_finite`` (a coefficient, standard error, variance component or log-likelihood is
-NaN or infinite). -1 marks a feature not yet written.
+NaN or infinite); 5 ``boundary`` and 6 ``negative_variance`` (reserved for the variance
+checks); 7 ``filtered`` (not fitted: non-zero in fewer cells than ``model.min_cells``).
+-1 marks a feature not yet written.
 
 Metadata is consolidated into the root ``zarr.json`` when the store is created (array
 metadata never changes afterwards; root attributes live in that same document), so that a
@@ -81,7 +83,16 @@ _TABLE_FORMATS = ("csv", "parquet")
 
 #: Meanings of the ``status`` codes 0, 1, 2, ...: the first that applies, in the order
 #: all_zero, constant, non_finite, not_converged, ok.
-STATUS = ("ok", "not_converged", "all_zero", "constant", "non_finite")
+STATUS = (
+    "ok",
+    "not_converged",
+    "all_zero",
+    "constant",
+    "non_finite",
+    "boundary",
+    "negative_variance",
+    "filtered",
+)
 
 
 @dataclass(frozen=True)
@@ -818,6 +829,15 @@ def open_results(
 
     target = _target(path, storage_options)
     group = _open_checked(target, "r")
+    if "strata" in group.attrs:
+        strata: Any = group.attrs["strata"]
+        groups = dict(strata.get("groups", {}))
+        raise StoreError(
+            f"{target.shown!r} holds the results of {len(groups)} strata, one group each "
+            f"({', '.join(list(groups.values())[:3])}...): open one of them, e.g. "
+            f"open_results('{target.shown}/{next(iter(groups.values()), '')}'), or all with "
+            "flashmm_dask.strata_results.open_strata"
+        )
     if not group.attrs.get("complete") and not allow_incomplete:
         done = np.asarray(_array(group, "block_done")[:], dtype=bool)
         raise StoreError(

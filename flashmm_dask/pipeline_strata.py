@@ -1,0 +1,613 @@
+"""The main job with strata, a cell selection or a gene filter.
+
+Used by :func:`flashmm_dask.pipeline.run` when the config sets ``model.by``,
+``data.cells``, ``data.drop_missing`` or ``model.min_cells`` (or loads the statistics of
+strata). The steps are those of the plain run, per stratum:
+
+0. Inputs: the cell selection and the strata are planned from obs and each stratum's
+   design built (:func:`flashmm_dask.strata.plan_strata`) before any cluster starts; a
+   stratum that cannot be fitted is reported and skipped; a contrast must apply to at
+   least one stratum.
+1. Statistics: every stratum's, with per-feature non-zero counts, in one pass
+   (:mod:`flashmm_dask.reduce_strata`), saved in ``OUTPUT/stats.zarr`` (a group per
+   stratum, :mod:`flashmm_dask.strata_stats`); or loaded from ``stats.load``.
+2. Fitting: the feature blocks of all strata are submitted together; each stratum has
+   its own results group (``results.zarr/strata/<name>``; with no ``by``, the results
+   store itself) and its own contrasts, those whose coefficients it has (the others are
+   logged and listed in its attributes). Features non-zero in fewer than
+   ``model.min_cells`` of a stratum's cells are not fitted there (status ``filtered``).
+3. Resume: each stratum's group records its finished blocks; a rerun fits only the
+   missing ones, stratum by stratum. The root is marked complete after every stratum.
+4. Tables with a ``stratum`` column; plots per stratum and contrast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flashmm_dask.blockfit import BlockReport, SharedModel, fit_block
+from flashmm_dask.cluster import open_client
+from flashmm_dask.contrasts import contrast_matrix
+from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
+from flashmm_dask.features import feature_positions
+from flashmm_dask.fitting import filter_features, resolve_transform
+from flashmm_dask.io.results import (
+    FORMAT,
+    FORMAT_VERSION,
+    blocks_done,
+    create_results,
+    finalize_results,
+    open_results,
+    read_store_attrs,
+    redact,
+)
+from flashmm_dask.pipeline import (
+    RESULTS,
+    STATS,
+    OutputLock,
+    RunSummary,
+    _check_existing,
+    _counts,
+    _expression_source,
+    _is_write_failure,
+    _layout,
+    _layout_from_attrs,
+    _outputs,
+    _store_attrs,
+    _write_error,
+    _writing,
+    auto_block_size,
+)
+from flashmm_dask.progress import Timings, wait
+from flashmm_dask.stats import SummaryStats
+from flashmm_dask.strata_results import (
+    applicable_contrasts,
+    mark_filtered,
+    strata_report,
+    write_strata_tables,
+)
+from flashmm_dask.strata_results import (
+    status_counts as read_status_counts,
+)
+from flashmm_dask.strata_stats import StratifiedStats, load_stats
+
+__all__ = ["StrataRunSummary", "compute_strata_stats", "run_strata", "uses_strata"]
+
+logger = logging.getLogger(__name__)
+
+
+def _loads_strata(cfg: Any) -> bool:
+    from flashmm_dask.strata_results import strata_attrs
+
+    return cfg.stats.load is not None and strata_attrs(cfg.stats.load) is not None
+
+
+def uses_strata(cfg: Any) -> bool:
+    """Whether a config needs the stratified run (strata, a selection or a gene filter)."""
+    return bool(
+        cfg.model.by is not None
+        or cfg.data.cells is not None
+        or cfg.data.drop_missing
+        or cfg.model.min_cells
+        or _loads_strata(cfg)
+    )
+
+
+@dataclass(frozen=True)
+class StrataRunSummary(RunSummary):
+    """A :class:`RunSummary` of a stratified run; counts are summed over the strata.
+
+    Attributes (besides RunSummary's)
+    ---------------------------------
+    by : the obs column;  strata : the fitted levels;  skipped : level -> reason
+    """
+
+    by: str | None = None
+    strata: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def line(self) -> str:
+        from flashmm_dask.io.results import STATUS
+        from flashmm_dask.pipeline import _STATUS_LABELS
+
+        counts = ", ".join(
+            f"{self.status_counts.get(name, 0)} {_STATUS_LABELS[name]}" for name in STATUS
+        )
+        skipped = (
+            f", {len(self.skipped)} skipped ({', '.join(self.skipped)})" if self.skipped else ""
+        )
+        return (
+            f"{len(self.strata)} strata of {self.by}{skipped}: {self.n_features} features in "
+            f"{self.n_blocks} blocks ({len(self.blocks_fitted)} fitted now); over all strata "
+            f"{counts}; results in {self.store}"
+        )
+
+
+# -- inputs and statistics --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrataInputs:
+    """The checked inputs: the statistics (loaded or cached), or what reduces them."""
+
+    stats: StratifiedStats | None
+    expr: Any = None
+    strata: Any = None
+    transform: str = "none"
+    features: np.ndarray | None = None
+
+
+def _as_strata(stats: SummaryStats | StratifiedStats) -> StratifiedStats:
+    if isinstance(stats, StratifiedStats):
+        return stats
+    return StratifiedStats({"all": stats}, None, {"all": "all"}, {})
+
+
+def _check_contrasts(cfg: Any, covariates: Mapping[str, tuple[str, ...]]) -> None:
+    """Each contrast must apply to at least one stratum."""
+    for name, expr in dict(cfg.contrasts).items():
+        errors = [applicable_contrasts({name: expr}, c)[1] for c in covariates.values()]
+        if all(errors):
+            if len(covariates) == 1:
+                contrast_matrix({name: expr}, list(next(iter(covariates.values()))))
+            raise InputError(
+                f"contrast {name!r} applies to no stratum: {next(iter(errors[0].values()))}"
+            )
+
+
+def prepare_strata(cfg: Any, folder: Path) -> StrataInputs:
+    """Read and check the inputs (the strata, the selection, the features, the contrasts)
+    before any cluster starts.
+
+    Raises
+    ------
+    DataError, DesignError, ContrastError, InputError, StoreError
+    """
+    from flashmm_dask.io.readers import read_expression
+    from flashmm_dask.strata import plan_strata
+
+    inputs: StrataInputs | None = None
+    if cfg.stats.load is not None:
+        logger.info("loading summary statistics from %s", cfg.stats.load)
+        loaded = _as_strata(load_stats(cfg.stats.load))
+        if cfg.model.by is not None and loaded.by != cfg.model.by:
+            raise InputError(
+                f"model.by is {cfg.model.by!r} but the statistics in {cfg.stats.load} are "
+                f"{'of strata of ' + repr(loaded.by) if loaded.by else 'not stratified'}; "
+                "compute them with this model.by (flashmm-dask stats)"
+            )
+        inputs = StrataInputs(loaded)
+    elif (folder / STATS).exists():
+        try:
+            cached: StratifiedStats | None = _as_strata(load_stats(str(folder / STATS)))
+        except StoreError as exc:
+            logger.warning("ignoring the saved statistics in %s: %s", folder / STATS, exc)
+            cached = None
+        if cached is not None and cached.provenance.get("config_hash") == cfg.hash():
+            logger.info("reusing the summary statistics of this run in %s", folder / STATS)
+            inputs = StrataInputs(cached)
+    if inputs is None:
+        if cfg.model.pcs:
+            raise InputError(
+                "model.pcs cannot be combined with model.by, data.cells, data.drop_missing or "
+                "model.min_cells; add the components to obs yourself and name them in "
+                "model.fixed"
+            )
+        source, options = _expression_source(cfg, folder)
+        expr = read_expression(
+            source,
+            layer=cfg.data.layer,
+            orientation=cfg.data.orientation,
+            obs=cfg.data.obs,
+            chunk_cells=cfg.data.chunk_cells,
+            storage_options=options or None,
+        )
+        if expr.obs is None:
+            raise InputError(
+                "the data carry no cell metadata; set data.obs to a CSV of cell metadata"
+            )
+        positions = feature_positions(
+            cfg.data.features, list(expr.features), data=source, storage_options=options
+        )
+        strata = plan_strata(
+            expr.obs,
+            cfg.model.fixed,
+            cfg.model.random,
+            by=cfg.model.by,
+            cells=cfg.data.cells,
+            drop_missing=cfg.data.drop_missing,
+        )
+        inputs = StrataInputs(
+            None, expr, strata, resolve_transform(False, cfg.model.transform), positions
+        )
+        covariates = dict(zip(strata.levels, (d.covariates for d in strata.designs), strict=True))
+    else:
+        assert inputs.stats is not None
+        covariates = {k: v.covariates for k, v in inputs.stats.items()}
+    if cfg.model.min_cells and inputs.stats is not None:
+        for level, stats in inputs.stats.items():
+            if stats.nnz is None:
+                raise InputError(
+                    f"model.min_cells needs the non-zero counts of each feature, which the "
+                    f"statistics of stratum {level!r} do not carry; compute them again "
+                    "(flashmm-dask stats) with this version"
+                )
+    _check_contrasts(cfg, covariates)
+    return inputs
+
+
+def compute_strata_stats(
+    cfg: Any, client: Any, folder: Path, *, show: bool = False, inputs: StrataInputs | None = None
+) -> StratifiedStats:
+    """Every stratum's statistics: loaded, cached, or reduced in one pass (and saved)."""
+    from flashmm_dask.reduce import unreadable
+    from flashmm_dask.reduce_strata import strata_graph
+
+    if inputs is None:
+        inputs = prepare_strata(cfg, folder)
+    if inputs.stats is not None:
+        return inputs.stats
+    expr = inputs.expr
+    graph = strata_graph(
+        expr,
+        inputs.strata,
+        transform=inputs.transform,
+        target_sum=cfg.model.target_sum,
+        split_every=cfg.stats.split_every,
+        provenance={"config_hash": cfg.hash(), "source": expr.source},
+        chains=_threads(client),
+    )
+    future = client.compute(graph)
+    try:
+        wait([future], "reduction", show=show)
+        stats: StratifiedStats = future.result()
+    except Exception as exc:
+        error = unreadable(exc, expr.source)
+        if error is None:
+            raise
+        raise error from exc
+    if inputs.features is not None:
+        stats = stats.subset(inputs.features)
+    if cfg.stats.save:
+        with _writing("the summary statistics", folder):
+            if stats.by is None:
+                stats["all"].save(str(folder / STATS), overwrite=True)
+            else:
+                stats.save(folder / STATS, overwrite=True)
+    return stats
+
+
+def _threads(client: Any) -> int:
+    """The worker threads of a cluster (the running sums of the stratified reduction)."""
+    workers = client.scheduler_info().get("workers", {})
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+
+
+# -- the results store ------------------------------------------------------------------
+
+
+def _create_root(store: Path, cfg: Any, stats: StratifiedStats, missing: dict) -> None:
+    """The root group of a stratified results store (attributes only) and ``strata/``."""
+    import zarr
+
+    attrs = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "strata": {**stats.attrs(), "missing_contrasts": missing},
+        "config": redact(cfg.to_dict()),
+        "config_hash": cfg.hash(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with _writing("the results store", store.parent):
+        root = zarr.open_group(str(store), mode="w", zarr_format=3)
+        zarr.open_group(str(store / "strata"), mode="w", zarr_format=3)
+        root.attrs.update(attrs)
+
+
+@dataclass
+class _Group:
+    level: str
+    path: Path
+    stats: SummaryStats
+    filtered: np.ndarray
+    layout: Any
+    todo: list[int]
+    create: dict[str, Any] | None = None  # the attributes of a group still to create
+
+
+def _open_group(
+    cfg: Any,
+    level: str,
+    path: Path,
+    stats: SummaryStats,
+    contrasts: dict,
+    n_workers: int,
+    n_strata: int,
+) -> _Group:
+    L = contrast_matrix(contrasts, list(stats.covariates)) if contrasts else None
+    layout = _layout(cfg, stats, tuple(L.columns) if L is not None else (), n_workers)
+    if cfg.fit.block_size == "auto":
+        # a few blocks per worker over all strata together, not per stratum
+        size = auto_block_size(stats.m * n_strata, stats.p, stats.q, len(stats.d), n_workers)
+        layout = dataclasses.replace(layout, block_size=min(size, stats.m))
+    emptied, filtered = filter_features(stats, int(cfg.model.min_cells))
+    if not path.exists():  # created by a task on a worker, before the group's blocks
+        attrs = _store_attrs(cfg, stats, layout)
+        attrs.update(
+            stratum=level, by=stats.provenance.get("by"), cells=stats.provenance.get("cells")
+        )
+        return _Group(level, path, emptied, filtered, layout, list(range(layout.n_blocks)), attrs)
+    layout = _layout_from_attrs(layout, read_store_attrs(str(path)))
+    done = blocks_done(str(path))
+    todo = [b for b in range(layout.n_blocks) if not done[b]]
+    return _Group(level, path, emptied, filtered, layout, todo)
+
+
+def _after(_: Any, function: Any, *args: Any) -> Any:
+    """``function(*args)``, run after the task whose result is the first argument."""
+    return function(*args)
+
+
+def _submit(cfg: Any, client: Any, group: _Group, contrasts: dict, index: int) -> list:
+    stats, layout = group.stats, group.layout
+    L = contrast_matrix(contrasts, list(stats.covariates)) if contrasts else None
+    model = SharedModel(
+        XX=np.asarray(stats.XX),
+        ZX=np.asarray(stats.ZX),
+        ZZ=np.asarray(stats.ZZ),
+        n=int(stats.n),
+        d=tuple(stats.d),
+        method=cfg.model.method,
+        max_iter=int(cfg.model.max_iter),
+        epsilon=float(cfg.model.epsilon),
+        L=np.zeros((stats.p, 0)) if L is None else L.to_numpy(),
+        alternative=cfg.test.alternative,
+        store_cov=layout.store_cov,
+        store=str(group.path),
+        df=cfg.model.df,
+    )
+    shared = client.scatter(model, broadcast=True, hash=False)
+    XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
+    token = cfg.hash()[:12]
+    created = None
+    if group.create is not None:
+        created = client.submit(
+            create_results,
+            str(group.path),
+            layout,
+            group.create,
+            key=f"flashmm-create-{token}-s{index}",
+            pure=False,
+        )
+    futures = []
+    for b in group.todo:
+        sl = layout.block_slice(b)
+        futures.append(
+            client.submit(
+                _after,
+                created,
+                fit_block,
+                shared,
+                b,
+                XY[:, sl],
+                ZY[:, sl],
+                Ynorm[sl],
+                key=f"flashmm-fit-{token}-s{index}-{b}",
+                retries=1,
+            )
+        )
+    return futures
+
+
+def fit_strata_stores(
+    cfg: Any, client: Any, stats: StratifiedStats, folder: Path, *, show: bool = False
+) -> tuple[list[_Group], list[BlockReport]]:
+    """Create (or reopen) every stratum's results group and fit its missing blocks."""
+    store = folder / RESULTS
+    contrasts = dict(cfg.contrasts)
+    per_stratum: dict[str, dict[str, str]] = {}
+    missing: dict[str, list[str]] = {}
+    for level, s in stats.items():
+        per_stratum[level], lacking = applicable_contrasts(contrasts, s.covariates)
+        if lacking:
+            missing[level] = sorted(lacking)
+            logger.warning(
+                "stratum %s lacks the coefficients of contrast(s) %s: not tested there",
+                level,
+                ", ".join(sorted(lacking)),
+            )
+    if stats.by is not None and not store.exists():
+        _create_root(store, cfg, stats, missing)
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    groups = []
+    for level, s in stats.items():
+        path = store if stats.by is None else store / "strata" / stats.groups[level]
+        groups.append(_open_group(cfg, level, path, s, per_stratum[level], n_workers, len(stats)))
+    logger.info(
+        "%d strata, %d blocks to fit (%d already done)",
+        len(groups),
+        sum(len(g.todo) for g in groups),
+        sum(g.layout.n_blocks - len(g.todo) for g in groups),
+    )
+    futures = []
+    for index, group in enumerate(groups):
+        futures += _submit(cfg, client, group, per_stratum[group.level], index)
+    try:
+        wait(futures, "fitting", show=show)
+        reports = client.gather(futures)
+    except FlashmmError:
+        raise
+    except OSError as exc:
+        if not _is_write_failure(exc):
+            raise
+        raise _write_error("the results store", folder, exc) from exc
+    return groups, list(reports)
+
+
+def _finalize(
+    cfg: Any, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict
+) -> None:
+    import zarr
+
+    total: dict[str, int] = {}
+    for group in groups:
+        attrs = read_store_attrs(str(group.path))
+        if attrs.get("complete"):
+            counts = attrs.get("status_counts", {})
+        else:
+            mark_filtered(group.path, group.filtered)
+            counts = read_status_counts(group.path)
+            plain = {
+                "n_converged": counts["ok"],
+                "n_not_converged": counts["not_converged"],
+                "n_zero": counts["all_zero"] + counts["filtered"],
+                "status_counts": counts,
+            }
+            finalize_results(
+                str(group.path), extra_attrs={**extra, **plain}, method=cfg.test.p_adjust
+            )
+        for name, k in counts.items():
+            total[name] = total.get(name, 0) + int(k)
+    if stats.by is not None:
+        root = zarr.open_group(str(store), mode="r+")
+        root.attrs.update({**extra, "status_counts": total, "complete": True})
+
+
+# -- the run ----------------------------------------------------------------------------
+
+
+def run_strata(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> RunSummary:
+    """Run a configuration with strata, a cell selection or a gene filter end to end
+    (see the module docstring); arguments as :func:`flashmm_dask.pipeline.run`."""
+    from flashmm_dask.strata_results import strata_attrs
+
+    folder = Path(cfg.output.path)
+    show = cfg.progress if show_progress is None else show_progress
+    timings = Timings()
+    started = time.perf_counter()
+    with OutputLock(folder):
+        store = folder / RESULTS
+        resuming = _check_existing(store, cfg)
+        if not resuming and cfg.output.overwrite and (folder / "strata").is_dir():
+            shutil.rmtree(folder / "strata")
+        reports: list[BlockReport] = []
+        if not (resuming and read_store_attrs(str(store)).get("complete")):
+            inputs = prepare_strata(cfg, folder)
+            with nullcontext(client) if client is not None else open_client(cfg.cluster) as active:
+                with timings.phase("statistics"):
+                    stats = compute_strata_stats(cfg, active, folder, show=show, inputs=inputs)
+                _check_fittable(stats)
+                with timings.phase("fitting"):
+                    groups, reports = fit_strata_stores(cfg, active, stats, folder, show=show)
+            history = list(read_store_attrs(str(store)).get("history", []))
+            history.append(
+                {
+                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "blocks_fitted": len(reports),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+            with timings.phase("finalize"), _writing("the results store", folder):
+                _finalize(cfg, store, groups, stats, {"timings": dict(timings), "history": history})
+        strata = strata_attrs(store)
+        with _writing("the tables and plots", folder):
+            if strata is None:
+                files = _outputs(cfg, store, folder, timings)
+            else:
+                files = []
+                if cfg.output.tables:
+                    with timings.phase("tables"):
+                        files += write_strata_tables(store, folder, tuple(cfg.output.tables))
+                if cfg.output.plots:
+                    with timings.phase("plots"):
+                        files += strata_report(store, folder)
+    return _summary(cfg, store, folder, reports, timings, files, strata)
+
+
+def _check_fittable(stats: StratifiedStats) -> None:
+    for level, s in stats.items():
+        if not (np.asarray(s.Ynorm) > 0).any():
+            raise DataError(
+                f"all {s.m} features are zero in every cell of stratum {level!r}: nothing to "
+                "fit; check the data (data.layer), data.features and data.cells"
+            )
+
+
+def _summary(
+    cfg: Any,
+    store: Path,
+    folder: Path,
+    reports: list[BlockReport],
+    timings: Timings,
+    files: list[Path],
+    strata: dict[str, Any] | None,
+) -> RunSummary:
+    from flashmm_dask.pipeline import _STATUS_ADVICE, _STATUS_LABELS
+
+    if strata is None:
+        ds = open_results(str(store))
+        counts = _counts(ds)
+        n_features, n_blocks = int(ds.sizes["feature"]), int(ds.attrs["n_blocks"])
+        status_counts = dict(counts.get("status_counts", {}))
+    else:
+        attrs = read_store_attrs(str(store))
+        status_counts = dict(attrs.get("status_counts", {}))
+        n_blocks = sum(
+            int(read_store_attrs(str(store / path))["n_blocks"])
+            for path in strata["groups"].values()
+        )
+        first = next(iter(strata["groups"].values()))
+        n_features = int(open_results(str(store / first)).sizes["feature"])
+        for level, reason in strata.get("skipped", {}).items():
+            logger.warning("stratum %s=%s was not fitted: %s", strata["by"], level, reason)
+        for level, names in strata.get("missing_contrasts", {}).items():
+            logger.warning(
+                "stratum %s has no test of %s (its coefficients are absent)", level, names
+            )
+    fitted = tuple(range(len(reports)))
+    common: dict[str, Any] = {
+        "output": folder,
+        "store": store,
+        "n_features": n_features,
+        "n_blocks": n_blocks,
+        "blocks_fitted": fitted,
+        "n_converged": int(status_counts.get("ok", 0)),
+        "n_not_converged": int(status_counts.get("not_converged", 0)),
+        "n_zero": int(status_counts.get("all_zero", 0)),
+        "timings": dict(timings),
+        "files": tuple(files),
+        "status_counts": status_counts,
+    }
+    summary: RunSummary
+    if strata is None:
+        summary = RunSummary(**common)
+    else:
+        summary = StrataRunSummary(
+            **common,
+            by=strata["by"],
+            strata=tuple(strata["levels"]),
+            skipped=dict(strata.get("skipped", {})),
+        )
+    for name, advice in _STATUS_ADVICE.items():
+        if status_counts.get(name):
+            logger.warning(
+                "%d features %s: %s (results column status = %s)",
+                status_counts[name],
+                _STATUS_LABELS[name].replace("with ", "have "),
+                advice,
+                name,
+            )
+    logger.info("%s", summary.line())
+    return summary

@@ -1,0 +1,80 @@
+"""data.features: names (repeated names keep every column, reported with their positions)
+or a boolean var column; the config keys of strata and selection."""
+
+import logging
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from flashmm_dask import write_store
+from flashmm_dask.config import load_config
+from flashmm_dask.errors import ConfigError, InputError
+from flashmm_dask.features import duplicated_names, feature_positions
+
+NAMES = ["CD3E", "MS4A1", "CD3E", "LYZ", "GAPDH", "LYZ"]
+
+
+@pytest.fixture
+def adata():
+    var = pd.DataFrame(
+        {"highly_variable": [True, False, True, True, False, False], "score": np.arange(6.0)},
+        index=NAMES,
+    )
+    obs = pd.DataFrame({"x": np.arange(4.0)}, index=[f"c{i}" for i in range(4)])
+    with pytest.warns(UserWarning, match="not unique"):
+        return ad.AnnData(X=sp.csr_matrix(np.ones((4, 6))), obs=obs, var=var)
+
+
+def test_repeated_names_keep_every_column(caplog):
+    assert duplicated_names(NAMES) == {"CD3E": [0, 2], "LYZ": [3, 5]}
+    with caplog.at_level(logging.WARNING):
+        positions = feature_positions(["LYZ", "MS4A1", "LYZ"], NAMES)
+    np.testing.assert_array_equal(positions, [1, 3, 5])
+    assert "'LYZ' at positions 3, 5" in caplog.text and "more than once" in caplog.text
+    assert feature_positions(None, NAMES) is None
+
+
+def test_unknown_names_are_listed():
+    with pytest.raises(InputError, match=r"2 features that the data do not have: 'CD4', 'CD8A'"):
+        feature_positions(["CD4", "CD3E", "CD8A"], NAMES)
+
+
+def test_var_column_in_memory_and_in_stores(adata, tmp_path):
+    spec = {"var_column": "highly_variable"}
+    np.testing.assert_array_equal(feature_positions(spec, NAMES, data=adata), [0, 2, 3])
+    for suffix in (".zarr", ".h5ad"):
+        path = write_store(adata, tmp_path / f"data{suffix}")
+        np.testing.assert_array_equal(feature_positions(spec, NAMES, data=str(path)), [0, 2, 3])
+        with pytest.raises(InputError, match="'hvg' is not a column of var; var has"):
+            feature_positions({"var_column": "hvg"}, NAMES, data=str(path))
+    with pytest.raises(InputError, match="not boolean"):
+        feature_positions({"var_column": "score"}, NAMES, data=adata)
+
+
+def test_config_keys():
+    cfg = load_config(
+        None,
+        (
+            "data.path=x.zarr",
+            "data.features={var_column: highly_variable}",
+            "data.cells=n_genes >= 200 and cell_type != 'doublet'",
+            "data.drop_missing=true",
+            "model.by=cell_type",
+            "model.min_cells=10",
+        ),
+    )
+    assert cfg.data.features == {"var_column": "highly_variable"}
+    assert cfg.data.cells == "n_genes >= 200 and cell_type != 'doublet'"
+    assert cfg.model.by == "cell_type" and cfg.model.min_cells == 10 and cfg.data.drop_missing
+    assert load_config(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"data\.features.*var_column"):
+        load_config(None, ("data.path=x.zarr", "data.features={column: hv}"))
+    with pytest.raises(ConfigError, match=r"model\.min_cells"):
+        load_config(None, ("model.min_cells=-1",))
+    # unset, the new keys leave the hash of a config as it was
+    plain = load_config(None, ())
+    assert plain.hash() != load_config(None, ("model.by=cls",)).hash()
+    assert plain.hash() == load_config(None, ("model.min_cells=0",)).hash()

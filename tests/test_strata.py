@@ -1,0 +1,199 @@
+"""Strata from one pass: each stratum's statistics and fit equal the unstratified ones of
+its cells selected by hand; one read per block; memory set by the chunk; cells= and
+min_cells=."""
+
+import logging
+import tracemalloc
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+from test_reduce import counting_expr, reads
+
+import flashmm_dask as fm
+from flashmm_dask.design import build_design
+from flashmm_dask.io.readers import read_expression
+from flashmm_dask.reduce import reduce_stats
+from flashmm_dask.reduce_strata import reduce_strata, strata_graph
+from flashmm_dask.strata import plan_strata, select_obs
+from flashmm_dask.strata_stats import StratifiedStats, load_stats
+
+FIXED = "~ log(libsize) + trt"
+RANDOM = "~ 0 + sam"
+STATS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
+FIT = ("coef", "se", "t", "p", "theta", "se_theta", "dlogL", "logLik", "niter")
+
+
+def atlas(n_cells=3000, n_genes=30, seed=3):
+    """Simulated counts of 8 donors (4 per treatment) and 3 cell types; donor A1 has no
+    cells of type 2, and a fourth type '4' exists in donor A2 only (its design cannot be
+    fitted: a single treatment, a single donor)."""
+    adata = fm.simulate_rnaseq(n_genes, n_cells, n_samples=8, n_celltypes=3, seed=seed)
+    rng = np.random.default_rng(seed)
+    donors = np.array([f"{t}{k}" for t in "AB" for k in range(1, 5)])
+    sam = donors[rng.integers(0, 8, n_cells)]
+    cls = rng.choice(["1", "2", "3"], n_cells).astype(object)
+    cls[(sam == "A2") & (rng.random(n_cells) < 0.2)] = "4"
+    keep = ~((sam == "A1") & (cls == "2"))
+    adata = adata[keep].copy()
+    adata.obs["sam"] = pd.Categorical(sam[keep], categories=donors)
+    adata.obs["cls"] = pd.Categorical(cls[keep], categories=["1", "2", "3", "4"])
+    adata.obs["trt"] = pd.Categorical([s[0] for s in sam[keep]])
+    adata.obs["n_genes"] = np.asarray((adata.X > 0).sum(axis=1)).ravel()
+    return adata
+
+
+def by_hand(adata, mask, **kwargs):
+    """The unstratified fit of the cells of ``mask``, selected by hand."""
+    sub = adata[np.asarray(mask)].copy()
+    sub.obs = select_obs(adata.obs, mask)
+    return fm.flashmm(sub, FIXED, RANDOM, is_counts=True, chunk_cells=350, output_ss=True, **kwargs)
+
+
+def assert_fits_equal(fit, ref):
+    assert fit.covariates == ref.covariates
+    assert fit.random == ref.random and fit.components == ref.components
+    assert fit.features == ref.features and fit.n == ref.n and fit.d == ref.d
+    for key in STATS:
+        np.testing.assert_allclose(
+            fit.summary_data[key], ref.summary_data[key], rtol=1e-12, atol=0, err_msg=key
+        )
+    for key in FIT:
+        atol = 1e-9 if key == "dlogL" else 0
+        np.testing.assert_allclose(
+            getattr(fit, key), getattr(ref, key), rtol=1e-9, atol=atol, err_msg=key
+        )
+    np.testing.assert_array_equal(fit.converged, ref.converged)
+    np.testing.assert_allclose(fit.cov, ref.cov, rtol=1e-9, atol=1e-15)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return atlas()
+
+
+def test_each_stratum_equals_its_cells_selected_by_hand(data, caplog):
+    with caplog.at_level(logging.WARNING):
+        fits = fm.flashmm(
+            data, FIXED, RANDOM, is_counts=True, by="cls", chunk_cells=500, output_ss=True
+        )
+    assert list(fits) == ["1", "2", "3"]  # level order; '4' skipped
+    assert "stratum cls=4 is skipped" in caplog.text and "single level" in caplog.text
+    for level, fit in fits.items():
+        ref = by_hand(data, (data.obs["cls"] == level).to_numpy())
+        assert_fits_equal(fit, ref)
+    # the absent donor has no Z column in its stratum
+    assert "samA1" not in fits["2"].random and "samA1" in fits["1"].random
+    assert fits["2"].d == (7,) and fits["1"].d == (8,)
+
+
+def test_selected_cells_equal_by_hand(data):
+    text = "n_genes >= 8 and sam not in ['B4'] and cls != '4'"
+    fit = fm.flashmm(
+        data, FIXED, RANDOM, is_counts=True, cells=text, chunk_cells=400, output_ss=True
+    )
+    mask = (
+        (data.obs["n_genes"] >= 8) & (data.obs["sam"] != "B4") & (data.obs["cls"] != "4")
+    ).to_numpy()
+    assert 0 < mask.sum() < len(mask)
+    assert_fits_equal(fit, by_hand(data, mask))
+    # a boolean mask works as well, with strata
+    fits = fm.flashmm(
+        data, FIXED, RANDOM, is_counts=True, cells=mask, by="cls", chunk_cells=400, output_ss=True
+    )
+    assert_fits_equal(fits["3"], by_hand(data, mask & (data.obs["cls"] == "3").to_numpy()))
+
+
+def test_drop_missing(data):
+    adata = data.copy()
+    libsize = adata.obs["libsize"].to_numpy(dtype=float).copy()
+    libsize[[5, 17, 400]] = np.nan
+    adata.obs["libsize"] = libsize
+    with pytest.raises(fm.DesignError, match=r"libsize.*3 missing.*drop_missing"):
+        fm.flashmm(adata, FIXED, RANDOM, is_counts=True, by="cls")
+    fits = fm.flashmm(
+        adata, FIXED, RANDOM, is_counts=True, by="cls", drop_missing=True, output_ss=True
+    )
+    keep = ~np.isnan(libsize)
+    for level in ("1", "3"):
+        ref = by_hand(adata, keep & (adata.obs["cls"] == level).to_numpy())
+        assert_fits_equal(fits[level], ref)
+
+
+def test_min_cells_from_the_same_pass(data):
+    expr = read_expression(data, chunk_cells=450)
+    strata = plan_strata(expr.obs, FIXED, RANDOM, by="cls")
+    stats = reduce_strata(expr, strata, transform="log2p1")
+    for level, s in stats.items():
+        cells = (data.obs["cls"] == level).to_numpy()
+        expected = np.asarray((data.X[cells] != 0).sum(axis=0)).ravel()
+        np.testing.assert_array_equal(s.nnz, expected)
+    threshold = int(np.median(stats["2"].nnz))
+    fits = fm.flashmm(data, FIXED, RANDOM, is_counts=True, by="cls", min_cells=threshold)
+    filtered = stats["2"].nnz < threshold
+    assert filtered.any() and not filtered.all()
+    assert np.isnan(fits["2"].coef[:, filtered]).all() and np.isnan(fits["2"].niter[filtered]).all()
+    full = fm.flashmm(data, FIXED, RANDOM, is_counts=True, by="cls")
+    np.testing.assert_allclose(
+        fits["2"].coef[:, ~filtered], full["2"].coef[:, ~filtered], rtol=1e-12
+    )
+
+
+def test_one_read_per_block_whatever_the_strata(data):
+    counts = data.X.toarray().astype(float)
+    expr = counting_expr(data.obs, counts, (300, -1), "strata-once")
+    strata = plan_strata(data.obs, FIXED, RANDOM, by="cls", cells="n_genes > 3")
+    graph = strata_graph(expr, strata, transform="log2p1")
+    assert not reads("strata-once")
+    with dask.config.set(scheduler="threads"):
+        stats = graph.compute()
+    counted = reads("strata-once")
+    assert len(counted) == expr.data.npartitions == 10 and set(counted.values()) == {1}
+    assert isinstance(stats, StratifiedStats) and list(stats) == ["1", "2", "3"]
+    # the same statistics as a reduction of the stratum's own cells
+    mask = (data.obs["cls"] == "1").to_numpy() & (data.obs["n_genes"] > 3).to_numpy()
+    sub = select_obs(data.obs, mask)
+    alone = reduce_stats(
+        read_expression(counts[mask], obs=sub, chunk_cells=97),
+        build_design(sub, FIXED, RANDOM),
+        transform="log2p1",
+    )
+    for key in STATS:
+        np.testing.assert_allclose(getattr(stats["1"], key), getattr(alone, key), rtol=1e-12)
+
+
+def _peak_bytes(n_copies, data):
+    # 300 features, so that a chunk (500 cells) outweighs the scheduler's bookkeeping
+    counts = np.tile(data.X.toarray().astype(float), (n_copies, 10))
+    obs = pd.concat([data.obs] * n_copies, ignore_index=True)
+    expr = counting_expr(obs, counts, (500, -1), f"memory-{n_copies}")
+    graph = strata_graph(expr, plan_strata(obs, FIXED, RANDOM, by="cls"), transform="log2p1")
+    tracemalloc.start()
+    with dask.config.set(scheduler="sync"):
+        graph.compute()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_memory_does_not_grow_with_the_cells(data):
+    small, large = _peak_bytes(1, data), _peak_bytes(8, data)
+    assert large < 1.5 * small, (small, large)
+
+
+def test_stratified_statistics_save_and_load(tmp_path, data):
+    expr = read_expression(data, chunk_cells=450)
+    stats = reduce_strata(expr, plan_strata(expr.obs, FIXED, RANDOM, by="cls"), transform="log2p1")
+    stats.save(tmp_path / "stats.zarr")
+    back = load_stats(tmp_path / "stats.zarr")
+    assert isinstance(back, StratifiedStats) and list(back) == list(stats)
+    assert back.by == "cls" and "4" in back.info["skipped"]
+    for level in stats:
+        for key in (*STATS, "nnz"):
+            np.testing.assert_array_equal(getattr(back[level], key), getattr(stats[level], key))
+        assert back[level].random == stats[level].random
+    with pytest.raises(fm.StoreError, match="several strata"):
+        fm.SummaryStats.load(tmp_path / "stats.zarr")
+    one = fm.SummaryStats.load(tmp_path / "stats.zarr" / "strata" / "2")
+    np.testing.assert_array_equal(one.nnz, stats["2"].nnz)
