@@ -64,6 +64,7 @@ RESULTS = "results.zarr"
 STATS = "stats.zarr"
 SIMULATED = "simulated.zarr"
 LOCK = "run.lock"
+REPORTS = ("top", "report.md")  # flashmm_dask.report's outputs
 VERSIONED = ("flashmm-dask", "numpy", "scipy", "dask", "distributed", "zarr", "anndata")
 
 
@@ -245,7 +246,7 @@ class OutputLock:
 
 
 def _clear_output(folder: Path) -> None:
-    for name in (RESULTS, STATS, SIMULATED, "plots", "results.csv", "results.parquet"):
+    for name in (RESULTS, STATS, SIMULATED, "plots", "results.csv", "results.parquet", *REPORTS):
         target = folder / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -658,6 +659,9 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
                 name,
             )
     logger.info("%s", summary.line())
+    from flashmm_dask.report import log_top_genes
+
+    log_top_genes(store)
     return summary
 
 
@@ -687,4 +691,8 @@ def _outputs(cfg: Any, store: Path, folder: Path, timings: Timings) -> list[Path
 
         with timings.phase("plots"):
             files += make_report(ds, folder)
+    from flashmm_dask.report import report_outputs
+
+    with timings.phase("report"):
+        files += report_outputs(store, folder, tables=bool(cfg.output.tables))
     return files
