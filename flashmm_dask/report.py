@@ -32,6 +32,7 @@ from flashmm_dask.resultsets import (
     ResultSets,
     default_terms,
     effect_unit,
+    loaded,
     result_sets,
     run_parameters,
     term_table,
@@ -194,7 +195,11 @@ def report_markdown(
         if len(cells) == len(sets):
             rows.append(["cells", f"{sum(cells)} in {len(sets)} strata"])
         rows.append(["features", m])
-        rows.append(["strata", f"by {_code(params.get('by', '?'))}: {len(sets)} levels"])
+        levels = ", ".join(
+            f"{level} ({ds.attrs['n_cells']} cells)" if "n_cells" in ds.attrs else str(level)
+            for level, ds in sets
+        )
+        rows.append(["strata", f"by {_code(params.get('by', '?'))}: {len(sets)} levels, {levels}"])
     else:
         rows.append(["cells", params.get("n_cells", "?")])
         rows.append(["features", m])
@@ -329,7 +334,7 @@ def report_outputs(
     list of Path
         The files written, ``report.md`` last.
     """
-    sets = result_sets(os.fspath(store), storage_options=storage_options)
+    sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
     files = write_top_tables(sets, folder) if tables else []
     files.append(write_report(sets, folder, store=store, n=n, alpha=alpha, top_tables=tables))
     logger.info("wrote %s and %d top tables", files[-1], len(files) - 1)
@@ -346,7 +351,7 @@ def log_top_genes(
     """Log :func:`top_genes_text` of a finished store once, at INFO (nothing is read
     when INFO is not logged)."""
     if logger.isEnabledFor(logging.INFO):
-        sets = result_sets(os.fspath(store), storage_options=storage_options)
+        sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
         logger.info("top genes by p\n%s", top_genes_text(sets, n=n, alpha=alpha))
 
 

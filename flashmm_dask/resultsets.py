@@ -192,6 +192,13 @@ def result_sets(
     return [(None, _as_dataset(results, contrasts, "results"))]
 
 
+def loaded(sets: ResultSets) -> ResultSets:
+    """The sets with the variables the tables read (not ``cov``) loaded into memory, so
+    that the tables of many terms read the store once."""
+    keep = {*_STATS, *(f"contrast_{s}" for s in _STATS), "status", "niter", "converged"}
+    return [(level, ds[[v for v in ds.data_vars if v in keep]].load()) for level, ds in sets]
+
+
 # -- the parameters of a run -------------------------------------------------------------
 
 
@@ -478,6 +485,7 @@ __all__ = [
     "effect_label",
     "effect_unit",
     "fit_dataset",
+    "loaded",
     "result_sets",
     "run_parameters",
     "term_columns",

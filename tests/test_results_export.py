@@ -334,7 +334,8 @@ def test_report_of_a_stratified_store(stratified, tmp_path):
     best = expected["feature"].iloc[0]
     assert f"| `{best}` |" in text
     assert "log2p1 (effects in log2(1 + x))" in text and "`atlas.h5ad`" in text
-    assert "| strata | by `cls`: 2 levels |" in text and "| cells | 6000 in 2 strata |" in text
+    assert "| strata | by `cls`: 2 levels, A (3000 cells), B1 (3000 cells) |" in text
+    assert "| cells | 6000 in 2 strata |" in text
     log = top_genes_text(result_sets(str(stratified)), n=4)
     assert "top 4 of first in stratum B1" in log and best in log
 
@@ -377,3 +378,60 @@ def test_fit_dataset_matches_the_store(fit, store):
         np.testing.assert_allclose(ds[name].values, stored[name].values, rtol=1e-12)
     np.testing.assert_allclose(ds["contrast_se"].values, stored["contrast_se"].values, rtol=1e-12)
     np.testing.assert_array_equal(ds["status"].values, stored["status"].values)
+
+
+# -- a run of the command line -----------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_cli_run_writes_the_report_and_logs_the_top_genes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline_helpers import SMALL
+
+    out = tmp_path / "run"
+    args = ["run", "configs/demo.yaml", "--output", str(out), "--workers", "1"]
+    for item in (*SMALL, "output.plots=true"):
+        args += ["--set", item]
+    res = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "flashmm-dask"), *args],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    store = out / "results.zarr"
+    ds = open_results(str(store))
+    table = pd.read_csv(out / "results.csv", float_precision="round_trip")
+    report = (out / REPORT).read_text()
+    codes = ds["status"].values
+    assert f"| ok | {int((codes == 0).sum())} |" in report
+    assert f"| not_converged | {int((codes == 1).sum())} |" in report
+    assert f"| cells | {ds.attrs['n_cells']} |" in report and "| features | 30 |" in report
+    assert "contrast estimate" not in report  # the report names the effect's unit instead
+    assert "log2p1 (effects in log2(1 + x))" in report
+    assert report.count("top genes by p") == 0 and res.stderr.count("top genes by p") == 1
+    for name in ("trt_in_cls1", "trt_cls2_vs_cls1"):
+        top = pd.read_csv(out / "top" / f"{name}.csv", float_precision="round_trip")
+        assert_sorted_rows_of(top, table, name)
+        best = top["feature"].head(3).tolist()
+        assert all(f"| `{f}` |" in report for f in best)
+        assert f"### {name}" in report and f"(top/{name}.csv)" in report
+        assert f"![volcano plot of {name}](plots/volcano_{name}.png)" in report
+        assert (out / "plots" / f"volcano_{name}.png").exists()
+        # the log holds the same top genes, once
+        logged = res.stderr.split(f"top 10 of {name}:")[1].splitlines()[2:5]
+        assert [line.split()[0] for line in logged] == best
+    # flashmm-dask report writes the report again
+    (out / REPORT).unlink()
+    again = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "flashmm-dask"), "report", str(store)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "| ok |" in (out / REPORT).read_text()
