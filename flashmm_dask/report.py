@@ -35,6 +35,7 @@ from flashmm_dask.resultsets import (
     loaded,
     result_sets,
     run_parameters,
+    term_names,
     term_table,
     top_paths,
     write_top_tables,
@@ -226,7 +227,16 @@ def report_markdown(
     contrasts = params.get("contrasts", {})
     if contrasts:
         out += ["Contrasts:", ""]
-        out += [*_table(["name", "expression"], [[k, _code(v)] for k, v in contrasts.items()]), ""]
+        if stratified:
+            lacking = {
+                name: [str(level) for level, ds in sets if name not in term_names(ds)[1]]
+                for name in contrasts
+            }
+            rows = [[k, _code(v), ", ".join(lacking[k]) or "-"] for k, v in contrasts.items()]
+            out += [*_table(["name", "expression", "strata without it"], rows), ""]
+        else:
+            rows = [[k, _code(v)] for k, v in contrasts.items()]
+            out += [*_table(["name", "expression"], rows), ""]
 
     out += ["## Status", ""]
     counts = [(level, _status_counts(ds)) for level, ds in sets]

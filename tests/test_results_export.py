@@ -336,6 +336,7 @@ def test_report_of_a_stratified_store(stratified, tmp_path):
     assert "log2p1 (effects in log2(1 + x))" in text and "`atlas.h5ad`" in text
     assert "| strata | by `cls`: 2 levels, A (3000 cells), B1 (3000 cells) |" in text
     assert "| cells | 6000 in 2 strata |" in text
+    assert "| second-first | `cls2:trtB - cls1:trtB` | B1 |" in text
     log = top_genes_text(result_sets(str(stratified)), n=4)
     assert "top 4 of first in stratum B1" in log and best in log
 
