@@ -19,6 +19,7 @@ from flashmm_dask.errors import (
 )
 from flashmm_dask.fit import LmmFit
 from flashmm_dask.fitting import flashmm, lmm_stats, lmmfit, sslmm
+from flashmm_dask.io.anndata_results import write_results
 from flashmm_dask.io.anndata_store import write_store
 from flashmm_dask.io.readers import Expression, read_expression, read_obs
 from flashmm_dask.lmm import lmm
@@ -26,6 +27,7 @@ from flashmm_dask.lmmtest import lmmtest
 from flashmm_dask.lrt import lrt_fixed, vctest
 from flashmm_dask.numerics.inference import p_adjust
 from flashmm_dask.reduce import TRANSFORMS, reduce_stats, stats_graph
+from flashmm_dask.resultsets import top_table
 from flashmm_dask.simulate import simulate_rnaseq, simulate_to_store
 from flashmm_dask.stats import SummaryStats
 from flashmm_dask.strata import plan_strata, select_obs
@@ -70,6 +72,8 @@ __all__ = [
     "simulate_to_store",
     "sslmm",
     "stats_graph",
+    "top_table",
     "vctest",
+    "write_results",
     "write_store",
 ]

@@ -6,7 +6,7 @@
     flashmm-dask stats CONFIG               reduce the data to summary statistics only
     flashmm-dask fit CONFIG --stats PATH    fit from saved summary statistics
     flashmm-dask test STORE -c NAME=EXPR    new contrasts on a finished results store
-    flashmm-dask report STORE               plots of a finished results store
+    flashmm-dask report STORE               plots, top tables and report.md of a finished store
 
 Every config key can be overridden with ``--set section.key=value``. A user error prints
 one line and exits with status 2; ``--debug`` shows the traceback instead.
@@ -137,9 +137,11 @@ def parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
-    p = sub.add_parser("report", help="plots of a finished results store")
+    p = sub.add_parser("report", help="plots, top tables and report.md of a finished store")
     p.add_argument("store", help="results store (OUTPUT/results.zarr)")
-    p.add_argument("--out", help="folder for plots/ (default the store's folder)")
+    p.add_argument(
+        "--out", help="folder for plots/, top/ and report.md (default the store's folder)"
+    )
     _common(p)
     return ap
 
@@ -303,6 +305,10 @@ def _report(args: argparse.Namespace) -> int:
     if not args.out:
         register(out, files)
     print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
+    from flashmm_dask.report import report_outputs
+
+    written = report_outputs(args.store, Path(args.out) if args.out else Path(args.store).parent)
+    print(f"wrote {written[-1]} and {len(written) - 1} top tables")
     return 0
 
 

@@ -89,22 +89,45 @@ class LmmFit:
         return np.broadcast_to(np.asarray(self.df, dtype=np.float64), self.coef.shape)
 
     def to_dataframe(self) -> pd.DataFrame:
-        """Tidy table: one row per feature and covariate.
+        """Tidy table: one row per feature and coefficient (a *term*, as in a run's tables).
 
-        Columns: feature, covariate, coef, se, t, df, p.
+        Columns: feature, term, coef, se, t, df, p, padj (Benjamini-Hochberg within a
+        term, over the features whose p is not NaN).
         """
+        from flashmm_dask.numerics.inference import p_adjust
+
         p, m = self.coef.shape
         return pd.DataFrame(
             {
                 "feature": np.tile(np.asarray(self.features, dtype=object), p),
-                "covariate": np.repeat(np.asarray(self.covariates, dtype=object), m),
+                "term": np.repeat(np.asarray(self.covariates, dtype=object), m),
                 "coef": self.coef.ravel(),
                 "se": self.se.ravel(),
                 "t": self.t.ravel(),
                 "df": self.df_array().ravel(),
                 "p": self.p.ravel(),
+                "padj": p_adjust(self.p, "BH", axis=1).ravel(),
             }
         )
+
+    def to_anndata(
+        self,
+        adata: Any,
+        *,
+        key: str = "flashmm",
+        contrasts: Any = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the results into ``adata.varm`` and the parameters into ``adata.uns[key]``.
+
+        In place: ``adata.varm["flashmm_coef"]``, ``_se``, ``_t``, ``_df``, ``_p`` and
+        ``_padj`` become DataFrames (var_names x terms: the coefficients, then the
+        ``contrasts``), matched to ``adata.var_names`` by feature name. See
+        :func:`flashmm_dask.write_results`, which also takes strata and results stores.
+        """
+        from flashmm_dask.io.anndata_results import write_results
+
+        write_results(adata, self, key=key, contrasts=contrasts, params=params)
 
     def to_xarray(self):
         """The fit as an ``xarray.Dataset`` with the feature dimension first."""

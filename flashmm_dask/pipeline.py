@@ -67,6 +67,7 @@ RESULTS = "results.zarr"
 STATS = "stats.zarr"
 SIMULATED = "simulated.zarr"
 LOCK = "run.lock"
+REPORTS = ("top", "report.md")  # flashmm_dask.report's outputs
 VERSIONED = ("flashmm-dask", "numpy", "scipy", "dask", "distributed", "zarr", "anndata")
 
 
@@ -700,6 +701,9 @@ def run(cfg: Any, *, client: Any = None, show_progress: bool | None = None) -> R
                 advice,
                 name,
             )
+    from flashmm_dask.report import log_top_genes
+
+    log_top_genes(store)
     return summary  # the command line prints summary.line() once
 
 
@@ -729,5 +733,9 @@ def _outputs(cfg: Any, store: Path, folder: Path, timings: Timings) -> list[Path
 
         with timings.phase("plots"):
             files += make_report(ds, folder)
+    from flashmm_dask.report import report_outputs
+
+    with timings.phase("report"):
+        files += report_outputs(store, folder, tables=bool(cfg.output.tables))
     register(folder, files)
     return files

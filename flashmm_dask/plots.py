@@ -71,6 +71,7 @@ class TermValues(NamedTuple):
     coef, p, padj : (n,) arrays, n <= m the features with a finite effect and p-value
     n_significant : number of those with padj < alpha
     alpha : the significance level
+    features : (n,) their names (None when the Dataset has no feature coordinate)
     """
 
     coef: np.ndarray
@@ -78,6 +79,7 @@ class TermValues(NamedTuple):
     padj: np.ndarray
     n_significant: int
     alpha: float
+    features: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- names
@@ -227,7 +229,8 @@ def term_values(ds: xr.Dataset, term: Term | str, alpha: float = 0.05) -> TermVa
     ok = np.isfinite(coef) & np.isfinite(p)
     coef, p, padj = coef[ok], p[ok], padj[ok]
     n_sig = int(np.count_nonzero(padj < alpha))
-    return TermValues(coef, p, padj, n_sig, alpha)
+    names = np.asarray(_coordinate(ds, "feature"), dtype=object) if "feature" in ds.coords else None
+    return TermValues(coef, p, padj, n_sig, alpha, None if names is None else names[ok])
 
 
 def _as_term(ds: xr.Dataset, term: Term | str) -> Term:
@@ -296,11 +299,17 @@ def _empty(ax: Axes, message: str = NO_FEATURES) -> None:
     ax.set_yticks([])
 
 
-def volcano_figure(ds: xr.Dataset, term: Term | str, *, alpha: float = 0.05) -> Figure:
+def volcano_figure(
+    ds: xr.Dataset, term: Term | str, *, alpha: float = 0.05, labels: int = 8
+) -> Figure:
     """Volcano plot of one term: effect (x) against -log10 p (y).
 
     Features with padj < alpha are highlighted and counted in the title; the dashed line
-    is the largest p-value among them.
+    is the largest p-value among them. The ``labels`` significant features of smallest p
+    are labelled with their names (those that find a free place; see
+    :mod:`flashmm_dask.plot_labels`). The x axis says what the effect is measured in, from
+    the transform in the Dataset's attributes (``config.model.transform`` of a run, or
+    ``transform``): "log2(1 + x) difference" for log2p1, the data's units for none.
 
     Parameters
     ----------
@@ -309,6 +318,8 @@ def volcano_figure(ds: xr.Dataset, term: Term | str, *, alpha: float = 0.05) -> 
         A contrast or coefficient name (or a Term from :func:`resolve_terms`).
     alpha : float
         Significance level of the adjusted p-values.
+    labels : int
+        How many of the significant features to label at most.
 
     Returns
     -------
@@ -351,9 +362,15 @@ def volcano_figure(ds: xr.Dataset, term: Term | str, *, alpha: float = 0.05) -> 
     if values.n_significant:
         ax.axhline(-np.log10(values.p[sig].max()), color="k", linestyle="--", linewidth=0.7)
     ax.axvline(0.0, color="k", linewidth=0.5)
-    ax.set_xlabel("contrast estimate" if term.kind == "contrast" else "coefficient")
+    from flashmm_dask.resultsets import effect_label
+
+    ax.set_xlabel(effect_label(term.kind, ds.attrs))
     ax.set_ylabel("-log10 p" + (f"  ({n_zero} with p = 0 at the top)" if n_zero else ""))
     ax.legend(loc="best", fontsize=8, markerscale=2)
+    if labels > 0 and values.n_significant and values.features is not None:
+        from flashmm_dask.plot_labels import label_points
+
+        label_points(ax, values.coef[sig], y[sig], values.features[sig], labels)
     return fig
 
 

@@ -159,9 +159,9 @@ def test_verbose_reports_nonconverged(caplog):
 def test_tables():
     res = fit("simu_reml_k1")
     df = res.to_dataframe()
-    assert list(df.columns) == ["feature", "covariate", "coef", "se", "t", "df", "p"]
+    assert list(df.columns) == ["feature", "term", "coef", "se", "t", "df", "p", "padj"]
     assert len(df) == 7 * 40
-    row = df[(df.feature == res.features[5]) & (df.covariate == "cls2:trtB")].iloc[0]
+    row = df[(df.feature == res.features[5]) & (df.term == "cls2:trtB")].iloc[0]
     j = res.covariates.index("cls2:trtB")
     assert row.coef == res.coef[j, 5] and row.p == res.p[j, 5] and row.df == 2993
     ds = res.to_xarray()
