@@ -42,6 +42,7 @@ from flashmm_dask.contrasts import contrast_matrix
 from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
 from flashmm_dask.features import feature_positions
 from flashmm_dask.fitting import filter_features, resolve_transform
+from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
 from flashmm_dask.io.results import (
     FORMAT,
     FORMAT_VERSION,
@@ -68,8 +69,10 @@ from flashmm_dask.pipeline import (
     _write_error,
     _writing,
     auto_block_size,
+    run_outputs,
 )
 from flashmm_dask.progress import Timings, wait
+from flashmm_dask.report import log_top_genes, report_outputs
 from flashmm_dask.stats import SummaryStats
 from flashmm_dask.strata_results import (
     applicable_contrasts,
@@ -497,11 +500,13 @@ def run_strata(cfg: Any, *, client: Any = None, show_progress: bool | None = Non
     show = cfg.progress if show_progress is None else show_progress
     timings = Timings()
     started = time.perf_counter()
-    with OutputLock(folder):
+    with removed_if_unused(folder), OutputLock(folder):
         store = folder / RESULTS
+        refuse_foreign(folder, run_outputs(cfg), overwrite=cfg.output.overwrite)
         resuming = _check_existing(store, cfg)
         if not resuming and cfg.output.overwrite and (folder / "strata").is_dir():
-            shutil.rmtree(folder / "strata")
+            shutil.rmtree(folder / "strata")  # the per-stratum plots of an earlier run
+        register(folder, run_outputs(cfg))
         reports: list[BlockReport] = []
         if not (resuming and read_store_attrs(str(store)).get("complete")):
             inputs = prepare_strata(cfg, folder)
@@ -533,6 +538,10 @@ def run_strata(cfg: Any, *, client: Any = None, show_progress: bool | None = Non
                 if cfg.output.plots:
                     with timings.phase("plots"):
                         files += strata_report(store, folder)
+                with timings.phase("report"):
+                    files += report_outputs(store, folder, tables=bool(cfg.output.tables))
+                register(folder, files)
+    log_top_genes(store)
     return _summary(cfg, store, folder, reports, timings, files, strata)
 
 
@@ -609,5 +618,4 @@ def _summary(
                 advice,
                 name,
             )
-    logger.info("%s", summary.line())
-    return summary
+    return summary  # the command line prints summary.line() once

@@ -52,8 +52,16 @@ def strata_groups(attrs: Mapping[str, Any], shown: str = "the store") -> list[tu
     listed = attrs.get(STRATA_ATTR)
     if listed is None:
         return []
-    if isinstance(listed, Mapping):
-        items: list[Any] = [{"level": k, "path": v} for k, v in listed.items()]
+    if isinstance(listed, Mapping) and "levels" in listed:
+        # a run's stratified store (flashmm_dask.pipeline_strata): levels in order and
+        # their group paths
+        groups = listed.get("groups") or {}
+        items: list[Any] = [
+            {"level": level, "path": groups.get(level, f"{STRATA_GROUP}/{level}")}
+            for level in listed["levels"]
+        ]
+    elif isinstance(listed, Mapping):
+        items = [{"level": k, "path": v} for k, v in listed.items()]
     elif isinstance(listed, list):
         items = listed
     else:
