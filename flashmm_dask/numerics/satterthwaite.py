@@ -245,8 +245,14 @@ def satterthwaite_terms(
     cov: Array,
     *,
     spectral: bool | None = None,
+    held: np.ndarray | None = None,
 ) -> tuple[Array, Array]:
     """The per-feature ingredients of Satterthwaite's df for any contrast.
+
+    ``held`` ((m, K+1) bool, optional) marks variance components held at zero by a
+    non-negative fit: such a component leaves the model (as in lmerTest, where it is not a
+    parameter of a singular fit), so the information is that of the free components and
+    vcov_theta is zero in the held rows and columns.
 
     Returns
     -------
@@ -256,4 +262,9 @@ def satterthwaite_terms(
         d cov / d theta.
     """
     info = observed_information(sh, theta, zry, yry, spectral=spectral)
-    return pinv_sym(info), cov_jacobian(sh, theta, cov, spectral=spectral)
+    jac = cov_jacobian(sh, theta, cov, spectral=spectral)
+    if held is None or not held.any():
+        return pinv_sym(info), jac
+    both = ~held[:, :, None] & ~held[:, None, :]
+    info = np.where(both, info, 0.0) + np.eye(sh.K + 1) * held[:, None, :]
+    return np.where(both, pinv_sym(info), 0.0), jac
