@@ -311,10 +311,10 @@ def lmm(
             ZeroFeatureWarning,
             stacklevel=2,
         )
-    converged = fitted & (fit["converged"] == 1.0)
-    status = status_codes(
-        fit["niter"], converged, finite_features(fit), fit["constant"] == 1.0, fit["theta"]
-    )
+    finite, constant = finite_features(fit), fit["constant"] == 1.0
+    # a constant or non-finite feature has no optimum to converge to
+    converged = fitted & (fit["converged"] == 1.0) & finite & ~constant
+    status = status_codes(fit["niter"], converged, finite, constant, fit["theta"])
     n_bad = int(fitted.sum() - converged.sum())
     if n_bad:
         log = logger.warning if verbose else logger.debug

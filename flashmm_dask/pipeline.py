@@ -79,7 +79,7 @@ class RunSummary:
     n_converged, n_not_converged, n_zero : over all features of the store
     timings : seconds per phase;  files : tables and plots written
     status_counts : features per status code (ok, not_converged, all_zero, constant,
-        non_finite; see :data:`flashmm_dask.io.results.STATUS`)
+        non_finite, boundary, negative_variance; see :data:`flashmm_dask.status.STATUS`)
     """
 
     output: Path
@@ -117,12 +117,18 @@ _STATUS_LABELS = {
     "all_zero": "all-zero (not fitted)",
     "constant": "constant (no residual variation)",
     "non_finite": "with non-finite results",
+    "boundary": "with a variance component at zero",
+    "negative_variance": "with a negative variance component",
 }
 _STATUS_ADVICE = {
     "not_converged": "converged = false; raise model.max_iter, or check their scale",
     "all_zero": "not fitted, their results are NaN",
     "constant": "the fixed effects explain them exactly: no test is possible",
     "non_finite": "some of their results are NaN or infinite",
+    "negative_variance": (
+        "unconstrained fit (model.nonnegative: false); their standard errors of effects "
+        "between subjects are too small: use model.nonnegative: true"
+    ),
 }
 
 
@@ -534,6 +540,7 @@ def fit_store(
         store_cov=layout.store_cov,
         store=str(store),
         df=cfg.model.df,
+        nonnegative=cfg.model.nonnegative,
     )
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)

@@ -82,10 +82,12 @@ def loglik_gap(
     g = projected_score(dlogL, at_zero)
     F = FIM
     if at_zero is not None and at_zero.any():
-        # a held component: its row and column of F become the identity, its g entry 0
+        # a held component: its row and column of F become those of the identity times the
+        # residual's information (so that a pseudo-inverse keeps the rest), its g entry 0
         free = ~at_zero
+        scale = np.abs(FIM[:, -1, -1])[:, None, None]
         F = np.where(free[:, :, None] & free[:, None, :], FIM, 0.0)
-        F = F + np.eye(FIM.shape[1]) * at_zero[:, None, :]
+        F = F + np.eye(FIM.shape[1]) * at_zero[:, None, :] * scale
         g = np.where(free, g, 0.0)
     gap = np.full(dlogL.shape[0], np.nan)
     ok = np.isfinite(g).all(axis=1) & np.isfinite(F).all(axis=(1, 2))

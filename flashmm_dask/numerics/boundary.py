@@ -170,7 +170,9 @@ def constrain(
     F = final.F
     # se of the free components from their own information; NaN for the held ones
     free = ~held[rows]
-    Fr = np.where(free[:, :, None] & free[:, None, :], F, 0.0) + np.eye(K + 1) * ~free[:, None, :]
+    scale = np.abs(F[:, K, K])[:, None, None]  # the residual's: the pseudo-inverse keeps the rest
+    Fr = np.where(free[:, :, None] & free[:, None, :], F, 0.0)
+    Fr = Fr + np.eye(K + 1) * ~free[:, None, :] * scale
     with np.errstate(invalid="ignore"):
         se = np.sqrt(np.diagonal(pinv_sym(Fr), axis1=1, axis2=2))
     se = np.where(held[rows], np.nan, se)

@@ -266,5 +266,7 @@ def satterthwaite_terms(
     if held is None or not held.any():
         return pinv_sym(info), jac
     both = ~held[:, :, None] & ~held[:, None, :]
-    info = np.where(both, info, 0.0) + np.eye(sh.K + 1) * held[:, None, :]
+    # the held diagonal gets the residual's scale, so that a pseudo-inverse keeps the rest
+    scale = np.abs(info[:, -1, -1])[:, None, None]
+    info = np.where(both, info, 0.0) + np.eye(sh.K + 1) * held[:, None, :] * scale
     return np.where(both, pinv_sym(info), 0.0), jac
