@@ -21,7 +21,6 @@ import numpy as np
 from flashmm_dask.io.results import write_block
 from flashmm_dask.lmm import lmm
 from flashmm_dask.numerics.inference import contrast_tests
-from flashmm_dask.numerics.satterthwaite import satterthwaite_df
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,6 +95,8 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
         epsilon=model.epsilon,
         output_cov=True,
         output_fim=False,
+        output_jac=False,
+        satterthwaite_contrasts=model.L if model.L.shape[1] else None,
         n_threads=1,
         warn_zero=False,
     )
@@ -119,8 +120,8 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
         arrays["cov"] = fit.cov
     if model.L.shape[1]:
         if fit.df_method == "satterthwaite":
-            assert fit.jac_cov is not None and fit.vcov_theta is not None
-            df = satterthwaite_df(fit.cov, fit.jac_cov, fit.vcov_theta, model.L)
+            assert fit.contrast_df is not None
+            df = fit.contrast_df.T
         else:
             df = np.full((Ynorm.shape[0], model.L.shape[1]), float(fit.df))
         coef, t, p = contrast_tests(fit.coef.T, fit.cov, model.L, df, model.alternative)

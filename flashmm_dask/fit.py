@@ -55,6 +55,8 @@ class LmmFit:
         constant, non_finite, boundary, negative_variance), the same as the results store
         of a run; :meth:`status_names` gives the names.
     nonnegative : whether the variance components were constrained to be >= 0
+    contrast_df : (c, m) array or None
+        Satterthwaite's df of the contrasts given to ``lmm(satterthwaite_contrasts=...)``.
     """
 
     method: str
@@ -86,6 +88,7 @@ class LmmFit:
     jac_cov: Array | None = None
     status: np.ndarray | None = None
     nonnegative: bool = False
+    contrast_df: Array | None = None
 
     def __repr__(self) -> str:
         return (

@@ -34,7 +34,13 @@ from flashmm_dask.numerics.fisher import (
 from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.inference import t_pvalues
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.satterthwaite import DF_METHODS, satterthwaite_df, satterthwaite_terms
+from flashmm_dask.numerics.satterthwaite import (
+    DF_METHODS,
+    contrast_gradient,
+    cov_jacobian,
+    df_from_gradient,
+    theta_vcov,
+)
 from flashmm_dask.stats import summary_shapes
 from flashmm_dask.status import converged as converged_rule
 from flashmm_dask.status import finite_features, no_residual_variation, status_codes
@@ -155,6 +161,8 @@ def lmm(
     verbose: bool = False,
     n_threads: int | None = None,
     warn_zero: bool = True,
+    output_jac: bool | None = None,
+    satterthwaite_contrasts: Any = None,
 ) -> LmmFit:
     """Fit linear mixed models of many features from summary statistics.
 
@@ -214,6 +222,13 @@ def lmm(
         most 8). Inside Dask workers the pipeline passes 1.
     warn_zero : bool
         Warn about all-zero features (the pipeline, fitting blocks, reports totals instead).
+    output_jac : bool, optional
+        With ``df="satterthwaite"``: keep ``jac_cov`` (m (K+1) p^2 values, for the df of
+        any later contrast in :func:`lmmtest`); default ``output_cov``. The fit's own df
+        do not need it.
+    satterthwaite_contrasts : (p, c) array, optional
+        With ``df="satterthwaite"``: compute the df of these contrasts during the fit
+        (``fit.contrast_df``, (c, m)), as the workers of a run do.
 
     Returns
     -------
@@ -299,8 +314,14 @@ def lmm(
         epsilon,
         n_threads,
         df_method,
-        keep=_Keep(cov=output_cov, fim=output_fim, re=output_re),
+        keep=_Keep(
+            cov=output_cov,
+            fim=output_fim,
+            re=output_re,
+            jac=output_cov if output_jac is None else bool(output_jac),
+        ),
         nonnegative=bool(nonnegative),
+        L=None if satterthwaite_contrasts is None else np.asarray(satterthwaite_contrasts, float),
     )
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
@@ -367,6 +388,7 @@ def lmm(
         df_method=df_method,
         vcov_theta=fit.get("vcov_theta"),
         jac_cov=fit.get("jac_cov"),
+        contrast_df=fit["contrast_df"].T if "contrast_df" in fit else None,
         status=status,
         nonnegative=bool(nonnegative),
     )
@@ -387,6 +409,7 @@ class _Keep:
     cov: bool = True
     fim: bool = False
     re: bool = False
+    jac: bool = True
 
 
 def _fit_blocks(
@@ -399,6 +422,7 @@ def _fit_blocks(
     df_method: str = "residual",
     keep: _Keep = _Keep(),
     nonnegative: bool = False,
+    L: np.ndarray | None = None,
 ) -> dict[str, Array]:
     """Fit the features in blocks; features with Ynorm <= 0 get NaN.
 
@@ -406,7 +430,8 @@ def _fit_blocks(
     and p (m, p), ``converged`` and ``constant`` (1.0 / 0.0; NaN where not fitted, see
     :mod:`flashmm_dask.status`) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and RE as ``keep``
     says. With ``df_method="satterthwaite"`` also the df of each coefficient ("df"), and
-    with ``keep.cov`` ``vcov_theta`` and ``jac_cov`` (for contrasts).
+    with ``keep.cov`` ``vcov_theta`` and (``keep.jac``) ``jac_cov`` (for contrasts), and
+    with ``L`` the df of those contrasts ("contrast_df", (m, c)).
     """
     p, q, K = shared.p, shared.q, shared.K
     m = arrays["Ynorm"].shape[0]
@@ -436,7 +461,11 @@ def _fit_blocks(
     if satterthwaite:
         shapes["df"] = (p,)
         if keep.cov:
-            shapes.update(vcov_theta=(K + 1, K + 1), jac_cov=(K + 1, p, p))
+            shapes["vcov_theta"] = (K + 1, K + 1)
+            if keep.jac:
+                shapes["jac_cov"] = (K + 1, p, p)
+        if L is not None:
+            shapes["contrast_df"] = (L.shape[1],)
     out = {k: np.empty((m, *s)) for k, s in shapes.items()}
     for v in out.values():
         v[~fitted] = np.nan
@@ -482,13 +511,16 @@ def _fit_blocks(
         if keep.re:
             out["RE"][rows] = fx.RE
         if satterthwaite:
-            vcov_theta, jac_cov = satterthwaite_terms(
-                shared, th.theta, zry, yry, fx.cov, held=held
-            )
-            out["df"][rows] = satterthwaite_df(fx.cov, jac_cov, vcov_theta, np.eye(p))
+            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
+            c, g = contrast_gradient(shared, th.theta, fx.cov, np.eye(p))
+            out["df"][rows] = df_from_gradient(c, g, vcov_theta)
+            if L is not None:
+                c, g = contrast_gradient(shared, th.theta, fx.cov, L)
+                out["contrast_df"][rows] = df_from_gradient(c, g, vcov_theta)
             if keep.cov:
                 out["vcov_theta"][rows] = vcov_theta
-                out["jac_cov"][rows] = jac_cov
+                if keep.jac:
+                    out["jac_cov"][rows] = cov_jacobian(shared, th.theta, fx.cov)
 
     blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
     if workers > 1 and len(blocks) > 1:
