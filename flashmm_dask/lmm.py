@@ -512,11 +512,13 @@ def _fit_blocks(
             out["RE"][rows] = fx.RE
         if satterthwaite:
             vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
-            c, g = contrast_gradient(shared, th.theta, fx.cov, np.eye(p))
-            out["df"][rows] = df_from_gradient(c, g, vcov_theta)
+            # the coefficients and the contrasts in one pass (one G' diag G product)
+            Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])
+            c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)
+            df_all = df_from_gradient(c, g, vcov_theta)
+            out["df"][rows] = df_all[:, :p]
             if L is not None:
-                c, g = contrast_gradient(shared, th.theta, fx.cov, L)
-                out["contrast_df"][rows] = df_from_gradient(c, g, vcov_theta)
+                out["contrast_df"][rows] = df_all[:, p:]
             if keep.cov:
                 out["vcov_theta"][rows] = vcov_theta
                 if keep.jac:
