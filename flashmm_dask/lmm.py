@@ -428,9 +428,9 @@ def _fit_blocks(
 
     Always returns theta, se_theta, dlogL, niter, logLik (feature axis first), coef, se, t
     and p (m, p), ``converged`` and ``constant`` (1.0 / 0.0; NaN where not fitted, see
-    :mod:`flashmm_dask.status`) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and RE as ``keep``
-    says. With ``df_method="satterthwaite"`` also the df of each coefficient ("df"), and
-    with ``keep.cov`` ``vcov_theta`` and (``keep.jac``) ``jac_cov`` (for contrasts), and
+    :mod:`flashmm_dask.status`) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and
+    RE as ``keep`` says. With ``df_method="satterthwaite"`` also the df of each coefficient
+    ("df"), and with ``keep.cov`` ``vcov_theta`` and (``keep.jac``) ``jac_cov`` (for contrasts), and
     with ``L`` the df of those contrasts ("contrast_df", (m, c)).
     """
     p, q, K = shared.p, shared.q, shared.K

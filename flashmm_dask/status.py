@@ -63,9 +63,7 @@ def projected_score(dlogL: np.ndarray, at_zero: np.ndarray | None = None) -> np.
     return np.where(at_zero, np.maximum(dlogL, 0.0), dlogL)
 
 
-def loglik_gap(
-    dlogL: np.ndarray, FIM: np.ndarray, at_zero: np.ndarray | None = None
-) -> np.ndarray:
+def loglik_gap(dlogL: np.ndarray, FIM: np.ndarray, at_zero: np.ndarray | None = None) -> np.ndarray:
     """Half the Newton decrement, g' F^-1 g / 2, of each feature over its free components.
 
     Parameters

@@ -122,9 +122,7 @@ def test_contrast_df_at_the_boundary(name, method):
     res = lmmtest(fit, contrast=L)
     np.testing.assert_allclose(res["trt_df"], arr(r["df"]), rtol=1e-4)
     np.testing.assert_allclose(res["trt_coef"], arr(r["estimate"]), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(
-        np.log(res["trt_p"]), np.log(arr(r["p"])), rtol=0, atol=1e-3
-    )
+    np.testing.assert_allclose(np.log(res["trt_p"]), np.log(arr(r["p"])), rtol=0, atol=1e-3)
 
 
 def _interior_equal(st: SummaryStats, method: str, df: str) -> None:
@@ -236,8 +234,11 @@ def test_rule_and_codes():
     np.testing.assert_array_equal(converged(dl, F, 1e-5), [True, False, False])
     theta = np.array([[1.0, 1.0], [0.0, 1.0], [-1.0, 1.0], [1.0, 1.0]])
     codes = status_codes(
-        np.array([1.0, 2.0, 3.0, np.nan]), np.array([True, True, True, False]),
-        np.ones(4, dtype=bool), None, theta,
+        np.array([1.0, 2.0, 3.0, np.nan]),
+        np.array([True, True, True, False]),
+        np.ones(4, dtype=bool),
+        None,
+        theta,
     )
     assert [STATUS[c] for c in codes] == ["ok", "boundary", "negative_variance", "all_zero"]
     assert STATUS[5:7] == ("boundary", "negative_variance")

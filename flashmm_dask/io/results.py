@@ -83,7 +83,6 @@ _RESERVED_ATTRS = ("format", "format_version", "complete", "block_size", "n_bloc
 _TABLE_FORMATS = ("csv", "parquet")
 
 
-
 @dataclass(frozen=True)
 class _Var:
     """A per-feature variable: its dimensions after ``feature``, dtype and meaning."""
