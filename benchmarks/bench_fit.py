@@ -4,7 +4,8 @@ Run: ``python benchmarks/bench_fit.py [--features 5000] [--defaults-only]``. Pri
 per second and the ratio to R FLASHMM 1.3.0's ``lmm`` (1000 features with p=21, q=25 in
 1.33 s on this machine type, i.e. 752 features/s), then the fitting phase of a run with the
 old defaults (residual df, unconstrained) and the new ones (Satterthwaite, nonnegative).
-Not a test: it asserts nothing. statsmodels' MixedLM on the cell-level data (the Python peer) is compared in ``bench_peer.py``.
+Not a test: it asserts nothing. statsmodels' MixedLM on the cell-level data (the Python
+peer) is compared in ``bench_peer.py``.
 """
 
 from __future__ import annotations
