@@ -1,9 +1,11 @@
 """Fit throughput of lmm: the K=1 spectral path, the general path and a one-feature loop.
 
-Run: ``python benchmarks/bench_fit.py [--features 5000]``. Prints features per second and the
-ratio to R FLASHMM 1.3.0's ``lmm`` (1000 features with p=21, q=25 in 1.33 s on this machine
-type, i.e. 752 features/s). Not a test: it asserts nothing. statsmodels' MixedLM on the
-cell-level data (the Python peer) is compared in ``bench_peer.py``.
+Run: ``python benchmarks/bench_fit.py [--features 5000] [--defaults-only]``. Prints features
+per second and the ratio to R FLASHMM 1.3.0's ``lmm`` (1000 features with p=21, q=25 in
+1.33 s on this machine type, i.e. 752 features/s), then the fitting phase of a run with the
+old defaults (residual df, unconstrained) and the new ones (Satterthwaite, nonnegative).
+Not a test: it asserts nothing. statsmodels' MixedLM on the cell-level data (the Python
+peer) is compared in ``bench_peer.py``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ R_FEATURES_PER_S = 1000 / 1.33
 LOOP = 200  # features fitted by the one-at-a-time loop
 
 
-def summary_stats(n, p, d, m, seed=0, block=250):
+def summary_stats(n, p, d, m, seed=0, block=250, no_subject=0.0):
     """Summary statistics of simulated cells: p-1 cell-type dummies + log libsize in X,
     subject indicators (and subject x time slopes for K=2) in Z, features with random
-    subject effects."""
+    subject effects (none for a fraction ``no_subject`` of them)."""
     rng = np.random.default_rng(seed)
     n_subj = d[0]
     subject = rng.integers(0, n_subj, n)
@@ -39,6 +41,7 @@ def summary_stats(n, p, d, m, seed=0, block=250):
     for s in range(0, m, block):
         k = min(block, m - s)
         b = rng.normal(0, 0.3, (n_subj, k))
+        b[:, : round(no_subject * k)] = 0.0
         Y = X @ rng.normal(0, 0.5, (p, k)) + b[subject] + rng.normal(0, 1, (n, k))
         XY[:, s : s + k], ZY[:, s : s + k] = X.T @ Y, Z.T @ Y
         Ynorm[s : s + k] = np.einsum("ij,ij->j", Y, Y)
@@ -77,12 +80,45 @@ def one_at_a_time(st, m_loop):
         )
 
 
+def run_defaults(m, cells, repeat=3):
+    """The fitting phase of a run (the worker's block_arrays, one contrast) with the old
+    defaults (residual df, unconstrained) and the new ones (Satterthwaite df, variances
+    >= 0), side by side on the same features, a third of them without subject variance."""
+    from flashmm_dask.blockfit import SharedModel, block_arrays
+
+    print(f"\nrun defaults, m = {m} features (a third without subject variance), one thread")
+    print(f"{'case':<18}{'residual+free s':>16}{'satt.+nonneg s':>16}{'ratio':>8}{'boundary':>10}")
+    for label, p, d in (("p=21 q=25 K=1", 21, (25,)), ("p=60 q=259 K=1", 60, (259,))):
+        st = summary_stats(cells, p, d, m, no_subject=1 / 3)
+        L = np.zeros((p, 1))
+        L[1, 0], L[2, 0] = 1.0, -1.0
+        base = dict(XX=st["XX"], ZX=st["ZX"], ZZ=st["ZZ"], n=st["n"], d=tuple(d))
+        common = dict(method="REML", max_iter=50, epsilon=1e-5, L=L, alternative="two.sided")
+        old = SharedModel(**base, **common, store_cov=True, store="", df="residual")
+        new = SharedModel(
+            **base, **common, store_cov=True, store="", df="satterthwaite", nonnegative=True
+        )
+        times = {"old": np.inf, "new": np.inf}
+        for _ in range(repeat):  # interleaved, so that both see the same load
+            for key, model in (("old", old), ("new", new)):
+                t0 = time.perf_counter()
+                out = block_arrays(model, st["XY"], st["ZY"], st["Ynorm"])
+                times[key] = min(times[key], time.perf_counter() - t0)
+        n_boundary = int(np.sum(out["status"] == 5))
+        ratio = times["new"] / times["old"]
+        print(f"{label:<18}{times['old']:>16.3f}{times['new']:>16.3f}{ratio:>8.2f}{n_boundary:>10}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", type=int, default=5000)
     ap.add_argument("--cells", type=int, default=20000)
     ap.add_argument("--loop", type=int, default=LOOP, help="features of the one-at-a-time loop")
+    ap.add_argument("--defaults-only", action="store_true", help="only the run-defaults comparison")
     args = ap.parse_args(argv)
+    if args.defaults_only:
+        run_defaults(args.features, args.cells)
+        return
     loop = min(args.loop, args.features)
     m = args.features
     print(f"m = {m} features; R FLASHMM 1.3.0 reference: {R_FEATURES_PER_S:.0f} features/s")
@@ -106,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label:<28}{path:<18}{fps:>12.0f}{sec:>10.3f}{fps / R_FEATURES_PER_S:>8.1f}")
             ratios.append(f"ratio to R FLASHMM ({label}, {path}): {fps / R_FEATURES_PER_S:.1f} x")
     print("\n".join(ratios))
+    run_defaults(m, args.cells)
 
 
 if __name__ == "__main__":

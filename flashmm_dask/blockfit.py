@@ -6,14 +6,8 @@ per-feature statistics (XY, ZY, Ynorm), fits them with :func:`flashmm_dask.lmm.l
 thread, tests the contrasts, and writes block b of the results store itself, so nothing
 but a small :class:`BlockReport` travels back to the driver.
 
-Each feature also gets a ``status`` code (:data:`flashmm_dask.io.results.STATUS`):
-all_zero (Ynorm = 0, not fitted), constant (no residual variation after the fixed
-effects: yry = Ynorm - XY' XX^-1 XY <= CONSTANT_RTOL * Ynorm), non_finite, not_converged
-or ok. A feature counts as converged only when max |dlogL| <= epsilon (R's rule) *and*
-one more Fisher step would raise its log-likelihood by at most LOGLIK_GAP (half the
-Newton decrement dlogL' FIM^-1 dlogL). The second test does not depend on the scale of
-the values: for a feature measured in units 1e8 times larger the score is 1e16 times
-smaller, and R's absolute rule alone stops after one step, far from the optimum.
+Each feature's ``converged`` and ``status`` are :func:`~flashmm_dask.lmm.lmm`'s, computed by
+:mod:`flashmm_dask.status` (one rule for in-process fits, runs and resumed runs).
 """
 
 from __future__ import annotations
@@ -24,15 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from flashmm_dask.io.results import finite_features, status_codes, write_block
+from flashmm_dask.io.results import write_block
 from flashmm_dask.lmm import lmm
 from flashmm_dask.numerics.inference import contrast_tests
-from flashmm_dask.numerics.satterthwaite import satterthwaite_df
-
-#: Largest log-likelihood gain one more Fisher step may promise at a converged fit.
-LOGLIK_GAP = 1e-6
-#: Relative residual sum of squares at or below which a feature has no residual variation.
-CONSTANT_RTOL = 1e-9
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +37,7 @@ class SharedModel:
     store_cov : write the coefficient covariances
     store : results store path or URL;  storage_options : for fsspec URLs
     df : "residual" (n - p) or "satterthwaite": the degrees of freedom of the t-tests
+    nonnegative : constrain the variance components to be >= 0 (lme4's fit)
     """
 
     XX: np.ndarray
@@ -65,6 +54,7 @@ class SharedModel:
     store: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     df: str = "residual"
+    nonnegative: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,15 +90,17 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
         list(model.d),
         method=model.method,
         df=model.df,
+        nonnegative=model.nonnegative,
         max_iter=model.max_iter,
         epsilon=model.epsilon,
         output_cov=True,
-        output_fim=True,
+        output_fim=False,
+        output_jac=False,
+        satterthwaite_contrasts=model.L if model.L.shape[1] else None,
         n_threads=1,
         warn_zero=False,
     )
-    assert fit.FIM_theta is not None
-    converged = fit.converged & (loglik_gap(fit.dlogL.T, fit.FIM_theta) <= LOGLIK_GAP)
+    assert fit.status is not None
     arrays: dict[str, np.ndarray] = {
         "coef": fit.coef.T,
         "se": fit.se.T,
@@ -120,17 +112,16 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
         "dlogL": fit.dlogL.T,
         "logLik": fit.logLik,
         "niter": fit.niter,
-        "converged": converged,
+        "converged": fit.converged,
+        "status": fit.status,
     }
-    constant = (Ynorm > 0) & no_residual_variation(model.XX, XY, Ynorm)
-    arrays["status"] = status_codes(fit.niter, converged, finite_features(arrays), constant)
     assert fit.cov is not None
     if model.store_cov:
         arrays["cov"] = fit.cov
     if model.L.shape[1]:
         if fit.df_method == "satterthwaite":
-            assert fit.jac_cov is not None and fit.vcov_theta is not None
-            df = satterthwaite_df(fit.cov, fit.jac_cov, fit.vcov_theta, model.L)
+            assert fit.contrast_df is not None
+            df = fit.contrast_df.T
         else:
             df = np.full((Ynorm.shape[0], model.L.shape[1]), float(fit.df))
         coef, t, p = contrast_tests(fit.coef.T, fit.cov, model.L, df, model.alternative)
@@ -144,43 +135,6 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
             contrast_df=df,
         )
     return arrays
-
-
-def loglik_gap(dlogL: np.ndarray, FIM: np.ndarray) -> np.ndarray:
-    """Half the Newton decrement, dlogL' FIM^-1 dlogL / 2, of each feature.
-
-    Parameters
-    ----------
-    dlogL : (m, K+1) score at theta;  FIM : (m, K+1, K+1) Fisher information at theta
-
-    Returns
-    -------
-    (m,) the log-likelihood gain one more Fisher step promises; NaN where the score or
-    the information is not finite, or the information has a diagonal entry <= 0 (it
-    underflowed, e.g. for values near 1e150).
-    """
-    gap = np.full(dlogL.shape[0], np.nan)
-    ok = np.isfinite(dlogL).all(axis=1) & np.isfinite(FIM).all(axis=(1, 2))
-    ok &= (np.diagonal(FIM, axis1=1, axis2=2) > 0).all(axis=1)
-    if ok.any():
-        step = np.linalg.pinv(FIM[ok], hermitian=True) @ dlogL[ok][:, :, None]
-        gap[ok] = 0.5 * np.einsum("mk,mk->m", dlogL[ok], step[:, :, 0])
-    return gap
-
-
-def no_residual_variation(XX: np.ndarray, XY: np.ndarray, Ynorm: np.ndarray) -> np.ndarray:
-    """Features that the fixed effects explain exactly (a constant, a covariate...).
-
-    Parameters
-    ----------
-    XX : (p, p)   XY : (p, b)   Ynorm : (b,)
-
-    Returns
-    -------
-    (b,) bool: yry = Ynorm - XY' XX^-1 XY <= CONSTANT_RTOL * Ynorm (and Ynorm > 0).
-    """
-    yry = Ynorm - np.einsum("pm,pm->m", XY, np.linalg.solve(XX, XY))
-    return (Ynorm > 0) & (yry <= CONSTANT_RTOL * Ynorm)
 
 
 def fit_block(

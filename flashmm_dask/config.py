@@ -287,7 +287,10 @@ class ModelConfig:
     fixed: str | None = _TEXT()
     random: str | tuple[str, ...] | None = _key(_random)
     method: str = _key(_choice("REML", "ML"), "REML")
-    df: str = _key(_choice("residual", "satterthwaite"), "residual")
+    # Calibrated defaults for runs (benchmarks/CALIBRATION.md); "residual" / False are R
+    # FLASHMM's behaviour, and the defaults of the Python entry points.
+    df: str = _key(_choice("residual", "satterthwaite"), "satterthwaite")
+    nonnegative: bool = _BOOL(True)
     transform: str = _key(_transform, "log2p1")
     target_sum: float = _key(_number(0.0, strict=True), 1e4)
     max_iter: int = _POSITIVE(50)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from flashmm_dask.numerics.linalg import Array
+from flashmm_dask.status import status_names
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,7 +30,9 @@ class LmmFit:
     coef, se, t, p : (p, m) arrays
     theta, se_theta, dlogL : (K+1, m) arrays; last row the residual variance
     logLik, niter : (m,) arrays (niter is NaN for features that were not fitted)
-    converged : (m,) bool array, max |dlogL| <= epsilon
+    converged : (m,) bool array, by the rule of :func:`flashmm_dask.status.converged`:
+        max |dlogL| <= epsilon (R's rule; the projected score for components held at zero)
+        and a log-likelihood gap of one more Fisher step <= 1e-6
     cov, FIM_beta : (m, p, p) arrays or None
     FIM_theta : (m, K+1, K+1) array or None
     RE : (q, m) array of BLUPs or None
@@ -47,6 +50,13 @@ class LmmFit:
     jac_cov : (m, K+1, p, p) array or None
         Derivatives of ``cov`` in each variance component (same condition). With
         ``vcov_theta`` they give Satterthwaite's df of any contrast in :func:`lmmtest`.
+    status : (m,) int8 array or None
+        Codes into :data:`flashmm_dask.status.STATUS` (ok, not_converged, all_zero,
+        constant, non_finite, boundary, negative_variance), the same as the results store
+        of a run; :meth:`status_names` gives the names.
+    nonnegative : whether the variance components were constrained to be >= 0
+    contrast_df : (c, m) array or None
+        Satterthwaite's df of the contrasts given to ``lmm(satterthwaite_contrasts=...)``.
     """
 
     method: str
@@ -76,6 +86,9 @@ class LmmFit:
     df_method: str = "residual"
     vcov_theta: Array | None = None
     jac_cov: Array | None = None
+    status: np.ndarray | None = None
+    nonnegative: bool = False
+    contrast_df: Array | None = None
 
     def __repr__(self) -> str:
         return (
@@ -83,6 +96,12 @@ class LmmFit:
             f"covariates={len(self.covariates)}, components={list(self.components)}, "
             f"converged={int(self.converged.sum())}/{len(self.features)})"
         )
+
+    def status_names(self) -> np.ndarray:
+        """The status of each feature by name, an (m,) object array."""
+        if self.status is None:
+            raise ValueError("this fit carries no status codes")
+        return status_names(self.status)
 
     def df_array(self) -> Array:
         """Degrees of freedom as a (p, m) array."""
@@ -153,6 +172,8 @@ class LmmFit:
             "niter": ("feature", self.niter),
             "converged": ("feature", self.converged),
         }
+        if self.status is not None:
+            data["status"] = ("feature", self.status)
         if self.cov is not None:
             coords["covariate2"] = list(self.covariates)
             data["cov"] = (("feature", "covariate", "covariate2"), self.cov)
@@ -180,5 +201,6 @@ class LmmFit:
                 "epsilon": self.epsilon,
                 "n": self.n,
                 "df_method": self.df_method,
+                "nonnegative": int(self.nonnegative),
             },
         )

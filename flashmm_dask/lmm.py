@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from flashmm_dask.errors import ConvergenceWarning, DesignError, InputError, ZeroFeatureWarning
 from flashmm_dask.fit import LmmFit
+from flashmm_dask.numerics.boundary import constrain
 from flashmm_dask.numerics.fisher import (
     METHODS,
     NotPositiveDefiniteError,
@@ -33,8 +34,16 @@ from flashmm_dask.numerics.fisher import (
 from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.inference import t_pvalues
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.satterthwaite import DF_METHODS, satterthwaite_df, satterthwaite_terms
+from flashmm_dask.numerics.satterthwaite import (
+    DF_METHODS,
+    contrast_gradient,
+    cov_jacobian,
+    df_from_gradient,
+    theta_vcov,
+)
 from flashmm_dask.stats import summary_shapes
+from flashmm_dask.status import converged as converged_rule
+from flashmm_dask.status import finite_features, no_residual_variation, status_codes
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +150,7 @@ def lmm(
     *,
     method: str = "REML",
     df: str = "residual",
+    nonnegative: bool = False,
     theta0: Any = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
@@ -151,11 +161,21 @@ def lmm(
     verbose: bool = False,
     n_threads: int | None = None,
     warn_zero: bool = True,
+    output_jac: bool | None = None,
+    satterthwaite_contrasts: Any = None,
 ) -> LmmFit:
     """Fit linear mixed models of many features from summary statistics.
 
     Equivalent to R FLASHMM's ``lmm``. Features are fitted in batches; Fisher scoring
     stops for each feature once max |dlogL| <= epsilon.
+
+    The defaults (``df="residual"``, ``nonnegative=False``) are R FLASHMM's, for exact
+    parity. For inference use ``df="satterthwaite", nonnegative=True`` (the defaults of
+    ``flashmm-dask run``): with subjects nested in the tested effect, the residual df
+    n - p overstate the information (benchmarks/CALIBRATION.md: null false-positive rate
+    0.075 and realised FDP 0.192 at BH 0.05 with 6 subjects per group, against 0.050 and
+    0.050 with Satterthwaite df), and a variance estimated below zero shrinks the
+    standard errors of the effects between subjects.
 
     Parameters
     ----------
@@ -180,6 +200,13 @@ def lmm(
         :mod:`flashmm_dask.numerics.satterthwaite`). With "satterthwaite" ``fit.df`` is a
         (p, m) array, and with ``output_cov`` the fit keeps ``vcov_theta`` and ``jac_cov``
         so that :func:`lmmtest` gives the df of any contrast.
+    nonnegative : bool
+        False (R FLASHMM): unconstrained Fisher scoring; a variance component may end
+        below zero (status ``negative_variance``). True: the REML/ML optimum over
+        variance components >= 0, as lme4 fits it: a component driven below zero is held
+        at exactly zero and the others are re-estimated without it (status
+        ``boundary``; see :mod:`flashmm_dask.numerics.boundary`); its Satterthwaite df
+        are those of the model without it, as lmerTest's. Interior fits are unchanged.
     theta0 : (K+1,) or (K+1, m) array, optional
         Starting variance components, the residual variance last.
     max_iter : int
@@ -195,6 +222,13 @@ def lmm(
         most 8). Inside Dask workers the pipeline passes 1.
     warn_zero : bool
         Warn about all-zero features (the pipeline, fitting blocks, reports totals instead).
+    output_jac : bool, optional
+        With ``df="satterthwaite"``: keep ``jac_cov`` (m (K+1) p^2 values, for the df of
+        any later contrast in :func:`lmmtest`); default ``output_cov``. The fit's own df
+        do not need it.
+    satterthwaite_contrasts : (p, c) array, optional
+        With ``df="satterthwaite"``: compute the df of these contrasts during the fit
+        (``fit.contrast_df``, (c, m)), as the workers of a run do.
 
     Returns
     -------
@@ -210,6 +244,8 @@ def lmm(
         raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
     if not np.isfinite(epsilon) or epsilon <= 0:
         raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
+    if not isinstance(nonnegative, (bool, np.bool_)):
+        raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
     _threads(n_threads)
 
     arrays = {
@@ -278,7 +314,14 @@ def lmm(
         epsilon,
         n_threads,
         df_method,
-        keep=_Keep(cov=output_cov, fim=output_fim, re=output_re),
+        keep=_Keep(
+            cov=output_cov,
+            fim=output_fim,
+            re=output_re,
+            jac=output_cov if output_jac is None else bool(output_jac),
+        ),
+        nonnegative=bool(nonnegative),
+        L=None if satterthwaite_contrasts is None else np.asarray(satterthwaite_contrasts, float),
     )
     fitted = fit.pop("fitted")
     n_zero = int(m - fitted.sum())
@@ -289,7 +332,10 @@ def lmm(
             ZeroFeatureWarning,
             stacklevel=2,
         )
-    converged = fitted & (np.max(np.abs(fit["dlogL"]), axis=1) <= epsilon)
+    finite, constant = finite_features(fit), fit["constant"] == 1.0
+    # a constant or non-finite feature has no optimum to converge to
+    converged = fitted & (fit["converged"] == 1.0) & finite & ~constant
+    status = status_codes(fit["niter"], converged, finite, constant, fit["theta"])
     n_bad = int(fitted.sum() - converged.sum())
     if n_bad:
         log = logger.warning if verbose else logger.debug
@@ -342,6 +388,9 @@ def lmm(
         df_method=df_method,
         vcov_theta=fit.get("vcov_theta"),
         jac_cov=fit.get("jac_cov"),
+        contrast_df=fit["contrast_df"].T if "contrast_df" in fit else None,
+        status=status,
+        nonnegative=bool(nonnegative),
     )
 
 
@@ -360,6 +409,7 @@ class _Keep:
     cov: bool = True
     fim: bool = False
     re: bool = False
+    jac: bool = True
 
 
 def _fit_blocks(
@@ -371,13 +421,17 @@ def _fit_blocks(
     n_threads: int | None,
     df_method: str = "residual",
     keep: _Keep = _Keep(),
+    nonnegative: bool = False,
+    L: np.ndarray | None = None,
 ) -> dict[str, Array]:
     """Fit the features in blocks; features with Ynorm <= 0 get NaN.
 
     Always returns theta, se_theta, dlogL, niter, logLik (feature axis first), coef, se, t
-    and p (m, p) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and RE as ``keep``
-    says. With ``df_method="satterthwaite"`` also the df of each coefficient ("df"), and
-    with ``keep.cov`` ``vcov_theta`` and ``jac_cov`` (for contrasts).
+    and p (m, p), ``converged`` and ``constant`` (1.0 / 0.0; NaN where not fitted, see
+    :mod:`flashmm_dask.status`) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and
+    RE as ``keep`` says. With ``df_method="satterthwaite"`` also the df of each coefficient
+    ("df"), and with ``keep.cov`` ``vcov_theta`` and (``keep.jac``) ``jac_cov`` (for contrasts), and
+    with ``L`` the df of those contrasts ("contrast_df", (m, c)).
     """
     p, q, K = shared.p, shared.q, shared.K
     m = arrays["Ynorm"].shape[0]
@@ -392,6 +446,8 @@ def _fit_blocks(
         "dlogL": (K + 1,),
         "niter": (),
         "logLik": (),
+        "converged": (),
+        "constant": (),
         "coef": (p,),
         "se": (p,),
         "t": (p,),
@@ -405,7 +461,11 @@ def _fit_blocks(
     if satterthwaite:
         shapes["df"] = (p,)
         if keep.cov:
-            shapes.update(vcov_theta=(K + 1, K + 1), jac_cov=(K + 1, p, p))
+            shapes["vcov_theta"] = (K + 1, K + 1)
+            if keep.jac:
+                shapes["jac_cov"] = (K + 1, p, p)
+        if L is not None:
+            shapes["contrast_df"] = (L.shape[1],)
     out = {k: np.empty((m, *s)) for k, s in shapes.items()}
     for v in out.values():
         v[~fitted] = np.nan
@@ -426,6 +486,11 @@ def _fit_blocks(
             max_iter=max_iter,
             epsilon=epsilon,
         )
+        held = None
+        if nonnegative:
+            th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
+        out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
+        out["constant"][rows] = no_residual_variation(yry, Ynorm[rows])
         fx = fixed_effects(
             shared, XY[rows], ZY[rows], th.theta, th.logdetM0, fim=keep.fim, re=keep.re
         )
@@ -446,11 +511,18 @@ def _fit_blocks(
         if keep.re:
             out["RE"][rows] = fx.RE
         if satterthwaite:
-            vcov_theta, jac_cov = satterthwaite_terms(shared, th.theta, zry, yry, fx.cov)
-            out["df"][rows] = satterthwaite_df(fx.cov, jac_cov, vcov_theta, np.eye(p))
+            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
+            # the coefficients and the contrasts in one pass (one G' diag G product)
+            Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])
+            c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)
+            df_all = df_from_gradient(c, g, vcov_theta)
+            out["df"][rows] = df_all[:, :p]
+            if L is not None:
+                out["contrast_df"][rows] = df_all[:, p:]
             if keep.cov:
                 out["vcov_theta"][rows] = vcov_theta
-                out["jac_cov"][rows] = jac_cov
+                if keep.jac:
+                    out["jac_cov"][rows] = cov_jacobian(shared, th.theta, fx.cov)
 
     blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
     if workers > 1 and len(blocks) > 1:

@@ -99,7 +99,12 @@ def satterthwaite_inputs(fit: LmmFit) -> tuple[Array, Array]:
     zry, yry = sh.residualise(
         np.ascontiguousarray(ss["XY"].T), np.ascontiguousarray(ss["ZY"].T), ss["Ynorm"]
     )
-    return satterthwaite_terms(sh, np.ascontiguousarray(fit.theta.T), zry, yry, fit.cov)
+    theta = np.ascontiguousarray(fit.theta.T)
+    held = None
+    if fit.nonnegative:  # components held at zero leave the model (see lmm)
+        held = np.zeros(theta.shape, dtype=bool)
+        held[:, :-1] = theta[:, :-1] == 0
+    return satterthwaite_terms(sh, theta, zry, yry, fit.cov, held=held)
 
 
 def lmmtest(

@@ -83,7 +83,7 @@ class RunSummary:
     n_converged, n_not_converged, n_zero : over all features of the store
     timings : seconds per phase;  files : tables and plots written
     status_counts : features per status code (ok, not_converged, all_zero, constant,
-        non_finite; see :data:`flashmm_dask.io.results.STATUS`)
+        non_finite, boundary, negative_variance; see :data:`flashmm_dask.status.STATUS`)
     """
 
     output: Path
@@ -121,8 +121,8 @@ _STATUS_LABELS = {
     "all_zero": "all-zero (not fitted)",
     "constant": "constant (no residual variation)",
     "non_finite": "with non-finite results",
-    "boundary": "at the boundary",
-    "negative_variance": "with a negative variance",
+    "boundary": "with a variance component at zero",
+    "negative_variance": "with a negative variance component",
     "filtered": "filtered (too few non-zero cells)",
 }
 _STATUS_ADVICE = {
@@ -131,6 +131,10 @@ _STATUS_ADVICE = {
     "constant": "the fixed effects explain them exactly: no test is possible",
     "non_finite": "some of their results are NaN or infinite",
     "filtered": "not fitted: non-zero in fewer cells than model.min_cells",
+    "negative_variance": (
+        "unconstrained fit (model.nonnegative: false); their standard errors of effects "
+        "between subjects are too small: use model.nonnegative: true"
+    ),
 }
 
 
@@ -572,6 +576,7 @@ def fit_store(
         store_cov=layout.store_cov,
         store=str(store),
         df=cfg.model.df,
+        nonnegative=cfg.model.nonnegative,
     )
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)

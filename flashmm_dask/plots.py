@@ -440,8 +440,10 @@ def convergence_figure(ds: xr.Dataset) -> Figure:
     """Convergence diagnostics of a run.
 
     Left: histogram of niter of converged and of non-converged features. Middle: counts
-    of converged, not converged and not fitted features. Right: the distribution of each
+    of converged, not converged and not fitted features. Third: the distribution of each
     random-effect variance component (theta without the residual) on a symlog axis.
+    Fourth, when the results have ``status``: features per status (:func:`status_counts`:
+    ok, not_converged, all_zero, constant, non_finite, boundary, negative_variance).
 
     Parameters
     ----------
@@ -459,7 +461,9 @@ def convergence_figure(ds: xr.Dataset) -> Figure:
     niter = np.asarray(ds["niter"].values, dtype=np.float64)
     converged = np.asarray(ds["converged"].values, dtype=bool)
     fitted = ~np.isnan(niter)
-    fig, (iter_ax, count_ax, theta_ax) = _figure(15.0, 4.5, ncols=3)
+    has_status = "status" in ds
+    fig, axes = _figure(20.0 if has_status else 15.0, 4.5, ncols=4 if has_status else 3)
+    iter_ax, count_ax, theta_ax = axes[:3]
     m = niter.size
     fig.suptitle(f"convergence of {m} features", fontsize=11)
 
@@ -491,7 +495,23 @@ def convergence_figure(ds: xr.Dataset) -> Figure:
 
     theta_ax.set_title("random-effect variance components", fontsize=10)
     _theta_panel(theta_ax, ds, fitted)
+    if has_status:
+        status_ax = axes[3]
+        status_ax.set_title("status", fontsize=10)
+        by_status = status_counts(ds)
+        bars = status_ax.bar(list(by_status), list(by_status.values()), color="#4c72b0")
+        status_ax.bar_label(bars)
+        status_ax.set_ylim(0, max(1, *by_status.values()) * 1.12)
+        status_ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     return fig
+
+
+def status_counts(ds: xr.Dataset) -> dict[str, int]:
+    """Features per status name (:data:`flashmm_dask.status.STATUS`, in code order)."""
+    from flashmm_dask.status import STATUS
+
+    codes = np.asarray(ds["status"].values, dtype=np.int64)
+    return {name: int(np.count_nonzero(codes == k)) for k, name in enumerate(STATUS)}
 
 
 def _theta_panel(ax: Axes, ds: xr.Dataset, fitted: np.ndarray) -> None:

@@ -64,7 +64,9 @@ def test_debug_shows_the_traceback():
 @pytest.mark.distributed
 def test_demo_then_test_and_report(tmp_path):
     out = tmp_path / "demo"
-    res = cli("demo", *small_args(out))
+    # `test` reuses the store's residual df (R FLASHMM's), no longer the run default
+    residual = ["--set", "model.df=residual", "--set", "model.nonnegative=false"]
+    res = cli("demo", *small_args(out), *residual)
     assert res.returncode == 0, res.stderr
     assert "features in 5 blocks" in res.stdout
     for name in ("results.zarr", "results.csv", "results.parquet", "stats.zarr"):

@@ -49,7 +49,12 @@ def test_run_equals_in_process_flashmm(reference_run):
         cfg.model.random,
         is_counts=True,
         method=cfg.model.method,
+        df=cfg.model.df,  # the run's defaults: satterthwaite, nonnegative
+        nonnegative=cfg.model.nonnegative,
     )
+    assert (cfg.model.df, cfg.model.nonnegative) == ("satterthwaite", True)
+    np.testing.assert_array_equal(ds["status"].values, fit.status)
+    np.testing.assert_allclose(ds["df"].values, fit.df.T, rtol=1e-12)
     np.testing.assert_allclose(ds["coef"].values, fit.coef.T, rtol=1e-12)
     np.testing.assert_allclose(ds["se"].values, fit.se.T, rtol=1e-12)
     np.testing.assert_allclose(ds["p"].values, fit.p.T, rtol=1e-12)

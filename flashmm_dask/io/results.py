@@ -27,9 +27,10 @@ code table is in the array's ``flag_values`` / ``flag_meanings`` attributes, CF 
 ``all_zero`` (not fitted: NaN results); 3 ``constant`` (no residual variation once the
 fixed effects are fitted: the feature is constant, or a combination of the covariates);
 4 ``non_finite`` (a coefficient, standard error, variance component or log-likelihood is
-NaN or infinite); 5 ``boundary`` and 6 ``negative_variance`` (reserved for the variance
-checks); 7 ``filtered`` (not fitted: non-zero in fewer cells than ``model.min_cells``).
--1 marks a feature not yet written.
+NaN or infinite); 5 ``boundary`` (a variance component held at zero, ``nonnegative``
+fits); 6 ``negative_variance`` (a variance component below zero, unconstrained fits);
+7 ``filtered`` (not fitted: non-zero in fewer cells than ``model.min_cells``).
+:mod:`flashmm_dask.status` computes them. -1 marks a feature not yet written.
 
 Metadata is consolidated into the root ``zarr.json`` when the store is created (array
 metadata never changes afterwards; root attributes live in that same document), so that a
@@ -64,6 +65,7 @@ from zarr.errors import ZarrUserWarning
 
 from flashmm_dask.errors import InputError, StoreError
 from flashmm_dask.numerics.inference import p_adjust
+from flashmm_dask.status import STATUS, finite_features, status_codes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,19 +82,6 @@ REDACTED = "<redacted>"
 #: Attributes that only this module sets.
 _RESERVED_ATTRS = ("format", "format_version", "complete", "block_size", "n_blocks")
 _TABLE_FORMATS = ("csv", "parquet")
-
-#: Meanings of the ``status`` codes 0, 1, 2, ...: the first that applies, in the order
-#: all_zero, constant, non_finite, not_converged, ok.
-STATUS = (
-    "ok",
-    "not_converged",
-    "all_zero",
-    "constant",
-    "non_finite",
-    "boundary",
-    "negative_variance",
-    "filtered",
-)
 
 
 @dataclass(frozen=True)
@@ -131,49 +120,6 @@ _VARS: dict[str, _Var] = {
     ),
 }
 _COORDS = ("feature", "covariate", "covariate2", "component", "contrast")
-# a feature whose results are not all finite has status non_finite
-_FINITE_VARS = ("coef", "se", "theta", "logLik")
-
-
-def status_codes(
-    niter: np.ndarray,
-    converged: np.ndarray,
-    finite: np.ndarray,
-    constant: np.ndarray | None = None,
-) -> np.ndarray:
-    """The ``status`` code of each feature: an index into :data:`STATUS`.
-
-    Parameters
-    ----------
-    niter : (m,) Fisher scoring iterations; NaN for features not fitted (all zero)
-    converged : (m,) bool
-    finite : (m,) bool, whether every result of the feature is finite
-    constant : (m,) bool, optional; no residual variation after the fixed effects
-
-    Returns
-    -------
-    (m,) int8 array: the first that applies of all_zero, constant, non_finite,
-    not_converged, ok.
-    """
-    code = {name: np.int8(k) for k, name in enumerate(STATUS)}
-    out = np.where(np.asarray(converged, dtype=bool), code["ok"], code["not_converged"])
-    out = out.astype(np.int8)
-    out[~np.asarray(finite, dtype=bool)] = code["non_finite"]
-    if constant is not None:
-        out[np.asarray(constant, dtype=bool)] = code["constant"]
-    out[np.isnan(np.asarray(niter, dtype=np.float64))] = code["all_zero"]
-    return out
-
-
-def finite_features(arrays: Mapping[str, Any]) -> np.ndarray:
-    """(m,) bool: whether coef, se, theta and logLik of each feature are all finite."""
-    rows = [
-        np.isfinite(np.asarray(arrays[name], dtype=np.float64).reshape(len(arrays[name]), -1))
-        for name in _FINITE_VARS
-    ]
-    return np.asarray(np.concatenate(rows, axis=1).all(axis=1))
-
-
 # -- layout ---------------------------------------------------------------------------
 
 
@@ -742,7 +688,7 @@ def write_block(
     }
     if "status" in present and "status" not in checked:
         checked["status"] = status_codes(
-            checked["niter"], checked["converged"], finite_features(checked)
+            checked["niter"], checked["converged"], finite_features(checked), None, checked["theta"]
         )
     for name, value in checked.items():
         _array(group, name)[rows] = value

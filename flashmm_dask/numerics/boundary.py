@@ -1,0 +1,193 @@
+"""Variance components constrained to be non-negative: the optimum on the boundary.
+
+R FLASHMM's Fisher scoring (:func:`~flashmm_dask.numerics.fisher.fit_theta`) is
+unconstrained: a random component without support in the data ends at a negative
+variance. lme4 optimises over variances >= 0 instead and reports the optimum on the
+boundary (a "singular" fit). :func:`constrain` turns an unconstrained fit into that one,
+from the same summary statistics:
+
+1. features whose components are all >= 0 are left exactly as they are (an interior
+   optimum is the constrained optimum too);
+2. every component below zero is held at zero and the model is refitted without it: its
+   columns of Z leave ZX, ZZ and zry, the other components are re-estimated by the same
+   Fisher scoring on the reduced statistics (R's default start). With no component left
+   the model is the linear model, s0 = yry / (n - r). The log-likelihood of the full
+   model with theta_k = 0 is the reduced model's, so this is the optimum on that face;
+3. Karush-Kuhn-Tucker check: a held component whose score at the boundary points into
+   the interior (dlogL_k > epsilon) is freed again (restarted at the coordinate Newton
+   step dlogL_k / F_kk > 0), and a free component that the refit drives below zero is
+   held; repeat until nothing changes. Freeing stops after K + 1 rounds, so the loop ends
+   (holding only adds components) with every component >= 0.
+
+Features are refitted in batches, one batch per set of held components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from flashmm_dask.numerics.fisher import (
+    SharedTerms,
+    ThetaFit,
+    _score_compiled,
+    _score_general,
+    _score_spectral,
+    fit_theta,
+    prepare,
+)
+from flashmm_dask.numerics.linalg import Array, pinv_sym
+
+
+def reduced_terms(sh: SharedTerms, held: np.ndarray) -> tuple[SharedTerms, np.ndarray]:
+    """The shared terms of the model without the components ``held`` ((K,) bool).
+
+    Returns the reduced terms and the indices of the random-effect columns kept.
+    """
+    cols = np.concatenate(
+        [np.arange(s.start, s.stop) for s, h in zip(sh.slices, held, strict=True) if not h]
+    ).astype(np.int64)
+    sub = prepare(sh.XX, sh.ZX[cols], sh.ZZ[np.ix_(cols, cols)], sh.n, sh.d[~held], sh.method)
+    return sub, cols
+
+
+def _refit(
+    sh: SharedTerms,
+    zry: Array,
+    yry: Array,
+    held: np.ndarray,
+    theta0: Array | None,
+    max_iter: int,
+    epsilon: float,
+    cache: dict[bytes, tuple[SharedTerms, np.ndarray]],
+) -> tuple[Array, np.ndarray]:
+    """Fit the features with their components ``held`` (m, K) at zero: theta (m, K+1), niter."""
+    m, K = held.shape
+    theta = np.zeros((m, K + 1))
+    niter = np.zeros(m, dtype=np.int64)
+    patterns, which = np.unique(held, axis=0, return_inverse=True)
+    for g, pattern in enumerate(patterns):
+        rows = np.flatnonzero(which.ravel() == g)
+        if pattern.all():  # no random component left: the linear model
+            theta[rows, K] = yry[rows] / (sh.n - sh.r)
+            continue
+        if pattern.any():
+            key = pattern.tobytes()
+            if key not in cache:
+                cache[key] = reduced_terms(sh, pattern)
+            sub, cols = cache[key]
+            sub_zry = zry[rows][:, cols]
+        else:
+            sub, sub_zry = sh, zry[rows]
+        free = np.append(~pattern, True)
+        start = None if theta0 is None else theta0[rows][:, free]
+        th = fit_theta(sub, sub_zry, yry[rows], theta0=start, max_iter=max_iter, epsilon=epsilon)
+        theta[np.ix_(rows, np.flatnonzero(free))] = th.theta
+        niter[rows] = th.niter
+    return theta, niter
+
+
+def full_score(sh: SharedTerms, theta: Array, zry: Array, yry: Array, *, final: bool = False):
+    """Score, information, profiled s0 and log|det M0| of the full model at theta."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if sh.K == 1:
+            return _score_spectral(sh, theta, zry @ sh.U, yry, final=final)
+        try:
+            return _score_compiled(sh, theta, zry, yry, final=final)
+        except Exception:  # pragma: no cover - the NumPy algebra is the reference
+            return _score_general(sh, theta, zry, yry, final=final)
+
+
+def constrain(
+    sh: SharedTerms,
+    zry: Array,
+    yry: Array,
+    fit: ThetaFit,
+    *,
+    max_iter: int = 50,
+    epsilon: float = 1e-5,
+) -> tuple[ThetaFit, np.ndarray]:
+    """The fit over variance components >= 0, from an unconstrained one.
+
+    Parameters
+    ----------
+    sh : SharedTerms
+    zry : (m, q)   yry : (m,)   the statistics the fit came from
+    fit : ThetaFit, unconstrained (:func:`~flashmm_dask.numerics.fisher.fit_theta`)
+    max_iter, epsilon : of the refits
+
+    Returns
+    -------
+    fit : ThetaFit
+        Rows of features with a negative component replaced by the boundary optimum:
+        theta with those components exactly 0, dlogL and FIM_theta of the full model there
+        (the held components' score is <= epsilon), se_theta NaN for held components,
+        niter the unconstrained iterations plus the refits', logdetM0 of the reduced model.
+        The other rows are the input's, unchanged.
+    held : (m, K+1) bool
+        Components held at zero (the residual column is always False).
+    """
+    m, K = fit.theta.shape[0], sh.K
+    held = np.zeros((m, K + 1), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        rows = np.flatnonzero((fit.theta[:, :K] < 0).any(axis=1))
+    if rows.size == 0:
+        return fit, held
+    z, y = zry[rows], yry[rows]
+    hold = fit.theta[rows, :K] < 0  # (r, K)
+    theta = np.zeros((rows.size, K + 1))
+    extra = np.zeros(rows.size, dtype=np.int64)
+    todo = np.arange(rows.size)  # features whose held set changed
+    start: Array | None = None
+    cache: dict[bytes, tuple[SharedTerms, np.ndarray]] = {}
+    for rounds in range(3 * K + 3):
+        th, nit = _refit(sh, z[todo], y[todo], hold[todo], start, max_iter, epsilon, cache)
+        theta[todo], extra[todo] = th, extra[todo] + nit
+        with np.errstate(invalid="ignore"):
+            negative = (th[:, :K] < 0) & ~hold[todo]
+        # KKT at the boundary, for the features whose free components stayed >= 0
+        dl = np.zeros((todo.size, K))
+        F_diag = np.ones((todo.size, K))
+        at_bound = np.flatnonzero(~negative.any(axis=1) & hold[todo].any(axis=1))
+        if at_bound.size and rounds <= K:
+            sc = full_score(sh, th[at_bound], z[todo[at_bound]], y[todo[at_bound]])
+            dl[at_bound] = sc.dl[:, :K]
+            F_diag[at_bound] = np.diagonal(sc.F, axis1=1, axis2=2)[:, :K]
+        freed = hold[todo] & (dl > epsilon)
+        changed = (negative | freed).any(axis=1)
+        if not changed.any():
+            break
+        hold[todo] = (hold[todo] | negative) & ~freed
+        next_start = th.copy()
+        next_start[:, :K][negative] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            step = dl / F_diag
+        next_start[:, :K] = np.where(freed, step, next_start[:, :K])
+        todo, start = todo[changed], next_start[changed]
+    final = full_score(sh, theta, z, y, final=True)
+    held[rows, :K] = hold
+    F = final.F
+    # se of the free components from their own information; NaN for the held ones
+    free = ~held[rows]
+    scale = np.abs(F[:, K, K])[:, None, None]  # the residual's: the pseudo-inverse keeps the rest
+    Fr = np.where(free[:, :, None] & free[:, None, :], F, 0.0)
+    Fr = Fr + np.eye(K + 1) * ~free[:, None, :] * scale
+    with np.errstate(invalid="ignore"):
+        se = np.sqrt(np.diagonal(pinv_sym(Fr), axis1=1, axis2=2))
+    se = np.where(held[rows], np.nan, se)
+    out = {
+        "theta": fit.theta.copy(),
+        "se_theta": fit.se_theta.copy(),
+        "dlogL": fit.dlogL.copy(),
+        "FIM_theta": fit.FIM_theta.copy(),
+        "niter": fit.niter.copy(),
+        "logdetM0": fit.logdetM0.copy(),
+    }
+    out["theta"][rows] = theta
+    out["se_theta"][rows] = se
+    out["dlogL"][rows] = final.dl
+    out["FIM_theta"][rows] = F
+    out["niter"][rows] += extra
+    out["logdetM0"][rows] = final.logdetM0
+    return replace(fit, **out), held
