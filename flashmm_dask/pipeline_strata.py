@@ -380,6 +380,7 @@ def _submit(cfg: Any, client: Any, group: _Group, contrasts: dict, index: int) -
         store_cov=layout.store_cov,
         store=str(group.path),
         df=cfg.model.df,
+        nonnegative=cfg.model.nonnegative,
     )
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)

@@ -84,7 +84,7 @@ def retest(
     if df_method == "residual":
         df = np.repeat(ds["df"].values[:, :1], Lm.shape[1], axis=1)
     elif df_method == "satterthwaite":
-        path = stats if stats is not None else _run_stats(store, config)
+        path = stats if stats is not None else run_stats(store, config)
         df = satterthwaite_contrast_df(ds, Lm, path, storage_options=storage_options)
     else:
         raise InputError(f"{store} was fitted with unknown degrees of freedom {df_method!r}")
@@ -114,7 +114,7 @@ def retest(
     return pd.concat(frames, ignore_index=True)
 
 
-def _run_stats(store: str, config: Mapping[str, Any]) -> str:
+def run_stats(store: str, config: Mapping[str, Any]) -> str:
     """Where the run's summary statistics are: its ``stats.load``, else next to the store."""
     loaded = config.get("stats", {}).get("load")
     if loaded:
@@ -204,6 +204,7 @@ def satterthwaite_contrast_df(
         assert fit.cov is not None
         vcov_theta, jac_cov = satterthwaite_inputs(fit)
         out[rows] = satterthwaite_df(fit.cov, jac_cov, vcov_theta, L)
+        out[rows][np.isnan(coef_stored[rows]).any(axis=1)] = np.nan
     return out
 
 
@@ -211,10 +212,12 @@ def _check_reproduced(fit: Any, coef: np.ndarray, df: np.ndarray, stats: str) ->
     """Refuse statistics whose refit differs from the stored coefficients or df."""
     tol = REPRODUCE_RTOL * (np.abs(coef) + fit.se.T)
     with np.errstate(invalid="ignore"):
-        bad = ~((np.abs(fit.coef.T - coef) <= tol) | (np.isnan(coef) & np.isnan(fit.coef.T)))
+        # a feature the run left unfitted (NaN: all zero, or filtered by model.min_cells)
+        # is not compared; its df stay NaN
+        bad = ~((np.abs(fit.coef.T - coef) <= tol) | np.isnan(coef))
         bad |= ~(
             (np.abs(fit.df_array().T - df) <= REPRODUCE_RTOL * np.abs(df))
-            | (np.isnan(df) & np.isnan(fit.df_array().T))
+            | np.isnan(df)
         )
     if bad.any():
         j = int(np.flatnonzero(bad.any(axis=1))[0])

@@ -199,17 +199,21 @@ def retest_strata(
     InputError
         No stratum has the coefficients of any of the contrasts.
     """
-    from flashmm_dask.io.results import open_results
-    from flashmm_dask.retest import retest
+    from flashmm_dask.io.results import open_results, read_store_attrs
+    from flashmm_dask.retest import retest, run_stats
 
+    strata = strata_attrs(path) or {}
+    stats_root = Path(run_stats(str(path), read_store_attrs(str(path)).get("config", {})))
     parts = []
     for level, p in stratum_paths(path).items():
+        # the stratum's statistics (for Satterthwaite's df): the same group in stats.zarr
+        stats = str(stats_root / str(strata["groups"][level]))
         covariates = [str(c) for c in open_results(str(p))["covariate"].values]
         ok, missing = applicable_contrasts(contrasts, covariates)
         for name in missing:
             logger.warning("stratum %s lacks the coefficients of contrast %r", level, name)
         if ok:
-            table = retest(str(p), ok, alternative=alternative)
+            table = retest(str(p), ok, alternative=alternative, stats=stats)
             table.insert(0, "stratum", level)
             parts.append(table)
     if not parts:
