@@ -215,10 +215,7 @@ def _check_reproduced(fit: Any, coef: np.ndarray, df: np.ndarray, stats: str) ->
         # a feature the run left unfitted (NaN: all zero, or filtered by model.min_cells)
         # is not compared; its df stay NaN
         bad = ~((np.abs(fit.coef.T - coef) <= tol) | np.isnan(coef))
-        bad |= ~(
-            (np.abs(fit.df_array().T - df) <= REPRODUCE_RTOL * np.abs(df))
-            | np.isnan(df)
-        )
+        bad |= ~((np.abs(fit.df_array().T - df) <= REPRODUCE_RTOL * np.abs(df)) | np.isnan(df))
     if bad.any():
         j = int(np.flatnonzero(bad.any(axis=1))[0])
         raise StoreError(

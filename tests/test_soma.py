@@ -395,6 +395,8 @@ def test_cli_run_on_a_soma_experiment_equals_the_zarr_run(
         "--set",
         f"model.fixed={FORMULA[0]}",
         "--set",
+        f"model.random={FORMULA[1]}",
+        "--set",
         "data.chunk_cells=500",
         "--set",
         "output.plots=false",
@@ -428,7 +430,10 @@ def test_cli_run_on_a_soma_experiment_equals_the_zarr_run(
     ):
         assert_stores_equal(a, b)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(f"data:\n  path: {experiment}\n  measurement: ATAC\n")
+    bad.write_text(
+        f"data:\n  path: {experiment}\n  measurement: ATAC\n"
+        f"model:\n  fixed: '{FORMULA[0]}'\n  random: '{FORMULA[1]}'\n"
+    )
     res = subprocess.run(
         [CLI, "run", str(bad), "--output", str(tmp_path / "bad-out"), "--quiet"],
         capture_output=True,

@@ -61,11 +61,21 @@ def assert_fits_equal(fit, ref):
         )
     for key in FIT:
         atol = 1e-9 if key == "dlogL" else 0
-        np.testing.assert_allclose(
-            getattr(fit, key), getattr(ref, key), rtol=1e-9, atol=atol, err_msg=key
-        )
+        got, want = getattr(fit, key), getattr(ref, key)
+        if key == "p":
+            # the two reductions add the cells in different orders (statistics equal to
+            # 1e-12); far in the tail (p ~ 1e-38) p's relative error is |t| times t's, so
+            # p is compared on the log scale, which t's error bounds
+            got, want = np.log(got), np.log(want)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=atol, err_msg=key)
     np.testing.assert_array_equal(fit.converged, ref.converged)
-    np.testing.assert_allclose(fit.cov, ref.cov, rtol=1e-9, atol=1e-15)
+    np.testing.assert_array_equal(fit.status, ref.status)
+    # a non_finite feature (its X'V^-1X indefinite at a negative variance: a negative
+    # variance of a coefficient, se NaN) is declared unusable, and its covariances are ill
+    # conditioned in the statistics; the others' are compared as in test_lmm_invariance.py
+    usable = np.asarray(fit.status_names()) != "non_finite"
+    cov, want = fit.cov[usable], ref.cov[usable]
+    np.testing.assert_allclose(cov, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
 @pytest.fixture(scope="module")

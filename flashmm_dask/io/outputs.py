@@ -153,9 +153,11 @@ def clear_owned(folder: str | os.PathLike[str]) -> list[str]:
 
 @contextmanager
 def removed_if_unused(folder: str | os.PathLike[str]) -> Iterator[None]:
-    """Remove ``folder`` again if it did not exist and a failure left it empty."""
+    """Remove ``folder`` again if it did not exist and a failure left it empty; in a folder
+    that existed, remove a manifest this run started if none of its files was written."""
     folder = Path(folder)
     existed = folder.exists()
+    had_manifest = (folder / MANIFEST).exists()
     try:
         yield
     except BaseException:
@@ -163,4 +165,7 @@ def removed_if_unused(folder: str | os.PathLike[str]) -> Iterator[None]:
             leftovers = [p for p in folder.iterdir() if p.name != MANIFEST]
             if not leftovers:
                 shutil.rmtree(folder, ignore_errors=True)
+        elif existed and not had_manifest and (folder / MANIFEST).exists():
+            if not any((folder / name).exists() for name in owned(folder)):
+                (folder / MANIFEST).unlink(missing_ok=True)
         raise
