@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> list[tuple[Any, ...]]:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--plots", action="store_true", help="also draw the report plots")
     ap.add_argument("--store-dir", type=Path, default=DEFAULT_STORE_DIR)
+    ap.add_argument(
+        "--compare-defaults",
+        action="store_true",
+        help="also fit the same statistics with R FLASHMM's settings (model.df residual, "
+        "model.nonnegative false) and print both fitting phases",
+    )
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -199,6 +205,24 @@ def main(argv: list[str] | None = None) -> list[tuple[Any, ...]]:
         )
         timings = summary.timings
         rows.append((n_cells, nnz, wall, peak, timings, summary, load_average()))
+        if args.compare_defaults:
+            old, _, _ = run_pipeline(
+                store,
+                args.store_dir / f"atlas-out-{n_cells}-r",
+                (
+                    f"cluster.n_workers={args.workers}",
+                    f"stats.load={args.store_dir / f'atlas-out-{n_cells}' / 'stats.zarr'}",
+                    "model.df=residual",
+                    "model.nonnegative=false",
+                ),
+            )
+            new_s, old_s = timings["fitting"], old.timings["fitting"]
+            print(
+                f"{n_cells} cells: fitting phase, run defaults (satterthwaite, nonnegative) "
+                f"{new_s:.2f} s vs R FLASHMM's settings (residual, unconstrained) {old_s:.2f} "
+                f"s: ratio {new_s / old_s:.2f} (target <= 1.5); load {load_average()}",
+                flush=True,
+            )
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
         print(
             f"{n_cells} cells: wall {wall:.1f} s ({phases}); peak memory {gib(peak)}; "

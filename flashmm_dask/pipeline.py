@@ -539,6 +539,29 @@ def _store_attrs(cfg: Any, stats: SummaryStats, layout: ResultsLayout) -> dict[s
     }
 
 
+def shared_model(
+    cfg: Any, stats: SummaryStats, L: Any, *, store: str, store_cov: bool
+) -> SharedModel:
+    """What every block task of ``stats`` shares: the statistics' shared part and the
+    config's fit settings (the one place that maps the model config onto the workers)."""
+    return SharedModel(
+        XX=np.asarray(stats.XX),
+        ZX=np.asarray(stats.ZX),
+        ZZ=np.asarray(stats.ZZ),
+        n=int(stats.n),
+        d=tuple(stats.d),
+        method=cfg.model.method,
+        max_iter=int(cfg.model.max_iter),
+        epsilon=float(cfg.model.epsilon),
+        L=np.zeros((stats.p, 0)) if L is None else L.to_numpy(),
+        alternative=cfg.test.alternative,
+        store_cov=store_cov,
+        store=store,
+        df=cfg.model.df,
+        nonnegative=cfg.model.nonnegative,
+    )
+
+
 def fit_store(
     cfg: Any, client: Any, stats: SummaryStats, folder: Path, *, show: bool = False
 ) -> tuple[Path, list[BlockReport], ResultsLayout]:
@@ -562,22 +585,7 @@ def fit_store(
         layout.n_blocks - len(todo),
         len(todo),
     )
-    model = SharedModel(
-        XX=np.asarray(stats.XX),
-        ZX=np.asarray(stats.ZX),
-        ZZ=np.asarray(stats.ZZ),
-        n=int(stats.n),
-        d=tuple(stats.d),
-        method=cfg.model.method,
-        max_iter=int(cfg.model.max_iter),
-        epsilon=float(cfg.model.epsilon),
-        L=np.zeros((stats.p, 0)) if L is None else L.to_numpy(),
-        alternative=cfg.test.alternative,
-        store_cov=layout.store_cov,
-        store=str(store),
-        df=cfg.model.df,
-        nonnegative=cfg.model.nonnegative,
-    )
+    model = shared_model(cfg, stats, L, store=str(store), store_cov=layout.store_cov)
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
     token = cfg.hash()[:12]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmm_dask.blockfit import BlockReport, SharedModel, fit_block
+from flashmm_dask.blockfit import BlockReport, fit_block
 from flashmm_dask.cluster import open_client
 from flashmm_dask.contrasts import contrast_matrix
 from flashmm_dask.errors import DataError, FlashmmError, InputError, StoreError
@@ -70,6 +70,7 @@ from flashmm_dask.pipeline import (
     _writing,
     auto_block_size,
     run_outputs,
+    shared_model,
 )
 from flashmm_dask.progress import Timings, wait
 from flashmm_dask.report import log_top_genes, report_outputs
@@ -366,22 +367,7 @@ def _after(_: Any, function: Any, *args: Any) -> Any:
 def _submit(cfg: Any, client: Any, group: _Group, contrasts: dict, index: int) -> list:
     stats, layout = group.stats, group.layout
     L = contrast_matrix(contrasts, list(stats.covariates)) if contrasts else None
-    model = SharedModel(
-        XX=np.asarray(stats.XX),
-        ZX=np.asarray(stats.ZX),
-        ZZ=np.asarray(stats.ZZ),
-        n=int(stats.n),
-        d=tuple(stats.d),
-        method=cfg.model.method,
-        max_iter=int(cfg.model.max_iter),
-        epsilon=float(cfg.model.epsilon),
-        L=np.zeros((stats.p, 0)) if L is None else L.to_numpy(),
-        alternative=cfg.test.alternative,
-        store_cov=layout.store_cov,
-        store=str(group.path),
-        df=cfg.model.df,
-        nonnegative=cfg.model.nonnegative,
-    )
+    model = shared_model(cfg, stats, L, store=str(group.path), store_cov=layout.store_cov)
     shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
     token = cfg.hash()[:12]
