@@ -70,7 +70,8 @@ def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
 
     from flashmm_dask.design import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import _block_partial, _design_chunk, _sum_partials
+    from flashmm_dask.reduce import _design_chunk, _sum_partials
+    from flashmm_dask.reduce_blocks import _block_partial
 
     expr = read_expression(str(store))
     design = build_design(expr.obs, FIXED, RANDOM)

@@ -122,7 +122,8 @@ def profile_block(store: Path, chunk_cells: int | None, blocks: int = 4) -> None
 
     from flashmm_dask.design import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import _block_partial, _design_chunk
+    from flashmm_dask.reduce import _design_chunk
+    from flashmm_dask.reduce_blocks import _block_partial
 
     expr = read_expression(str(store), chunk_cells=chunk_cells)
     design = build_design(expr.obs, FIXED, RANDOM)

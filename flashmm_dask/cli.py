@@ -191,13 +191,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "stats":
         from flashmm_dask.cluster import open_client
         from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
-        from flashmm_dask.pipeline import (
-            SIMULATED,
-            STATS,
-            OutputLock,
-            compute_stats,
-            prepare_inputs,
-        )
+        from flashmm_dask.pipeline import compute_stats, prepare_inputs
+        from flashmm_dask.run_output import SIMULATED, STATS, OutputLock
 
         folder = Path(cfg.output.path)
         cfg = cfg.with_overrides(["stats.save=true"])  # saving them is the command's job
@@ -225,8 +220,8 @@ def _run(args: argparse.Namespace) -> int:
 def _strata_stats(cfg: Any, folder: Path) -> int:
     """``flashmm-dask stats`` of a config with strata or a cell selection (lock held)."""
     from flashmm_dask.cluster import open_client
-    from flashmm_dask.pipeline import STATS
     from flashmm_dask.pipeline_strata import compute_strata_stats, prepare_strata
+    from flashmm_dask.run_output import STATS
 
     inputs = prepare_strata(cfg, folder)
     with open_client(cfg.cluster) as client:

@@ -114,7 +114,7 @@ def add_pcs(expr: Expression, k: int, transform: str, fixed: str) -> tuple[Expre
     import dask.array as da
     from dask_ml.decomposition import PCA
 
-    from flashmm_dask.reduce import transform_block
+    from flashmm_dask.reduce_blocks import transform_block
 
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
         raise InputError(f"pcs must be a non-negative integer; got {k!r}")

@@ -36,9 +36,6 @@ import scipy.sparse as sp
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.reduce import (
     _BLOCK_PREFIX,
-    _SCALED_TRANSFORMS,
-    _as_block,
-    _block_partial,
     _compute,
     _design_chunk,
     _inline_reads,
@@ -46,6 +43,7 @@ from flashmm_dask.reduce import (
     _shared_partial,
     _validate,
 )
+from flashmm_dask.reduce_blocks import _SCALED_TRANSFORMS, _as_block, _block_partial
 from flashmm_dask.stats import SummaryStats
 from flashmm_dask.strata import Strata, group_name
 from flashmm_dask.strata_stats import StratifiedStats

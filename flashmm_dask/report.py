@@ -168,7 +168,8 @@ def report_markdown(
     Links to the top tables (when ``top_tables``) and to the plots that exist in
     ``folder`` are relative to it.
     """
-    from flashmm_dask.plots import PLOTS_DIR, file_stems
+    from flashmm_dask.plot_values import file_stems
+    from flashmm_dask.plots import PLOTS_DIR
 
     folder = Path(folder)
     params = run_parameters(sets[0][1])

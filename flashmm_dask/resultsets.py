@@ -435,9 +435,9 @@ def top_paths(sets: ResultSets, terms: Sequence[str] | None = None) -> list[tupl
     """``(stratum, term, relative path)`` of the top tables of :func:`write_top_tables`.
 
     ``top/<term>.csv`` without strata, ``top/<stratum>/<term>.csv`` with them; both
-    names as made file-safe by :func:`flashmm_dask.plots.file_stems`.
+    names as made file-safe by :func:`flashmm_dask.plot_values.file_stems`.
     """
-    from flashmm_dask.plots import file_stems
+    from flashmm_dask.plot_values import file_stems
 
     strata = file_stems([str(s) for s, _ in sets if s is not None])
     out = []

@@ -138,7 +138,7 @@ def strata_table(datasets: Mapping[str, Any]) -> pd.DataFrame:
 
 def write_table(table: pd.DataFrame, folder: Path, name: str, formats: Sequence[str]) -> list:
     """``table`` as ``<folder>/<name>.<fmt>`` for each format, each renamed into place."""
-    from flashmm_dask.io.results import _write_csv
+    from flashmm_dask.io.tables import _write_csv
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []

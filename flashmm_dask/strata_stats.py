@@ -107,7 +107,7 @@ class StratifiedStats(Mapping[str, SummaryStats]):
         """
         import zarr
 
-        from flashmm_dask.stats import _is_stats_store, _refuse_replace
+        from flashmm_dask.stats_store import _is_stats_store, _refuse_replace
 
         target = Path(path)
         if target.exists():

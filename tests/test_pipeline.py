@@ -16,7 +16,8 @@ from pipeline_helpers import assert_stores_equal, small_config
 from flashmm_dask import StoreError, flashmm, lmmtest
 from flashmm_dask.config import dump_config
 from flashmm_dask.io.results import blocks_done, open_results
-from flashmm_dask.pipeline import LOCK, RESULTS, SIMULATED, run
+from flashmm_dask.pipeline import RESULTS, SIMULATED, run
+from flashmm_dask.run_output import LOCK
 
 pytestmark = pytest.mark.distributed
 

@@ -20,15 +20,17 @@ from statsmodels.stats.multitest import multipletests
 
 from flashmm_dask import InputError, ZeroFeatureWarning, contrast_matrix, lmm, lmmtest
 from flashmm_dask.numerics.inference import p_adjust
-from flashmm_dask.plots import (
-    NO_FEATURES,
+from flashmm_dask.plot_values import (
     convergence_counts,
-    convergence_figure,
     file_stems,
-    make_report,
-    pvalue_figure,
     resolve_terms,
     significant_counts,
+)
+from flashmm_dask.plots import (
+    NO_FEATURES,
+    convergence_figure,
+    make_report,
+    pvalue_figure,
     volcano_figure,
 )
 

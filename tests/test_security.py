@@ -26,7 +26,8 @@ from flashmm_dask import contrasts as contrasts_module
 from flashmm_dask.cli import main
 from flashmm_dask.cluster import open_client
 from flashmm_dask.config import load_config
-from flashmm_dask.io.results import REDACTED, open_results
+from flashmm_dask.io.results import open_results
+from flashmm_dask.io.results_attrs import REDACTED
 from flashmm_dask.pipeline import run
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")

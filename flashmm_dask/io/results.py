@@ -43,32 +43,27 @@ creation leaves nothing that looks like a store.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import fsspec
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
 from zarr.errors import ZarrUserWarning
 
-from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.errors import StoreError
+from flashmm_dask.io.results_attrs import _default_versions, _user_attrs, redact
+from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout, _Target, _target
+from flashmm_dask.io.tables import results_table, write_tables
 from flashmm_dask.numerics.inference import p_adjust
 from flashmm_dask.status import STATUS, finite_features, status_codes
 
 if TYPE_CHECKING:
-    import pandas as pd
     import xarray as xr
 
     from flashmm_dask.fit import LmmFit
@@ -77,257 +72,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "flashmm_dask.results"
 FORMAT_VERSION = 1
-REDACTED = "<redacted>"
-
-#: Attributes that only this module sets.
-_RESERVED_ATTRS = ("format", "format_version", "complete", "block_size", "n_blocks")
-_TABLE_FORMATS = ("csv", "parquet")
-
-
-@dataclass(frozen=True)
-class _Var:
-    """A per-feature variable: its dimensions after ``feature``, dtype and meaning."""
-
-    dims: tuple[str, ...]
-    dtype: str
-    description: str
-    per_block: bool = True  # written by write_block (else by finalize_results)
-
-
-_FC, _FK, _FN = ("covariate",), ("component",), ("contrast",)
-_VARS: dict[str, _Var] = {
-    "coef": _Var(_FC, "float64", "fixed-effect estimate"),
-    "se": _Var(_FC, "float64", "standard error of coef"),
-    "t": _Var(_FC, "float64", "t statistic coef / se"),
-    "p": _Var(_FC, "float64", "p-value of t"),
-    "df": _Var(_FC, "float64", "degrees of freedom of t"),
-    "padj": _Var(_FC, "float64", "Benjamini-Hochberg adjusted p within a covariate", False),
-    "theta": _Var(_FK, "float64", "variance components; the last is the residual variance"),
-    "se_theta": _Var(_FK, "float64", "standard error of theta"),
-    "dlogL": _Var(_FK, "float64", "score (gradient of the log-likelihood) at theta"),
-    "logLik": _Var((), "float64", "log-likelihood (REML or ML) at the fit"),
-    "niter": _Var((), "float64", "Fisher scoring iterations; NaN for features not fitted"),
-    "converged": _Var((), "bool", "max |dlogL| <= epsilon and theta at the optimum"),
-    "status": _Var((), "int8", "fit status code; see flag_values and flag_meanings"),
-    "cov": _Var(("covariate", "covariate2"), "float64", "covariance matrix of coef"),
-    "contrast_coef": _Var(_FN, "float64", "contrast estimate L' coef"),
-    "contrast_se": _Var(_FN, "float64", "standard error of contrast_coef"),
-    "contrast_t": _Var(_FN, "float64", "t statistic of the contrast"),
-    "contrast_p": _Var(_FN, "float64", "p-value of contrast_t"),
-    "contrast_df": _Var(_FN, "float64", "degrees of freedom of contrast_t"),
-    "contrast_padj": _Var(
-        _FN, "float64", "Benjamini-Hochberg adjusted p within a contrast", per_block=False
-    ),
-}
-_COORDS = ("feature", "covariate", "covariate2", "component", "contrast")
-# -- layout ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ResultsLayout:
-    """Names and blocking of a results store.
-
-    Parameters
-    ----------
-    features : m feature names
-    covariates : p coefficient names
-    components : K+1 variance-component names, the residual last
-    contrasts : c contrast names (may be empty)
-    block_size : features per block (the chunk size along ``feature``)
-    store_cov : whether the (m, p, p) coefficient covariances are stored
-    """
-
-    features: tuple[str, ...]
-    covariates: tuple[str, ...]
-    components: tuple[str, ...]
-    contrasts: tuple[str, ...]
-    block_size: int
-    store_cov: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("features", "covariates", "components", "contrasts"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                raise InputError(f"ResultsLayout.{name} must be a sequence of names, not a string")
-            names = tuple(str(x) for x in value)
-            object.__setattr__(self, name, names)
-            if name != "contrasts" and not names:
-                raise InputError(
-                    f"ResultsLayout.{name} is empty; a results store needs at least one"
-                )
-            if name != "features" and len(set(names)) != len(names):
-                dupes = sorted({x for x in names if names.count(x) > 1})
-                raise InputError(f"ResultsLayout.{name} has duplicate names: {', '.join(dupes)}")
-        size = self.block_size
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-            raise InputError(f"block_size must be a positive integer; got {size!r}")
-        object.__setattr__(self, "block_size", int(size))
-        object.__setattr__(self, "store_cov", bool(self.store_cov))
-
-    @property
-    def n_features(self) -> int:
-        return len(self.features)
-
-    @property
-    def n_blocks(self) -> int:
-        """Number of feature blocks, ceil(m / block_size)."""
-        return math.ceil(len(self.features) / self.block_size)
-
-    def block_slice(self, b: int) -> slice:
-        """The features of block ``b`` (0-based); the last block may be shorter."""
-        if (
-            isinstance(b, bool)
-            or not isinstance(b, (int, np.integer))
-            or not 0 <= b < self.n_blocks
-        ):
-            raise InputError(
-                f"block {b!r} is out of range: the store has blocks 0..{self.n_blocks - 1}"
-            )
-        start = int(b) * self.block_size
-        return slice(start, min(start + self.block_size, len(self.features)))
-
-    def dim_sizes(self) -> dict[str, int]:
-        return {
-            "feature": len(self.features),
-            "covariate": len(self.covariates),
-            "covariate2": len(self.covariates),
-            "component": len(self.components),
-            "contrast": len(self.contrasts),
-            "block": self.n_blocks,
-        }
-
-    def variables(self) -> tuple[str, ...]:
-        """Names of the per-feature variables of a store with this layout."""
-        return tuple(name for name in _VARS if name != "cov" or self.store_cov)
-
-
-# -- locations ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Target:
-    """A resolved store location: a local path, or a URL with its storage options."""
-
-    url: str
-    shown: str
-    storage_options: Mapping[str, Any]
-    local: bool
-
-    def open(self, mode: Literal["r", "r+", "w-"]) -> zarr.Group:
-        """Open the root group; a missing store raises StoreError."""
-        try:
-            if self.local:
-                return zarr.open_group(store=self.url, mode=mode, zarr_format=3)
-            return zarr.open_group(
-                store=self.url,
-                mode=mode,
-                zarr_format=3,
-                storage_options=dict(self.storage_options),
-            )
-        except FileNotFoundError as exc:
-            if self.local and os.path.exists(self.url):
-                why = (
-                    "something is there, but not a Zarr format 3 group: not a results "
-                    "store; give the results.zarr in a run's output folder"
-                )
-            else:
-                why = "nothing there, or not a Zarr group; check the path (and "
-                why += "storage_options for URLs)"
-            raise StoreError(f"no results store at {self.shown!r}: {why}") from exc
-
-    def fs(self) -> tuple[Any, str]:
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)
-
-
-def _target(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> _Target:
-    shown = os.fspath(path)
-    options = dict(storage_options or {})
-    if "://" not in shown and "::" not in shown:
-        if options:
-            logger.debug("storage_options ignored for the local path %s", shown)
-        return _Target(os.path.abspath(os.path.expanduser(shown)), shown, {}, local=True)
-    try:
-        fs, local_path = fsspec.core.url_to_fs(shown, **options)
-    except (ImportError, ValueError, OSError) as exc:
-        raise StoreError(
-            f"cannot open {shown!r}: {exc}. Install the fsspec filesystem for this protocol "
-            "(for example s3fs for s3://, gcsfs for gs://) and check storage_options."
-        ) from exc
-    if isinstance(fs, LocalFileSystem):
-        return _Target(local_path, shown, {}, local=True)
-    return _Target(shown.rstrip("/"), shown, options, local=False)
-
-
-# -- attributes -----------------------------------------------------------------------
-
-
-def _jsonable(value: Any, where: str) -> Any:
-    """``value`` with numpy scalars/arrays, tuples and paths made JSON types."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist(), where)
-    if isinstance(value, np.generic):
-        return _jsonable(value.item(), where)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"attribute {where} is {value}; store attributes must be finite (JSON)")
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise InputError(
-        f"attribute {where} has type {type(value).__name__}, which JSON cannot hold; "
-        "give strings, numbers, booleans, lists or dicts"
-    )
-
-
-def redact(value: Any) -> Any:
-    """A copy of ``value`` with every entry named ``storage_options`` redacted.
-
-    A mapping under that name keeps its keys and has each value replaced by
-    ``"<redacted>"``; any other non-empty value is replaced whole.
-    """
-    if isinstance(value, Mapping):
-        out: dict[Any, Any] = {}
-        for key, item in value.items():
-            if key == "storage_options" and isinstance(item, Mapping):
-                out[key] = {k: REDACTED for k in item}
-            elif key == "storage_options" and item not in (None, "", [], ()):
-                out[key] = REDACTED
-            else:
-                out[key] = redact(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return copy.copy(value)
-
-
-def _user_attrs(
-    attrs: Mapping[str, Any] | None, what: str, managed: Mapping[str, Any]
-) -> dict[str, Any]:
-    """``attrs`` redacted and made JSON; attributes this module manages may only repeat
-    the values in ``managed``."""
-    out = _jsonable(redact(dict(attrs or {})), what)
-    clash = [k for k in _RESERVED_ATTRS if k in out and out[k] != managed.get(k)]
-    if clash:
-        shown = ", ".join(f"{k}={out[k]!r} (the store's is {managed.get(k)!r})" for k in clash)
-        raise InputError(
-            f"{what} sets {shown}; these attributes are managed by the results store: leave "
-            "them out"
-        )
-    return out
-
-
-def _default_versions() -> dict[str, str]:
-    versions = {}
-    for dist in ("flashmm-dask", "numpy", "scipy", "zarr"):
-        try:
-            versions[dist.replace("-", "_")] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def _check_format(attrs: Mapping[str, Any], shown: str) -> None:
@@ -825,103 +569,6 @@ def fit_arrays(fit: LmmFit) -> dict[str, np.ndarray]:
     if fit.cov is not None:
         out["cov"] = fit.cov
     return out
-
-
-def results_table(ds: xr.Dataset) -> pd.DataFrame:
-    """A tidy table of a results Dataset: one row per feature and term.
-
-    Terms are the covariates, then the contrasts; rows run over all features of the
-    first term, then of the next. Columns: feature, term, coef, se, t, df, p, padj,
-    converged, niter, and status (the :data:`STATUS` name; "not_written" for a feature
-    of an unfinished run) when the store has it.
-    """
-    import pandas as pd
-
-    features = np.asarray(ds["feature"].values).astype(object)
-    per_feature = {
-        "converged": np.asarray(ds["converged"].values),
-        "niter": np.asarray(ds["niter"].values),
-    }
-    if "status" in ds:
-        # code -1 (not written) indexes the last label
-        labels = np.array([*STATUS, "not_written"], dtype=object)
-        per_feature["status"] = labels[np.asarray(ds["status"].values, dtype=np.int64)]
-    parts = []
-    for prefix, dim in (("", "covariate"), ("contrast_", "contrast")):
-        terms = np.asarray(ds[dim].values).astype(object)
-        if terms.size == 0:
-            continue
-        columns = {
-            col: np.asarray(ds[prefix + col].transpose("feature", dim).values).T.ravel()
-            for col in ("coef", "se", "t", "df", "p", "padj")
-        }
-        parts.append(
-            pd.DataFrame(
-                {
-                    "feature": np.tile(features, terms.size),
-                    "term": np.repeat(terms, features.size),
-                    **columns,
-                    **{k: np.tile(v, terms.size) for k, v in per_feature.items()},
-                }
-            )
-        )
-    table = pd.concat(parts, ignore_index=True)
-    # iterations are counts: an integer column, empty (NA) where a feature was not fitted
-    table["niter"] = table["niter"].round().astype("Int64")
-    return table
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """``table`` as CSV by Arrow's writer: ~10x faster than pandas' on a million rows of
-    floats (shortest round-trip repr, as pandas). NaN is written empty, booleans as
-    true/false, strings quoted only where needed."""
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-
-    pa_csv.write_csv(
-        pa.Table.from_pandas(table, preserve_index=False),
-        path,
-        write_options=pa_csv.WriteOptions(quoting_style="needed"),
-    )
-
-
-def write_tables(
-    ds: xr.Dataset,
-    outdir: str | os.PathLike[str],
-    *,
-    formats: Sequence[str] = _TABLE_FORMATS,
-    name: str = "results",
-) -> list[Path]:
-    """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``.
-
-    Each file is written to a temporary name and renamed, so a reader never sees a
-    half-written table. Returns the paths written.
-    """
-    if isinstance(formats, str):
-        formats = (formats,)
-    unknown = [f for f in formats if f not in _TABLE_FORMATS]
-    if unknown:
-        raise InputError(
-            f"unknown table formats {unknown}; choose from {', '.join(_TABLE_FORMATS)}"
-        )
-    table = results_table(ds)
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in dict.fromkeys(formats):
-        final = out / f"{name}.{fmt}"
-        tmp = out / f".{name}.{fmt}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            if fmt == "csv":
-                _write_csv(table, tmp)
-            else:
-                table.to_parquet(tmp, index=False)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        written.append(final)
-    return written
 
 
 __all__ = [

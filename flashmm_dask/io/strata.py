@@ -20,7 +20,8 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flashmm_dask.errors import StoreError
-from flashmm_dask.io.results import _target, open_results
+from flashmm_dask.io.results import open_results
+from flashmm_dask.io.results_layout import _target
 
 if TYPE_CHECKING:
     import xarray as xr
