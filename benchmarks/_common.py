@@ -122,8 +122,8 @@ def timed() -> Iterator[dict[str, float]]:
 @contextlib.contextmanager
 def local_client(n_workers: int, threads_per_worker: int = 1) -> Iterator[Any]:
     """A distributed client on a LocalCluster built the way the pipeline builds it."""
-    from flashmm_dask.cluster import open_client
-    from flashmm_dask.config import load_config
+    from flashmm_dask.run.cluster import open_client
+    from flashmm_dask.run.config import load_config
 
     cfg = load_config(
         None,

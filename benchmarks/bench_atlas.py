@@ -9,7 +9,7 @@ The paper's atlas: 499,713 cells x 11,596 genes, 259 donors, analysed with fixed
 with the simuRNAseq model (:func:`flashmm_dask.simulate.simulate_to_store`, gene means set
 for ~5% non-zeros): 259 donors nested in 2 conditions, 29 cell states; then obs is
 rewritten with the paper's names (donor, state, condition) and donor-level age and sex.
-The whole pipeline (:func:`flashmm_dask.pipeline.run`: reduction, fitting, tests, results
+The whole pipeline (:func:`flashmm_dask.run.pipeline.run`: reduction, fitting, tests, results
 store, tables; plots with ``--plots``) runs on a local cluster, and the script prints the
 wall time per phase, the peak resident memory of the process tree (driver + workers,
 target <= 6 GiB) and the cost per non-zero of each size (linear in the non-zeros when the
@@ -114,7 +114,7 @@ def _has_atlas_obs(path: Path, n_cells: int, n_genes: int) -> bool:
 def contrasts_for(store: Path) -> dict[str, str]:
     """Two contrasts named as R would: condition B vs A in the first state, and its
     difference between the second and the first state."""
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_obs
 
     design = build_design(read_obs(str(store)), FIXED, RANDOM)
@@ -134,8 +134,8 @@ def run_pipeline(
     With ``client`` None the pipeline opens (and closes) the local cluster its config
     describes, and the wall time includes starting it.
     """
-    from flashmm_dask.config import load_config
-    from flashmm_dask.pipeline import run
+    from flashmm_dask.run.config import load_config
+    from flashmm_dask.run.pipeline import run
 
     if output.exists():
         shutil.rmtree(output)

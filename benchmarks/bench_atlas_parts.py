@@ -10,7 +10,7 @@ non-zeros, 259 donors, 29 states: the shape of FLASH-MM's tuberculosis atlas).
    bytes written are alike). Target: simulate / write <= 2.
 2. **Reduction vs read pass, per block, in-process CPU time** (ns per stored value): the
    read of a block (decompression), the per-block products of
-   :func:`flashmm_dask.reduce._block_partial` with the atlas model and log2(1 + counts),
+   :func:`flashmm_dask.stats.reduce._block_partial` with the atlas model and log2(1 + counts),
    and the sum of two partials; for the blocks as stored (cells in random donor order)
    and for the same blocks with their cells sorted by donor.
 3. **Reduction vs read pass on a local cluster** (``--workers`` processes x 1 thread,
@@ -68,10 +68,10 @@ def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
     block), as stored and with each block's cells sorted by donor."""
     import dask
 
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import _design_chunk, _sum_partials
-    from flashmm_dask.reduce_blocks import _block_partial
+    from flashmm_dask.stats.blocks import _block_partial
+    from flashmm_dask.stats.reduce import _design_chunk, _sum_partials
 
     expr = read_expression(str(store))
     design = build_design(expr.obs, FIXED, RANDOM)
@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"sum) / read {ratio:.2f}; load {load_average()}",
             flush=True,
         )
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import stats_graph
+    from flashmm_dask.stats.reduce import stats_graph
 
     expr = read_expression(str(store))
     design = build_design(expr.obs, FIXED, RANDOM)

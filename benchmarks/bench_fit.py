@@ -84,7 +84,7 @@ def run_defaults(m, cells, repeat=3):
     """The fitting phase of a run (the worker's block_arrays, one contrast) with the old
     defaults (residual df, unconstrained) and the new ones (Satterthwaite df, variances
     >= 0), side by side on the same features, a third of them without subject variance."""
-    from flashmm_dask.blockfit import SharedModel, block_arrays
+    from flashmm_dask.run.worker import SharedModel, block_arrays
 
     print(f"\nrun defaults, m = {m} features (a third without subject variance), one thread")
     print(f"{'case':<18}{'residual+free s':>16}{'satt.+nonneg s':>16}{'ratio':>8}{'boundary':>10}")

@@ -4,7 +4,7 @@ Run: ``python benchmarks/bench_peer.py [--cells 20000 --features 3]``. For each 
 (p=21/q=25 and p=60/q=259 with one variance component, p=21/q=50 with two: subject
 intercepts and subject slopes on a cell covariate) it simulates cells, fits the first
 ``--features`` features with ``statsmodels.MixedLM`` (REML, the cell-level data in memory:
-what a Python user would pick instead) and with :func:`flashmm_dask.lmm` from the summary
+what a Python user would pick instead) and with :func:`flashmm_dask.model.lmm` from the summary
 statistics, compares the estimates (max relative difference of coef and theta over the
 features MixedLM converged on), and prints
 

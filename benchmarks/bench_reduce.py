@@ -9,7 +9,7 @@ For each store variant (CSR with the codecs asked for; dense float32 rows when
 
 - the read pass: the same Dask array (same reader, same chunks) reduced by a trivial
   per-block sum of the stored values, summed in a tree;
-- the reduction: :func:`flashmm_dask.reduce.stats_graph` with the model below;
+- the reduction: :func:`flashmm_dask.stats.reduce.stats_graph` with the model below;
 
 ``--repeat`` times each, alternating, and reports the best wall time of each, the ratio
 reduction / read pass (target <= 1.5) and the peak resident memory of the process tree
@@ -85,9 +85,9 @@ def run_pass(client: Any, graph: Any) -> tuple[float, int, Any]:
 
 def measure(client: Any, store: Path, chunk_cells: int | None, repeat: int) -> dict[str, Any]:
     """Best-of-``repeat`` read pass and reduction of one store at one partition size."""
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import stats_graph
+    from flashmm_dask.stats.reduce import stats_graph
 
     expr = read_expression(str(store), chunk_cells=chunk_cells)
     design = build_design(expr.obs, FIXED, RANDOM)
@@ -120,10 +120,10 @@ def profile_block(store: Path, chunk_cells: int | None, blocks: int = 4) -> None
     """Time reading and reducing the first blocks in this process; print the top costs."""
     import dask
 
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import _design_chunk
-    from flashmm_dask.reduce_blocks import _block_partial
+    from flashmm_dask.stats.blocks import _block_partial
+    from flashmm_dask.stats.reduce import _design_chunk
 
     expr = read_expression(str(store), chunk_cells=chunk_cells)
     design = build_design(expr.obs, FIXED, RANDOM)

@@ -10,7 +10,7 @@ in ``bench_atlas.py``), or ``--cells 20000 --genes 2000`` for a quick run. Three
    and the peak memory;
 3. fit partition (``fit.block_size``): the pipeline from saved statistics
    (``stats.load``) for several features-per-block and ``auto``
-   (:func:`flashmm_dask.pipeline.auto_block_size`), fitting time and peak memory.
+   (:func:`flashmm_dask.run.pipeline.auto_block_size`), fitting time and peak memory.
 
 Not a test: it asserts nothing.
 """
@@ -67,9 +67,9 @@ def part_workers(store: Path, out: Path, layouts: list[tuple[int, int]]) -> Path
 
 def part_chunks(store: Path, chunks: list[int], workers: int, repeat: int) -> None:
     """Part 2: the reduction alone at several cells-per-chunk."""
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.reduce import stats_graph
+    from flashmm_dask.stats.reduce import stats_graph
 
     print(f"\n2. reduction partition (data.chunk_cells), {workers} workers, best of {repeat}")
     print(
@@ -108,8 +108,8 @@ def part_chunks(store: Path, chunks: list[int], workers: int, repeat: int) -> No
 
 def part_blocks(store: Path, saved: Path, out: Path, sizes: list[str], workers: int) -> None:
     """Part 3: the fit alone (statistics loaded) at several features-per-block."""
-    from flashmm_dask.pipeline import auto_block_size
-    from flashmm_dask.stats import SummaryStats
+    from flashmm_dask.run.pipeline import auto_block_size
+    from flashmm_dask.stats.summary import SummaryStats
 
     stats = SummaryStats.load(str(saved))
     auto = auto_block_size(stats.m, stats.p, stats.q, len(stats.d), workers)

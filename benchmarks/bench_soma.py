@@ -10,7 +10,7 @@ so no step holds the whole matrix). For each partition size (``--chunk-cells``; 
 reader's default of ~5 M non-zeros per block) and each source it runs, in turn,
 
 - the read pass: every block read and its stored values summed (``bench_reduce``'s);
-- the reduction: :func:`flashmm_dask.reduce.stats_graph`, model of ``bench_reduce``;
+- the reduction: :func:`flashmm_dask.stats.reduce.stats_graph`, model of ``bench_reduce``;
 
 and, for SOMA, both again with a cell filter pushed down (``--obs-filter``; cell types
 other than "1" by default, about 2/3 of the cells). It reports the best of ``--repeat``
@@ -92,8 +92,8 @@ def soma_copy(store: Path, target: Path, block_cells: int = 100_000) -> tuple[Pa
 
 def measure(client: Any, expr: Any, repeat: int) -> dict[str, Any]:
     """Best-of-``repeat`` read pass and reduction of one lazy expression."""
-    from flashmm_dask.design import build_design
-    from flashmm_dask.reduce import stats_graph
+    from flashmm_dask.design.formula import build_design
+    from flashmm_dask.stats.reduce import stats_graph
 
     design = build_design(expr.obs, FIXED, RANDOM)
     read_s, reduce_s, read_mem, reduce_mem = [], [], 0, 0

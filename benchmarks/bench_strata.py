@@ -4,7 +4,7 @@ Run: ``python benchmarks/bench_strata.py [--cells 200000] [--genes 11596] [--rep
 
 The atlas of :mod:`bench_atlas` (259 donors nested in 2 conditions, 29 cell states,
 donor-level age and sex, ~5% non-zeros). Two runs of the whole pipeline
-(:func:`flashmm_dask.pipeline.run`: statistics, fitting, tests, results store, tables; no
+(:func:`flashmm_dask.run.pipeline.run`: statistics, fitting, tests, results store, tables; no
 plots) on the same local cluster, alternated ``--repeats`` times (best of each reported):
 
 - joint: ``~ 0 + log(libsize) + age + sex + state + state:condition``, random ``~ 0 + donor``
@@ -30,8 +30,8 @@ STRATA_FIXED = "~ log(libsize) + age + sex + condition"
 def run_once(store, output, overrides, client):
     import shutil
 
-    from flashmm_dask.config import load_config
-    from flashmm_dask.pipeline import run
+    from flashmm_dask.run.config import load_config
+    from flashmm_dask.run.pipeline import run
 
     if output.exists():
         shutil.rmtree(output)

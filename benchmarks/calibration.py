@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/calibration.py [--df satterthwaite] [--nonnegative true]``.
 
-The fit settings are those of a run with the default config (:mod:`flashmm_dask.config`:
+The fit settings are those of a run with the default config (:mod:`flashmm_dask.run.config`:
 ``model.method``, ``model.df``, ``model.max_iter``, ``model.epsilon`` and, where the code
 has it, ``model.nonnegative``); ``--df`` and ``--nonnegative`` override them. The script
 prints what it used.
@@ -52,9 +52,9 @@ import numpy as np
 import pandas as pd
 
 import flashmm_dask as fm
-from flashmm_dask.config import load_config
-from flashmm_dask.design_check import check_design_replication
+from flashmm_dask.design.check import check_design_replication
 from flashmm_dask.numerics.inference import p_adjust
+from flashmm_dask.run.config import load_config
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the study; return the table rows (also written to CALIBRATION.md)."""
     args = parse(argv)
     # per-block notes of lmm (e.g. undefined Satterthwaite df) are counted in the table
-    quiet = logging.getLogger("flashmm_dask.lmm")
+    quiet = logging.getLogger("flashmm_dask.model.lmm")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
@@ -395,7 +395,7 @@ def markdown(
         f"Command: `{command.strip()}`, {elapsed:.0f} s on {machine.removeprefix('machine: ')} "
         f"(load {os.getloadavg()[0]:.2f} at the end).",
         "",
-        f"Fit settings (the defaults of a run, `flashmm_dask.config`, with the command's "
+        f"Fit settings (the defaults of a run, `flashmm_dask.run.config`, with the command's "
         f"overrides): {settings.line()}.",
         "",
         "Data (see the script's docstring): "

@@ -184,20 +184,20 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flashmm_dask.config import load_config
+    from flashmm_dask.run.config import load_config
 
     source = None if args.command == "demo" else args.config
     cfg = load_config(source, _overrides(args))
     if args.command == "stats":
-        from flashmm_dask.cluster import open_client
         from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
-        from flashmm_dask.pipeline import compute_stats, prepare_inputs
-        from flashmm_dask.run_output import SIMULATED, STATS, OutputLock
+        from flashmm_dask.run.cluster import open_client
+        from flashmm_dask.run.output import SIMULATED, STATS, OutputLock
+        from flashmm_dask.run.pipeline import compute_stats, prepare_inputs
 
         folder = Path(cfg.output.path)
         cfg = cfg.with_overrides(["stats.save=true"])  # saving them is the command's job
         names = [STATS] + ([SIMULATED] if cfg.data.path is None else [])
-        from flashmm_dask.pipeline_strata import uses_strata
+        from flashmm_dask.run.pipeline_strata import uses_strata
 
         with removed_if_unused(folder), OutputLock(folder):
             refuse_foreign(folder, names, overwrite=cfg.output.overwrite)
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
                 stats = compute_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
         print(f"summary statistics of {stats.m} features and {stats.n} cells in {folder / STATS}")
         return 0
-    from flashmm_dask.pipeline import run
+    from flashmm_dask.run.pipeline import run
 
     summary = run(cfg)
     print(summary.line())
@@ -219,9 +219,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _strata_stats(cfg: Any, folder: Path) -> int:
     """``flashmm-dask stats`` of a config with strata or a cell selection (lock held)."""
-    from flashmm_dask.cluster import open_client
-    from flashmm_dask.pipeline_strata import compute_strata_stats, prepare_strata
-    from flashmm_dask.run_output import STATS
+    from flashmm_dask.run.cluster import open_client
+    from flashmm_dask.run.output import STATS
+    from flashmm_dask.run.pipeline_strata import compute_strata_stats, prepare_strata
 
     inputs = prepare_strata(cfg, folder)
     with open_client(cfg.cluster) as client:
@@ -253,7 +253,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _test(args: argparse.Namespace) -> int:
     from flashmm_dask.errors import InputError
     from flashmm_dask.io.outputs import refuse_foreign, register
-    from flashmm_dask.retest import retest
+    from flashmm_dask.run.retest import retest
 
     contrasts = {}
     for item in args.contrast:
@@ -261,7 +261,7 @@ def _test(args: argparse.Namespace) -> int:
         if not sep or not name.strip() or not expr.strip():
             raise InputError(f"contrast {item!r} must be NAME=EXPRESSION, e.g. 'B-A=trtB - trtA'")
         contrasts[name.strip()] = expr.strip()
-    from flashmm_dask.strata_results import is_strata_store, retest_strata
+    from flashmm_dask.io.strata_results import is_strata_store, retest_strata
 
     if is_strata_store(args.store):  # every stratum that has the contrast's coefficients
         table = retest_strata(args.store, contrasts, alternative=args.alternative)
@@ -287,8 +287,8 @@ def _test(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from flashmm_dask.io.outputs import register
     from flashmm_dask.io.results import open_results
-    from flashmm_dask.plots import make_report
-    from flashmm_dask.strata_results import is_strata_store, strata_report
+    from flashmm_dask.io.strata_results import is_strata_store, strata_report
+    from flashmm_dask.report.plots import make_report
 
     out = Path(args.out) if args.out else Path(args.store).parent
     if is_strata_store(args.store):
@@ -300,7 +300,7 @@ def _report(args: argparse.Namespace) -> int:
     if not args.out:
         register(out, files)
     print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
-    from flashmm_dask.report import report_outputs
+    from flashmm_dask.report.summary import report_outputs
 
     written = report_outputs(args.store, Path(args.out) if args.out else Path(args.store).parent)
     print(f"wrote {written[-1]} and {len(written) - 1} top tables")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmm_dask.config import load_config
+from flashmm_dask.run.config import load_config
 
 SMALL = (
     "simulate.n_cells=1500",

@@ -56,11 +56,11 @@ from flashmm_dask import (
     simulate_to_store,
 )
 from flashmm_dask.cli import main
-from flashmm_dask.config import load_config
 from flashmm_dask.io.results import ResultsLayout, create_results, open_results
-from flashmm_dask.pipeline import prepare_inputs, run
-from flashmm_dask.retest import retest
-from flashmm_dask.stats import SummaryStats
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.pipeline import prepare_inputs, run
+from flashmm_dask.run.retest import retest
+from flashmm_dask.stats.summary import SummaryStats
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
 FIXED, RANDOM = "~ 0 + log(libsize) + cls + cls:trt", "~ 0 + sam"

@@ -62,7 +62,7 @@ def test_bench_peer(bench, capsys):
 
 @pytest.mark.distributed
 def test_bench_reduce(bench, capsys, tmp_path):
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
 
     module = bench("bench_reduce")
     args = ["--cells", "3000", "--genes", "40", "--chunk-cells", "1000,0", "--codecs"]
@@ -114,7 +114,7 @@ def test_bench_scaling(bench, capsys, tmp_path):
 
 
 def test_calibration_runs_the_defaults_of_a_run(bench, capsys, tmp_path):
-    from flashmm_dask.config import load_config
+    from flashmm_dask.run.config import load_config
 
     args = ["--genes", "400", "--replicates", "2", "--donors", "3", "--out", str(tmp_path)]
     args += ["--data", "counts"]

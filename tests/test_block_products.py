@@ -1,4 +1,4 @@
-"""flashmm_dask.block_products: X'E, Z'E and colsums(E^2) of one sparse block.
+"""flashmm_dask.stats.products: X'E, Z'E and colsums(E^2) of one sparse block.
 
 Every path of the compiled pass (cells grouped by their design row, or scattered per
 cell; counts transformed by table look-up or values given; up to two or more dense
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from flashmm_dask import block_products
-from flashmm_dask.block_products import dense_as_csr, lookup_table, sparse_products
+from flashmm_dask.stats import products as block_products
+from flashmm_dask.stats.products import dense_as_csr, lookup_table, sparse_products
 
 
 def counts(n: int = 300, m: int = 40, seed: int = 0) -> sp.csr_matrix:

@@ -19,8 +19,8 @@ from reference_cases import CASES as R_CASES
 from reference_cases import load_case, summary_args
 
 from flashmm_dask import InputError, SummaryStats, lmm, lmm_stats, lmmtest
-from flashmm_dask.blockfit import SharedModel, block_arrays
-from flashmm_dask.status import STATUS, converged, loglik_gap, status_codes
+from flashmm_dask.model.status import STATUS, converged, loglik_gap, status_codes
+from flashmm_dask.run.worker import SharedModel, block_arrays
 
 FOLDER = Path(__file__).parent / "reference" / "boundary"
 CASES = ("dyestuff2", "k1", "k2")

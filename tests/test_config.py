@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flashmm_dask.config import DEMO, RunConfig, default_config, dump_config, load_config
 from flashmm_dask.errors import ConfigError
+from flashmm_dask.run.config import DEMO, RunConfig, default_config, dump_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -109,7 +109,7 @@ def test_simulate_keys_are_arguments_of_simulate_rnaseq():
 
 @pytest.mark.parametrize("transform", ["log2p1", "none", "log1p_scaled"])
 def test_every_transform_is_one_the_reducer_knows(transform):
-    from flashmm_dask.reduce import TRANSFORMS
+    from flashmm_dask.stats.reduce import TRANSFORMS
 
     assert load_config(None, [f"model.transform={transform}"]).model.transform in TRANSFORMS
 
@@ -309,7 +309,7 @@ def test_hash_is_stable_for_equal_configs():
 
 
 def test_hash_is_the_same_in_another_process():
-    code = "from flashmm_dask.config import default_config; print(default_config().hash())"
+    code = "from flashmm_dask.run.config import default_config; print(default_config().hash())"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True

@@ -1,4 +1,4 @@
-"""Tests of flashmm_dask.contrasts: R reference contrast matrices, grammar, linearity, errors."""
+"""Tests of flashmm_dask.design.contrasts: R reference matrices, grammar, linearity, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flashmm_dask.contrasts import contrast_matrix
+from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import ContrastError, InputError
 
 REFERENCE = Path(__file__).parent / "reference"

@@ -261,11 +261,11 @@ def test_progress_is_logged_at_every_tenth_outside_a_terminal(base, tmp_path):
 
 
 def test_progress_logs_every_tenth_crossed(caplog):
-    from flashmm_dask.progress import PhaseProgress
+    from flashmm_dask.run.progress import PhaseProgress
 
     progress = PhaseProgress.__new__(PhaseProgress)  # the feed's updates, without a scheduler
     progress.what, progress.live, progress.logged = "reduction", False, 0
-    with caplog.at_level(logging.INFO, logger="flashmm_dask.progress"):
+    with caplog.at_level(logging.INFO, logger="flashmm_dask.run.progress"):
         for done in range(22):
             progress.update(done, 21, 0.1 * done)
     percents = [

@@ -1,4 +1,4 @@
-"""Tests of flashmm_dask.design against R's model matrices and R's naming rules.
+"""Tests of flashmm_dask.design.formula against R's model matrices and R's naming rules.
 
 Reference values: tests/reference/*.json hold the cell metadata (``cells``) and R's
 X'X, Z'X, Z'Z and column names (``summary``) computed by R FLASHMM 1.3.0 from R's
@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from flashmm_dask import design as design_module
-from flashmm_dask.design import Design, build_design
+from flashmm_dask.design import formula as design_module
+from flashmm_dask.design.formula import Design, build_design
 from flashmm_dask.errors import DesignError, InputError
 from flashmm_dask.numerics.linalg import aliased_columns
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import flashmm_dask as fm
-from flashmm_dask.design_check import (
+from flashmm_dask.design.check import (
     check_design_replication,
     check_replication,
     design_crossproducts,

@@ -1,4 +1,4 @@
-"""The design's fast path (flashmm_dask.design_fast) against formulaic's evaluation.
+"""The design's fast path (flashmm_dask.design.fast) against formulaic's evaluation.
 
 A design built from plain terms evaluates X and Z with NumPy from factor codes; these
 tests build the same design without the fast path (formulaic, then R's column selection:
@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from flashmm_dask import design as design_module
-from flashmm_dask import design_fast
-from flashmm_dask.design import Design, build_design
+from flashmm_dask.design import fast as design_fast
+from flashmm_dask.design import formula as design_module
+from flashmm_dask.design.formula import Design, build_design
 from flashmm_dask.errors import DesignError
 
 

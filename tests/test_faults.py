@@ -34,10 +34,10 @@ from needs import missing
 from pipeline_helpers import VARIABLES, assert_stores_equal
 
 from flashmm_dask import StoreError, simulate_to_store
-from flashmm_dask.config import dump_config, load_config
 from flashmm_dask.io.results import blocks_done, open_results, read_store_attrs
-from flashmm_dask.pipeline import RESULTS, compute_stats, run
-from flashmm_dask.run_output import LOCK
+from flashmm_dask.run.config import dump_config, load_config
+from flashmm_dask.run.output import LOCK
+from flashmm_dask.run.pipeline import RESULTS, compute_stats, run
 
 pytestmark = pytest.mark.distributed
 

@@ -10,9 +10,9 @@ import pytest
 import scipy.sparse as sp
 
 from flashmm_dask import write_store
-from flashmm_dask.config import load_config
 from flashmm_dask.errors import ConfigError, InputError
-from flashmm_dask.features import duplicated_names, feature_positions
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.features import duplicated_names, feature_positions
 
 NAMES = ["CD3E", "MS4A1", "CD3E", "LYZ", "GAPDH", "LYZ"]
 

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from reference_cases import SIMU_CASES, as_array, load_case
 
 from flashmm_dask import InputError, flashmm, lmmfit, sslmm, write_store
-from flashmm_dask.design import build_design
+from flashmm_dask.design.formula import build_design
 
 RANDOM = {"simu_reml_k2": ["~ 0 + sam", "~ 0 + sam:time"]}
 FIXED = "~ 0 + log(libsize) + cls + cls:trt"

@@ -14,10 +14,10 @@ from distributed import Client, LocalCluster
 from pipeline_helpers import assert_stores_equal, small_config
 
 from flashmm_dask import StoreError, flashmm, lmmtest
-from flashmm_dask.config import dump_config
 from flashmm_dask.io.results import blocks_done, open_results
-from flashmm_dask.pipeline import RESULTS, SIMULATED, run
-from flashmm_dask.run_output import LOCK
+from flashmm_dask.run.config import dump_config
+from flashmm_dask.run.output import LOCK
+from flashmm_dask.run.pipeline import RESULTS, SIMULATED, run
 
 pytestmark = pytest.mark.distributed
 

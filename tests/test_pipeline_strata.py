@@ -15,10 +15,10 @@ from pipeline_helpers import assert_stores_equal
 from test_strata import atlas
 
 from flashmm_dask import load_stats, select_obs, write_store
-from flashmm_dask.config import load_config
 from flashmm_dask.io.results import blocks_done, open_results
-from flashmm_dask.pipeline import RESULTS, run
-from flashmm_dask.strata_results import open_strata
+from flashmm_dask.io.strata_results import open_strata
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.pipeline import RESULTS, run
 
 pytestmark = pytest.mark.distributed
 

@@ -20,18 +20,18 @@ from statsmodels.stats.multitest import multipletests
 
 from flashmm_dask import InputError, ZeroFeatureWarning, contrast_matrix, lmm, lmmtest
 from flashmm_dask.numerics.inference import p_adjust
-from flashmm_dask.plot_values import (
-    convergence_counts,
-    file_stems,
-    resolve_terms,
-    significant_counts,
-)
-from flashmm_dask.plots import (
+from flashmm_dask.report.plots import (
     NO_FEATURES,
     convergence_figure,
     make_report,
     pvalue_figure,
     volcano_figure,
+)
+from flashmm_dask.report.values import (
+    convergence_counts,
+    file_stems,
+    resolve_terms,
+    significant_counts,
 )
 
 CONTRASTS = {"second-first": "cls2:trtB - cls1:trtB", "first": "cls1:trtB"}

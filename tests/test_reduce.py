@@ -23,8 +23,8 @@ import scipy.sparse as sp
 from reference_cases import as_array, load_case
 
 from flashmm_dask.errors import DataError, DesignError, InputError
-from flashmm_dask.reduce import reduce_stats, stats_graph
-from flashmm_dask.stats import SummaryStats
+from flashmm_dask.stats.reduce import reduce_stats, stats_graph
+from flashmm_dask.stats.summary import SummaryStats
 
 STATS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
 FIXED = "~ 0 + log(libsize) + cls + cls:trt"
@@ -188,7 +188,7 @@ def test_matches_r_summary(case_name: str, chunks: tuple[int, int]) -> None:
 @pytest.mark.parametrize("case_name", ["simu_reml_k1", "simu_reml_k2"])
 def test_scipy_fallback_matches_r_without_numba(case_name: str, monkeypatch) -> None:
     """Without numba the products fall back to scipy: the same statistics as R."""
-    import flashmm_dask.block_products as block_products
+    import flashmm_dask.stats.products as block_products
 
     monkeypatch.setattr(block_products, "_compiled", lambda name: None)
     s, obs, counts, design = simu(case_name)
@@ -200,7 +200,7 @@ def test_scipy_fallback_matches_r_without_numba(case_name: str, monkeypatch) -> 
 
 @pytest.mark.parametrize("case_name", ["simu_reml_k1", "simu_reml_k2"])
 def test_matches_r_with_real_design(case_name: str) -> None:
-    from flashmm_dask.design import build_design
+    from flashmm_dask.design.formula import build_design
 
     s, obs, counts, _ = simu(case_name)
     design = build_design(obs, FIXED, RANDOM[case_name])
@@ -446,7 +446,7 @@ def test_small_reads_run_inside_the_reduction_tasks(toy) -> None:
 
 
 def test_large_or_shared_reads_keep_their_keys(toy, monkeypatch) -> None:
-    import flashmm_dask.reduce as reduce_module
+    import flashmm_dask.stats.reduce as reduce_module
 
     obs, counts, design, expected = toy
     big = toy_expr(obs, counts, (7, -1), sparse=True)  # the matrix is in the graph

@@ -20,7 +20,7 @@ from reference_cases import load_case, summary_args
 from statsmodels.stats.multitest import multipletests
 
 import flashmm_dask as fm
-from flashmm_dask.contrasts import contrast_matrix
+from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import InputError, StoreError, ZeroFeatureWarning
 from flashmm_dask.io.results import (
     ResultsLayout,
@@ -31,11 +31,11 @@ from flashmm_dask.io.results import (
     results_table,
     write_block,
 )
+from flashmm_dask.io.resultsets import fit_dataset, result_sets
 from flashmm_dask.io.strata import iter_strata, strata_groups
-from flashmm_dask.lmmtest import lmmtest
-from flashmm_dask.plots import volcano_figure
-from flashmm_dask.report import REPORT, report_outputs, top_genes_text
-from flashmm_dask.resultsets import fit_dataset, result_sets
+from flashmm_dask.model.lmmtest import lmmtest
+from flashmm_dask.report.plots import volcano_figure
+from flashmm_dask.report.summary import REPORT, report_outputs, top_genes_text
 
 CONTRASTS = {"second-first": "cls2:trtB - cls1:trtB", "first": "cls1:trtB"}
 STATS = ("coef", "se", "t", "df", "p", "padj")

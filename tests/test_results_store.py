@@ -22,9 +22,8 @@ from needs import module
 from reference_cases import load_case, summary_args
 from statsmodels.stats.multitest import multipletests
 
-from flashmm_dask.contrasts import contrast_matrix
+from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import InputError, StoreError, ZeroFeatureWarning
-from flashmm_dask.fit import LmmFit
 from flashmm_dask.io.results import (
     FORMAT,
     FORMAT_VERSION,
@@ -40,8 +39,9 @@ from flashmm_dask.io.results import (
     write_block,
     write_tables,
 )
-from flashmm_dask.lmm import lmm
-from flashmm_dask.lmmtest import lmmtest
+from flashmm_dask.model.fit import LmmFit
+from flashmm_dask.model.lmm import lmm
+from flashmm_dask.model.lmmtest import lmmtest
 
 CONTRASTS = {"second-first": "cls2:trtB - cls1:trtB", "first": "cls1:trtB"}
 BLOCK = 7  # 40 features: blocks of 7, the last of 5

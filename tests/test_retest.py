@@ -16,8 +16,8 @@ from pipeline_helpers import small_config
 
 from flashmm_dask import InputError, StoreError
 from flashmm_dask.io.results import open_results
-from flashmm_dask.pipeline import STATS, run
-from flashmm_dask.retest import retest
+from flashmm_dask.run.pipeline import STATS, run
+from flashmm_dask.run.retest import retest
 
 pytestmark = pytest.mark.distributed
 

@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
 
-from flashmm_dask.config import load_config
 from flashmm_dask.io.results import STATUS, open_results
-from flashmm_dask.pipeline import run
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.pipeline import run
 
 pytestmark = pytest.mark.distributed
 

@@ -13,13 +13,13 @@ from lmertest_cases import CASES, arr, cell_arrays, interior, load, ref, stats
 from statsmodels.stats.multitest import multipletests
 
 from flashmm_dask import InputError, lmm, lmm_stats, lmmtest
-from flashmm_dask.blockfit import SharedModel, block_arrays
 from flashmm_dask.numerics.fisher import prepare
 from flashmm_dask.numerics.satterthwaite import (
     cov_jacobian,
     observed_information,
     satterthwaite_df,
 )
+from flashmm_dask.run.worker import SharedModel, block_arrays
 
 DF_RTOL = 1e-4  # lmerTest's numerical derivatives (numDeriv) limit the agreement
 THETA_RTOL = 1e-5

@@ -22,13 +22,13 @@ import psutil
 import pytest
 
 from flashmm_dask import ConfigError, ContrastError, contrast_matrix, simulate_to_store
-from flashmm_dask import contrasts as contrasts_module
 from flashmm_dask.cli import main
-from flashmm_dask.cluster import open_client
-from flashmm_dask.config import load_config
+from flashmm_dask.design import contrasts as contrasts_module
 from flashmm_dask.io.results import open_results
 from flashmm_dask.io.results_attrs import REDACTED
-from flashmm_dask.pipeline import run
+from flashmm_dask.run.cluster import open_client
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.pipeline import run
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
 PWNED = "PWNED"

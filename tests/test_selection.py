@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flashmm_dask.selection import SelectionError, cell_mask, parse_cells
+from flashmm_dask.design.selection import SelectionError, cell_mask, parse_cells
 
 
 @pytest.fixture

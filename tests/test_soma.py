@@ -28,13 +28,13 @@ from reference_cases import SIMU_CASES, load_case
 from test_flashmm import FIXED, RANDOM, assert_fit_equal_r, assert_stats_equal_r, case_adata
 
 import flashmm_dask as fm
-from flashmm_dask.config import load_config
-from flashmm_dask.design import build_design
+from flashmm_dask.design.formula import build_design
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.io import soma as soma_io
 from flashmm_dask.io.readers import read_expression
 from flashmm_dask.io.results import open_results
-from flashmm_dask.pipeline import prepare_inputs
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.pipeline import prepare_inputs
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
 FORMULA = ("~ 0 + log(libsize) + cls + cls:trt", "~ 0 + sam")

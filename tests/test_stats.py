@@ -14,7 +14,7 @@ import zarr
 from reference_cases import as_array, load_case
 
 from flashmm_dask.errors import InputError, StoreError
-from flashmm_dask.stats import FORMAT, FORMAT_VERSION, SummaryStats
+from flashmm_dask.stats.summary import FORMAT, FORMAT_VERSION, SummaryStats
 
 STATS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
 

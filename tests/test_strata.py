@@ -12,12 +12,12 @@ import pytest
 from test_reduce import counting_expr, reads
 
 import flashmm_dask as fm
-from flashmm_dask.design import build_design
+from flashmm_dask.design.formula import build_design
+from flashmm_dask.design.strata import plan_strata, select_obs
 from flashmm_dask.io.readers import read_expression
-from flashmm_dask.reduce import reduce_stats
-from flashmm_dask.reduce_strata import reduce_strata, strata_graph
-from flashmm_dask.strata import plan_strata, select_obs
-from flashmm_dask.strata_stats import StratifiedStats, load_stats
+from flashmm_dask.stats.reduce import reduce_stats
+from flashmm_dask.stats.reduce_strata import reduce_strata, strata_graph
+from flashmm_dask.stats.strata import StratifiedStats, load_stats
 
 FIXED = "~ log(libsize) + trt"
 RANDOM = "~ 0 + sam"

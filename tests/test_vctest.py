@@ -12,8 +12,8 @@ from reference_cases import as_array, load_case, summary_args
 from statsmodels.stats.multitest import multipletests
 
 from flashmm_dask import InputError, SummaryStats, lmm, lmm_stats
-from flashmm_dask.lrt import lrt_fixed, vctest
-from flashmm_dask.numerics.lrt import boundary_chi2_pvalue, ols_loglik
+from flashmm_dask.model.lrt import lrt_fixed, vctest
+from flashmm_dask.numerics.loglik import boundary_chi2_pvalue, ols_loglik
 
 LRT_RTOL = 1e-5
 

@@ -10,7 +10,7 @@ results do not cover get NaN.
 
 ``adata.uns[key]`` holds the run's parameters (method, formulas, df, transform,
 alternative, p_adjust, contrasts, versions, ...; see
-:func:`flashmm_dask.resultsets.run_parameters`), the terms, the varm keys written and,
+:func:`flashmm_dask.io.resultsets.run_parameters`), the terms, the varm keys written and,
 with strata, ``strata``: level -> {varm_prefix, n_cells, n_features, terms}. Everything in it
 is a string, a number, a list of strings or a dict of those, so the AnnData writes to
 .h5ad and .zarr as it is.
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from flashmm_dask.errors import InputError
-from flashmm_dask.resultsets import result_sets, run_parameters, term_columns, term_names
+from flashmm_dask.io.resultsets import result_sets, run_parameters, term_columns, term_names
 
 #: The statistics written per term into ``varm``.
 VARM_STATS = ("coef", "se", "t", "df", "p", "padj")

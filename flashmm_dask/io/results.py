@@ -30,7 +30,7 @@ fixed effects are fitted: the feature is constant, or a combination of the covar
 NaN or infinite); 5 ``boundary`` (a variance component held at zero, ``nonnegative``
 fits); 6 ``negative_variance`` (a variance component below zero, unconstrained fits);
 7 ``filtered`` (not fitted: non-zero in fewer cells than ``model.min_cells``).
-:mod:`flashmm_dask.status` computes them. -1 marks a feature not yet written.
+:mod:`flashmm_dask.model.status` computes them. -1 marks a feature not yet written.
 
 Metadata is consolidated into the root ``zarr.json`` when the store is created (array
 metadata never changes afterwards; root attributes live in that same document), so that a
@@ -60,13 +60,13 @@ from flashmm_dask.errors import StoreError
 from flashmm_dask.io.results_attrs import _default_versions, _user_attrs, redact
 from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout, _Target, _target
 from flashmm_dask.io.tables import results_table, write_tables
+from flashmm_dask.model.status import STATUS, finite_features, status_codes
 from flashmm_dask.numerics.inference import p_adjust
-from flashmm_dask.status import STATUS, finite_features, status_codes
 
 if TYPE_CHECKING:
     import xarray as xr
 
-    from flashmm_dask.fit import LmmFit
+    from flashmm_dask.model.fit import LmmFit
 
 logger = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ def open_results(
             f"{target.shown!r} holds the results of {len(groups)} strata, one group each "
             f"({', '.join(list(groups.values())[:3])}...): open one of them, e.g. "
             f"open_results('{target.shown}/{next(iter(groups.values()), '')}'), or all with "
-            "flashmm_dask.strata_results.open_strata"
+            "flashmm_dask.io.strata_results.open_strata"
         )
     if not group.attrs.get("complete") and not allow_incomplete:
         done = np.asarray(_array(group, "block_done")[:], dtype=bool)

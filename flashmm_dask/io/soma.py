@@ -523,7 +523,7 @@ def read_for_run(cfg: Any, source: Any, storage_options: Mapping[str, Any]) -> A
         SOMA-only keys set for another kind of data, or keys that do not apply to SOMA.
     """
     data = cfg.data
-    from flashmm_dask.config import SOMA_KEYS
+    from flashmm_dask.run.config import SOMA_KEYS
 
     set_keys = [f"data.{k}" for k in SOMA_KEYS if getattr(data, k) is not None]
     if not is_soma(source):
@@ -563,7 +563,7 @@ def read_for_run(cfg: Any, source: Any, storage_options: Mapping[str, Any]) -> A
 
 def obs_columns(model: Any) -> list[str]:
     """The obs columns a model section uses: its formulas' variables and ``by``."""
-    from flashmm_dask.design_terms import parse_formula, required_columns
+    from flashmm_dask.design.terms import parse_formula, required_columns
 
     random = model.random
     formulas = [model.fixed, *([random] if isinstance(random, str) else random)]

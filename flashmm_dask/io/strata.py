@@ -54,7 +54,7 @@ def strata_groups(attrs: Mapping[str, Any], shown: str = "the store") -> list[tu
     if listed is None:
         return []
     if isinstance(listed, Mapping) and "levels" in listed:
-        # a run's stratified store (flashmm_dask.pipeline_strata): levels in order and
+        # a run's stratified store (flashmm_dask.run.pipeline_strata): levels in order and
         # their group paths
         groups = listed.get("groups") or {}
         items: list[Any] = [

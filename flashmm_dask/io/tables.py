@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flashmm_dask.errors import InputError
-from flashmm_dask.status import STATUS
+from flashmm_dask.model.status import STATUS
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -1,0 +1,225 @@
+"""New contrasts on a finished results store, without rereading the data.
+
+The store keeps every feature's coefficients and their covariance matrices (``cov``), so
+any contrast L of the coefficients is tested from them alone: effect = L'b,
+se = sqrt(diag(L' cov L)), t = effect / se
+(:func:`~flashmm_dask.numerics.inference.contrast_tests`).
+
+Degrees of freedom: a store fitted with the residual df (n - p) gives them to every
+contrast. Satterthwaite's df of a new contrast need, per feature, the inverse observed
+information of theta and the derivatives of ``cov`` in theta, which the store does not
+keep; they are recomputed by fitting the features again from the run's summary statistics
+(``OUTPUT/stats.zarr``, saved by default: ``stats.save``; or ``stats.load``), with the
+run's model settings, in blocks of features. That refit repeats the run's fit exactly: it
+must reproduce the stored coefficients and their df, or the statistics are refused as not
+the run's. The result equals a run with the contrasts in its config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import posixpath
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flashmm_dask.design.contrasts import contrast_matrix
+from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.io.results import open_results
+from flashmm_dask.numerics.inference import ALTERNATIVES, contrast_tests, p_adjust
+
+#: Values per block of the Satterthwaite refit's per-feature arrays (jac_cov, cov...).
+REFIT_BLOCK_VALUES = 2**24
+#: Relative agreement the refit must reach with the stored coefficients and df.
+REPRODUCE_RTOL = 1e-6
+STATS = "stats.zarr"
+
+
+def retest(
+    store: str,
+    contrasts: Mapping[str, str],
+    *,
+    alternative: str = "two.sided",
+    stats: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Test contrasts on a finished results store.
+
+    Parameters
+    ----------
+    store : path or URL of a results store (``OUTPUT/results.zarr``)
+    contrasts : name -> expression over the coefficient names
+    alternative : "two.sided", "less" or "greater"
+    stats : summary statistics of the run, needed for a store fitted with Satterthwaite's
+        df; default the run's ``stats.load``, else ``stats.zarr`` next to the store
+    storage_options : fsspec options for URLs
+
+    Returns
+    -------
+    DataFrame, one row per feature and contrast: feature, term, coef, se, t, df, p, padj
+    (Benjamini-Hochberg within a contrast), converged, niter.
+    """
+    if alternative not in ALTERNATIVES:
+        raise InputError(
+            f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}"
+        )
+    if not contrasts:
+        raise InputError("no contrast given; pass name=expression, e.g. 'B-A=trtB - trtA'")
+    ds = open_results(store, storage_options=storage_options)
+    if "cov" not in ds:
+        raise InputError(
+            f"{store} holds no coefficient covariances (fit.store_cov was false); "
+            "refit with fit.store_cov: true to test new contrasts"
+        )
+    covariates = [str(c) for c in ds["covariate"].values]
+    L = contrast_matrix(dict(contrasts), covariates)
+    Lm = L.to_numpy()
+    coef = ds["coef"].values
+    cov = ds["cov"].values
+    config = ds.attrs.get("config", {})
+    df_method = config.get("model", {}).get("df", "residual")
+    if df_method == "residual":
+        df = np.repeat(ds["df"].values[:, :1], Lm.shape[1], axis=1)
+    elif df_method == "satterthwaite":
+        path = stats if stats is not None else run_stats(store, config)
+        df = satterthwaite_contrast_df(ds, Lm, path, storage_options=storage_options)
+    else:
+        raise InputError(f"{store} was fitted with unknown degrees of freedom {df_method!r}")
+    effect, t, p = contrast_tests(coef, cov, Lm, df, alternative)
+    with np.errstate(invalid="ignore"):
+        se = np.sqrt(np.einsum("pc,mpk,kc->mc", Lm, cov, Lm))
+    padj = p_adjust(p, "BH", axis=0)
+    features = [str(f) for f in ds["feature"].values]
+    frames = []
+    for j, name in enumerate(L.columns):
+        frames.append(
+            pd.DataFrame(
+                {
+                    "feature": features,
+                    "term": name,
+                    "coef": effect[:, j],
+                    "se": se[:, j],
+                    "t": t[:, j],
+                    "df": df[:, j],
+                    "p": p[:, j],
+                    "padj": padj[:, j],
+                    "converged": ds["converged"].values,
+                    "niter": ds["niter"].values,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_stats(store: str, config: Mapping[str, Any]) -> str:
+    """Where the run's summary statistics are: its ``stats.load``, else next to the store."""
+    loaded = config.get("stats", {}).get("load")
+    if loaded:
+        return str(loaded)
+    text = str(store).rstrip("/")
+    if "://" in text:
+        return posixpath.join(posixpath.dirname(text), STATS)
+    return str(Path(text).parent / STATS)
+
+
+def _lmm_options(ds: Any) -> dict[str, Any]:
+    """The run's fit settings that :func:`flashmm_dask.model.lmm` takes (method, max_iter...)."""
+    from flashmm_dask.model.lmm import lmm
+
+    model = dict(ds.attrs.get("config", {}).get("model", {}))
+    model.setdefault("method", ds.attrs.get("method", "REML"))
+    accepted = set(inspect.signature(lmm).parameters) - {"df", "theta0"}
+    return {k: v for k, v in model.items() if k in accepted}
+
+
+def satterthwaite_contrast_df(
+    ds: Any, L: np.ndarray, stats: str, *, storage_options: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Satterthwaite's df of contrasts L for every feature of an opened results store.
+
+    The features are fitted again from the run's summary statistics with the run's
+    settings, block by block, and the df of L'b computed at each fit
+    (:func:`~flashmm_dask.numerics.satterthwaite.satterthwaite_df`).
+
+    Parameters
+    ----------
+    ds : the opened results store (xarray.Dataset)
+    L : (p, c) contrast matrix
+    stats : path or URL of the run's summary statistics
+
+    Returns
+    -------
+    (m, c) array
+
+    Raises
+    ------
+    InputError
+        No statistics at ``stats``.
+    StoreError
+        Statistics that are not the run's: other features or covariates, or a refit that
+        does not reproduce the stored coefficients and df.
+    """
+    from flashmm_dask.api import lmm_stats
+    from flashmm_dask.model.lmmtest import satterthwaite_inputs
+    from flashmm_dask.numerics.satterthwaite import satterthwaite_df
+    from flashmm_dask.stats.summary import SummaryStats
+
+    try:
+        summary = SummaryStats.load(stats, storage_options=storage_options)
+    except StoreError as exc:
+        raise InputError(
+            f"the store was fitted with Satterthwaite's df, and new contrasts need the run's "
+            f"summary statistics to compute theirs, but none are readable at {stats} ({exc}); "
+            "pass them with --stats PATH (flashmm-dask stats writes them; runs keep them in "
+            "OUTPUT/stats.zarr with stats.save: true), or add the contrasts to the config "
+            "and rerun"
+        ) from None
+    features = [str(f) for f in ds["feature"].values]
+    covariates = [str(c) for c in ds["covariate"].values]
+    if list(summary.covariates) != covariates or not set(features) <= set(summary.features):
+        raise StoreError(
+            f"the summary statistics in {stats} are not this run's: their covariates or "
+            "features differ from the results store's; pass the run's statistics with --stats"
+        )
+    summary = summary.subset(features)
+    options = _lmm_options(ds)
+    p, K = summary.p, len(summary.d)
+    block = max(16, REFIT_BLOCK_VALUES // ((K + 2) * p * p + K * K + summary.q))
+    coef_stored, df_stored = ds["coef"].values, ds["df"].values
+    out = np.empty((len(features), L.shape[1]))
+    for start in range(0, len(features), block):
+        rows = slice(start, start + block)
+        fit = lmm_stats(
+            summary.subset(np.arange(len(features))[rows]),
+            check_design=False,
+            df="satterthwaite",
+            output_cov=True,
+            warn_zero=False,
+            **options,
+        )
+        _check_reproduced(fit, coef_stored[rows], df_stored[rows], stats)
+        assert fit.cov is not None
+        vcov_theta, jac_cov = satterthwaite_inputs(fit)
+        out[rows] = satterthwaite_df(fit.cov, jac_cov, vcov_theta, L)
+        out[rows][np.isnan(coef_stored[rows]).any(axis=1)] = np.nan
+    return out
+
+
+def _check_reproduced(fit: Any, coef: np.ndarray, df: np.ndarray, stats: str) -> None:
+    """Refuse statistics whose refit differs from the stored coefficients or df."""
+    tol = REPRODUCE_RTOL * (np.abs(coef) + fit.se.T)
+    with np.errstate(invalid="ignore"):
+        # a feature the run left unfitted (NaN: all zero, or filtered by model.min_cells)
+        # is not compared; its df stay NaN
+        bad = ~((np.abs(fit.coef.T - coef) <= tol) | np.isnan(coef))
+        bad |= ~((np.abs(fit.df_array().T - df) <= REPRODUCE_RTOL * np.abs(df)) | np.isnan(df))
+    if bad.any():
+        j = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise StoreError(
+            f"the summary statistics in {stats} do not reproduce the results store (feature "
+            f"{fit.features[j]!r} differs): they are not this run's; pass the run's "
+            "statistics with --stats"
+        )

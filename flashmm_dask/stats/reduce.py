@@ -1,0 +1,569 @@
+"""Chunked expression -> SummaryStats in one pass over the data, with Dask.
+
+The expression matrix E is a Dask array of cells x features (the transpose of the R
+orientation Y = E'), chunked along cells (i) and possibly features (j); its blocks are
+NumPy arrays or SciPy CSR matrices. Every statistic is a sum over cells, so for cell
+chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
+(n_i x m_j), after the transform:
+
+    per cell chunk i:        XX_i = X_i'X_i   ZX_i = Z_i'X_i   ZZ_i = Z_i'Z_i   n_i
+    per block (i, j):        XY_ij = X_i'E_ij   ZY_ij = Z_i'E_ij   Ynorm_ij = colsums(E_ij^2)
+
+With one feature chunk (the usual case) the graph has one task per cell chunk i: it
+reads the block, evaluates the design on the obs rows of the chunk (the Design object is
+a single graph key shared by all of them; the rows of obs are in the task, or, for an
+obs over 4 MiB on a distributed client, sliced from one scattered copy) and returns
+all seven partials. When the block's own tasks are a small reader (a store's row chunk,
+not in-memory data, not shared with other blocks) they are run inside that task, so the
+block is never held for it in a worker's memory nor sent to another worker. With several
+feature chunks, one task per cell chunk evaluates the design, one computes the shared
+partials, and one task per block (i, j) reads the block once and returns its three
+partials. Partials are summed over cell chunks in a tree of fan-in ``split_every``
+(float64), the feature chunks are concatenated, and the result is a
+:class:`~flashmm_dask.stats.summary.SummaryStats`. Memory per task is set by the chunk size: no
+n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E, Z'E and Ynorm come
+from one compiled pass over the stored values (:mod:`flashmm_dask.stats.products`), which
+also transforms integer counts by table look-up.
+
+Transforms (applied to each block before the products; sparse blocks only touch their
+stored values, since every transform maps 0 to 0):
+
+    "none"                          E
+    "log2p1"                        log2(1 + E)       R FLASHMM's is_counts=TRUE
+    "log1p_scaled" / "log1p_cpm"    log1p(E / rowsum(E) * target_sum)
+
+The scaled transform needs the total of each cell over all features, so when the features
+are split over several chunks the array is first rechunked to one feature chunk (each
+block then spans n_i cells x all features; choose the cell chunk size accordingly).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
+from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, _dense
+from flashmm_dask.stats.summary import SummaryStats
+
+if TYPE_CHECKING:
+    from dask.delayed import Delayed
+
+__all__ = ["TRANSFORMS", "reduce_stats", "stats_graph"]
+
+logger = logging.getLogger(__name__)
+
+# a block's read is done inside the task that reduces it when its tasks pickle to less
+_INLINE_BYTES = 1 << 16
+# obs larger than this is scattered once to a distributed client, not put in the tasks
+_SCATTER_OBS_BYTES = 4 << 20
+# the key prefix of the per-block tasks (progress counts them)
+_BLOCK_PREFIX = "flashmm-block-"
+
+
+class _Design(Protocol):
+    """What reduce needs of flashmm_dask.design.formula.Design."""
+
+    @property
+    def covariates(self) -> Sequence[str]: ...
+
+    @property
+    def random_names(self) -> Sequence[str]: ...
+
+    @property
+    def components(self) -> Sequence[str]: ...
+
+    @property
+    def d(self) -> Sequence[int]: ...
+
+    def X(self, obs: Any) -> np.ndarray: ...
+
+    def Z(self, obs: Any) -> Any: ...
+
+
+class _Expression(Protocol):
+    """What reduce needs of flashmm_dask.io.readers.Expression."""
+
+    @property
+    def data(self) -> Any: ...
+
+    @property
+    def features(self) -> Any: ...
+
+    @property
+    def obs(self) -> Any: ...
+
+
+# -- tasks (run on workers) -------------------------------------------------------------
+
+
+def _design_chunk(design: _Design, obs: Any, start: int) -> tuple[np.ndarray, Any]:
+    """X_i (n_i x p, dense) and Z_i (n_i x q, CSR or dense) for the obs rows of chunk i."""
+    n_i = len(obs)
+    both = getattr(design, "XZ", None)  # flashmm_dask.design.formula.Design reads obs once for both
+    X, Z = both(obs) if callable(both) else (design.X(obs), design.Z(obs))
+    X = np.asarray(X, dtype=np.float64)
+    Z = sp.csr_matrix(Z, dtype=np.float64) if sp.issparse(Z) else np.asarray(Z, np.float64)
+    p, q = len(design.covariates), len(design.random_names)
+    if X.shape != (n_i, p) or Z.shape != (n_i, q):
+        raise DesignError(
+            f"the design evaluated on cells {start}..{start + n_i - 1} gave X of shape "
+            f"{X.shape} and Z of shape {Z.shape}, expected ({n_i}, {p}) and ({n_i}, {q}); "
+            "the design must give one row per obs row and one column per name"
+        )
+    return X, Z
+
+
+def _shared_partial(XZ: tuple[np.ndarray, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(XX_i, ZX_i, ZZ_i, n_i) of one cell chunk."""
+    X, Z = XZ
+    ZZ = Z.T @ Z
+    return X.T @ X, np.asarray(Z.T @ X), _dense(ZZ), X.shape[0]
+
+
+def _chunk_partial(
+    block: Any,
+    design: _Design,
+    obs: Any,
+    features: tuple[str, ...],
+    start: int,
+    transform: str,
+    target_sum: float,
+    check: bool,
+    source: str = "",
+) -> tuple[Any, ...]:
+    """(XX_i, ZX_i, ZZ_i, n_i, XY_i, ZY_i, Ynorm_i) of a cell chunk with all its features."""
+    if isinstance(block, _InlineRead):
+        block = block.read()
+    XZ = _design_chunk(design, obs, start)
+    return (
+        *_shared_partial(XZ),
+        *_block_partial(block, XZ, features, start, 0, transform, target_sum, check, source),
+    )
+
+
+class _InlineRead:
+    """The tasks that read one expression block, run by the task that reduces it.
+
+    The block then has no key of its own: it never waits in a worker's memory for the
+    reduction, nor is it moved to another worker to be reduced there.
+    """
+
+    __slots__ = ("graph", "key")
+
+    def __init__(self, graph: dict[Any, Any], key: Any) -> None:
+        self.graph = graph
+        self.key = key
+
+    def __getstate__(self) -> tuple[dict[Any, Any], Any]:
+        return self.graph, self.key
+
+    def __setstate__(self, state: tuple[dict[Any, Any], Any]) -> None:
+        self.graph, self.key = state
+
+    def read(self) -> Any:
+        """The block (computed in this thread)."""
+        import dask
+
+        return dask.get(self.graph, self.key)
+
+
+def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
+    """The reads of the blocks (delayed, one per cell chunk) as _InlineRead, or None when a
+    block's tasks are more than a small reader (in-memory data in the graph, or tasks
+    shared with other blocks, which would then be run more than once)."""
+    import cloudpickle
+    from dask.optimization import cull
+
+    graph = dict(blocks[0].__dask_graph__())
+    owner: dict[Any, int] = {}
+    reads = []
+    for i, block in enumerate(blocks):
+        sub, _ = cull(graph, [block.key])
+        for key, task in sub.items():
+            if owner.setdefault(key, i) != i and not _is_literal(task):
+                return None  # a computation shared by several blocks
+            if owner[key] == i and len(cloudpickle.dumps(task)) > _INLINE_BYTES:
+                return None
+        reads.append(_InlineRead(sub, block.key))
+    return reads
+
+
+def _is_literal(task: Any) -> bool:
+    """Whether a graph node is data rather than a computation (dask's DataNode)."""
+    return type(task).__name__ == "DataNode"
+
+
+def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Elementwise sum of partial tuples (float64 arrays and cell counts)."""
+    total = [np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in parts[0]]
+    for part in parts[1:]:
+        for k, a in enumerate(part):
+            total[k] += a
+    return tuple(total)
+
+
+def _assemble(
+    shared: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    per_feature_chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    names: Mapping[str, Any],
+) -> SummaryStats:
+    """SummaryStats from the shared totals and the totals of each feature chunk."""
+    XX, ZX, ZZ, n = shared
+    return SummaryStats(
+        XX=XX,
+        XY=np.concatenate([t[0] for t in per_feature_chunk], axis=1),
+        ZX=ZX,
+        ZY=np.concatenate([t[1] for t in per_feature_chunk], axis=1),
+        ZZ=ZZ,
+        Ynorm=np.concatenate([t[2] for t in per_feature_chunk]),
+        n=int(n),
+        **names,
+    )
+
+
+def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> SummaryStats:
+    """SummaryStats from the summed :func:`_chunk_partial` tuples (one feature chunk)."""
+    XX, ZX, ZZ, n, XY, ZY, Ynorm = total
+    return _assemble((XX, ZX, ZZ, n), [(XY, ZY, Ynorm)], names)
+
+
+# -- graph ------------------------------------------------------------------------------
+
+
+def _tree_sum(parts: list[Any], name: str, split_every: int) -> Any:
+    """Sum a list of delayed partials in a tree of fan-in ``split_every``."""
+    from dask import delayed
+
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            delayed(_sum_partials, pure=True)(
+                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
+            )
+            for k in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts[0]
+
+
+def _scattered(obs: Any) -> Any:
+    """obs scattered once to the active distributed client when it is larger than
+    _SCATTER_OBS_BYTES (a Future), else None (the rows of each chunk are in its task).
+
+    Each task carrying its own rows makes a graph as large as obs (tens of MiB at a
+    million cells, which distributed warns about); scattered, the graph holds one
+    reference and each chunk's rows are sliced on the cluster.
+    """
+    if int(obs.memory_usage(index=False, deep=True).sum()) <= _SCATTER_OBS_BYTES:
+        return None
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        client = default_client()
+    except ValueError:  # no client: a local scheduler, which copies nothing
+        return None
+    return client.scatter(obs, hash=False)
+
+
+def _obs_rows(obs: Any, start: int, stop: int) -> Any:
+    """The obs rows of cells start..stop - 1."""
+    return obs.iloc[start:stop]
+
+
+def _validate(
+    expr: _Expression, design: _Design, transform: str, target_sum: float, split_every: int
+) -> None:
+    import dask.array as da
+
+    if transform not in TRANSFORMS:
+        raise InputError(f"unknown transform {transform!r}; choose one of {list(TRANSFORMS)}")
+    if transform in _SCALED_TRANSFORMS and not (np.isfinite(target_sum) and target_sum > 0):
+        raise InputError(f"target_sum must be a positive number, got {target_sum!r}")
+    if isinstance(split_every, bool) or not isinstance(split_every, int) or split_every < 2:
+        raise InputError(f"split_every must be an integer >= 2, got {split_every!r}")
+    data = expr.data
+    if not isinstance(data, da.Array) or data.ndim != 2:
+        raise InputError(
+            f"expr.data must be a 2-dimensional dask array (cells x features), got "
+            f"{type(data).__name__}; for in-memory matrices use SummaryStats.from_arrays"
+        )
+    if any(np.isnan(c) for c in data.chunks[0] + data.chunks[1]):
+        raise InputError(
+            "expr.data has unknown chunk sizes; call expr.data.compute_chunk_sizes() first"
+        )
+    n, m = data.shape
+    if n == 0 or m == 0:
+        raise DataError(f"the expression matrix is empty ({n} cells x {m} features)")
+    if len(expr.obs) != n:
+        raise DataError(
+            f"obs has {len(expr.obs)} rows but the expression matrix has {n} cells; "
+            "they must describe the same cells in the same order"
+        )
+    if len(expr.features) != m:
+        raise DataError(f"there are {len(expr.features)} feature names for {m} expression columns")
+    if sum(design.d) != len(design.random_names):
+        raise DesignError(
+            f"design.d = {design.d} adds up to {sum(design.d)}, but the design has "
+            f"{len(design.random_names)} random-effect columns"
+        )
+
+
+def stats_graph(
+    expr: _Expression,
+    design: _Design,
+    *,
+    transform: str = "none",
+    target_sum: float = 1e4,
+    split_every: int = 8,
+    check: bool = True,
+    provenance: Mapping[str, Any] | None = None,
+) -> Delayed:
+    """The lazy one-pass computation of the summary statistics.
+
+    Parameters
+    ----------
+    expr : Expression
+        ``expr.data`` a dask array (cells x features), blocks ndarray or CSR;
+        ``expr.features`` the m feature names; ``expr.obs`` a DataFrame with one row
+        per cell.
+    design : Design
+        Evaluated chunk by chunk: ``design.X(obs_rows)`` (n_i x p),
+        ``design.Z(obs_rows)`` (n_i x q); names ``covariates``, ``random_names``,
+        ``components`` and sizes ``d``.
+    transform : {"none", "log2p1", "log1p_scaled", "log1p_cpm"}
+        Applied to each block before the products (see the module docstring).
+    target_sum : float
+        Total each cell is scaled to by the ``log1p_scaled``/``log1p_cpm`` transform
+        (1e6 gives counts per million).
+    split_every : int
+        Fan-in of the tree that sums the partials over cell chunks.
+    check : bool
+        Raise :class:`DataError` on NaN/Inf, or on negative or non-integer values with a
+        counts transform, naming the data, the cells and the feature.
+    provenance : mapping, optional
+        Extra provenance (formulas, source); ``transform`` and ``target_sum`` are added.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Computes to a :class:`SummaryStats`. Compute it once (``.compute()``,
+        ``client.compute``); each expression block is read once.
+    """
+    graph, _ = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
+    return graph
+
+
+def _build_graph(
+    expr: _Expression,
+    design: _Design,
+    transform: str,
+    target_sum: float,
+    split_every: int,
+    check: bool,
+    provenance: Mapping[str, Any] | None,
+) -> tuple[Delayed, int]:
+    """The delayed SummaryStats and the number of expression blocks it reads."""
+    from dask import delayed
+    from dask.base import tokenize
+
+    _validate(expr, design, transform, target_sum, split_every)
+    data = expr.data
+    if transform in _SCALED_TRANSFORMS and data.numblocks[1] > 1:
+        logger.info(
+            "transform %r needs the total of each cell over all features: rechunking "
+            "%d feature chunks into one",
+            transform,
+            data.numblocks[1],
+        )
+        data = data.rechunk({1: -1})
+    features = tuple(str(f) for f in expr.features)
+    source = str(getattr(expr, "source", "") or "")
+    cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
+    feature_starts = np.concatenate([[0], np.cumsum(data.chunks[1])]).astype(int)
+    # unique keys: hashing obs and the design would cost O(n) and buys nothing here
+    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    blocks = data.to_delayed()
+    n_i, n_j = blocks.shape
+
+    design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
+    features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
+    # the design reads obs by position; a string index would be most of the graph's bytes
+    obs = expr.obs.reset_index(drop=True)
+    obs_future = _scattered(obs)
+    shared: list[Any] = []
+    per_block: list[list[Any]] = [[] for _ in range(n_j)]
+    fused: list[Any] = []
+    reads = _inline_reads(list(blocks[:, 0])) if n_j == 1 else None
+    for i in range(n_i):
+        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+        # in the task itself, not a key of its own: a key would be computed on one worker
+        # and sent to the one that holds the block
+        obs_i = obs.iloc[start:stop]
+        if obs_future is not None:  # a large obs: sent once to the cluster, sliced there
+            obs_i = delayed(_obs_rows, pure=True)(
+                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
+            )
+        if n_j == 1:  # one task per cell chunk: no X_i, Z_i to move between workers
+            fused.append(
+                delayed(_chunk_partial, pure=True)(
+                    blocks[i, 0] if reads is None else reads[i],
+                    design_key,
+                    obs_i,
+                    features_key,
+                    start,
+                    transform,
+                    target_sum,
+                    check,
+                    source,
+                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+                )
+            )
+            continue
+        XZ_i = delayed(_design_chunk, pure=True)(
+            design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
+        )
+        shared.append(
+            delayed(_shared_partial, pure=True)(XZ_i, dask_key_name=f"flashmm-shared-{token}-{i}")
+        )
+        for j in range(n_j):
+            per_block[j].append(
+                delayed(_block_partial, pure=True)(
+                    blocks[i, j],
+                    XZ_i,
+                    features_key,
+                    start,
+                    int(feature_starts[j]),
+                    transform,
+                    target_sum,
+                    check,
+                    source,
+                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
+                )
+            )
+    if not fused:
+        shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
+        feature_totals = [
+            _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
+            for j, parts in enumerate(per_block)
+        ]
+    record: dict[str, Any] = {"transform": transform}
+    # formulas, when the design carries them (flashmm_dask.design.formula.Design does)
+    fixed = getattr(design, "fixed", None)
+    if isinstance(fixed, str):
+        record["fixed"] = fixed
+        record["random"] = list(getattr(design, "random", ()))
+    if transform in _SCALED_TRANSFORMS:
+        record["target_sum"] = float(target_sum)
+    record.update(provenance or {})
+    names = {
+        "d": tuple(int(k) for k in design.d),
+        "covariates": tuple(str(c) for c in design.covariates),
+        "random": tuple(str(r) for r in design.random_names),
+        "components": tuple(str(c) for c in design.components),
+        "features": features,
+        "provenance": record,
+    }
+    logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
+    if fused:
+        graph = delayed(_assemble_fused, pure=True)(
+            _tree_sum(fused, f"flashmm-sum-{token}", split_every),
+            names,
+            dask_key_name=f"flashmm-stats-{token}",
+        )
+    else:
+        graph = delayed(_assemble, pure=True)(
+            shared_total, feature_totals, names, dask_key_name=f"flashmm-stats-{token}"
+        )
+    return graph, n_i * n_j
+
+
+def reduce_stats(
+    expr: _Expression,
+    design: _Design,
+    *,
+    transform: str = "none",
+    target_sum: float = 1e4,
+    split_every: int = 8,
+    check: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> SummaryStats:
+    """Compute the summary statistics of a chunked expression matrix in one pass.
+
+    Parameters
+    ----------
+    expr, design, transform, target_sum, split_every, check, provenance
+        As in :func:`stats_graph`.
+    progress : callable, optional
+        ``progress(done, total)`` after each expression block is reduced, on the local
+        (threaded, synchronous, multiprocessing) schedulers. On a distributed client it
+        is called once at the end; for live progress there compute :func:`stats_graph`
+        with ``client.compute`` and ``distributed.progress``.
+
+    Returns
+    -------
+    SummaryStats
+
+    Raises
+    ------
+    DataError
+        NaN/Inf, negative values with a counts transform, obs/feature names that do
+        not match the expression matrix, or a chunk that cannot be read (corrupt store).
+    InputError
+        An unknown transform or invalid argument.
+    """
+    from dask.callbacks import Callback
+
+    graph, total = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
+    source = str(getattr(expr, "source", "the expression data"))
+    if progress is None:
+        return _compute(graph, source)
+    done = 0
+
+    def _posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        nonlocal done
+        if isinstance(key, str) and key.startswith(_BLOCK_PREFIX):
+            done += 1
+            progress(done, total)
+
+    with Callback(posttask=_posttask):
+        stats = _compute(graph, source)
+    if done < total:  # a distributed scheduler runs no local callbacks
+        progress(total, total)
+    return stats
+
+
+def _compute(graph: Delayed, source: str) -> SummaryStats:
+    import dask
+
+    try:
+        (stats,) = dask.compute(graph)
+    except Exception as exc:
+        error = unreadable(exc, source)
+        if error is None:
+            raise
+        raise error from exc
+    return stats
+
+
+def unreadable(exc: BaseException, source: str) -> DataError | None:
+    """The DataError for an exception raised while the expression chunks were read and
+    reduced (a codec error of a corrupt chunk, a truncated file), or None for errors of
+    other kinds (flashmm_dask's own, network errors), which are raised as they are."""
+    if isinstance(exc, FlashmmError | ConnectionError | TimeoutError):
+        return None
+    if not isinstance(exc, OSError | RuntimeError | ValueError | KeyError | EOFError):
+        return None
+    return DataError(
+        f"reading the expression data failed ({type(exc).__name__}: {exc}); a chunk of "
+        f"{source} is unreadable, corrupt or truncated: re-copy or re-write the store "
+        "(--debug shows the traceback)"
+    )

@@ -1,0 +1,186 @@
+"""The summary statistics of several strata: a mapping level -> SummaryStats, saved as one
+store.
+
+On disk (format ``flashmm_dask.summary_stats``, version 2) the root group's attributes
+hold ``strata``: ``by``, the fitted ``levels`` in level order, the ``groups`` (the path of
+each level's group), the ``skipped`` levels with their reasons and the cell counts, and
+each stratum is a complete SummaryStats group at ``strata/<group>``
+(:meth:`SummaryStats.load` reads one alone). The root is marked complete last. Local
+stores are written under a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flashmm_dask.errors import StoreError
+from flashmm_dask.stats.summary import FORMAT, FORMAT_VERSION, SummaryStats, _package_version
+
+__all__ = ["StratifiedStats", "load_stats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class StratifiedStats(Mapping[str, SummaryStats]):
+    """Summary statistics per stratum, in level order (a read-only mapping).
+
+    Attributes
+    ----------
+    stats : level -> SummaryStats
+    by : the obs column of the strata, or None (one stratum of selected cells)
+    groups : level -> the group name in stores (``strata/<group>``)
+    info : JSON-able description (skipped levels and reasons, cell counts, selection)
+    """
+
+    stats: dict[str, SummaryStats]
+    by: str | None
+    groups: dict[str, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, level: str) -> SummaryStats:
+        return self.stats[level]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stats)
+
+    def __len__(self) -> int:
+        return len(self.stats)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k!r}: n={v.n}" for k, v in self.stats.items())
+        return f"StratifiedStats(by={self.by!r}, {{{inner}}})"
+
+    def subset(self, features: Any) -> StratifiedStats:
+        """The same strata restricted to a feature selection (see SummaryStats.subset)."""
+        return StratifiedStats(
+            {k: v.subset(features) for k, v in self.stats.items()}, self.by, self.groups, self.info
+        )
+
+    def with_provenance(self, extra: Mapping[str, Any]) -> StratifiedStats:
+        """A copy whose strata's provenance also holds ``extra``."""
+        out = {}
+        for level, stats in self.stats.items():
+            out[level] = SummaryStats(
+                **{k: getattr(stats, k) for k in ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")},
+                n=stats.n,
+                d=stats.d,
+                covariates=stats.covariates,
+                random=stats.random,
+                components=stats.components,
+                features=stats.features,
+                provenance={**stats.provenance, **extra},
+                nnz=stats.nnz,
+            )
+        return StratifiedStats(out, self.by, self.groups, self.info)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The provenance of the first stratum (shared by all)."""
+        return dict(next(iter(self.stats.values())).provenance)
+
+    def attrs(self) -> dict[str, Any]:
+        """The ``strata`` attribute of the store."""
+        return {
+            "by": self.by,
+            "levels": list(self.stats),
+            "groups": {k: f"strata/{self.groups[k]}" for k in self.stats},
+            **{k: v for k, v in self.info.items() if k not in ("by", "levels")},
+        }
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write every stratum into one store at the local path ``path``.
+
+        Raises
+        ------
+        StoreError
+            ``path`` exists and ``overwrite`` is False, or is not a statistics store, or
+            the write fails.
+        """
+        import zarr
+
+        from flashmm_dask.stats.store import _is_stats_store, _refuse_replace
+
+        target = Path(path)
+        if target.exists():
+            _refuse_replace(str(target), overwrite, _is_stats_store(str(target), {}))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex[:12]
+        tmp = target.parent / f".{target.name}.partial-{token}"
+        old = target.parent / f".{target.name}.old-{token}"
+        try:
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            root.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "package_version": _package_version(),
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "complete": False,
+                    "strata": self.attrs(),
+                }
+            )
+            for level, stats in self.stats.items():
+                stats._write_group(str(tmp / "strata" / self.groups[level]), stats._attrs(), {})
+            root.attrs["complete"] = True
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            raise StoreError(f"could not write summary statistics to {target}: {exc}") from exc
+        shutil.rmtree(old, ignore_errors=True)
+        logger.info("wrote the summary statistics of %d strata to %s", len(self), target)
+
+
+def load_stats(path: str | os.PathLike[str]) -> SummaryStats | StratifiedStats:
+    """Read a statistics store: a SummaryStats, or a StratifiedStats for a store of strata.
+
+    Raises
+    ------
+    StoreError
+        Nothing readable there, another format, a newer version, or an incomplete write.
+    """
+    import zarr
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        attrs = dict(root.attrs)
+    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(
+            f"no summary-statistics store at {path}: {exc}; write one with flashmm-dask stats"
+        ) from exc
+    strata: Any = attrs.get("strata")
+    if not isinstance(strata, Mapping):
+        return SummaryStats.load(path)
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path} is not a summary-statistics store")
+    version = attrs.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} was written in format version {version!r}; this version reads up to "
+            f"{FORMAT_VERSION}: upgrade flashmm_dask"
+        )
+    if attrs.get("complete") is not True:
+        raise StoreError(
+            f"{path} is incomplete (its write was interrupted); compute and save the "
+            "statistics again"
+        )
+    stats: dict[str, SummaryStats] = {}
+    groups: dict[str, str] = {}
+    for level in strata["levels"]:
+        group = str(strata["groups"][level])
+        stats[str(level)] = SummaryStats.load(str(Path(path) / group))
+        groups[str(level)] = group.split("/", 1)[1]
+    info = {k: v for k, v in strata.items() if k not in ("by", "levels", "groups")}
+    return StratifiedStats(stats, strata.get("by"), groups, info)
