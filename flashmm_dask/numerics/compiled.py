@@ -22,8 +22,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import numba
 import numpy as np
+
+from flashmm_dask.numerics.jit import jit
 
 #: |D[r]| * max|A| above which W = A M0 is taken from (I - M0) / D (see fisher._times_A).
 DIVISION_MIN = 1e-3
@@ -34,15 +35,12 @@ _OPTIONS: dict[str, Any] = {"nogil": True, "error_model": "numpy", "fastmath": {
 
 
 def _compile(fn: Callable[..., Any], reassoc: bool = False) -> Any:
-    """``fn`` compiled lazily (on first call), cached on disk where a cache folder is
-    writable; ``reassoc`` also lets sums be reassociated (vectorised reductions)."""
+    """``fn`` compiled by :func:`.jit.jit` with :data:`_OPTIONS`; ``reassoc`` also lets
+    sums be reassociated (vectorised reductions)."""
     options = dict(_OPTIONS)
     if reassoc:
         options["fastmath"] = {"contract", "reassoc"}
-    try:
-        return numba.njit(cache=True, **options)(fn)
-    except RuntimeError:  # no writable cache folder
-        return numba.njit(cache=False, **options)(fn)
+    return jit(fn, **options)
 
 
 @_compile

@@ -22,10 +22,12 @@ come out in CSR order (rows, then increasing columns).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import numba
 import numpy as np
+
+from flashmm_dask.numerics.jit import jit
 
 __all__ = ["sparse_nb_block"]
 
@@ -35,15 +37,15 @@ _INVERSION_MEAN = 8.0
 _MAX_MEAN = 1e15
 
 
-def _compile(fn: Any) -> Any:
-    try:
-        return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
-    except RuntimeError:  # no writable cache folder
-        return numba.njit(cache=False, nogil=True, error_model="numpy")(fn)
+def _compile(fn: Callable[..., Any]) -> Any:
+    """``fn`` compiled without the GIL, with IEEE semantics (as NumPy)."""
+    return jit(fn, nogil=True, error_model="numpy")
 
 
 @_compile
-def _truncated_nb(rng: Any, m: float, phi: float, log_p0: float, p_pos: float) -> int:
+def _truncated_nb(
+    rng: np.random.Generator, m: float, phi: float, log_p0: float, p_pos: float
+) -> int:
     """One draw of NB(m, phi) conditioned on being > 0; log_p0 = log P(Y = 0) and
     p_pos = P(Y > 0)."""
     if m / p_pos <= _INVERSION_MEAN:
@@ -70,7 +72,7 @@ def _truncated_nb(rng: Any, m: float, phi: float, log_p0: float, p_pos: float) -
 
 @_compile
 def _sparse_nb_block(
-    rng: Any,
+    rng: np.random.Generator,
     base: np.ndarray,
     base_max: np.ndarray,
     effect: np.ndarray,

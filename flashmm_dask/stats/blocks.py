@@ -10,22 +10,20 @@ import numpy as np
 import scipy.sparse as sp
 
 from flashmm_dask.errors import DataError
-from flashmm_dask.stats.products import dense_as_csr, lookup_table, sparse_products
+from flashmm_dask.stats.products import LOOKUP_MAX, dense_as_csr, lookup_table, sparse_products
 
 __all__ = ["TRANSFORMS", "transform_block"]
 
 TRANSFORMS = ("none", "log2p1", "log1p_scaled", "log1p_cpm")
 _COUNT_TRANSFORMS = frozenset({"log2p1", "log1p_scaled", "log1p_cpm"})
 _SCALED_TRANSFORMS = frozenset({"log1p_scaled", "log1p_cpm"})
-# integer counts below this are log-transformed by table look-up (transform_block)
-_LOOKUP_MAX = 1 << 16
 # dense expression blocks with at most this fraction of non-zeros are reduced as CSR
 _SPARSIFY = 0.25
 
 
 def _block_partial(
     block: Any,
-    XZ: tuple[np.ndarray, Any],
+    XZ: tuple[np.ndarray, sp.spmatrix | np.ndarray],
     features: tuple[str, ...],
     start: int,
     col0: int,
@@ -63,7 +61,9 @@ def _block_partial(
     return XY, ZY, Ynorm
 
 
-def transform_block(block: Any, transform: str, target_sum: float = 1e4) -> Any:
+def transform_block(
+    block: Any, transform: str, target_sum: float = 1e4
+) -> np.ndarray | sp.csr_matrix:
     """One expression block (cells x features) as float64 CSR or ndarray, transformed."""
     return _transform(_canonical(_as_block(block)), transform, target_sum)
 
@@ -157,23 +157,14 @@ def _first_column(E: np.ndarray | sp.csr_matrix, mask: np.ndarray) -> int:
     return int(np.argmax(mask.any(axis=0)))
 
 
-def _lookup_table(values: np.ndarray, transform: str) -> np.ndarray | None:
-    """log2(1 + k) for k = 0..max(values) when ``transform`` is log2p1 and the stored
-    values are non-negative integers below _LOOKUP_MAX (then the transform of value t is
-    table[values[t]]); None otherwise."""
-    if transform != "log2p1" or values.dtype.kind not in "iu" or not values.size:
-        return None
-    low, high = values.min(), values.max()
-    if low < 0 or high >= _LOOKUP_MAX:
-        return None
-    return np.log2(np.arange(1.0, float(high) + 2.0))
-
-
 def _log2p1(values: np.ndarray) -> np.ndarray:
-    """log2(1 + values) in float64; small non-negative integer counts by table look-up."""
-    table = _lookup_table(values, "log2p1")
-    if table is not None:
-        return table[values]
+    """log2(1 + values) in float64; non-negative integer counts below LOOKUP_MAX by
+    look-up in the table the compiled pass uses (the same values as log2)."""
+    if values.dtype.kind in "iu" and values.size:
+        if values.min() >= 0 and values.max() < LOOKUP_MAX:
+            table = lookup_table("log2p1")
+            assert table is not None
+            return table[values]
     return np.log2(1.0 + values.astype(np.float64, copy=False))
 
 

@@ -23,7 +23,7 @@ grouped case, with at most two dense columns of X, has its own lighter loop,
 :func:`_group_sums`). Cells are visited group by group (or subject by subject, by their
 last column of A) when the accumulated rows are larger than a cache.
 
-Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
+Integer counts (or integer-valued floats) below ``LOOKUP_MAX`` are transformed inside the
 pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
 or copied; a value outside the table, or a row whose column indices are not strictly
 increasing (duplicates to sum), stops the pass and the caller takes the general path
@@ -41,34 +41,34 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["dense_as_csr", "lookup_table", "sparse_products"]
+__all__ = ["LOOKUP_MAX", "dense_as_csr", "lookup_table", "sparse_products"]
 
 logger = logging.getLogger(__name__)
 
-# integer values below this are transformed by table look-up
-_LOOKUP_MAX = 1 << 16
+#: integer values below this are transformed by table look-up (here and in stats.blocks)
+LOOKUP_MAX = 1 << 16
 # columns of X non-zero in more than this fraction of a chunk's cells are multiplied as
 # dense columns; the others are in A with Z
 _DENSE_COLUMN = 0.5
 # cells are visited by group or subject when A'E (n_out x m_j float64) is larger than this
 _ORDER_BYTES = 4 << 20
-# the tables of _LOOKUP_MAX entries, by transform (built once per process)
+# the tables of LOOKUP_MAX entries, by transform (built once per process)
 _TABLES: dict[str, np.ndarray] = {}
 
 
 def lookup_table(transform: str) -> np.ndarray | None:
-    """The transform of each integer 0 .. _LOOKUP_MAX - 1 as float64, for the transforms
+    """The transform of each integer 0 .. LOOKUP_MAX - 1 as float64, for the transforms
     that map a count to a value alone ("none": k, "log2p1": log2(1 + k)); None otherwise."""
     if transform not in ("none", "log2p1"):
         return None
     if transform not in _TABLES:
-        k = np.arange(float(_LOOKUP_MAX))
+        k = np.arange(float(LOOKUP_MAX))
         _TABLES[transform] = k if transform == "none" else np.log2(k + 1.0)
     return _TABLES[transform]
 
 
 def sparse_products(
-    E: sp.csr_matrix, X: np.ndarray, Z: Any, table: np.ndarray | None = None
+    E: sp.csr_matrix, X: np.ndarray, Z: sp.spmatrix | np.ndarray, table: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j); X (n_i x p) dense.
 
@@ -471,18 +471,14 @@ _COMPILED: dict[str, Any] = {}
 
 
 def _compiled(name: str) -> Callable[..., Any] | None:
-    """The loop ``name`` of this module compiled with numba (cached on disk), or None
-    without numba."""
+    """The loop ``name`` of this module compiled by :func:`~flashmm_dask.numerics.jit.jit`
+    (without the GIL), or None without numba."""
     if name not in _COMPILED:
         try:
-            import numba
+            from flashmm_dask.numerics.jit import jit
         except ImportError:  # numba comes with dask-ml; without it scipy does the products
             logger.info("numba is not installed: sparse products use scipy (slower)")
             _COMPILED[name] = None
         else:
-            function = globals()[name]
-            try:
-                _COMPILED[name] = numba.njit(cache=True, nogil=True)(function)
-            except RuntimeError:  # no writable cache folder
-                _COMPILED[name] = numba.njit(cache=False, nogil=True)(function)
+            _COMPILED[name] = jit(globals()[name], nogil=True)
     return _COMPILED[name]
