@@ -32,11 +32,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import DesignError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flashmm_dask.design.formula import Design
+    from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = [
     "MIN_DF",
@@ -93,9 +100,9 @@ def _unit_scale(gram_diagonal: np.ndarray) -> np.ndarray:
 
 
 def replication(
-    XX: Any,
-    ZX: Any,
-    ZZ: Any,
+    XX: ArrayLike,
+    ZX: ArrayLike,
+    ZZ: ArrayLike,
     d: Sequence[int],
     covariates: Sequence[str],
     components: Sequence[str],
@@ -147,9 +154,9 @@ def _quoted(names: Sequence[str], shown: int = 6) -> str:
 
 
 def check_replication(
-    XX: Any,
-    ZX: Any,
-    ZZ: Any,
+    XX: ArrayLike,
+    ZX: ArrayLike,
+    ZZ: ArrayLike,
     d: Sequence[int],
     covariates: Sequence[str],
     components: Sequence[str],
@@ -198,7 +205,7 @@ def check_replication(
 
 
 def design_crossproducts(
-    design: Any, obs: Any, *, chunk_rows: int = CHUNK_ROWS
+    design: Design, obs: pd.DataFrame, *, chunk_rows: int = CHUNK_ROWS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X'X, Z'X and Z'Z of a design over the cells of ``obs`` (no expression data).
 
@@ -222,7 +229,9 @@ def design_crossproducts(
     return XX, ZX, ZZ
 
 
-def check_design_replication(design: Any, obs: Any, *, min_df: int = MIN_DF) -> list[Replication]:
+def check_design_replication(
+    design: Design, obs: pd.DataFrame, *, min_df: int = MIN_DF
+) -> list[Replication]:
     """:func:`check_replication` of a design over its cell metadata (before any data pass)."""
     XX, ZX, ZZ = design_crossproducts(design, obs)
     return check_replication(
@@ -230,7 +239,7 @@ def check_design_replication(design: Any, obs: Any, *, min_df: int = MIN_DF) -> 
     )
 
 
-def check_stats_replication(stats: Any, *, min_df: int = MIN_DF) -> list[Replication]:
+def check_stats_replication(stats: SummaryStats, *, min_df: int = MIN_DF) -> list[Replication]:
     """:func:`check_replication` of the shared part of a :class:`SummaryStats`."""
     return check_replication(
         stats.XX, stats.ZX, stats.ZZ, stats.d, stats.covariates, stats.components, min_df=min_df

@@ -32,13 +32,17 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
 
 from flashmm_dask.design.terms import r_terms
+
+if TYPE_CHECKING:
+    from formulaic import ModelSpec
+    from formulaic.formula import SimpleFormula
 
 __all__ = ["FastBlock", "FastDesign", "Numeric", "combine", "plan_block"]
 
@@ -148,13 +152,16 @@ def _numeric_of(expr: str, columns: Sequence[str]) -> Numeric | None:
 
 
 def plan_block(
-    parsed: Any, levels: Mapping[str, Sequence[Any]], spec: Any, frame: pd.DataFrame
+    parsed: SimpleFormula,
+    levels: Mapping[str, Sequence[Any]],
+    spec: ModelSpec,
+    frame: pd.DataFrame,
 ) -> tuple[FastBlock, dict[str, pd.Index], dict[str, Numeric]] | None:
     """The fast evaluation of one formula, or None when it has a term that is not plain.
 
     Parameters
     ----------
-    parsed : formulaic.Formula
+    parsed : formulaic.formula.SimpleFormula
         The formula with terms in written order.
     levels : mapping of str to sequence
         Levels of each factor, as formulaic learned them.
@@ -254,7 +261,7 @@ class FastDesign:
     factors: Mapping[str, pd.Index]
     numerics: Mapping[str, Numeric]
 
-    def values(self, obs: Any) -> dict[str, np.ndarray] | None:
+    def values(self, obs: pd.DataFrame) -> dict[str, np.ndarray] | None:
         """Codes of the factors and values of the numerics for the rows of ``obs``, or None
         when the chunk needs formulaic (see the module docstring)."""
         if not isinstance(obs, pd.DataFrame):
@@ -276,12 +283,12 @@ class FastDesign:
             out[expr] = values
         return out
 
-    def X(self, obs: Any) -> np.ndarray | None:
+    def X(self, obs: pd.DataFrame) -> np.ndarray | None:
         """X (n, p) float64 of the rows of ``obs``, or None (then use formulaic)."""
         values = self.values(obs)
         return None if values is None else self.fixed.dense(values, len(obs))
 
-    def Z(self, obs: Any) -> scipy.sparse.csr_matrix | None:
+    def Z(self, obs: pd.DataFrame) -> scipy.sparse.csr_matrix | None:
         """Z (n, q) CSR of the rows of ``obs``, or None (then use formulaic)."""
         values = self.values(obs)
         return None if values is None else self.random.sparse(values, len(obs))

@@ -66,9 +66,9 @@ import scipy.sparse
 
 from flashmm_dask.design.fast import FastDesign, combine, plan_block
 from flashmm_dask.design.terms import (
-    INTERCEPT,
     TermBlock,
     build_block,
+    component_name,
     parse_formula,
     required_columns,
 )
@@ -144,11 +144,6 @@ def _normalise_random(random: str | Sequence[str] | Mapping[str, str]) -> list[t
     if not pairs:
         raise DesignError("random has no components; give at least one, e.g. random='~ 0 + sam'")
     return pairs
-
-
-def _component_name(parsed: Any) -> str:
-    terms = [str(t) for t in parsed if t.degree > 0]
-    return " + ".join(terms) if terms else INTERCEPT
 
 
 # --------------------------------------------------------------------------------------
@@ -232,7 +227,7 @@ class Design:
         Parameters
         ----------
         obs : pandas.DataFrame, n_chunk rows
-            Any row subset of the obs the design was built from.
+            As for :meth:`X`.
 
         Returns
         -------
@@ -254,7 +249,7 @@ class Design:
         Parameters
         ----------
         obs : pandas.DataFrame, n_chunk rows
-            Any row subset of the obs the design was built from.
+            As for :meth:`X`.
 
         Returns
         -------
@@ -336,7 +331,7 @@ def build_design(
     random_pairs = _normalise_random(random)
     random_parsed = [parse_formula(f, "random formula") for _, f in random_pairs]
     names = [
-        name or _component_name(parsed)
+        name or component_name(parsed)
         for (name, _), parsed in zip(random_pairs, random_parsed, strict=True)
     ]
     for name in names:

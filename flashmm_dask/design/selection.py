@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,10 @@ import pandas as pd
 
 from flashmm_dask.errors import InputError
 
-__all__ = ["SelectionError", "cell_mask", "parse_cells"]
+__all__ = ["Cells", "SelectionError", "cell_mask", "parse_cells"]
+
+#: A selection of cells: an expression (:func:`parse_cells`), a boolean mask, or None (all).
+Cells = str | Sequence[bool] | np.ndarray | None
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -77,9 +80,9 @@ class _Literal:
 
 @dataclass(frozen=True)
 class _Compare:
-    left: Any
+    left: _Node
     op: str
-    right: Any
+    right: _Node
     pos: int
 
 
@@ -93,7 +96,10 @@ class _In:
 @dataclass(frozen=True)
 class _Bool:
     op: str  # "and", "or", "not"
-    args: tuple[Any, ...]
+    args: tuple[_Node, ...]
+
+
+_Node = _Column | _Literal | _Compare | _In | _Bool
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class CellSelection:
 
     text: str
     columns: tuple[str, ...]
-    _tree: Any
+    _tree: _Node
 
     def mask(self, obs: pd.DataFrame) -> np.ndarray:
         """The (n,) boolean mask of the cells of ``obs`` the expression selects.
@@ -220,7 +226,7 @@ class _Parser:
         shown = self.text[tok.pos :].split()[0] if self.text[tok.pos :].split() else tok.value
         return self.error(f"unexpected {shown!r} at position {tok.pos}; expected {wanted}")
 
-    def parse(self) -> Any:
+    def parse(self) -> _Node:
         if not self.text.strip():
             raise self.error("it is empty; write a condition such as \"cell_type != 'doublet'\"")
         tree = self.expr(0)
@@ -228,29 +234,29 @@ class _Parser:
             raise self.unexpected("'and', 'or' or the end of the expression")
         return tree
 
-    def expr(self, depth: int) -> Any:
+    def expr(self, depth: int) -> _Node:
         if depth > _MAX_DEPTH:
             raise self.error(f"it nests deeper than {_MAX_DEPTH} levels")
-        args = [self.conj(depth)]
-        while self.at("kw", "or") or self.at("punct", "|"):
-            self.take()
-            args.append(self.conj(depth))
-        return args[0] if len(args) == 1 else _Bool("or", tuple(args))
+        return self.joined("or", "|", self.conj, depth)
 
-    def conj(self, depth: int) -> Any:
-        args = [self.neg(depth)]
-        while self.at("kw", "and") or self.at("punct", "&"):
-            self.take()
-            args.append(self.neg(depth))
-        return args[0] if len(args) == 1 else _Bool("and", tuple(args))
+    def conj(self, depth: int) -> _Node:
+        return self.joined("and", "&", self.neg, depth)
 
-    def neg(self, depth: int) -> Any:
+    def joined(self, op: str, symbol: str, operand: Callable[[int], _Node], depth: int) -> _Node:
+        """``operand (op operand)*``: the one operand, or the ``op`` of them all."""
+        args = [operand(depth)]
+        while self.at("kw", op) or self.at("punct", symbol):
+            self.take()
+            args.append(operand(depth))
+        return args[0] if len(args) == 1 else _Bool(op, tuple(args))
+
+    def neg(self, depth: int) -> _Node:
         if self.at("kw", "not") or self.at("punct", "~"):
             self.take()
             return _Bool("not", (self.neg(depth + 1),))
         return self.comparison(depth)
 
-    def comparison(self, depth: int) -> Any:
+    def comparison(self, depth: int) -> _Node:
         left = self.operand(depth)
         if self.at("op"):
             op = self.take().value
@@ -276,7 +282,7 @@ class _Parser:
             return _In(left, self.values(), negate)
         return left
 
-    def operand(self, depth: int) -> Any:
+    def operand(self, depth: int) -> _Node:
         tok = self.peek()
         if self.at("punct", "("):
             self.take()
@@ -341,7 +347,7 @@ def parse_cells(text: str) -> CellSelection:
 # -- evaluation -------------------------------------------------------------------------
 
 
-def _evaluate(node: Any, obs: pd.DataFrame, text: str) -> Any:
+def _evaluate(node: _Node, obs: pd.DataFrame, text: str) -> Any:
     if isinstance(node, _Literal):
         return node.value
     if isinstance(node, _Column):
@@ -377,7 +383,7 @@ def _evaluate(node: Any, obs: pd.DataFrame, text: str) -> Any:
     return values
 
 
-def _condition(value: Any, node: Any, text: str) -> np.ndarray:
+def _condition(value: Any, node: _Node, text: str) -> np.ndarray:
     """A sub-expression as a boolean array: a comparison, or a boolean column."""
     if isinstance(value, pd.Series):
         if pd.api.types.is_bool_dtype(value.dtype):
@@ -412,7 +418,7 @@ _COMPARE = {
 }
 
 
-def cell_mask(obs: pd.DataFrame, cells: Any) -> np.ndarray:
+def cell_mask(obs: pd.DataFrame, cells: Cells) -> np.ndarray:
     """The (n,) boolean mask of the selected cells of ``obs``.
 
     Parameters
@@ -447,7 +453,7 @@ def cell_mask(obs: pd.DataFrame, cells: Any) -> np.ndarray:
     return mask
 
 
-def describe(cells: str | Sequence[bool] | None) -> str | None:
+def describe(cells: Cells) -> str | None:
     """A JSON-able description of a selection for provenance (the expression, or a count)."""
     if cells is None or isinstance(cells, str):
         return cells

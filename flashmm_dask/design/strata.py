@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from flashmm_dask.design.formula import Design, build_design
-from flashmm_dask.design.selection import cell_mask, describe
+from flashmm_dask.design.selection import Cells, cell_mask, describe
 from flashmm_dask.design.terms import parse_formula, required_columns
 from flashmm_dask.errors import DesignError, InputError
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 _SAFE_GROUP = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
-def select_obs(obs: pd.DataFrame, mask: Any) -> pd.DataFrame:
+def select_obs(obs: pd.DataFrame, mask: Sequence[bool] | np.ndarray) -> pd.DataFrame:
     """The rows of ``obs`` where ``mask`` is True, categorical columns reduced to the
     categories present (R's ``droplevels(subset(...))``).
 
@@ -157,7 +157,7 @@ def plan_strata(
     random: str | Sequence[str] | Mapping[str, str],
     *,
     by: str | None = None,
-    cells: Any = None,
+    cells: Cells = None,
     drop_missing: bool = False,
 ) -> Strata:
     """The strata of a run (see the module docstring).

@@ -22,13 +22,17 @@ import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
 
 from flashmm_dask.errors import DesignError
+
+if TYPE_CHECKING:  # formulaic is imported where it is used (its import is slow)
+    from formulaic import ModelMatrix, ModelSpec
+    from formulaic.formula import SimpleFormula
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|⧛|⧚")
 INTERCEPT = "(Intercept)"
@@ -53,7 +57,7 @@ class TermBlock:
     """
 
     formula: str
-    spec: Any
+    spec: ModelSpec
     keep: np.ndarray
     names: tuple[str, ...]
     levels: dict[str, list[Any]]
@@ -68,7 +72,7 @@ class TermBlock:
         mm = self._evaluate(frame, "sparse")
         return scipy.sparse.csc_matrix(mm.__wrapped__, dtype=np.float64)[:, self.keep]
 
-    def _evaluate(self, frame: pd.DataFrame, output: str) -> Any:
+    def _evaluate(self, frame: pd.DataFrame, output: str) -> ModelMatrix:
         try:
             mm = self.spec.get_model_matrix(frame, context={}, output=output)
         except Exception as exc:  # formulaic raises several unrelated classes
@@ -89,7 +93,7 @@ def _clean(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def parse_formula(formula: str, role: str) -> Any:
+def parse_formula(formula: str, role: str) -> SimpleFormula:
     """Parse one formula with formulaic, keeping the written term order.
 
     Parameters
@@ -101,7 +105,7 @@ def parse_formula(formula: str, role: str) -> Any:
 
     Returns
     -------
-    formulaic.Formula
+    formulaic.formula.SimpleFormula
         A simple (unstructured) formula with its terms in written order.
     """
     from formulaic import Formula
@@ -128,7 +132,7 @@ def parse_formula(formula: str, role: str) -> Any:
     return parsed
 
 
-def required_columns(parsed: Any) -> set[str]:
+def required_columns(parsed: SimpleFormula) -> set[str]:
     """Names a parsed formula needs from obs (transform functions such as log excluded)."""
     from formulaic.transforms import TRANSFORMS
 
@@ -199,12 +203,12 @@ class RTerm:
     formulaic_order: tuple[str, ...]
 
 
-def r_terms(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> tuple[bool, list[RTerm]]:
+def r_terms(parsed: SimpleFormula, levels: Mapping[str, Sequence[Any]]) -> tuple[bool, list[RTerm]]:
     """Whether a formula has an intercept, and its other terms in R's order, R-coded.
 
     Parameters
     ----------
-    parsed : formulaic.Formula
+    parsed : formulaic.formula.SimpleFormula
         The formula with terms in written order.
     levels : mapping of str to sequence
         The levels of each factor (formulaic's learned categories); numeric variables
@@ -236,16 +240,13 @@ def r_terms(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> tuple[bool, lis
     return intercept, out
 
 
-def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[str, str]]:
+def _r_columns(parsed: SimpleFormula, levels: Mapping[str, Sequence[Any]]) -> list[tuple[str, str]]:
     """R's columns of a formula, with the names formulaic gives them under full coding.
 
     Parameters
     ----------
-    parsed : formulaic.Formula
-        The formula with terms in written order.
-    levels : mapping of str to sequence
-        The levels of each factor (formulaic's learned categories); numeric variables
-        are absent.
+    parsed, levels
+        As for :func:`r_terms`.
 
     Returns
     -------
@@ -272,7 +273,14 @@ def _r_columns(parsed: Any, levels: Mapping[str, Sequence[Any]]) -> list[tuple[s
     return columns
 
 
-def _factor_levels(spec: Any) -> dict[str, list[Any]]:
+def component_name(parsed: SimpleFormula) -> str:
+    """A random component's default name: its formula's terms ("sam", "sam:time"), or
+    "(Intercept)" for ``~ 1``."""
+    terms = [str(t) for t in parsed if t.degree > 0]
+    return " + ".join(terms) if terms else INTERCEPT
+
+
+def _factor_levels(spec: ModelSpec) -> dict[str, list[Any]]:
     """Levels of each categorical factor of a formulaic ModelSpec, in formulaic's order."""
     return {
         expr: list(state["categories"])
@@ -282,7 +290,7 @@ def _factor_levels(spec: Any) -> dict[str, list[Any]]:
 
 
 def build_block(
-    formula: str, parsed: Any, frame: pd.DataFrame, role: str, *, dense: bool
+    formula: str, parsed: SimpleFormula, frame: pd.DataFrame, role: str, *, dense: bool
 ) -> TermBlock:
     """Learn the structure of one formula from the whole of ``frame`` (prepared obs).
 
@@ -290,7 +298,7 @@ def build_block(
     ----------
     formula : str
         The formula as given, for messages.
-    parsed : formulaic.Formula
+    parsed : formulaic.formula.SimpleFormula
         The parsed formula.
     frame : pandas.DataFrame
         All cells' metadata, prepared by :func:`_prepare`.
