@@ -339,10 +339,19 @@ def _score_structured(
     assert st is not None
     m, q, K = s.shape[0], sh.q, sh.K
     s0 = s[:, -1]
+    G, reml = sh.G[st.perm], sh.method == "REML"
+    # one feature at a time: the result of a feature does not depend on which features
+    # share its block (batched BLAS and NumPy reductions round differently for different
+    # batch shapes); the structured path is taken where the work per feature dwarfs the
+    # per-call overhead (structure_worth_it)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        t, Q, u2, yR2y, zMDz, logdet, ok = structured.score_terms_each(
-            st, sh.G[st.perm], sh.method == "REML", K, s, zry, yry, final
-        )
+        parts = [
+            structured.score_terms(
+                st, G, reml, K, s[j : j + 1], zry[j : j + 1], yry[j : j + 1], final
+            )
+            for j in range(m)
+        ]
+    t, Q, u2, yR2y, zMDz, logdet, ok = (np.concatenate(part) for part in zip(*parts, strict=True))
     Dk = s[:, :-1] / s0[:, None]  # (m, K)
     s02 = s0**2
     dl = np.empty((m, K + 1))

@@ -118,7 +118,9 @@ def _fixed_structured(
     st = sh.structure
     assert st is not None
     m, p = XY.shape
-    if m > 1:  # one feature at a time: results independent of the block (score_terms_each)
+    if (
+        m > 1
+    ):  # one feature at a time: results independent of the block (as fisher._score_structured)
         parts = [
             _fixed_structured(
                 sh,

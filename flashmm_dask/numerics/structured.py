@@ -429,27 +429,6 @@ def score_terms(
     return t, Q, u2, yR2y, zMDz, logdet, ok
 
 
-def score_terms_each(
-    st: Structure,
-    G: Array,
-    reml: bool,
-    K: int,
-    s: Array,
-    zry: Array,
-    yry: Array,
-    final: bool,
-) -> tuple[Array, ...]:
-    """:func:`score_terms` one feature at a time: the result of a feature does not depend
-    on which features share its block (batched BLAS and NumPy reductions round differently
-    for different batch shapes). The structured path is taken where the work per feature
-    dwarfs the per-call overhead (:func:`worth_it`)."""
-    parts = [
-        score_terms(st, G, reml, K, s[j : j + 1], zry[j : j + 1], yry[j : j + 1], final)
-        for j in range(s.shape[0])
-    ]
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(7))
-
-
 def md_solve(st: Structure, D: Array, x: Array) -> tuple[Array, Array]:
     """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,)."""
     fac = Factor(st, D)
