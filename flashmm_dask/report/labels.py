@@ -17,6 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.text import Annotation
+    from matplotlib.transforms import Bbox
 
 #: (dx, dy) in points, horizontal and vertical alignment of the text.
 _OFFSETS: tuple[tuple[float, float, str, str], ...] = (
@@ -33,7 +34,7 @@ _OFFSETS: tuple[tuple[float, float, str, str], ...] = (
 )
 
 
-def _inside(outer: Any, inner: Any) -> bool:
+def _inside(outer: Bbox, inner: Bbox) -> bool:
     return bool(
         outer.x0 <= inner.x0
         and inner.x1 <= outer.x1

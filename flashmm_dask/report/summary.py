@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from flashmm_dask.io.resultsets import (
     top_paths,
     write_top_tables,
 )
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def _code(value: Any) -> str:
     return f"`{text}`" if "`" not in text else text
 
 
-def _status_counts(ds: Any) -> dict[str, int]:
+def _status_counts(ds: xr.Dataset) -> dict[str, int]:
     from flashmm_dask.io.results import STATUS
 
     if "status" not in ds:
