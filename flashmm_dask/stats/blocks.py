@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from flashmm_dask.errors import DataError
-from flashmm_dask.stats.products import LOOKUP_MAX, dense_as_csr, lookup_table, sparse_products
+from flashmm_dask.stats.products import dense_as_csr, lookup_table, sparse_products
 
 __all__ = ["TRANSFORMS", "transform_block"]
 
@@ -158,12 +158,12 @@ def _first_column(E: np.ndarray | sp.csr_matrix, mask: np.ndarray) -> int:
 
 
 def _log2p1(values: np.ndarray) -> np.ndarray:
-    """log2(1 + values) in float64; non-negative integer counts below LOOKUP_MAX by
-    look-up in the table the compiled pass uses (the same values as log2)."""
+    """log2(1 + values) in float64; non-negative integer counts within the table of the
+    compiled pass (:func:`~flashmm_dask.stats.products.lookup_table`) by look-up in it
+    (the same values as log2)."""
     if values.dtype.kind in "iu" and values.size:
-        if values.min() >= 0 and values.max() < LOOKUP_MAX:
-            table = lookup_table("log2p1")
-            assert table is not None
+        table = lookup_table("log2p1")
+        if table is not None and values.min() >= 0 and values.max() < len(table):
             return table[values]
     return np.log2(1.0 + values.astype(np.float64, copy=False))
 

@@ -23,7 +23,7 @@ grouped case, with at most two dense columns of X, has its own lighter loop,
 :func:`_group_sums`). Cells are visited group by group (or subject by subject, by their
 last column of A) when the accumulated rows are larger than a cache.
 
-Integer counts (or integer-valued floats) below ``LOOKUP_MAX`` are transformed inside the
+Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
 pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
 or copied; a value outside the table, or a row whose column indices are not strictly
 increasing (duplicates to sum), stops the pass and the caller takes the general path
@@ -41,28 +41,29 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["LOOKUP_MAX", "dense_as_csr", "lookup_table", "sparse_products"]
+__all__ = ["dense_as_csr", "lookup_table", "sparse_products"]
 
 logger = logging.getLogger(__name__)
 
-#: integer values below this are transformed by table look-up (here and in stats.blocks)
-LOOKUP_MAX = 1 << 16
+# integer values below this are transformed by table look-up (the one table of the
+# package: stats.blocks looks values up in it too)
+_LOOKUP_MAX = 1 << 16
 # columns of X non-zero in more than this fraction of a chunk's cells are multiplied as
 # dense columns; the others are in A with Z
 _DENSE_COLUMN = 0.5
 # cells are visited by group or subject when A'E (n_out x m_j float64) is larger than this
 _ORDER_BYTES = 4 << 20
-# the tables of LOOKUP_MAX entries, by transform (built once per process)
+# the tables of _LOOKUP_MAX entries, by transform (built once per process)
 _TABLES: dict[str, np.ndarray] = {}
 
 
 def lookup_table(transform: str) -> np.ndarray | None:
-    """The transform of each integer 0 .. LOOKUP_MAX - 1 as float64, for the transforms
+    """The transform of each integer 0 .. _LOOKUP_MAX - 1 as float64, for the transforms
     that map a count to a value alone ("none": k, "log2p1": log2(1 + k)); None otherwise."""
     if transform not in ("none", "log2p1"):
         return None
     if transform not in _TABLES:
-        k = np.arange(float(LOOKUP_MAX))
+        k = np.arange(float(_LOOKUP_MAX))
         _TABLES[transform] = k if transform == "none" else np.log2(k + 1.0)
     return _TABLES[transform]
 
