@@ -1,1 +1,14 @@
-"""Pure NumPy/SciPy numerics of FLASH-MM, feature axis first; no Dask, Zarr or pandas."""
+"""Pure NumPy/SciPy numerics of FLASH-MM, feature axis first; no Dask, Zarr or pandas.
+
+fisher        batched Fisher scoring of the variance components (REML or ML)
+structured    the same through the block structure of Z'Z (K >= 2, one diagonal block)
+compiled      per-feature kernels of the fitter, compiled with numba
+boundary      variance components constrained to be non-negative
+fixed         fixed effects, their covariance and information, BLUPs
+satterthwaite Satterthwaite degrees of freedom of t-tests
+inference     t-tests of coefficients and contrasts, multiple-testing adjustment
+loglik        log-likelihoods and likelihood-ratio tests
+linalg        batched linear algebra shared by the fitter
+nb_sparse     negative binomial counts drawn in sparse form (the simulator)
+jit           the one numba compile wrapper (cached on disk where possible)
+"""
