@@ -3,7 +3,8 @@
 ``sslmm(X, Y, Z)`` computes the summary statistics of in-memory cell-level matrices,
 ``lmmfit(Y, X, Z, d)`` fits from them, and ``flashmm(data, fixed, random, ...)`` goes
 from any expression input (an AnnData store, a Zarr array, in-memory matrices) and
-formulas to a fit, reducing the data in one Dask pass. All return the same
+formulas to a fit, reducing the data in one Dask pass, on the steps a run walks too
+(:mod:`flashmm_dask.run.steps`). All return the same
 :class:`~flashmm_dask.model.fit.LmmFit` as :func:`~flashmm_dask.model.lmm.lmm`.
 """
 
@@ -17,18 +18,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from flashmm_dask.design.check import check_design_replication, check_stats_replication
-from flashmm_dask.design.formula import Design, build_design
-from flashmm_dask.design.groupings import factor_groupings
+from flashmm_dask.design.check import check_stats_replication
+from flashmm_dask.design.strata import plan_strata
 from flashmm_dask.errors import DesignError, InputError
-from flashmm_dask.io.readers import Expression, read_expression
+from flashmm_dask.io.readers import read_expression
 from flashmm_dask.keywords import check_keywords, keyword_names
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.model.lmm import lmm
+from flashmm_dask.run.steps import checked_design, checked_expression, resolve_transform, with_pcs
 from flashmm_dask.stats.reduce import reduce_stats
+from flashmm_dask.stats.reduce_strata import reduce_strata
 from flashmm_dask.stats.summary import SummaryStats
 
 logger = logging.getLogger(__name__)
+
+_NO_OBS = (
+    "the data carry no cell metadata; pass metadata= (a DataFrame or CSV path) "
+    "with the columns the formulas use"
+)
 
 
 def sslmm(X: Any, Y: Any, Z: Any, d: Sequence[int] | None = None) -> SummaryStats:
@@ -71,13 +78,6 @@ def lmm_stats(stats: SummaryStats, *, check_design: bool = True, **kwargs: Any) 
     )
 
 
-def with_factor_groupings(expr: Expression, fixed: str, random: Any) -> Expression:
-    """``expr`` with the integer grouping columns of the random formulas as factors
-    (:func:`flashmm_dask.design.groupings.factor_groupings`)."""
-    obs, converted = factor_groupings(expr.obs, fixed, random)
-    return dataclasses.replace(expr, obs=obs) if converted else expr
-
-
 def _lmm_keywords() -> list[str]:
     """The keywords :func:`lmm` takes after its summary statistics."""
     return keyword_names(lmm)[8:]
@@ -90,65 +90,6 @@ def lmmfit(Y: Any, X: Any, Z: Any, d: Sequence[int] | None = None, **kwargs: Any
     """
     check_keywords("lmmfit", kwargs, [*_lmm_keywords(), "check_design"])
     return lmm_stats(sslmm(X, Y, Z, d=d), **kwargs)
-
-
-def resolve_transform(is_counts: bool, transform: str | None) -> str:
-    """The chunk transform from R's ``is_counts`` flag or an explicit transform name."""
-    if transform is None:
-        return "log2p1" if is_counts else "none"
-    if is_counts and transform == "none":
-        raise InputError(
-            "is_counts=True asks for log2(1 + counts) but transform='none' was given; "
-            "pass one of them"
-        )
-    return transform
-
-
-def add_pcs(expr: Expression, k: int, transform: str, fixed: str) -> tuple[Expression, str]:
-    """Add the top-k principal components of the transformed expression as covariates.
-
-    The components come from ``dask_ml.decomposition.PCA`` over the chunked data
-    (each chunk densified on its own, never the whole matrix). They are added to obs as
-    ``PC1..PCk`` and to the fixed formula.
-    """
-    import dask.array as da
-    from dask_ml.decomposition import PCA
-
-    from flashmm_dask.stats.blocks import transform_block
-
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
-        raise InputError(f"pcs must be a non-negative integer; got {k!r}")
-    if k == 0:
-        return expr, fixed
-    if k >= min(expr.n_cells, expr.n_features):
-        raise InputError(
-            f"pcs = {k} must be below the number of cells ({expr.n_cells}) and of "
-            f"features ({expr.n_features})"
-        )
-    if expr.obs is None:
-        raise InputError("pcs needs cell metadata (obs) to add the components to")
-    data = expr.data.rechunk({1: -1})
-
-    def dense_block(block: Any) -> np.ndarray:
-        out = transform_block(block, transform)
-        return out.toarray() if hasattr(out, "toarray") else out
-
-    dense = data.map_blocks(dense_block, dtype=np.float64, meta=np.empty((0, 0)))
-    scores = PCA(
-        n_components=k, svd_solver="randomized", iterated_power=7, random_state=0
-    ).fit_transform(dense)
-    scores = np.asarray(da.compute(scores)[0])
-    obs = expr.obs.copy()
-    names = [f"PC{i + 1}" for i in range(k)]
-    clash = [c for c in names if c in obs.columns]
-    if clash:
-        raise InputError(f"obs already has columns {clash}; rename them to use pcs")
-    for i, name in enumerate(names):
-        obs[name] = scores[:, i]
-    return (
-        Expression(data=expr.data, features=expr.features, obs=obs, source=expr.source),
-        fixed + " + " + " + ".join(names),
-    )
 
 
 def flashmm(
@@ -227,16 +168,8 @@ def flashmm(
         storage_options=storage_options,
     )
     chosen = resolve_transform(is_counts, transform)
-    if expr.obs is None:
-        raise InputError(
-            "the data carry no cell metadata; pass metadata= (a DataFrame or CSV path) "
-            "with the columns the formulas use"
-        )
-    expr = with_factor_groupings(expr, fixed, random)
+    expr = checked_expression(expr, fixed, random, _NO_OBS)
     if by is not None or cells is not None or min_cells or drop_missing:
-        from flashmm_dask.design.strata import plan_strata
-        from flashmm_dask.stats.reduce_strata import reduce_strata
-
         if pcs:
             raise InputError(
                 "pcs= cannot be combined with by=, cells=, min_cells= or drop_missing=; "
@@ -248,12 +181,9 @@ def flashmm(
         )
         fits = fit_strata(per_stratum, min_cells=min_cells, check_design=check_design, **kwargs)
         return fits if by is not None else fits["all"]
-    design: Design = build_design(expr.obs, fixed, random)
-    if check_design:  # from the cell metadata, before the expression is read
-        check_design_replication(design, expr.obs)
-    expr, with_pcs = add_pcs(expr, pcs, chosen, fixed)
-    if with_pcs != fixed:
-        design = build_design(expr.obs, with_pcs, random)
+    # from the cell metadata, before the expression is read
+    design = checked_design(expr, fixed, random, check=check_design)
+    expr, design = with_pcs(expr, design, pcs, chosen, fixed, random)
     stats = reduce_stats(
         expr, design, transform=chosen, target_sum=target_sum, split_every=split_every
     )
@@ -284,21 +214,11 @@ def filter_features(stats: SummaryStats, min_cells: int) -> tuple[SummaryStats, 
     if not filtered.any():
         return stats, filtered
     keep = ~filtered
-    emptied = SummaryStats(
-        XX=stats.XX,
+    emptied = dataclasses.replace(
+        stats,
         XY=np.asarray(stats.XY) * keep,
-        ZX=stats.ZX,
         ZY=np.asarray(stats.ZY) * keep,
-        ZZ=stats.ZZ,
         Ynorm=np.asarray(stats.Ynorm) * keep,
-        n=stats.n,
-        d=stats.d,
-        covariates=stats.covariates,
-        random=stats.random,
-        components=stats.components,
-        features=stats.features,
-        provenance=stats.provenance,
-        nnz=stats.nnz,
     )
     return emptied, filtered
 
@@ -309,7 +229,7 @@ def fit_strata(
     min_cells: int = 0,
     check_design: bool = True,
     **kwargs: Any,
-) -> dict:
+) -> dict[str, LmmFit]:
     """:func:`lmm_stats` of each stratum's statistics, in level order.
 
     Features non-zero in fewer than ``min_cells`` cells of a stratum are not fitted there

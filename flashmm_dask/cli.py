@@ -22,9 +22,20 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from flashmm_dask.errors import FlashmmError, FlashmmWarning
+import dask
+
+from flashmm_dask.errors import FlashmmError, FlashmmWarning, InputError
+from flashmm_dask.io.outputs import register
+from flashmm_dask.io.results import open_results
+from flashmm_dask.io.strata_results import is_strata_store, strata_report
+from flashmm_dask.report.plots import make_report
+from flashmm_dask.report.summary import report_outputs
+from flashmm_dask.run.commands import save_stats, write_contrasts
+from flashmm_dask.run.config import SimulateConfig, load_config
+from flashmm_dask.run.inputs import simulate_data
+from flashmm_dask.run.pipeline import run
+from flashmm_dask.stats.strata import StratifiedStats
 
 logger = logging.getLogger("flashmm_dask")
 
@@ -60,6 +71,28 @@ def _config_args(p: argparse.ArgumentParser, *, config: bool = True, plots: bool
         p.add_argument("--no-plots", action="store_true", help="skip the plots")
 
 
+# the integer options of ``flashmm-dask simulate``: flag, SimulateConfig field, default, help
+_SIMULATE_OPTIONS = (
+    ("--cells", "n_cells", 20000, "cells (default %(default)s)"),
+    ("--genes", "n_genes", 200, "genes (default %(default)s)"),
+    (
+        "--samples",
+        "n_samples",
+        12,
+        "subjects, nested in the treatments (obs column sam; default %(default)s)",
+    ),
+    ("--celltypes", "n_celltypes", 3, "cell types (obs column cls; default %(default)s)"),
+    (
+        "--de-genes",
+        "n_de_genes",
+        None,
+        "differentially expressed genes (default: one per cell type, as R's simuRNAseq)",
+    ),
+    ("--seed", "seed", 1, "random seed (default %(default)s)"),
+    ("--chunk-cells", "chunk_cells", 10000, "cells per chunk of the store (default %(default)s)"),
+)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="flashmm-dask",
@@ -80,30 +113,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="write a simulated AnnData store (simuRNAseq model)")
     p.add_argument("out", help="store to write (.zarr or .h5ad)")
-    p.add_argument("--cells", type=int, default=20000, help="cells (default %(default)s)")
-    p.add_argument("--genes", type=int, default=200, help="genes (default %(default)s)")
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=12,
-        help="subjects, nested in the treatments (obs column sam; default %(default)s)",
-    )
-    p.add_argument(
-        "--celltypes", type=int, default=3, help="cell types (obs column cls; default %(default)s)"
-    )
-    p.add_argument(
-        "--de-genes",
-        type=int,
-        default=None,
-        help="differentially expressed genes (default: one per cell type, as R's simuRNAseq)",
-    )
-    p.add_argument("--seed", type=int, default=1, help="random seed (default %(default)s)")
-    p.add_argument(
-        "--chunk-cells",
-        type=int,
-        default=10000,
-        help="cells per chunk of the store (default %(default)s)",
-    )
+    for flag, dest, default, text in _SIMULATE_OPTIONS:
+        # the metavar argparse derives from the flag, not from the field name
+        metavar = flag.lstrip("-").replace("-", "_").upper()
+        p.add_argument(flag, dest=dest, metavar=metavar, type=int, default=default, help=text)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     _common(p)
 
@@ -174,8 +187,6 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    import dask
-
     # distributed sets up its loggers from dask's config when first imported
     quiet = "debug" if args.debug else "warning"
     dask.config.set({"logging": {"distributed": quiet}})
@@ -184,99 +195,38 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flashmm_dask.run.config import load_config
-
     source = None if args.command == "demo" else args.config
     cfg = load_config(source, _overrides(args))
     if args.command == "stats":
-        from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
-        from flashmm_dask.run.cluster import open_client
-        from flashmm_dask.run.output import SIMULATED, STATS, OutputLock
-        from flashmm_dask.run.pipeline import compute_stats, prepare_inputs
-
-        folder = Path(cfg.output.path)
-        cfg = cfg.with_overrides(["stats.save=true"])  # saving them is the command's job
-        names = [STATS] + ([SIMULATED] if cfg.data.path is None else [])
-        from flashmm_dask.run.pipeline_strata import uses_strata
-
-        with removed_if_unused(folder), OutputLock(folder):
-            refuse_foreign(folder, names, overwrite=cfg.output.overwrite)
-            if uses_strata(cfg):  # strata or a cell selection
-                register(folder, names)
-                return _strata_stats(cfg, folder)
-            inputs = prepare_inputs(cfg, folder)  # user errors before the cluster starts
-            register(folder, names)
-            with open_client(cfg.cluster) as client:
-                stats = compute_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
-        print(f"summary statistics of {stats.m} features and {stats.n} cells in {folder / STATS}")
+        target, stats = save_stats(cfg)
+        if isinstance(stats, StratifiedStats):
+            sizes = ", ".join(f"{k}: {v.n} cells" for k, v in stats.items())
+            print(f"summary statistics of {len(stats)} strata ({sizes}) in {target}")
+        else:
+            print(f"summary statistics of {stats.m} features and {stats.n} cells in {target}")
         return 0
-    from flashmm_dask.run.pipeline import run
-
     summary = run(cfg)
     print(summary.line())
     return 0
 
 
-def _strata_stats(cfg: Any, folder: Path) -> int:
-    """``flashmm-dask stats`` of a config with strata or a cell selection (lock held)."""
-    from flashmm_dask.run.cluster import open_client
-    from flashmm_dask.run.output import STATS
-    from flashmm_dask.run.pipeline_strata import compute_strata_stats, prepare_strata
-
-    inputs = prepare_strata(cfg, folder)
-    with open_client(cfg.cluster) as client:
-        stats = compute_strata_stats(cfg, client, folder, show=cfg.progress, inputs=inputs)
-    target = str(folder / STATS)
-    sizes = ", ".join(f"{k}: {v.n} cells" for k, v in stats.items())
-    print(f"summary statistics of {len(stats)} strata ({sizes}) in {target}")
-    return 0
-
-
 def _simulate(args: argparse.Namespace) -> int:
-    from flashmm_dask.simulate import simulate_to_store
-
-    path = simulate_to_store(
-        args.out,
-        args.genes,
-        args.cells,
-        n_samples=args.samples,
-        n_celltypes=args.celltypes,
-        n_de_genes=args.de_genes,
-        seed=args.seed,
-        store_chunk_cells=args.chunk_cells,
-        overwrite=args.overwrite,
-    )
-    print(f"simulated {args.cells} cells x {args.genes} genes in {path}")
+    sim = SimulateConfig(**{dest: getattr(args, dest) for _, dest, _, _ in _SIMULATE_OPTIONS})
+    path = simulate_data(sim, args.out, overwrite=args.overwrite)
+    print(f"simulated {sim.n_cells} cells x {sim.n_genes} genes in {path}")
     return 0
 
 
 def _test(args: argparse.Namespace) -> int:
-    from flashmm_dask.errors import InputError
-    from flashmm_dask.io.outputs import refuse_foreign, register
-    from flashmm_dask.run.retest import retest
-
     contrasts = {}
     for item in args.contrast:
         name, sep, expr = item.partition("=")
         if not sep or not name.strip() or not expr.strip():
             raise InputError(f"contrast {item!r} must be NAME=EXPRESSION, e.g. 'B-A=trtB - trtA'")
         contrasts[name.strip()] = expr.strip()
-    from flashmm_dask.io.strata_results import is_strata_store, retest_strata
-
-    if is_strata_store(args.store):  # every stratum that has the contrast's coefficients
-        table = retest_strata(args.store, contrasts, alternative=args.alternative)
-    else:
-        table = retest(args.store, contrasts, alternative=args.alternative, stats=args.stats)
-    out = Path(args.out) if args.out else Path(args.store).parent / "contrasts.csv"
-    if not args.out:  # the run's output folder: its contrasts.csv is the package's
-        refuse_foreign(out.parent, [out.name], overwrite=False)
-        register(out.parent, [out.name])
-    tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    else:
-        table.to_csv(tmp, index=False)
-    tmp.replace(out)
+    table, out = write_contrasts(
+        args.store, contrasts, alternative=args.alternative, stats=args.stats, out=args.out
+    )
     significant = table.groupby("term")["padj"].apply(lambda s: int((s < 0.05).sum()))
     for term, count in significant.items():
         print(f"{term}: {count} features with padj < 0.05")
@@ -285,11 +235,6 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from flashmm_dask.io.outputs import register
-    from flashmm_dask.io.results import open_results
-    from flashmm_dask.io.strata_results import is_strata_store, strata_report
-    from flashmm_dask.report.plots import make_report
-
     out = Path(args.out) if args.out else Path(args.store).parent
     if is_strata_store(args.store):
         files = strata_report(args.store, out)
@@ -300,8 +245,6 @@ def _report(args: argparse.Namespace) -> int:
     if not args.out:
         register(out, files)
     print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
-    from flashmm_dask.report.summary import report_outputs
-
     written = report_outputs(args.store, Path(args.out) if args.out else Path(args.store).parent)
     print(f"wrote {written[-1]} and {len(written) - 1} top tables")
     return 0

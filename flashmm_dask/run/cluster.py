@@ -21,6 +21,8 @@ from typing import Any
 
 from flashmm_dask.errors import ConfigError
 from flashmm_dask.run.cluster_checks import check_sbatch, wait_for_workers
+from flashmm_dask.run.config import ClusterConfig
+from flashmm_dask.run.kube import kube_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +68,16 @@ def _restore_levels(levels: dict[str, int]) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _local(cfg: Any) -> Any:
+def _local(cfg: ClusterConfig) -> Any:
+    # distributed is imported when a cluster opens, not with this module: it sets up its
+    # loggers from dask's config on import, which the command line configures first
     from distributed import LocalCluster
 
     with _children_ignore_sigint():
         return _local_cluster(cfg, LocalCluster)
 
 
-def _local_cluster(cfg: Any, LocalCluster: Any) -> Any:
+def _local_cluster(cfg: ClusterConfig, LocalCluster: Any) -> Any:
     return LocalCluster(
         n_workers=local_workers(cfg.n_workers),
         threads_per_worker=cfg.threads_per_worker,
@@ -88,7 +92,7 @@ def _local_cluster(cfg: Any, LocalCluster: Any) -> Any:
     )
 
 
-def slurm_cluster(cfg: Any) -> Any:
+def slurm_cluster(cfg: ClusterConfig) -> Any:
     """A dask-jobqueue SLURMCluster from the ``cluster.slurm`` settings, scaled."""
     first = "dask_jobqueue" not in sys.modules
     handler = signal.getsignal(signal.SIGINT)
@@ -125,7 +129,9 @@ def slurm_cluster(cfg: Any) -> Any:
         cluster.close()
         raise
     if s.adaptive is not None and (s.adaptive.minimum is not None or s.adaptive.maximum):
-        cluster.adapt(minimum_jobs=s.adaptive.minimum or 0, maximum_jobs=s.adaptive.maximum)
+        # maximum null: no upper limit (dask-jobqueue's stubs say int)
+        limits: dict[str, Any] = {"maximum_jobs": s.adaptive.maximum}
+        cluster.adapt(minimum_jobs=s.adaptive.minimum or 0, **limits)
     else:
         # adapt, not scale: a worker job that ends (walltime, preemption, node failure) is
         # then replaced; after scale(jobs=n) it is not, and the run waits without workers
@@ -133,17 +139,15 @@ def slurm_cluster(cfg: Any) -> Any:
     return cluster
 
 
-def _expected_workers(cfg: Any) -> int:
+def _expected_workers(cfg: ClusterConfig) -> int:
     """Workers a Slurm cluster starts before any work: n_jobs, or the adaptive minimum."""
     s = cfg.slurm
     jobs = (s.adaptive.minimum or 0) if s.adaptive is not None else s.n_jobs
     return int(jobs) * int(s.processes)
 
 
-def kubernetes_cluster(cfg: Any) -> Any:
+def kubernetes_cluster(cfg: ClusterConfig) -> Any:
     """A dask-kubernetes KubeCluster whose pods run ``dask scheduler``/``dask worker``."""
-    from flashmm_dask.run.kube import kube_cluster
-
     return kube_cluster(cfg)
 
 
@@ -201,17 +205,18 @@ def _quiet_task_errors() -> Any:
 
 
 @contextmanager
-def open_client(cfg: Any, *, timeout: float = 30.0) -> Iterator[Any]:
+def open_client(cfg: ClusterConfig, *, timeout: float = 30.0) -> Iterator[Any]:
     """A ``distributed.Client`` for the ``cluster`` config section, closed on exit."""
     from distributed import Client
 
     cluster = None
     if cfg.kind == "address":
-        probe_scheduler(cfg.address, timeout=min(timeout, 10.0))
+        address = str(cfg.address)  # required with kind 'address' (load_config checks)
+        probe_scheduler(address, timeout=min(timeout, 10.0))
         try:
-            client = Client(cfg.address, timeout=timeout)
+            client = Client(address, timeout=timeout)
         except (OSError, TimeoutError) as exc:
-            raise _unreachable(cfg.address, str(exc)) from None
+            raise _unreachable(address, str(exc)) from None
     else:
         if cfg.kind == "local":
             cluster = _local(cfg)

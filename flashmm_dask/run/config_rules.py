@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import Any, NamedTuple
 
+from dask.utils import parse_bytes
+
 from flashmm_dask.errors import ConfigError
 
 # -- rules for single values: each returns the normalised value or raises _Bad ---------
@@ -137,8 +139,6 @@ def _size(auto: bool) -> Callable[[Any], Any]:
     what = ("'auto', " if auto else "") + "a size such as '4GiB' or a number of bytes"
 
     def check(v: Any) -> Any:
-        from dask.utils import parse_bytes
-
         if (auto and v == "auto") or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             return v
         try:

@@ -17,10 +17,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
 from flashmm_dask.errors import InputError
+from flashmm_dask.io._stores import locate, open_hdf5, open_zarr, store_kind
 
 __all__ = ["duplicated_names", "feature_positions", "read_var_column"]
 
@@ -51,10 +53,6 @@ def read_var_column(data: Any, column: str, storage_options: Mapping[str, Any] |
     InputError
         The data have no var, or no such column (the columns are listed).
     """
-    import anndata as ad
-
-    from flashmm_dask.io._stores import locate, open_hdf5, open_zarr, store_kind
-
     if isinstance(data, ad.AnnData):
         var = data.var
         if column not in var.columns:

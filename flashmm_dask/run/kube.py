@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 from flashmm_dask.errors import ConfigError
+from flashmm_dask.run.config import ClusterConfig
 
 API_VERSION = "kubernetes.dask.org/v1"
 SCHEDULER_PORT = 8786
@@ -64,7 +65,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def cluster_spec(cfg: Any, name: str = "flashmm") -> dict[str, Any]:
+def cluster_spec(cfg: ClusterConfig, name: str = "flashmm") -> dict[str, Any]:
     """The DaskCluster resource for the ``cluster`` config section (kind kubernetes)."""
     k = cfg.kubernetes
     scheduler = _container(
@@ -154,7 +155,7 @@ def cluster_spec(cfg: Any, name: str = "flashmm") -> dict[str, Any]:
     return spec
 
 
-def kube_cluster(cfg: Any) -> Any:
+def kube_cluster(cfg: ClusterConfig) -> Any:
     """A dask-kubernetes ``KubeCluster`` running :func:`cluster_spec`."""
     try:
         from dask_kubernetes.operator import KubeCluster

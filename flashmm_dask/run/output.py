@@ -7,14 +7,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
+from flashmm_dask.io.strata_results import strata_attrs, strata_report, write_strata_tables
+from flashmm_dask.report.plots import make_report
+from flashmm_dask.report.summary import report_outputs
+from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.progress import Timings
 from flashmm_dask.run.stored_model import config_difference
 
@@ -136,7 +140,7 @@ def _clear_output(folder: Path) -> None:
     clear_owned(folder)
 
 
-def run_outputs(cfg: Any) -> list[str]:
+def run_outputs(cfg: RunConfig) -> list[str]:
     """The names a run of ``cfg`` writes at the top of its output folder (plots aside)."""
     names = [RESULTS]
     if cfg.stats.save:
@@ -146,7 +150,7 @@ def run_outputs(cfg: Any) -> list[str]:
     return names + [f"results.{kind}" for kind in cfg.output.tables]
 
 
-def _check_existing(store: Path, cfg: Any) -> bool:
+def _check_existing(store: Path, cfg: RunConfig) -> bool:
     """Whether the store exists for this very config; refuse a different one."""
     if not store.exists():
         return False
@@ -165,19 +169,29 @@ def _check_existing(store: Path, cfg: Any) -> bool:
     )
 
 
-def _outputs(cfg: Any, store: Path, folder: Path, timings: Timings) -> list[Path]:
+def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -> list[Path]:
+    """The tables and plots (as the config asks) and the report of a finished store, each
+    in its timed phase, registered as the run's outputs.
+
+    A stratified store gets tables with a ``stratum`` column and plots per stratum.
+    """
+    formats = tuple(cfg.output.tables)
+    tables: Callable[[], list[Path]]
+    plots: Callable[[], list[Path]]
+    if strata_attrs(store) is None:  # a plain store (also one stratum of selected cells)
+        ds = open_results(str(store))
+        tables = partial(write_tables, ds, folder, formats=formats)
+        plots = partial(make_report, ds, folder)
+    else:
+        tables = partial(write_strata_tables, store, folder, formats)
+        plots = partial(strata_report, store, folder)
     files: list[Path] = []
-    ds = open_results(str(store))
     if cfg.output.tables:
         with timings.phase("tables"):
-            files += write_tables(ds, folder, formats=tuple(cfg.output.tables))
+            files += tables()
     if cfg.output.plots:
-        from flashmm_dask.report.plots import make_report
-
         with timings.phase("plots"):
-            files += make_report(ds, folder)
-    from flashmm_dask.report.summary import report_outputs
-
+            files += plots()
     with timings.phase("report"):
         files += report_outputs(store, folder, tables=bool(cfg.output.tables))
     register(folder, files)

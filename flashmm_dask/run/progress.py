@@ -33,6 +33,7 @@ def wait(futures: Sequence[Any], what: str, *, show: bool) -> None:
         bar.run()
     except Exception as exc:  # the scheduler's feed: fall back to the futures themselves
         logger.debug("progress feed failed (%s); waiting on the futures", exc)
+    # imported when used: distributed sets up its loggers on import, after the CLI's config
     from distributed import wait as wait_all
 
     wait_all(list(futures))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from flashmm_dask.errors import ConfigError
+from flashmm_dask.run.config import RunConfig
+from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["check_stats_model"]
 
@@ -25,7 +27,7 @@ def _randoms(value: Any) -> list[str]:
     return [_formula(v) for v in items]
 
 
-def check_stats_model(cfg: Any, stats: Any, where: str) -> None:
+def check_stats_model(cfg: RunConfig, stats: SummaryStats, where: str) -> None:
     """Refuse a config whose model differs from the one ``stats`` were reduced for.
 
     Parameters
@@ -72,7 +74,7 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def config_difference(stored: Any, cfg: Any) -> str | None:
+def config_difference(stored: Any, cfg: RunConfig) -> str | None:
     """The first setting that determines the results and differs between a stored config
     (a results store's ``config`` attribute) and ``cfg``: ``"model.method ('REML' there,
     'ML' here)"``; None when none is found (e.g. a store written by another version)."""

@@ -6,7 +6,6 @@ the groups, and the root, complete (used by :mod:`flashmm_dask.run.pipeline_stra
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,36 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import zarr
 
 from flashmm_dask.api import filter_features
-from flashmm_dask.design.contrasts import contrast_matrix
-from flashmm_dask.errors import FlashmmError
 from flashmm_dask.io.results import (
     FORMAT,
     FORMAT_VERSION,
-    blocks_done,
+    ResultsLayout,
     create_results,
     finalize_results,
     read_store_attrs,
     redact,
 )
-from flashmm_dask.io.strata_results import (
-    applicable_contrasts,
-    mark_filtered,
-)
-from flashmm_dask.io.strata_results import (
-    status_counts as read_status_counts,
-)
-from flashmm_dask.run.output import RESULTS, _is_write_failure, _write_error, _writing
-from flashmm_dask.run.pipeline import (
-    _layout,
-    _layout_from_attrs,
-    _store_attrs,
-    auto_block_size,
-    shared_model,
-)
-from flashmm_dask.run.progress import wait
-from flashmm_dask.run.worker import BlockReport, fit_block
+from flashmm_dask.io.strata_results import applicable_contrasts, mark_filtered
+from flashmm_dask.io.strata_results import status_counts as read_status_counts
+from flashmm_dask.run import blocks
+from flashmm_dask.run.config import RunConfig
+from flashmm_dask.run.output import RESULTS, _writing
+from flashmm_dask.run.worker import BlockReport
 from flashmm_dask.stats.strata import StratifiedStats
 from flashmm_dask.stats.summary import SummaryStats
 
@@ -53,10 +41,8 @@ logger = logging.getLogger(__name__)
 # -- the results store ------------------------------------------------------------------
 
 
-def _create_root(store: Path, cfg: Any, stats: StratifiedStats, missing: dict) -> None:
+def _create_root(store: Path, cfg: RunConfig, stats: StratifiedStats, missing: dict) -> None:
     """The root group of a stratified results store (attributes only) and ``strata/``."""
-    import zarr
-
     attrs = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -78,13 +64,14 @@ class _Group:
     path: Path
     stats: SummaryStats
     filtered: np.ndarray
-    layout: Any
+    L: pd.DataFrame | None
+    layout: ResultsLayout
     todo: list[int]
     create: dict[str, Any] | None = None  # the attributes of a group still to create
 
 
 def _open_group(
-    cfg: Any,
+    cfg: RunConfig,
     level: str,
     path: Path,
     stats: SummaryStats,
@@ -92,69 +79,47 @@ def _open_group(
     n_workers: int,
     n_strata: int,
 ) -> _Group:
-    L = contrast_matrix(contrasts, list(stats.covariates)) if contrasts else None
-    layout = _layout(cfg, stats, tuple(L.columns) if L is not None else (), n_workers)
-    if cfg.fit.block_size == "auto":
-        # a few blocks per worker over all strata together, not per stratum
-        size = auto_block_size(stats.m * n_strata, stats.p, stats.q, len(stats.d), n_workers)
-        layout = dataclasses.replace(layout, block_size=min(size, stats.m))
+    L = blocks.contrasts_of(contrasts, stats)
+    layout = blocks.block_layout(cfg, stats, L, n_workers, m_total=stats.m * n_strata)
     emptied, filtered = filter_features(stats, int(cfg.model.min_cells))
     if not path.exists():  # created by a task on a worker, before the group's blocks
-        attrs = _store_attrs(cfg, stats, layout)
+        attrs = blocks.store_attrs(cfg, stats, layout)
         attrs.update(
             stratum=level, by=stats.provenance.get("by"), cells=stats.provenance.get("cells")
         )
-        return _Group(level, path, emptied, filtered, layout, list(range(layout.n_blocks)), attrs)
-    layout = _layout_from_attrs(layout, read_store_attrs(str(path)))
-    done = blocks_done(str(path))
-    todo = [b for b in range(layout.n_blocks) if not done[b]]
-    return _Group(level, path, emptied, filtered, layout, todo)
+        todo = list(range(layout.n_blocks))
+        return _Group(level, path, emptied, filtered, L, layout, todo, attrs)
+    layout, todo = blocks.resumed(layout, path)
+    return _Group(level, path, emptied, filtered, L, layout, todo)
 
 
-def _after(_: Any, function: Any, *args: Any) -> Any:
-    """``function(*args)``, run after the task whose result is the first argument."""
-    return function(*args)
-
-
-def _submit(cfg: Any, client: Any, group: _Group, contrasts: dict, index: int) -> list:
-    stats, layout = group.stats, group.layout
-    L = contrast_matrix(contrasts, list(stats.covariates)) if contrasts else None
-    model = shared_model(cfg, stats, L, store=str(group.path), store_cov=layout.store_cov)
-    shared = client.scatter(model, broadcast=True, hash=False)
-    XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
+def _submit(cfg: RunConfig, client: Any, group: _Group, index: int) -> list:
     token = cfg.hash()[:12]
     created = None
     if group.create is not None:
         created = client.submit(
             create_results,
             str(group.path),
-            layout,
+            group.layout,
             group.create,
             key=f"flashmm-create-{token}-s{index}",
             pure=False,
         )
-    futures = []
-    for b in group.todo:
-        sl = layout.block_slice(b)
-        futures.append(
-            client.submit(
-                _after,
-                created,
-                fit_block,
-                shared,
-                b,
-                XY[:, sl],
-                ZY[:, sl],
-                Ynorm[sl],
-                key=f"flashmm-fit-{token}-s{index}-{b}",
-                retries=1,
-            )
-        )
-    return futures
+    return blocks.submit_blocks(
+        cfg,
+        client,
+        group.stats,
+        group.L,
+        group.layout,
+        group.path,
+        group.todo,
+        f"flashmm-fit-{token}-s{index}",
+        after=created,
+    )
 
 
 def fit_strata_stores(
-    cfg: Any, client: Any, stats: StratifiedStats, folder: Path, *, show: bool = False
+    cfg: RunConfig, client: Any, stats: StratifiedStats, folder: Path, *, show: bool = False
 ) -> tuple[list[_Group], list[BlockReport]]:
     """Create (or reopen) every stratum's results group and fit its missing blocks."""
     store = folder / RESULTS
@@ -172,7 +137,7 @@ def fit_strata_stores(
             )
     if stats.by is not None and not store.exists():
         _create_root(store, cfg, stats, missing)
-    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    n_workers = blocks.n_workers(client)
     groups = []
     for level, s in stats.items():
         path = store if stats.by is None else store / "strata" / stats.groups[level]
@@ -185,24 +150,15 @@ def fit_strata_stores(
     )
     futures = []
     for index, group in enumerate(groups):
-        futures += _submit(cfg, client, group, per_stratum[group.level], index)
-    try:
-        wait(futures, "fitting", show=show)
-        reports = client.gather(futures)
-    except FlashmmError:
-        raise
-    except OSError as exc:
-        if not _is_write_failure(exc):
-            raise
-        raise _write_error("the results store", folder, exc) from exc
-    return groups, list(reports)
+        futures += _submit(cfg, client, group, index)
+    return groups, blocks.gather_blocks(client, futures, folder, show=show)
 
 
-def _finalize(
-    cfg: Any, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict
+def finalize_strata(
+    cfg: RunConfig, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict
 ) -> None:
-    import zarr
-
+    """Mark each stratum's group complete (its filtered features, adjusted p-values,
+    status counts), then the root with the counts over all strata."""
     total: dict[str, int] = {}
     for group in groups:
         attrs = read_store_attrs(str(group.path))

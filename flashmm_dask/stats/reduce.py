@@ -42,19 +42,24 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+import cloudpickle
+import dask
+import dask.array as da
 import numpy as np
 import scipy.sparse as sp
+from dask import delayed
+from dask.base import tokenize
+from dask.callbacks import Callback
+from dask.delayed import Delayed
+from dask.optimization import cull
 
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, _dense
 from flashmm_dask.stats.summary import SummaryStats
 
-if TYPE_CHECKING:
-    from dask.delayed import Delayed
-
-__all__ = ["TRANSFORMS", "reduce_stats", "stats_graph"]
+__all__ = ["TRANSFORMS", "compute_counted", "reduce_stats", "stats_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +173,6 @@ class _InlineRead:
 
     def read(self) -> Any:
         """The block (computed in this thread)."""
-        import dask
-
         return dask.get(self.graph, self.key)
 
 
@@ -177,9 +180,6 @@ def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
     """The reads of the blocks (delayed, one per cell chunk) as _InlineRead, or None when a
     block's tasks are more than a small reader (in-memory data in the graph, or tasks
     shared with other blocks, which would then be run more than once)."""
-    import cloudpickle
-    from dask.optimization import cull
-
     graph = dict(blocks[0].__dask_graph__())
     owner: dict[Any, int] = {}
     reads = []
@@ -236,14 +236,15 @@ def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> Summary
 # -- graph ------------------------------------------------------------------------------
 
 
-def _tree_sum(parts: list[Any], name: str, split_every: int) -> Any:
-    """Sum a list of delayed partials in a tree of fan-in ``split_every``."""
-    from dask import delayed
-
+def _tree_sum(
+    parts: list[Any], name: str, split_every: int, add: Callable[..., Any] = _sum_partials
+) -> Any:
+    """Sum a list of delayed partials in a tree of fan-in ``split_every`` (``add`` sums
+    the partials of several tasks)."""
     level = 0
     while len(parts) > 1:
         parts = [
-            delayed(_sum_partials, pure=True)(
+            delayed(add, pure=True)(
                 *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
             )
             for k in range(0, len(parts), split_every)
@@ -278,11 +279,36 @@ def _obs_rows(obs: Any, start: int, stop: int) -> Any:
     return obs.iloc[start:stop]
 
 
+def _chunking(
+    expr: _Expression, data: Any, transform: str, target_sum: float, check: bool
+) -> tuple[tuple[str, ...], np.ndarray, str]:
+    """The feature names, the first cell of each cell chunk (and the number of cells
+    last), and a token that makes the graph's keys unique."""
+    features = tuple(str(f) for f in expr.features)
+    cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
+    # unique keys: hashing obs and the design would cost O(n) and buys nothing here
+    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    return features, cell_starts, token
+
+
+def _record(
+    transform: str,
+    target_sum: float,
+    extra: Mapping[str, Any],
+    provenance: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The provenance of the statistics: the transform (its target sum when it scales),
+    ``extra`` (formulas, strata), then the caller's ``provenance``."""
+    record: dict[str, Any] = {"transform": transform, **extra}
+    if transform in _SCALED_TRANSFORMS:
+        record["target_sum"] = float(target_sum)
+    record.update(provenance or {})
+    return record
+
+
 def _validate(
     expr: _Expression, design: _Design, transform: str, target_sum: float, split_every: int
 ) -> None:
-    import dask.array as da
-
     if transform not in TRANSFORMS:
         raise InputError(f"unknown transform {transform!r}; choose one of {list(TRANSFORMS)}")
     if transform in _SCALED_TRANSFORMS and not (np.isfinite(target_sum) and target_sum > 0):
@@ -371,9 +397,6 @@ def _build_graph(
     provenance: Mapping[str, Any] | None,
 ) -> tuple[Delayed, int]:
     """The delayed SummaryStats and the number of expression blocks it reads."""
-    from dask import delayed
-    from dask.base import tokenize
-
     _validate(expr, design, transform, target_sum, split_every)
     data = expr.data
     if transform in _SCALED_TRANSFORMS and data.numblocks[1] > 1:
@@ -384,12 +407,9 @@ def _build_graph(
             data.numblocks[1],
         )
         data = data.rechunk({1: -1})
-    features = tuple(str(f) for f in expr.features)
-    source = str(getattr(expr, "source", "") or "")
-    cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
+    features, cell_starts, token = _chunking(expr, data, transform, target_sum, check)
     feature_starts = np.concatenate([[0], np.cumsum(data.chunks[1])]).astype(int)
-    # unique keys: hashing obs and the design would cost O(n) and buys nothing here
-    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    source = str(getattr(expr, "source", "") or "")
     blocks = data.to_delayed()
     n_i, n_j = blocks.shape
 
@@ -454,15 +474,12 @@ def _build_graph(
             _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
             for j, parts in enumerate(per_block)
         ]
-    record: dict[str, Any] = {"transform": transform}
+    formulas: dict[str, Any] = {}
     # formulas, when the design carries them (flashmm_dask.design.formula.Design does)
     fixed = getattr(design, "fixed", None)
     if isinstance(fixed, str):
-        record["fixed"] = fixed
-        record["random"] = list(getattr(design, "random", ()))
-    if transform in _SCALED_TRANSFORMS:
-        record["target_sum"] = float(target_sum)
-    record.update(provenance or {})
+        formulas = {"fixed": fixed, "random": list(getattr(design, "random", ()))}
+    record = _record(transform, target_sum, formulas, provenance)
     names = {
         "d": tuple(int(k) for k in design.d),
         "covariates": tuple(str(c) for c in design.covariates),
@@ -520,10 +537,17 @@ def reduce_stats(
     InputError
         An unknown transform or invalid argument.
     """
-    from dask.callbacks import Callback
-
     graph, total = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
     source = str(getattr(expr, "source", "the expression data"))
+    return compute_counted(graph, total, source, progress)
+
+
+def compute_counted(
+    graph: Delayed, total: int, source: str, progress: Callable[[int, int], None] | None
+) -> Any:
+    """Compute a reduction ``graph`` of ``total`` expression blocks, calling
+    ``progress(done, total)`` after each block on the local schedulers (once at the end on
+    a distributed client, which runs no local callbacks)."""
     if progress is None:
         return _compute(graph, source)
     done = 0
@@ -536,14 +560,12 @@ def reduce_stats(
 
     with Callback(posttask=_posttask):
         stats = _compute(graph, source)
-    if done < total:  # a distributed scheduler runs no local callbacks
+    if done < total:
         progress(total, total)
     return stats
 
 
-def _compute(graph: Delayed, source: str) -> SummaryStats:
-    import dask
-
+def _compute(graph: Delayed, source: str) -> Any:
     try:
         (stats,) = dask.compute(graph)
     except Exception as exc:

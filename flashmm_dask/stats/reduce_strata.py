@@ -26,30 +26,32 @@ of features and ``chains``, not by the number of cells.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from dask import delayed
+from dask.delayed import Delayed
 
 from flashmm_dask.design.strata import Strata, group_name
 from flashmm_dask.errors import DataError, InputError
-from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, _as_block, _block_partial
+from flashmm_dask.stats.blocks import _as_block, _block_partial
 from flashmm_dask.stats.reduce import (
     _BLOCK_PREFIX,
-    _compute,
+    _chunking,
     _design_chunk,
+    _Expression,
     _inline_reads,
     _InlineRead,
+    _record,
     _shared_partial,
+    _tree_sum,
     _validate,
+    compute_counted,
 )
 from flashmm_dask.stats.strata import StratifiedStats
 from flashmm_dask.stats.summary import SummaryStats
-
-if TYPE_CHECKING:
-    from dask.delayed import Delayed
 
 __all__ = ["reduce_strata", "strata_graph"]
 
@@ -171,23 +173,8 @@ def _assemble_strata(
     return StratifiedStats(out, by, groups, strata_info)
 
 
-def _tree(parts: list[Any], name: str, split_every: int) -> Any:
-    from dask import delayed
-
-    level = 0
-    while len(parts) > 1:
-        parts = [
-            delayed(_sum_strata, pure=True)(
-                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
-            )
-            for k in range(0, len(parts), split_every)
-        ]
-        level += 1
-    return parts[0]
-
-
 def _graph(
-    expr: Any,
+    expr: _Expression,
     strata: Strata,
     transform: str,
     target_sum: float,
@@ -196,9 +183,6 @@ def _graph(
     provenance: Mapping[str, Any] | None,
     chains: int = 2,
 ) -> tuple[Delayed, int]:
-    from dask import delayed
-    from dask.base import tokenize
-
     for design in strata.designs:
         _validate(expr, design, transform, target_sum, split_every)
     if len(strata.codes) != expr.data.shape[0]:
@@ -211,9 +195,7 @@ def _graph(
         # the rows of each stratum are taken from whole-feature blocks (and the scaled
         # transform needs each cell's total over all features)
         data = data.rechunk({1: -1})
-    features = tuple(str(f) for f in expr.features)
-    starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
-    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    features, starts, token = _chunking(expr, data, transform, target_sum, check)
     blocks = list(data.to_delayed()[:, 0])
     strata_key = delayed(strata, name=f"flashmm-strata-{token}", traverse=False)
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
@@ -240,12 +222,7 @@ def _graph(
             check,
             dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
         )
-    record: dict[str, Any] = {"transform": transform}
-    if transform in _SCALED_TRANSFORMS:
-        record["target_sum"] = float(target_sum)
-    record["by"] = strata.by
-    record["cells"] = strata.cells
-    record.update(provenance or {})
+    record = _record(transform, target_sum, {"by": strata.by, "cells": strata.cells}, provenance)
     names: list[dict[str, Any]] = []
     for level, design in zip(strata.levels, strata.designs, strict=True):
         names.append(
@@ -265,7 +242,7 @@ def _graph(
             }
         )
     graph = delayed(_assemble_strata, pure=True)(
-        _tree(parts, f"flashmm-strata-sum-{token}", split_every),
+        _tree_sum(parts, f"flashmm-strata-sum-{token}", split_every, _sum_strata),
         strata.describe(),
         names,
         strata.by,
@@ -275,7 +252,7 @@ def _graph(
 
 
 def strata_graph(
-    expr: Any,
+    expr: _Expression,
     strata: Strata,
     *,
     transform: str = "none",
@@ -303,7 +280,7 @@ def strata_graph(
 
 
 def reduce_strata(
-    expr: Any,
+    expr: _Expression,
     strata: Strata,
     *,
     transform: str = "none",
@@ -318,22 +295,9 @@ def reduce_strata(
 
     ``progress(done, total)`` is called after each block on the local schedulers.
     """
-    from dask.callbacks import Callback
-
     graph, total = _graph(
         expr, strata, transform, target_sum, split_every, check, provenance, chains
     )
     source = str(getattr(expr, "source", "the expression data"))
-    if progress is None:
-        return _compute(graph, source)  # type: ignore[return-value]
-    done = 0
-
-    def _posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-        nonlocal done
-        if isinstance(key, str) and key.startswith(_BLOCK_PREFIX):
-            done += 1
-            progress(done, total)
-
-    with Callback(posttask=_posttask):
-        stats = _compute(graph, source)
-    return stats  # type: ignore[return-value]
+    stats: StratifiedStats = compute_counted(graph, total, source, progress)
+    return stats

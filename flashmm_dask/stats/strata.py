@@ -11,6 +11,7 @@ stores are written under a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -67,19 +68,10 @@ class StratifiedStats(Mapping[str, SummaryStats]):
 
     def with_provenance(self, extra: Mapping[str, Any]) -> StratifiedStats:
         """A copy whose strata's provenance also holds ``extra``."""
-        out = {}
-        for level, stats in self.stats.items():
-            out[level] = SummaryStats(
-                **{k: getattr(stats, k) for k in ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")},
-                n=stats.n,
-                d=stats.d,
-                covariates=stats.covariates,
-                random=stats.random,
-                components=stats.components,
-                features=stats.features,
-                provenance={**stats.provenance, **extra},
-                nnz=stats.nnz,
-            )
+        out = {
+            level: dataclasses.replace(stats, provenance={**stats.provenance, **extra})
+            for level, stats in self.stats.items()
+        }
         return StratifiedStats(out, self.by, self.groups, self.info)
 
     @property
