@@ -4,52 +4,31 @@ The inputs follow the R package's orientation (ALGORITHM.md)::
 
     XX (p, p)   XY (p, m)   ZX (q, p)   ZY (q, m)   ZZ (q, q)   Ynorm (m,)   n
 
-They are checked and converted once, here; the batched numerics in
-:mod:`flashmm_dask.numerics` then run on blocks of features (feature axis first).
+They are checked and converted once, here, with the names of their pandas labels, and the
+shared terms of (XX, ZX, ZZ) are prepared; the fitting core
+(:func:`flashmm_dask.model.core.fit_features`, which a run's workers call directly) then
+fits blocks of features (feature axis first).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
 
-from flashmm_dask.errors import ConvergenceWarning, DesignError, InputError, ZeroFeatureWarning
+from flashmm_dask.errors import ConvergenceWarning, InputError, ZeroFeatureWarning
+from flashmm_dask.model.core import FitOptions, Keep, default_threads, fit_features, prepare_terms
 from flashmm_dask.model.fit import LmmFit
-from flashmm_dask.model.status import converged as converged_rule
-from flashmm_dask.model.status import finite_features, no_residual_variation, status_codes
-from flashmm_dask.numerics.boundary import constrain
-from flashmm_dask.numerics.fisher import (
-    METHODS,
-    NotPositiveDefiniteError,
-    fit_theta,
-    prepare,
-)
-from flashmm_dask.numerics.fixed import fixed_effects
-from flashmm_dask.numerics.inference import t_pvalues
+from flashmm_dask.numerics.fisher import METHODS
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.satterthwaite import (
-    DF_METHODS,
-    contrast_gradient,
-    cov_jacobian,
-    df_from_gradient,
-    theta_vcov,
-)
-from flashmm_dask.stats.summary import summary_shapes
+from flashmm_dask.numerics.satterthwaite import DF_METHODS
+from flashmm_dask.stats.summary import SummaryStats, summary_shapes
 
 logger = logging.getLogger(__name__)
-
-#: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
-_GENERAL_BLOCK_VALUES = 2**19
-_SPECTRAL_BLOCK = 4096
 
 
 def _labels(obj: Any, axis: int) -> list[str] | None:
@@ -246,7 +225,7 @@ def lmm(
         raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
     if not isinstance(nonnegative, (bool, np.bool_)):
         raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
-    _threads(n_threads)
+    threads = _threads(n_threads)
 
     arrays = {
         "XX": _as_matrix("XX", XX, 2),
@@ -296,34 +275,27 @@ def lmm(
     K = len(sizes)
     t0 = _theta0(theta0, K, m)
 
-    try:
-        shared = prepare(arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method)
-    except NotPositiveDefiniteError as exc:
-        names = ", ".join(repr(covariates[j]) for j in exc.aliased) or "(could not tell which)"
-        raise DesignError(
-            f"X is not full column rank (X'X is not positive definite): aliased columns "
-            f"{names}; remove them from the fixed-effects design"
-        ) from None
-
-    satterthwaite = df_method == "satterthwaite"
-    fit = _fit_blocks(
-        shared,
-        arrays,
-        t0,
-        max_iter,
-        epsilon,
-        n_threads,
-        df_method,
-        keep=_Keep(
+    shared = prepare_terms(
+        arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method, covariates
+    )
+    options = FitOptions(
+        df=df_method,
+        nonnegative=bool(nonnegative),
+        max_iter=int(max_iter),
+        epsilon=float(epsilon),
+        n_threads=threads,
+        keep=Keep(
             cov=output_cov,
             fim=output_fim,
             re=output_re,
             jac=output_cov if output_jac is None else bool(output_jac),
         ),
-        nonnegative=bool(nonnegative),
-        L=None if satterthwaite_contrasts is None else np.asarray(satterthwaite_contrasts, float),
+        contrasts=None
+        if satterthwaite_contrasts is None
+        else np.asarray(satterthwaite_contrasts, float),
     )
-    fitted = fit.pop("fitted")
+    fit = fit_features(shared, arrays["XY"], arrays["ZY"], arrays["Ynorm"], options, t0)
+    fitted = fit["fitted"]
     n_zero = int(m - fitted.sum())
     if n_zero and warn_zero:
         warnings.warn(
@@ -332,10 +304,7 @@ def lmm(
             ZeroFeatureWarning,
             stacklevel=2,
         )
-    finite, constant = finite_features(fit), fit["constant"] == 1.0
-    # a constant or non-finite feature has no optimum to converge to
-    converged = fitted & (fit["converged"] == 1.0) & finite & ~constant
-    status = status_codes(fit["niter"], converged, finite, constant, fit["theta"])
+    converged = fit["converged"]
     n_bad = int(fitted.sum() - converged.sum())
     if n_bad:
         log = logger.warning if verbose else logger.debug
@@ -348,7 +317,7 @@ def lmm(
             )
 
     df_t: float | Array = float(n_cells - p)
-    if satterthwaite:
+    if df_method == "satterthwaite":
         df_t = fit["df"].T
         n_nan = int(np.sum(np.isnan(df_t[:, fitted])))
         if n_nan:
@@ -389,150 +358,35 @@ def lmm(
         vcov_theta=fit.get("vcov_theta"),
         jac_cov=fit.get("jac_cov"),
         contrast_df=fit["contrast_df"].T if "contrast_df" in fit else None,
-        status=status,
+        status=fit["status"],
         nonnegative=bool(nonnegative),
+    )
+
+
+def lmm_summary(stats: SummaryStats, **kwargs: Any) -> LmmFit:
+    """:func:`lmm` of a :class:`~flashmm_dask.stats.summary.SummaryStats`, keeping its names
+    (covariates, random effects, components, features); keyword arguments go to :func:`lmm`.
+
+    :func:`flashmm_dask.lmm_stats` adds the design check; the tests of
+    :mod:`flashmm_dask.model.lrt` fit reduced statistics with this.
+    """
+    cov, ran, feat = list(stats.covariates), list(stats.random), list(stats.features)
+    return lmm(
+        pd.DataFrame(np.asarray(stats.XX), index=cov, columns=cov),
+        pd.DataFrame(np.asarray(stats.XY), index=cov, columns=feat),
+        pd.DataFrame(np.asarray(stats.ZX), index=ran, columns=cov),
+        pd.DataFrame(np.asarray(stats.ZY), index=ran, columns=feat),
+        pd.DataFrame(np.asarray(stats.ZZ), index=ran, columns=ran),
+        pd.Series(np.asarray(stats.Ynorm), index=feat),
+        stats.n,
+        dict(zip(stats.components, stats.d, strict=True)),
+        **kwargs,
     )
 
 
 def _threads(n_threads: int | None) -> int:
     if n_threads is None:
-        return max(1, min(os.cpu_count() or 1, 8))
+        return default_threads()
     if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
         raise InputError(f"n_threads must be a positive integer or None; got {n_threads!r}")
     return n_threads
-
-
-@dataclass(frozen=True)
-class _Keep:
-    """Which optional per-feature outputs :func:`_fit_blocks` keeps."""
-
-    cov: bool = True
-    fim: bool = False
-    re: bool = False
-    jac: bool = True
-
-
-def _fit_blocks(
-    shared,
-    arrays: dict[str, np.ndarray],
-    theta0: np.ndarray | None,
-    max_iter: int,
-    epsilon: float,
-    n_threads: int | None,
-    df_method: str = "residual",
-    keep: _Keep = _Keep(),
-    nonnegative: bool = False,
-    L: np.ndarray | None = None,
-) -> dict[str, Array]:
-    """Fit the features in blocks; features with Ynorm <= 0 get NaN.
-
-    Always returns theta, se_theta, dlogL, niter, logLik (feature axis first), coef, se, t
-    and p (m, p), ``converged`` and ``constant`` (1.0 / 0.0; NaN where not fitted, see
-    :mod:`flashmm_dask.model.status`) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and
-    RE as ``keep`` says. With ``df_method="satterthwaite"`` also the df of each coefficient
-    ("df"), and with ``keep.cov`` ``vcov_theta`` and (``keep.jac``) ``jac_cov`` (for contrasts), and
-    with ``L`` the df of those contrasts ("contrast_df", (m, c)).
-    """
-    p, q, K = shared.p, shared.q, shared.K
-    m = arrays["Ynorm"].shape[0]
-    XY = np.ascontiguousarray(arrays["XY"].T)
-    ZY = np.ascontiguousarray(arrays["ZY"].T)
-    Ynorm = arrays["Ynorm"]
-    fitted = Ynorm > 0
-    satterthwaite = df_method == "satterthwaite"
-    shapes: dict[str, tuple[int, ...]] = {
-        "theta": (K + 1,),
-        "se_theta": (K + 1,),
-        "dlogL": (K + 1,),
-        "niter": (),
-        "logLik": (),
-        "converged": (),
-        "constant": (),
-        "coef": (p,),
-        "se": (p,),
-        "t": (p,),
-    }
-    if keep.cov:
-        shapes["cov"] = (p, p)
-    if keep.fim:
-        shapes.update(FIM_theta=(K + 1, K + 1), FIM_beta=(p, p))
-    if keep.re:
-        shapes["RE"] = (q,)
-    if satterthwaite:
-        shapes["df"] = (p,)
-        if keep.cov:
-            shapes["vcov_theta"] = (K + 1, K + 1)
-            if keep.jac:
-                shapes["jac_cov"] = (K + 1, p, p)
-        if L is not None:
-            shapes["contrast_df"] = (L.shape[1],)
-    out = {k: np.empty((m, *s)) for k, s in shapes.items()}
-    for v in out.values():
-        v[~fitted] = np.nan
-    idx = np.flatnonzero(fitted)
-    block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // shared.work_values)
-    workers = _threads(n_threads)
-    # several blocks per thread keep both busy while the slowest features iterate on
-    block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block
-    df_residual = float(shared.n - p)
-
-    def fit_block(rows: np.ndarray) -> None:
-        zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
-        th = fit_theta(
-            shared,
-            zry,
-            yry,
-            theta0=None if theta0 is None else theta0[rows],
-            max_iter=max_iter,
-            epsilon=epsilon,
-        )
-        held = None
-        if nonnegative:
-            th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
-        out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
-        out["constant"][rows] = no_residual_variation(yry, Ynorm[rows])
-        fx = fixed_effects(
-            shared, XY[rows], ZY[rows], th.theta, th.logdetM0, fim=keep.fim, re=keep.re
-        )
-        for name in ("theta", "se_theta", "dlogL", "niter"):
-            out[name][rows] = getattr(th, name)
-        out["coef"][rows] = fx.coef
-        out["logLik"][rows] = fx.logLik
-        with np.errstate(invalid="ignore", divide="ignore"):
-            se = np.sqrt(np.diagonal(fx.cov, axis1=1, axis2=2))
-            t = fx.coef / se
-        out["se"][rows] = se
-        out["t"][rows] = t
-        if keep.cov:
-            out["cov"][rows] = fx.cov
-        if keep.fim:
-            out["FIM_theta"][rows] = th.FIM_theta
-            out["FIM_beta"][rows] = fx.FIM_beta
-        if keep.re:
-            out["RE"][rows] = fx.RE
-        if satterthwaite:
-            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
-            # the coefficients and the contrasts in one pass (one G' diag G product)
-            Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])
-            c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)
-            df_all = df_from_gradient(c, g, vcov_theta)
-            out["df"][rows] = df_all[:, :p]
-            if L is not None:
-                out["contrast_df"][rows] = df_all[:, p:]
-            if keep.cov:
-                out["vcov_theta"][rows] = vcov_theta
-                if keep.jac:
-                    out["jac_cov"][rows] = cov_jacobian(shared, th.theta, fx.cov)
-
-    blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
-    if workers > 1 and len(blocks) > 1:
-        # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
-        # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fit_block, blocks))
-    else:
-        for rows in blocks:
-            fit_block(rows)
-    out["p"] = t_pvalues(out["t"], out["df"] if satterthwaite else df_residual)
-    out["fitted"] = fitted
-    return out

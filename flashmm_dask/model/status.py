@@ -28,7 +28,6 @@ zero, possible only when unconstrained, as in R FLASHMM), ok.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
@@ -124,7 +123,7 @@ def no_residual_variation(yry: np.ndarray, Ynorm: np.ndarray) -> np.ndarray:
     return (Ynorm > 0) & (yry <= CONSTANT_RTOL * Ynorm)
 
 
-def finite_features(arrays: Mapping[str, Any]) -> np.ndarray:
+def finite_features(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """(m,) bool: whether coef, se, theta and logLik of each feature are all finite.
 
     ``arrays`` holds them with the feature axis first.
@@ -170,6 +169,28 @@ def status_codes(
         out[np.asarray(constant, dtype=bool)] = code["constant"]
     out[np.isnan(np.asarray(niter, dtype=np.float64))] = code["all_zero"]
     return out
+
+
+def feature_status(
+    arrays: Mapping[str, np.ndarray], fitted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``converged`` and ``status`` of the features of a fit (lmm's and the workers').
+
+    Parameters
+    ----------
+    arrays : the fit's arrays, feature axis first: coef, se, theta, logLik, niter, and
+        ``converged`` (1.0 where :func:`converged` holds) and ``constant`` (1.0 where
+        :func:`no_residual_variation` holds), NaN where not fitted
+    fitted : (m,) bool, the features that were fitted (Ynorm > 0)
+
+    Returns
+    -------
+    converged : (m,) bool;  status : (m,) int8 codes into :data:`STATUS`
+    """
+    finite, constant = finite_features(arrays), arrays["constant"] == 1.0
+    # a constant or non-finite feature has no optimum to converge to
+    done = fitted & (arrays["converged"] == 1.0) & finite & ~constant
+    return done, status_codes(arrays["niter"], done, finite, constant, arrays["theta"])
 
 
 def status_names(codes: np.ndarray) -> np.ndarray:
