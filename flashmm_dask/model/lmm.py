@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import ConvergenceWarning, InputError, ZeroFeatureWarning
 from flashmm_dask.model.core import FitOptions, Keep, default_threads, fit_features, prepare_terms
@@ -30,8 +31,11 @@ from flashmm_dask.stats.summary import SummaryStats, summary_shapes
 
 logger = logging.getLogger(__name__)
 
+#: The sizes of the random components: a sequence, a mapping name -> size, or a Series.
+Components: TypeAlias = Sequence[int] | Mapping[str, int] | pd.Series
 
-def _labels(obj: Any, axis: int) -> list[str] | None:
+
+def _labels(obj: object, axis: int) -> list[str] | None:
     if isinstance(obj, pd.DataFrame):
         return [str(x) for x in (obj.index if axis == 0 else obj.columns)]
     if isinstance(obj, pd.Series) and axis == 0:
@@ -39,7 +43,7 @@ def _labels(obj: Any, axis: int) -> list[str] | None:
     return None
 
 
-def _as_matrix(name: str, obj: Any, ndim: int) -> np.ndarray:
+def _as_matrix(name: str, obj: ArrayLike, ndim: int) -> np.ndarray:
     try:
         a = np.asarray(obj, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -77,7 +81,7 @@ def _check_finite(name: str, a: np.ndarray, features: tuple[str, ...] | None = N
     raise InputError(f"{name} contains NaN or Inf; the shared statistics must be finite")
 
 
-def _components(d: Any, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _components(d: Components | None, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     if d is None:
         return (q,), ("var1",)
     if isinstance(d, Mapping):
@@ -101,7 +105,7 @@ def _components(d: Any, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     return ints, tuple(names)
 
 
-def _theta0(theta0: Any, K: int, m: int) -> np.ndarray | None:
+def _theta0(theta0: ArrayLike | None, K: int, m: int) -> np.ndarray | None:
     if theta0 is None:
         return None
     t0 = np.asarray(theta0, dtype=np.float64)
@@ -118,19 +122,19 @@ def _theta0(theta0: Any, K: int, m: int) -> np.ndarray | None:
 
 
 def lmm(
-    XX: Any,
-    XY: Any,
-    ZX: Any,
-    ZY: Any,
-    ZZ: Any,
-    Ynorm: Any,
+    XX: ArrayLike,
+    XY: ArrayLike,
+    ZX: ArrayLike,
+    ZY: ArrayLike,
+    ZZ: ArrayLike,
+    Ynorm: ArrayLike,
     n: int,
-    d: Sequence[int] | Mapping[str, int] | None = None,
+    d: Components | None = None,
     *,
     method: str = "REML",
     df: str = "residual",
     nonnegative: bool = False,
-    theta0: Any = None,
+    theta0: ArrayLike | None = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
     output_cov: bool = True,
@@ -141,7 +145,7 @@ def lmm(
     n_threads: int | None = None,
     warn_zero: bool = True,
     output_jac: bool | None = None,
-    satterthwaite_contrasts: Any = None,
+    satterthwaite_contrasts: ArrayLike | None = None,
 ) -> LmmFit:
     """Fit linear mixed models of many features from summary statistics.
 
@@ -213,19 +217,22 @@ def lmm(
     -------
     LmmFit
     """
-    if not isinstance(method, str) or method.upper() not in METHODS:
-        raise InputError(f"unknown method {method!r}; use 'REML' or 'ML'")
-    method = method.upper()
-    if not isinstance(df, str) or df.lower() not in DF_METHODS:
-        raise InputError(f"unknown df {df!r}; use 'residual' (n - p) or 'satterthwaite'")
-    df_method = df.lower()
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
-        raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
-    if not np.isfinite(epsilon) or epsilon <= 0:
-        raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
-    if not isinstance(nonnegative, (bool, np.bool_)):
-        raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
-    threads = _threads(n_threads)
+    method = _method(method)
+    options = _options(
+        df=df,
+        nonnegative=nonnegative,
+        max_iter=max_iter,
+        epsilon=epsilon,
+        n_threads=n_threads,
+        keep=Keep(
+            cov=output_cov,
+            fim=output_fim,
+            re=output_re,
+            jac=output_cov if output_jac is None else bool(output_jac),
+        ),
+        contrasts=satterthwaite_contrasts,
+    )
+    df_method = options.df
 
     arrays = {
         "XX": _as_matrix("XX", XX, 2),
@@ -277,22 +284,6 @@ def lmm(
 
     shared = prepare_terms(
         arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method, covariates
-    )
-    options = FitOptions(
-        df=df_method,
-        nonnegative=bool(nonnegative),
-        max_iter=int(max_iter),
-        epsilon=float(epsilon),
-        n_threads=threads,
-        keep=Keep(
-            cov=output_cov,
-            fim=output_fim,
-            re=output_re,
-            jac=output_cov if output_jac is None else bool(output_jac),
-        ),
-        contrasts=None
-        if satterthwaite_contrasts is None
-        else np.asarray(satterthwaite_contrasts, float),
     )
     fit = fit_features(shared, arrays["XY"], arrays["ZY"], arrays["Ynorm"], options, t0)
     fitted = fit["fitted"]
@@ -381,6 +372,43 @@ def lmm_summary(stats: SummaryStats, **kwargs: Any) -> LmmFit:
         stats.n,
         dict(zip(stats.components, stats.d, strict=True)),
         **kwargs,
+    )
+
+
+def _method(method: str) -> str:
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise InputError(f"unknown method {method!r}; use 'REML' or 'ML'")
+    return method.upper()
+
+
+def _options(
+    *,
+    df: str,
+    nonnegative: bool,
+    max_iter: int,
+    epsilon: float,
+    n_threads: int | None,
+    keep: Keep,
+    contrasts: ArrayLike | None,
+) -> FitOptions:
+    """:func:`lmm`'s keywords, checked, as the settings of the fitting core (a new keyword
+    of ``lmm``: one parameter here and one field of :class:`FitOptions`)."""
+    if not isinstance(df, str) or df.lower() not in DF_METHODS:
+        raise InputError(f"unknown df {df!r}; use 'residual' (n - p) or 'satterthwaite'")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
+    if not np.isfinite(epsilon) or epsilon <= 0:
+        raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
+    if not isinstance(nonnegative, (bool, np.bool_)):
+        raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
+    return FitOptions(
+        df=df.lower(),
+        nonnegative=bool(nonnegative),
+        max_iter=int(max_iter),
+        epsilon=float(epsilon),
+        n_threads=_threads(n_threads),
+        keep=keep,
+        contrasts=None if contrasts is None else np.asarray(contrasts, float),
     )
 
 

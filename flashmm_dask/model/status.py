@@ -1,8 +1,9 @@
 """One convergence rule and one status per feature, for every fit (lmm, workers, stores).
 
-:func:`lmm` computes ``converged`` and ``status`` with these functions, the workers of a
-run write what ``lmm`` computed, and the results store derives a missing ``status`` from
-the same :func:`status_codes`, so that an in-process fit, a run and a resumed run agree.
+The fitting core (:func:`flashmm_dask.model.core.fit_features`, which :func:`lmm` and the
+workers of a run both call) computes ``converged`` and ``status`` with these functions
+(:func:`feature_status`), and the results store derives a missing ``status`` from the same
+:func:`status_codes`, so that an in-process fit, a run and a resumed run agree.
 
 Convergence (:func:`converged`): a fitted feature has converged when
 
