@@ -218,20 +218,9 @@ def lmm(
     LmmFit
     """
     method = _method(method)
-    options = _options(
-        df=df,
-        nonnegative=nonnegative,
-        max_iter=max_iter,
-        epsilon=epsilon,
-        n_threads=n_threads,
-        keep=Keep(
-            cov=output_cov,
-            fim=output_fim,
-            re=output_re,
-            jac=output_cov if output_jac is None else bool(output_jac),
-        ),
-        contrasts=satterthwaite_contrasts,
-    )
+    jac = output_cov if output_jac is None else bool(output_jac)
+    keep = Keep(cov=output_cov, fim=output_fim, re=output_re, jac=jac)
+    options = _options(df, nonnegative, max_iter, epsilon, n_threads, keep, satterthwaite_contrasts)
     df_method = options.df
 
     arrays = {
@@ -382,7 +371,6 @@ def _method(method: str) -> str:
 
 
 def _options(
-    *,
     df: str,
     nonnegative: bool,
     max_iter: int,
