@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from flashmm_dask.design.check import check_stats_replication
 from flashmm_dask.design.strata import plan_strata
@@ -24,7 +23,7 @@ from flashmm_dask.errors import DesignError, InputError
 from flashmm_dask.io.readers import read_expression
 from flashmm_dask.keywords import check_keywords, keyword_names
 from flashmm_dask.model.fit import LmmFit
-from flashmm_dask.model.lmm import lmm
+from flashmm_dask.model.lmm import lmm, lmm_summary
 from flashmm_dask.run.steps import checked_design, checked_expression, resolve_transform, with_pcs
 from flashmm_dask.stats.reduce import reduce_stats
 from flashmm_dask.stats.reduce_strata import reduce_strata
@@ -63,19 +62,7 @@ def lmm_stats(stats: SummaryStats, *, check_design: bool = True, **kwargs: Any) 
     """
     if check_design:
         check_stats_replication(stats)
-    cov, ran, feat = list(stats.covariates), list(stats.random), list(stats.features)
-    d = dict(zip(stats.components, stats.d, strict=True))
-    return lmm(
-        pd.DataFrame(np.asarray(stats.XX), index=cov, columns=cov),
-        pd.DataFrame(np.asarray(stats.XY), index=cov, columns=feat),
-        pd.DataFrame(np.asarray(stats.ZX), index=ran, columns=cov),
-        pd.DataFrame(np.asarray(stats.ZY), index=ran, columns=feat),
-        pd.DataFrame(np.asarray(stats.ZZ), index=ran, columns=ran),
-        pd.Series(np.asarray(stats.Ynorm), index=feat),
-        stats.n,
-        d,
-        **kwargs,
-    )
+    return lmm_summary(stats, **kwargs)
 
 
 def _lmm_keywords() -> list[str]:

@@ -7,14 +7,19 @@ FIM_beta, FIM_theta) carry the feature axis first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from flashmm_dask.model.status import status_names
 from flashmm_dask.numerics.linalg import Array
+
+if TYPE_CHECKING:  # imported when used: a fit needs neither
+    import xarray as xr
+    from anndata import AnnData
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,10 +136,10 @@ class LmmFit:
 
     def to_anndata(
         self,
-        adata: Any,
+        adata: AnnData,
         *,
         key: str = "flashmm",
-        contrasts: Any = None,
+        contrasts: Mapping[str, str] | Sequence[str] | str | None = None,
         params: dict[str, Any] | None = None,
     ) -> None:
         """Write the results into ``adata.varm`` and the parameters into ``adata.uns[key]``.
@@ -148,7 +153,7 @@ class LmmFit:
 
         write_results(adata, self, key=key, contrasts=contrasts, params=params)
 
-    def to_xarray(self):
+    def to_xarray(self) -> xr.Dataset:
         """The fit as an ``xarray.Dataset`` with the feature dimension first."""
         import xarray as xr
 

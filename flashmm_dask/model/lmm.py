@@ -4,55 +4,38 @@ The inputs follow the R package's orientation (ALGORITHM.md)::
 
     XX (p, p)   XY (p, m)   ZX (q, p)   ZY (q, m)   ZZ (q, q)   Ynorm (m,)   n
 
-They are checked and converted once, here; the batched numerics in
-:mod:`flashmm_dask.numerics` then run on blocks of features (feature axis first).
+They are checked and converted once, here, with the names of their pandas labels, and the
+shared terms of (XX, ZX, ZZ) are prepared; the fitting core
+(:func:`flashmm_dask.model.core.fit_features`, which a run's workers call directly) then
+fits blocks of features (feature axis first).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits
+from numpy.typing import ArrayLike
 
-from flashmm_dask.errors import ConvergenceWarning, DesignError, InputError, ZeroFeatureWarning
+from flashmm_dask.errors import ConvergenceWarning, InputError, ZeroFeatureWarning
+from flashmm_dask.model.core import FitOptions, Keep, default_threads, fit_features, prepare_terms
 from flashmm_dask.model.fit import LmmFit
-from flashmm_dask.model.status import converged as converged_rule
-from flashmm_dask.model.status import finite_features, no_residual_variation, status_codes
-from flashmm_dask.numerics.boundary import constrain
-from flashmm_dask.numerics.fisher import (
-    METHODS,
-    NotPositiveDefiniteError,
-    fit_theta,
-    prepare,
-)
-from flashmm_dask.numerics.fixed import fixed_effects
-from flashmm_dask.numerics.inference import t_pvalues
+from flashmm_dask.numerics.fisher import METHODS
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.satterthwaite import (
-    DF_METHODS,
-    contrast_gradient,
-    cov_jacobian,
-    df_from_gradient,
-    theta_vcov,
-)
-from flashmm_dask.stats.summary import summary_shapes
+from flashmm_dask.numerics.satterthwaite import DF_METHODS
+from flashmm_dask.stats.summary import SummaryStats, summary_shapes
 
 logger = logging.getLogger(__name__)
 
-#: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
-_GENERAL_BLOCK_VALUES = 2**19
-_SPECTRAL_BLOCK = 4096
+#: The sizes of the random components: a sequence, a mapping name -> size, or a Series.
+Components: TypeAlias = Sequence[int] | Mapping[str, int] | pd.Series
 
 
-def _labels(obj: Any, axis: int) -> list[str] | None:
+def _labels(obj: object, axis: int) -> list[str] | None:
     if isinstance(obj, pd.DataFrame):
         return [str(x) for x in (obj.index if axis == 0 else obj.columns)]
     if isinstance(obj, pd.Series) and axis == 0:
@@ -60,7 +43,7 @@ def _labels(obj: Any, axis: int) -> list[str] | None:
     return None
 
 
-def _as_matrix(name: str, obj: Any, ndim: int) -> np.ndarray:
+def _as_matrix(name: str, obj: ArrayLike, ndim: int) -> np.ndarray:
     try:
         a = np.asarray(obj, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -98,7 +81,7 @@ def _check_finite(name: str, a: np.ndarray, features: tuple[str, ...] | None = N
     raise InputError(f"{name} contains NaN or Inf; the shared statistics must be finite")
 
 
-def _components(d: Any, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _components(d: Components | None, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     if d is None:
         return (q,), ("var1",)
     if isinstance(d, Mapping):
@@ -122,7 +105,7 @@ def _components(d: Any, q: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     return ints, tuple(names)
 
 
-def _theta0(theta0: Any, K: int, m: int) -> np.ndarray | None:
+def _theta0(theta0: ArrayLike | None, K: int, m: int) -> np.ndarray | None:
     if theta0 is None:
         return None
     t0 = np.asarray(theta0, dtype=np.float64)
@@ -139,19 +122,19 @@ def _theta0(theta0: Any, K: int, m: int) -> np.ndarray | None:
 
 
 def lmm(
-    XX: Any,
-    XY: Any,
-    ZX: Any,
-    ZY: Any,
-    ZZ: Any,
-    Ynorm: Any,
+    XX: ArrayLike,
+    XY: ArrayLike,
+    ZX: ArrayLike,
+    ZY: ArrayLike,
+    ZZ: ArrayLike,
+    Ynorm: ArrayLike,
     n: int,
-    d: Sequence[int] | Mapping[str, int] | None = None,
+    d: Components | None = None,
     *,
     method: str = "REML",
     df: str = "residual",
     nonnegative: bool = False,
-    theta0: Any = None,
+    theta0: ArrayLike | None = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
     output_cov: bool = True,
@@ -162,7 +145,7 @@ def lmm(
     n_threads: int | None = None,
     warn_zero: bool = True,
     output_jac: bool | None = None,
-    satterthwaite_contrasts: Any = None,
+    satterthwaite_contrasts: ArrayLike | None = None,
 ) -> LmmFit:
     """Fit linear mixed models of many features from summary statistics.
 
@@ -234,19 +217,11 @@ def lmm(
     -------
     LmmFit
     """
-    if not isinstance(method, str) or method.upper() not in METHODS:
-        raise InputError(f"unknown method {method!r}; use 'REML' or 'ML'")
-    method = method.upper()
-    if not isinstance(df, str) or df.lower() not in DF_METHODS:
-        raise InputError(f"unknown df {df!r}; use 'residual' (n - p) or 'satterthwaite'")
-    df_method = df.lower()
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
-        raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
-    if not np.isfinite(epsilon) or epsilon <= 0:
-        raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
-    if not isinstance(nonnegative, (bool, np.bool_)):
-        raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
-    _threads(n_threads)
+    method = _method(method)
+    jac = output_cov if output_jac is None else bool(output_jac)
+    keep = Keep(cov=output_cov, fim=output_fim, re=output_re, jac=jac)
+    options = _options(df, nonnegative, max_iter, epsilon, n_threads, keep, satterthwaite_contrasts)
+    df_method = options.df
 
     arrays = {
         "XX": _as_matrix("XX", XX, 2),
@@ -296,34 +271,11 @@ def lmm(
     K = len(sizes)
     t0 = _theta0(theta0, K, m)
 
-    try:
-        shared = prepare(arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method)
-    except NotPositiveDefiniteError as exc:
-        names = ", ".join(repr(covariates[j]) for j in exc.aliased) or "(could not tell which)"
-        raise DesignError(
-            f"X is not full column rank (X'X is not positive definite): aliased columns "
-            f"{names}; remove them from the fixed-effects design"
-        ) from None
-
-    satterthwaite = df_method == "satterthwaite"
-    fit = _fit_blocks(
-        shared,
-        arrays,
-        t0,
-        max_iter,
-        epsilon,
-        n_threads,
-        df_method,
-        keep=_Keep(
-            cov=output_cov,
-            fim=output_fim,
-            re=output_re,
-            jac=output_cov if output_jac is None else bool(output_jac),
-        ),
-        nonnegative=bool(nonnegative),
-        L=None if satterthwaite_contrasts is None else np.asarray(satterthwaite_contrasts, float),
+    shared = prepare_terms(
+        arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method, covariates
     )
-    fitted = fit.pop("fitted")
+    fit = fit_features(shared, arrays["XY"], arrays["ZY"], arrays["Ynorm"], options, t0)
+    fitted = fit["fitted"]
     n_zero = int(m - fitted.sum())
     if n_zero and warn_zero:
         warnings.warn(
@@ -332,10 +284,7 @@ def lmm(
             ZeroFeatureWarning,
             stacklevel=2,
         )
-    finite, constant = finite_features(fit), fit["constant"] == 1.0
-    # a constant or non-finite feature has no optimum to converge to
-    converged = fitted & (fit["converged"] == 1.0) & finite & ~constant
-    status = status_codes(fit["niter"], converged, finite, constant, fit["theta"])
+    converged = fit["converged"]
     n_bad = int(fitted.sum() - converged.sum())
     if n_bad:
         log = logger.warning if verbose else logger.debug
@@ -348,7 +297,7 @@ def lmm(
             )
 
     df_t: float | Array = float(n_cells - p)
-    if satterthwaite:
+    if df_method == "satterthwaite":
         df_t = fit["df"].T
         n_nan = int(np.sum(np.isnan(df_t[:, fitted])))
         if n_nan:
@@ -389,150 +338,71 @@ def lmm(
         vcov_theta=fit.get("vcov_theta"),
         jac_cov=fit.get("jac_cov"),
         contrast_df=fit["contrast_df"].T if "contrast_df" in fit else None,
-        status=status,
+        status=fit["status"],
         nonnegative=bool(nonnegative),
+    )
+
+
+def lmm_summary(stats: SummaryStats, **kwargs: Any) -> LmmFit:
+    """:func:`lmm` of a :class:`~flashmm_dask.stats.summary.SummaryStats`, keeping its names
+    (covariates, random effects, components, features); keyword arguments go to :func:`lmm`.
+
+    :func:`flashmm_dask.lmm_stats` adds the design check; the tests of
+    :mod:`flashmm_dask.model.lrt` fit reduced statistics with this.
+    """
+    cov, ran, feat = list(stats.covariates), list(stats.random), list(stats.features)
+    return lmm(
+        pd.DataFrame(np.asarray(stats.XX), index=cov, columns=cov),
+        pd.DataFrame(np.asarray(stats.XY), index=cov, columns=feat),
+        pd.DataFrame(np.asarray(stats.ZX), index=ran, columns=cov),
+        pd.DataFrame(np.asarray(stats.ZY), index=ran, columns=feat),
+        pd.DataFrame(np.asarray(stats.ZZ), index=ran, columns=ran),
+        pd.Series(np.asarray(stats.Ynorm), index=feat),
+        stats.n,
+        dict(zip(stats.components, stats.d, strict=True)),
+        **kwargs,
+    )
+
+
+def _method(method: str) -> str:
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        raise InputError(f"unknown method {method!r}; use 'REML' or 'ML'")
+    return method.upper()
+
+
+def _options(
+    df: str,
+    nonnegative: bool,
+    max_iter: int,
+    epsilon: float,
+    n_threads: int | None,
+    keep: Keep,
+    contrasts: ArrayLike | None,
+) -> FitOptions:
+    """:func:`lmm`'s keywords, checked, as the settings of the fitting core (a new keyword
+    of ``lmm``: one parameter here and one field of :class:`FitOptions`)."""
+    if not isinstance(df, str) or df.lower() not in DF_METHODS:
+        raise InputError(f"unknown df {df!r}; use 'residual' (n - p) or 'satterthwaite'")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        raise InputError(f"max_iter must be a non-negative integer; got {max_iter!r}")
+    if not np.isfinite(epsilon) or epsilon <= 0:
+        raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
+    if not isinstance(nonnegative, (bool, np.bool_)):
+        raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
+    return FitOptions(
+        df=df.lower(),
+        nonnegative=bool(nonnegative),
+        max_iter=int(max_iter),
+        epsilon=float(epsilon),
+        n_threads=_threads(n_threads),
+        keep=keep,
+        contrasts=None if contrasts is None else np.asarray(contrasts, float),
     )
 
 
 def _threads(n_threads: int | None) -> int:
     if n_threads is None:
-        return max(1, min(os.cpu_count() or 1, 8))
+        return default_threads()
     if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
         raise InputError(f"n_threads must be a positive integer or None; got {n_threads!r}")
     return n_threads
-
-
-@dataclass(frozen=True)
-class _Keep:
-    """Which optional per-feature outputs :func:`_fit_blocks` keeps."""
-
-    cov: bool = True
-    fim: bool = False
-    re: bool = False
-    jac: bool = True
-
-
-def _fit_blocks(
-    shared,
-    arrays: dict[str, np.ndarray],
-    theta0: np.ndarray | None,
-    max_iter: int,
-    epsilon: float,
-    n_threads: int | None,
-    df_method: str = "residual",
-    keep: _Keep = _Keep(),
-    nonnegative: bool = False,
-    L: np.ndarray | None = None,
-) -> dict[str, Array]:
-    """Fit the features in blocks; features with Ynorm <= 0 get NaN.
-
-    Always returns theta, se_theta, dlogL, niter, logLik (feature axis first), coef, se, t
-    and p (m, p), ``converged`` and ``constant`` (1.0 / 0.0; NaN where not fitted, see
-    :mod:`flashmm_dask.model.status`) and the mask ``fitted``; cov, FIM_beta with FIM_theta, and
-    RE as ``keep`` says. With ``df_method="satterthwaite"`` also the df of each coefficient
-    ("df"), and with ``keep.cov`` ``vcov_theta`` and (``keep.jac``) ``jac_cov`` (for contrasts), and
-    with ``L`` the df of those contrasts ("contrast_df", (m, c)).
-    """
-    p, q, K = shared.p, shared.q, shared.K
-    m = arrays["Ynorm"].shape[0]
-    XY = np.ascontiguousarray(arrays["XY"].T)
-    ZY = np.ascontiguousarray(arrays["ZY"].T)
-    Ynorm = arrays["Ynorm"]
-    fitted = Ynorm > 0
-    satterthwaite = df_method == "satterthwaite"
-    shapes: dict[str, tuple[int, ...]] = {
-        "theta": (K + 1,),
-        "se_theta": (K + 1,),
-        "dlogL": (K + 1,),
-        "niter": (),
-        "logLik": (),
-        "converged": (),
-        "constant": (),
-        "coef": (p,),
-        "se": (p,),
-        "t": (p,),
-    }
-    if keep.cov:
-        shapes["cov"] = (p, p)
-    if keep.fim:
-        shapes.update(FIM_theta=(K + 1, K + 1), FIM_beta=(p, p))
-    if keep.re:
-        shapes["RE"] = (q,)
-    if satterthwaite:
-        shapes["df"] = (p,)
-        if keep.cov:
-            shapes["vcov_theta"] = (K + 1, K + 1)
-            if keep.jac:
-                shapes["jac_cov"] = (K + 1, p, p)
-        if L is not None:
-            shapes["contrast_df"] = (L.shape[1],)
-    out = {k: np.empty((m, *s)) for k, s in shapes.items()}
-    for v in out.values():
-        v[~fitted] = np.nan
-    idx = np.flatnonzero(fitted)
-    block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // shared.work_values)
-    workers = _threads(n_threads)
-    # several blocks per thread keep both busy while the slowest features iterate on
-    block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block
-    df_residual = float(shared.n - p)
-
-    def fit_block(rows: np.ndarray) -> None:
-        zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
-        th = fit_theta(
-            shared,
-            zry,
-            yry,
-            theta0=None if theta0 is None else theta0[rows],
-            max_iter=max_iter,
-            epsilon=epsilon,
-        )
-        held = None
-        if nonnegative:
-            th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
-        out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
-        out["constant"][rows] = no_residual_variation(yry, Ynorm[rows])
-        fx = fixed_effects(
-            shared, XY[rows], ZY[rows], th.theta, th.logdetM0, fim=keep.fim, re=keep.re
-        )
-        for name in ("theta", "se_theta", "dlogL", "niter"):
-            out[name][rows] = getattr(th, name)
-        out["coef"][rows] = fx.coef
-        out["logLik"][rows] = fx.logLik
-        with np.errstate(invalid="ignore", divide="ignore"):
-            se = np.sqrt(np.diagonal(fx.cov, axis1=1, axis2=2))
-            t = fx.coef / se
-        out["se"][rows] = se
-        out["t"][rows] = t
-        if keep.cov:
-            out["cov"][rows] = fx.cov
-        if keep.fim:
-            out["FIM_theta"][rows] = th.FIM_theta
-            out["FIM_beta"][rows] = fx.FIM_beta
-        if keep.re:
-            out["RE"][rows] = fx.RE
-        if satterthwaite:
-            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
-            # the coefficients and the contrasts in one pass (one G' diag G product)
-            Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])
-            c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)
-            df_all = df_from_gradient(c, g, vcov_theta)
-            out["df"][rows] = df_all[:, :p]
-            if L is not None:
-                out["contrast_df"][rows] = df_all[:, p:]
-            if keep.cov:
-                out["vcov_theta"][rows] = vcov_theta
-                if keep.jac:
-                    out["jac_cov"][rows] = cov_jacobian(shared, th.theta, fx.cov)
-
-    blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
-    if workers > 1 and len(blocks) > 1:
-        # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
-        # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fit_block, blocks))
-    else:
-        for rows in blocks:
-            fit_block(rows)
-    out["p"] = t_pvalues(out["t"], out["df"] if satterthwaite else df_residual)
-    out["fitted"] = fitted
-    return out

@@ -10,23 +10,30 @@ fit's summary statistics (``output_ss=True``), which gives the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeAlias, cast
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import InputError
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.numerics import inference
 from flashmm_dask.numerics.fisher import prepare
-from flashmm_dask.numerics.inference import ALTERNATIVES, P_ADJUST_METHODS, contrast_tests
+from flashmm_dask.numerics.inference import ALTERNATIVES, P_ADJUST_METHODS, contrast_test
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.satterthwaite import DF_METHODS, satterthwaite_df, satterthwaite_terms
 
+#: Coefficients by name or position (0-based): one, or several.
+Index: TypeAlias = str | int | np.integer | Iterable[str | int | np.integer]
+#: Contrasts: a (p, c) matrix (a DataFrame indexed by coefficient names, or an array), or
+#: contrast strings (one, a list, or a mapping name -> expression).
+Contrast: TypeAlias = str | Mapping[str, str] | Sequence[str] | pd.DataFrame | ArrayLike
 
-def _index_matrix(index: Any, covariates: tuple[str, ...]) -> pd.DataFrame:
+
+def _index_matrix(index: Index, covariates: tuple[str, ...]) -> pd.DataFrame:
     items = [index] if isinstance(index, (str, int, np.integer)) else list(index)
     if not items:
         raise InputError("index selects no coefficient; give names or positions of coefficients")
@@ -51,11 +58,13 @@ def _index_matrix(index: Any, covariates: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(L, index=list(covariates), columns=[covariates[j] for j in positions])
 
 
-def _contrast_frame(contrast: Any, covariates: tuple[str, ...]) -> pd.DataFrame:
+def _contrast_frame(contrast: Contrast, covariates: tuple[str, ...]) -> pd.DataFrame:
     if isinstance(contrast, (str, Mapping)) or (
         isinstance(contrast, Sequence) and all(isinstance(c, str) for c in contrast)
     ):
-        return contrast_matrix(contrast, covariates)
+        # a mapping or a sequence of strings: contrast strings, as the check just found
+        strings = cast("str | Mapping[str, str] | Sequence[str]", contrast)
+        return contrast_matrix(strings, covariates)
     if isinstance(contrast, pd.DataFrame):
         missing = [str(x) for x in contrast.index if str(x) not in covariates]
         if missing:
@@ -79,6 +88,14 @@ def _contrast_frame(contrast: Any, covariates: tuple[str, ...]) -> pd.DataFrame:
     return pd.DataFrame(
         L, index=list(covariates), columns=[f"contrast{j + 1}" for j in range(L.shape[1])]
     )
+
+
+def check_alternative(alternative: str) -> None:
+    """Refuse an alternative hypothesis other than two.sided, less and greater."""
+    if alternative not in ALTERNATIVES:
+        raise InputError(
+            f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}"
+        )
 
 
 def satterthwaite_inputs(fit: LmmFit) -> tuple[Array, Array]:
@@ -109,8 +126,8 @@ def satterthwaite_inputs(fit: LmmFit) -> tuple[Array, Array]:
 
 def lmmtest(
     fit: LmmFit,
-    index: Any = None,
-    contrast: Any = None,
+    index: Index | None = None,
+    contrast: Contrast | None = None,
     alternative: str = "two.sided",
     *,
     df: str | None = None,
@@ -146,10 +163,7 @@ def lmmtest(
         columns come before the p-values; with ``p_adjust``, ``<name>_padj``
         columns after them.
     """
-    if alternative not in ALTERNATIVES:
-        raise InputError(
-            f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}"
-        )
+    check_alternative(alternative)
     if fit.cov is None:
         raise InputError("the fit has no covariance matrices; refit with output_cov=True")
     df_method = fit.df_method if df is None else df
@@ -172,13 +186,13 @@ def lmmtest(
         dfs: Array | float = satterthwaite_df(fit.cov, jac_cov, vcov_theta, Lm)
     else:
         dfs = float(fit.n - len(fit.covariates))
-    effect, t, p = contrast_tests(fit.coef.T, fit.cov, Lm, dfs, alternative)
-    blocks: dict[str, Array] = {"coef": effect, "t": t}
+    test = contrast_test(fit.coef.T, fit.cov, Lm, dfs, alternative)
+    blocks: dict[str, Array] = {"coef": test.effect, "t": test.t}
     if df_method == "satterthwaite":
-        blocks["df"] = np.asarray(dfs)
-    blocks["p"] = p
+        blocks["df"] = test.df
+    blocks["p"] = test.p
     if p_adjust is not None:
-        blocks["padj"] = inference.p_adjust(p, p_adjust, axis=0)
+        blocks["padj"] = inference.p_adjust(test.p, p_adjust, axis=0)
     columns = [f"{c}_{kind}" for kind in blocks for c in names]
     return pd.DataFrame(
         np.concatenate(list(blocks.values()), axis=1), index=list(fit.features), columns=columns

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ import pandas as pd
 
 from flashmm_dask.errors import InputError
 from flashmm_dask.model.fit import LmmFit
-from flashmm_dask.model.lmm import lmm
+from flashmm_dask.model.lmm import lmm_summary
 from flashmm_dask.numerics import inference
 from flashmm_dask.numerics.inference import P_ADJUST_METHODS
 from flashmm_dask.numerics.loglik import (
@@ -49,85 +49,44 @@ from flashmm_dask.stats.summary import SummaryStats
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Stats:
-    """Summary statistics in the R orientation (XY is p x m, ZY is q x m), with names.
-
-    Unlike :class:`~flashmm_dask.stats.summary.SummaryStats` this allows K = 0 random components:
-    the reduced model of a one-component likelihood-ratio test has none.
-    """
-
-    XX: np.ndarray
-    XY: np.ndarray
-    ZX: np.ndarray
-    ZY: np.ndarray
-    ZZ: np.ndarray
-    Ynorm: np.ndarray
-    n: int
-    d: tuple[int, ...]
-    covariates: tuple[str, ...]
-    random: tuple[str, ...]
-    components: tuple[str, ...]
-    features: tuple[str, ...]
-
-    def fit(self, method: str, **kwargs: Any) -> LmmFit:
-        """:func:`lmm` of these statistics, keeping their names."""
-        kwargs.setdefault("warn_zero", False)
-        cov, ran, feat = list(self.covariates), list(self.random), list(self.features)
-        return lmm(
-            pd.DataFrame(self.XX, index=cov, columns=cov),
-            pd.DataFrame(self.XY, index=cov, columns=feat),
-            pd.DataFrame(self.ZX, index=ran, columns=cov),
-            pd.DataFrame(self.ZY, index=ran, columns=feat),
-            pd.DataFrame(self.ZZ, index=ran, columns=ran),
-            pd.Series(self.Ynorm, index=feat),
-            self.n,
-            dict(zip(self.components, self.d, strict=True)),
-            method=method,
-            output_cov=False,
-            **kwargs,
-        )
-
-    def without_component(self, k: int) -> _Stats:
-        edges = np.concatenate([[0], np.cumsum(self.d)])
-        keep = np.r_[0 : edges[k], edges[k + 1] : edges[-1]]
-        return replace(
-            self,
-            ZX=self.ZX[keep],
-            ZY=self.ZY[keep],
-            ZZ=self.ZZ[np.ix_(keep, keep)],
-            random=tuple(self.random[j] for j in keep),
-            d=self.d[:k] + self.d[k + 1 :],
-            components=self.components[:k] + self.components[k + 1 :],
-        )
-
-    def without_covariates(self, drop: Sequence[str]) -> _Stats:
-        keep = [j for j, c in enumerate(self.covariates) if c not in set(drop)]
-        return replace(
-            self,
-            XX=self.XX[np.ix_(keep, keep)],
-            XY=self.XY[keep],
-            ZX=self.ZX[:, keep],
-            covariates=tuple(self.covariates[j] for j in keep),
-        )
+def _fit(stats: SummaryStats, method: str, **kwargs: Any) -> LmmFit:
+    """:func:`~flashmm_dask.model.lmm.lmm` of statistics, keeping their names (no covariances)."""
+    kwargs.setdefault("warn_zero", False)
+    return lmm_summary(stats, method=method, output_cov=False, **kwargs)
 
 
-def _as_stats(data: Any, what: str) -> _Stats:
+def _without_component(stats: SummaryStats, k: int) -> SummaryStats | None:
+    """The statistics without random component k; None when no component is left (the
+    reduced model is then ordinary least squares)."""
+    if len(stats.d) == 1:
+        return None
+    edges = np.concatenate([[0], np.cumsum(stats.d)])
+    keep = np.r_[0 : edges[k], edges[k + 1] : edges[-1]]
+    return replace(
+        stats,
+        ZX=stats.ZX[keep],
+        ZY=stats.ZY[keep],
+        ZZ=stats.ZZ[np.ix_(keep, keep)],
+        random=tuple(stats.random[j] for j in keep),
+        d=stats.d[:k] + stats.d[k + 1 :],
+        components=stats.components[:k] + stats.components[k + 1 :],
+    )
+
+
+def _without_covariates(stats: SummaryStats, drop: Sequence[str]) -> SummaryStats:
+    keep = [j for j, c in enumerate(stats.covariates) if c not in set(drop)]
+    return replace(
+        stats,
+        XX=stats.XX[np.ix_(keep, keep)],
+        XY=stats.XY[keep],
+        ZX=stats.ZX[:, keep],
+        covariates=tuple(stats.covariates[j] for j in keep),
+    )
+
+
+def _as_stats(data: LmmFit | SummaryStats, what: str) -> SummaryStats:
     if isinstance(data, SummaryStats):
-        return _Stats(
-            XX=np.asarray(data.XX),
-            XY=np.asarray(data.XY),
-            ZX=np.asarray(data.ZX),
-            ZY=np.asarray(data.ZY),
-            ZZ=np.asarray(data.ZZ),
-            Ynorm=np.asarray(data.Ynorm),
-            n=int(data.n),
-            d=tuple(int(x) for x in data.d),
-            covariates=tuple(data.covariates),
-            random=tuple(data.random),
-            components=tuple(data.components),
-            features=tuple(data.features),
-        )
+        return data
     if isinstance(data, LmmFit):
         ss = data.summary_data
         if ss is None:
@@ -136,15 +95,8 @@ def _as_stats(data: Any, what: str) -> _Stats:
                 "did not keep them: refit with lmm(..., output_ss=True), or pass the "
                 "SummaryStats"
             )
-        return _Stats(
-            XX=np.asarray(ss["XX"]),
-            XY=np.asarray(ss["XY"]),
-            ZX=np.asarray(ss["ZX"]),
-            ZY=np.asarray(ss["ZY"]),
-            ZZ=np.asarray(ss["ZZ"]),
-            Ynorm=np.asarray(ss["Ynorm"]),
-            n=int(ss["n"]),
-            d=tuple(int(x) for x in ss["d"]),
+        return SummaryStats(
+            **{name: ss[name] for name in ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm", "n", "d")},
             covariates=data.covariates,
             random=data.random,
             components=data.components[:-1],
@@ -161,7 +113,9 @@ def _check_p_adjust(method: str | None) -> None:
         )
 
 
-def _component_positions(components: Any, names: tuple[str, ...]) -> list[int]:
+def _component_positions(
+    components: str | Sequence[str] | None, names: tuple[str, ...]
+) -> list[int]:
     if components is None:
         return list(range(len(names)))
     items = [components] if isinstance(components, str) else list(components)
@@ -207,7 +161,7 @@ def vctest(
     ``c_lrt_padj`` with ``p_adjust``.
     """
     _check_p_adjust(p_adjust)
-    stats: _Stats | None = None
+    stats: SummaryStats | None = None
     if isinstance(data, LmmFit):
         full = data
         if lrt:
@@ -217,7 +171,7 @@ def vctest(
             raise InputError(f"the fit is {full.method}; the reduced fits must use the same method")
     else:
         stats = _as_stats(data, "vctest")
-        full = stats.fit(fit_kwargs.pop("method", "REML"), **fit_kwargs)
+        full = _fit(stats, fit_kwargs.pop("method", "REML"), **fit_kwargs)
         fit_kwargs.setdefault("epsilon", full.epsilon)
     names = full.components[:-1]
     positions = _component_positions(components, names)
@@ -232,9 +186,9 @@ def vctest(
             out[f"{c}_z_padj"] = inference.p_adjust(zp, p_adjust)
         if stats is None:
             continue
-        reduced = stats.without_component(k)
-        if reduced.d:
-            red = reduced.fit(full.method, **fit_kwargs)
+        reduced = _without_component(stats, k)
+        if reduced is not None:
+            red = _fit(reduced, full.method, **fit_kwargs)
             ll0 = red.logLik
             converged &= red.converged | np.isnan(red.niter)
         else:
@@ -312,12 +266,12 @@ def lrt_fixed(
         else:
             if isinstance(full, LmmFit):
                 logger.info("lrt_fixed: refitting the %s fit by ML", full.method)
-            fit_full = stats.fit("ML", **fit_kwargs)
-        fit_red = stats.without_covariates(dropped).fit("ML", **fit_kwargs)
+            fit_full = _fit(stats, "ML", **fit_kwargs)
+        fit_red = _fit(_without_covariates(stats, dropped), "ML", **fit_kwargs)
     df = len(fit_full.covariates) - len(fit_red.covariates)
     stat = lr_statistic(fit_full.logLik, fit_red.logLik)
     p = chi2_pvalue(stat, df)
-    out: dict[str, Any] = {
+    out: dict[str, np.ndarray] = {
         "logLik_full": fit_full.logLik,
         "logLik_reduced": fit_red.logLik,
         "chisq": stat,

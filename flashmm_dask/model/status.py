@@ -1,8 +1,9 @@
 """One convergence rule and one status per feature, for every fit (lmm, workers, stores).
 
-:func:`lmm` computes ``converged`` and ``status`` with these functions, the workers of a
-run write what ``lmm`` computed, and the results store derives a missing ``status`` from
-the same :func:`status_codes`, so that an in-process fit, a run and a resumed run agree.
+The fitting core (:func:`flashmm_dask.model.core.fit_features`, which :func:`lmm` and the
+workers of a run both call) computes ``converged`` and ``status`` with these functions
+(:func:`feature_status`), and the results store derives a missing ``status`` from the same
+:func:`status_codes`, so that an in-process fit, a run and a resumed run agree.
 
 Convergence (:func:`converged`): a fitted feature has converged when
 
@@ -28,7 +29,6 @@ zero, possible only when unconstrained, as in R FLASHMM), ok.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
@@ -124,7 +124,7 @@ def no_residual_variation(yry: np.ndarray, Ynorm: np.ndarray) -> np.ndarray:
     return (Ynorm > 0) & (yry <= CONSTANT_RTOL * Ynorm)
 
 
-def finite_features(arrays: Mapping[str, Any]) -> np.ndarray:
+def finite_features(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """(m,) bool: whether coef, se, theta and logLik of each feature are all finite.
 
     ``arrays`` holds them with the feature axis first.
@@ -170,6 +170,28 @@ def status_codes(
         out[np.asarray(constant, dtype=bool)] = code["constant"]
     out[np.isnan(np.asarray(niter, dtype=np.float64))] = code["all_zero"]
     return out
+
+
+def feature_status(
+    arrays: Mapping[str, np.ndarray], fitted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``converged`` and ``status`` of the features of a fit (lmm's and the workers').
+
+    Parameters
+    ----------
+    arrays : the fit's arrays, feature axis first: coef, se, theta, logLik, niter, and
+        ``converged`` (1.0 where :func:`converged` holds) and ``constant`` (1.0 where
+        :func:`no_residual_variation` holds), NaN where not fitted
+    fitted : (m,) bool, the features that were fitted (Ynorm > 0)
+
+    Returns
+    -------
+    converged : (m,) bool;  status : (m,) int8 codes into :data:`STATUS`
+    """
+    finite, constant = finite_features(arrays), arrays["constant"] == 1.0
+    # a constant or non-finite feature has no optimum to converge to
+    done = fitted & (arrays["converged"] == 1.0) & finite & ~constant
+    return done, status_codes(arrays["niter"], done, finite, constant, arrays["theta"])
 
 
 def status_names(codes: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ Student's t with ``df`` degrees of freedom: two-sided 2 P(T > |t|), "less" P(T <
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import scipy.stats
 
@@ -29,10 +31,21 @@ def t_pvalues(t: Array, df: Array | float, alternative: str = "two.sided") -> Ar
     raise ValueError(f"unknown alternative {alternative!r}")
 
 
-def contrast_tests(
+class ContrastTest(NamedTuple):
+    """Tests of c contrasts for m features: effect, se, t, df and p, each (m, c)."""
+
+    effect: Array
+    se: Array
+    t: Array
+    df: Array
+    p: Array
+
+
+def contrast_test(
     coef: Array, cov: Array, L: Array, df: Array | float, alternative: str = "two.sided"
-) -> tuple[Array, Array, Array]:
-    """Effects, t statistics and p-values of contrasts for a block of features.
+) -> ContrastTest:
+    """The t-tests of contrasts L'b for a block of features: the one inference function of
+    :func:`flashmm_dask.lmmtest`, the workers of a run and ``flashmm-dask test``.
 
     Parameters
     ----------
@@ -44,13 +57,27 @@ def contrast_tests(
 
     Returns
     -------
-    effect, t, p : (m, c) arrays
+    ContrastTest of (m, c) arrays; se = sqrt(diag(L' cov L)), t = effect / se.
     """
     effect = coef @ L
-    var = np.einsum("pc,mpk,kc->mc", L, cov, L)
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = effect / np.sqrt(var)
-    return effect, t, t_pvalues(t, df, alternative)
+        se = np.sqrt(np.einsum("pc,mpk,kc->mc", L, cov, L))
+        t = effect / se
+    return ContrastTest(
+        effect=effect,
+        se=se,
+        t=t,
+        df=np.broadcast_to(np.asarray(df, dtype=np.float64), effect.shape),
+        p=t_pvalues(t, df, alternative),
+    )
+
+
+def contrast_tests(
+    coef: Array, cov: Array, L: Array, df: Array | float, alternative: str = "two.sided"
+) -> tuple[Array, Array, Array]:
+    """(effect, t, p) of :func:`contrast_test`, for callers that need neither se nor df."""
+    test = contrast_test(coef, cov, L, df, alternative)
+    return test.effect, test.t, test.p
 
 
 def p_adjust(p: Array, method: str = "BH", axis: int = 0) -> Array:

@@ -3,7 +3,7 @@
 The store keeps every feature's coefficients and their covariance matrices (``cov``), so
 any contrast L of the coefficients is tested from them alone: effect = L'b,
 se = sqrt(diag(L' cov L)), t = effect / se
-(:func:`~flashmm_dask.numerics.inference.contrast_tests`).
+(:func:`~flashmm_dask.numerics.inference.contrast_test`, as the workers of a run test theirs).
 
 Degrees of freedom: a store fitted with the residual df (n - p) gives them to every
 contrast. Satterthwaite's df of a new contrast need, per feature, the inverse observed
@@ -25,11 +25,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import InputError, StoreError
 from flashmm_dask.io.results import open_results
-from flashmm_dask.numerics.inference import ALTERNATIVES, contrast_tests, p_adjust
+from flashmm_dask.model.fit import LmmFit
+from flashmm_dask.model.lmm import lmm, lmm_summary
+from flashmm_dask.model.lmmtest import check_alternative, satterthwaite_inputs
+from flashmm_dask.numerics.inference import contrast_test, p_adjust
+from flashmm_dask.numerics.satterthwaite import satterthwaite_df
+from flashmm_dask.stats.summary import SummaryStats
 
 #: Values per block of the Satterthwaite refit's per-feature arrays (jac_cov, cov...).
 REFIT_BLOCK_VALUES = 2**24
@@ -62,10 +68,7 @@ def retest(
     DataFrame, one row per feature and contrast: feature, term, coef, se, t, df, p, padj
     (Benjamini-Hochberg within a contrast), converged, niter.
     """
-    if alternative not in ALTERNATIVES:
-        raise InputError(
-            f"unknown alternative {alternative!r}; use one of {', '.join(ALTERNATIVES)}"
-        )
+    check_alternative(alternative)
     if not contrasts:
         raise InputError("no contrast given; pass name=expression, e.g. 'B-A=trtB - trtA'")
     ds = open_results(store, storage_options=storage_options)
@@ -88,10 +91,8 @@ def retest(
         df = satterthwaite_contrast_df(ds, Lm, path, storage_options=storage_options)
     else:
         raise InputError(f"{store} was fitted with unknown degrees of freedom {df_method!r}")
-    effect, t, p = contrast_tests(coef, cov, Lm, df, alternative)
-    with np.errstate(invalid="ignore"):
-        se = np.sqrt(np.einsum("pc,mpk,kc->mc", Lm, cov, Lm))
-    padj = p_adjust(p, "BH", axis=0)
+    test = contrast_test(coef, cov, Lm, df, alternative)
+    padj = p_adjust(test.p, "BH", axis=0)
     features = [str(f) for f in ds["feature"].values]
     frames = []
     for j, name in enumerate(L.columns):
@@ -100,11 +101,11 @@ def retest(
                 {
                     "feature": features,
                     "term": name,
-                    "coef": effect[:, j],
-                    "se": se[:, j],
-                    "t": t[:, j],
-                    "df": df[:, j],
-                    "p": p[:, j],
+                    "coef": test.effect[:, j],
+                    "se": test.se[:, j],
+                    "t": test.t[:, j],
+                    "df": test.df[:, j],
+                    "p": test.p[:, j],
                     "padj": padj[:, j],
                     "converged": ds["converged"].values,
                     "niter": ds["niter"].values,
@@ -125,10 +126,8 @@ def run_stats(store: str, config: Mapping[str, Any]) -> str:
     return str(Path(text).parent / STATS)
 
 
-def _lmm_options(ds: Any) -> dict[str, Any]:
+def _lmm_options(ds: xr.Dataset) -> dict[str, Any]:
     """The run's fit settings that :func:`flashmm_dask.model.lmm` takes (method, max_iter...)."""
-    from flashmm_dask.model.lmm import lmm
-
     model = dict(ds.attrs.get("config", {}).get("model", {}))
     model.setdefault("method", ds.attrs.get("method", "REML"))
     accepted = set(inspect.signature(lmm).parameters) - {"df", "theta0"}
@@ -136,7 +135,7 @@ def _lmm_options(ds: Any) -> dict[str, Any]:
 
 
 def satterthwaite_contrast_df(
-    ds: Any, L: np.ndarray, stats: str, *, storage_options: Mapping[str, Any] | None = None
+    ds: xr.Dataset, L: np.ndarray, stats: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> np.ndarray:
     """Satterthwaite's df of contrasts L for every feature of an opened results store.
 
@@ -162,11 +161,6 @@ def satterthwaite_contrast_df(
         Statistics that are not the run's: other features or covariates, or a refit that
         does not reproduce the stored coefficients and df.
     """
-    from flashmm_dask.api import lmm_stats
-    from flashmm_dask.model.lmmtest import satterthwaite_inputs
-    from flashmm_dask.numerics.satterthwaite import satterthwaite_df
-    from flashmm_dask.stats.summary import SummaryStats
-
     try:
         summary = SummaryStats.load(stats, storage_options=storage_options)
     except StoreError as exc:
@@ -192,9 +186,8 @@ def satterthwaite_contrast_df(
     out = np.empty((len(features), L.shape[1]))
     for start in range(0, len(features), block):
         rows = slice(start, start + block)
-        fit = lmm_stats(
+        fit = lmm_summary(
             summary.subset(np.arange(len(features))[rows]),
-            check_design=False,
             df="satterthwaite",
             output_cov=True,
             warn_zero=False,
@@ -208,7 +201,7 @@ def satterthwaite_contrast_df(
     return out
 
 
-def _check_reproduced(fit: Any, coef: np.ndarray, df: np.ndarray, stats: str) -> None:
+def _check_reproduced(fit: LmmFit, coef: np.ndarray, df: np.ndarray, stats: str) -> None:
     """Refuse statistics whose refit differs from the stored coefficients or df."""
     tol = REPRODUCE_RTOL * (np.abs(coef) + fit.se.T)
     with np.errstate(invalid="ignore"):

@@ -1,13 +1,17 @@
 """The task a Dask worker runs on one block of features: fit, test contrasts, write.
 
 The shared part of the model (XX, ZX, ZZ, n, d, the method and the contrast matrix) is a
-:class:`SharedModel`, scattered to the workers once; each task receives only its block's
-per-feature statistics (XY, ZY, Ynorm), fits them with :func:`flashmm_dask.model.lmm.lmm` on one
-thread, tests the contrasts, and writes block b of the results store itself, so nothing
-but a small :class:`BlockReport` travels back to the driver.
+:class:`SharedModel`, built on the driver, where its shared terms are checked and prepared
+once (:func:`flashmm_dask.model.core.prepare_terms`), and scattered to the workers once;
+each task receives only its block's per-feature statistics (XY, ZY, Ynorm), fits them with
+the fitting core (:func:`flashmm_dask.model.core.fit_features`, the one
+:func:`~flashmm_dask.model.lmm.lmm` calls) on one thread, tests the contrasts
+(:func:`~flashmm_dask.numerics.inference.contrast_test`), and writes block b of the results
+store itself, so nothing but a small :class:`BlockReport` travels back to the driver.
 
-Each feature's ``converged`` and ``status`` are :func:`~flashmm_dask.model.lmm.lmm`'s, computed by
-:mod:`flashmm_dask.model.status` (one rule for in-process fits, runs and resumed runs).
+Each feature's ``converged`` and ``status`` are those of
+:func:`flashmm_dask.model.status.feature_status` (one rule for in-process fits, runs and
+resumed runs).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from flashmm_dask.io.results import write_block
-from flashmm_dask.model.lmm import lmm
-from flashmm_dask.numerics.inference import contrast_tests
+from flashmm_dask.model.core import FitOptions, Keep, fit_features, prepare_terms
+from flashmm_dask.numerics.fisher import SharedTerms
+from flashmm_dask.numerics.inference import contrast_test
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +43,9 @@ class SharedModel:
     store : results store path or URL;  storage_options : for fsspec URLs
     df : "residual" (n - p) or "satterthwaite": the degrees of freedom of the t-tests
     nonnegative : constrain the variance components to be >= 0 (lme4's fit)
+    terms : the prepared shared terms of (XX, ZX, ZZ, n, d, method); prepared when the
+        model is built unless given for these very inputs (as ``dataclasses.replace`` of a
+        model's other settings gives them)
     """
 
     XX: np.ndarray
@@ -55,6 +63,36 @@ class SharedModel:
     storage_options: dict[str, Any] = field(default_factory=dict)
     df: str = "residual"
     nonnegative: bool = False
+    terms: SharedTerms | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("XX", "ZX", "ZZ", "L"):  # float64, as lmm's checks make them
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        # prepared here, on the driver, once: the workers receive the terms with the model
+        if self.terms is None or not self._prepared_here(self.terms):
+            terms = prepare_terms(self.XX, self.ZX, self.ZZ, self.n, self.d, self.method)
+            object.__setattr__(self, "terms", terms)
+
+    def _prepared_here(self, terms: SharedTerms) -> bool:
+        """Whether ``terms`` were prepared from this model's shared statistics."""
+        same = terms.XX is self.XX and terms.ZX is self.ZX and terms.ZZ is self.ZZ
+        return same and (terms.n, tuple(terms.d), terms.method) == (
+            float(self.n),
+            tuple(self.d),
+            self.method,
+        )
+
+    def fit_options(self) -> FitOptions:
+        """The settings of the fit of every block: one thread, the covariances kept."""
+        return FitOptions(
+            df=self.df,
+            nonnegative=bool(self.nonnegative),
+            max_iter=int(self.max_iter),
+            epsilon=float(self.epsilon),
+            n_threads=1,
+            keep=Keep(cov=True, fim=False, re=False, jac=False),
+            contrasts=self.L if self.L.shape[1] else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,7 +106,9 @@ class BlockReport:
     seconds: float
 
 
-def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.ndarray) -> dict:
+def block_arrays(
+    model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.ndarray
+) -> dict[str, np.ndarray]:
     """Fit one block and return the per-block arrays of the results store.
 
     Parameters
@@ -79,60 +119,29 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
     -------
     dict of arrays with the feature axis first, keyed by results-store variable names.
     """
-    fit = lmm(
-        model.XX,
-        XY,
-        model.ZX,
-        ZY,
-        model.ZZ,
-        Ynorm,
-        model.n,
-        list(model.d),
-        method=model.method,
-        df=model.df,
-        nonnegative=model.nonnegative,
-        max_iter=model.max_iter,
-        epsilon=model.epsilon,
-        output_cov=True,
-        output_fim=False,
-        output_jac=False,
-        satterthwaite_contrasts=model.L if model.L.shape[1] else None,
-        n_threads=1,
-        warn_zero=False,
+    assert model.terms is not None  # set when the model was built
+    options = model.fit_options()
+    fit = fit_features(
+        model.terms,
+        np.asarray(XY, dtype=np.float64),
+        np.asarray(ZY, dtype=np.float64),
+        np.asarray(Ynorm, dtype=np.float64),
+        options,
     )
-    assert fit.status is not None
-    arrays: dict[str, np.ndarray] = {
-        "coef": fit.coef.T,
-        "se": fit.se.T,
-        "t": fit.t.T,
-        "p": fit.p.T,
-        "df": fit.df_array().T.copy(),
-        "theta": fit.theta.T,
-        "se_theta": fit.se_theta.T,
-        "dlogL": fit.dlogL.T,
-        "logLik": fit.logLik,
-        "niter": fit.niter,
-        "converged": fit.converged,
-        "status": fit.status,
-    }
-    assert fit.cov is not None
+    names = ("coef", "se", "t", "p", "df", "theta", "se_theta", "dlogL", "logLik", "niter")
+    arrays = {name: fit[name] for name in (*names, "converged", "status")}
     if model.store_cov:
-        arrays["cov"] = fit.cov
+        arrays["cov"] = fit["cov"]
     if model.L.shape[1]:
-        if fit.df_method == "satterthwaite":
-            assert fit.contrast_df is not None
-            df = fit.contrast_df.T
-        else:
-            df = np.full((Ynorm.shape[0], model.L.shape[1]), float(fit.df))
-        coef, t, p = contrast_tests(fit.coef.T, fit.cov, model.L, df, model.alternative)
-        with np.errstate(invalid="ignore"):
-            se = np.sqrt(np.einsum("pc,mpk,kc->mc", model.L, fit.cov, model.L))
+        satterthwaite = options.df == "satterthwaite"
+        df = fit["contrast_df"] if satterthwaite else fit["df"][:, :1]
+        test = contrast_test(fit["coef"], fit["cov"], model.L, df, model.alternative)
         arrays.update(
-            contrast_coef=coef,
-            contrast_se=se,
-            contrast_t=t,
-            contrast_p=p,
-            contrast_df=df,
+            contrast_coef=test.effect,
+            contrast_se=test.se,
+            contrast_t=test.t,
+            contrast_p=test.p,
+            contrast_df=np.array(test.df),
         )
     return arrays
 

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import scipy.sparse as sp
+from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import InputError
 from flashmm_dask.stats.store import (
@@ -56,9 +57,11 @@ def summary_shapes(p: int, q: int, m: int) -> dict[str, tuple[int, ...]]:
 
 
 _NAMES = ("covariates", "random", "components", "features")
+#: Features by name, by integer position (negative counts from the end) or by a boolean mask.
+FeatureSelection: TypeAlias = str | Sequence[str] | Sequence[int] | np.ndarray
 
 
-def _names(values: Any, what: str) -> tuple[str, ...]:
+def _names(values: str | Iterable[object], what: str) -> tuple[str, ...]:
     if isinstance(values, str):
         raise InputError(f"{what} must be a sequence of names, not the single string {values!r}")
     return tuple(str(v) for v in values)
@@ -82,7 +85,7 @@ def _dense(matrix: Any) -> np.ndarray:
     return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
 
 
-def _describe_difference(what: str, left: tuple[Any, ...], right: tuple[Any, ...]) -> str:
+def _describe_difference(what: str, left: tuple[object, ...], right: tuple[object, ...]) -> str:
     if len(left) != len(right):
         return f"{what}: {len(left)} on the left, {len(right)} on the right"
     i = next(k for k, (a, b) in enumerate(zip(left, right, strict=True)) if a != b)
@@ -166,7 +169,7 @@ class SummaryStats:
             object.__setattr__(self, "nnz", nnz)
 
     @staticmethod
-    def _check_n(n: Any) -> int:
+    def _check_n(n: object) -> int:
         if isinstance(n, bool) or not isinstance(n, int | np.integer | float | np.floating):
             raise InputError(f"n must be a non-negative integer number of cells, got {n!r}")
         if n != int(n) or n < 0:
@@ -174,7 +177,7 @@ class SummaryStats:
         return int(n)
 
     @staticmethod
-    def _check_d(d: Any) -> tuple[int, ...]:
+    def _check_d(d: ArrayLike) -> tuple[int, ...]:
         try:
             sizes = tuple(int(k) for k in np.atleast_1d(np.asarray(d)))
         except (TypeError, ValueError):
@@ -232,7 +235,7 @@ class SummaryStats:
     @classmethod
     def from_arrays(
         cls,
-        X: Any,
+        X: ArrayLike,
         Y: Any,
         Z: Any,
         d: Sequence[int] | None = None,
@@ -379,7 +382,7 @@ class SummaryStats:
             return self
         return NotImplemented
 
-    def subset(self, features: Any) -> SummaryStats:
+    def subset(self, features: FeatureSelection) -> SummaryStats:
         """The statistics of a subset of the features, in the order given.
 
         Parameters
@@ -410,7 +413,7 @@ class SummaryStats:
             nnz=None if self.nnz is None else self.nnz[index],
         )
 
-    def _feature_positions(self, features: Any) -> np.ndarray:
+    def _feature_positions(self, features: FeatureSelection) -> np.ndarray:
         if isinstance(features, str):
             features = [features]
         sel = np.asarray(features)
