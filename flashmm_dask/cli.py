@@ -253,6 +253,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _test(args: argparse.Namespace) -> int:
     from flashmm_dask.errors import InputError
     from flashmm_dask.io.outputs import refuse_foreign, register
+    from flashmm_dask.io.writing import staged
     from flashmm_dask.run.retest import retest
 
     contrasts = {}
@@ -271,12 +272,11 @@ def _test(args: argparse.Namespace) -> int:
     if not args.out:  # the run's output folder: its contrasts.csv is the package's
         refuse_foreign(out.parent, [out.name], overwrite=False)
         register(out.parent, [out.name])
-    tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    else:
-        table.to_csv(tmp, index=False)
-    tmp.replace(out)
+    with staged(out) as tmp:
+        if out.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
     significant = table.groupby("term")["padj"].apply(lambda s: int((s < 0.05).sum()))
     for term, count in significant.items():
         print(f"{term}: {count} features with padj < 0.05")
@@ -318,12 +318,9 @@ def _stop_on_sigterm() -> None:
 
 
 def _version() -> str:
-    from importlib import metadata
+    from flashmm_dask.io.writing import package_version
 
-    try:
-        return metadata.version("flashmm-dask")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return package_version()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

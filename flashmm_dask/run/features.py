@@ -53,7 +53,8 @@ def read_var_column(data: Any, column: str, storage_options: Mapping[str, Any] |
     """
     import anndata as ad
 
-    from flashmm_dask.io._stores import locate, open_hdf5, open_zarr, store_kind
+    from flashmm_dask.io._stores import open_hdf5, open_zarr, store_kind
+    from flashmm_dask.io.paths import locate
 
     if isinstance(data, ad.AnnData):
         var = data.var

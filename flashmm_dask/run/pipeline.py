@@ -30,7 +30,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from flashmm_dask.io.results import (
     open_results,
     read_store_attrs,
 )
+from flashmm_dask.io.writing import package_versions
 from flashmm_dask.run.cluster import open_client
 from flashmm_dask.run.config import require_model
 from flashmm_dask.run.output import (
@@ -70,8 +70,6 @@ from flashmm_dask.run.worker import BlockReport, SharedModel, fit_block
 from flashmm_dask.stats.summary import SummaryStats
 
 logger = logging.getLogger(__name__)
-
-VERSIONED = ("flashmm-dask", "numpy", "scipy", "dask", "distributed", "zarr", "anndata")
 
 
 @dataclass(frozen=True)
@@ -143,13 +141,7 @@ _STATUS_ADVICE = {
 
 def versions() -> dict[str, str]:
     """Versions of the package and the dependencies that shape its numbers."""
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return package_versions(missing="not installed")
 
 
 def auto_block_size(m: int, p: int, q: int, K: int, n_workers: int) -> int:
