@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, BinaryIO, Literal, TypeAlias, cast
 
 import anndata as ad
 import dask.array as da
@@ -93,7 +93,7 @@ def _read_magic(loc: Location) -> bytes:
 
 
 @contextmanager
-def _open_binary(loc: Location) -> Iterator[Any]:
+def _open_binary(loc: Location) -> Iterator[BinaryIO]:
     if loc.local:
         with open(loc.url, "rb") as handle:
             yield handle

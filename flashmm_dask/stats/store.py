@@ -38,16 +38,25 @@ def save_stats(
     attrs = stats._attrs()
     loc = locate(path, storage_options, error=StoreError)
     if loc.local:
-        save_local(loc.url, overwrite, lambda tmp: stats._write_group(str(tmp), attrs, {}))
+
+        def write(tmp: Path) -> None:
+            stats._write_group(str(tmp), attrs, {})
+
+        save_local(loc.url, overwrite, write, shown=loc.shown)
     else:
         _save_remote(stats, loc, attrs, overwrite)
     logger.info("wrote summary statistics (n=%d, m=%d) to %s", stats.n, stats.m, path)
 
 
 def save_local(
-    path: str | os.PathLike[str], overwrite: bool, write: Callable[[Path], object]
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    write: Callable[[Path], object],
+    *,
+    shown: str | None = None,
 ) -> None:
-    """``write(tmp)`` a statistics store, staged into place at the local ``path``.
+    """``write(tmp)`` a statistics store, staged into place at the local ``path``
+    (``shown`` in messages, default ``path``).
 
     Raises
     ------
@@ -56,13 +65,14 @@ def save_local(
         store, or the write fails (``path`` then holds what it held before).
     """
     target = Path(path)
+    shown = os.fspath(path) if shown is None else shown
     if target.exists() or target.is_symlink():
-        _refuse_replace(str(path), overwrite, _is_stats_store(locate(target)))
+        _refuse_replace(shown, overwrite, _is_stats_store(locate(target)))
     try:
         with staged(target) as tmp:
             write(tmp)
     except Exception as exc:
-        raise StoreError(f"could not write summary statistics to {path}: {exc}") from exc
+        raise StoreError(f"could not write summary statistics to {shown}: {exc}") from exc
 
 
 def _save_remote(
