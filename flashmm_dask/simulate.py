@@ -70,7 +70,7 @@ import logging
 import math
 import os
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,10 +242,13 @@ def simulate_to_store(
     params = _validate(locals())
     _check_positive_int("chunk_cells", chunk_cells)
     _check_positive_int("store_chunk_cells", store_chunk_cells)
-    model = _build_model(params, n_threads)
-    meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
-    chunks = _iter_chunks(model, chunk_cells, n_threads)
-    write_streamed(target, fmt, meta, chunks, chunk_cells=store_chunk_cells, overwrite=overwrite)
+
+    def content() -> tuple[ad.AnnData, Iterator[sp.csr_matrix]]:
+        model = _build_model(params, n_threads)
+        meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
+        return meta, _iter_chunks(model, chunk_cells, n_threads)
+
+    write_streamed(target, fmt, content, chunk_cells=store_chunk_cells, overwrite=overwrite)
     logger.info("simulated %d cells x %d genes into %s", n_cells, n_genes, target)
     return target
 

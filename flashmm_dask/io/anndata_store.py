@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -82,8 +82,7 @@ def write_store(
 def write_streamed(
     path: Path,
     fmt: StoreFormat,
-    meta: ad.AnnData,
-    chunks: Iterator[sp.csr_matrix],
+    content: Callable[[], tuple[ad.AnnData, Iterator[sp.csr_matrix]]],
     *,
     chunk_cells: int,
     overwrite: bool,
@@ -94,13 +93,14 @@ def write_streamed(
     ----------
     path : the ".zarr" folder or ".h5ad" file to write
     fmt : its format
-    meta : obs, var and uns of the store (no X)
-    chunks : the rows of X, consecutive CSR chunks; drawn one at a time, so memory holds
-        one chunk
+    content : called once ``path`` may be written: returns the store's obs, var and uns
+        (an AnnData without X) and the rows of X in consecutive CSR chunks, drawn one at
+        a time (memory holds one chunk)
     chunk_cells : cells per Zarr chunk of X's data and indices
     overwrite : replace a store at ``path``; otherwise refuse
     """
     with staged(path, overwrite=overwrite, parents=False) as tmp:
+        meta, chunks = content()
         if fmt == "zarr":
             group = create_zarr_root(tmp)
             ad.io.write_elem(group, "/", meta)
