@@ -102,9 +102,9 @@ def load_summary(
     """Read statistics written by :func:`save_stats` (see :meth:`SummaryStats.load`)."""
     import zarr
 
-    options = dict(storage_options or {})
     try:
-        group = zarr.open_group(str(path), mode="r", storage_options=options or None)
+        loc = locate(path, storage_options, error=StoreError)
+        group = zarr.open_group(loc.url, mode="r", storage_options=loc.options or None)
     except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(
             f"no summary-statistics store at {path}: {exc}; write one with SummaryStats.save()"
