@@ -42,7 +42,8 @@ def plain_write_seconds(store: Path, path: Path) -> tuple[float, float]:
     import anndata as ad
     import zarr
 
-    from flashmm_dask.io.anndata_store import append_x, create_zarr_root, staged
+    from flashmm_dask.io.anndata_store import append_x, create_zarr_root
+    from flashmm_dask.io.writing import staged
 
     root = zarr.open_group(str(store), mode="r")
     X = ad.io.sparse_dataset(root["X"])

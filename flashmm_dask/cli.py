@@ -261,12 +261,9 @@ def _stop_on_sigterm() -> None:
 
 
 def _version() -> str:
-    from importlib import metadata
+    from flashmm_dask.io.writing import package_version
 
-    try:
-        return metadata.version("flashmm-dask")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return package_version()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,8 +70,8 @@ import logging
 import math
 import os
 import string
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -81,22 +81,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from flashmm_dask.errors import InputError
-from flashmm_dask.io.anndata_store import (
-    StoreFormat,
-    append_x,
-    create_zarr_root,
-    staged,
-    store_format,
-    write_store,
-)
-from flashmm_dask.simulate_blocks import (
-    RNG_BLOCK_CELLS,
-    _block_libsize,
-    _iter_chunks,
-    _libsize_groups,
-    _map_blocks,
-    _Model,
-)
+from flashmm_dask.io.anndata_store import StoreFormat, store_format, write_store, write_streamed
+from flashmm_dask.io.writing import package_version
+from flashmm_dask.simulate_blocks import RNG_BLOCK_CELLS, _iter_chunks, _Model, draw_libsize
 
 __all__ = ["RNG_BLOCK_CELLS", "simulate_rnaseq", "simulate_to_store", "write_store"]
 
@@ -104,7 +91,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "flashmm_dask.simulate"
 FORMAT_VERSION = 1
-#: Upper bound on the elements of one zarr chunk of X (compressors cap a buffer at 2 GiB).
 _STREAMS = ("genes", "metadata", "de", "random_effects", "libsize", "counts")
 _PER_GENE_ARGUMENTS = ("gene_mean", "dispersion", "dtype")  # recorded in var, or by name
 
@@ -192,22 +178,7 @@ def simulate_rnaseq(
         ``uns["simulation"]`` the parameters, the seed and the true random effects
         (``random_effects``, n_subjects x n_genes, rows in the order of ``sam``'s levels).
     """
-    params = _validate(
-        n_genes=n_genes,
-        n_cells=n_cells,
-        n_samples=n_samples,
-        n_celltypes=n_celltypes,
-        n_treatments=n_treatments,
-        n_de_genes=n_de_genes,
-        minbeta=minbeta,
-        maxbeta=maxbeta,
-        direction=direction,
-        var_randomeffects=var_randomeffects,
-        gene_mean=gene_mean,
-        dispersion=dispersion,
-        seed=seed,
-        dtype=dtype,
-    )
+    params = _validate(locals())
     _check_positive_int("chunk_cells", chunk_cells)
     model = _build_model(params, n_threads)
     chunks = list(_iter_chunks(model, chunk_cells, n_threads))
@@ -258,10 +229,8 @@ def simulate_to_store(
         gene means), so lower it for many genes.
     store_chunk_cells : int
         X's data and indices are chunked to hold about this many cells' non-zeros.
-    format : {"zarr", "h5ad"}, optional
-        Default: from the suffix of ``path``.
-    overwrite : bool
-        Replace an existing store at ``path``; otherwise refuse.
+    format, overwrite
+        As in :func:`~flashmm_dask.io.anndata_store.write_store`.
 
     Returns
     -------
@@ -270,41 +239,16 @@ def simulate_to_store(
     """
     target = Path(path)
     fmt = store_format(target, format)
-    params = _validate(
-        n_genes=n_genes,
-        n_cells=n_cells,
-        n_samples=n_samples,
-        n_celltypes=n_celltypes,
-        n_treatments=n_treatments,
-        n_de_genes=n_de_genes,
-        minbeta=minbeta,
-        maxbeta=maxbeta,
-        direction=direction,
-        var_randomeffects=var_randomeffects,
-        gene_mean=gene_mean,
-        dispersion=dispersion,
-        seed=seed,
-        dtype=dtype,
-    )
+    params = _validate(locals())
     _check_positive_int("chunk_cells", chunk_cells)
     _check_positive_int("store_chunk_cells", store_chunk_cells)
-    with staged(target, overwrite) as tmp:
+
+    def content() -> tuple[ad.AnnData, Iterator[sp.csr_matrix]]:
         model = _build_model(params, n_threads)
         meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
-        chunks = _iter_chunks(model, chunk_cells, n_threads)
-        if fmt == "zarr":
-            import zarr
+        return meta, _iter_chunks(model, chunk_cells, n_threads)
 
-            group = create_zarr_root(tmp)
-            ad.io.write_elem(group, "/", meta)
-            append_x(group, chunks, store_chunk_cells)
-            zarr.consolidate_metadata(str(tmp))
-        else:
-            import h5py
-
-            with h5py.File(tmp, "w-") as f:
-                ad.io.write_elem(f, "/", meta)
-                append_x(f, chunks, store_chunk_cells)
+    write_streamed(target, fmt, content, chunk_cells=store_chunk_cells, overwrite=overwrite)
     logger.info("simulated %d cells x %d genes into %s", n_cells, n_genes, target)
     return target
 
@@ -336,35 +280,22 @@ def _gene_vector(name: str, value: Any, n_genes: int) -> np.ndarray | None:
     return arr
 
 
-def _validate(
-    *,
-    n_genes: Any,
-    n_cells: Any,
-    n_samples: Any,
-    n_celltypes: Any,
-    n_treatments: Any,
-    n_de_genes: Any,
-    minbeta: Any,
-    maxbeta: Any,
-    direction: Any,
-    var_randomeffects: Any,
-    gene_mean: Any,
-    dispersion: Any,
-    seed: Any,
-    dtype: Any,
-) -> _Params:
-    n_genes = _check_positive_int("n_genes", n_genes)
-    n_cells = _check_positive_int("n_cells", n_cells)
-    n_celltypes = _check_positive_int("n_celltypes", n_celltypes)
-    n_treatments = _check_positive_int("n_treatments", n_treatments)
+def _validate(args: Mapping[str, Any]) -> _Params:
+    """The model's arguments (the fields of :class:`_Params`, taken by name from ``args``:
+    the caller's ``locals()``) checked, with the seed drawn when None."""
+    n_genes = _check_positive_int("n_genes", args["n_genes"])
+    n_cells = _check_positive_int("n_cells", args["n_cells"])
+    n_celltypes = _check_positive_int("n_celltypes", args["n_celltypes"])
+    n_treatments = _check_positive_int("n_treatments", args["n_treatments"])
     if n_treatments > len(string.ascii_uppercase):
         raise InputError(f"n_treatments must be <= 26 (labels A..Z), got {n_treatments}")
-    n_samples = _check_positive_int("n_samples", n_samples)
+    n_samples = _check_positive_int("n_samples", args["n_samples"])
     if n_samples < n_treatments:
         raise InputError(
             f"n_samples={n_samples} is less than n_treatments={n_treatments}; "
             "subjects are nested in treatments, so each needs one"
         )
+    n_de_genes = args["n_de_genes"]
     if n_de_genes is None:
         n_de_genes = min(n_celltypes, n_genes)
     n_de_genes = _check_positive_int("n_de_genes", n_de_genes, minimum=0)
@@ -372,9 +303,10 @@ def _validate(
         raise InputError(
             f"n_de_genes={n_de_genes} exceeds n_genes={n_genes}; lower n_de_genes or raise n_genes"
         )
-    minbeta, maxbeta = float(minbeta), float(maxbeta)
+    minbeta, maxbeta = float(args["minbeta"]), float(args["maxbeta"])
     if not (math.isfinite(minbeta) and math.isfinite(maxbeta) and minbeta < maxbeta):
         raise InputError(f"need finite minbeta < maxbeta, got {minbeta} and {maxbeta}")
+    direction = args["direction"]
     rule = {"both": minbeta * maxbeta > 0, "up": minbeta > 0, "down": maxbeta < 0}
     if direction not in rule:
         raise InputError(f"direction must be 'both', 'up' or 'down', got {direction!r}")
@@ -384,16 +316,17 @@ def _validate(
             f"direction={direction!r} needs {need[direction]}; "
             f"got minbeta={minbeta}, maxbeta={maxbeta}"
         )
-    var_randomeffects = float(var_randomeffects)
+    var_randomeffects = float(args["var_randomeffects"])
     if not (math.isfinite(var_randomeffects) and var_randomeffects >= 0):
         raise InputError(f"var_randomeffects must be finite and >= 0, got {var_randomeffects}")
+    seed = args["seed"]
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
     seed = _check_positive_int("seed", seed, minimum=0)
     try:
-        np_dtype = np.dtype(dtype)
+        np_dtype = np.dtype(args["dtype"])
     except TypeError as exc:
-        raise InputError(f"dtype {dtype!r} is not a numpy dtype; use e.g. 'int32'") from exc
+        raise InputError(f"dtype {args['dtype']!r} is not a numpy dtype; use e.g. 'int32'") from exc
     if np_dtype.kind not in "iuf":
         raise InputError(f"dtype must be an integer or floating dtype for counts, got {np_dtype}")
     return _Params(
@@ -407,8 +340,8 @@ def _validate(
         maxbeta=maxbeta,
         direction=direction,
         var_randomeffects=var_randomeffects,
-        gene_mean=_gene_vector("gene_mean", gene_mean, n_genes),
-        dispersion=_gene_vector("dispersion", dispersion, n_genes),
+        gene_mean=_gene_vector("gene_mean", args["gene_mean"], n_genes),
+        dispersion=_gene_vector("dispersion", args["dispersion"], n_genes),
         seed=seed,
         dtype=np_dtype,
     )
@@ -451,11 +384,7 @@ def _build_model(params: _Params, n_threads: int) -> _Model:
     sd = math.sqrt(params.var_randomeffects)
     random_effects = rng("random_effects").normal(0.0, sd, size=(len(sam_levels), m))
 
-    shape, scale = _libsize_groups(mu, phi)
-    blocks = _map_blocks(
-        lambda k: _block_libsize(streams["libsize"], k, n, shape, scale), n, n_threads
-    )
-    libsize = np.concatenate(list(blocks))
+    libsize = draw_libsize(streams["libsize"], n, mu, phi, n_threads)
     log_lib = np.log(libsize)
     log_lib_mean = float(log_lib.mean())
     base = np.exp(np.log(mu)[None, :] + random_effects)
@@ -488,7 +417,7 @@ def _build_model(params: _Params, n_threads: int) -> _Model:
     simulation = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "model": "simuRNAseq (R FLASHMM 1.3.0): negative binomial counts",
         **arguments,
         "dtype": params.dtype.name,
@@ -547,10 +476,3 @@ def _draw_de(
         beta *= 2 * rng.binomial(1, 0.5, n_de) - 1
     genes = np.arange(params.n_genes - n_de, params.n_genes)
     return genes, np.repeat(np.arange(n_cls), per_cls), beta
-
-
-def _package_version() -> str:
-    try:
-        return version("flashmm-dask")
-    except PackageNotFoundError:
-        return "unknown"

@@ -97,6 +97,18 @@ def _block_libsize(
     )
 
 
+def draw_libsize(
+    stream: np.random.SeedSequence, n_cells: int, mu: np.ndarray, phi: np.ndarray, n_threads: int
+) -> np.ndarray:
+    """Reference library sizes of all cells, (n_cells,) > 0: the column sums of an NB(mu,
+    phi) reference matrix, drawn block by block from ``stream``."""
+    shape, scale = _libsize_groups(mu, phi)
+    blocks = _map_blocks(
+        lambda k: _block_libsize(stream, k, n_cells, shape, scale), n_cells, n_threads
+    )
+    return np.concatenate(list(blocks))
+
+
 def _block_counts(model: _Model, block: int) -> sp.csr_matrix:
     """Counts of one block of cells, shape (cells in block, n_genes), CSR."""
     rows = _block_rows(block, len(model.subject_code))

@@ -32,7 +32,7 @@ from flashmm_dask.io.results import (
     write_block,
 )
 from flashmm_dask.io.resultsets import fit_dataset, result_sets
-from flashmm_dask.io.strata import iter_strata, strata_groups
+from flashmm_dask.io.strata_results import iter_strata, strata_groups
 from flashmm_dask.model.lmmtest import lmmtest
 from flashmm_dask.report.plots import volcano_figure
 from flashmm_dask.report.summary import REPORT, report_outputs, top_genes_text

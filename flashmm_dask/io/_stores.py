@@ -1,7 +1,6 @@
 """Finding, opening and lazily reading on-disk expression stores.
 
-A *location* is a local path or an fsspec URL (``file://``, ``memory://``, ``s3://``,
-``gs://``, ...; remote protocols need their fsspec package, e.g. s3fs or gcsfs). It holds
+A store's :class:`~flashmm_dask.io.paths.Location` (a local path or an fsspec URL) holds
 either a Zarr hierarchy (a directory: AnnData ``.zarr`` store, Zarr format 2 or 3, or a
 plain 2-D Zarr array) or an HDF5 file (AnnData ``.h5ad``).
 
@@ -14,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Literal, TypeAlias, cast
 
 import anndata as ad
 import dask.array as da
@@ -26,7 +25,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import zarr
-from fsspec.implementations.local import LocalFileSystem
+from zarr.abc.store import Store
 
 from flashmm_dask.errors import DataError
 from flashmm_dask.io._blocks import (
@@ -38,6 +37,7 @@ from flashmm_dask.io._blocks import (
     ZarrElement,
     lazy_rows,
 )
+from flashmm_dask.io.paths import Location
 
 logger = logging.getLogger(__name__)
 
@@ -52,53 +52,14 @@ SPARSE_ROWS_RANGE = (1_000, 100_000)
 #: Target size of a dense block when the caller does not choose.
 DENSE_BLOCK_BYTES = 128 * 2**20
 
+#: A group of an open Zarr or HDF5 store, and any of its elements (h5py has no type
+#: stubs: its classes are Any to mypy).
+Group: TypeAlias = zarr.Group | h5py.Group
+Node: TypeAlias = zarr.Group | zarr.Array | h5py.Group | h5py.Dataset
+
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _HDF5_SUFFIXES = (".h5ad", ".h5", ".hdf5")
 _SPARSE_ENCODINGS = ("csr_matrix", "csc_matrix")
-
-
-@dataclass(frozen=True, eq=False)
-class Location:
-    """Where a store lives.
-
-    Parameters
-    ----------
-    url : str
-        Local path (``local`` True) or fsspec URL, as used to open it.
-    shown : str
-        The location as the user gave it, for messages.
-    storage_options : dict
-        fsspec options, passed to the filesystem for URLs.
-    local : bool
-        Whether ``url`` is a path on the local filesystem.
-    """
-
-    url: str
-    shown: str
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
-    local: bool = True
-
-    @property
-    def suffix(self) -> str:
-        return os.path.splitext(self.url.rstrip("/"))[1].lower()
-
-
-def locate(data: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Location:
-    """Turn a path or URL into a :class:`Location`; ``file://`` URLs become local paths."""
-    shown = os.fspath(data)
-    options = dict(storage_options or {})
-    if "://" not in shown and "::" not in shown:
-        return Location(os.path.expanduser(shown), shown, options, local=True)
-    try:
-        fs, path = fsspec.core.url_to_fs(shown, **options)
-    except (ImportError, ValueError, OSError) as exc:
-        raise DataError(
-            f"cannot open {shown!r}: {exc}. Install the fsspec filesystem for this protocol "
-            "(for example s3fs for s3://, gcsfs for gs://) and check storage_options."
-        ) from exc
-    if isinstance(fs, LocalFileSystem):
-        return Location(path, shown, options, local=True)
-    return Location(shown, shown, options, local=False)
 
 
 def store_kind(loc: Location) -> Literal["zarr", "hdf5"]:
@@ -109,11 +70,8 @@ def store_kind(loc: Location) -> Literal["zarr", "hdf5"]:
     DataError
         Nothing exists there, or it is a file that is not HDF5.
     """
-    if loc.local:
-        exists, is_dir = os.path.exists(loc.url), os.path.isdir(loc.url)
-    else:
-        fs, path = fsspec.core.url_to_fs(loc.url, **loc.storage_options)
-        exists, is_dir = fs.exists(path), fs.isdir(path)
+    fs, path = loc.fs()
+    exists, is_dir = fs.exists(path), fs.isdir(path)
     if not exists:
         raise DataError(
             f"no such store: {loc.shown!r} does not exist; give the path or URL of an AnnData "
@@ -135,7 +93,7 @@ def _read_magic(loc: Location) -> bytes:
 
 
 @contextmanager
-def _open_binary(loc: Location) -> Iterator[Any]:
+def _open_binary(loc: Location) -> Iterator[BinaryIO]:
     if loc.local:
         with open(loc.url, "rb") as handle:
             yield handle
@@ -144,14 +102,14 @@ def _open_binary(loc: Location) -> Iterator[Any]:
             yield handle
 
 
-def open_zarr(loc: Location) -> Any:
+def open_zarr(loc: Location) -> zarr.Group | zarr.Array:
     """Open a Zarr group or array read-only (format 2 or 3, detected by zarr)."""
     try:
         if loc.local:
-            store: Any = zarr.storage.LocalStore(loc.url, read_only=True)
+            store: Store = zarr.storage.LocalStore(loc.url, read_only=True)
         else:
             store = zarr.storage.FsspecStore.from_url(
-                loc.url, storage_options=dict(loc.storage_options), read_only=True
+                loc.url, storage_options=loc.options, read_only=True
             )
         return zarr.open(store=store, mode="r")
     except FileNotFoundError as exc:
@@ -182,17 +140,17 @@ def open_hdf5(loc: Location) -> Iterator[h5py.File]:
         ) from exc
 
 
-def _attr(node: Any, key: str) -> Any:
+def _attr(node: Node, key: str) -> Any:
     value = node.attrs.get(key)
     return value.decode() if isinstance(value, bytes) else value
 
 
-def is_anndata(node: Any) -> bool:
+def is_anndata(node: Node) -> bool:
     """Whether a Zarr or HDF5 group carries anndata's root encoding attributes."""
     return _attr(node, "encoding-type") == "anndata"
 
 
-def _require_anndata(root: Any, where: str) -> None:
+def _require_anndata(root: Group, where: str) -> None:
     if is_anndata(root):
         return
     raise DataError(
@@ -214,6 +172,7 @@ class StoredMatrix:
 
 
 def _matrix_element(root: Any, layer: str | None, where: str) -> Any:
+    # Any: a Zarr or HDF5 node whose kind only its encoding attribute tells
     layers = sorted(root["layers"].keys()) if "layers" in root else []
     if layer is None:
         if "X" not in root:
@@ -230,7 +189,7 @@ def _matrix_element(root: Any, layer: str | None, where: str) -> Any:
     return root["layers"][layer]
 
 
-def read_obs_group(root: Any, where: str) -> pd.DataFrame:
+def read_obs_group(root: Group, where: str) -> pd.DataFrame:
     """Read ``obs`` of an AnnData root group into memory."""
     _require_anndata(root, where)
     try:
@@ -240,9 +199,9 @@ def read_obs_group(root: Any, where: str) -> pd.DataFrame:
     return obs
 
 
-def _read_var_index(root: Any, where: str) -> pd.Index:
+def _read_var_index(root: Group, where: str) -> pd.Index:
     try:
-        var = root["var"]
+        var: Any = root["var"]
         key = _attr(var, "_index")
         names = ad.io.read_elem(var[key])
     except Exception as exc:
@@ -269,9 +228,9 @@ def default_sparse_rows(n_cells: int, nnz: int) -> int:
 
 
 def read_anndata(
-    root: Any,
+    root: Group,
     *,
-    element_for: Callable[[Any], Element],
+    element_for: Callable[[Node], Element],
     where: str,
     layer: str | None,
     chunk_cells: int | None,
@@ -348,7 +307,7 @@ def read_anndata(
     return StoredMatrix(data, features, obs, description)
 
 
-def _dense_zarr(node: Any, chunk_cells: int | None) -> da.Array:
+def _dense_zarr(node: zarr.Array, chunk_cells: int | None) -> da.Array:
     rows_stored, cols_stored = stored_chunks(node)
     n_features = node.shape[1]
     rows = chunk_cells or default_dense_rows(
@@ -357,7 +316,7 @@ def _dense_zarr(node: Any, chunk_cells: int | None) -> da.Array:
     return ad.experimental.read_elem_lazy(node, chunks=(min(rows, node.shape[0]), cols_stored))
 
 
-def stored_chunks(array: Any) -> tuple[int, ...]:
+def stored_chunks(array: zarr.Array) -> tuple[int, ...]:
     """The write unit of a Zarr array: its shards if sharded, else its chunks."""
     shards = getattr(array, "shards", None)
     return tuple(shards) if shards is not None else tuple(array.chunks)
@@ -393,15 +352,47 @@ def check_lengths(
         raise DataError(f"{len(features)} feature names given but {what} has {n_features} features")
 
 
-def h5_element_for(loc: Location) -> Callable[[Any], Element]:
+def h5_element_for(loc: Location) -> Callable[[Node], Element]:
     """``element_for`` for an HDF5 store: tasks re-open the file by location."""
 
-    def element_for(node: Any) -> H5Element:
+    def element_for(node: Node) -> H5Element:
         return H5Element(loc.url, node.name, dict(loc.storage_options), loc.local)
 
     return element_for
 
 
-def zarr_element_for(node: Any) -> ZarrElement:
+def zarr_element_for(node: Node) -> ZarrElement:
     """``element_for`` for a Zarr store: tasks hold the (picklable) node."""
     return ZarrElement(node)
+
+
+#: A matrix read through an open store: an anndata sparse dataset or an h5py dataset.
+BackedMatrix: TypeAlias = ad.abc.CSRDataset | ad.abc.CSCDataset | h5py.Dataset
+
+
+def backed_rows(matrix: BackedMatrix, chunk_cells: int | None) -> da.Array:
+    """The (cells, features) matrix of a backed AnnData as a lazy Dask array of row chunks.
+
+    Tasks re-open an HDF5 file by its name (no open handle in the graph) and hold a Zarr
+    group (picklable).
+    """
+    shape = cast(tuple[int, int], tuple(int(s) for s in matrix.shape))
+    dtype = np.dtype(matrix.dtype)
+    element: Element
+    if isinstance(matrix, h5py.Dataset):
+        element = H5Element(os.fspath(matrix.file.filename), matrix.name)
+        rows = chunk_cells or default_dense_rows(shape[1], dtype.itemsize)
+        return lazy_rows(
+            DenseRows(element), shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=False
+        )
+    group = matrix.group
+    if isinstance(group, h5py.Group):
+        element = H5Element(os.fspath(group.file.filename), group.name)
+    else:
+        element = ZarrElement(group)
+    encoding: SparseEncoding = (
+        "csr_matrix" if isinstance(matrix, ad.abc.CSRDataset) else "csc_matrix"
+    )
+    reader = SparseRows(element, encoding, shape[1])
+    rows = chunk_cells or default_sparse_rows(shape[0], int(group["data"].shape[0]))
+    return lazy_rows(reader, shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=True)

@@ -23,12 +23,18 @@ against symbols); names that repeat can only be matched when the order is the sa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from flashmm_dask.errors import InputError
 from flashmm_dask.io.resultsets import result_sets, run_parameters, term_columns, term_names
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from flashmm_dask.io.resultsets import Results
 
 #: The statistics written per term into ``varm``.
 VARM_STATS = ("coef", "se", "t", "df", "p", "padj")
@@ -71,16 +77,17 @@ def feature_rows(var_names: Sequence[str], features: Sequence[str], where: str =
                 f"two differs, so results cannot be matched to features by name; "
                 f"use {fix}, or give the AnnData the results were fitted on"
             )
-    position = {name: i for i, name in enumerate(names)}
-    missing = [f for f in feats if f not in position]
-    if missing:
+    # names are unique here (repeats were refused above): one hash lookup per feature
+    rows = pd.Index(names).get_indexer(pd.Index(feats))
+    if (rows < 0).any():
+        missing = [f for f, row in zip(feats, rows, strict=True) if row < 0]
         raise InputError(
             f"{len(missing)} of the {len(feats)} features of the results{where} are not in "
             f"adata.var_names: {_shown(missing)}; adata.var_names are e.g. "
             f"{_shown(names, 3)}. Give the AnnData the results were fitted on (the same "
             "feature names, e.g. gene ids rather than symbols)"
         )
-    return np.array([position[f] for f in feats], dtype=np.int64)
+    return rows.astype(np.int64)
 
 
 def _uns_safe(value: Any) -> Any:
@@ -104,8 +111,8 @@ def _prefix(key: str, level: str | None) -> str:
 
 
 def write_results(
-    adata: Any,
-    results: Any,
+    adata: ad.AnnData,
+    results: Results,
     *,
     key: str = "flashmm",
     contrasts: Mapping[str, str] | Sequence[str] | str | None = None,
@@ -132,8 +139,6 @@ def write_results(
     InputError
         ``adata`` is not an AnnData, or the features do not match its ``var_names``.
     """
-    import pandas as pd
-
     if not hasattr(adata, "varm") or not hasattr(adata, "var_names") or not hasattr(adata, "uns"):
         raise InputError(f"adata must be an AnnData; got {type(adata).__name__}")
     if not isinstance(key, str) or not key:

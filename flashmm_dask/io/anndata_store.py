@@ -1,27 +1,31 @@
 """AnnData stores on disk: atomic writes of ".zarr" and ".h5ad" stores, CSR chunked by cells.
 
-:func:`write_store` writes an in-memory AnnData; :func:`staged`, :func:`create_zarr_root`
-and :func:`append_x` let :func:`flashmm_dask.simulate.simulate_to_store` stream a CSR
-matrix into a store chunk by chunk. Every write goes to a hidden temporary sibling that is
-renamed into place, so a failed write leaves nothing at the destination.
+:func:`write_store` writes an in-memory AnnData; :func:`write_streamed` (with
+:func:`create_zarr_root` and :func:`append_x`) lets
+:func:`flashmm_dask.simulate.simulate_to_store` stream a CSR matrix into a store chunk by
+chunk. Every write is staged (:func:`flashmm_dask.io.writing.staged`):
+it goes to a hidden temporary sibling that is renamed into place, so a failed write leaves
+nothing at the destination.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+import zarr
 
-from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.errors import InputError
+from flashmm_dask.io.writing import staged
+
+if TYPE_CHECKING:
+    import h5py
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +71,48 @@ def write_store(
         raise InputError(f"chunk_cells must be a positive integer, got {chunk_cells!r}")
     target = Path(path)
     fmt = store_format(target, format)
-    with staged(target, overwrite) as tmp:
+    with staged(target, overwrite=overwrite, parents=False) as tmp:
         if fmt == "zarr":
             _write_zarr(adata, tmp, chunk_cells)
         else:
             adata.write_h5ad(tmp)
     return target
+
+
+def write_streamed(
+    path: Path,
+    fmt: StoreFormat,
+    content: Callable[[], tuple[ad.AnnData, Iterator[sp.csr_matrix]]],
+    *,
+    chunk_cells: int,
+    overwrite: bool,
+) -> Path:
+    """Write an AnnData store whose X (CSR) arrives in row chunks, atomically (staged).
+
+    Parameters
+    ----------
+    path : the ".zarr" folder or ".h5ad" file to write
+    fmt : its format
+    content : called once ``path`` may be written: returns the store's obs, var and uns
+        (an AnnData without X) and the rows of X in consecutive CSR chunks, drawn one at
+        a time (memory holds one chunk)
+    chunk_cells : cells per Zarr chunk of X's data and indices
+    overwrite : replace a store at ``path``; otherwise refuse
+    """
+    with staged(path, overwrite=overwrite, parents=False) as tmp:
+        meta, chunks = content()
+        if fmt == "zarr":
+            group = create_zarr_root(tmp)
+            ad.io.write_elem(group, "/", meta)
+            append_x(group, chunks, chunk_cells)
+            zarr.consolidate_metadata(str(tmp))
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w-") as f:
+                ad.io.write_elem(f, "/", meta)
+                append_x(f, chunks, chunk_cells)
+    return path
 
 
 def store_format(path: Path, format: str | None) -> StoreFormat:
@@ -89,58 +129,13 @@ def store_format(path: Path, format: str | None) -> StoreFormat:
     return format  # type: ignore[return-value]
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-@contextmanager
-def staged(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of path to write into; move it to path on success."""
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise StoreError(
-            f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it "
-            "or choose another path"
-        )
-    if not path.parent.is_dir():
-        raise StoreError(f"folder {str(path.parent)!r} does not exist; create it first")
-    tag = uuid.uuid4().hex[:12]
-    tmp = path.with_name(f".{path.name}.tmp-{tag}")
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    exists = path.exists() or path.is_symlink()
-    try:
-        if exists and not overwrite:
-            raise StoreError(f"{str(path)!r} appeared while it was being written; not replaced")
-        if not exists or (path.is_file() and tmp.is_file()):
-            os.replace(tmp, path)
-            return
-        # a folder cannot be replaced in one rename: move the old store aside first
-        old = path.with_name(f".{path.name}.old-{tag}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        _remove(old)
-    finally:
-        _remove(tmp)
-
-
 def _x_chunk_len(nnz: int, n_rows: int, chunk_cells: int) -> int:
     per_cell = nnz / max(n_rows, 1)
     return int(min(_MAX_CHUNK_ELEMENTS, max(1, round(per_cell * chunk_cells))))
 
 
-def create_zarr_root(path: Path) -> Any:
-    import zarr
-
+def create_zarr_root(path: Path) -> zarr.Group:
+    """A new Zarr group at ``path`` with anndata's root encoding attributes."""
     group = zarr.open_group(str(path), mode="w-", zarr_format=ad.settings.zarr_write_format)
     group.attrs["encoding-type"] = "anndata"
     group.attrs["encoding-version"] = "0.1.0"
@@ -148,7 +143,6 @@ def create_zarr_root(path: Path) -> Any:
 
 
 def _write_zarr(adata: ad.AnnData, path: Path, chunk_cells: int) -> None:
-    import zarr
     from anndata.experimental import write_dispatched
 
     x_kwargs: dict[str, Any] = {}
@@ -166,7 +160,9 @@ def _write_zarr(adata: ad.AnnData, path: Path, chunk_cells: int) -> None:
     zarr.consolidate_metadata(str(path))
 
 
-def append_x(group: Any, chunks: Iterator[sp.csr_matrix], chunk_cells: int) -> None:
+def append_x(
+    group: zarr.Group | h5py.Group, chunks: Iterator[sp.csr_matrix], chunk_cells: int
+) -> None:
     """Write the first chunk as X (CSR, int64 indptr) and append the others to it."""
     x = None
     done = 0

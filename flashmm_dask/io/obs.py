@@ -13,7 +13,8 @@ import pandas as pd
 import zarr
 
 from flashmm_dask.errors import DataError
-from flashmm_dask.io._stores import locate, open_hdf5, open_zarr, read_obs_group, store_kind
+from flashmm_dask.io._stores import open_hdf5, open_zarr, read_obs_group, store_kind
+from flashmm_dask.io.paths import locate
 
 _CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 

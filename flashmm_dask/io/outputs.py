@@ -22,9 +22,11 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from flashmm_dask.errors import StoreError
+from flashmm_dask.io.writing import write_file
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +91,8 @@ def register(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[s
     """
     folder = Path(folder)
     names = owned(folder) | {_relative(folder, p) for p in paths}
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / MANIFEST
-    tmp = folder / f"{MANIFEST}.tmp"
     text = json.dumps({"format": "flashmm_dask.manifest", "files": sorted(names)}, indent=1)
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(target)
+    write_file(folder / MANIFEST, partial(Path.write_text, data=text + "\n", encoding="utf-8"))
 
 
 def refuse_foreign(

@@ -58,7 +58,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeAlias, cast
 
 import anndata as ad
 import dask.array as da
@@ -69,33 +69,11 @@ import zarr
 from scipy import sparse
 
 from flashmm_dask.errors import DataError, DuplicateFeatureWarning, InputError
-from flashmm_dask.io._blocks import (
-    DenseRows,
-    Element,
-    H5Element,
-    SparseEncoding,
-    SparseRows,
-    ZarrElement,
-    as_csr_or_ndarray,
-    lazy_rows,
-)
-from flashmm_dask.io._stores import (
-    StoredMatrix,
-    check_lengths,
-    check_matrix,
-    default_dense_rows,
-    default_sparse_rows,
-    h5_element_for,
-    is_anndata,
-    locate,
-    open_hdf5,
-    open_zarr,
-    read_anndata,
-    store_kind,
-    stored_chunks,
-    zarr_element_for,
-)
+from flashmm_dask.io import _stores
+from flashmm_dask.io._blocks import as_csr_or_ndarray
+from flashmm_dask.io._stores import BackedMatrix, StoredMatrix, check_lengths, check_matrix
 from flashmm_dask.io.obs import _load_obs, _obs_frame, _type_name, read_obs
+from flashmm_dask.io.paths import locate
 from flashmm_dask.io.soma import is_soma, read_soma
 
 __all__ = ["ORIENTATIONS", "Expression", "read_expression", "read_obs"]
@@ -190,8 +168,23 @@ class Expression:
         )
 
 
+#: What :func:`read_expression` reads: a store's path or URL, or data in memory.
+ExpressionSource: TypeAlias = (
+    str
+    | os.PathLike[str]
+    | Expression
+    | ad.AnnData
+    | np.ndarray
+    | sparse.spmatrix
+    | sparse.sparray
+    | da.Array
+    | zarr.Array
+    | zarr.Group
+)
+
+
 def read_expression(
-    data: Any,
+    data: ExpressionSource,
     *,
     layer: str | None = None,
     orientation: Orientation | None = None,
@@ -313,19 +306,19 @@ def _from_location(
     data: str | os.PathLike[str], storage_options: Mapping[str, Any] | None, request: _Request
 ) -> Expression:
     loc = locate(data, storage_options)
-    if store_kind(loc) == "hdf5":
+    if _stores.store_kind(loc) == "hdf5":
         where = f"AnnData HDF5 file {loc.shown!r}"
         _check_anndata_orientation(request, where)
-        with open_hdf5(loc) as file:
-            stored = read_anndata(
+        with _stores.open_hdf5(loc) as file:
+            stored = _stores.read_anndata(
                 file,
-                element_for=h5_element_for(loc),
+                element_for=_stores.h5_element_for(loc),
                 where=where,
                 layer=request.layer,
                 chunk_cells=request.chunk_cells,
             )
         return _finish(stored, request)
-    return _from_zarr_node(open_zarr(loc), repr(loc.shown), request)
+    return _from_zarr_node(_stores.open_zarr(loc), repr(loc.shown), request)
 
 
 def _from_soma(
@@ -343,7 +336,7 @@ def _from_soma(
     )
 
 
-def _from_zarr_node(node: Any, shown: str, request: _Request) -> Expression:
+def _from_zarr_node(node: zarr.Group | zarr.Array, shown: str, request: _Request) -> Expression:
     fmt = node.metadata.zarr_format
     if isinstance(node, zarr.Array):
         if request.layer is not None:
@@ -352,7 +345,7 @@ def _from_zarr_node(node: Any, shown: str, request: _Request) -> Expression:
                 "Zarr array"
             )
         return _from_plain_zarr(node, f"Zarr array (format {fmt}) {shown}", request)
-    if not is_anndata(node):
+    if not _stores.is_anndata(node):
         arrays = sorted(node.array_keys())
         raise DataError(
             f"{shown} is a Zarr group but not an AnnData store (no anndata encoding-type "
@@ -362,9 +355,9 @@ def _from_zarr_node(node: Any, shown: str, request: _Request) -> Expression:
         )
     where = f"AnnData Zarr store (format {fmt}) {shown}"
     _check_anndata_orientation(request, where)
-    stored = read_anndata(
+    stored = _stores.read_anndata(
         node,
-        element_for=zarr_element_for,
+        element_for=_stores.zarr_element_for,
         where=where,
         layer=request.layer,
         chunk_cells=request.chunk_cells,
@@ -407,15 +400,16 @@ def _expression(data: da.Array, request: _Request, source: str) -> Expression:
     )
 
 
-def _from_plain_zarr(array: Any, what: str, request: _Request) -> Expression:
-    check_matrix(tuple(array.shape), np.dtype(array.dtype), what)
-    orientation = _resolve_orientation(tuple(array.shape), request, what)
-    stored = stored_chunks(array)
+def _from_plain_zarr(array: zarr.Array, what: str, request: _Request) -> Expression:
+    shape = cast(tuple[int, int], tuple(array.shape))
+    check_matrix(shape, np.dtype(array.dtype), what)
+    orientation = _resolve_orientation(shape, request, what)
+    stored = _stores.stored_chunks(array)
     cell_axis = ORIENTATIONS.index(orientation)
     feature_axis = 1 - cell_axis
     n_features = int(array.shape[feature_axis])
     feature_chunk = min(stored[feature_axis], n_features)
-    rows = request.chunk_cells or default_dense_rows(
+    rows = request.chunk_cells or _stores.default_dense_rows(
         feature_chunk, array.dtype.itemsize, stored[cell_axis]
     )
     rows = min(rows, int(array.shape[cell_axis]))
@@ -462,17 +456,17 @@ def _from_anndata(adata: ad.AnnData, request: _Request) -> Expression:
     return _from_matrix(matrix, filled, f"{what}, {part}")
 
 
-def _from_matrix(matrix: Any, request: _Request, what: str) -> Expression:
+def _from_matrix(matrix: object, request: _Request, what: str) -> Expression:
     if isinstance(matrix, ad.abc.CSRDataset | ad.abc.CSCDataset | h5py.Dataset):
         return _from_backed(matrix, request, what)
     if isinstance(matrix, da.Array):
         return _from_dask(matrix, request, what)
-    if sparse.issparse(matrix):
+    if isinstance(matrix, sparse.spmatrix | sparse.sparray):
         shape = cast(tuple[int, int], tuple(matrix.shape))
         check_matrix(shape, np.dtype(matrix.dtype), what)
         orientation = _resolve_orientation(shape, request, what)
         csr = sparse.csr_matrix(matrix.T if orientation == "features_x_cells" else matrix)
-        rows = request.chunk_cells or default_sparse_rows(csr.shape[0], csr.nnz)
+        rows = request.chunk_cells or _stores.default_sparse_rows(csr.shape[0], csr.nnz)
         meta = sparse.csr_matrix((0, 0), dtype=csr.dtype)
         data = da.from_array(csr, chunks=(rows, -1), asarray=False, fancy=False, meta=meta)
     elif isinstance(matrix, np.ndarray):
@@ -481,7 +475,9 @@ def _from_matrix(matrix: Any, request: _Request, what: str) -> Expression:
         check_matrix(shape, array.dtype, what)
         orientation = _resolve_orientation(shape, request, what)
         array = array.T if orientation == "features_x_cells" else array
-        rows = request.chunk_cells or default_dense_rows(array.shape[1], array.dtype.itemsize)
+        rows = request.chunk_cells or _stores.default_dense_rows(
+            array.shape[1], array.dtype.itemsize
+        )
         data = da.from_array(array, chunks=(rows, -1))
     else:
         raise DataError(
@@ -519,31 +515,12 @@ def _from_dask(matrix: da.Array, request: _Request, what: str) -> Expression:
     return _expression(data, request, source)
 
 
-def _from_backed(matrix: Any, request: _Request, what: str) -> Expression:
+def _from_backed(matrix: BackedMatrix, request: _Request, what: str) -> Expression:
     """A matrix that lives in a store: an anndata sparse dataset or an h5py dataset."""
     shape = cast(tuple[int, int], tuple(int(s) for s in matrix.shape))
-    dtype = np.dtype(matrix.dtype)
-    check_matrix(shape, dtype, what)
+    check_matrix(shape, np.dtype(matrix.dtype), what)
     if _resolve_orientation(shape, request, what) != "cells_x_features":
         raise DataError(f"{what} is stored features x cells; only cells x features is readable")
-    element: Element
-    if isinstance(matrix, h5py.Dataset):
-        element = H5Element(os.fspath(matrix.file.filename), matrix.name)
-        rows = request.chunk_cells or default_dense_rows(shape[1], dtype.itemsize)
-        data = lazy_rows(
-            DenseRows(element), shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=False
-        )
-    else:
-        group = matrix.group
-        if isinstance(group, h5py.Group):
-            element = H5Element(os.fspath(group.file.filename), group.name)
-        else:
-            element = ZarrElement(group)
-        encoding: SparseEncoding = (
-            "csr_matrix" if isinstance(matrix, ad.abc.CSRDataset) else "csc_matrix"
-        )
-        reader = SparseRows(element, encoding, shape[1])
-        rows = request.chunk_cells or default_sparse_rows(shape[0], int(group["data"].shape[0]))
-        data = lazy_rows(reader, shape=shape, dtype=dtype, chunk_rows=rows, sparse_blocks=True)
+    data = _stores.backed_rows(matrix, request.chunk_cells)
     source = f"{what} (cells_x_features, {shape[0]} cells x {shape[1]} features)"
     return _expression(data, request, source)

@@ -45,11 +45,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -57,9 +56,11 @@ import zarr
 from zarr.errors import ZarrUserWarning
 
 from flashmm_dask.errors import StoreError
+from flashmm_dask.io.paths import Location, locate
 from flashmm_dask.io.results_attrs import _default_versions, _user_attrs, redact
-from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout, _Target, _target
+from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout
 from flashmm_dask.io.tables import results_table, write_tables
+from flashmm_dask.io.writing import staged
 from flashmm_dask.model.status import STATUS, finite_features, status_codes
 from flashmm_dask.numerics.inference import p_adjust
 
@@ -109,8 +110,30 @@ def _int_attr(group: zarr.Group, name: str) -> int:
     return int(value)
 
 
-def _open_checked(target: _Target, mode: Literal["r", "r+"]) -> zarr.Group:
-    group = target.open(mode)
+def _locate(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Location:
+    return locate(path, storage_options, error=StoreError)
+
+
+def open_group(loc: Location, mode: Literal["r", "r+", "w-"]) -> zarr.Group:
+    """Open the root group of a results store; a missing store raises StoreError."""
+    try:
+        return zarr.open_group(
+            store=loc.url, mode=mode, zarr_format=3, storage_options=loc.options or None
+        )
+    except FileNotFoundError as exc:
+        if loc.local and os.path.exists(loc.url):
+            why = (
+                "something is there, but not a Zarr format 3 group: not a results "
+                "store; give the results.zarr in a run's output folder"
+            )
+        else:
+            why = "nothing there, or not a Zarr group; check the path (and "
+            why += "storage_options for URLs)"
+        raise StoreError(f"no results store at {loc.shown!r}: {why}") from exc
+
+
+def _open_checked(target: Location, mode: Literal["r", "r+"]) -> zarr.Group:
+    group = open_group(target, mode)
     _check_format(dict(group.attrs), target.shown)
     return group
 
@@ -118,26 +141,19 @@ def _open_checked(target: _Target, mode: Literal["r", "r+"]) -> zarr.Group:
 # -- creating -------------------------------------------------------------------------
 
 
-def _removable(target: _Target) -> bool:
+def _removable(target: Location) -> bool:
     """Whether an existing location may be replaced: a results store, an empty folder, or
     a group of results arrays without attributes (an interrupted creation at a URL)."""
     if target.local and os.path.isdir(target.url) and not os.listdir(target.url):
         return True
     try:
-        group = target.open("r")
+        group = open_group(target, "r")
     except (StoreError, ValueError, OSError, TypeError):
         return False
     if group.attrs.get("format") == FORMAT:
         return True
     ours = {*_VARS, *_COORDS, "block_done"}
     return not dict(group.attrs) and set(group.keys()) <= ours
-
-
-def _exists(target: _Target) -> bool:
-    if target.local:
-        return os.path.lexists(target.url)
-    fs, path = target.fs()
-    return bool(fs.exists(path))
 
 
 def _write_group(group: zarr.Group, layout: ResultsLayout, attrs: dict[str, Any]) -> None:
@@ -233,7 +249,7 @@ def create_results(
     InputError
         ``attrs`` is not JSON-serialisable or sets an attribute this module manages.
     """
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     managed = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -249,7 +265,7 @@ def create_results(
         "versions": {**_default_versions(), **(versions if isinstance(versions, dict) else {})},
         "created": user.get("created", datetime.now(UTC).isoformat(timespec="seconds")),
     }
-    if _exists(target):
+    if target.exists():
         if not overwrite:
             raise StoreError(
                 f"{target.shown!r} already exists; choose another output path, or overwrite it "
@@ -266,7 +282,7 @@ def create_results(
         fs, fs_path = target.fs()
         if fs.exists(fs_path):
             fs.rm(fs_path, recursive=True)
-        group = target.open("w-")
+        group = open_group(target, "w-")
         _write_group(group, layout, full)
     logger.info(
         "created results store %s: %d features in %d blocks of %d",
@@ -277,27 +293,12 @@ def create_results(
     )
 
 
-def _create_local(target: _Target, layout: ResultsLayout, attrs: dict[str, Any]) -> None:
-    parent, name = os.path.split(target.url.rstrip(os.sep))
-    os.makedirs(parent, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = os.path.join(parent, f".{name}.creating-{tag}")
-    trash = os.path.join(parent, f".{name}.replaced-{tag}")
+def _create_local(target: Location, layout: ResultsLayout, attrs: dict[str, Any]) -> None:
     try:
-        _write_group(zarr.open_group(store=tmp, mode="w-", zarr_format=3), layout, attrs)
-        if os.path.lexists(target.url):
-            os.rename(target.url, trash)
-        os.rename(tmp, target.url)
+        with staged(Path(target.url)) as tmp:
+            _write_group(zarr.open_group(store=str(tmp), mode="w-", zarr_format=3), layout, attrs)
     except OSError as exc:
         raise StoreError(f"cannot create the results store {target.shown!r}: {exc}") from exc
-    finally:
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.lexists(trash):
-        if os.path.isdir(trash):
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.remove(trash)
 
 
 # -- writing blocks -------------------------------------------------------------------
@@ -307,7 +308,7 @@ def read_layout(
     path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> ResultsLayout:
     """The :class:`ResultsLayout` of an existing results store (to check a resume)."""
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     return _layout(_open_checked(target, "r"), target.shown)
 
 
@@ -381,7 +382,7 @@ def write_block(
         Missing, unknown or misshaped arrays (nothing is written then), a block out of
         range, or a store already finalized.
     """
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     group = _open_checked(target, "r+")
     if group.attrs.get("complete"):
         raise StoreError(
@@ -445,7 +446,7 @@ def blocks_done(
     path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> np.ndarray:
     """Which blocks have been written: an (n_blocks,) bool array."""
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     group = _open_checked(target, "r")
     return np.asarray(_array(group, "block_done")[:], dtype=bool)
 
@@ -454,7 +455,7 @@ def read_store_attrs(
     path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The group attributes of a results store, after checking its format and version."""
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     return dict(_open_checked(target, "r").attrs)
 
 
@@ -478,7 +479,7 @@ def finalize_results(
     StoreError
         Some blocks have not been written; rerun the fit to write them.
     """
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     group = _open_checked(target, "r+")
     extra = _user_attrs(extra_attrs, "extra_attrs", {**group.attrs, "complete": True})
     done = np.asarray(_array(group, "block_done")[:], dtype=bool)
@@ -517,7 +518,7 @@ def open_results(
     """
     import xarray as xr
 
-    target = _target(path, storage_options)
+    target = _locate(path, storage_options)
     group = _open_checked(target, "r")
     if "strata" in group.attrs:
         strata: Any = group.attrs["strata"]

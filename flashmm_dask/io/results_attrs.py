@@ -8,12 +8,12 @@ import copy
 import math
 import os
 from collections.abc import Mapping
-from importlib import metadata
 from typing import Any
 
 import numpy as np
 
 from flashmm_dask.errors import InputError
+from flashmm_dask.io.writing import package_versions
 
 REDACTED = "<redacted>"
 
@@ -84,10 +84,7 @@ def _user_attrs(
 
 
 def _default_versions() -> dict[str, str]:
-    versions = {}
-    for dist in ("flashmm-dask", "numpy", "scipy", "zarr"):
-        try:
-            versions[dist.replace("-", "_")] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+    """The versions a store records by default, keyed as the store format has them
+    (``flashmm_dask``, ``numpy``, ``scipy``, ``zarr``)."""
+    versions = package_versions(("flashmm-dask", "numpy", "scipy", "zarr"))
+    return {name.replace("-", "_"): value for name, value in versions.items()}

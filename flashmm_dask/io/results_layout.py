@@ -1,25 +1,16 @@
-"""What and where a results store is: the per-feature variables and their dimensions, the
-names and blocking of a store (:class:`ResultsLayout`), and resolved store locations
-(local paths or fsspec URLs). :mod:`flashmm_dask.io.results` reads and writes the store.
+"""What a results store holds: the per-feature variables and their dimensions, and the
+names and blocking of a store (:class:`ResultsLayout`). :mod:`flashmm_dask.io.results`
+reads and writes the store.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
-import fsspec
 import numpy as np
-import zarr
-from fsspec.implementations.local import LocalFileSystem
 
-from flashmm_dask.errors import InputError, StoreError
-
-logger = logging.getLogger(__name__)
+from flashmm_dask.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -137,60 +128,3 @@ class ResultsLayout:
     def variables(self) -> tuple[str, ...]:
         """Names of the per-feature variables of a store with this layout."""
         return tuple(name for name in _VARS if name != "cov" or self.store_cov)
-
-
-# -- locations ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Target:
-    """A resolved store location: a local path, or a URL with its storage options."""
-
-    url: str
-    shown: str
-    storage_options: Mapping[str, Any]
-    local: bool
-
-    def open(self, mode: Literal["r", "r+", "w-"]) -> zarr.Group:
-        """Open the root group; a missing store raises StoreError."""
-        try:
-            if self.local:
-                return zarr.open_group(store=self.url, mode=mode, zarr_format=3)
-            return zarr.open_group(
-                store=self.url,
-                mode=mode,
-                zarr_format=3,
-                storage_options=dict(self.storage_options),
-            )
-        except FileNotFoundError as exc:
-            if self.local and os.path.exists(self.url):
-                why = (
-                    "something is there, but not a Zarr format 3 group: not a results "
-                    "store; give the results.zarr in a run's output folder"
-                )
-            else:
-                why = "nothing there, or not a Zarr group; check the path (and "
-                why += "storage_options for URLs)"
-            raise StoreError(f"no results store at {self.shown!r}: {why}") from exc
-
-    def fs(self) -> tuple[Any, str]:
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)
-
-
-def _target(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> _Target:
-    shown = os.fspath(path)
-    options = dict(storage_options or {})
-    if "://" not in shown and "::" not in shown:
-        if options:
-            logger.debug("storage_options ignored for the local path %s", shown)
-        return _Target(os.path.abspath(os.path.expanduser(shown)), shown, {}, local=True)
-    try:
-        fs, local_path = fsspec.core.url_to_fs(shown, **options)
-    except (ImportError, ValueError, OSError) as exc:
-        raise StoreError(
-            f"cannot open {shown!r}: {exc}. Install the fsspec filesystem for this protocol "
-            "(for example s3fs for s3://, gcsfs for gs://) and check storage_options."
-        ) from exc
-    if isinstance(fs, LocalFileSystem):
-        return _Target(local_path, shown, {}, local=True)
-    return _Target(shown.rstrip("/"), shown, options, local=False)

@@ -5,7 +5,7 @@ pairs in the results store layout (:mod:`flashmm_dask.io.results`) by
 :func:`result_sets`: an :class:`~flashmm_dask.LmmFit` (stratum None), a mapping level ->
 LmmFit (what ``flashmm(..., by=...)`` returns), an ``xarray.Dataset`` or a mapping of them,
 or the path of a results store (stratified or not, read by
-:func:`flashmm_dask.io.strata.iter_strata`). The AnnData export, the top tables and the
+:func:`flashmm_dask.io.strata_results.iter_strata`). The AnnData export, the top tables and the
 run report read only these pairs.
 
 A *term* is a coefficient or a contrast; a name that is both is taken as the contrast (as
@@ -17,21 +17,31 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
-from importlib import metadata
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from flashmm_dask.errors import InputError
+from flashmm_dask.io.writing import package_versions, write_file
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.numerics.inference import p_adjust
 
 if TYPE_CHECKING:
     import pandas as pd
     import xarray as xr
+
+    #: Results in any form :func:`result_sets` takes.
+    Results: TypeAlias = (
+        LmmFit
+        | Mapping[str, LmmFit]
+        | xr.Dataset
+        | Mapping[str, xr.Dataset]
+        | str
+        | os.PathLike[str]
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +164,7 @@ def _as_dataset(value: Any, contrasts: Any, where: str) -> xr.Dataset:
 
 
 def result_sets(
-    results: Any,
+    results: Results,
     *,
     contrasts: Mapping[str, str] | Sequence[str] | str | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -174,7 +184,7 @@ def result_sets(
         One pair with stratum None for unstratified results, else one per stratum in order.
     """
     if isinstance(results, (str, os.PathLike)):
-        from flashmm_dask.io.strata import iter_strata
+        from flashmm_dask.io.strata_results import iter_strata
 
         if contrasts is not None:
             raise InputError(
@@ -244,12 +254,7 @@ def run_parameters(ds: xr.Dataset) -> dict[str, Any]:
         out["data"] = {k: data[k] for k in ("path", "layer") if data.get(k) is not None}
     versions = attrs.get("versions")
     if not isinstance(versions, Mapping):
-        versions = {}
-        for name in ("flashmm-dask", "numpy", "scipy"):
-            try:
-                versions[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
+        versions = package_versions(("flashmm-dask", "numpy", "scipy"))
     out["versions"] = {str(k): str(v) for k, v in versions.items()}
     if isinstance(out["random"], str):
         out["random"] = [out["random"]]
@@ -370,7 +375,7 @@ def _check_n(n: Any) -> int | None:
 
 
 def top_table(
-    results: Any,
+    results: Results,
     term: str,
     n: int | None = None,
     *,
@@ -462,20 +467,13 @@ def write_top_tables(
     list of Path
         The files written.
     """
-    written = []
     by_level = dict(sets)
-    for level, term, relative in top_paths(sets, terms):
-        final = Path(outdir) / relative
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:12]}")
-        try:
-            term_table(by_level[level], term, None).to_csv(tmp, index=False)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        written.append(final)
-    return written
+    return [
+        write_file(
+            Path(outdir) / relative, partial(term_table(by_level[level], term).to_csv, index=False)
+        )
+        for level, term, relative in top_paths(sets, terms)
+    ]
 
 
 __all__ = [

@@ -39,7 +39,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import dask.array as da
 import numpy as np
@@ -67,7 +67,7 @@ _JOINID = "soma_joinid"
 _TILEDB_GROUP = "__tiledb_group.tdb"
 
 
-def is_soma(data: Any) -> bool:
+def is_soma(data: object) -> TypeGuard[str | os.PathLike[str]]:
     """Whether ``data`` names a SOMA experiment rather than an AnnData or Zarr store.
 
     True for ``soma://...`` and ``tiledb://...``, a path ending in ``.soma``, and a local

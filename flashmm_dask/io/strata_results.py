@@ -1,4 +1,5 @@
-"""The results store of a stratified run: one results group per stratum.
+"""The results store of a stratified run: one results group per stratum, and the one
+place that knows where each stratum's results live.
 
 Layout (agreed across the package)::
 
@@ -9,46 +10,173 @@ Layout (agreed across the package)::
     results.zarr/strata/<name>/   a complete results store (the format of
                                   :mod:`flashmm_dask.io.results`), one per fitted stratum
 
+An unstratified run writes one results group, the store's root. Besides the run's form
+above, the ``strata`` attribute is read as a list of level names (the group is then
+``strata/<level>``) or of mappings ``{"level": ..., "path": ...}`` (``"stratum"``/``"name"``
+and ``"group"`` are read as well), or as a mapping level -> path (:func:`strata_groups`).
+
 Each stratum group opens with ``open_results(path + "/strata/<name>")`` or
 ``xarray.open_zarr(path, group="strata/<name>")``; :func:`open_strata` opens them all in
-level order. Tables of a stratified run carry a ``stratum`` column (first), and the plots
-of stratum ``<name>`` are in ``OUTPUT/strata/<name>/plots/``.
+level order, and :func:`iter_strata` yields ``(stratum, Dataset)`` pairs: ``(None, root)``
+for an unstratified store, ``(level, group)`` for each stratum otherwise (everything that
+reads stratified results, as tables, reports and the AnnData export, goes through it).
+Tables of a stratified run carry a ``stratum`` column (first), and the plots of stratum
+``<name>`` are in ``OUTPUT/strata/<name>/plots/``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import zarr
 
 from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import ContrastError, InputError, StoreError
+from flashmm_dask.io.paths import locate
+from flashmm_dask.io.results import open_group, open_results, read_store_attrs
+from flashmm_dask.io.tables import results_table, write_table
+from flashmm_dask.model.status import STATUS
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 __all__ = [
+    "STRATA_ATTR",
+    "STRATA_GROUP",
     "applicable_contrasts",
     "is_strata_store",
+    "iter_strata",
     "mark_filtered",
     "open_strata",
     "retest_strata",
     "strata_attrs",
+    "strata_groups",
     "write_strata_tables",
 ]
 
 logger = logging.getLogger(__name__)
 
-FILTERED = 7  # the status code "filtered" (flashmm_dask.io.results.STATUS)
+FILTERED = STATUS.index("filtered")
+#: Root attribute listing the strata of a stratified store.
+STRATA_ATTR = "strata"
+#: Folder of the stratum groups inside a stratified store.
+STRATA_GROUP = "strata"
+
+
+def strata_groups(attrs: Mapping[str, Any], shown: str = "the store") -> list[tuple[str, str]]:
+    """``(level, group path)`` of each stratum listed in a store's root attributes.
+
+    Parameters
+    ----------
+    attrs : the root group's attributes
+    shown : how to name the store in an error
+
+    Returns
+    -------
+    list of (str, str)
+        In level order; empty when the store is not stratified.
+
+    Raises
+    ------
+    StoreError
+        The ``strata`` attribute is not in one of the forms of the module docstring.
+    """
+    listed = attrs.get(STRATA_ATTR)
+    if listed is None:
+        return []
+    if isinstance(listed, Mapping) and "levels" in listed:
+        # a run's stratified store (flashmm_dask.run.pipeline_strata): levels in order and
+        # their group paths
+        groups = listed.get("groups") or {}
+        items: list[Any] = [
+            {"level": level, "path": groups.get(level, f"{STRATA_GROUP}/{level}")}
+            for level in listed["levels"]
+        ]
+    elif isinstance(listed, Mapping):
+        items = [{"level": k, "path": v} for k, v in listed.items()]
+    elif isinstance(listed, list):
+        items = listed
+    else:
+        raise StoreError(f"{shown}: its {STRATA_ATTR!r} attribute is not a list; it is corrupt")
+    out = []
+    for item in items:
+        level: Any
+        path: Any
+        if isinstance(item, str):
+            level, path = item, f"{STRATA_GROUP}/{item}"
+        elif isinstance(item, Mapping):
+            level = next((item[k] for k in ("level", "stratum", "name") if k in item), None)
+            path = next((item[k] for k in ("path", "group") if k in item), None)
+            if level is not None and path is None:
+                path = f"{STRATA_GROUP}/{level}"
+        else:
+            level = path = None
+        if not isinstance(level, str) or not isinstance(path, str):
+            raise StoreError(
+                f"{shown}: the {STRATA_ATTR!r} attribute has an entry {item!r} without a "
+                "level name and group path; the store is corrupt"
+            )
+        out.append((level, path.strip("/")))
+    return out
+
+
+def _join(path: str, sub: str) -> str:
+    if "://" in path or "::" in path:
+        return f"{path.rstrip('/')}/{sub}"
+    return os.path.join(path, *sub.split("/"))
+
+
+def iter_strata(
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    allow_incomplete: bool = False,
+) -> Iterator[tuple[str | None, xr.Dataset]]:
+    """The results groups of a store: ``(None, Dataset)`` or ``(level, Dataset)`` per stratum.
+
+    Parameters
+    ----------
+    path : local path or fsspec URL of a results store
+    storage_options : fsspec options for URLs
+    allow_incomplete : passed to :func:`~flashmm_dask.io.results.open_results`
+
+    Yields
+    ------
+    (str or None, xarray.Dataset)
+        The stratum's level (None for an unstratified store) and its lazy results Dataset.
+
+    Raises
+    ------
+    StoreError
+        No results store there, or a stratum group listed but missing or unreadable.
+    """
+    target = locate(path, storage_options, error=StoreError)
+    strata = strata_groups(dict(open_group(target, "r").attrs), repr(target.shown))
+    if not strata:
+        yield (
+            None,
+            open_results(path, storage_options=storage_options, allow_incomplete=allow_incomplete),
+        )
+        return
+    for level, sub in strata:
+        yield (
+            level,
+            open_results(
+                _join(os.fspath(path), sub),
+                storage_options=storage_options,
+                allow_incomplete=allow_incomplete,
+            ),
+        )
 
 
 def strata_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``strata`` attribute of a results store's root, or None for an unstratified one."""
-    import zarr
-
     try:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
@@ -67,13 +195,13 @@ def stratum_paths(path: str | os.PathLike[str]) -> dict[str, Path]:
     strata = strata_attrs(path)
     if strata is None:
         raise StoreError(f"{path} is not the results store of a stratified run")
-    return {str(k): Path(path) / str(v) for k, v in strata["groups"].items()}
+    return {level: Path(path) / sub for level, sub in strata_groups({STRATA_ATTR: strata})}
 
 
-def open_strata(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> dict:
+def open_strata(
+    path: str | os.PathLike[str], *, allow_incomplete: bool = False
+) -> dict[str, xr.Dataset]:
     """Level -> ``xarray.Dataset`` of each stratum of a stratified results store."""
-    from flashmm_dask.io.results import open_results
-
     return {
         level: open_results(str(p), allow_incomplete=allow_incomplete)
         for level, p in stratum_paths(path).items()
@@ -98,10 +226,6 @@ def applicable_contrasts(
 
 def status_counts(path: str | os.PathLike[str]) -> dict[str, int]:
     """Features per status name of a results group (read from its ``status`` array)."""
-    import zarr
-
-    from flashmm_dask.io.results import STATUS
-
     array = zarr.open_group(str(path), mode="r")["status"]
     assert isinstance(array, zarr.Array)
     codes = np.asarray(array[:])
@@ -110,8 +234,6 @@ def status_counts(path: str | os.PathLike[str]) -> dict[str, int]:
 
 def mark_filtered(path: str | os.PathLike[str], filtered: np.ndarray) -> None:
     """Set the status of the ``filtered`` features of a results group to ``filtered``."""
-    import zarr
-
     if not np.any(filtered):
         return
     group = zarr.open_group(str(path), mode="r+")
@@ -122,10 +244,8 @@ def mark_filtered(path: str | os.PathLike[str], filtered: np.ndarray) -> None:
     array[:] = status
 
 
-def strata_table(datasets: Mapping[str, Any]) -> pd.DataFrame:
+def strata_table(datasets: Mapping[str, xr.Dataset]) -> pd.DataFrame:
     """The tidy results table of every stratum, with a first column ``stratum``."""
-    from flashmm_dask.io.results import results_table
-
     parts = []
     for level, ds in datasets.items():
         # the table's variables in one read (not one dask compute per variable)
@@ -136,34 +256,12 @@ def strata_table(datasets: Mapping[str, Any]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def write_table(table: pd.DataFrame, folder: Path, name: str, formats: Sequence[str]) -> list:
-    """``table`` as ``<folder>/<name>.<fmt>`` for each format, each renamed into place."""
-    from flashmm_dask.io.tables import _write_csv
-
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in dict.fromkeys(formats):
-        final = folder / f"{name}.{fmt}"
-        tmp = folder / f".{name}.{fmt}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            if fmt == "csv":
-                _write_csv(table, tmp)
-            else:
-                table.to_parquet(tmp, index=False)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        written.append(final)
-    return written
-
-
-def write_strata_tables(path: str | os.PathLike[str], folder: Path, formats: Sequence[str]) -> list:
+def write_strata_tables(
+    path: str | os.PathLike[str], folder: Path, formats: Sequence[str]
+) -> list[Path]:
     """The tables of a stratified results store (``results.csv``/``.parquet`` with a
     ``stratum`` column)."""
     import xarray as xr
-
-    from flashmm_dask.io.results import read_store_attrs
 
     datasets = {}
     for level, p in stratum_paths(path).items():
@@ -180,8 +278,6 @@ def strata_report(path: str | os.PathLike[str], folder: Path) -> list[Path]:
 
     files: list[Path] = []
     for level, p in stratum_paths(path).items():
-        from flashmm_dask.io.results import open_results
-
         files += make_report(open_results(str(p)), folder / "strata" / p.name)
         logger.debug("plots of stratum %s written", level)
     return files
@@ -199,7 +295,6 @@ def retest_strata(
     InputError
         No stratum has the coefficients of any of the contrasts.
     """
-    from flashmm_dask.io.results import open_results, read_store_attrs
     from flashmm_dask.run.retest import retest, run_stats
 
     strata = strata_attrs(path) or {}

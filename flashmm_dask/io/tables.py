@@ -5,14 +5,15 @@
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flashmm_dask.errors import InputError
+from flashmm_dask.io.writing import write_file
 from flashmm_dask.model.status import STATUS
 
 if TYPE_CHECKING:
@@ -81,6 +82,37 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
     )
 
 
+def _formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """The table formats asked for, once each; unknown ones raise InputError."""
+    chosen = (formats,) if isinstance(formats, str) else tuple(dict.fromkeys(formats))
+    unknown = [f for f in chosen if f not in _TABLE_FORMATS]
+    if unknown:
+        raise InputError(
+            f"unknown table formats {unknown}; choose from {', '.join(_TABLE_FORMATS)}"
+        )
+    return chosen
+
+
+def write_table(
+    table: pd.DataFrame,
+    folder: str | os.PathLike[str],
+    name: str = "results",
+    formats: Sequence[str] = _TABLE_FORMATS,
+) -> list[Path]:
+    """``table`` as ``<folder>/<name>.csv`` and/or ``.parquet``, each file staged (written
+    under a temporary name and renamed), so a reader never sees a half-written table.
+
+    Returns the paths written.
+    """
+    written = []
+    for fmt in _formats(formats):
+        write: Callable[[Path], object] = (
+            partial(_write_csv, table) if fmt == "csv" else partial(table.to_parquet, index=False)
+        )
+        written.append(write_file(Path(folder) / f"{name}.{fmt}", write))
+    return written
+
+
 def write_tables(
     ds: xr.Dataset,
     outdir: str | os.PathLike[str],
@@ -88,36 +120,9 @@ def write_tables(
     formats: Sequence[str] = _TABLE_FORMATS,
     name: str = "results",
 ) -> list[Path]:
-    """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``.
-
-    Each file is written to a temporary name and renamed, so a reader never sees a
-    half-written table. Returns the paths written.
-    """
-    if isinstance(formats, str):
-        formats = (formats,)
-    unknown = [f for f in formats if f not in _TABLE_FORMATS]
-    if unknown:
-        raise InputError(
-            f"unknown table formats {unknown}; choose from {', '.join(_TABLE_FORMATS)}"
-        )
-    table = results_table(ds)
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in dict.fromkeys(formats):
-        final = out / f"{name}.{fmt}"
-        tmp = out / f".{name}.{fmt}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            if fmt == "csv":
-                _write_csv(table, tmp)
-            else:
-                table.to_parquet(tmp, index=False)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        written.append(final)
-    return written
+    """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``
+    (:func:`write_table`). Returns the paths written."""
+    return write_table(results_table(ds), outdir, name, _formats(formats))
 
 
-__all__ = ["results_table", "write_tables"]
+__all__ = ["results_table", "write_table", "write_tables"]

@@ -1,7 +1,7 @@
 """The report of a run: the top genes in the log and ``OUTPUT/report.md``.
 
 At the end of ``flashmm-dask run`` (and of ``flashmm-dask report``) the results store is
-read once more, stratum by stratum (:func:`flashmm_dask.io.strata.iter_strata`), and
+read once more, stratum by stratum (:func:`flashmm_dask.io.strata_results.iter_strata`), and
 
 - the full sorted table of every reported term is written to ``OUTPUT/top/<term>.csv``
   (``OUTPUT/top/<stratum>/<term>.csv`` with strata; see
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from flashmm_dask.io.resultsets import (
     top_paths,
     write_top_tables,
 )
+from flashmm_dask.io.writing import write_file
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -320,14 +321,7 @@ def write_report(
     """Write :func:`report_markdown` to ``folder/report.md`` (a temporary name, renamed)."""
     final = Path(folder) / REPORT
     text = report_markdown(sets, folder, store=store, n=n, alpha=alpha, top_tables=top_tables)
-    tmp = final.with_name(f".{REPORT}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return write_file(final, partial(Path.write_text, data=text + "\n", encoding="utf-8"))
 
 
 def report_outputs(

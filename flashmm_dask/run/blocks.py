@@ -15,7 +15,6 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from flashmm_dask.io.results import (
     create_results,
     read_store_attrs,
 )
+from flashmm_dask.io.writing import package_versions
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.output import RESULTS, _is_write_failure, _write_error
 from flashmm_dask.run.progress import wait
@@ -38,18 +38,10 @@ from flashmm_dask.stats.summary import SummaryStats
 
 logger = logging.getLogger(__name__)
 
-VERSIONED = ("flashmm-dask", "numpy", "scipy", "dask", "distributed", "zarr", "anndata")
-
 
 def versions() -> dict[str, str]:
     """Versions of the package and the dependencies that shape its numbers."""
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return package_versions(missing="not installed")
 
 
 def auto_block_size(m: int, p: int, q: int, K: int, n_workers: int) -> int:

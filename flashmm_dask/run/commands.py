@@ -13,6 +13,7 @@ import pandas as pd
 
 from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
 from flashmm_dask.io.strata_results import is_strata_store, retest_strata
+from flashmm_dask.io.writing import staged
 from flashmm_dask.run.cluster import open_client
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.inputs import (
@@ -81,10 +82,9 @@ def write_contrasts(
     if not out:  # the run's output folder: its contrasts.csv is the package's
         refuse_foreign(target.parent, [target.name], overwrite=False)
         register(target.parent, [target.name])
-    tmp = target.with_name(f".{target.name}.tmp")
-    if target.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    else:
-        table.to_csv(tmp, index=False)
-    tmp.replace(target)
+    with staged(target) as tmp:
+        if target.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
     return table, target

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from flashmm_dask.errors import InputError
-from flashmm_dask.io._stores import locate, open_hdf5, open_zarr, store_kind
+from flashmm_dask.io._stores import open_hdf5, open_zarr, store_kind
+from flashmm_dask.io.paths import locate
 
 __all__ = ["duplicated_names", "feature_positions", "read_var_column"]
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flashmm_dask.errors import InputError, StoreError
+from flashmm_dask.io.paths import Location, locate
+from flashmm_dask.io.writing import staged
 
 if TYPE_CHECKING:
     from flashmm_dask.stats.summary import SummaryStats
@@ -27,15 +27,6 @@ FORMAT_VERSION = 2
 _ARRAYS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("flashmm-dask")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "unknown"
-
-
 def save_stats(
     stats: SummaryStats,
     path: str | os.PathLike[str],
@@ -45,52 +36,59 @@ def save_stats(
 ) -> None:
     """Write ``stats`` to a Zarr group (see :meth:`SummaryStats.save`)."""
     attrs = stats._attrs()
-    options = dict(storage_options or {})
-    local = _local_path(path, options)
-    if local is not None:
-        _save_local(stats, local, attrs, overwrite)
+    loc = locate(path, storage_options, error=StoreError)
+    if loc.local:
+
+        def write(tmp: Path) -> None:
+            stats._write_group(str(tmp), attrs, {})
+
+        save_local(loc.url, overwrite, write, shown=loc.shown)
     else:
-        _save_remote(stats, str(path), attrs, overwrite, options)
+        _save_remote(stats, loc, attrs, overwrite)
     logger.info("wrote summary statistics (n=%d, m=%d) to %s", stats.n, stats.m, path)
 
 
-def _save_local(stats: SummaryStats, path: Path, attrs: dict[str, Any], overwrite: bool) -> None:
-    if path.exists() or path.is_symlink():
-        _refuse_replace(str(path), overwrite, _is_stats_store(str(path), {}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    tmp = path.parent / f".{path.name}.partial-{token}"
-    old = path.parent / f".{path.name}.old-{token}"
+def save_local(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    write: Callable[[Path], object],
+    *,
+    shown: str | None = None,
+) -> None:
+    """``write(tmp)`` a statistics store, staged into place at the local ``path``
+    (``shown`` in messages, default ``path``).
+
+    Raises
+    ------
+    StoreError
+        Something is at ``path`` and ``overwrite`` is False or it is not a statistics
+        store, or the write fails (``path`` then holds what it held before).
+    """
+    target = Path(path)
+    shown = os.fspath(path) if shown is None else shown
+    if target.exists() or target.is_symlink():
+        _refuse_replace(shown, overwrite, _is_stats_store(locate(target)))
     try:
-        stats._write_group(str(tmp), attrs, {})
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)
-            raise
+        with staged(target) as tmp:
+            write(tmp)
     except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StoreError(f"could not write summary statistics to {path}: {exc}") from exc
-    shutil.rmtree(old, ignore_errors=True)
+        raise StoreError(f"could not write summary statistics to {shown}: {exc}") from exc
 
 
 def _save_remote(
-    stats: SummaryStats, url: str, attrs: dict[str, Any], overwrite: bool, options: dict[str, Any]
+    stats: SummaryStats, loc: Location, attrs: dict[str, Any], overwrite: bool
 ) -> None:
-    import fsspec
-
-    fs, fs_path = fsspec.core.url_to_fs(url, **options)
+    # no rename is atomic on object stores: the group is written in place and marked
+    # complete last (load() refuses it until then)
+    fs, fs_path = loc.fs()
     if fs.exists(fs_path):
-        _refuse_replace(url, overwrite, _is_stats_store(url, options))
+        _refuse_replace(loc.shown, overwrite, _is_stats_store(loc))
         fs.rm(fs_path, recursive=True)
     try:
-        stats._write_group(url, attrs, options)
+        stats._write_group(loc.url, attrs, loc.options)
     except Exception as exc:
         raise StoreError(
-            f"could not write summary statistics to {url}: {exc}; the store there is "
+            f"could not write summary statistics to {loc.shown}: {exc}; the store there is "
             "incomplete (load() refuses it); write it again with overwrite=True (--overwrite)"
         ) from exc
 
@@ -104,9 +102,9 @@ def load_summary(
     """Read statistics written by :func:`save_stats` (see :meth:`SummaryStats.load`)."""
     import zarr
 
-    options = dict(storage_options or {})
     try:
-        group = zarr.open_group(str(path), mode="r", storage_options=options or None)
+        loc = locate(path, storage_options, error=StoreError)
+        group = zarr.open_group(loc.url, mode="r", storage_options=loc.options or None)
     except (FileNotFoundError, OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(
             f"no summary-statistics store at {path}: {exc}; write one with SummaryStats.save()"
@@ -165,22 +163,11 @@ def load_summary(
         raise StoreError(f"{path} is not a consistent summary-statistics store: {exc}") from exc
 
 
-def _local_path(path: str | os.PathLike[str], options: Mapping[str, Any]) -> Path | None:
-    """The local filesystem path of ``path``, or None for a non-local fsspec URL."""
-    if isinstance(path, os.PathLike):
-        return Path(path)
-    if "://" not in path:
-        return Path(path)
-    if path.startswith("file://") and not options:
-        return Path(path[len("file://") :])
-    return None
-
-
-def _is_stats_store(path: str, options: Mapping[str, Any]) -> bool:
+def _is_stats_store(loc: Location) -> bool:
     import zarr
 
     try:
-        group = zarr.open_group(path, mode="r", storage_options=dict(options) or None)
+        group = zarr.open_group(loc.url, mode="r", storage_options=loc.options or None)
         return group.attrs.get("format") == FORMAT
     except Exception:  # anything that is not a readable group is not ours
         return False

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from flashmm_dask.errors import StoreError
-from flashmm_dask.stats.summary import FORMAT, FORMAT_VERSION, SummaryStats, _package_version
+from flashmm_dask.io.writing import package_version
+from flashmm_dask.stats.store import save_local
+from flashmm_dask.stats.summary import FORMAT, FORMAT_VERSION, SummaryStats
 
 __all__ = ["StratifiedStats", "load_stats"]
 
@@ -99,22 +99,13 @@ class StratifiedStats(Mapping[str, SummaryStats]):
         """
         import zarr
 
-        from flashmm_dask.stats.store import _is_stats_store, _refuse_replace
-
-        target = Path(path)
-        if target.exists():
-            _refuse_replace(str(target), overwrite, _is_stats_store(str(target), {}))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:12]
-        tmp = target.parent / f".{target.name}.partial-{token}"
-        old = target.parent / f".{target.name}.old-{token}"
-        try:
+        def write(tmp: Path) -> None:
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             root.attrs.update(
                 {
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
-                    "package_version": _package_version(),
+                    "package_version": package_version(),
                     "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "complete": False,
                     "strata": self.attrs(),
@@ -123,16 +114,9 @@ class StratifiedStats(Mapping[str, SummaryStats]):
             for level, stats in self.stats.items():
                 stats._write_group(str(tmp / "strata" / self.groups[level]), stats._attrs(), {})
             root.attrs["complete"] = True
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-        except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not target.exists():
-                os.replace(old, target)
-            raise StoreError(f"could not write summary statistics to {target}: {exc}") from exc
-        shutil.rmtree(old, ignore_errors=True)
-        logger.info("wrote the summary statistics of %d strata to %s", len(self), target)
+
+        save_local(path, overwrite, write)
+        logger.info("wrote the summary statistics of %d strata to %s", len(self), path)
 
 
 def load_stats(path: str | os.PathLike[str]) -> SummaryStats | StratifiedStats:

@@ -38,11 +38,11 @@ import scipy.sparse as sp
 from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import InputError
+from flashmm_dask.io.writing import package_version
 from flashmm_dask.stats.store import (
     _ARRAYS,
     FORMAT,
     FORMAT_VERSION,
-    _package_version,
     load_summary,
     save_stats,
 )
@@ -503,7 +503,7 @@ class SummaryStats:
             "format": FORMAT,
             # version 1 when there is nothing of version 2 (nnz): older readers load it
             "format_version": FORMAT_VERSION if self.nnz is not None else 1,
-            "package_version": _package_version(),
+            "package_version": package_version(),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "complete": False,
             "n": self.n,
