@@ -37,6 +37,7 @@ from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.inference import t_pvalues
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.satterthwaite import (
+    BOUNDARY_DF,
     DF_METHODS,
     contrast_gradient,
     cov_jacobian,
@@ -151,6 +152,7 @@ def lmm(
     method: str = "REML",
     df: str = "residual",
     nonnegative: bool = False,
+    boundary_df: str = "lmertest",
     theta0: Any = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
@@ -206,7 +208,14 @@ def lmm(
         variance components >= 0, as lme4 fits it: a component driven below zero is held
         at exactly zero and the others are re-estimated without it (status
         ``boundary``; see :mod:`flashmm_dask.numerics.boundary`); its Satterthwaite df
-        are those of the model without it, as lmerTest's. Interior fits are unchanged.
+        are those of the model without it, as lmerTest's (see ``boundary_df``). Interior
+        fits are unchanged.
+    boundary_df : {"lmertest", "retain"}
+        With ``nonnegative=True`` and Satterthwaite df, the df where a component is held
+        at zero: "lmertest" (default) drops it, as lmerTest does for a singular fit (an
+        effect between donors gets about n - p df); "retain" keeps it, the limit of the
+        interior df as the estimate approaches zero (the default of runs,
+        ``model.boundary_df``; see :mod:`flashmm_dask.numerics.satterthwaite`).
     theta0 : (K+1,) or (K+1, m) array, optional
         Starting variance components, the residual variance last.
     max_iter : int
@@ -246,6 +255,8 @@ def lmm(
         raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
     if not isinstance(nonnegative, (bool, np.bool_)):
         raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
+    if boundary_df not in BOUNDARY_DF:
+        raise InputError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
     _threads(n_threads)
 
     arrays = {
@@ -321,6 +332,7 @@ def lmm(
             jac=output_cov if output_jac is None else bool(output_jac),
         ),
         nonnegative=bool(nonnegative),
+        boundary_df=boundary_df,
         L=None if satterthwaite_contrasts is None else np.asarray(satterthwaite_contrasts, float),
     )
     fitted = fit.pop("fitted")
@@ -391,6 +403,7 @@ def lmm(
         contrast_df=fit["contrast_df"].T if "contrast_df" in fit else None,
         status=status,
         nonnegative=bool(nonnegative),
+        boundary_df=boundary_df,
     )
 
 
@@ -423,6 +436,7 @@ def _fit_blocks(
     keep: _Keep = _Keep(),
     nonnegative: bool = False,
     L: np.ndarray | None = None,
+    boundary_df: str = "lmertest",
 ) -> dict[str, Array]:
     """Fit the features in blocks; features with Ynorm <= 0 get NaN.
 
@@ -511,7 +525,7 @@ def _fit_blocks(
         if keep.re:
             out["RE"][rows] = fx.RE
         if satterthwaite:
-            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
+            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held, boundary_df=boundary_df)
             # the coefficients and the contrasts in one pass (one G' diag G product)
             Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])
             c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)

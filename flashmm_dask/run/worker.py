@@ -38,6 +38,7 @@ class SharedModel:
     store : results store path or URL;  storage_options : for fsspec URLs
     df : "residual" (n - p) or "satterthwaite": the degrees of freedom of the t-tests
     nonnegative : constrain the variance components to be >= 0 (lme4's fit)
+    boundary_df : Satterthwaite's df at a component held at zero: "lmertest" or "retain"
     """
 
     XX: np.ndarray
@@ -55,6 +56,7 @@ class SharedModel:
     storage_options: dict[str, Any] = field(default_factory=dict)
     df: str = "residual"
     nonnegative: bool = False
+    boundary_df: str = "lmertest"
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ def block_arrays(model: SharedModel, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.n
         method=model.method,
         df=model.df,
         nonnegative=model.nonnegative,
+        boundary_df=model.boundary_df,
         max_iter=model.max_iter,
         epsilon=model.epsilon,
         output_cov=True,
