@@ -213,9 +213,10 @@ def lmm(
     boundary_df : {"lmertest", "retain"}
         With ``nonnegative=True`` and Satterthwaite df, the df where a component is held
         at zero: "lmertest" (default) drops it, as lmerTest does for a singular fit (an
-        effect between donors gets about n - p df); "retain" keeps it, the limit of the
-        interior df as the estimate approaches zero (the default of runs,
-        ``model.boundary_df``; see :mod:`flashmm_dask.numerics.satterthwaite`).
+        effect between donors gets about n - p df; also the default of runs,
+        ``model.boundary_df``); "retain" keeps it, the limit of the interior df as the
+        estimate approaches zero: continuous df, but conservative where the true variance
+        is zero (benchmarks/CALIBRATION.md; :mod:`flashmm_dask.numerics.satterthwaite`).
     theta0 : (K+1,) or (K+1, m) array, optional
         Starting variance components, the residual variance last.
     max_iter : int
