@@ -23,7 +23,10 @@ with b_dg ~ N(0, s2_g): the donor variance s2_g differs between genes (log-unifo
 - between-donor: the effect applies to every cell of condition B (constant within donor);
   model ``log2(1 + counts) ~ log(libsize) + trt + (1 | donor)``, test ``trtB``;
 - cell-type-specific: the effect applies to cell type 1 of condition B; model
-  ``~ 0 + log(libsize) + cls + cls:trt + (1 | donor)``, test ``cls1:trtB``.
+  ``~ 0 + log(libsize) + cls + cls:trt + (1 | donor)``, test ``cls1:trtB``;
+- "cell-type-specific, by cls" (only with ``--scenarios``): the same data sets, fitted as a
+  run with ``model.by: cls`` fits cell type 1 (its cells only, its own donor and residual
+  variances): ``~ log(libsize) + trt + (1 | donor)``, test ``trtB``.
 
 Each data set is reduced to summary statistics in-process (``sslmm``, blocks of genes) and
 fitted with ``lmm`` (no Dask cluster). For each scenario and S: the false-positive rate at
@@ -66,7 +69,13 @@ GOAL_FDP = 0.06
 SCENARIOS = {
     "between-donor": ("~ log(libsize) + trt", "trtB"),
     "cell-type-specific": ("~ 0 + log(libsize) + cls + cls:trt", "cls1:trtB"),
+    # the same data as cell-type-specific, fitted as a run with model.by: cls fits cell
+    # type 1: its own model, with its own donor and residual variances (not a default row)
+    "cell-type-specific, by cls": ("~ log(libsize) + trt", "trtB"),
 }
+#: Scenarios fitted on the cells of one cell type, and the data they are simulated as.
+STRATUM = {"cell-type-specific, by cls": ("1", "cell-type-specific")}
+DEFAULT_SCENARIOS = ["between-donor", "cell-type-specific"]
 RANDOM = "~ 0 + donor"
 N_CELLTYPES = 3
 GENE_BLOCK = 2000
@@ -85,6 +94,7 @@ class Settings:
     max_iter: int
     epsilon: float
     nonnegative: bool | None  # None: this version of the code has no such option
+    boundary_df: str | None = None  # likewise
 
     def lmm_options(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -95,28 +105,37 @@ class Settings:
         }
         if self.nonnegative is not None:
             out["nonnegative"] = self.nonnegative
+        if self.boundary_df is not None:
+            out["boundary_df"] = self.boundary_df
         return out
 
     def line(self) -> str:
         nonneg = "n/a (no such option)" if self.nonnegative is None else str(self.nonnegative)
+        boundary = "n/a (no such option)" if self.boundary_df is None else self.boundary_df
         return (
             f"model.method={self.method}, model.df={self.df}, model.nonnegative={nonneg}, "
-            f"model.max_iter={self.max_iter}, model.epsilon={self.epsilon:g}"
+            f"model.boundary_df={boundary}, model.max_iter={self.max_iter}, "
+            f"model.epsilon={self.epsilon:g}"
         )
 
 
-def run_settings(df: str | None, nonnegative: str | None) -> Settings:
+def run_settings(
+    df: str | None, nonnegative: str | None, boundary_df: str | None = None
+) -> Settings:
     """The model settings of a run with the default config, with overrides."""
     overrides = []
     if df is not None:
         overrides.append(f"model.df={df}")
-    has_nonnegative = any(
-        f.name == "nonnegative" for f in dataclasses.fields(type(load_config().model))
-    )
-    if nonnegative is not None:
-        if not has_nonnegative:
-            raise SystemExit("--nonnegative: this version of flashmm_dask has no model.nonnegative")
-        overrides.append(f"model.nonnegative={nonnegative}")
+    keys = {f.name for f in dataclasses.fields(type(load_config().model))}
+    has_nonnegative, has_boundary = "nonnegative" in keys, "boundary_df" in keys
+    for key, value, present in (
+        ("nonnegative", nonnegative, has_nonnegative),
+        ("boundary_df", boundary_df, has_boundary),
+    ):
+        if value is not None:
+            if not present:
+                raise SystemExit(f"this version of flashmm_dask has no model.{key}")
+            overrides.append(f"model.{key}={value}")
     model = load_config(None, overrides).model
     return Settings(
         method=model.method,
@@ -124,6 +143,7 @@ def run_settings(df: str | None, nonnegative: str | None) -> Settings:
         max_iter=int(model.max_iter),
         epsilon=float(model.epsilon),
         nonnegative=bool(model.nonnegative) if has_nonnegative else None,
+        boundary_df=model.boundary_df if has_boundary else None,
     )
 
 
@@ -189,17 +209,20 @@ def one_replicate(
     """Simulate one data set, reduce and fit it; return its null and BH figures."""
     rng = np.random.default_rng(seed)
     fixed, term = SCENARIOS[scenario]
+    stratum, simulated = STRATUM.get(scenario, (None, scenario))
     obs = simulate_cells(S, args.cells_per_donor, rng)
-    design = fm.build_design(obs, fixed, RANDOM)
-    check_design_replication(design, obs)
-    X, Z = design.X(obs), design.Z(obs)
+    keep = np.ones(len(obs), dtype=bool) if stratum is None else (obs["cls"] == stratum).to_numpy()
+    fitted_obs = obs[keep]
+    design = fm.build_design(fitted_obs, fixed, RANDOM)
+    check_design_replication(design, fitted_obs)
+    X, Z = design.X(fitted_obs), design.Z(fitted_obs)
     j = design.covariates.index(term)
     p, df, de, zero, theta, ok = [], [], [], [], [], []
     for start in range(0, args.genes, GENE_BLOCK):
         Y, truth = simulate_genes(
-            obs, min(GENE_BLOCK, args.genes - start), scenario, args.de_fraction, rng, data
+            obs, min(GENE_BLOCK, args.genes - start), simulated, args.de_fraction, rng, data
         )
-        stats = fm.sslmm(X, Y, Z, d=design.d)
+        stats = fm.sslmm(X, Y[:, keep], Z, d=design.d)
         fit = fm.lmm(
             stats.XX,
             stats.XY,
@@ -223,7 +246,7 @@ def one_replicate(
     null = ~dev & okv
     found = p_adjust(np.where(okv, pv, np.nan), "BH") < ALPHA
     return {
-        "cells": len(obs),
+        "cells": len(fitted_obs),
         "null": int(null.sum()),
         "fpr": float(np.mean(pv[null] < ALPHA)),
         "fpr_zero": float(np.mean(pv[null & zerov] < ALPHA)),
@@ -260,7 +283,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--donors", type=int, nargs="+", default=[3, 6, 10, 20])
     parser.add_argument("--cells-per-donor", type=int, default=60)
     parser.add_argument("--de-fraction", type=float, default=0.1)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--scenarios", nargs="+", default=DEFAULT_SCENARIOS, choices=SCENARIOS)
     parser.add_argument(
         "--data",
         nargs="+",
@@ -270,6 +293,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--df", choices=["residual", "satterthwaite"], help="model.df")
     parser.add_argument("--nonnegative", choices=["true", "false"], help="model.nonnegative")
+    parser.add_argument("--boundary-df", choices=["lmertest", "retain"], help="model.boundary_df")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--out", type=Path, default=HERE)
     return parser.parse_args(argv)
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def study(args: argparse.Namespace, argv: list[str] | None) -> list[dict[str, Any]]:
     """The rows of the table, written with the figure into ``args.out``."""
-    settings = run_settings(args.df, args.nonnegative)
+    settings = run_settings(args.df, args.nonnegative, args.boundary_df)
     print(f"fit settings (a run's defaults and overrides): {settings.line()}", flush=True)
     machine = machine_line()
     start = time.perf_counter()
@@ -338,7 +362,7 @@ def figure(rows: list[dict[str, Any]], path: Path, settings: Settings) -> None:
                 [r["S"] for r in sub],
                 [r[key][0] for r in sub],
                 yerr=[2 * r[key][1] for r in sub],
-                marker="o" if scenario == "between-donor" else "s",
+                marker={"between-donor": "o", "cell-type-specific": "s"}.get(scenario, "^"),
                 ls="-" if data == "counts" else "--",
                 capsize=3,
                 label=f"{scenario}, {data}",
@@ -407,7 +431,14 @@ def markdown(
         f"{args.cells_per_donor} cells per donor, 3 cell types. Scenarios: *between-donor* "
         "(`~ log(libsize) + trt`, test `trtB`, constant within donor) and "
         "*cell-type-specific* (`~ 0 + log(libsize) + cls + cls:trt`, test `cls1:trtB`, the "
-        "effect in cell type 1 only); random `~ 0 + donor`.",
+        "effect in cell type 1 only)"
+        + (
+            "; *cell-type-specific, by cls*: the same data sets, cell type 1's cells only, "
+            "`~ log(libsize) + trt`, test `trtB` (what a run with `model.by: cls` fits there)"
+            if any(s in STRATUM for s in args.scenarios)
+            else ""
+        )
+        + "; random `~ 0 + donor`.",
         "",
         "FPR: share of the null genes with p < 0.05 (all null genes, and those without donor "
         "variance); FDP: false discoveries among the Benjamini-Hochberg discoveries at 0.05; "

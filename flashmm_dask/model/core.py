@@ -68,6 +68,8 @@ class FitOptions:
     ----------
     df : "residual" (n - p) or "satterthwaite"
     nonnegative : hold variance components driven below zero at zero (lme4's fit)
+    boundary_df : Satterthwaite's df at a component held at zero: "lmertest" drops it,
+        "retain" keeps it (:mod:`flashmm_dask.numerics.satterthwaite`)
     max_iter, epsilon : Fisher scoring's limit and tolerance on max |dlogL|
     n_threads : threads fitting blocks in parallel (the workers of a run use 1)
     keep : the optional outputs to keep
@@ -76,6 +78,7 @@ class FitOptions:
 
     df: str = "residual"
     nonnegative: bool = False
+    boundary_df: str = "lmertest"
     max_iter: int = 50
     epsilon: float = 1e-5
     n_threads: int = 1
@@ -225,7 +228,9 @@ def fit_features(
         if keep.re:
             out["RE"][rows] = fx.RE
         if satterthwaite:
-            vcov_theta = theta_vcov(shared, th.theta, zry, yry, held=held)
+            vcov_theta = theta_vcov(
+                shared, th.theta, zry, yry, held=held, boundary_df=options.boundary_df
+            )
             # the coefficients and the contrasts in one pass (one G' diag G product)
             Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])
             c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)

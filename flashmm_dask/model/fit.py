@@ -60,6 +60,7 @@ class LmmFit:
         constant, non_finite, boundary, negative_variance), the same as the results store
         of a run; :meth:`status_names` gives the names.
     nonnegative : whether the variance components were constrained to be >= 0
+    boundary_df : Satterthwaite's rule at components held at zero, "lmertest" or "retain"
     contrast_df : (c, m) array or None
         Satterthwaite's df of the contrasts given to ``lmm(satterthwaite_contrasts=...)``.
     """
@@ -94,6 +95,7 @@ class LmmFit:
     status: np.ndarray | None = None
     nonnegative: bool = False
     contrast_df: Array | None = None
+    boundary_df: str = "lmertest"
 
     def __repr__(self) -> str:
         return (

@@ -26,7 +26,7 @@ from flashmm_dask.model.core import FitOptions, Keep, default_threads, fit_featu
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.numerics.fisher import METHODS
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.satterthwaite import DF_METHODS
+from flashmm_dask.numerics.satterthwaite import BOUNDARY_DF, DF_METHODS
 from flashmm_dask.stats.summary import SummaryStats, summary_shapes
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def lmm(
     method: str = "REML",
     df: str = "residual",
     nonnegative: bool = False,
+    boundary_df: str = "lmertest",
     theta0: ArrayLike | None = None,
     max_iter: int = 50,
     epsilon: float = 1e-5,
@@ -189,7 +190,15 @@ def lmm(
         variance components >= 0, as lme4 fits it: a component driven below zero is held
         at exactly zero and the others are re-estimated without it (status
         ``boundary``; see :mod:`flashmm_dask.numerics.boundary`); its Satterthwaite df
-        are those of the model without it, as lmerTest's. Interior fits are unchanged.
+        are those of the model without it, as lmerTest's (see ``boundary_df``). Interior
+        fits are unchanged.
+    boundary_df : {"lmertest", "retain"}
+        With ``nonnegative=True`` and Satterthwaite df, the df where a component is held
+        at zero: "lmertest" (default) drops it, as lmerTest does for a singular fit (an
+        effect between donors gets about n - p df; also the default of runs,
+        ``model.boundary_df``); "retain" keeps it, the limit of the interior df as the
+        estimate approaches zero: continuous df, but conservative where the true variance
+        is zero (benchmarks/CALIBRATION.md; :mod:`flashmm_dask.numerics.satterthwaite`).
     theta0 : (K+1,) or (K+1, m) array, optional
         Starting variance components, the residual variance last.
     max_iter : int
@@ -220,7 +229,9 @@ def lmm(
     method = _method(method)
     jac = output_cov if output_jac is None else bool(output_jac)
     keep = Keep(cov=output_cov, fim=output_fim, re=output_re, jac=jac)
-    options = _options(df, nonnegative, max_iter, epsilon, n_threads, keep, satterthwaite_contrasts)
+    options = _options(
+        df, nonnegative, max_iter, epsilon, n_threads, keep, satterthwaite_contrasts, boundary_df
+    )
     df_method = options.df
 
     arrays = {
@@ -340,6 +351,7 @@ def lmm(
         contrast_df=fit["contrast_df"].T if "contrast_df" in fit else None,
         status=fit["status"],
         nonnegative=bool(nonnegative),
+        boundary_df=boundary_df,
     )
 
 
@@ -378,6 +390,7 @@ def _options(
     n_threads: int | None,
     keep: Keep,
     contrasts: ArrayLike | None,
+    boundary_df: str = "lmertest",
 ) -> FitOptions:
     """:func:`lmm`'s keywords, checked, as the settings of the fitting core (a new keyword
     of ``lmm``: one parameter here and one field of :class:`FitOptions`)."""
@@ -389,9 +402,12 @@ def _options(
         raise InputError(f"epsilon must be a positive number; got {epsilon!r}")
     if not isinstance(nonnegative, (bool, np.bool_)):
         raise InputError(f"nonnegative must be True or False; got {nonnegative!r}")
+    if boundary_df not in BOUNDARY_DF:
+        raise InputError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
     return FitOptions(
         df=df.lower(),
         nonnegative=bool(nonnegative),
+        boundary_df=boundary_df,
         max_iter=int(max_iter),
         epsilon=float(epsilon),
         n_threads=_threads(n_threads),

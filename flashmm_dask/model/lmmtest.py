@@ -121,7 +121,7 @@ def satterthwaite_inputs(fit: LmmFit) -> tuple[Array, Array]:
     if fit.nonnegative:  # components held at zero leave the model (see lmm)
         held = np.zeros(theta.shape, dtype=bool)
         held[:, :-1] = theta[:, :-1] == 0
-    return satterthwaite_terms(sh, theta, zry, yry, fit.cov, held=held)
+    return satterthwaite_terms(sh, theta, zry, yry, fit.cov, held=held, boundary_df=fit.boundary_df)
 
 
 def lmmtest(

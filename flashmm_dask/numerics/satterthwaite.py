@@ -52,6 +52,25 @@ above is a sum over eigenvalues, as in the K = 1 path of the fit.
 V is linear in theta, so cov is homogeneous of degree 1 in theta and Euler's identity
 sum_i theta_i d cov / d theta_i = cov gives the residual's derivative from the others:
 d cov / ds_0 = (cov - sum_k s_k d cov / ds_k) / s_0, without forming X'H^2 X.
+
+Components held at zero (``nonnegative=True``)
+----------------------------------------------
+A non-negative fit can end with a component s_k = 0 (lme4's singular fit). Two rules for
+the df there (``boundary_df``):
+
+- "lmertest": the zero component leaves the model, as in lmerTest, where it is no parameter
+  of a singular fit: g and A are those of the free components only. The df jump there:
+  with the donor variance at zero an effect between donors gets about n - p df.
+- "retain": the zero component stays a parameter: g is the gradient in every component and
+  A the inverse observed information of every component, both at the constrained optimum
+  (s_k = 0, the others re-estimated). Every formula above holds at s_k = 0 (D has zeros,
+  M = (D G + I)^-1 stays defined), and g and the information are continuous in theta, so
+  these df are the limit of the interior df as an estimate approaches zero from above: the
+  df are continuous in the data across the boundary. Where the data lie well beyond the
+  boundary (the unconstrained optimum far below zero) the observed information there need
+  not be positive definite, and is no variance of anything; there the expected (Fisher)
+  information T / 2 (REML: T(zrz, n - p); ML: T(ZZ, n)) takes its place, so that every
+  feature gets finite df.
 """
 
 from __future__ import annotations
@@ -63,6 +82,9 @@ from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciproca
 
 #: The df methods of the t-tests: the R package's n - p, or Satterthwaite's.
 DF_METHODS = ("residual", "satterthwaite")
+#: Satterthwaite's df at components held at zero: dropped (lmerTest) or kept (the limit of
+#: the interior df); see the module docstring.
+BOUNDARY_DF = ("lmertest", "retain")
 
 
 def observed_information(
@@ -315,13 +337,16 @@ def satterthwaite_terms(
     *,
     spectral: bool | None = None,
     held: np.ndarray | None = None,
+    boundary_df: str = "lmertest",
 ) -> tuple[Array, Array]:
     """The per-feature ingredients of Satterthwaite's df for any contrast.
 
     ``held`` ((m, K+1) bool, optional) marks variance components held at zero by a
-    non-negative fit: such a component leaves the model (as in lmerTest, where it is not a
-    parameter of a singular fit), so the information is that of the free components and
-    vcov_theta is zero in the held rows and columns.
+    non-negative fit. With ``boundary_df="lmertest"`` such a component leaves the model
+    (as in lmerTest, where it is not a parameter of a singular fit), so the information is
+    that of the free components and vcov_theta is zero in the held rows and columns; with
+    "retain" it stays in (the information of every component at theta, the limit of the
+    interior df; the expected information where the observed is not positive definite).
 
     Returns
     -------
@@ -330,8 +355,31 @@ def satterthwaite_terms(
     jac_cov : (m, K+1, p, p) array
         d cov / d theta.
     """
-    vcov = theta_vcov(sh, theta, zry, yry, spectral=spectral, held=held)
+    vcov = theta_vcov(sh, theta, zry, yry, spectral=spectral, held=held, boundary_df=boundary_df)
     return vcov, cov_jacobian(sh, theta, cov, spectral=spectral)
+
+
+def expected_information(sh: SharedTerms, theta: Array) -> Array:
+    """The expected (Fisher) information of theta, T / 2, per feature: (m, K+1, K+1)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        D = _ratios(sh, theta)
+        if sh.method == "REML":
+            return _trace_terms(sh, sh.zrz, sh.n - sh.p, D, theta[:, -1]) / 2.0
+        return _trace_terms(sh, sh.ZZ, sh.n, D, theta[:, -1]) / 2.0
+
+
+def _retained_information(sh: SharedTerms, theta: Array, held: np.ndarray, info: Array) -> Array:
+    """The information of every component ("retain"): the observed one, but the expected
+    one at fits with a held component where the observed is not positive definite."""
+    rows = np.flatnonzero(held.any(axis=1) & np.isfinite(info).all(axis=(1, 2)))
+    if rows.size == 0:
+        return info
+    indefinite = rows[~(np.linalg.eigvalsh(info[rows]).min(axis=1) > 0)]
+    if indefinite.size == 0:
+        return info
+    out = info.copy()
+    out[indefinite] = expected_information(sh, theta[indefinite])
+    return out
 
 
 def theta_vcov(
@@ -342,12 +390,17 @@ def theta_vcov(
     *,
     spectral: bool | None = None,
     held: np.ndarray | None = None,
+    boundary_df: str = "lmertest",
 ) -> Array:
     """The inverse observed information of theta, (m, K+1, K+1); see
-    :func:`satterthwaite_terms` for ``held``."""
+    :func:`satterthwaite_terms` for ``held`` and ``boundary_df``."""
+    if boundary_df not in BOUNDARY_DF:
+        raise ValueError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
     info = observed_information(sh, theta, zry, yry, spectral=spectral)
     if held is None or not held.any():
         return pinv_sym(info)
+    if boundary_df == "retain":
+        return pinv_sym(_retained_information(sh, theta, held, info))
     both = ~held[:, :, None] & ~held[:, None, :]
     # the held diagonal gets the residual's scale, so that a pseudo-inverse keeps the rest
     scale = np.abs(info[:, -1, -1])[:, None, None]

@@ -145,6 +145,7 @@ def shared_model(
         store=store,
         df=cfg.model.df,
         nonnegative=cfg.model.nonnegative,
+        boundary_df=cfg.model.boundary_df,
     )
 
 

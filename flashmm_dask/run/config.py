@@ -125,6 +125,9 @@ class ModelConfig:
     # FLASHMM's behaviour, and the defaults of the Python entry points.
     df: str = _key(_choice("residual", "satterthwaite"), "satterthwaite")
     nonnegative: bool = _BOOL(True)
+    # Satterthwaite's df at a variance held at zero: "retain" keeps it (continuous df),
+    # "lmertest" drops it as lmerTest does (numerics/satterthwaite.py)
+    boundary_df: str = _key(_choice("lmertest", "retain"), "lmertest")
     transform: str = _key(_transform, "log2p1")
     target_sum: float = _key(_number(0.0, strict=True), 1e4)
     max_iter: int = _POSITIVE(50)

@@ -43,6 +43,7 @@ class SharedModel:
     store : results store path or URL;  storage_options : for fsspec URLs
     df : "residual" (n - p) or "satterthwaite": the degrees of freedom of the t-tests
     nonnegative : constrain the variance components to be >= 0 (lme4's fit)
+    boundary_df : Satterthwaite's df at a component held at zero: "lmertest" or "retain"
     terms : the prepared shared terms of (XX, ZX, ZZ, n, d, method); prepared when the
         model is built unless given for these very inputs (as ``dataclasses.replace`` of a
         model's other settings gives them)
@@ -63,6 +64,7 @@ class SharedModel:
     storage_options: dict[str, Any] = field(default_factory=dict)
     df: str = "residual"
     nonnegative: bool = False
+    boundary_df: str = "lmertest"
     terms: SharedTerms | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class SharedModel:
         return FitOptions(
             df=self.df,
             nonnegative=bool(self.nonnegative),
+            boundary_df=self.boundary_df,
             max_iter=int(self.max_iter),
             epsilon=float(self.epsilon),
             n_threads=1,
