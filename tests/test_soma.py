@@ -372,6 +372,14 @@ def test_run_inputs_read_only_the_formula_columns_and_pushed_down_features(
         )
 
 
+def test_var_column_feature_selection_points_to_var_filter(experiment: str, tmp_path: Path) -> None:
+    cfg = config_for(experiment, tmp_path, "data.features={var_column: de}")
+    with pytest.raises(
+        InputError, match=r'data.features \{var_column: de\}.*data.var_filter: "de == True"'
+    ):
+        prepare_inputs(cfg, tmp_path)
+
+
 def test_soma_keys_are_refused_for_other_data(atlas: ad.AnnData, tmp_path: Path) -> None:
     store = fm.write_store(atlas, tmp_path / "atlas.zarr")
     cfg = config_for(str(store), tmp_path / "out", f"data.obs_filter={CELLS}")

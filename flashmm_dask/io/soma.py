@@ -39,7 +39,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import dask.array as da
 import numpy as np
@@ -49,6 +49,9 @@ from scipy import sparse
 
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.io._stores import check_matrix, default_sparse_rows
+
+if TYPE_CHECKING:  # readers imports this module: the class is imported where it is built
+    from flashmm_dask.io.readers import Expression
 
 __all__ = ["SOMA_PREFIX", "is_soma", "read_soma"]
 
@@ -252,7 +255,7 @@ def read_soma(
     var_column: str | None = None,
     chunk_cells: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
-) -> Any:
+) -> Expression:
     """Present one X layer of a SOMA experiment lazily as a (cells, features) Dask array.
 
     Parameters
@@ -503,72 +506,3 @@ def _read_var(
     if len(frame) == 0:
         raise DataError(f"var_filter {var_filter!r} selects no feature of {where}")
     return pd.Index(names.to_numpy(), dtype=object), frame[_JOINID].to_numpy(dtype=np.int64)
-
-
-# -- runs ----------------------------------------------------------------------------
-
-
-def read_for_run(cfg: Any, source: Any, storage_options: Mapping[str, Any]) -> Any:
-    """The run's data when ``source`` is a SOMA experiment, else None.
-
-    Pushes down what the config allows: ``data.obs_filter`` and ``data.var_filter``; the
-    obs columns the formulas (and ``model.by``) use, unless a generic cell selection
-    (``data.cells``) needs them all; and ``data.features`` unless the cell totals of a
-    scaled transform or the principal components of ``model.pcs`` need every feature (then
-    they are subset after the reduction, as for AnnData stores).
-
-    Raises
-    ------
-    InputError
-        SOMA-only keys set for another kind of data, or keys that do not apply to SOMA.
-    """
-    data = cfg.data
-    from flashmm_dask.run.config import SOMA_KEYS
-
-    set_keys = [f"data.{k}" for k in SOMA_KEYS if getattr(data, k) is not None]
-    if not is_soma(source):
-        if set_keys:
-            raise InputError(
-                f"{', '.join(set_keys)} apply to TileDB-SOMA experiments only, but "
-                f"data.path {source!r} is not one; remove them (or give a SOMA path: a folder "
-                f"that is an experiment, *.soma or {SOMA_PREFIX}...)"
-            )
-        return None
-    for key in ("obs", "orientation"):
-        if getattr(data, key) is not None:
-            raise InputError(
-                f"data.{key} does not apply to a SOMA experiment (its cells are the rows of "
-                "X and its metadata its obs); remove it"
-            )
-    scaled = cfg.model.transform in ("log1p_scaled", "log1p_cpm")
-    if scaled and data.var_filter is not None:
-        raise InputError(
-            f"data.var_filter with transform {cfg.model.transform!r}: the cell totals need "
-            "every feature; select features with data.features instead (subset after the "
-            "reduction)"
-        )
-    return read_soma(
-        source,
-        measurement=data.measurement or "RNA",
-        layer=data.layer,
-        obs_filter=data.obs_filter,
-        obs_columns=None if getattr(data, "cells", None) else obs_columns(cfg.model),
-        var_filter=data.var_filter,
-        features=None if scaled or cfg.model.pcs else data.features,
-        var_column=data.var_column,
-        chunk_cells=data.chunk_cells,
-        storage_options=storage_options,
-    )
-
-
-def obs_columns(model: Any) -> list[str]:
-    """The obs columns a model section uses: its formulas' variables and ``by``."""
-    from flashmm_dask.design.terms import parse_formula, required_columns
-
-    random = model.random
-    formulas = [model.fixed, *([random] if isinstance(random, str) else random)]
-    used: list[str] = []
-    for formula in formulas:
-        used += sorted(required_columns(parse_formula(formula, "formula")))
-    by = getattr(model, "by", None)
-    return list(dict.fromkeys([*used, *([by] if isinstance(by, str) else [])]))

@@ -29,12 +29,12 @@ from flashmm_dask.design.formula import Design
 from flashmm_dask.design.strata import Strata, plan_strata
 from flashmm_dask.errors import DataError, InputError, StoreError
 from flashmm_dask.io.readers import Expression, Orientation, read_expression
-from flashmm_dask.io.soma import read_for_run
 from flashmm_dask.io.strata_results import applicable_contrasts, strata_attrs
 from flashmm_dask.run.config import RunConfig, SimulateConfig, require_model
 from flashmm_dask.run.features import feature_positions
 from flashmm_dask.run.output import SIMULATED, STATS, _writing
 from flashmm_dask.run.progress import wait
+from flashmm_dask.run.soma import read_for_run
 from flashmm_dask.run.steps import (
     Random,
     checked_design,
