@@ -28,8 +28,8 @@ import dask
 from flashmm_dask.errors import FlashmmError, FlashmmWarning, InputError
 from flashmm_dask.io.outputs import register
 from flashmm_dask.io.results import open_results
-from flashmm_dask.io.strata_results import is_strata_store, strata_report
-from flashmm_dask.report.plots import make_report
+from flashmm_dask.io.strata_results import is_strata_store
+from flashmm_dask.report.plots import make_report, strata_report
 from flashmm_dask.report.summary import report_outputs
 from flashmm_dask.run.commands import save_stats, write_contrasts
 from flashmm_dask.run.config import SimulateConfig, load_config

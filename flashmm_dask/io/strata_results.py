@@ -37,7 +37,7 @@ import pandas as pd
 import zarr
 
 from flashmm_dask.design.contrasts import contrast_matrix
-from flashmm_dask.errors import ContrastError, InputError, StoreError
+from flashmm_dask.errors import ContrastError, StoreError
 from flashmm_dask.io.paths import locate
 from flashmm_dask.io.results import open_group, open_results, read_store_attrs
 from flashmm_dask.io.tables import results_table, write_table
@@ -54,7 +54,6 @@ __all__ = [
     "iter_strata",
     "mark_filtered",
     "open_strata",
-    "retest_strata",
     "strata_attrs",
     "strata_groups",
     "write_strata_tables",
@@ -270,51 +269,3 @@ def write_strata_tables(
         # numpy-backed (no dask): a table reads every variable once, whole
         datasets[level] = xr.open_zarr(str(p), chunks=None, consolidated=True, zarr_format=3)
     return write_table(strata_table(datasets), folder, "results", formats)
-
-
-def strata_report(path: str | os.PathLike[str], folder: Path) -> list[Path]:
-    """The plots of each stratum in ``folder/strata/<name>/plots/``."""
-    from flashmm_dask.report.plots import make_report
-
-    files: list[Path] = []
-    for level, p in stratum_paths(path).items():
-        files += make_report(open_results(str(p)), folder / "strata" / p.name)
-        logger.debug("plots of stratum %s written", level)
-    return files
-
-
-def retest_strata(
-    path: str | os.PathLike[str], contrasts: Mapping[str, str], *, alternative: str = "two.sided"
-) -> pd.DataFrame:
-    """New contrasts on every stratum of a stratified store where their coefficients
-    exist; a ``stratum`` column first. Strata lacking a contrast's coefficients are
-    logged (warning) and have no rows for it.
-
-    Raises
-    ------
-    InputError
-        No stratum has the coefficients of any of the contrasts.
-    """
-    from flashmm_dask.run.retest import retest, run_stats
-
-    strata = strata_attrs(path) or {}
-    stats_root = Path(run_stats(str(path), read_store_attrs(str(path)).get("config", {})))
-    parts = []
-    for level, p in stratum_paths(path).items():
-        # the stratum's statistics (for Satterthwaite's df): the same group in stats.zarr
-        stats = str(stats_root / str(strata["groups"][level]))
-        covariates = [str(c) for c in open_results(str(p))["covariate"].values]
-        ok, missing = applicable_contrasts(contrasts, covariates)
-        for name in missing:
-            logger.warning("stratum %s lacks the coefficients of contrast %r", level, name)
-        if ok:
-            table = retest(str(p), ok, alternative=alternative, stats=stats)
-            table.insert(0, "stratum", level)
-            parts.append(table)
-    if not parts:
-        raise InputError(
-            f"no stratum of {path} has the coefficients of the contrasts "
-            f"{', '.join(map(repr, contrasts))}; check the names (strata have the "
-            "coefficients of the formula applied to their own cells)"
-        )
-    return pd.concat(parts, ignore_index=True)

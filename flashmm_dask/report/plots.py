@@ -24,6 +24,7 @@ is one vectorised draw call and a small file.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.stats
 
+from flashmm_dask.io.results import open_results
+from flashmm_dask.io.strata_results import stratum_paths
 from flashmm_dask.report.values import (
     Term,
     _as_term,
@@ -404,3 +407,12 @@ def make_report(
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
+
+
+def strata_report(path: str | os.PathLike[str], folder: Path) -> list[Path]:
+    """The plots of each stratum in ``folder/strata/<name>/plots/``."""
+    files: list[Path] = []
+    for level, p in stratum_paths(path).items():
+        files += make_report(open_results(str(p)), folder / "strata" / p.name)
+        logger.debug("plots of stratum %s written", level)
+    return files

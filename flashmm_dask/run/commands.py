@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
-from flashmm_dask.io.strata_results import is_strata_store, retest_strata
+from flashmm_dask.io.strata_results import is_strata_store
 from flashmm_dask.io.writing import staged
 from flashmm_dask.run.cluster import open_client
 from flashmm_dask.run.config import RunConfig
@@ -24,7 +24,7 @@ from flashmm_dask.run.inputs import (
     uses_strata,
 )
 from flashmm_dask.run.output import SIMULATED, STATS, OutputLock
-from flashmm_dask.run.retest import retest
+from flashmm_dask.run.retest import retest, retest_strata
 from flashmm_dask.stats.strata import StratifiedStats
 from flashmm_dask.stats.summary import SummaryStats
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
-from flashmm_dask.io.strata_results import strata_attrs, strata_report, write_strata_tables
-from flashmm_dask.report.plots import make_report
+from flashmm_dask.io.strata_results import strata_attrs, write_strata_tables
+from flashmm_dask.report.plots import make_report, strata_report
 from flashmm_dask.report.summary import report_outputs
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.progress import Timings

@@ -18,6 +18,8 @@ the run's. The result equals a run with the contrasts in its config.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import posixpath
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +31,8 @@ import xarray as xr
 
 from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import InputError, StoreError
-from flashmm_dask.io.results import open_results
+from flashmm_dask.io.results import open_results, read_store_attrs
+from flashmm_dask.io.strata_results import applicable_contrasts, strata_attrs, stratum_paths
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.model.lmm import lmm, lmm_summary
 from flashmm_dask.model.lmmtest import check_alternative, satterthwaite_inputs
@@ -42,6 +45,8 @@ REFIT_BLOCK_VALUES = 2**24
 #: Relative agreement the refit must reach with the stored coefficients and df.
 REPRODUCE_RTOL = 1e-6
 STATS = "stats.zarr"
+
+logger = logging.getLogger(__name__)
 
 
 def retest(
@@ -216,3 +221,38 @@ def _check_reproduced(fit: LmmFit, coef: np.ndarray, df: np.ndarray, stats: str)
             f"{fit.features[j]!r} differs): they are not this run's; pass the run's "
             "statistics with --stats"
         )
+
+
+def retest_strata(
+    path: str | os.PathLike[str], contrasts: Mapping[str, str], *, alternative: str = "two.sided"
+) -> pd.DataFrame:
+    """New contrasts on every stratum of a stratified store where their coefficients
+    exist; a ``stratum`` column first. Strata lacking a contrast's coefficients are
+    logged (warning) and have no rows for it.
+
+    Raises
+    ------
+    InputError
+        No stratum has the coefficients of any of the contrasts.
+    """
+    strata = strata_attrs(path) or {}
+    stats_root = Path(run_stats(str(path), read_store_attrs(str(path)).get("config", {})))
+    parts = []
+    for level, p in stratum_paths(path).items():
+        # the stratum's statistics (for Satterthwaite's df): the same group in stats.zarr
+        stats = str(stats_root / str(strata["groups"][level]))
+        covariates = [str(c) for c in open_results(str(p))["covariate"].values]
+        ok, missing = applicable_contrasts(contrasts, covariates)
+        for name in missing:
+            logger.warning("stratum %s lacks the coefficients of contrast %r", level, name)
+        if ok:
+            table = retest(str(p), ok, alternative=alternative, stats=stats)
+            table.insert(0, "stratum", level)
+            parts.append(table)
+    if not parts:
+        raise InputError(
+            f"no stratum of {path} has the coefficients of the contrasts "
+            f"{', '.join(map(repr, contrasts))}; check the names (strata have the "
+            "coefficients of the formula applied to their own cells)"
+        )
+    return pd.concat(parts, ignore_index=True)
