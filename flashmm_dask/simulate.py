@@ -186,6 +186,8 @@ def simulate_rnaseq(
     return ad.AnnData(X=sp.csr_matrix(X), obs=model.obs, var=model.var, uns=model.uns)
 
 
+# simulate_rnaseq's keywords again, and checked by the same _validate: both functions are
+# public, so each signature shows every parameter (help(), IDEs, inspect.signature)
 def simulate_to_store(
     path: str | os.PathLike[str],
     n_genes: int = 100,

@@ -112,7 +112,7 @@ def draw_libsize(
 def _block_counts(model: _Model, block: int) -> sp.csr_matrix:
     """Counts of one block of cells, shape (cells in block, n_genes), CSR."""
     rows = _block_rows(block, len(model.subject_code))
-    drawn = sparse_nb_block(
+    indptr, indices, data, status = sparse_nb_block(
         _block_rng(model.counts_seed, block),
         model.base,
         model.base_max,
@@ -124,12 +124,11 @@ def _block_counts(model: _Model, block: int) -> sp.csr_matrix:
         model.effect_code[rows],
         model.lib[rows],
     )
-    if drawn is None:
+    if status:
         raise InputError(
             f"NB means too large to draw in cells {rows.start + 1}.."
             f"{rows.stop}; lower gene_mean or var_randomeffects"
         )
-    indptr, indices, data = drawn
     if model.dtype.kind in "iu" and data.size and data.max() > np.iinfo(model.dtype).max:
         raise InputError(
             f"counts up to {data.max()} do not fit dtype {model.dtype}; use dtype='int64'"

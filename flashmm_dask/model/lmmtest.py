@@ -24,7 +24,12 @@ from flashmm_dask.numerics import inference
 from flashmm_dask.numerics.fisher import prepare
 from flashmm_dask.numerics.inference import ALTERNATIVES, P_ADJUST_METHODS, contrast_test
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.satterthwaite import DF_METHODS, satterthwaite_df, satterthwaite_terms
+from flashmm_dask.numerics.satterthwaite import (
+    DF_METHODS,
+    cov_jacobian,
+    satterthwaite_df,
+    theta_vcov,
+)
 
 #: Coefficients by name or position (0-based): one, or several.
 Index: TypeAlias = str | int | np.integer | Iterable[str | int | np.integer]
@@ -121,7 +126,8 @@ def satterthwaite_inputs(fit: LmmFit) -> tuple[Array, Array]:
     if fit.nonnegative:  # components held at zero leave the model (see lmm)
         held = np.zeros(theta.shape, dtype=bool)
         held[:, :-1] = theta[:, :-1] == 0
-    return satterthwaite_terms(sh, theta, zry, yry, fit.cov, held=held, boundary_df=fit.boundary_df)
+    vcov_theta = theta_vcov(sh, theta, zry, yry, held=held, boundary_df=fit.boundary_df)
+    return vcov_theta, cov_jacobian(sh, theta, fit.cov)
 
 
 def lmmtest(

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flashmm_dask.numerics.jit import jit
+
+if TYPE_CHECKING:
+    from flashmm_dask.numerics.fisher import SharedTerms
 
 #: |D[r]| * max|A| above which W = A M0 is taken from (I - M0) / D (see fisher._times_A).
 DIVISION_MIN = 1e-3
@@ -547,29 +550,25 @@ def _fit_spectral_batch(
 
 
 def fit_spectral_batch(
-    lam: np.ndarray,
-    mu: np.ndarray,
-    reml: bool,
+    sh: SharedTerms,
     z: np.ndarray,
     yry: np.ndarray,
     s_init: np.ndarray,
-    n: float,
-    r: int,
     max_iter: int,
     epsilon: float,
     limit: float,
 ) -> tuple[np.ndarray, ...]:
-    """K = 1 Fisher scoring of a block of features; see :func:`_fit_spectral_batch`."""
-    q = lam.shape[0]
+    """K = 1 Fisher scoring of a block of features on the eigenvalues of ``sh`` (lam of
+    zrz, mu of ZZ); see :func:`_fit_spectral_batch`."""
     return _fit_spectral_batch(
-        np.ascontiguousarray(lam),
-        np.ascontiguousarray(mu),
-        bool(reml),
+        np.ascontiguousarray(sh.lam),
+        np.ascontiguousarray(sh.mu),
+        sh.method == "REML",
         np.ascontiguousarray(z),
         np.ascontiguousarray(yry),
         np.ascontiguousarray(s_init, dtype=np.float64),
-        float(n - r - q),
-        float(n - r),
+        float(sh.n - sh.r - sh.q),
+        float(sh.n - sh.r),
         int(max_iter),
         float(epsilon),
         float(limit),

@@ -476,7 +476,7 @@ def fit_theta(
     if not compiled_kernels:
         return _scoring(_spectral_scorer(sh, z, yry), s, max_iter, epsilon)
     theta, se, dl, F, niter, logdet, ok = compiled.fit_spectral_batch(
-        sh.lam, sh.mu, sh.method == "REML", z, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT
+        sh, z, yry, s, max_iter, epsilon, GINV_LIMIT
     )
     if not ok.all():  # an ill-conditioned information matrix: the pseudo-inverse path
         rest = _scoring(_spectral_scorer(sh, z[~ok], yry[~ok]), s[~ok], max_iter, epsilon)

@@ -71,7 +71,7 @@ def _truncated_nb(
 
 
 @_compile
-def _sparse_nb_block(
+def sparse_nb_block(
     rng: np.random.Generator,
     base: np.ndarray,
     base_max: np.ndarray,
@@ -83,8 +83,34 @@ def _sparse_nb_block(
     klass: np.ndarray,
     lib: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(indptr, indices, counts, status) of one block; status 1: a mean too large.
+    """The NB counts of a block of cells in CSR form, drawing only the non-zeros.
 
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The block's own stream.
+    base : ndarray, shape (S, m)
+        Subject-by-gene factor of the mean (mu_g e^{b_sg}), C-contiguous.
+    base_max : ndarray, shape (m,)
+        Its maximum over subjects, per gene.
+    effect : ndarray, shape (K, m)
+        Class-by-gene factor (e^{beta}), C-contiguous; ``effect_max`` and ``effect_min``
+        (m,) its maximum and minimum per gene.
+    phi : ndarray, shape (m,)
+        NB sizes, > 0.
+    subject, klass : ndarray of int64, shape (n,)
+        Each cell's column of ``base`` and of ``effect``.
+    lib : ndarray, shape (n,)
+        Each cell's factor of the mean (library size over its geometric mean).
+
+    Returns
+    -------
+    indptr (n + 1,), indices (nnz,) int32, counts (nnz,) int64, status int
+        status 1 (and nothing drawn) when a mean exceeds 1e15: counts that large cannot
+        be drawn exactly.
+
+    Notes
+    -----
     Candidates are found gene by gene (one uniform per candidate), sorted by cell, and
     thinned cell by cell, so that base[s] and effect[e] are read in increasing gene order.
     """
@@ -168,48 +194,3 @@ def _sparse_nb_block(
             nnz += 1
         indptr[c + 1] = nnz
     return indptr, indices[:nnz].copy(), counts[:nnz].copy(), 0
-
-
-def sparse_nb_block(
-    rng: np.random.Generator,
-    base: np.ndarray,
-    base_max: np.ndarray,
-    effect: np.ndarray,
-    effect_max: np.ndarray,
-    effect_min: np.ndarray,
-    phi: np.ndarray,
-    subject: np.ndarray,
-    klass: np.ndarray,
-    lib: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The NB counts of a block of cells in CSR form, drawing only the non-zeros.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-        The block's own stream.
-    base : ndarray, shape (S, m)
-        Subject-by-gene factor of the mean (mu_g e^{b_sg}), C-contiguous.
-    base_max : ndarray, shape (m,)
-        Its maximum over subjects, per gene.
-    effect : ndarray, shape (K, m)
-        Class-by-gene factor (e^{beta}), C-contiguous; ``effect_max`` and ``effect_min``
-        (m,) its maximum and minimum per gene.
-    phi : ndarray, shape (m,)
-        NB sizes, > 0.
-    subject, klass : ndarray of int64, shape (n,)
-        Each cell's column of ``base`` and of ``effect``.
-    lib : ndarray, shape (n,)
-        Each cell's factor of the mean (library size over its geometric mean).
-
-    Returns
-    -------
-    (indptr (n + 1,), indices (nnz,) int32, counts (nnz,) int64) or None
-        None when a mean exceeds 1e15 (counts that large cannot be drawn exactly).
-    """
-    indptr, indices, counts, status = _sparse_nb_block(
-        rng, base, base_max, effect, effect_max, effect_min, phi, subject, klass, lib
-    )
-    if status:
-        return None
-    return indptr, indices, counts

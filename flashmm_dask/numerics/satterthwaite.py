@@ -194,6 +194,17 @@ def _information_spectral(sh: SharedTerms, theta: Array, zry: Array, yry: Array)
     return Q - T / 2.0
 
 
+def _spectral_middle(sh: SharedTerms, theta: Array) -> Array:
+    """G' diag(mf^2) G per feature, (m, p, p), for K = 1: G = V'ZX and mf the eigenvalues
+    of (D ZZ + I)^-1, so that X'H Z Z'H X = this / s0^2 (the one (m, q) x (q, p^2)
+    product of :func:`cov_jacobian` and :func:`contrast_gradient`)."""
+    rho = (theta[:, 0] / theta[:, -1])[:, None]
+    mf = reciprocal(1.0 + rho * sh.mu)
+    G = sh.V.T @ sh.ZX  # (q, p)
+    GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
+    return (mf**2 @ GG).reshape(theta.shape[0], sh.p, sh.p)
+
+
 def cov_jacobian(
     sh: SharedTerms, theta: Array, cov: Array, *, spectral: bool | None = None
 ) -> Array:
@@ -219,11 +230,7 @@ def cov_jacobian(
     inner = np.empty((m, K, p, p))  # X'H V_k H X of the random components
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if spectral:
-            rho = (theta[:, 0] / s0)[:, None]
-            mf = reciprocal(1.0 + rho * sh.mu)  # eigenvalues of (D ZZ + I)^-1
-            G = sh.V.T @ sh.ZX  # (q, p)
-            GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
-            inner[:, 0] = (mf**2 @ GG).reshape(m, p, p) / s02
+            inner[:, 0] = _spectral_middle(sh, theta) / s02
         else:
             D = _ratios(sh, theta)
             M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
@@ -275,12 +282,7 @@ def contrast_gradient(
     g = np.empty((m, K + 1, nc))
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if spectral:
-            rho = (theta[:, 0] / s0)[:, None]
-            mf = reciprocal(1.0 + rho * sh.mu)  # eigenvalues of (D ZZ + I)^-1
-            G = sh.V.T @ sh.ZX  # (q, p)
-            GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
-            inner = (mf**2 @ GG).reshape(m, p, p)  # G' diag(mf^2) G
-            g[:, 0] = np.sum(W * (inner @ W), axis=1)
+            g[:, 0] = np.sum(W * (_spectral_middle(sh, theta) @ W), axis=1)
         else:
             D = _ratios(sh, theta)
             M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
@@ -323,40 +325,7 @@ def satterthwaite_df(cov: Array, jac_cov: Array, vcov_theta: Array, L: Array) ->
     else:  # through matrix products (BLAS), not a four-index einsum
         c = np.sum(L * (cov @ L), axis=1)
         g = np.sum(L * (jac_cov.reshape(-1, p) @ L).reshape(m, k1, p, -1), axis=2)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        df = 2.0 * c**2 / np.einsum("mic,mij,mjc->mc", g, vcov_theta, g)
-    return np.where(np.isfinite(df) & (df > 0), df, np.nan)
-
-
-def satterthwaite_terms(
-    sh: SharedTerms,
-    theta: Array,
-    zry: Array,
-    yry: Array,
-    cov: Array,
-    *,
-    spectral: bool | None = None,
-    held: np.ndarray | None = None,
-    boundary_df: str = "lmertest",
-) -> tuple[Array, Array]:
-    """The per-feature ingredients of Satterthwaite's df for any contrast.
-
-    ``held`` ((m, K+1) bool, optional) marks variance components held at zero by a
-    non-negative fit. With ``boundary_df="lmertest"`` such a component leaves the model
-    (as in lmerTest, where it is not a parameter of a singular fit), so the information is
-    that of the free components and vcov_theta is zero in the held rows and columns; with
-    "retain" it stays in (the information of every component at theta, the limit of the
-    interior df; the expected information where the observed is not positive definite).
-
-    Returns
-    -------
-    vcov_theta : (m, K+1, K+1) array
-        Inverse of the observed information (a pseudo-inverse where singular).
-    jac_cov : (m, K+1, p, p) array
-        d cov / d theta.
-    """
-    vcov = theta_vcov(sh, theta, zry, yry, spectral=spectral, held=held, boundary_df=boundary_df)
-    return vcov, cov_jacobian(sh, theta, cov, spectral=spectral)
+    return df_from_gradient(c, g, vcov_theta)
 
 
 def expected_information(sh: SharedTerms, theta: Array) -> Array:
@@ -392,8 +361,17 @@ def theta_vcov(
     held: np.ndarray | None = None,
     boundary_df: str = "lmertest",
 ) -> Array:
-    """The inverse observed information of theta, (m, K+1, K+1); see
-    :func:`satterthwaite_terms` for ``held`` and ``boundary_df``."""
+    """The inverse observed information of theta, vcov_theta: (m, K+1, K+1), the
+    per-feature ingredient of Satterthwaite's df with :func:`cov_jacobian`.
+
+    ``held`` ((m, K+1) bool, optional) marks variance components held at zero by a
+    non-negative fit. With ``boundary_df="lmertest"`` such a component leaves the model
+    (as in lmerTest, where it is not a parameter of a singular fit), so the information is
+    that of the free components and vcov_theta is zero in the held rows and columns; with
+    "retain" it stays in (the information of every component at theta, the limit of the
+    interior df; the expected information where the observed is not positive definite).
+    A pseudo-inverse is taken where the information is singular.
+    """
     if boundary_df not in BOUNDARY_DF:
         raise ValueError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
     info = observed_information(sh, theta, zry, yry, spectral=spectral)

@@ -309,21 +309,6 @@ def report_markdown(
     return "\n".join(out)
 
 
-def write_report(
-    sets: ResultSets,
-    folder: str | os.PathLike[str],
-    *,
-    store: str | os.PathLike[str] | None = None,
-    n: int = TOP_N,
-    alpha: float = 0.05,
-    top_tables: bool = True,
-) -> Path:
-    """Write :func:`report_markdown` to ``folder/report.md`` (a temporary name, renamed)."""
-    final = Path(folder) / REPORT
-    text = report_markdown(sets, folder, store=store, n=n, alpha=alpha, top_tables=top_tables)
-    return write_file(final, partial(Path.write_text, data=text + "\n", encoding="utf-8"))
-
-
 def report_outputs(
     store: str | os.PathLike[str],
     folder: str | os.PathLike[str],
@@ -344,7 +329,10 @@ def report_outputs(
     """
     sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
     files = write_top_tables(sets, folder) if tables else []
-    files.append(write_report(sets, folder, store=store, n=n, alpha=alpha, top_tables=tables))
+    text = report_markdown(sets, folder, store=store, n=n, alpha=alpha, top_tables=tables)
+    # staged: a report.md that exists is complete
+    write = partial(Path.write_text, data=text + "\n", encoding="utf-8")
+    files.append(write_file(Path(folder) / REPORT, write))
     logger.info("wrote %s and %d top tables", files[-1], len(files) - 1)
     return files
 
@@ -370,5 +358,4 @@ __all__ = [
     "report_markdown",
     "report_outputs",
     "top_genes_text",
-    "write_report",
 ]
