@@ -45,7 +45,9 @@ from flashmm_dask.stats.reduce import (
     _Expression,
     _inline_reads,
     _InlineRead,
+    _obs_rows,
     _record,
+    _scattered,
     _shared_partial,
     _tree_sum,
     _validate,
@@ -220,13 +222,14 @@ def _assemble_strata(
     strata_info: dict[str, Any],
     names: list[dict[str, Any]],
     by: str | None,
+    features: tuple[str, ...],
 ) -> StratifiedStats:
     out: dict[str, SummaryStats] = {}
     groups: dict[str, str] = {}
     for s, name in enumerate(names):
         name = dict(name)
         level = name.pop("level")
-        out[level] = SummaryStats(**total.stratum(s), **name)
+        out[level] = SummaryStats(**total.stratum(s), features=features, **name)
         groups[level] = group_name(level, s)
     return StratifiedStats(out, by, groups, strata_info)
 
@@ -259,6 +262,7 @@ def _graph(
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     columns = sorted({c for d in strata.designs for c in d._columns})
     obs = expr.obs[columns].reset_index(drop=True)
+    obs_future = _scattered(obs)  # a large obs: sent once to the cluster, sliced there
     reads = _inline_reads(blocks)
     if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
         raise InputError(f"chains must be a positive integer, got {chains!r}")
@@ -267,11 +271,16 @@ def _graph(
     for i, block in enumerate(blocks):
         start, stop = int(starts[i]), int(starts[i + 1])
         c = i % n_chains
+        obs_i = obs.iloc[start:stop]
+        if obs_future is not None:
+            obs_i = delayed(_obs_rows, pure=True)(
+                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
+            )
         parts[c] = delayed(_accumulate, pure=True)(
             parts[c],
             block if reads is None else reads[i],
             strata_key,
-            obs.iloc[start:stop],
+            obs_i,
             strata.codes[start:stop],
             features_key,
             start,
@@ -290,7 +299,6 @@ def _graph(
                 "covariates": tuple(design.covariates),
                 "random": tuple(design.random_names),
                 "components": tuple(design.components),
-                "features": features,
                 "provenance": {
                     **record,
                     "fixed": design.fixed,
@@ -302,9 +310,9 @@ def _graph(
     graph = delayed(_assemble_strata, pure=True)(
         _tree_sum(parts, f"flashmm-strata-sum-{token}", split_every, _sum_strata),
         strata.describe(),
-        # not traversed: the names hold every stratum's features (S x m strings)
-        delayed(names, name=f"flashmm-strata-names-{token}", traverse=False),
+        names,
         strata.by,
+        features_key,  # once in the graph, not once per stratum
         dask_key_name=f"flashmm-strata-stats-{token}",
     )
     return graph, len(blocks)
