@@ -3,21 +3,24 @@
 The grouped form of :mod:`flashmm_dask.stats.reduce`: each cell carries a stratum code
 (:class:`~flashmm_dask.design.strata.Strata`; -1 for a cell in no fitted stratum, e.g. not
 selected). The task of cell chunk i reads the expression block once, splits its rows by
-code and, for each stratum s present in the chunk, evaluates s's design on those rows
-(recoded to s's categories) and accumulates that stratum's partials
+code, evaluates each present stratum s's design on its rows and accumulates s's
 
     XX_is, ZX_is, ZZ_is, n_is, XY_is, ZY_is, Ynorm_is, nnz_is
 
-(nnz: the number of cells in which each feature is non-zero, for ``min_cells``). The rows
-of a stratum are selected from the block inside the task, so nothing but the chunk is ever
-held, and unselected cells cost nothing beyond their read.
+(nnz: the number of cells in which each feature is non-zero, for ``min_cells``). The
+per-feature ones (XY, ZY, Ynorm, nnz) of all strata come from one compiled pass over the
+block (:mod:`flashmm_dask.stats.strata_products`) that adds them straight into the running
+sums; blocks that pass cannot take (dense blocks, transforms other than ``none`` and
+``log2p1``, values that are not counts, no numba) are reduced stratum by stratum with the
+products of the unstratified reduction. Nothing but the chunk is ever held, and
+unselected cells cost nothing beyond their read.
 
 The statistics of S strata are S times those of one model (S x (p_s + q_s + 1) x m
 float64; 29 cell states x 260 x 11,596 features is 0.7 GB), so partials are not returned
 per chunk and summed in a tree as in the unstratified reduction: the chunks are dealt into
-``chains`` chains, and each chunk's task adds its strata's partials, one stratum at a time,
-into the running sums of its chain, which it receives from the previous task of the chain
-(their only consumer) and passes on. The chains' sums are then added in a tree of fan-in
+``chains`` chains, and each chunk's task adds its strata's statistics into the running
+sums of its chain, which it receives from the previous task of the chain (their only
+consumer) and passes on. The chains' sums are then added in a tree of fan-in
 ``split_every``. Every block is still read exactly once, whatever the number of strata;
 memory is ``chains`` running sums plus one chunk per task: set by the model, the number
 of features and ``chains``, not by the number of cells.
