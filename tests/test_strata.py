@@ -150,6 +150,23 @@ def test_min_cells_from_the_same_pass(data):
     )
 
 
+def test_one_compiled_pass_equals_the_per_stratum_products(data, monkeypatch):
+    """The pass over all strata of a block gives each stratum's products of its rows."""
+    import flashmm_dask.stats.reduce_strata as module
+
+    expr = read_expression(data, chunk_cells=450)
+    strata = plan_strata(expr.obs, FIXED, RANDOM, by="cls", cells="n_genes > 3")
+    fused = reduce_strata(expr, strata, transform="log2p1")
+    monkeypatch.setattr(module, "strata_products", lambda *args: False)
+    each = reduce_strata(expr, strata, transform="log2p1")
+    for level in fused:
+        a, b = fused[level], each[level]
+        assert a.n == b.n
+        np.testing.assert_array_equal(a.nnz, b.nnz)
+        for name in ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm"):
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-9)
+
+
 def test_one_read_per_block_whatever_the_strata(data):
     counts = data.X.toarray().astype(float)
     expr = counting_expr(data.obs, counts, (300, -1), "strata-once")

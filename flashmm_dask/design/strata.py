@@ -116,6 +116,19 @@ class Strata:
             obs[col] = obs[col].cat.set_categories(values)
         return obs
 
+    def XZ(self, s: int, obs: pd.DataFrame) -> tuple[Any, Any]:
+        """X and Z of stratum ``s`` on its rows ``obs`` (any chunk of them).
+
+        The fast path of the design maps the chunk's category codes to the stratum's
+        levels itself; only formulaic needs the columns recoded (:meth:`frame`).
+        """
+        design = self.designs[s]
+        fast = design._fast
+        values = None if fast is None else fast.values(obs)
+        if fast is None or values is None:
+            return design.XZ(self.frame(s, obs))
+        return fast.fixed.dense(values, len(obs)), fast.random.sparse(values, len(obs))
+
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for provenance and store attributes)."""
         return {

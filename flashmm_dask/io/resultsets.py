@@ -206,7 +206,11 @@ def loaded(sets: ResultSets) -> ResultSets:
     """The sets with the variables the tables read (not ``cov``) loaded into memory, so
     that the tables of many terms read the store once."""
     keep = {*_STATS, *(f"contrast_{s}" for s in _STATS), "status", "niter", "converged"}
-    return [(level, ds[[v for v in ds.data_vars if v in keep]].load()) for level, ds in sets]
+    # read here, in threads: a round trip through a cluster per stratum costs more
+    return [
+        (level, ds[[v for v in ds.data_vars if v in keep]].load(scheduler="threads"))
+        for level, ds in sets
+    ]
 
 
 # -- the parameters of a run -------------------------------------------------------------

@@ -249,7 +249,8 @@ def strata_table(datasets: Mapping[str, xr.Dataset]) -> pd.DataFrame:
     for level, ds in datasets.items():
         # the table's variables in one read (not one dask compute per variable)
         drop = [v for v in ("cov", "theta", "se_theta", "dlogL", "logLik", "block_done") if v in ds]
-        table = results_table(ds.drop_vars(drop).load())
+        # read here, in threads: a round trip through a cluster per stratum costs more
+        table = results_table(ds.drop_vars(drop).load(scheduler="threads"))
         table.insert(0, "stratum", level)
         parts.append(table)
     return pd.concat(parts, ignore_index=True)

@@ -164,14 +164,17 @@ def submit_blocks(
     todo: list[int],
     key: str,
     after: Any = None,
+    shared: Any = None,
 ) -> list[Any]:
     """Scatter the shared model once and submit the block tasks ``todo`` of a store.
 
     ``key`` names the tasks (``{key}-{block}``); ``after``: a future the tasks wait for
-    (the task that creates the store), or None.
+    (the task that creates the store), or None; ``shared``: the model of
+    :func:`shared_model` already scattered (with those of other stores), or None.
     """
-    model = shared_model(cfg, stats, L, store=str(store), store_cov=layout.store_cov)
-    shared = client.scatter(model, broadcast=True, hash=False)
+    if shared is None:
+        model = shared_model(cfg, stats, L, store=str(store), store_cov=layout.store_cov)
+        shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
     futures = []
     for b in todo:

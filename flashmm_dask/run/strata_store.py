@@ -93,7 +93,7 @@ def _open_group(
     return _Group(level, path, emptied, filtered, L, layout, todo)
 
 
-def _submit(cfg: RunConfig, client: Any, group: _Group, index: int) -> list:
+def _submit(cfg: RunConfig, client: Any, group: _Group, index: int, shared: Any) -> list:
     token = cfg.hash()[:12]
     created = None
     if group.create is not None:
@@ -115,6 +115,7 @@ def _submit(cfg: RunConfig, client: Any, group: _Group, index: int) -> list:
         group.todo,
         f"flashmm-fit-{token}-s{index}",
         after=created,
+        shared=shared,
     )
 
 
@@ -148,9 +149,15 @@ def fit_strata_stores(
         sum(len(g.todo) for g in groups),
         sum(g.layout.n_blocks - len(g.todo) for g in groups),
     )
+    # every stratum's shared model in one scatter (one round trip, not one per stratum)
+    models = [
+        blocks.shared_model(cfg, g.stats, g.L, store=str(g.path), store_cov=g.layout.store_cov)
+        for g in groups
+    ]
+    shared = client.scatter(models, broadcast=True, hash=False) if groups else []
     futures = []
     for index, group in enumerate(groups):
-        futures += _submit(cfg, client, group, index)
+        futures += _submit(cfg, client, group, index, shared[index])
     return groups, blocks.gather_blocks(client, futures, folder, show=show)
 
 

@@ -6,5 +6,6 @@ reduce         chunked expression -> SummaryStats with Dask, one read of the dat
 reduce_strata  the same for every stratum at once
 blocks         one expression block: conversion, checks, transform, partial products
 products       the compiled sparse-block products X'E, Z'E, Ynorm
+strata_products  the same for every stratum of a block in one compiled pass
 strata         StratifiedStats: level -> SummaryStats, saved as one store
 """

@@ -3,21 +3,24 @@
 The grouped form of :mod:`flashmm_dask.stats.reduce`: each cell carries a stratum code
 (:class:`~flashmm_dask.design.strata.Strata`; -1 for a cell in no fitted stratum, e.g. not
 selected). The task of cell chunk i reads the expression block once, splits its rows by
-code and, for each stratum s present in the chunk, evaluates s's design on those rows
-(recoded to s's categories) and accumulates that stratum's partials
+code, evaluates each present stratum s's design on its rows and accumulates s's
 
     XX_is, ZX_is, ZZ_is, n_is, XY_is, ZY_is, Ynorm_is, nnz_is
 
-(nnz: the number of cells in which each feature is non-zero, for ``min_cells``). The rows
-of a stratum are selected from the block inside the task, so nothing but the chunk is ever
-held, and unselected cells cost nothing beyond their read.
+(nnz: the number of cells in which each feature is non-zero, for ``min_cells``). The
+per-feature ones (XY, ZY, Ynorm, nnz) of all strata come from one compiled pass over the
+block (:mod:`flashmm_dask.stats.strata_products`) that adds them straight into the running
+sums; blocks that pass cannot take (dense blocks, transforms other than ``none`` and
+``log2p1``, values that are not counts, no numba) are reduced stratum by stratum with the
+products of the unstratified reduction. Nothing but the chunk is ever held, and
+unselected cells cost nothing beyond their read.
 
 The statistics of S strata are S times those of one model (S x (p_s + q_s + 1) x m
 float64; 29 cell states x 260 x 11,596 features is 0.7 GB), so partials are not returned
 per chunk and summed in a tree as in the unstratified reduction: the chunks are dealt into
-``chains`` chains, and each chunk's task adds its strata's partials, one stratum at a time,
-into the running sums of its chain, which it receives from the previous task of the chain
-(their only consumer) and passes on. The chains' sums are then added in a tree of fan-in
+``chains`` chains, and each chunk's task adds its strata's statistics into the running
+sums of its chain, which it receives from the previous task of the chain (their only
+consumer) and passes on. The chains' sums are then added in a tree of fan-in
 ``split_every``. Every block is still read exactly once, whatever the number of strata;
 memory is ``chains`` running sums plus one chunk per task: set by the model, the number
 of features and ``chains``, not by the number of cells.
@@ -26,7 +29,7 @@ of features and ``chains``, not by the number of cells.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,7 @@ from dask.delayed import Delayed
 from flashmm_dask.design.strata import Strata, group_name
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
+from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
     _BLOCK_PREFIX,
     _chunking,
@@ -44,13 +48,16 @@ from flashmm_dask.stats.reduce import (
     _Expression,
     _inline_reads,
     _InlineRead,
+    _obs_rows,
     _record,
+    _scattered,
     _shared_partial,
     _tree_sum,
     _validate,
     compute_counted,
 )
 from flashmm_dask.stats.strata import StratifiedStats
+from flashmm_dask.stats.strata_products import strata_products
 from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["reduce_strata", "strata_graph"]
@@ -69,7 +76,90 @@ def _nonzero_counts(E: np.ndarray | sp.csr_matrix) -> np.ndarray:
     return np.count_nonzero(E, axis=0).astype(np.int64)
 
 
-def _strata_items(
+class _StratumDesign:
+    """Stratum s's design on its rows of a chunk (:meth:`Strata.XZ`), as
+    :func:`~flashmm_dask.stats.reduce._design_chunk` reads a design."""
+
+    def __init__(self, strata: Strata, s: int) -> None:
+        self.strata, self.s = strata, s
+        design = strata.designs[s]
+        self.covariates, self.random_names = design.covariates, design.random_names
+        self.components, self.d = design.components, design.d
+
+    def XZ(self, obs: Any) -> tuple[Any, Any]:
+        return self.strata.XZ(self.s, obs)
+
+    def X(self, obs: Any) -> np.ndarray:
+        return np.asarray(self.XZ(obs)[0])
+
+    def Z(self, obs: Any) -> Any:
+        return self.XZ(obs)[1]
+
+
+class _Sums:
+    """The running sums of every stratum's statistics in one chain of chunks.
+
+    ``out`` (R x m) holds stratum s's X'E then Z'E in rows ``bases[s] .. bases[s + 1]``,
+    ``Yn`` and ``nnz`` (S x m) its colsums(E^2) and non-zero counts
+    (:mod:`flashmm_dask.stats.strata_products`), ``small[s]`` its [XX, ZX, ZZ, n] (None
+    while no chunk had its cells).
+    """
+
+    def __init__(self, strata: Strata, m: int) -> None:
+        self.p = [d.p for d in strata.designs]
+        self.bases = np.concatenate([[0], np.cumsum([d.p + d.q for d in strata.designs])])
+        self.out = np.zeros((int(self.bases[-1]), m))
+        self.Yn = np.zeros((strata.n_strata, m))
+        self.nnz = np.zeros((strata.n_strata, m), dtype=np.int64)
+        self.small: list[list[Any] | None] = [None] * strata.n_strata
+
+    def add_small(self, s: int, item: tuple[Any, ...]) -> None:
+        if self.small[s] is None:
+            self.small[s] = [
+                np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in item
+            ]
+            return
+        sums = self.small[s]
+        assert sums is not None
+        for k, a in enumerate(item):
+            sums[k] = sums[k] + a
+
+    def add_stratum(self, s: int, XY: Any, ZY: Any, Ynorm: Any, nnz: Any) -> None:
+        base, p = int(self.bases[s]), self.p[s]
+        self.out[base : base + p] += XY
+        self.out[base + p : int(self.bases[s + 1])] += ZY
+        self.Yn[s] += Ynorm
+        self.nnz[s] += nnz
+
+    def __iadd__(self, other: _Sums) -> _Sums:
+        self.out += other.out
+        self.Yn += other.Yn
+        self.nnz += other.nnz
+        for s, item in enumerate(other.small):
+            if item is not None:
+                self.add_small(s, tuple(item))
+        return self
+
+    def stratum(self, s: int) -> dict[str, Any]:
+        """Stratum s's statistics (XX, XY, ZX, ZY, ZZ, Ynorm, n, nnz)."""
+        small = self.small[s]
+        assert small is not None, "a planned stratum has cells"
+        XX, ZX, ZZ, n = small
+        base, p = int(self.bases[s]), self.p[s]
+        return {
+            "XX": XX,
+            "XY": self.out[base : base + p],
+            "ZX": ZX,
+            "ZY": self.out[base + p : int(self.bases[s + 1])],
+            "ZZ": ZZ,
+            "Ynorm": self.Yn[s],
+            "n": int(n),
+            "nnz": self.nnz[s],
+        }
+
+
+def _accumulate(
+    total: _Sums | None,
     block: Any,
     strata: Strata,
     obs: Any,
@@ -79,9 +169,9 @@ def _strata_items(
     transform: str,
     target_sum: float,
     check: bool,
-) -> Iterator[tuple[int, tuple[Any, ...]]]:
-    """(s, (XX, ZX, ZZ, n, XY, ZY, Ynorm, nnz)) of the cells of one chunk in each stratum s
-    present in it, one stratum at a time."""
+) -> _Sums:
+    """The chain's running sums with the cells of one more chunk added, each stratum's
+    to its own rows; ``total`` is updated in place (its only consumer)."""
     if isinstance(block, _InlineRead):
         block = block.read()
     E = _as_block(block, sparsify=True)
@@ -90,85 +180,59 @@ def _strata_items(
             f"the expression block of cells {start}.. has {E.shape[0]} rows but the obs "
             f"chunk has {len(codes)}; expression and obs must have the same cells"
         )
+    if total is None:
+        total = _Sums(strata, E.shape[1])
     order = np.argsort(codes, kind="stable")
-    sorted_codes = codes[order]
-    bounds = np.searchsorted(sorted_codes, np.arange(-1, strata.n_strata + 1))
+    bounds = np.searchsorted(codes[order], np.arange(-1, strata.n_strata + 1))
+    parts = []
     for s in range(strata.n_strata):
         lo, hi = int(bounds[s + 1]), int(bounds[s + 2])
         if lo == hi:
             continue
         rows = order[lo:hi]
-        E_s = E if hi - lo == len(codes) else E[rows]
-        obs_s = strata.frame(s, obs.iloc[rows])
-        XZ = _design_chunk(strata.designs[s], obs_s, start)
-        XY, ZY, Ynorm = _block_partial(E_s, XZ, features, start, 0, transform, target_sum, check)
-        yield s, (*_shared_partial(XZ), XY, ZY, Ynorm, _nonzero_counts(E_s))
-
-
-def _strata_partial(block: Any, strata: Strata, *args: Any) -> list[tuple[Any, ...] | None]:
-    """Per stratum, (XX, ZX, ZZ, n, XY, ZY, Ynorm, nnz) of the cells of one chunk (None
-    for a stratum absent from it); arguments as :func:`_strata_items`."""
-    out: list[tuple[Any, ...] | None] = [None] * strata.n_strata
-    for s, item in _strata_items(block, strata, *args):
-        out[s] = item
-    return out
-
-
-def _accumulate(total: list[Any] | None, *args: Any) -> list[Any]:
-    """The chain's running sums with one more chunk added (``args`` as for
-    :func:`_strata_partial`); ``total`` is updated in place (its only consumer)."""
-    if total is None:
-        total = [None] * args[1].n_strata
-    for s, item in _strata_items(*args):
-        if total[s] is None:
-            total[s] = _sum_strata([item])[0]
-            continue
-        sums = list(total[s])
-        for k, a in enumerate(item):
-            if isinstance(a, np.ndarray):
-                sums[k] += a  # in place
-            else:
-                sums[k] = sums[k] + a
-        total[s] = tuple(sums)
+        XZ = _design_chunk(_StratumDesign(strata, s), obs.iloc[rows], start)
+        total.add_small(s, _shared_partial(XZ))
+        parts.append((s, rows, *XZ))
+    table = lookup_table(transform)
+    if (
+        isinstance(E, sp.csr_matrix)
+        and table is not None
+        and all(sp.issparse(Z) for *_, Z in parts)
+        and strata_products(E, table, parts, total.bases, total.out, total.Yn, total.nnz)
+    ):
+        return total
+    # per stratum: dense blocks, other transforms, values off the table, no numba
+    for s, rows, X, Z in parts:
+        E_s = E if len(rows) == len(codes) else E[rows]
+        XY, ZY, Ynorm = _block_partial(
+            E_s, (X, Z), features, start, 0, transform, target_sum, check
+        )
+        total.add_stratum(s, XY, ZY, Ynorm, _nonzero_counts(E_s))
     return total
 
 
-def _sum_strata(*parts: list[tuple[Any, ...] | None]) -> list[tuple[Any, ...] | None]:
-    """Elementwise sum of the per-stratum partials of several chunks."""
-    total: list[Any] = [None] * len(parts[0])
-    for part in parts:
-        for s, item in enumerate(part):
-            if item is None:
-                continue
-            if total[s] is None:
-                total[s] = [
-                    np.array(a, dtype=a.dtype if a.dtype.kind == "i" else np.float64)
-                    if isinstance(a, np.ndarray)
-                    else a
-                    for a in item
-                ]
-            else:
-                for k, a in enumerate(item):
-                    total[s][k] += a
-    return [None if t is None else tuple(t) for t in total]
+def _sum_strata(*parts: _Sums) -> _Sums:
+    """The sum of the running sums of several chains (the first is added to in place:
+    each chain's sums have this task as their only consumer)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def _assemble_strata(
-    total: list[tuple[Any, ...] | None],
+    total: _Sums,
     strata_info: dict[str, Any],
     names: list[dict[str, Any]],
     by: str | None,
+    features: tuple[str, ...],
 ) -> StratifiedStats:
     out: dict[str, SummaryStats] = {}
     groups: dict[str, str] = {}
-    for s, (item, name) in enumerate(zip(total, names, strict=True)):
-        assert item is not None, "a planned stratum has cells"
-        XX, ZX, ZZ, n, XY, ZY, Ynorm, nnz = item
+    for s, name in enumerate(names):
         name = dict(name)
         level = name.pop("level")
-        out[level] = SummaryStats(
-            XX=XX, XY=XY, ZX=ZX, ZY=ZY, ZZ=ZZ, Ynorm=Ynorm, n=int(n), nnz=nnz, **name
-        )
+        out[level] = SummaryStats(**total.stratum(s), features=features, **name)
         groups[level] = group_name(level, s)
     return StratifiedStats(out, by, groups, strata_info)
 
@@ -201,6 +265,7 @@ def _graph(
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     columns = sorted({c for d in strata.designs for c in d._columns})
     obs = expr.obs[columns].reset_index(drop=True)
+    obs_future = _scattered(obs)  # a large obs: sent once to the cluster, sliced there
     reads = _inline_reads(blocks)
     if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
         raise InputError(f"chains must be a positive integer, got {chains!r}")
@@ -209,11 +274,16 @@ def _graph(
     for i, block in enumerate(blocks):
         start, stop = int(starts[i]), int(starts[i + 1])
         c = i % n_chains
+        obs_i = obs.iloc[start:stop]
+        if obs_future is not None:
+            obs_i = delayed(_obs_rows, pure=True)(
+                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
+            )
         parts[c] = delayed(_accumulate, pure=True)(
             parts[c],
             block if reads is None else reads[i],
             strata_key,
-            obs.iloc[start:stop],
+            obs_i,
             strata.codes[start:stop],
             features_key,
             start,
@@ -232,7 +302,6 @@ def _graph(
                 "covariates": tuple(design.covariates),
                 "random": tuple(design.random_names),
                 "components": tuple(design.components),
-                "features": features,
                 "provenance": {
                     **record,
                     "fixed": design.fixed,
@@ -246,6 +315,7 @@ def _graph(
         strata.describe(),
         names,
         strata.by,
+        features_key,  # once in the graph, not once per stratum
         dask_key_name=f"flashmm-strata-stats-{token}",
     )
     return graph, len(blocks)
