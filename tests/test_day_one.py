@@ -302,6 +302,12 @@ def test_progress_bar_in_a_terminal_is_labelled(base, tmp_path):
 # 3. Ctrl-C: one line, status 130, the local cluster closed
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it. A suite started in the
+    background by a non-interactive shell ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("phase", ["reduction: ", "fitting: "])
@@ -319,6 +325,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, phase):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=_default_sigint,
     )
     assert proc.stderr is not None
     seen = []

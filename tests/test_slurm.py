@@ -213,6 +213,12 @@ def _flashmm_run(slurm: SlurmTestCluster, output: Path, overrides: dict[str, str
     assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout}\n{done.stderr[-4000:]}"
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it. A suite started in the
+    background by a non-interactive shell ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.distributed
 def test_interrupted_slurm_run_stops_cleanly_and_resumes(
     slurm_cluster: SlurmTestCluster, tmp_path: Path
@@ -234,7 +240,13 @@ def test_interrupted_slurm_run_stops_cleanly_and_resumes(
     args = [str(CLI), "run", *_run_args(output, overrides)]
     log = tmp_path / "run.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, env=slurm.env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args,
+            env=slurm.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_default_sigint,
+        )
     try:
         # the statistics phase runs on the Slurm workers: interrupt it there
         deadline = time.monotonic() + 90
