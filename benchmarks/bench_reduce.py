@@ -83,14 +83,11 @@ def run_pass(client: Any, graph: Any) -> tuple[float, int, Any]:
     return seconds, mem.peak, result
 
 
-def measure(client: Any, store: Path, chunk_cells: int | None, repeat: int) -> dict[str, Any]:
-    """Best-of-``repeat`` read pass and reduction of one store at one partition size."""
-    from flashmm_dask.design.formula import build_design
-    from flashmm_dask.io.readers import read_expression
+def best_passes(client: Any, expr: Any, design: Any, repeat: int) -> dict[str, Any]:
+    """The best of ``repeat`` read passes and reductions of ``expr``, alternated: their
+    seconds, peak memory, the read's checksum, the statistics and the load."""
     from flashmm_dask.stats.reduce import stats_graph
 
-    expr = read_expression(str(store), chunk_cells=chunk_cells)
-    design = build_design(expr.obs, FIXED, RANDOM)
     read_s, reduce_s, read_mem, reduce_mem = [], [], 0, 0
     checksum = stats = None
     for _ in range(repeat):
@@ -101,17 +98,30 @@ def measure(client: Any, store: Path, chunk_cells: int | None, repeat: int) -> d
         reduce_s.append(seconds)
         reduce_mem = max(reduce_mem, peak)
     return {
-        "blocks": len(expr.data.chunks[0]) * len(expr.data.chunks[1]),
         "chunk": int(expr.data.chunks[0][0]),
         "read": min(read_s),
         "reduce": min(reduce_s),
         "read_mem": read_mem,
         "reduce_mem": reduce_mem,
         "checksum": checksum,
-        "p": stats.p,
-        "q": stats.q,
         "load": load_average(),
         "stats": stats,
+    }
+
+
+def measure(client: Any, store: Path, chunk_cells: int | None, repeat: int) -> dict[str, Any]:
+    """Best-of-``repeat`` read pass and reduction of one store at one partition size."""
+    from flashmm_dask.design.formula import build_design
+    from flashmm_dask.io.readers import read_expression
+
+    expr = read_expression(str(store), chunk_cells=chunk_cells)
+    best = best_passes(client, expr, build_design(expr.obs, FIXED, RANDOM), repeat)
+    stats = best["stats"]
+    return {
+        **best,
+        "blocks": len(expr.data.chunks[0]) * len(expr.data.chunks[1]),
+        "p": stats.p,
+        "q": stats.q,
         "store": store,
     }
 

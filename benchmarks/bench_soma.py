@@ -32,13 +32,12 @@ import numpy as np
 from _common import (
     DEFAULT_STORE_DIR,
     gib,
-    load_average,
     local_client,
     machine_line,
     simulated_store,
     store_size,
 )
-from bench_reduce import FIXED, RANDOM, TRANSFORM, read_graph, run_pass
+from bench_reduce import FIXED, RANDOM, TRANSFORM, best_passes
 
 
 def soma_copy(store: Path, target: Path, block_cells: int = 100_000) -> tuple[Path, float]:
@@ -93,29 +92,9 @@ def soma_copy(store: Path, target: Path, block_cells: int = 100_000) -> tuple[Pa
 def measure(client: Any, expr: Any, repeat: int) -> dict[str, Any]:
     """Best-of-``repeat`` read pass and reduction of one lazy expression."""
     from flashmm_dask.design.formula import build_design
-    from flashmm_dask.stats.reduce import stats_graph
 
-    design = build_design(expr.obs, FIXED, RANDOM)
-    read_s, reduce_s, read_mem, reduce_mem = [], [], 0, 0
-    stats = None
-    for _ in range(repeat):
-        seconds, peak, _ = run_pass(client, read_graph(expr.data))
-        read_s.append(seconds)
-        read_mem = max(read_mem, peak)
-        seconds, peak, stats = run_pass(client, stats_graph(expr, design, transform=TRANSFORM))
-        reduce_s.append(seconds)
-        reduce_mem = max(reduce_mem, peak)
-    return {
-        "cells": expr.n_cells,
-        "blocks": len(expr.data.chunks[0]),
-        "chunk": int(expr.data.chunks[0][0]),
-        "read": min(read_s),
-        "reduce": min(reduce_s),
-        "read_mem": read_mem,
-        "reduce_mem": reduce_mem,
-        "load": load_average(),
-        "stats": stats,
-    }
+    best = best_passes(client, expr, build_design(expr.obs, FIXED, RANDOM), repeat)
+    return {**best, "cells": expr.n_cells, "blocks": len(expr.data.chunks[0])}
 
 
 def max_rel_diff(a: Any, b: Any) -> float:

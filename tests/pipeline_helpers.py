@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from distributed import Client, LocalCluster
 
 from flashmm_dask.run.config import load_config
+
+
+@contextmanager
+def local_client(*, threads_per_worker: int = 1, processes: bool = True) -> Iterator[Client]:
+    """A client of a one-worker LocalCluster on the loopback interface (the module
+    fixtures of the pipeline tests)."""
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address="127.0.0.1:0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
 
 SMALL = (
     "simulate.n_cells=1500",

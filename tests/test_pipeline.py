@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-from pipeline_helpers import assert_stores_equal, small_config
+from pipeline_helpers import assert_stores_equal, local_client, small_config
 
 from flashmm_dask import StoreError, flashmm, lmmtest
 from flashmm_dask.io.results import blocks_done, open_results
@@ -24,12 +24,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def one_worker():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_client() as client:
         yield client
 
 

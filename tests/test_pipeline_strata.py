@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from distributed import Client, LocalCluster
-from pipeline_helpers import assert_stores_equal
+from pipeline_helpers import assert_stores_equal, local_client
 from test_strata import atlas
 
 from flashmm_dask import load_stats, select_obs, write_store
@@ -44,12 +43,7 @@ def settings(data, output, *extra):
 
 @pytest.fixture(scope="module")
 def one_worker():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_client() as client:
         yield client
 
 

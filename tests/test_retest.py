@@ -11,8 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
-from pipeline_helpers import small_config
+from pipeline_helpers import local_client, small_config
 
 from flashmm_dask import InputError, StoreError
 from flashmm_dask.io.results import open_results
@@ -34,12 +33,7 @@ COLUMNS |= {"p": "contrast_p", "padj": "contrast_padj"}
 
 @pytest.fixture(scope="module")
 def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with local_client(processes=False) as c:
         yield c
 
 

@@ -18,7 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
+from pipeline_helpers import local_client
 
 from flashmm_dask.io.results import STATUS, open_results
 from flashmm_dask.run.config import load_config
@@ -88,12 +88,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as c,
-    ):
+    with local_client(threads_per_worker=2, processes=False) as c:
         yield c
 
 
