@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,3 +76,19 @@ def assert_stores_equal(a, b, rtol=1e-12):
             np.testing.assert_allclose(x, y, rtol=rtol, atol=0, err_msg=name)
     for coord in ("feature", "covariate", "component", "contrast"):
         assert list(a[coord].values) == list(b[coord].values)
+
+
+@contextmanager
+def in_process_cli() -> Iterator[None]:
+    """Undo what ``main`` configures for its process: log levels and handlers, and the
+    SIGTERM handler."""
+    root, dist = logging.getLogger(), logging.getLogger("distributed")
+    saved = (root.level, list(root.handlers), dist.level, signal.getsignal(signal.SIGTERM))
+    try:
+        yield
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        dist.setLevel(saved[2])
+        signal.signal(signal.SIGTERM, saved[3])
+        logging.captureWarnings(False)

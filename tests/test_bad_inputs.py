@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import pandas as pd
 import pytest
 import yaml
 import zarr
+from pipeline_helpers import in_process_cli
 from scipy import sparse
 
 from flashmm_dask import (
@@ -533,26 +532,10 @@ def _make(case: Case, world: World, folder: Path) -> tuple[Ctx, list[str], Calla
     return ctx, args, api
 
 
-@contextmanager
-def _in_process_cli() -> Iterator[None]:
-    """Undo what ``main`` configures for its process: log levels and handlers, and the
-    SIGTERM handler."""
-    root, dist = logging.getLogger(), logging.getLogger("distributed")
-    saved = (root.level, list(root.handlers), dist.level, signal.getsignal(signal.SIGTERM))
-    try:
-        yield
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        dist.setLevel(saved[2])
-        signal.signal(signal.SIGTERM, saved[3])
-        logging.captureWarnings(False)
-
-
 def _cli(args: list[str]) -> tuple[int, str]:
     """``flashmm-dask ARGS`` in this process: the exit status and standard error."""
     err = io.StringIO()
-    with _in_process_cli(), redirect_stderr(err), redirect_stdout(io.StringIO()):
+    with in_process_cli(), redirect_stderr(err), redirect_stdout(io.StringIO()):
         code = main(args)
     return code, err.getvalue()
 

@@ -17,8 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import anndata as ad
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from pipeline_helpers import in_process_cli
 
 from flashmm_dask import InputError, flashmm, simulate_to_store
 from flashmm_dask.cli import main
@@ -66,24 +66,10 @@ def _config(path: Path, **sections) -> Path:
     return path
 
 
-@contextmanager
-def _in_process_cli() -> Iterator[None]:
-    root, dist = logging.getLogger(), logging.getLogger("distributed")
-    saved = (root.level, list(root.handlers), dist.level, signal.getsignal(signal.SIGTERM))
-    try:
-        yield
-    finally:
-        root.setLevel(saved[0])
-        root.handlers[:] = saved[1]
-        dist.setLevel(saved[2])
-        signal.signal(signal.SIGTERM, saved[3])
-        logging.captureWarnings(False)
-
-
 def _cli(*args: str) -> tuple[int, str, str]:
     """``flashmm-dask ARGS`` in this process: status, standard output and standard error."""
     out, err = io.StringIO(), io.StringIO()
-    with _in_process_cli(), redirect_stderr(err), redirect_stdout(out):
+    with in_process_cli(), redirect_stderr(err), redirect_stdout(out):
         code = main([str(a) for a in args])
     return code, out.getvalue(), err.getvalue()
 
