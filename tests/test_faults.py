@@ -43,6 +43,7 @@ pytestmark = pytest.mark.distributed
 
 BIN = Path(sys.executable).parent
 N_GENES, N_CELLS = 30, 2000
+N_LONG = 200  # features (one per block) of the run whose driver is killed
 
 
 class ExternalCluster:
@@ -230,28 +231,48 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+def _run_config(data: Path, cluster: ExternalCluster, output: Path, *extra: str) -> Any:
+    """A run of ``data`` on the external cluster, one feature per block."""
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            f"output.path={output}",
+            "cluster.kind=address",
+            f"cluster.address={cluster.address}",
+            "fit.block_size=1",
+            "data.chunk_cells=1000",
+            "output.plots=false",
+            "output.tables=[]",
+            "progress=false",
+            *extra,
+        ],
+    )
+
+
 @pytest.fixture(scope="module")
 def config(data, cluster) -> Callable[..., Any]:
     """A run of the simulated data on the external cluster, one feature per block."""
+    return lambda output, *extra: _run_config(data, cluster, output, *extra)
+
+
+@pytest.fixture(scope="module")
+def long_run(cluster, tmp_path_factory) -> tuple[Callable[..., Any], Any]:
+    """A run with many more one-feature blocks than ``config``'s (a config maker and its
+    uninterrupted store): long enough that a driver killed after a few blocks is killed
+    mid-run. With 30 blocks the remaining ones could all finish between seeing the
+    third and the kill."""
+    data = tmp_path_factory.mktemp("long") / "data.zarr"
+    simulate_to_store(
+        data, N_LONG, N_CELLS, n_samples=6, n_de_genes=6, seed=12, store_chunk_cells=100
+    )
 
     def make(output: Path, *extra: str) -> Any:
-        return load_config(
-            None,
-            [
-                f"data.path={data}",
-                f"output.path={output}",
-                "cluster.kind=address",
-                f"cluster.address={cluster.address}",
-                "fit.block_size=1",
-                "data.chunk_cells=1000",
-                "output.plots=false",
-                "output.tables=[]",
-                "progress=false",
-                *extra,
-            ],
-        )
+        return _run_config(data, cluster, output, *extra)
 
-    return make
+    summary = run(make(tmp_path_factory.mktemp("long-reference")))
+    assert summary.n_blocks == N_LONG
+    return make, open_results(str(summary.store))
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +307,8 @@ def test_worker_killed_while_fitting(cluster, config, reference, tmp_path):
     np.testing.assert_array_equal(ds["status"].values, reference["status"].values)
 
 
-def test_driver_killed_then_resumed_fits_only_the_missing_blocks(
-    cluster, config, reference, tmp_path
-):
+def test_driver_killed_then_resumed_fits_only_the_missing_blocks(cluster, long_run, tmp_path):
+    config, reference = long_run
     cluster.ensure(2)
     out = tmp_path / "out"
     cfg = config(out)
@@ -310,7 +330,7 @@ def test_driver_killed_then_resumed_fits_only_the_missing_blocks(
     assert (out / LOCK).exists(), "the killed driver's lock is left behind"
     cluster.idle()  # tasks the scheduler had started for the dead driver have ended
     done_before = _done(store)
-    assert 3 <= done_before.sum() < N_GENES, "the kill did not land mid-run"
+    assert 3 <= done_before.sum() < N_LONG, "the kill did not land mid-run"
     assert read_store_attrs(str(store))["complete"] is False
 
     resumed = run(cfg)
