@@ -142,7 +142,7 @@ def test_fit_stats_refuses_another_model_and_takes_the_stored_one(base, tmp_path
 # 8. duplicated feature names are made unique (as anndata does), with a warning
 
 
-def test_duplicated_feature_names_are_made_unique_with_a_warning(base, tmp_path):
+def test_duplicated_feature_names_are_made_unique_with_a_warning(base, tmp_path, caplog):
     a = ad.read_zarr(base)
     names = ["g"] * 3 + [f"u{i}" for i in range(a.n_vars - 3)]
     dup = _write(tmp_path / "dup.zarr", a.X, a.obs, names)
@@ -161,6 +161,16 @@ def test_duplicated_feature_names_are_made_unique_with_a_warning(base, tmp_path)
     assert "duplicated feature names" in res.stderr and "'g' x3" in res.stderr
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(dict.fromkeys(table["feature"])) == ["g-1", "g-2", "u0"]
+
+    # the repeated name itself selects every column of that name, reported with positions
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        code, _, err = _cli(
+            "run", cfg, "--output", tmp_path / "all", "--set", "data.features=[u1, g]"
+        )
+    assert code == 0, err
+    assert "'g' at positions 0, 1, 2" in caplog.text
+    table = pd.read_csv(tmp_path / "all" / "results.csv")
+    assert list(dict.fromkeys(table["feature"])) == ["g", "g-1", "g-2", "u1"]
 
     # an unknown name is reported with the true number of features
     code, _, err = _cli(

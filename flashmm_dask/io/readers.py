@@ -105,7 +105,8 @@ def unique_features(features: pd.Index, what: str) -> pd.Index:
     warnings.warn(
         f"duplicated feature names in {what}: {shown}{more} (name x copies); they are made "
         "unique as anndata's var_names_make_unique does (the second 'NAME' is 'NAME-1'); "
-        "select them by these names in data.features, or make var_names unique in the data",
+        "in data.features these names select one copy and 'NAME' every copy; or make "
+        "var_names unique in the data",
         DuplicateFeatureWarning,
         stacklevel=2,
     )
@@ -143,7 +144,14 @@ class Expression:
         )
         unique = unique_features(self.features, self.source)
         if unique is not self.features:
+            self.__dict__["_as_read"] = self.features
             object.__setattr__(self, "features", unique)
+
+    @property
+    def features_as_read(self) -> pd.Index:
+        """The feature names as the data have them (``features`` makes repeated ones
+        unique)."""
+        return self.__dict__.get("_as_read", self.features)
 
     @property
     def n_cells(self) -> int:

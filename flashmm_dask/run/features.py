@@ -8,7 +8,9 @@ Two forms::
 
 Names that occur more than once among the data's features (gene symbols often do) select
 every column of that name, and are reported with their positions; a name listed twice is
-kept once. The result is the positions of the selected features in the data's order.
+kept once. The readers make repeated names unique as anndata does (the second ``GENE`` is
+``GENE-1``), and those names select their one column. The result is the positions of the
+selected features in the data's order.
 """
 
 from __future__ import annotations
@@ -94,14 +96,17 @@ def feature_positions(
     *,
     data: Any = None,
     storage_options: Mapping[str, Any] | None = None,
+    as_read: Sequence[Any] | None = None,
 ) -> np.ndarray | None:
     """Positions (ascending, in the data's order) of the features ``spec`` selects.
 
     Parameters
     ----------
     spec : list of names, ``{"var_column": NAME}``, or None (every feature: returns None)
-    names : the data's feature names
+    names : the data's feature names (as the results name them: unique)
     data : the data (for a var column)
+    as_read : the names as the data have them, repeated names repeated (default ``names``);
+        a repeated one selects every column of that name
 
     Raises
     ------
@@ -111,7 +116,8 @@ def feature_positions(
     """
     if not spec:
         return None
-    all_dups = duplicated_names(names)
+    read = [str(x) for x in (names if as_read is None else as_read)]
+    all_dups = duplicated_names(read)
     if isinstance(spec, Mapping):
         column = str(spec["var_column"])
         values = read_var_column(data, column, storage_options)
@@ -135,6 +141,8 @@ def feature_positions(
     where: dict[str, list[int]] = {}
     for pos, name in enumerate(str(x) for x in names):
         where.setdefault(name, []).append(pos)
+    for name, positions in all_dups.items():  # a repeated name: every column of it
+        where[name] = positions
     missing = [f for f in requested if f not in where]
     if missing:
         shown = ", ".join(repr(f) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")

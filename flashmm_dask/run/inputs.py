@@ -250,7 +250,11 @@ def _read_inputs(cfg: RunConfig, folder: Path) -> Inputs:
             "than its fixed-effect coefficients, over 2 or more random-effect levels)"
         )
     positions = feature_positions(
-        cfg.data.features, list(expr.features), data=cfg.data.path, storage_options=options
+        cfg.data.features,
+        list(expr.features),
+        data=cfg.data.path,
+        storage_options=options,
+        as_read=list(expr.features_as_read),
     )
     # the replication check follows the contrasts' (prepare_inputs), as it always has
     design = checked_design(expr, fixed, random, check=False)
@@ -395,7 +399,11 @@ def _read_strata(cfg: RunConfig, folder: Path) -> StrataInputs:
     source, options = expression_source(cfg, folder)
     expr = _read(cfg, source, options)
     positions = feature_positions(
-        cfg.data.features, list(expr.features), data=source, storage_options=options
+        cfg.data.features,
+        list(expr.features),
+        data=source,
+        storage_options=options,
+        as_read=list(expr.features_as_read),
     )
     fixed, random = _formulas(cfg)
     strata = plan_strata(
