@@ -18,6 +18,7 @@ columns and their R names, evaluated on any row subset of the cell metadata.
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -133,10 +134,33 @@ def parse_formula(formula: str, role: str) -> SimpleFormula:
 
 
 def required_columns(parsed: SimpleFormula) -> set[str]:
-    """Names a parsed formula needs from obs (transform functions such as log excluded)."""
+    """Names a parsed formula needs from obs (transform functions such as log excluded).
+
+    formulaic 1.2 reports no variable for a factor with a stateful transform
+    (``center(age)``: it evaluates the transform's variable hook without the data and
+    drops the factor's variables on the error), so the names of each factor's expression
+    are added here.
+    """
     from formulaic.transforms import TRANSFORMS
 
-    return {str(v) for v in parsed.required_variables} - set(TRANSFORMS)
+    names = {str(v) for v in parsed.required_variables}
+    for term in parsed:
+        for factor in term.factors:
+            names |= _expression_names(str(factor.expr))
+    return names - set(TRANSFORMS)
+
+
+def _expression_names(expr: str) -> set[str]:
+    """The names an expression reads as values (not those it calls), e.g. {"age"} of
+    ``I(center(age) ** 2)``; none when it is not Python (formulaic's backtick names)."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return set()
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    return {
+        node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and id(node) not in called
+    }
 
 
 def _r_codes(
