@@ -212,14 +212,8 @@ class Design:
         -------
         ndarray of float64, shape (n_chunk, p), C-contiguous
         """
-        if self._fast is not None:
-            X = self._fast.X(obs)
-            if X is not None:
-                return X
-        frame = self._frame(obs)
-        if len(frame) == 0:
-            return np.zeros((0, self.p), dtype=np.float64)
-        return self._fixed_block.dense(frame)
+        X = None if self._fast is None else self._fast.X(obs)
+        return self._fixed_block.dense(self._frame(obs)) if X is None else X
 
     def Z(self, obs: pd.DataFrame) -> scipy.sparse.csr_matrix:
         """Random-effects design of the cells in ``obs``, components side by side.
@@ -233,33 +227,18 @@ class Design:
         -------
         scipy.sparse.csr_matrix of float64, shape (n_chunk, q)
         """
-        if self._fast is not None:
-            Z = self._fast.Z(obs)
-            if Z is not None:
-                return Z
+        Z = None if self._fast is None else self._fast.Z(obs)
+        if Z is not None:
+            return Z
         frame = self._frame(obs)
-        if len(frame) == 0:
-            return scipy.sparse.csr_matrix((0, self.q), dtype=np.float64)
         blocks = [block.sparse(frame) for block in self._random_blocks]
         return scipy.sparse.csr_matrix(scipy.sparse.hstack(blocks, format="csr"))
 
     def XZ(self, obs: pd.DataFrame) -> tuple[np.ndarray, scipy.sparse.csr_matrix]:
-        """``(X(obs), Z(obs))``, reading the columns of ``obs`` once for both.
-
-        Parameters
-        ----------
-        obs : pandas.DataFrame, n_chunk rows
-            As for :meth:`X`.
-
-        Returns
-        -------
-        (ndarray (n_chunk, p), scipy.sparse.csr_matrix (n_chunk, q))
-        """
-        fast = self._fast
-        values = None if fast is None else fast.values(obs)
-        if fast is None or values is None:
-            return self.X(obs), self.Z(obs)
-        return fast.fixed.dense(values, len(obs)), fast.random.sparse(values, len(obs))
+        """``(X(obs), Z(obs))`` of a chunk of cells ``obs`` (as for :meth:`X`), reading the
+        columns of ``obs`` once for both."""
+        both = None if self._fast is None else self._fast.XZ(obs)
+        return (self.X(obs), self.Z(obs)) if both is None else both
 
     def to_dict(self) -> dict[str, Any]:
         """The design's formulas and names as plain JSON-serialisable values."""

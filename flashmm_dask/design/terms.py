@@ -65,11 +65,15 @@ class TermBlock:
 
     def dense(self, frame: pd.DataFrame) -> np.ndarray:
         """Evaluate the block on ``frame`` as a dense (rows, ncol) float64 array."""
+        if len(frame) == 0:  # formulaic cannot evaluate no rows
+            return np.zeros((0, len(self.keep)), dtype=np.float64)
         mm = self._evaluate(frame, "numpy")
         return np.ascontiguousarray(np.asarray(mm)[:, self.keep], dtype=np.float64)
 
     def sparse(self, frame: pd.DataFrame) -> scipy.sparse.csc_matrix:
         """Evaluate the block on ``frame`` as a sparse (rows, ncol) float64 matrix."""
+        if len(frame) == 0:
+            return scipy.sparse.csc_matrix((0, len(self.keep)), dtype=np.float64)
         mm = self._evaluate(frame, "sparse")
         return scipy.sparse.csc_matrix(mm.__wrapped__, dtype=np.float64)[:, self.keep]
 
