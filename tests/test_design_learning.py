@@ -194,3 +194,12 @@ def test_a_transform_that_fails_on_the_first_cells_alone_is_learned_from_all() -
     new = build_design(obs, fixed, "~ 0 + donor", check_rank=False)
     assert_same_design(new, whole_obs_design(obs, fixed, "~ 0 + donor", check_rank=False), obs)
     assert np.isfinite(new.X(obs)).all()
+
+
+def test_state_with_a_numeric_factor_that_does_not_parse_alone() -> None:
+    """A backticked name beside center(): the state is then learned from every cell."""
+    obs = metadata().assign(**{"my age": lambda o: o["time"] * 2})
+    fixed = "~ 0 + state + `my age` + center(age)"
+    new = build_design(obs, fixed, "~ 0 + donor", check_rank=False)
+    assert_same_design(new, whole_obs_design(obs, fixed, "~ 0 + donor", check_rank=False), obs)
+    assert new._fixed_block.spec.transform_state["center(age)"]["center"] == np.mean(obs["age"])

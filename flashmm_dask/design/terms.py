@@ -394,9 +394,13 @@ def build_block(
         spec = None
     elif spec is not None and spec.transform_state:
         numeric = [e for e, (kind, _) in spec.encoder_state.items() if kind.value == "numerical"]
-        state = _model_spec(formula, "~ 0 + " + " + ".join(numeric), frame, role, "numpy")
-        same = set(state.transform_state) == set(spec.transform_state)
-        spec = spec.update(transform_state=state.transform_state) if same else None
+        try:
+            state = _model_spec(formula, "~ 0 + " + " + ".join(numeric), frame, role, "numpy")
+        except DesignError:  # e.g. an expression that does not parse alone: every cell
+            spec = None
+        else:
+            same = set(state.transform_state) == set(spec.transform_state)
+            spec = spec.update(transform_state=state.transform_state) if same else None
     if spec is None:
         spec = _model_spec(formula, parsed, frame, role, output)
     return _kept_columns(formula, parsed, spec, role)
