@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import scipy.sparse
 from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import DesignError
@@ -220,13 +221,14 @@ def design_crossproducts(
     XX (p, p), ZX (q, p), ZZ (q, q) arrays
     """
     p, q = design.p, design.q
-    XX, ZX, ZZ = np.zeros((p, p)), np.zeros((q, p)), np.zeros((q, q))
+    XX, ZX = np.zeros((p, p)), np.zeros((q, p))
+    ZZ = scipy.sparse.csr_matrix((q, q))  # dense once at the end: one q x q array, not two
     for start in range(0, len(obs), chunk_rows):
         X, Z = design.XZ(obs.iloc[start : start + chunk_rows])
         XX += X.T @ X
         ZX += np.asarray(Z.T @ X)
-        ZZ += (Z.T @ Z).toarray()
-    return XX, ZX, ZZ
+        ZZ = ZZ + Z.T @ Z
+    return XX, ZX, ZZ.toarray()
 
 
 def check_design_replication(

@@ -283,6 +283,14 @@ class FastDesign:
             out[expr] = values
         return out
 
+    def XZ(self, obs: pd.DataFrame) -> tuple[np.ndarray, scipy.sparse.csr_matrix] | None:
+        """(X, Z) of the rows of ``obs``, reading its columns once, or None (then use
+        formulaic)."""
+        values = self.values(obs)
+        if values is None:
+            return None
+        return self.fixed.dense(values, len(obs)), self.random.sparse(values, len(obs))
+
     def X(self, obs: pd.DataFrame) -> np.ndarray | None:
         """X (n, p) float64 of the rows of ``obs``, or None (then use formulaic)."""
         values = self.values(obs)

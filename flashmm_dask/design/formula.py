@@ -13,11 +13,14 @@ and becomes
 so that contrasts written for the R package ("cls3:trtB - cls2:trtB") work unchanged.
 
 Structure first, values later (formulaic's ModelSpec idea): :func:`build_design` learns the
-structure once from the whole cell metadata (``obs``): factor levels, the columns each term
-contributes, and which of them R keeps. :meth:`Design.X` and :meth:`Design.Z` then evaluate
-that fixed structure on any row subset of ``obs`` (a chunk of cells) and return exactly the
-rows of the full matrices, even when the chunk lacks some factor levels. A :class:`Design`
-pickles, so it can be shipped to Dask workers.
+structure once from the cell metadata (``obs``): factor levels, the columns each term
+contributes, and which of them R keeps. It learns them from the first cell of each level
+(what formulaic would learn from every cell; stateful transforms such as ``center(x)``
+from every cell) and then walks all cells in chunks (values, rank), so the driver's memory
+does not grow with the cells beyond obs itself. :meth:`Design.X` and :meth:`Design.Z` then
+evaluate that fixed structure on any row subset of ``obs`` (a chunk of cells) and return
+exactly the rows of the full matrices, even when the chunk lacks some factor levels. A
+:class:`Design` pickles, so it can be shipped to Dask workers.
 
 R's naming and coding
 ---------------------
@@ -79,8 +82,11 @@ __all__ = ["Design", "build_design"]
 
 logger = logging.getLogger(__name__)
 
-#: Rows of X formed at once when X'X is accumulated for the rank check.
+#: Rows of X formed at once when X'X is accumulated for the rank check (and when the
+#: fast path is checked on every cell).
 RANK_CHUNK_ROWS = 100_000
+#: The roles of the formulas, in messages.
+FIXED, RANDOM = "fixed formula", "random formula"
 
 
 # --------------------------------------------------------------------------------------
@@ -115,6 +121,20 @@ def _prepare(obs: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
                 categories=["FALSE", "TRUE"],
             )
     return frame
+
+
+def _first_cells(frame: pd.DataFrame) -> np.ndarray:
+    """Positions of the first cell of each value of each non-numeric column, sorted.
+
+    formulaic learns from these cells the levels it learns from all of them, so a design
+    costs O(levels) rather than O(n p) (:func:`flashmm_dask.design.terms.build_block`).
+    """
+    first = np.zeros(len(frame), dtype=bool)
+    first[0] = True
+    for col in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            first |= ~frame[col].duplicated().to_numpy()
+    return np.flatnonzero(first)
 
 
 def _check_missing_values(frame: pd.DataFrame) -> None:
@@ -212,14 +232,8 @@ class Design:
         -------
         ndarray of float64, shape (n_chunk, p), C-contiguous
         """
-        if self._fast is not None:
-            X = self._fast.X(obs)
-            if X is not None:
-                return X
-        frame = self._frame(obs)
-        if len(frame) == 0:
-            return np.zeros((0, self.p), dtype=np.float64)
-        return self._fixed_block.dense(frame)
+        X = None if self._fast is None else self._fast.X(obs)
+        return self._fixed_block.dense(self._frame(obs)) if X is None else X
 
     def Z(self, obs: pd.DataFrame) -> scipy.sparse.csr_matrix:
         """Random-effects design of the cells in ``obs``, components side by side.
@@ -233,33 +247,18 @@ class Design:
         -------
         scipy.sparse.csr_matrix of float64, shape (n_chunk, q)
         """
-        if self._fast is not None:
-            Z = self._fast.Z(obs)
-            if Z is not None:
-                return Z
+        Z = None if self._fast is None else self._fast.Z(obs)
+        if Z is not None:
+            return Z
         frame = self._frame(obs)
-        if len(frame) == 0:
-            return scipy.sparse.csr_matrix((0, self.q), dtype=np.float64)
         blocks = [block.sparse(frame) for block in self._random_blocks]
         return scipy.sparse.csr_matrix(scipy.sparse.hstack(blocks, format="csr"))
 
     def XZ(self, obs: pd.DataFrame) -> tuple[np.ndarray, scipy.sparse.csr_matrix]:
-        """``(X(obs), Z(obs))``, reading the columns of ``obs`` once for both.
-
-        Parameters
-        ----------
-        obs : pandas.DataFrame, n_chunk rows
-            As for :meth:`X`.
-
-        Returns
-        -------
-        (ndarray (n_chunk, p), scipy.sparse.csr_matrix (n_chunk, q))
-        """
-        fast = self._fast
-        values = None if fast is None else fast.values(obs)
-        if fast is None or values is None:
-            return self.X(obs), self.Z(obs)
-        return fast.fixed.dense(values, len(obs)), fast.random.sparse(values, len(obs))
+        """``(X(obs), Z(obs))`` of a chunk of cells ``obs`` (as for :meth:`X`), reading the
+        columns of ``obs`` once for both."""
+        both = None if self._fast is None else self._fast.XZ(obs)
+        return (self.X(obs), self.Z(obs)) if both is None else both
 
     def to_dict(self) -> dict[str, Any]:
         """The design's formulas and names as plain JSON-serialisable values."""
@@ -358,8 +357,9 @@ def build_design(
 
     frame = _prepare(obs, used)
     _check_missing_values(frame)
+    rows = _first_cells(frame)
 
-    fixed_block = build_block(fixed, fixed_parsed, frame, "fixed formula", dense=True)
+    fixed_block = build_block(fixed, fixed_parsed, frame, FIXED, dense=True, rows=rows)
     for expr, lv in fixed_block.levels.items():
         if len(lv) < 2:
             raise DesignError(
@@ -372,7 +372,7 @@ def build_design(
         )
     random_blocks = []
     for name, (_, formula), parsed in zip(names, random_pairs, random_parsed, strict=True):
-        block = build_block(formula, parsed, frame, "random formula", dense=False)
+        block = build_block(formula, parsed, frame, RANDOM, dense=False, rows=rows)
         if len(block.names) < 2:
             raise DesignError(
                 f"random component '{name}' has a single level; a random effect needs at "
@@ -380,12 +380,13 @@ def build_design(
             )
         random_blocks.append(block)
 
+    first = frame.iloc[rows]  # every value of every non-numeric column
     levels = tuple(
-        (col, frozenset(frame[col].cat.categories))
-        if isinstance(frame[col].dtype, pd.CategoricalDtype)
-        else (col, frozenset(frame[col].unique()))
+        (col, frozenset(first[col].cat.categories))
+        if isinstance(first[col].dtype, pd.CategoricalDtype)
+        else (col, frozenset(first[col].unique()))
         for col in used
-        if not pd.api.types.is_numeric_dtype(frame[col])
+        if not pd.api.types.is_numeric_dtype(first[col])
     )
     design = Design(
         fixed=fixed,
@@ -399,14 +400,14 @@ def build_design(
         _columns=tuple(used),
         _levels=levels,
         _fast=combine(
-            plan_block(fixed_parsed, fixed_block.levels, fixed_block.spec, frame),
+            plan_block(fixed_parsed, fixed_block.levels, fixed_block.spec, first),
             [
-                plan_block(parsed, block.levels, block.spec, frame)
+                plan_block(parsed, block.levels, block.spec, first)
                 for parsed, block in zip(random_parsed, random_blocks, strict=True)
             ],
         ),
     )
-    design = _checked_fast_path(design, obs)
+    design = _checked_fast_path(design, obs, frame, rows)
     if check_rank:
         _check_rank(design, obs)
     logger.debug(
@@ -429,20 +430,32 @@ def build_design(
 FAST_CHECK_ROWS = 1_000
 
 
-def _checked_fast_path(design: Design, obs: pd.DataFrame) -> Design:
-    """The design, without its fast path unless X and Z from it equal formulaic's exactly
-    on the first :data:`FAST_CHECK_ROWS` cells and the first cell of each factor level."""
+def _checked_fast_path(
+    design: Design, obs: pd.DataFrame, frame: pd.DataFrame, first: np.ndarray
+) -> Design:
+    """The design, without its fast path unless it evaluates every cell and X and Z from it
+    equal formulaic's exactly on the first :data:`FAST_CHECK_ROWS` cells and the cells
+    ``first`` (the first cell of each factor level).
+
+    The prepared cells ``frame`` are walked in chunks of :data:`RANK_CHUNK_ROWS`; a chunk
+    that the fast path cannot evaluate (e.g. log(0) somewhere) is evaluated by formulaic,
+    which raises (missing values after a transform) or warns there as it did when the
+    design was learned from every cell.
+    """
     fast = design._fast
-    if fast is None:
-        return design
     slow = dataclasses.replace(design, _fast=None)
-    values = fast.values(obs)
-    if values is None:  # e.g. log(0) somewhere: formulaic's values (and warnings) then
+    plain = fast is not None
+    for start in range(0, len(frame), RANK_CHUNK_ROWS):
+        chunk = frame.iloc[start : start + RANK_CHUNK_ROWS]
+        if fast is not None and fast.values(chunk) is not None:
+            continue
+        plain = False  # formulaic's values (and warnings) then, everywhere
+        slow._fixed_block.check(chunk, FIXED)
+        for block in slow._random_blocks:
+            block.check(chunk, RANDOM)
+    if fast is None or not plain:
         return slow
-    rows = set(range(min(len(obs), FAST_CHECK_ROWS)))
-    for column in fast.factors:
-        rows.update(int(r) for r in np.unique(values[column], return_index=True)[1])
-    sample = obs.iloc[sorted(rows)]
+    sample = obs.iloc[np.union1d(np.arange(min(len(obs), FAST_CHECK_ROWS)), first)]
     X, Z = fast.X(sample), fast.Z(sample)
     if (
         X is not None

@@ -123,11 +123,8 @@ class Strata:
         levels itself; only formulaic needs the columns recoded (:meth:`frame`).
         """
         design = self.designs[s]
-        fast = design._fast
-        values = None if fast is None else fast.values(obs)
-        if fast is None or values is None:
-            return design.XZ(self.frame(s, obs))
-        return fast.fixed.dense(values, len(obs)), fast.random.sparse(values, len(obs))
+        both = None if design._fast is None else design._fast.XZ(obs)
+        return design.XZ(self.frame(s, obs)) if both is None else both
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (for provenance and store attributes)."""

@@ -12,12 +12,14 @@ written for the R package work unchanged:
   per level;
 - names: "cls1", "cls2:trtB", "(Intercept)", "log(libsize)", "samA1:time".
 
-:func:`build_block` returns a :class:`TermBlock`: the formulaic ModelSpec plus the kept
-columns and their R names, evaluated on any row subset of the cell metadata.
+:func:`build_block` returns a :class:`TermBlock`: the formulaic ModelSpec (learned from the
+first cell of each level where that is what every cell would teach) plus the kept columns
+and their R names, evaluated on any row subset of the cell metadata.
 """
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -64,18 +66,29 @@ class TermBlock:
 
     def dense(self, frame: pd.DataFrame) -> np.ndarray:
         """Evaluate the block on ``frame`` as a dense (rows, ncol) float64 array."""
+        if len(frame) == 0:  # formulaic cannot evaluate no rows
+            return np.zeros((0, len(self.keep)), dtype=np.float64)
         mm = self._evaluate(frame, "numpy")
         return np.ascontiguousarray(np.asarray(mm)[:, self.keep], dtype=np.float64)
 
     def sparse(self, frame: pd.DataFrame) -> scipy.sparse.csc_matrix:
         """Evaluate the block on ``frame`` as a sparse (rows, ncol) float64 matrix."""
+        if len(frame) == 0:
+            return scipy.sparse.csc_matrix((0, len(self.keep)), dtype=np.float64)
         mm = self._evaluate(frame, "sparse")
         return scipy.sparse.csc_matrix(mm.__wrapped__, dtype=np.float64)[:, self.keep]
 
-    def _evaluate(self, frame: pd.DataFrame, output: str) -> ModelMatrix:
+    def check(self, frame: pd.DataFrame, role: str) -> None:
+        """Evaluate the block on ``frame`` (cells of the obs it is built from) for formulaic's
+        errors, raised as :func:`build_block` raises them."""
+        self._evaluate(frame, str(self.spec.output), role)
+
+    def _evaluate(self, frame: pd.DataFrame, output: str, role: str | None = None) -> ModelMatrix:
         try:
             mm = self.spec.get_model_matrix(frame, context={}, output=output)
         except Exception as exc:  # formulaic raises several unrelated classes
+            if role is not None:
+                raise _unevaluable(role, self.formula, exc) from exc
             raise DesignError(
                 f"formula '{self.formula}' could not be evaluated on a chunk of obs: {_clean(exc)}"
             ) from exc
@@ -85,6 +98,10 @@ class TermBlock:
                 "check obs for missing values"
             )
         return mm
+
+
+def _unevaluable(role: str, formula: str, exc: BaseException) -> DesignError:
+    return DesignError(f"the {role} '{formula}' could not be evaluated on obs: {_clean(exc)}")
 
 
 def _clean(exc: BaseException) -> str:
@@ -133,10 +150,33 @@ def parse_formula(formula: str, role: str) -> SimpleFormula:
 
 
 def required_columns(parsed: SimpleFormula) -> set[str]:
-    """Names a parsed formula needs from obs (transform functions such as log excluded)."""
+    """Names a parsed formula needs from obs (transform functions such as log excluded).
+
+    formulaic 1.2 reports no variable for a factor with a stateful transform
+    (``center(age)``: it evaluates the transform's variable hook without the data and
+    drops the factor's variables on the error), so the names of each factor's expression
+    are added here.
+    """
     from formulaic.transforms import TRANSFORMS
 
-    return {str(v) for v in parsed.required_variables} - set(TRANSFORMS)
+    names = {str(v) for v in parsed.required_variables}
+    for term in parsed:
+        for factor in term.factors:
+            names |= _expression_names(str(factor.expr))
+    return names - set(TRANSFORMS)
+
+
+def _expression_names(expr: str) -> set[str]:
+    """The names an expression reads as values (not those it calls), e.g. {"age"} of
+    ``I(center(age) ** 2)``; none when it is not Python (formulaic's backtick names)."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return set()
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    return {
+        node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and id(node) not in called
+    }
 
 
 def _r_codes(
@@ -289,10 +329,32 @@ def _factor_levels(spec: ModelSpec) -> dict[str, list[Any]]:
     }
 
 
+def _model_spec(
+    formula: str, parsed: SimpleFormula | str, frame: pd.DataFrame, role: str, output: str
+) -> ModelSpec:
+    """formulaic's ModelSpec of ``parsed`` learned from ``frame``, R-style (no rank
+    reduction, missing values refused)."""
+    from formulaic import model_matrix
+
+    try:
+        mm = model_matrix(
+            parsed, frame, ensure_full_rank=False, na_action="raise", output=output, context={}
+        )
+    except Exception as exc:
+        raise _unevaluable(role, formula, exc) from exc
+    return mm.model_spec
+
+
 def build_block(
-    formula: str, parsed: SimpleFormula, frame: pd.DataFrame, role: str, *, dense: bool
+    formula: str,
+    parsed: SimpleFormula,
+    frame: pd.DataFrame,
+    role: str,
+    *,
+    dense: bool,
+    rows: np.ndarray | None = None,
 ) -> TermBlock:
-    """Learn the structure of one formula from the whole of ``frame`` (prepared obs).
+    """Learn the structure of one formula from the cells of ``frame`` (prepared obs).
 
     Parameters
     ----------
@@ -306,23 +368,61 @@ def build_block(
         Where the formula came from, for messages.
     dense : bool
         Whether the block is evaluated dense (X) or sparse (Z).
-    """
-    from formulaic import model_matrix
+    rows : ndarray of int, optional
+        The cells to learn from, default all: they must hold the first cell of each value
+        of every non-numeric column of ``frame``.
 
-    try:
-        mm = model_matrix(
-            parsed,
-            frame,
-            ensure_full_rank=False,
-            na_action="raise",
-            output="numpy" if dense else "sparse",
-            context={},
-        )
-    except Exception as exc:
-        raise DesignError(
-            f"the {role} '{formula}' could not be evaluated on obs: {_clean(exc)}"
-        ) from exc
-    spec = mm.model_spec
+    Notes
+    -----
+    What formulaic learns from the data is, per factor, its levels (a categorical column's
+    categories, or an object column's sorted distinct values) and, per stateful transform
+    (``center(x)``, ``scale(x)``, ...), a state computed over every cell. The levels learned
+    from ``rows`` are those of all cells, so the design costs O(len(rows)) rather than a
+    dense matrix of every cell. Stateful transforms are learned again from the formula's
+    numeric factors alone on every cell (n x their number). Whatever else depends on the
+    data (levels of an expression such as ``C(x)``, a formula that fails on ``rows`` alone,
+    state the numeric factors do not reproduce) is learned from every cell.
+    """
+    output = "numpy" if dense else "sparse"
+    spec = None
+    if rows is not None:
+        try:
+            spec = _model_spec(formula, parsed, frame.iloc[rows], role, output)
+        except DesignError:  # e.g. scale(x) of one cell, log(-1): decided on every cell
+            spec = None
+    if spec is not None and not _learned_as_from_all(spec, frame):
+        spec = None
+    elif spec is not None and spec.transform_state:
+        numeric = [e for e, (kind, _) in spec.encoder_state.items() if kind.value == "numerical"]
+        try:
+            state = _model_spec(formula, "~ 0 + " + " + ".join(numeric), frame, role, "numpy")
+        except DesignError:  # e.g. an expression that does not parse alone: every cell
+            spec = None
+        else:
+            same = set(state.transform_state) == set(spec.transform_state)
+            spec = spec.update(transform_state=state.transform_state) if same else None
+    if spec is None:
+        spec = _model_spec(formula, parsed, frame, role, output)
+    return _kept_columns(formula, parsed, spec, role)
+
+
+def _learned_as_from_all(spec: ModelSpec, frame: pd.DataFrame) -> bool:
+    """Whether ``spec``, learned from the first cell of each value of each non-numeric
+    column of ``frame``, is what all of ``frame`` gives, but for stateful transforms: each
+    factor is such a column or a numeric expression, and some factor is numeric where a
+    transform has state."""
+    covered = {str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])}
+    numeric = False
+    for expr, (kind, state) in spec.encoder_state.items():
+        if getattr(kind, "value", None) == "numerical" and not state:
+            numeric = True
+        elif getattr(kind, "value", None) != "categorical" or expr not in covered:
+            return False
+    return numeric or not spec.transform_state
+
+
+def _kept_columns(formula: str, parsed: SimpleFormula, spec: ModelSpec, role: str) -> TermBlock:
+    """The TermBlock of a learned spec: the columns R keeps, named as R names them."""
     levels = _factor_levels(spec)
     position = {name: i for i, name in enumerate(spec.column_names)}
     keep: list[int] = []
