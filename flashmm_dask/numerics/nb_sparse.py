@@ -157,7 +157,7 @@ def sparse_nb_block(
         :func:`gene_buckets` of the subject-by-gene factor of the mean (mu_g e^{b_sg}),
         the maxima of ``effect`` per gene and the NB sizes (> 0); C-contiguous.
     subject, klass : ndarray of int64, shape (n,)
-        Each cell's row of ``base`` and of ``effect``.
+        Each cell's subject (row of ``start`` and ``terms``) and row of ``effect``.
     lib : ndarray, shape (n,)
         Each cell's factor of the mean (library size over its geometric mean).
     like : ndarray, shape (0,)
@@ -253,7 +253,7 @@ def sparse_nb_block(
             kept_y[nnz] = y
             largest = max(largest, y)
             nnz += 1
-        # the buckets' genes are increasing within a bucket only
+        # genes increase within a bucket only (cand_g, free now, is the sort's scratch)
         row = indptr[c]
         _sort_by_gene(kept_g[row:nnz], kept_y[row:nnz], cand_g, sort_y)
         indptr[c + 1] = nnz
