@@ -10,5 +10,6 @@ inference     t-tests of coefficients and contrasts, multiple-testing adjustment
 loglik        log-likelihoods and likelihood-ratio tests
 linalg        batched linear algebra shared by the fitter
 nb_sparse     negative binomial counts drawn in sparse form (the simulator)
+compiled_k    compiled sums of the structured path (dense Schur complement)
 jit           the one numba compile wrapper (cached on disk where possible)
 """

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from threadpoolctl import threadpool_limits
 
 from flashmm_dask.numerics import compiled, structured
 from flashmm_dask.numerics.linalg import (
@@ -462,7 +461,7 @@ def fit_theta(
             return _score_structured(sh, s, zry_p[rows], yry[rows], final=final)
 
         # one BLAS thread: results independent of the thread layout, and no oversubscription
-        with threadpool_limits(1, user_api="blas"):
+        with structured.one_blas_thread():
             return _scoring(score_st, s, max_iter, epsilon)
     if not spectral:
 
