@@ -40,9 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from threadpoolctl import threadpool_limits
 
-from flashmm_dask.numerics import compiled, structured
+from flashmm_dask.numerics import compiled, compiled_k, structured
 from flashmm_dask.numerics.linalg import (
     GINV_TOL,
     Array,
@@ -124,6 +123,11 @@ class SharedTerms:
     @property
     def V(self) -> Array:
         return self._eig_zz[1]
+
+    @functools.cached_property
+    def k2(self) -> compiled_k.K2Terms:
+        """The rotated blocks the compiled K = 2 kernel works on."""
+        return compiled_k.K2Terms(self.zrz, self.A, self.method == "REML", self.d)
 
     @functools.cached_property
     def G(self) -> Array:
@@ -216,6 +220,8 @@ def prepare(
         sh.lam, sh.mu  # noqa: B018
     elif sh.structure is None:
         sh.zrz  # noqa: B018
+        if sh.K == 2:
+            sh.k2  # noqa: B018
     else:
         sh.G  # noqa: B018
     return sh
@@ -289,9 +295,14 @@ def _score_compiled(
     """:func:`_score_general` by the compiled per-feature kernel; the NumPy algebra (with
     its pseudo-inverses) takes the features whose matrices the kernel could not invert."""
     reml = sh.method == "REML"
-    dl, F, s0p, logdet, ok = compiled.score_batch(
-        sh.zrz, sh.A, reml, sh.d, s, zry, yry, sh.n, sh.r, final
-    )
+    if sh.K == 2:
+        dl, F, s0p, logdet, ok = compiled_k.score_k2_batch(
+            sh.k2, s, zry, yry, sh.n, sh.r, final, compiled.DIVISION_MIN
+        )
+    else:
+        dl, F, s0p, logdet, ok = compiled.score_batch(
+            sh.zrz, sh.A, reml, sh.d, s, zry, yry, sh.n, sh.r, final
+        )
     if not ok.all():
         rest = _score_general(sh, s[~ok], zry[~ok], yry[~ok], final=final)
         dl[~ok], F[~ok], s0p[~ok], logdet[~ok] = rest.dl, rest.F, rest.s0_profiled, rest.logdetM0
@@ -462,7 +473,7 @@ def fit_theta(
             return _score_structured(sh, s, zry_p[rows], yry[rows], final=final)
 
         # one BLAS thread: results independent of the thread layout, and no oversubscription
-        with threadpool_limits(1, user_api="blas"):
+        with structured.one_blas_thread():
             return _scoring(score_st, s, max_iter, epsilon)
     if not spectral:
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from flashmm_dask.numerics.fisher import SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal
-from flashmm_dask.numerics.structured import md_solve
+from flashmm_dask.numerics.structured import md_solve, one_blas_thread
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def _fixed_structured(
     D = theta[:, st.comp] / s0[:, None]  # permuted order
     ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
     x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         MDx, ok = md_solve(st, D, x)
     C = sh.XX - ZXp.T @ MDx[:, :, :p]
     rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
@@ -154,7 +153,7 @@ def _fixed_structured(
     RE = None
     if re:
         resid = ZYp - coef @ ZXp.T
-        with threadpool_limits(1, user_api="blas"):
+        with one_blas_thread():
             REp, _ = md_solve(st, D, resid)
         RE = np.empty_like(REp)
         RE[:, perm] = REp

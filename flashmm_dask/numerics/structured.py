@@ -31,12 +31,15 @@ M0 = I - D W, the score and information of ALGORITHM.md are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg.lapack
 import scipy.sparse
+from threadpoolctl import ThreadpoolController
 
 from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
+from flashmm_dask.numerics.compiled_k import dense_w0_sums, symmetrize_upper
 from flashmm_dask.numerics.linalg import Array
 
 
@@ -132,17 +135,7 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     diagonal = _is_diagonal(Zs) and bool(np.all(np.diff(N.indptr) <= 1))
     pairs = None
     if not diagonal:
-        rows, cols, vals = [], [], []
-        for a in range(ib.size):
-            lo, hi = N.indptr[a], N.indptr[a + 1]
-            c, v = N.indices[lo:hi], N.data[lo:hi]
-            rows.append(np.full(c.size * c.size, a))
-            cols.append((c[:, None] * qs + c[None, :]).ravel())
-            vals.append((v[:, None] * v[None, :]).ravel())
-        pairs = scipy.sparse.csr_array(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(ib.size, qs * qs),
-        )
+        pairs = _pairs(N, qs)
     return Structure(
         big=big,
         perm=perm,
@@ -155,6 +148,33 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         diagonal=diagonal,
         pairs=pairs,
     )
+
+
+def _pairs(N: scipy.sparse.csr_array, qs: int) -> scipy.sparse.csr_array:
+    """(rows of N, qs*qs) CSR: pairs[a, c*qs + c'] = N[a, c] N[a, c'] for the non-zeros of
+    each row (all rows at once: row a contributes lens[a]^2 entries)."""
+    lens = np.diff(N.indptr)
+    sq = lens * lens
+    rows = np.repeat(np.arange(N.shape[0]), sq)
+    local = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
+    width = np.repeat(lens, sq)
+    first = N.indptr[rows]
+    i, j = first + local // width, first + local % width
+    vals = N.data[i] * N.data[j]
+    cols = N.indices[i].astype(np.int64) * qs + N.indices[j]
+    return scipy.sparse.csr_array((vals, (rows, cols)), shape=(N.shape[0], qs * qs))
+
+
+_CONTROLLER: list[ThreadpoolController] = []
+
+
+def one_blas_thread() -> Any:
+    """Context manager holding BLAS to one thread (results independent of the thread
+    layout), from one ThreadpoolController per process: building a controller scans the
+    loaded libraries, which cost milliseconds per call, more than a small fit."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 def _lastsums(a: Array) -> Array:
@@ -171,9 +191,10 @@ def _inverse(S: Array, symmetric: np.ndarray) -> Array:
         if symmetric[j]:
             c, info = scipy.linalg.lapack.dpotrf(S[j], lower=0)
             if info == 0:
-                inv, info = scipy.linalg.lapack.dpotri(c, lower=0)
+                inv, info = scipy.linalg.lapack.dpotri(c, lower=0, overwrite_c=1)
                 if info == 0:
-                    out[j] = np.triu(inv) + np.triu(inv, 1).T
+                    out[j] = inv
+                    symmetrize_upper(out[j])
                     continue
         try:
             out[j] = np.linalg.inv(S[j])
@@ -186,6 +207,8 @@ def _nmul(N: scipy.sparse.csr_array, x: Array) -> Array:
     """N x for a stack x (m, cols, ...) -> (m, rows, ...)."""
     m, c = x.shape[0], x.shape[1]
     rest = x.shape[2:]
+    if m == 1:  # one feature at a time (the usual call): no transposes
+        return np.asarray(N @ x[0])[None]
     xt = np.moveaxis(x, 1, 0).reshape(c, -1)
     y = np.asarray(N @ xt).reshape(N.shape[0], m, *rest)
     return np.moveaxis(y, 0, 1)
@@ -307,29 +330,20 @@ class Factor:
         SiDs = self.Si * self.ds[:, None, :]
         diagNSN = np.asarray(st.pairs @ SiDs.reshape(m, -1).T).T
         V = np.asarray(st.pairs.T @ p2.T).T.reshape(m, qs, qs)
+        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
+        Q[:, big, big] = rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN)
         # U S^-1 = Ds^-1 (I - S^-1) where no ratio is too small for the division
         scale = np.max(np.abs(self.U), axis=(1, 2))
         division = np.all(np.abs(self.ds) * scale[:, None] >= DIVISION_MIN, axis=1)
-        US = np.empty_like(self.Si)
-        with np.errstate(divide="ignore"):
-            US[division] = (np.eye(qs) - self.Si[division]) / self.ds[division][:, :, None]
-        US[~division] = self.U[~division] @ self.Si[~division]
-        X = V @ self.Si
-        XD = X * self.ds[:, None, :]
-        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
-        Q[:, big, big] = (
-            rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN) + rowsums(XD * np.swapaxes(XD, 1, 2))
-        )
-        colsq = _lastsums(np.swapaxes(self.Si * X, 1, 2))  # (m, qs): column sums of S^-1 o V S^-1
-        US2 = US**2
-        dUS = np.diagonal(US, axis1=1, axis2=2)
-        for k in np.unique(cs):
-            sk = cs == k
-            t[:, k] = rowsums(dUS[:, sk])
-            Q[:, big, k] = Q[:, k, big] = rowsums(colsq[:, sk])
-            for l in np.unique(cs):
-                sl = cs == l
-                Q[:, k, l] = rowsums(US2[:, sk][:, :, sl])
+        small = np.unique(cs)
+        for j in range(m):
+            X = V[j] @ self.Si[j]
+            US = None if division[j] else self.U[j] @ self.Si[j]
+            xdx, qb, tk, Qk = dense_w0_sums(self.Si[j], X, US, self.ds[j], cs, K, division[j])
+            Q[j, big, big] += xdx
+            t[j, small] = tk[small]
+            Q[j, big, small] = Q[j, small, big] = qb[small]
+            Q[j, small[:, None], small] = Qk[small[:, None], small]
         return t, Q
 
 
