@@ -211,7 +211,7 @@ def _write_group(group: zarr.Group, layout: ResultsLayout, attrs: dict[str, Any]
         zarr.consolidate_metadata(group.store, zarr_format=3)
     # The attributes come last: until they are written the group is not a results store.
     root = zarr.open_group(store=group.store, mode="r+")
-    root.attrs.update(attrs)
+    root.update_attributes(dict(attrs))  # one metadata write, not one per key
 
 
 def create_results(
@@ -495,7 +495,8 @@ def finalize_results(
             _array(group, padj_name)[...] = p_adjust(
                 np.asarray(_array(group, p_name)[...]), method, axis=0
             )
-    group.attrs.update({**extra, "p_adjust": method, "complete": True})
+    # one metadata write (attrs.update writes the group document once per key)
+    group.update_attributes({**extra, "p_adjust": method, "complete": True})
     logger.info("finalized results store %s", target.shown)
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 
 from flashmm_dask.errors import InputError
+from flashmm_dask.io.tables import write_frame_csv
 from flashmm_dask.io.writing import package_versions, write_file
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.numerics.inference import p_adjust
@@ -474,7 +475,7 @@ def write_top_tables(
     by_level = dict(sets)
     return [
         write_file(
-            Path(outdir) / relative, partial(term_table(by_level[level], term).to_csv, index=False)
+            Path(outdir) / relative, partial(write_frame_csv, term_table(by_level[level], term))
         )
         for level, term, relative in top_paths(sets, terms)
     ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,14 @@ from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import ContrastError, StoreError
 from flashmm_dask.io.paths import locate
 from flashmm_dask.io.results import open_group, open_results, read_store_attrs
-from flashmm_dask.io.tables import results_table, write_table
+from flashmm_dask.io.tables import (
+    results_arrow,
+    results_table,
+    table_formats,
+    write_arrow_csv,
+    write_table,
+)
+from flashmm_dask.io.writing import write_file
 from flashmm_dask.model.status import STATUS
 
 if TYPE_CHECKING:
@@ -257,16 +265,36 @@ def strata_table(datasets: Mapping[str, xr.Dataset]) -> pd.DataFrame:
 
 
 def write_strata_tables(
-    path: str | os.PathLike[str], folder: Path, formats: Sequence[str]
+    path: str | os.PathLike[str],
+    folder: Path,
+    formats: Sequence[str],
+    *,
+    loaded: Sequence[tuple[Any, xr.Dataset]] | None = None,
 ) -> list[Path]:
     """The tables of a stratified results store (``results.csv``/``.parquet`` with a
-    ``stratum`` column)."""
+    ``stratum`` column).
+
+    ``loaded``: the strata's results already read into memory, as
+    :func:`flashmm_dask.io.resultsets.loaded` gives them (with the variables of the
+    tables), so that the tables and the report read the store once.
+    """
+    import pyarrow as pa
     import xarray as xr
 
-    datasets = {}
-    for level, p in stratum_paths(path).items():
-        if not read_store_attrs(str(p)).get("complete"):
-            raise StoreError(f"the results of stratum {level} in {p} are incomplete")
-        # numpy-backed (no dask): a table reads every variable once, whole
-        datasets[level] = xr.open_zarr(str(p), chunks=None, consolidated=True, zarr_format=3)
-    return write_table(strata_table(datasets), folder, "results", formats)
+    datasets: dict[str, xr.Dataset] = {}
+    if loaded is not None:
+        datasets = {str(level): ds for level, ds in loaded}
+    else:
+        for level, p in stratum_paths(path).items():
+            if not read_store_attrs(str(p)).get("complete"):
+                raise StoreError(f"the results of stratum {level} in {p} are incomplete")
+            # numpy-backed (no dask): a table reads every variable once, whole
+            datasets[level] = xr.open_zarr(str(p), chunks=None, consolidated=True, zarr_format=3)
+    written = []
+    for fmt in table_formats(formats):
+        if fmt == "csv":  # built in Arrow: millions of rows over the strata
+            table = pa.concat_tables([results_arrow(ds, level) for level, ds in datasets.items()])
+            written.append(write_file(folder / "results.csv", partial(write_arrow_csv, table)))
+        else:
+            written += write_table(strata_table(datasets), folder, "results", (fmt,))
+    return written

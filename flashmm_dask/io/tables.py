@@ -18,6 +18,7 @@ from flashmm_dask.model.status import STATUS
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
     import xarray as xr
 
 
@@ -68,6 +69,86 @@ def results_table(ds: xr.Dataset) -> pd.DataFrame:
     return table
 
 
+def results_arrow(ds: xr.Dataset, stratum: str | None = None) -> pa.Table:
+    """:func:`results_table` as an Arrow table (a first column ``stratum`` when given).
+
+    Built column by column with Arrow's ``take`` for the repeated names, not from a
+    DataFrame of Python strings: the same columns, types and values as
+    ``pa.Table.from_pandas(results_table(ds))``, so its CSV is the same bytes, at a
+    fraction of the cost on millions of rows.
+    """
+    import pyarrow as pa
+
+    features = pa.array(np.asarray(ds["feature"].values).astype(object), type=pa.string())
+    m = len(features)
+    names: list[str] = []
+    floats: dict[str, list[np.ndarray]] = {c: [] for c in ("coef", "se", "t", "df", "p", "padj")}
+    for prefix, dim in (("", "covariate"), ("contrast_", "contrast")):
+        terms = [str(t) for t in np.asarray(ds[dim].values)]
+        if not terms:
+            continue
+        names += terms
+        for col, parts in floats.items():
+            parts.append(np.asarray(ds[prefix + col].transpose("feature", dim).values).T.ravel())
+    n_terms = len(names)
+    columns: dict[str, pa.Array] = {}
+    if stratum is not None:
+        columns["stratum"] = pa.array([stratum] * (m * n_terms), type=pa.string())
+    columns["feature"] = features.take(pa.array(np.tile(np.arange(m), n_terms)))
+    columns["term"] = pa.array(names, type=pa.string()).take(
+        pa.array(np.repeat(np.arange(n_terms), m))
+    )
+    for col, parts in floats.items():
+        columns[col] = pa.array(np.concatenate(parts))
+    columns["converged"] = pa.array(np.tile(np.asarray(ds["converged"].values), n_terms))
+    # iterations are counts: an integer column, empty (NA) where a feature was not fitted
+    niter = np.tile(np.asarray(ds["niter"].values, dtype=np.float64), n_terms)
+    missing = np.isnan(niter)
+    columns["niter"] = pa.array(
+        np.where(missing, 0.0, np.round(niter)).astype(np.int64), mask=missing, type=pa.int64()
+    )
+    if "status" in ds:
+        labels = pa.array([*STATUS, "not_written"], type=pa.string())
+        codes = np.asarray(ds["status"].values, dtype=np.int64)
+        codes = np.where(codes < 0, len(STATUS), codes)  # code -1 (not written): the last
+        columns["status"] = labels.take(pa.array(np.tile(codes, n_terms)))
+    return pa.table(columns)
+
+
+def write_arrow_csv(table: pa.Table, path: Path) -> None:
+    """An Arrow table as CSV, as :func:`write_table` writes it."""
+    import pyarrow.csv as pa_csv
+
+    pa_csv.write_csv(table, path, write_options=pa_csv.WriteOptions(quoting_style="needed"))
+
+
+def write_frame_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame.to_csv(path, index=False)``, the same bytes, faster on many float values.
+
+    pandas formats each float with NumPy's ``astype(str)`` (the shortest repr, as
+    Python's ``repr``) before its CSV writer; here the floats are formatted by ``repr``
+    and written by the same :mod:`csv` writer settings (NaN empty, minimal quoting).
+    """
+    import csv
+
+    import pandas as pd
+
+    columns = []
+    for name in frame.columns:
+        values = frame[name].to_numpy()
+        if values.dtype.kind == "f":
+            text = list(map(float.__repr__, values.tolist()))
+        else:
+            text = list(map(str, values.tolist()))
+        for i in np.flatnonzero(pd.isna(values)):  # NaN, None, NA: empty, as pandas writes
+            text[i] = ""
+        columns.append(text)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator=os.linesep, quoting=csv.QUOTE_MINIMAL)
+        writer.writerow([str(c) for c in frame.columns])
+        writer.writerows(zip(*columns, strict=True))
+
+
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
     """``table`` as CSV by Arrow's writer: ~10x faster than pandas' on a million rows of
     floats (shortest round-trip repr, as pandas). NaN is written empty, booleans as
@@ -82,7 +163,7 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
     )
 
 
-def _formats(formats: Sequence[str]) -> tuple[str, ...]:
+def table_formats(formats: Sequence[str]) -> tuple[str, ...]:
     """The table formats asked for, once each; unknown ones raise InputError."""
     chosen = (formats,) if isinstance(formats, str) else tuple(dict.fromkeys(formats))
     unknown = [f for f in chosen if f not in _TABLE_FORMATS]
@@ -105,7 +186,7 @@ def write_table(
     Returns the paths written.
     """
     written = []
-    for fmt in _formats(formats):
+    for fmt in table_formats(formats):
         write: Callable[[Path], object] = (
             partial(_write_csv, table) if fmt == "csv" else partial(table.to_parquet, index=False)
         )
@@ -122,7 +203,15 @@ def write_tables(
 ) -> list[Path]:
     """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``
     (:func:`write_table`). Returns the paths written."""
-    return write_table(results_table(ds), outdir, name, _formats(formats))
+    return write_table(results_table(ds), outdir, name, table_formats(formats))
 
 
-__all__ = ["results_table", "write_table", "write_tables"]
+__all__ = [
+    "results_arrow",
+    "results_table",
+    "table_formats",
+    "write_arrow_csv",
+    "write_frame_csv",
+    "write_table",
+    "write_tables",
+]

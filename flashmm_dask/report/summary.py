@@ -317,17 +317,21 @@ def report_outputs(
     n: int = TOP_N,
     alpha: float = 0.05,
     storage_options: Mapping[str, Any] | None = None,
+    sets: ResultSets | None = None,
 ) -> list[Path]:
     """Write the top tables (when ``tables``) and ``report.md`` of a finished store.
 
-    Call it after the plots, so that the report links them.
+    Call it after the plots, so that the report links them. ``sets``: the store's
+    results already read (:func:`~flashmm_dask.io.resultsets.loaded`), so that a run
+    reads its store once for the tables and the report.
 
     Returns
     -------
     list of Path
         The files written, ``report.md`` last.
     """
-    sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
+    if sets is None:
+        sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
     files = write_top_tables(sets, folder) if tables else []
     text = report_markdown(sets, folder, store=store, n=n, alpha=alpha, top_tables=tables)
     # staged: a report.md that exists is complete

@@ -15,6 +15,7 @@ from pathlib import Path
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
+from flashmm_dask.io.resultsets import ResultSets, loaded, result_sets
 from flashmm_dask.io.strata_results import strata_attrs, write_strata_tables
 from flashmm_dask.report.plots import make_report, strata_report
 from flashmm_dask.report.summary import report_outputs
@@ -178,12 +179,24 @@ def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -
     formats = tuple(cfg.output.tables)
     tables: Callable[[], list[Path]]
     plots: Callable[[], list[Path]]
-    if strata_attrs(store) is None:  # a plain store (also one stratum of selected cells)
+    stratified = strata_attrs(store) is not None
+    read: list[ResultSets] = []
+
+    def strata_sets() -> ResultSets:
+        """Every stratum read once, in threads, for both the tables and the report."""
+        if not read:
+            read.append(loaded(result_sets(str(store))))
+        return read[0]
+
+    if not stratified:  # a plain store (also one stratum of selected cells)
         ds = open_results(str(store))
         tables = partial(write_tables, ds, folder, formats=formats)
         plots = partial(make_report, ds, folder)
     else:
-        tables = partial(write_strata_tables, store, folder, formats)
+
+        def tables() -> list[Path]:
+            return write_strata_tables(store, folder, formats, loaded=strata_sets())
+
         plots = partial(strata_report, store, folder)
     files: list[Path] = []
     if cfg.output.tables:
@@ -193,6 +206,7 @@ def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -
         with timings.phase("plots"):
             files += plots()
     with timings.phase("report"):
-        files += report_outputs(store, folder, tables=bool(cfg.output.tables))
+        sets = strata_sets() if stratified else None
+        files += report_outputs(store, folder, tables=bool(cfg.output.tables), sets=sets)
     register(folder, files)
     return files

@@ -7,6 +7,7 @@ the groups, and the root, complete (used by :mod:`flashmm_dask.run.pipeline_stra
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
+from threadpoolctl import threadpool_limits
 
 from flashmm_dask.api import filter_features
 from flashmm_dask.io.results import (
@@ -55,7 +57,7 @@ def _create_root(store: Path, cfg: RunConfig, stats: StratifiedStats, missing: d
     with _writing("the results store", store.parent):
         root = zarr.open_group(str(store), mode="w", zarr_format=3)
         zarr.open_group(str(store / "strata"), mode="w", zarr_format=3)
-        root.attrs.update(attrs)
+        root.update_attributes(attrs)
 
 
 @dataclass
@@ -149,11 +151,14 @@ def fit_strata_stores(
         sum(len(g.todo) for g in groups),
         sum(g.layout.n_blocks - len(g.todo) for g in groups),
     )
-    # every stratum's shared model in one scatter (one round trip, not one per stratum)
-    models = [
-        blocks.shared_model(cfg, g.stats, g.L, store=str(g.path), store_cov=g.layout.store_cov)
-        for g in groups
-    ]
+    # every stratum's shared model in one scatter (one round trip, not one per stratum);
+    # their eigendecompositions (two q x q per stratum) on one BLAS thread: several BLAS
+    # threads make a small eigh tens of times slower on a busy driver
+    with threadpool_limits(1, user_api="blas"):
+        models = [
+            blocks.shared_model(cfg, g.stats, g.L, store=str(g.path), store_cov=g.layout.store_cov)
+            for g in groups
+        ]
     shared = client.scatter(models, broadcast=True, hash=False) if groups else []
     futures = []
     for index, group in enumerate(groups):
@@ -165,26 +170,32 @@ def finalize_strata(
     cfg: RunConfig, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict
 ) -> None:
     """Mark each stratum's group complete (its filtered features, adjusted p-values,
-    status counts), then the root with the counts over all strata."""
-    total: dict[str, int] = {}
-    for group in groups:
+    status counts), then the root with the counts over all strata.
+
+    The groups are finalized in threads: each is a few small reads and writes, whose
+    waits on the file system then overlap."""
+
+    def finalize(group: _Group) -> dict[str, int]:
         attrs = read_store_attrs(str(group.path))
         if attrs.get("complete"):
-            counts = attrs.get("status_counts", {})
-        else:
-            mark_filtered(group.path, group.filtered)
-            counts = read_status_counts(group.path)
-            plain = {
-                "n_converged": counts["ok"],
-                "n_not_converged": counts["not_converged"],
-                "n_zero": counts["all_zero"] + counts["filtered"],
-                "status_counts": counts,
-            }
-            finalize_results(
-                str(group.path), extra_attrs={**extra, **plain}, method=cfg.test.p_adjust
-            )
+            return dict(attrs.get("status_counts", {}))
+        mark_filtered(group.path, group.filtered)
+        counts = read_status_counts(group.path)
+        plain = {
+            "n_converged": counts["ok"],
+            "n_not_converged": counts["not_converged"],
+            "n_zero": counts["all_zero"] + counts["filtered"],
+            "status_counts": counts,
+        }
+        finalize_results(str(group.path), extra_attrs={**extra, **plain}, method=cfg.test.p_adjust)
+        return counts
+
+    total: dict[str, int] = {}
+    with ThreadPoolExecutor(max(1, min(8, len(groups)))) as pool:
+        per_group = list(pool.map(finalize, groups))
+    for counts in per_group:
         for name, k in counts.items():
             total[name] = total.get(name, 0) + int(k)
     if stats.by is not None:
         root = zarr.open_group(str(store), mode="r+")
-        root.attrs.update({**extra, "status_counts": total, "complete": True})
+        root.update_attributes({**extra, "status_counts": total, "complete": True})
