@@ -22,13 +22,14 @@ Then the p-values and each feature's ``converged`` and ``status``, by the one ru
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from flashmm_dask.errors import DesignError
 from flashmm_dask.model.status import converged as converged_rule
@@ -86,6 +87,13 @@ class FitOptions:
     contrasts: np.ndarray | None = None
 
 
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The thread pools of the loaded libraries, found once (threadpoolctl's
+    ``threadpool_limits`` looks for them again on every call, ~0.5 ms)."""
+    return ThreadpoolController()
+
+
 def default_threads() -> int:
     """The threads of a fit with ``n_threads=None``: the CPUs, at most 8."""
     return max(1, min(os.cpu_count() or 1, 8))
@@ -132,6 +140,7 @@ def _shapes(shared: SharedTerms, options: FitOptions) -> dict[str, tuple[int, ..
         "coef": (p,),
         "se": (p,),
         "t": (p,),
+        "p": (p,),
     }
     if keep.cov:
         shapes["cov"] = (p, p)
@@ -188,6 +197,7 @@ def fit_features(
     for v in out.values():
         v[~fitted] = np.nan
     idx = np.flatnonzero(fitted)
+    df_residual = float(shared.n - p)
     block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // shared.work_values)
     workers = options.n_threads
     # several blocks per thread keep both busy while the slowest features iterate on
@@ -215,11 +225,8 @@ def fit_features(
             out[name][rows] = getattr(th, name)
         out["coef"][rows] = fx.coef
         out["logLik"][rows] = fx.logLik
-        with np.errstate(invalid="ignore", divide="ignore"):
-            se = np.sqrt(np.diagonal(fx.cov, axis1=1, axis2=2))
-            t = fx.coef / se
-        out["se"][rows] = se
-        out["t"][rows] = t
+        out["se"][rows] = fx.se
+        out["t"][rows] = fx.t
         if keep.cov:
             out["cov"][rows] = fx.cov
         if keep.fim:
@@ -227,7 +234,9 @@ def fit_features(
             out["FIM_beta"][rows] = fx.FIM_beta
         if keep.re:
             out["RE"][rows] = fx.RE
-        if satterthwaite:
+        if not satterthwaite:  # in the block's thread: p-values cost more than the fit
+            out["p"][rows] = t_pvalues(fx.t, df_residual)
+        else:
             vcov_theta = theta_vcov(
                 shared, th.theta, zry, yry, held=held, boundary_df=options.boundary_df
             )
@@ -236,6 +245,7 @@ def fit_features(
             c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)
             df_all = df_from_gradient(c, g, vcov_theta)
             out["df"][rows] = df_all[:, :p]
+            out["p"][rows] = t_pvalues(fx.t, df_all[:, :p])
             if L is not None:
                 out["contrast_df"][rows] = df_all[:, p:]
             if keep.cov:
@@ -247,13 +257,11 @@ def fit_features(
     if workers > 1 and len(blocks) > 1:
         # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
         # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        with _blas().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
             list(pool.map(fit_block, blocks))
     else:
         for rows in blocks:
             fit_block(rows)
-    df_residual = float(shared.n - p)
-    out["p"] = t_pvalues(out["t"], out["df"] if satterthwaite else df_residual)
     if not satterthwaite:
         out["df"] = np.full((m, p), df_residual)
     out["converged"], out["status"] = feature_status(out, fitted)
