@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ from flashmm_dask.numerics.satterthwaite import (
 #: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
 _GENERAL_BLOCK_VALUES = 2**19
 _SPECTRAL_BLOCK = 4096
+#: Blocks per thread when several threads fit (fewer: less overhead; more: better balance).
+_BLOCKS_PER_THREAD = 2
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,27 @@ def _blas() -> ThreadpoolController:
     """The thread pools of the loaded libraries, found once (threadpoolctl's
     ``threadpool_limits`` looks for them again on every call, ~0.5 ms)."""
     return ThreadpoolController()
+
+
+def _in_threads(fn: Callable[[np.ndarray], None], blocks: list[np.ndarray], n: int) -> None:
+    """``fn`` of every block in n threads, this one and n - 1 new ones, each taking the next
+    block left (this thread starts on the first block while the others start)."""
+    lock = threading.Lock()
+    left = iter(blocks)
+
+    def work() -> None:
+        while True:
+            with lock:
+                rows = next(left, None)
+            if rows is None:
+                return
+            fn(rows)
+
+    with ThreadPoolExecutor(n - 1) as pool:
+        others = [pool.submit(work) for _ in range(n - 1)]
+        work()
+        for f in others:
+            f.result()
 
 
 def default_threads() -> int:
@@ -200,8 +224,8 @@ def fit_features(
     df_residual = float(shared.n - p)
     block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // shared.work_values)
     workers = options.n_threads
-    # several blocks per thread keep both busy while the slowest features iterate on
-    block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block
+    if workers > 1:  # several blocks per thread keep all busy while the slowest iterate on
+        block = max(1, min(block, -(-idx.size // (_BLOCKS_PER_THREAD * workers))))
 
     def fit_block(rows: np.ndarray) -> None:
         zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
@@ -257,8 +281,8 @@ def fit_features(
     if workers > 1 and len(blocks) > 1:
         # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
         # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
-        with _blas().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fit_block, blocks))
+        with _blas().limit(limits=1, user_api="blas"):
+            _in_threads(fit_block, blocks, min(workers, len(blocks)))
     else:
         for rows in blocks:
             fit_block(rows)

@@ -224,40 +224,42 @@ def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.
 @_compile
 def _solve_batch(
     C: np.ndarray, rhs: np.ndarray, s0: np.ndarray, limit: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed effects of a block of features from C = s0 X'V^-1 X (m, p, p) and the
     right-hand sides rhs (m, p): coef = C^-1 rhs, cov = C^-1 s0, se = sqrt(diag cov) and
-    t = coef / se, one feature at a time (no (m, p, p) temporaries).
+    t = coef / se, one feature at a time. cov overwrites C (no (m, p, p) temporary: at a
+    few hundred features a block, temporaries that size cost more in page faults than the
+    inverses cost in arithmetic).
 
-    Returns coef, se, t (m, p), cov (m, p, p) and ok (m,): False where C is singular or
-    its condition bound is not below ``limit`` (:func:`_inverse_checked_into`; the other
-    outputs of that feature are then undefined and the caller takes the pseudo-inverse).
+    Returns coef, se, t (m, p) and ok (m,): False where C is singular or its condition
+    bound is not below ``limit`` (:func:`_inverse_checked_into`); C is left as it was
+    there, the other outputs of that feature are undefined, and the caller takes the
+    pseudo-inverse.
     """
     m, p, _ = C.shape
     coef = np.empty((m, p))
     se = np.empty((m, p))
     t = np.empty((m, p))
-    cov = np.empty((m, p, p))
     ok = np.ones(m, dtype=np.bool_)
+    inv = np.empty((p, p))
     work = np.empty((p, p))
     buf = np.empty(p)
     perm = np.empty(p, dtype=np.int64)
     for j in range(m):
-        Ci = cov[j]
-        if not _inverse_checked_into(C[j], Ci, work, buf, perm, limit):
+        if not _inverse_checked_into(C[j], inv, work, buf, perm, limit):
             ok[j] = False
             continue
         for a in range(p):
             c = 0.0
             for b in range(p):
-                c += Ci[a, b] * rhs[j, b]
+                c += inv[a, b] * rhs[j, b]
             coef[j, a] = c
         for a in range(p):
             for b in range(p):
-                Ci[a, b] *= s0[j]
-            se[j, a] = np.sqrt(Ci[a, a])
+                C[j, a, b] = inv[a, b] * s0[j]
+            se[j, a] = np.sqrt(C[j, a, a])
             t[j, a] = coef[j, a] / se[j, a]
-    return coef, se, t, cov, ok
+    return coef, se, t, ok
 
 
 @functools.partial(_compile, reassoc=True)
@@ -427,10 +429,13 @@ def inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.n
 
 def solve_batch(
     C: np.ndarray, rhs: np.ndarray, s0: np.ndarray, limit: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """coef, se, t, cov and ok of C (m, p, p), rhs (m, p), s0 (m,); see :func:`_solve_batch`."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """coef, se, t and ok of C (m, p, p) float64 C-contiguous, overwritten by cov where
+    ok, rhs (m, p) and s0 (m,); see :func:`_solve_batch`."""
+    if C.dtype != np.float64 or not C.flags.c_contiguous:
+        raise ValueError("C must be a C-contiguous float64 array (it is overwritten)")
     return _solve_batch(
-        np.ascontiguousarray(C, dtype=np.float64),
+        C,
         np.ascontiguousarray(rhs, dtype=np.float64),
         np.ascontiguousarray(s0, dtype=np.float64),
         float(limit),

@@ -14,8 +14,8 @@ With K = 1, MD = V diag(rho / (1 + rho mu)) V' from ZZ = V diag(mu) V', so C and
 right-hand sides are weighted sums over the eigenvectors: O(q p^2) per feature.
 
 Every path solves with C in one compiled pass per feature (:func:`_solve`: coef, cov, se
-and t, no (m, p, p) temporaries); the features whose C is singular or ill-conditioned
-take the pseudo-inverse.
+and t, cov in place of C); the features whose C is singular or ill-conditioned take the
+pseudo-inverse.
 """
 
 from __future__ import annotations
@@ -57,20 +57,21 @@ class FixedFit:
 def _solve(C: Array, rhs: Array, s0: Array) -> tuple[Array, Array, Array, Array]:
     """coef = pinv(C) rhs, cov = pinv(C) s0, se = sqrt(diag cov) and t = coef / se.
 
-    C (m, p, p) symmetric, rhs (m, p), s0 (m,). The compiled kernel
-    (:func:`.compiled.solve_batch`) inverts C where its condition is provably small (the
-    pseudo-inverse is then the inverse); the others take :func:`.linalg.pinv_sym`.
+    C (m, p, p) symmetric, C-contiguous and overwritten by cov; rhs (m, p), s0 (m,). The
+    compiled kernel (:func:`.compiled.solve_batch`) inverts C where its condition is
+    provably small (the pseudo-inverse is then the inverse); the others take
+    :func:`.linalg.pinv_sym`.
     """
-    coef, se, t, cov, ok = solve_batch(C, rhs, s0, GINV_LIMIT)
+    coef, se, t, ok = solve_batch(C, rhs, s0, GINV_LIMIT)
     if not ok.all():
         Ci = pinv_sym(C[~ok])
         b = (Ci @ rhs[~ok][:, :, None])[:, :, 0]
         Ci *= s0[~ok][:, None, None]
-        coef[~ok], cov[~ok] = b, Ci
+        coef[~ok], C[~ok] = b, Ci
         with np.errstate(invalid="ignore", divide="ignore"):
             se[~ok] = np.sqrt(np.diagonal(Ci, axis1=1, axis2=2))
             t[~ok] = b / se[~ok]
-    return coef, se, t, cov
+    return coef, se, t, C
 
 
 def _loglik(sh: SharedTerms, s0: Array, logdetM0: Array) -> Array:
@@ -117,7 +118,8 @@ def fixed_effects(
             w = rho[:, None] * reciprocal(1.0 + rho[:, None] * sh.mu)  # eigenvalues of MD
             G = sh.V.T @ sh.ZX  # (q, p)
             GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
-            C = sh.XX - (w @ GG).reshape(-1, sh.p, sh.p)
+            C = (w @ GG).reshape(-1, sh.p, sh.p)
+            np.subtract(sh.XX, C, out=C)  # in place: one (m, p, p) array, see _solve
             h = ZY @ sh.V  # (m, q): V' ZY_j
             rhs = XY - (w * h) @ G
         elif structure and sh.structure is not None:
@@ -127,6 +129,7 @@ def fixed_effects(
             MD = inv_shifted(sh.ZZ, D) * D[:, None, :]
             C = sh.XX - sh.ZX.T @ (MD @ sh.ZX)
             rhs = XY - (MD @ ZY[:, :, None])[:, :, 0] @ sh.ZX
+        FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
         coef, se, t, cov = _solve(C, rhs, s0)
         RE = None
         if re:
@@ -135,7 +138,6 @@ def fixed_effects(
                 RE = (w * (resid @ sh.V)) @ sh.V.T
             else:
                 RE = (MD @ resid[:, :, None])[:, :, 0]
-        FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
     logLik = _loglik(sh, s0, logdetM0)
     return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik, se=se, t=t)
 
@@ -181,6 +183,7 @@ def _fixed_structured(
         MDx, ok = md_solve(st, D, x)
     C = sh.XX - ZXp.T @ MDx[:, :, :p]
     rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
+    FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
     coef, se, t, cov = _solve(C, rhs, s0)
     RE = None
     if re:
@@ -189,7 +192,6 @@ def _fixed_structured(
             REp, _ = md_solve(st, D, resid)
         RE = np.empty_like(REp)
         RE[:, perm] = REp
-    FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
     logLik = _loglik(sh, s0, logdetM0)
     out = FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik, se=se, t=t)
     if not ok.all():

@@ -32,6 +32,7 @@ def _spectral_score(
     nrq: float,
     nr: float,
     out: np.ndarray,
+    final: bool,
 ) -> None:
     """K = 1 score and information at (rho s0, s0): out = (dl1, dl0, F11, F10, F00, s0_prof,
     log |det M0|), the eigenvalue sums of ``fisher._score_spectral`` for one feature."""
@@ -62,7 +63,8 @@ def _spectral_score(
         sm0m0 += m0 * m0
         zm2 += z2[k] * mv * mv
         zm += z2[k] * mv
-        logdet += np.log(abs(m0))
+        if final:  # a log per eigenvalue: only where the caller keeps it
+            logdet += np.log(abs(m0))
     s02 = s0 * s0
     out[0] = (zm2 / s02 - sw / s0) / 2.0
     yR2y = yry - rho * (zm2 + zm)
@@ -130,7 +132,7 @@ def _fit_spectral_batch(
         it = 0
         while max_iter > 0:
             it += 1
-            _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc)
+            _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc, False)
             if not _inverse_2x2_into(sc, limit, inv):
                 ok[j] = False
                 break
@@ -144,9 +146,9 @@ def _fit_spectral_batch(
         niter[j] = it
         if not ok[j]:
             continue
-        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc)
+        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc, False)
         s0 = sc[5]
-        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc)
+        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc, True)
         if not _inverse_2x2_into(sc, limit, inv):
             ok[j] = False
             continue
