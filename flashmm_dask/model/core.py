@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -47,6 +48,8 @@ from flashmm_dask.numerics.satterthwaite import (
     theta_vcov,
 )
 
+#: The features of a block: a slice, or their indices.
+Rows: TypeAlias = slice | np.ndarray
 #: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
 _GENERAL_BLOCK_VALUES = 2**19
 _SPECTRAL_BLOCK = 4096
@@ -97,7 +100,7 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _in_threads(fn: Callable[[np.ndarray], None], blocks: list[np.ndarray], n: int) -> None:
+def _in_threads(fn: Callable[[Rows], None], blocks: list[Rows], n: int) -> None:
     """``fn`` of every block in n threads, this one and n - 1 new ones, each taking the next
     block left (this thread starts on the first block while the others start)."""
     lock = threading.Lock()
@@ -227,8 +230,9 @@ def fit_features(
     if workers > 1:  # several blocks per thread keep all busy while the slowest iterate on
         block = max(1, min(block, -(-idx.size // (_BLOCKS_PER_THREAD * workers))))
 
-    def fit_block(rows: np.ndarray) -> None:
-        zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
+    def fit_block(rows: Rows) -> None:
+        xy, zy, ynorm = XY[rows], ZY[rows], Ynorm[rows]
+        zry, yry = shared.residualise(xy, zy, ynorm)
         th = fit_theta(
             shared,
             zry,
@@ -241,10 +245,8 @@ def fit_features(
         if options.nonnegative:
             th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
         out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
-        out["constant"][rows] = no_residual_variation(yry, Ynorm[rows])
-        fx = fixed_effects(
-            shared, XY[rows], ZY[rows], th.theta, th.logdetM0, fim=keep.fim, re=keep.re
-        )
+        out["constant"][rows] = no_residual_variation(yry, ynorm)
+        fx = fixed_effects(shared, xy, zy, th.theta, th.logdetM0, fim=keep.fim, re=keep.re)
         for name in ("theta", "se_theta", "dlogL", "niter"):
             out[name][rows] = getattr(th, name)
         out["coef"][rows] = fx.coef
@@ -277,7 +279,12 @@ def fit_features(
                 if keep.jac:
                     out["jac_cov"][rows] = cov_jacobian(shared, th.theta, fx.cov)
 
-    blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
+    starts = range(0, idx.size, block)
+    blocks: list[Rows] = (
+        [slice(a, a + block) for a in starts]  # all fitted: views, not copies
+        if idx.size == m
+        else [idx[a : a + block] for a in starts]
+    )
     if workers > 1 and len(blocks) > 1:
         # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
         # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
