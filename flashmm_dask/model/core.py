@@ -248,14 +248,18 @@ def fit_features(
             th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
         out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
         out["constant"][rows] = no_residual_variation(yry, ynorm)
-        fx = fixed_effects(shared, xy, zy, th.theta, th.logdetM0, fim=keep.fim, re=keep.re)
+        # with all features fitted, the K = 1 path leaves cov in the output itself
+        cov_out = out["cov"][rows] if keep.cov and isinstance(rows, slice) else None
+        fx = fixed_effects(
+            shared, xy, zy, th.theta, th.logdetM0, fim=keep.fim, re=keep.re, cov_out=cov_out
+        )
         for name in ("theta", "se_theta", "dlogL", "niter"):
             out[name][rows] = getattr(th, name)
         out["coef"][rows] = fx.coef
         out["logLik"][rows] = fx.logLik
         out["se"][rows] = fx.se
         out["t"][rows] = fx.t
-        if keep.cov:
+        if keep.cov and fx.cov is not cov_out:
             out["cov"][rows] = fx.cov
         if keep.fim:
             out["FIM_theta"][rows] = th.FIM_theta

@@ -91,6 +91,7 @@ def fixed_effects(
     fim: bool = True,
     re: bool = True,
     structure: bool = True,
+    cov_out: Array | None = None,
 ) -> FixedFit:
     """Coefficients, covariance, FIM and BLUPs at the fitted variance components.
 
@@ -108,6 +109,10 @@ def fixed_effects(
     structure : bool
         With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
         (MD x by structured solves, :func:`.structured.md_solve`); False: the dense path.
+    cov_out : (m, p, p) C-contiguous float64 array, optional
+        The K = 1 path builds C in it and leaves cov there (``FixedFit.cov`` is then
+        ``cov_out``): the fitting core passes its output, which saves a block-sized
+        temporary and its copy. The other paths return a new array.
     """
     if spectral is None:
         spectral = sh.K == 1
@@ -118,7 +123,10 @@ def fixed_effects(
             w = rho[:, None] * reciprocal(1.0 + rho[:, None] * sh.mu)  # eigenvalues of MD
             G = sh.V.T @ sh.ZX  # (q, p)
             GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
-            C = (w @ GG).reshape(-1, sh.p, sh.p)
+            C = cov_out
+            if C is None or not C.flags.c_contiguous:
+                C = np.empty((w.shape[0], sh.p, sh.p))
+            np.matmul(w, GG, out=C.reshape(-1, sh.p * sh.p))  # a view (C-contiguous)
             np.subtract(sh.XX, C, out=C)  # in place: one (m, p, p) array, see _solve
             h = ZY @ sh.V  # (m, q): V' ZY_j
             rhs = XY - (w * h) @ G
