@@ -4,13 +4,18 @@ Run: ``python benchmarks/bench_fit.py [--features 5000] [--defaults-only]``. Pri
 per second and the ratio to R FLASHMM 1.3.0's ``lmm`` (1000 features with p=21, q=25 in
 1.33 s on this machine type, i.e. 752 features/s), then the fitting phase of a run with the
 old defaults (residual df, unconstrained) and the new ones (Satterthwaite, nonnegative).
-Not a test: it asserts nothing. statsmodels' MixedLM on the cell-level data (the Python
-peer) is compared in ``bench_peer.py``.
+``--baseline DIR`` instead times ``lmm`` of another checkout (DIR holds its
+``flashmm_dask``) against this one in the same process, alternating, best of ``--repeat``,
+with the 1-minute load. Not a test: it asserts nothing. statsmodels' MixedLM on the
+cell-level data (the Python peer) is compared in ``bench_peer.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import sys
 import time
 
 import numpy as np
@@ -109,13 +114,97 @@ def run_defaults(m, cells, repeat=3):
         print(f"{label:<18}{times['old']:>16.3f}{times['new']:>16.3f}{ratio:>8.2f}{n_boundary:>10}")
 
 
+def load() -> str:
+    """The 1-minute load average."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def _package_modules() -> dict[str, object]:
+    return {k: v for k, v in sys.modules.items() if k.split(".")[0] == "flashmm_dask"}
+
+
+def baseline_lmm(path: str):
+    """``lmm`` of the checkout at ``path``, imported beside this one: its modules are kept
+    apart from sys.modules and put back in place around each call (lazy imports inside
+    the package then find their own tree)."""
+    ours = _package_modules()
+    for k in ours:
+        del sys.modules[k]
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        base = importlib.import_module("flashmm_dask").lmm
+        theirs = _package_modules()
+    finally:
+        sys.path.pop(0)
+        for k in _package_modules():
+            del sys.modules[k]
+        sys.modules.update(ours)
+
+    def call(**kwargs):
+        sys.modules.update(theirs)
+        try:
+            return base(**kwargs)
+        finally:
+            sys.modules.update(ours)
+
+    return call
+
+
+def compare(path: str, m: int, cells: int, repeat: int) -> None:
+    """This checkout's ``lmm`` against the one at ``path``, alternating, best of ``repeat``
+    (wall and CPU time of the process: on a loaded machine the CPU time is the steadier)."""
+    import bench_structured
+
+    other = baseline_lmm(path)
+    cases = [
+        ("bench_fit p=21 q=25", summary_stats(cells, 21, (25,), m)),
+        ("R-shaped p=21 q=25", bench_structured.r_shaped_stats(m, cells)),
+        ("bench_fit p=60 q=259", summary_stats(cells, 60, (259,), m)),
+    ]
+    print(f"m = {m} features, best of {repeat}, alternating; baseline {path}")
+    print(
+        f"{'case':<22}{'baseline ms':>12}{'this ms':>9}{'ratio':>7}{'cpu ms':>15}{'ratio':>7}"
+        f"{'x R (q=25)':>13}  load"
+    )
+    for label, st in cases:
+        a, b = other(**st), lmm(**st)  # compile and warm both
+        for name in ("coef", "se", "p", "theta", "cov"):
+            x, y = getattr(a, name), getattr(b, name)
+            diff = np.nanmax(np.abs(x - y) / (1 + np.abs(x)))
+            if diff > 1e-9:
+                print(f"  {label}: {name} differs by {diff:.1e}")
+        wall = {"baseline": np.inf, "this": np.inf}
+        cpu = dict(wall)
+        loads = []
+        for _ in range(repeat):
+            for key, fn in (("baseline", other), ("this", lmm)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn(**st)
+                wall[key] = min(wall[key], time.perf_counter() - t0)
+                cpu[key] = min(cpu[key], time.process_time() - c0)
+            loads.append(os.getloadavg()[0])
+        xr = "" if "q=259" in label else f"{m / wall['baseline'] / R_FEATURES_PER_S:.0f} / "
+        xr += "" if "q=259" in label else f"{m / wall['this'] / R_FEATURES_PER_S:.0f}"
+        print(
+            f"{label:<22}{wall['baseline'] * 1e3:>12.2f}{wall['this'] * 1e3:>9.2f}"
+            f"{wall['baseline'] / wall['this']:>7.2f}"
+            f"{cpu['baseline'] * 1e3:>8.1f} /{cpu['this'] * 1e3:>5.1f}"
+            f"{cpu['baseline'] / cpu['this']:>7.2f}{xr:>13}  {min(loads):.2f}-{max(loads):.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", type=int, default=5000)
     ap.add_argument("--cells", type=int, default=20000)
     ap.add_argument("--loop", type=int, default=LOOP, help="features of the one-at-a-time loop")
     ap.add_argument("--defaults-only", action="store_true", help="only the run-defaults comparison")
+    ap.add_argument("--baseline", help="a checkout whose lmm to time against this one")
+    ap.add_argument("--repeat", type=int, default=21, help="rounds of --baseline")
     args = ap.parse_args(argv)
+    if args.baseline:
+        compare(args.baseline, args.features, args.cells, args.repeat)
+        return
     if args.defaults_only:
         run_defaults(args.features, args.cells)
         return

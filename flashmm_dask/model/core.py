@@ -14,21 +14,26 @@ The steps, per block of features:
 2. judge convergence and residual variation (:mod:`flashmm_dask.model.status`);
 3. the fixed effects, their covariance and t statistics
    (:func:`~flashmm_dask.numerics.fixed.fixed_effects`);
-4. with Satterthwaite's df: the df of the coefficients and of the contrasts.
+4. with Satterthwaite's df: the df of the coefficients and of the contrasts;
+5. the p-values (in the block's thread: at p = 21, q = 25 they cost as much as the fit).
 
-Then the p-values and each feature's ``converged`` and ``status``, by the one rule of
-:func:`flashmm_dask.model.status.feature_status`.
+Then each feature's ``converged`` and ``status``, by the one rule of
+:func:`flashmm_dask.model.status.feature_status`. Blocks run in ``n_threads`` threads,
+the calling one included.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from flashmm_dask.errors import DesignError
 from flashmm_dask.model.status import converged as converged_rule
@@ -45,9 +50,13 @@ from flashmm_dask.numerics.satterthwaite import (
     theta_vcov,
 )
 
+#: The features of a block: a slice, or their indices.
+Rows: TypeAlias = slice | np.ndarray
 #: Approximate number of float64 values one (m, q, q) work array of the general path may hold.
 _GENERAL_BLOCK_VALUES = 2**19
 _SPECTRAL_BLOCK = 4096
+#: Blocks per thread when several threads fit (fewer: less overhead; more: better balance).
+_BLOCKS_PER_THREAD = 2
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,34 @@ class FitOptions:
     n_threads: int = 1
     keep: Keep = field(default_factory=Keep)
     contrasts: np.ndarray | None = None
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The thread pools of the loaded libraries, found once (threadpoolctl's
+    ``threadpool_limits`` looks for them again on every call, ~0.5 ms)."""
+    return ThreadpoolController()
+
+
+def _in_threads(fn: Callable[[Rows], None], blocks: list[Rows], n: int) -> None:
+    """``fn`` of every block in n threads, this one and n - 1 new ones, each taking the next
+    block left (this thread starts on the first block while the others start)."""
+    lock = threading.Lock()
+    left = iter(blocks)
+
+    def work() -> None:
+        while True:
+            with lock:
+                rows = next(left, None)
+            if rows is None:
+                return
+            fn(rows)
+
+    with ThreadPoolExecutor(n - 1) as pool:
+        others = [pool.submit(work) for _ in range(n - 1)]
+        work()
+        for f in others:
+            f.result()
 
 
 def default_threads() -> int:
@@ -132,6 +169,7 @@ def _shapes(shared: SharedTerms, options: FitOptions) -> dict[str, tuple[int, ..
         "coef": (p,),
         "se": (p,),
         "t": (p,),
+        "p": (p,),
     }
     if keep.cov:
         shapes["cov"] = (p, p)
@@ -188,13 +226,15 @@ def fit_features(
     for v in out.values():
         v[~fitted] = np.nan
     idx = np.flatnonzero(fitted)
+    df_residual = float(shared.n - p)
     block = _SPECTRAL_BLOCK if K == 1 else max(1, _GENERAL_BLOCK_VALUES // shared.work_values)
     workers = options.n_threads
-    # several blocks per thread keep both busy while the slowest features iterate on
-    block = max(1, min(block, -(-idx.size // (4 * workers)))) if workers > 1 else block
+    if workers > 1:  # several blocks per thread keep all busy while the slowest iterate on
+        block = max(1, min(block, -(-idx.size // (_BLOCKS_PER_THREAD * workers))))
 
-    def fit_block(rows: np.ndarray) -> None:
-        zry, yry = shared.residualise(XY[rows], ZY[rows], Ynorm[rows])
+    def fit_block(rows: Rows) -> None:
+        xy, zy, ynorm = XY[rows], ZY[rows], Ynorm[rows]
+        zry, yry = shared.residualise(xy, zy, ynorm)
         th = fit_theta(
             shared,
             zry,
@@ -207,27 +247,28 @@ def fit_features(
         if options.nonnegative:
             th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
         out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
-        out["constant"][rows] = no_residual_variation(yry, Ynorm[rows])
+        out["constant"][rows] = no_residual_variation(yry, ynorm)
+        # with all features fitted, the K = 1 path leaves cov in the output itself
+        cov_out = out["cov"][rows] if keep.cov and isinstance(rows, slice) else None
         fx = fixed_effects(
-            shared, XY[rows], ZY[rows], th.theta, th.logdetM0, fim=keep.fim, re=keep.re
+            shared, xy, zy, th.theta, th.logdetM0, fim=keep.fim, re=keep.re, cov_out=cov_out
         )
         for name in ("theta", "se_theta", "dlogL", "niter"):
             out[name][rows] = getattr(th, name)
         out["coef"][rows] = fx.coef
         out["logLik"][rows] = fx.logLik
-        with np.errstate(invalid="ignore", divide="ignore"):
-            se = np.sqrt(np.diagonal(fx.cov, axis1=1, axis2=2))
-            t = fx.coef / se
-        out["se"][rows] = se
-        out["t"][rows] = t
-        if keep.cov:
+        out["se"][rows] = fx.se
+        out["t"][rows] = fx.t
+        if keep.cov and fx.cov is not cov_out:
             out["cov"][rows] = fx.cov
         if keep.fim:
             out["FIM_theta"][rows] = th.FIM_theta
             out["FIM_beta"][rows] = fx.FIM_beta
         if keep.re:
             out["RE"][rows] = fx.RE
-        if satterthwaite:
+        if not satterthwaite:
+            out["p"][rows] = t_pvalues(fx.t, df_residual)
+        else:
             vcov_theta = theta_vcov(
                 shared, th.theta, zry, yry, held=held, boundary_df=options.boundary_df
             )
@@ -236,6 +277,7 @@ def fit_features(
             c, g = contrast_gradient(shared, th.theta, fx.cov, Lall)
             df_all = df_from_gradient(c, g, vcov_theta)
             out["df"][rows] = df_all[:, :p]
+            out["p"][rows] = t_pvalues(fx.t, df_all[:, :p])
             if L is not None:
                 out["contrast_df"][rows] = df_all[:, p:]
             if keep.cov:
@@ -243,17 +285,20 @@ def fit_features(
                 if keep.jac:
                     out["jac_cov"][rows] = cov_jacobian(shared, th.theta, fx.cov)
 
-    blocks = [idx[start : start + block] for start in range(0, idx.size, block)]
+    starts = range(0, idx.size, block)
+    blocks: list[Rows] = (
+        [slice(a, a + block) for a in starts]  # all fitted: views, not copies
+        if idx.size == m
+        else [idx[a : a + block] for a in starts]
+    )
     if workers > 1 and len(blocks) > 1:
         # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
         # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            list(pool.map(fit_block, blocks))
+        with _blas().limit(limits=1, user_api="blas"):
+            _in_threads(fit_block, blocks, min(workers, len(blocks)))
     else:
         for rows in blocks:
             fit_block(rows)
-    df_residual = float(shared.n - p)
-    out["p"] = t_pvalues(out["t"], out["df"] if satterthwaite else df_residual)
     if not satterthwaite:
         out["df"] = np.full((m, p), df_residual)
     out["converged"], out["status"] = feature_status(out, fitted)

@@ -3,6 +3,7 @@
 fisher        batched Fisher scoring of the variance components (REML or ML)
 structured    the same through the block structure of Z'Z (K >= 2, one diagonal block)
 compiled      per-feature kernels of the fitter, compiled with numba
+spectral      the compiled kernels of one random component (K = 1)
 boundary      variance components constrained to be non-negative
 fixed         fixed effects, their covariance and information, BLUPs
 satterthwaite Satterthwaite degrees of freedom of t-tests

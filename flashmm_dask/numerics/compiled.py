@@ -1,4 +1,4 @@
-"""Per-feature kernels of the fitter, compiled with numba.
+"""Per-feature kernels of the fitter, compiled with numba (those of K = 1 in :mod:`.spectral`).
 
 The batched NumPy algebra of :mod:`~flashmm_dask.numerics.fisher` makes several passes over
 (m, q, q) stacks and calls LAPACK once per small matrix; for q = 50 that is dominated by
@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from flashmm_dask.numerics.jit import jit
-
-if TYPE_CHECKING:
-    from flashmm_dask.numerics.fisher import SharedTerms
 
 #: |D[r]| * max|A| above which W = A M0 is taken from (I - M0) / D (see fisher._times_A).
 DIVISION_MIN = 1e-3
@@ -174,13 +171,45 @@ def _inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 @_compile
-def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetrised inverses of symmetric matrices (m, k, k) whose condition is provably small.
+def _inverse_checked_into(
+    A: np.ndarray,
+    out: np.ndarray,
+    work: np.ndarray,
+    buf: np.ndarray,
+    perm: np.ndarray,
+    limit: float,
+) -> bool:
+    """out = the symmetrised inverse of the symmetric (k, k) ``A`` if its condition is
+    provably small: False when A is singular or when ||A||_1 * ||A^-1||_1 (an upper bound
+    of the 2-norm condition number of a symmetric matrix: ||A||_2 = max |eigenvalue| <=
+    ||A||_1) is not below ``limit`` (the caller then takes the pseudo-inverse).
 
-    ``ok[j]`` is False when A_j is singular or when ||A_j||_1 * ||A_j^-1||_1 (an upper
-    bound of the 2-norm condition number of a symmetric matrix: ||A||_2 = max |eigenvalue|
-    <= ||A||_1) is not below ``limit``: the caller then takes the pseudo-inverse.
+    ``work`` (k, k), ``buf`` (k,) and ``perm`` (k,) int64 are scratch.
     """
+    k = A.shape[0]
+    norm_a = 0.0
+    for a in range(k):
+        s = 0.0
+        for b in range(k):
+            work[a, b] = 0.5 * (A[a, b] + A[b, a])
+            s += abs(work[a, b])
+        norm_a = max(norm_a, s)
+    if np.isnan(_gauss_jordan(work, buf, perm)):
+        return False
+    norm_i = 0.0
+    for a in range(k):
+        s = 0.0
+        for b in range(k):
+            v = 0.5 * (work[a, b] + work[b, a])
+            out[a, b] = v
+            s += abs(v)
+        norm_i = max(norm_i, s)
+    return np.isfinite(norm_i) and norm_a * norm_i < limit
+
+
+@_compile
+def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_inverse_checked_into` of each matrix of A (m, k, k), and which succeeded."""
     m, k, _ = A.shape
     out = np.empty((m, k, k))
     ok = np.empty(m, dtype=np.bool_)
@@ -188,26 +217,49 @@ def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.
     buf = np.empty(k)
     perm = np.empty(k, dtype=np.int64)
     for j in range(m):
-        norm_a = 0.0
-        for a in range(k):
-            s = 0.0
-            for b in range(k):
-                work[a, b] = 0.5 * (A[j, a, b] + A[j, b, a])
-                s += abs(work[a, b])
-            norm_a = max(norm_a, s)
-        if np.isnan(_gauss_jordan(work, buf, perm)):
+        ok[j] = _inverse_checked_into(A[j], out[j], work, buf, perm, limit)
+    return out, ok
+
+
+@_compile
+def _solve_batch(
+    C: np.ndarray, rhs: np.ndarray, s0: np.ndarray, limit: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed effects of a block of features from C = s0 X'V^-1 X (m, p, p) and the
+    right-hand sides rhs (m, p): coef = C^-1 rhs, cov = C^-1 s0, se = sqrt(diag cov) and
+    t = coef / se, one feature at a time. cov overwrites C (no (m, p, p) temporary: at a
+    few hundred features a block, temporaries that size cost more in page faults than the
+    inverses cost in arithmetic).
+
+    Returns coef, se, t (m, p) and ok (m,): False where C is singular or its condition
+    bound is not below ``limit`` (:func:`_inverse_checked_into`); C is left as it was
+    there, the other outputs of that feature are undefined, and the caller takes the
+    pseudo-inverse.
+    """
+    m, p, _ = C.shape
+    coef = np.empty((m, p))
+    se = np.empty((m, p))
+    t = np.empty((m, p))
+    ok = np.ones(m, dtype=np.bool_)
+    inv = np.empty((p, p))
+    work = np.empty((p, p))
+    buf = np.empty(p)
+    perm = np.empty(p, dtype=np.int64)
+    for j in range(m):
+        if not _inverse_checked_into(C[j], inv, work, buf, perm, limit):
             ok[j] = False
             continue
-        norm_i = 0.0
-        for a in range(k):
-            s = 0.0
-            for b in range(k):
-                v = 0.5 * (work[a, b] + work[b, a])
-                out[j, a, b] = v
-                s += abs(v)
-            norm_i = max(norm_i, s)
-        ok[j] = np.isfinite(norm_i) and norm_a * norm_i < limit
-    return out, ok
+        for a in range(p):
+            c = 0.0
+            for b in range(p):
+                c += inv[a, b] * rhs[j, b]
+            coef[j, a] = c
+        for a in range(p):
+            for b in range(p):
+                C[j, a, b] = inv[a, b] * s0[j]
+            se[j, a] = np.sqrt(C[j, a, a])
+            t[j, a] = coef[j, a] / se[j, a]
+    return coef, se, t, ok
 
 
 @functools.partial(_compile, reassoc=True)
@@ -375,6 +427,21 @@ def inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.n
     return _inverse_checked_batch(np.ascontiguousarray(A), float(limit))
 
 
+def solve_batch(
+    C: np.ndarray, rhs: np.ndarray, s0: np.ndarray, limit: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """coef, se, t and ok of C (m, p, p) float64 C-contiguous, overwritten by cov where
+    ok, rhs (m, p) and s0 (m,); see :func:`_solve_batch`."""
+    if C.dtype != np.float64 or not C.flags.c_contiguous:
+        raise ValueError("C must be a C-contiguous float64 array (it is overwritten)")
+    return _solve_batch(
+        C,
+        np.ascontiguousarray(rhs, dtype=np.float64),
+        np.ascontiguousarray(s0, dtype=np.float64),
+        float(limit),
+    )
+
+
 def score_batch(
     A: np.ndarray,
     A0: np.ndarray,
@@ -403,178 +470,4 @@ def score_batch(
         float(n - r),
         bool(final),
         DIVISION_MIN,
-    )
-
-
-@_compile
-def _spectral_score(
-    rho: float,
-    s0: float,
-    lam: np.ndarray,
-    mu: np.ndarray,
-    reml: bool,
-    z2: np.ndarray,
-    yry: float,
-    nrq: float,
-    nr: float,
-    out: np.ndarray,
-    logdet_too: bool,
-) -> None:
-    """K = 1 score and information at (rho s0, s0): out = (dl1, dl0, F11, F10, F00, s0_prof,
-    log |det M0|), the eigenvalue sums of ``fisher._score_spectral`` for one feature.
-
-    ``logdet_too``: also sum log |det M0| (else out[6] is 0): a log per eigenvalue, about
-    half the cost of an iteration, needed only at the final theta."""
-    q = lam.shape[0]
-    sw = 0.0
-    sww = 0.0
-    swm = 0.0
-    sm0 = 0.0
-    sm0m0 = 0.0
-    zm2 = 0.0
-    zm = 0.0
-    logdet = 0.0
-    for k in range(q):
-        x = 1.0 + rho * lam[k]
-        mv = 1.0 / x if x != 0.0 else 0.0
-        if reml:
-            av = lam[k]
-            m0 = mv
-        else:
-            av = mu[k]
-            x0 = 1.0 + rho * mu[k]
-            m0 = 1.0 / x0 if x0 != 0.0 else 0.0
-        wv = av * m0
-        sw += wv
-        sww += wv * wv
-        swm += wv * m0
-        sm0 += m0
-        sm0m0 += m0 * m0
-        zm2 += z2[k] * mv * mv
-        zm += z2[k] * mv
-        if logdet_too:
-            logdet += np.log(abs(m0))
-    s02 = s0 * s0
-    out[0] = (zm2 / s02 - sw / s0) / 2.0
-    yR2y = yry - rho * (zm2 + zm)
-    out[1] = (yR2y / s02 - (nrq + sm0) / s0) / 2.0
-    out[2] = sww / s02 / 2.0
-    out[3] = swm / s02 / 2.0
-    out[4] = (nrq + sm0m0) / s02 / 2.0
-    out[5] = (yry - rho * zm) / nr
-    out[6] = logdet
-
-
-@_compile
-def _inverse_2x2_into(F: np.ndarray, limit: float, inv: np.ndarray) -> bool:
-    """inv = F^-1 for F = (F11, F10, F00) (symmetric 2 x 2) when 2 ||F||_1 ||F^-1||_1 < limit."""
-    a = F[2]
-    b = F[3]
-    c = F[4]
-    det = a * c - b * b
-    inv[0] = c / det
-    inv[1] = -b / det
-    inv[2] = a / det
-    norm_a = max(abs(a) + abs(b), abs(b) + abs(c))
-    norm_i = max(abs(inv[0]) + abs(inv[1]), abs(inv[1]) + abs(inv[2]))
-    return np.isfinite(norm_i) and 2.0 * norm_a * norm_i < limit
-
-
-@_compile
-def _fit_spectral_batch(
-    lam: np.ndarray,
-    mu: np.ndarray,
-    reml: bool,
-    z: np.ndarray,
-    yry: np.ndarray,
-    s_init: np.ndarray,
-    nrq: float,
-    nr: float,
-    max_iter: int,
-    epsilon: float,
-    limit: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fisher scoring of one random component (K = 1) for a block of features.
-
-    The loop of ``fisher.fit_theta`` on the spectral path, one feature at a time: z (m, q)
-    is zry projected on the eigenvectors of zrz. Returns theta, se_theta, dlogL (m, 2),
-    FIM_theta (m, 2, 2), niter (m,), logdetM0 (m,) and ok (m,): False where an information
-    matrix was too ill-conditioned for the closed-form inverse (the caller refits those
-    features with the pseudo-inverse).
-    """
-    m, q = z.shape
-    theta = np.empty((m, 2))
-    se = np.empty((m, 2))
-    dl = np.empty((m, 2))
-    fim = np.empty((m, 2, 2))
-    niter = np.zeros(m, dtype=np.int64)
-    logdet = np.empty(m)
-    ok = np.ones(m, dtype=np.bool_)
-    z2 = np.empty(q)
-    sc = np.empty(7)
-    inv = np.empty(3)
-    for j in range(m):
-        for k in range(q):
-            z2[k] = z[j, k] * z[j, k]
-        s1 = s_init[j, 0]
-        s0 = s_init[j, 1]
-        it = 0
-        while max_iter > 0:
-            it += 1
-            _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc, False)
-            if not _inverse_2x2_into(sc, limit, inv):
-                ok[j] = False
-                break
-            step1 = inv[0] * sc[0] + inv[1] * sc[1]
-            step0 = inv[1] * sc[0] + inv[2] * sc[1]
-            s1 += step1
-            s0 += step0
-            big = abs(sc[0]) > epsilon or abs(sc[1]) > epsilon
-            if np.isnan(sc[0]) or np.isnan(sc[1]) or not big or it >= max_iter:
-                break
-        niter[j] = it
-        if not ok[j]:
-            continue
-        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc, False)
-        s0 = sc[5]
-        _spectral_score(s1 / s0, s0, lam, mu, reml, z2, yry[j], nrq, nr, sc, True)
-        if not _inverse_2x2_into(sc, limit, inv):
-            ok[j] = False
-            continue
-        theta[j, 0] = s1
-        theta[j, 1] = s0
-        dl[j, 0] = sc[0]
-        dl[j, 1] = sc[1]
-        fim[j, 0, 0] = sc[2]
-        fim[j, 0, 1] = fim[j, 1, 0] = sc[3]
-        fim[j, 1, 1] = sc[4]
-        se[j, 0] = np.sqrt(inv[0])
-        se[j, 1] = np.sqrt(inv[2])
-        logdet[j] = sc[6]
-    return theta, se, dl, fim, niter, logdet, ok
-
-
-def fit_spectral_batch(
-    sh: SharedTerms,
-    z: np.ndarray,
-    yry: np.ndarray,
-    s_init: np.ndarray,
-    max_iter: int,
-    epsilon: float,
-    limit: float,
-) -> tuple[np.ndarray, ...]:
-    """K = 1 Fisher scoring of a block of features on the eigenvalues of ``sh`` (lam of
-    zrz, mu of ZZ); see :func:`_fit_spectral_batch`."""
-    return _fit_spectral_batch(
-        np.ascontiguousarray(sh.lam),
-        np.ascontiguousarray(sh.mu),
-        sh.method == "REML",
-        np.ascontiguousarray(z),
-        np.ascontiguousarray(yry),
-        np.ascontiguousarray(s_init, dtype=np.float64),
-        float(sh.n - sh.r - sh.q),
-        float(sh.n - sh.r),
-        int(max_iter),
-        float(epsilon),
-        float(limit),
     )

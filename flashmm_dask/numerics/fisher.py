@@ -51,6 +51,7 @@ from flashmm_dask.numerics.linalg import (
     reciprocal,
     trace,
 )
+from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.structured import Structure, detect
 from flashmm_dask.numerics.structured import worth_it as structure_worth_it
 
@@ -486,7 +487,7 @@ def fit_theta(
     z = zry @ sh.U
     if not compiled_kernels:
         return _scoring(_spectral_scorer(sh, z, yry), s, max_iter, epsilon)
-    theta, se, dl, F, niter, logdet, ok = compiled.fit_spectral_batch(
+    theta, se, dl, F, niter, logdet, ok = fit_spectral_batch(
         sh, z, yry, s, max_iter, epsilon, GINV_LIMIT
     )
     if not ok.all():  # an ill-conditioned information matrix: the pseudo-inverse path

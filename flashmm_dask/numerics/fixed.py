@@ -12,6 +12,10 @@ At theta = (s_1..s_K, s_0), with D = diag(s_k / s_0 repeated d_k times)::
 
 With K = 1, MD = V diag(rho / (1 + rho mu)) V' from ZZ = V diag(mu) V', so C and the
 right-hand sides are weighted sums over the eigenvectors: O(q p^2) per feature.
+
+Every path solves with C in one compiled pass per feature (:func:`_solve`: coef, cov, se
+and t, cov in place of C); the features whose C is singular or ill-conditioned take the
+pseudo-inverse.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmm_dask.numerics.fisher import SharedTerms
+from flashmm_dask.numerics.compiled import solve_batch
+from flashmm_dask.numerics.fisher import GINV_LIMIT, SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal
 from flashmm_dask.numerics.structured import md_solve, one_blas_thread
 
@@ -36,6 +41,7 @@ class FixedFit:
     FIM_beta : (m, p, p), or None when not asked for
     RE : (m, q), or None when not asked for
     logLik : (m,)
+    se, t : (m, p) sqrt(diag cov) and coef / se
     """
 
     coef: Array
@@ -43,6 +49,34 @@ class FixedFit:
     FIM_beta: Array | None
     RE: Array | None
     logLik: Array
+    se: Array
+    t: Array
+
+
+def _solve(C: Array, rhs: Array, s0: Array) -> tuple[Array, Array, Array, Array]:
+    """coef = pinv(C) rhs, cov = pinv(C) s0, se = sqrt(diag cov) and t = coef / se.
+
+    C (m, p, p) symmetric, C-contiguous and overwritten by cov; rhs (m, p), s0 (m,). The
+    compiled kernel (:func:`.compiled.solve_batch`) inverts C where its condition is
+    provably small (the pseudo-inverse is then the inverse); the others take
+    :func:`.linalg.pinv_sym`.
+    """
+    coef, se, t, ok = solve_batch(C, rhs, s0, GINV_LIMIT)
+    if not ok.all():
+        Ci = pinv_sym(C[~ok])
+        b = (Ci @ rhs[~ok][:, :, None])[:, :, 0]
+        Ci *= s0[~ok][:, None, None]
+        coef[~ok], C[~ok] = b, Ci
+        with np.errstate(invalid="ignore", divide="ignore"):
+            se[~ok] = np.sqrt(np.diagonal(Ci, axis1=1, axis2=2))
+            t[~ok] = b / se[~ok]
+    return coef, se, t, C
+
+
+def _loglik(sh: SharedTerms, s0: Array, logdetM0: Array) -> Array:
+    """The (restricted) log-likelihood at the profiled residual variance s0 (m,)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0
 
 
 def fixed_effects(
@@ -56,6 +90,7 @@ def fixed_effects(
     fim: bool = True,
     re: bool = True,
     structure: bool = True,
+    cov_out: Array | None = None,
 ) -> FixedFit:
     """Coefficients, covariance, FIM and BLUPs at the fitted variance components.
 
@@ -73,6 +108,10 @@ def fixed_effects(
     structure : bool
         With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
         (MD x by structured solves, :func:`.structured.md_solve`); False: the dense path.
+    cov_out : (m, p, p) C-contiguous float64 array, optional
+        The K = 1 path builds C in it and leaves cov there (``FixedFit.cov`` is then
+        ``cov_out``): the fitting core passes its output, which saves a block-sized
+        temporary and its copy. The other paths return a new array.
     """
     if spectral is None:
         spectral = sh.K == 1
@@ -83,7 +122,11 @@ def fixed_effects(
             w = rho[:, None] * reciprocal(1.0 + rho[:, None] * sh.mu)  # eigenvalues of MD
             G = sh.V.T @ sh.ZX  # (q, p)
             GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
-            C = sh.XX - (w @ GG).reshape(-1, sh.p, sh.p)
+            C = cov_out
+            if C is None or not C.flags.c_contiguous:
+                C = np.empty((w.shape[0], sh.p, sh.p))
+            np.matmul(w, GG, out=C.reshape(-1, sh.p * sh.p))  # a view (C-contiguous)
+            np.subtract(sh.XX, C, out=C)  # in place: one (m, p, p) array, see _solve
             h = ZY @ sh.V  # (m, q): V' ZY_j
             rhs = XY - (w * h) @ G
         elif structure and sh.structure is not None:
@@ -93,8 +136,8 @@ def fixed_effects(
             MD = inv_shifted(sh.ZZ, D) * D[:, None, :]
             C = sh.XX - sh.ZX.T @ (MD @ sh.ZX)
             rhs = XY - (MD @ ZY[:, :, None])[:, :, 0] @ sh.ZX
-        Ci = pinv_sym(C)
-        coef = (Ci @ rhs[:, :, None])[:, :, 0]
+        FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
+        coef, se, t, cov = _solve(C, rhs, s0)
         RE = None
         if re:
             resid = ZY - coef @ sh.ZX.T  # (m, q): ZY_j - ZX b
@@ -102,11 +145,8 @@ def fixed_effects(
                 RE = (w * (resid @ sh.V)) @ sh.V.T
             else:
                 RE = (MD @ resid[:, :, None])[:, :, 0]
-        Ci *= s0[:, None, None]
-        cov = Ci
-        FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
-        logLik = -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0
-    return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik)
+    logLik = _loglik(sh, s0, logdetM0)
+    return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik, se=se, t=t)
 
 
 def _fixed_structured(
@@ -138,6 +178,8 @@ def _fixed_structured(
             FIM_beta=np.concatenate([f.FIM_beta for f in parts]) if fim else None,
             RE=np.concatenate([f.RE for f in parts]) if re else None,
             logLik=np.concatenate([f.logLik for f in parts]),
+            se=np.concatenate([f.se for f in parts]),
+            t=np.concatenate([f.t for f in parts]),
         )
     s0 = theta[:, -1]
     perm = st.perm
@@ -148,8 +190,8 @@ def _fixed_structured(
         MDx, ok = md_solve(st, D, x)
     C = sh.XX - ZXp.T @ MDx[:, :, :p]
     rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
-    Ci = pinv_sym(C)
-    coef = (Ci @ rhs[:, :, None])[:, :, 0]
+    FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
+    coef, se, t, cov = _solve(C, rhs, s0)
     RE = None
     if re:
         resid = ZYp - coef @ ZXp.T
@@ -157,15 +199,14 @@ def _fixed_structured(
             REp, _ = md_solve(st, D, resid)
         RE = np.empty_like(REp)
         RE[:, perm] = REp
-    Ci *= s0[:, None, None]
-    FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
-    logLik = -(sh.n - sh.r) * (1.0 + np.log(2.0 * np.pi * s0)) / 2.0 + logdetM0 / 2.0
-    out = FixedFit(coef=coef, cov=Ci, FIM_beta=FIM_beta, RE=RE, logLik=logLik)
+    logLik = _loglik(sh, s0, logdetM0)
+    out = FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik, se=se, t=t)
     if not ok.all():
         rest = fixed_effects(
             sh, XY[~ok], ZY[~ok], theta[~ok], logdetM0[~ok], fim=fim, re=re, structure=False
         )
         out.coef[~ok], out.cov[~ok], out.logLik[~ok] = rest.coef, rest.cov, rest.logLik
+        out.se[~ok], out.t[~ok] = rest.se, rest.t
         if fim:
             assert out.FIM_beta is not None
             out.FIM_beta[~ok] = rest.FIM_beta

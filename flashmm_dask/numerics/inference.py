@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.stats
+import scipy.special
 
 from flashmm_dask.numerics.linalg import Array
 
@@ -21,13 +21,18 @@ P_ADJUST_METHODS = ("BH", "BY")
 
 
 def t_pvalues(t: Array, df: Array | float, alternative: str = "two.sided") -> Array:
-    """p-values of t statistics (any shape; df broadcasts); NaN stays NaN."""
+    """p-values of t statistics (any shape; df broadcasts); NaN stays NaN.
+
+    Student's t distribution function ``scipy.special.stdtr``, which ``scipy.stats.t``
+    evaluates too (the same values, also for NaN, infinite t and df <= 0), without its
+    argument handling: a fit computes p values per coefficient and feature, ~0.2 us each.
+    """
     if alternative == "two.sided":
-        return 2.0 * scipy.stats.t.sf(np.abs(t), df)
+        return 2.0 * scipy.special.stdtr(df, -np.abs(t))
     if alternative == "less":
-        return scipy.stats.t.cdf(t, df)
+        return scipy.special.stdtr(df, t)
     if alternative == "greater":
-        return scipy.stats.t.sf(t, df)
+        return scipy.special.stdtr(df, -np.asarray(t))
     raise ValueError(f"unknown alternative {alternative!r}")
 
 
