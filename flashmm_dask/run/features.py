@@ -141,8 +141,8 @@ def feature_positions(
     where: dict[str, list[int]] = {}
     for pos, name in enumerate(str(x) for x in names):
         where.setdefault(name, []).append(pos)
-    for name, positions in all_dups.items():  # a repeated name: every column of it
-        where[name] = positions
+    for name, columns in all_dups.items():  # a repeated name: every column of it
+        where[name] = columns
     missing = [f for f in requested if f not in where]
     if missing:
         shown = ", ".join(repr(f) for f in missing[:5]) + (" ..." if len(missing) > 5 else "")
