@@ -12,14 +12,19 @@ chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
 With one feature chunk (the usual case) the graph has one task per cell chunk i: it
 reads the block, evaluates the design on the obs rows of the chunk (the Design object is
 a single graph key shared by all of them; the rows of obs are in the task, or, for an
-obs over 4 MiB on a distributed client, sliced from one scattered copy) and returns
-all seven partials. When the block's own tasks are a small reader (a store's row chunk,
-not in-memory data, not shared with other blocks) they are run inside that task, so the
-block is never held for it in a worker's memory nor sent to another worker. With several
-feature chunks, one task per cell chunk evaluates the design, one computes the shared
-partials, and one task per block (i, j) reads the block once and returns its three
-partials. Partials are summed over cell chunks in a tree of fan-in ``split_every``
-(float64), the feature chunks are concatenated, and the result is a
+obs over 4 MiB on a distributed client, sliced from one scattered copy) and adds all
+seven partials into running sums. The cell chunks are dealt into one chain per worker
+thread: each task receives its chain's running sums from the previous task of the chain
+(their only consumer), adds its chunk in place and passes them on, so a worker holds one
+accumulator whatever the number of chunks and nothing of the size of Z'E (259 donors x
+11,596 genes is 24 MB) is pickled, moved or summed per chunk; the chains' sums are then
+added in a tree of fan-in ``split_every``. When the block's own tasks are a small reader
+(a store's row chunk, not in-memory data, not shared with other blocks) they are run
+inside that task, so the block is never held for it in a worker's memory nor sent to
+another worker. With several feature chunks, one task per cell chunk evaluates the
+design, one computes the shared partials, and one task per block (i, j) reads the block
+once and returns its three partials, summed over cell chunks in a tree of fan-in
+``split_every``. Sums are float64, the feature chunks are concatenated, and the result is a
 :class:`~flashmm_dask.stats.summary.SummaryStats`. Memory per task is set by the chunk size: no
 n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E, Z'E and Ynorm come
 from one compiled pass over the stored values (:mod:`flashmm_dask.stats.products`), which
@@ -40,6 +45,7 @@ block then spans n_i cells x all features; choose the cell chunk size accordingl
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -131,25 +137,43 @@ def _shared_partial(XZ: tuple[np.ndarray, Any]) -> tuple[np.ndarray, np.ndarray,
     return X.T @ X, np.asarray(Z.T @ X), _dense(ZZ), X.shape[0]
 
 
-def _chunk_partial(
+def _fold_chunk(
+    total: list[Any] | None,
     block: Any,
-    design: _Design,
     obs: Any,
-    features: tuple[str, ...],
     start: int,
+    design: _Design,
+    features: tuple[str, ...],
     transform: str,
     target_sum: float,
     check: bool,
     source: str = "",
-) -> tuple[Any, ...]:
-    """(XX_i, ZX_i, ZZ_i, n_i, XY_i, ZY_i, Ynorm_i) of a cell chunk with all its features."""
+) -> list[Any]:
+    """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of a chain with one more cell chunk
+    (with all its features) added; ``total`` (None for the chain's first chunk) is added
+    to in place: the next task of the chain is its only consumer."""
     if isinstance(block, _InlineRead):
         block = block.read()
     XZ = _design_chunk(design, obs, start)
-    return (
+    part = (
         *_shared_partial(XZ),
         *_block_partial(block, XZ, features, start, 0, transform, target_sum, check, source),
     )
+    if total is None:
+        return [_owned(a) for a in part]
+    for k, a in enumerate(part):
+        total[k] += a
+    return total
+
+
+def _owned(a: Any) -> Any:
+    """A partial as a writable float64 array (a cell count as it is), copied only when it
+    is not already one."""
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.dtype != np.float64 or not a.flags.writeable:
+        return np.array(a, dtype=np.float64)
+    return a
 
 
 class _InlineRead:
@@ -227,8 +251,8 @@ def _assemble(
     )
 
 
-def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> SummaryStats:
-    """SummaryStats from the summed :func:`_chunk_partial` tuples (one feature chunk)."""
+def _assemble_fused(total: Sequence[Any], names: Mapping[str, Any]) -> SummaryStats:
+    """SummaryStats from the summed :func:`_fold_chunk` sums (one feature chunk)."""
     XX, ZX, ZZ, n, XY, ZY, Ynorm = total
     return _assemble((XX, ZX, ZZ, n), [(XY, ZY, Ynorm)], names)
 
@@ -277,6 +301,62 @@ def _scattered(obs: Any) -> Any:
 def _obs_rows(obs: Any, start: int, stop: int) -> Any:
     """The obs rows of cells start..stop - 1."""
     return obs.iloc[start:stop]
+
+
+def _obs_chunk(obs: Any, obs_future: Any, start: int, stop: int, key: str) -> Any:
+    """The obs rows of a cell chunk for its task: in the task itself (a key of its own
+    would be computed on one worker and sent to the one that holds the block), or, for a
+    large obs scattered once (``obs_future``), a task ``key`` that slices it there."""
+    if obs_future is None:
+        return obs.iloc[start:stop]
+    return delayed(_obs_rows, pure=True)(obs_future, start, stop, dask_key_name=key)
+
+
+def _n_threads() -> int:
+    """The threads that will run the reduction: the active distributed client's, else
+    the local scheduler's."""
+    try:
+        from distributed import default_client
+
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):  # no distributed, or no client
+        return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+
+
+def chained(
+    fold: Callable[..., Any],
+    data: Any,
+    obs: Any,
+    cell_starts: np.ndarray,
+    token: str,
+    n_chains: int,
+    args: Callable[[int, int], tuple[Any, ...]],
+) -> list[Any]:
+    """The last task of each of ``n_chains`` chains that fold the cell chunks of ``data``
+    (one feature chunk) into running sums.
+
+    Chunk i is folded by ``fold(sums, block_i, obs_i, start, *args(start, stop))`` into
+    the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk), which
+    the task returns; ``obs`` is sent once to a distributed client when large. The block
+    is read inside the task when its read is a small task of its own (see
+    :func:`_inline_reads`). The tasks' keys start with _BLOCK_PREFIX (progress counts them).
+    """
+    blocks = list(data.to_delayed()[:, 0])
+    reads = _inline_reads(blocks)
+    obs_future = _scattered(obs)
+    ends: list[Any] = [None] * min(len(blocks), n_chains)
+    for i, block in enumerate(blocks):
+        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+        c = i % len(ends)
+        ends[c] = delayed(fold, pure=True)(
+            ends[c],
+            block if reads is None else reads[i],
+            _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}"),
+            start,
+            *args(start, stop),
+            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+        )
+    return ends
 
 
 def _chunking(
@@ -417,58 +497,47 @@ def _build_graph(
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     # the design reads obs by position; a string index would be most of the graph's bytes
     obs = expr.obs.reset_index(drop=True)
-    obs_future = _scattered(obs)
-    shared: list[Any] = []
-    per_block: list[list[Any]] = [[] for _ in range(n_j)]
     fused: list[Any] = []
-    reads = _inline_reads(list(blocks[:, 0])) if n_j == 1 else None
-    for i in range(n_i):
-        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
-        # in the task itself, not a key of its own: a key would be computed on one worker
-        # and sent to the one that holds the block
-        obs_i = obs.iloc[start:stop]
-        if obs_future is not None:  # a large obs: sent once to the cluster, sliced there
-            obs_i = delayed(_obs_rows, pure=True)(
-                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
+    if n_j == 1:  # one task per cell chunk, folded into one running sum per thread
+        fused = chained(
+            _fold_chunk,
+            data,
+            obs,
+            cell_starts,
+            token,
+            _n_threads(),
+            lambda start, stop: (design_key, features_key, transform, target_sum, check, source),
+        )
+    else:
+        obs_future = _scattered(obs)
+        shared: list[Any] = []
+        per_block: list[list[Any]] = [[] for _ in range(n_j)]
+        for i in range(n_i):
+            start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+            obs_i = _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}")
+            XZ_i = delayed(_design_chunk, pure=True)(
+                design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
             )
-        if n_j == 1:  # one task per cell chunk: no X_i, Z_i to move between workers
-            fused.append(
-                delayed(_chunk_partial, pure=True)(
-                    blocks[i, 0] if reads is None else reads[i],
-                    design_key,
-                    obs_i,
-                    features_key,
-                    start,
-                    transform,
-                    target_sum,
-                    check,
-                    source,
-                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+            shared.append(
+                delayed(_shared_partial, pure=True)(
+                    XZ_i, dask_key_name=f"flashmm-shared-{token}-{i}"
                 )
             )
-            continue
-        XZ_i = delayed(_design_chunk, pure=True)(
-            design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
-        )
-        shared.append(
-            delayed(_shared_partial, pure=True)(XZ_i, dask_key_name=f"flashmm-shared-{token}-{i}")
-        )
-        for j in range(n_j):
-            per_block[j].append(
-                delayed(_block_partial, pure=True)(
-                    blocks[i, j],
-                    XZ_i,
-                    features_key,
-                    start,
-                    int(feature_starts[j]),
-                    transform,
-                    target_sum,
-                    check,
-                    source,
-                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
+            for j in range(n_j):
+                per_block[j].append(
+                    delayed(_block_partial, pure=True)(
+                        blocks[i, j],
+                        XZ_i,
+                        features_key,
+                        start,
+                        int(feature_starts[j]),
+                        transform,
+                        target_sum,
+                        check,
+                        source,
+                        dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
+                    )
                 )
-            )
-    if not fused:
         shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
         feature_totals = [
             _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)

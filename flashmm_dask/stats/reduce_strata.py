@@ -42,18 +42,15 @@ from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
 from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
-    _BLOCK_PREFIX,
     _chunking,
     _design_chunk,
     _Expression,
-    _inline_reads,
     _InlineRead,
-    _obs_rows,
     _record,
-    _scattered,
     _shared_partial,
     _tree_sum,
     _validate,
+    chained,
     compute_counted,
 )
 from flashmm_dask.stats.strata import StratifiedStats
@@ -161,11 +158,11 @@ class _Sums:
 def _accumulate(
     total: _Sums | None,
     block: Any,
-    strata: Strata,
     obs: Any,
+    start: int,
+    strata: Strata,
     codes: np.ndarray,
     features: tuple[str, ...],
-    start: int,
     transform: str,
     target_sum: float,
     check: bool,
@@ -260,38 +257,27 @@ def _graph(
         # transform needs each cell's total over all features)
         data = data.rechunk({1: -1})
     features, starts, token = _chunking(expr, data, transform, target_sum, check)
-    blocks = list(data.to_delayed()[:, 0])
     strata_key = delayed(strata, name=f"flashmm-strata-{token}", traverse=False)
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     columns = sorted({c for d in strata.designs for c in d._columns})
-    obs = expr.obs[columns].reset_index(drop=True)
-    obs_future = _scattered(obs)  # a large obs: sent once to the cluster, sliced there
-    reads = _inline_reads(blocks)
     if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
         raise InputError(f"chains must be a positive integer, got {chains!r}")
-    n_chains = min(len(blocks), chains)
-    parts: list[Any] = [None] * n_chains
-    for i, block in enumerate(blocks):
-        start, stop = int(starts[i]), int(starts[i + 1])
-        c = i % n_chains
-        obs_i = obs.iloc[start:stop]
-        if obs_future is not None:
-            obs_i = delayed(_obs_rows, pure=True)(
-                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
-            )
-        parts[c] = delayed(_accumulate, pure=True)(
-            parts[c],
-            block if reads is None else reads[i],
+    parts = chained(
+        _accumulate,
+        data,
+        expr.obs[columns].reset_index(drop=True),
+        starts,
+        token,
+        chains,
+        lambda start, stop: (
             strata_key,
-            obs_i,
             strata.codes[start:stop],
             features_key,
-            start,
             transform,
             target_sum,
             check,
-            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
-        )
+        ),
+    )
     record = _record(transform, target_sum, {"by": strata.by, "cells": strata.cells}, provenance)
     names: list[dict[str, Any]] = []
     for level, design in zip(strata.levels, strata.designs, strict=True):
@@ -318,7 +304,7 @@ def _graph(
         features_key,  # once in the graph, not once per stratum
         dask_key_name=f"flashmm-strata-stats-{token}",
     )
-    return graph, len(blocks)
+    return graph, len(data.chunks[0])
 
 
 def strata_graph(
