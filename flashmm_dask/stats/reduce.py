@@ -48,6 +48,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cloudpickle
@@ -108,6 +109,18 @@ class _Expression(Protocol):
 
     @property
     def obs(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of the reductions (:func:`stats_graph`, :func:`reduce_stats` and
+    their stratified forms), checked by :func:`_validate`."""
+
+    transform: str
+    target_sum: float
+    split_every: int
+    check: bool
+    provenance: Mapping[str, Any] | None
 
 
 # -- tasks (run on workers) -------------------------------------------------------------
@@ -360,35 +373,29 @@ def chained(
 
 
 def _chunking(
-    expr: _Expression, data: Any, transform: str, target_sum: float, check: bool
+    expr: _Expression, data: Any, options: Options
 ) -> tuple[tuple[str, ...], np.ndarray, str]:
     """The feature names, the first cell of each cell chunk (and the number of cells
     last), and a token that makes the graph's keys unique."""
     features = tuple(str(f) for f in expr.features)
     cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
     # unique keys: hashing obs and the design would cost O(n) and buys nothing here
-    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    token = tokenize(data.name, options, uuid.uuid4().hex)
     return features, cell_starts, token
 
 
-def _record(
-    transform: str,
-    target_sum: float,
-    extra: Mapping[str, Any],
-    provenance: Mapping[str, Any] | None,
-) -> dict[str, Any]:
+def _record(options: Options, extra: Mapping[str, Any]) -> dict[str, Any]:
     """The provenance of the statistics: the transform (its target sum when it scales),
-    ``extra`` (formulas, strata), then the caller's ``provenance``."""
-    record: dict[str, Any] = {"transform": transform, **extra}
-    if transform in _SCALED_TRANSFORMS:
-        record["target_sum"] = float(target_sum)
-    record.update(provenance or {})
+    ``extra`` (formulas, strata), then the caller's provenance."""
+    record: dict[str, Any] = {"transform": options.transform, **extra}
+    if options.transform in _SCALED_TRANSFORMS:
+        record["target_sum"] = float(options.target_sum)
+    record.update(options.provenance or {})
     return record
 
 
-def _validate(
-    expr: _Expression, design: _Design, transform: str, target_sum: float, split_every: int
-) -> None:
+def _validate(expr: _Expression, design: _Design, options: Options) -> None:
+    transform, target_sum, split_every = options.transform, options.target_sum, options.split_every
     if transform not in TRANSFORMS:
         raise InputError(f"unknown transform {transform!r}; choose one of {list(TRANSFORMS)}")
     if transform in _SCALED_TRANSFORMS and not (np.isfinite(target_sum) and target_sum > 0):
@@ -422,6 +429,9 @@ def _validate(
         )
 
 
+# stats_graph, reduce_stats and the stratified strata_graph, reduce_strata are public and
+# take the same keyword options, so their signatures repeat them (`duplicates` lists the
+# pairs); behind them one Options value and one graph builder per kind serve all four.
 def stats_graph(
     expr: _Expression,
     design: _Design,
@@ -463,21 +473,15 @@ def stats_graph(
         Computes to a :class:`SummaryStats`. Compute it once (``.compute()``,
         ``client.compute``); each expression block is read once.
     """
-    graph, _ = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
-    return graph
+    options = Options(transform, target_sum, split_every, check, provenance)
+    return _build_graph(expr, design, options)[0]
 
 
-def _build_graph(
-    expr: _Expression,
-    design: _Design,
-    transform: str,
-    target_sum: float,
-    split_every: int,
-    check: bool,
-    provenance: Mapping[str, Any] | None,
-) -> tuple[Delayed, int]:
+def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[Delayed, int]:
     """The delayed SummaryStats and the number of expression blocks it reads."""
-    _validate(expr, design, transform, target_sum, split_every)
+    _validate(expr, design, options)
+    transform, target_sum, check = options.transform, options.target_sum, options.check
+    split_every = options.split_every
     data = expr.data
     if transform in _SCALED_TRANSFORMS and data.numblocks[1] > 1:
         logger.info(
@@ -487,7 +491,7 @@ def _build_graph(
             data.numblocks[1],
         )
         data = data.rechunk({1: -1})
-    features, cell_starts, token = _chunking(expr, data, transform, target_sum, check)
+    features, cell_starts, token = _chunking(expr, data, options)
     feature_starts = np.concatenate([[0], np.cumsum(data.chunks[1])]).astype(int)
     source = str(getattr(expr, "source", "") or "")
     blocks = data.to_delayed()
@@ -548,7 +552,7 @@ def _build_graph(
     fixed = getattr(design, "fixed", None)
     if isinstance(fixed, str):
         formulas = {"fixed": fixed, "random": list(getattr(design, "random", ()))}
-    record = _record(transform, target_sum, formulas, provenance)
+    record = _record(options, formulas)
     names = {
         "d": tuple(int(k) for k in design.d),
         "covariates": tuple(str(c) for c in design.covariates),
@@ -606,17 +610,18 @@ def reduce_stats(
     InputError
         An unknown transform or invalid argument.
     """
-    graph, total = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
-    source = str(getattr(expr, "source", "the expression data"))
-    return compute_counted(graph, total, source, progress)
+    options = Options(transform, target_sum, split_every, check, provenance)
+    return compute_counted(_build_graph(expr, design, options), expr, progress)
 
 
 def compute_counted(
-    graph: Delayed, total: int, source: str, progress: Callable[[int, int], None] | None
+    built: tuple[Delayed, int], expr: _Expression, progress: Callable[[int, int], None] | None
 ) -> Any:
-    """Compute a reduction ``graph`` of ``total`` expression blocks, calling
-    ``progress(done, total)`` after each block on the local schedulers (once at the end on
-    a distributed client, which runs no local callbacks)."""
+    """Compute a reduction graph of ``expr`` and the number of expression blocks it reads
+    (``built``), calling ``progress(done, total)`` after each block on the local schedulers
+    (once at the end on a distributed client, which runs no local callbacks)."""
+    graph, total = built
+    source = str(getattr(expr, "source", "the expression data"))
     if progress is None:
         return _compute(graph, source)
     done = 0

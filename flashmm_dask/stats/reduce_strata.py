@@ -42,6 +42,7 @@ from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
 from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
+    Options,
     _chunking,
     _design_chunk,
     _Expression,
@@ -234,18 +235,10 @@ def _assemble_strata(
     return StratifiedStats(out, by, groups, strata_info)
 
 
-def _graph(
-    expr: _Expression,
-    strata: Strata,
-    transform: str,
-    target_sum: float,
-    split_every: int,
-    check: bool,
-    provenance: Mapping[str, Any] | None,
-    chains: int = 2,
-) -> tuple[Delayed, int]:
+def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> tuple[Delayed, int]:
+    """The delayed StratifiedStats and the number of expression blocks it reads."""
     for design in strata.designs:
-        _validate(expr, design, transform, target_sum, split_every)
+        _validate(expr, design, options)
     if len(strata.codes) != expr.data.shape[0]:
         raise DataError(
             f"the strata describe {len(strata.codes)} cells but the data have "
@@ -256,7 +249,7 @@ def _graph(
         # the rows of each stratum are taken from whole-feature blocks (and the scaled
         # transform needs each cell's total over all features)
         data = data.rechunk({1: -1})
-    features, starts, token = _chunking(expr, data, transform, target_sum, check)
+    features, starts, token = _chunking(expr, data, options)
     strata_key = delayed(strata, name=f"flashmm-strata-{token}", traverse=False)
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     columns = sorted({c for d in strata.designs for c in d._columns})
@@ -273,12 +266,12 @@ def _graph(
             strata_key,
             strata.codes[start:stop],
             features_key,
-            transform,
-            target_sum,
-            check,
+            options.transform,
+            options.target_sum,
+            options.check,
         ),
     )
-    record = _record(transform, target_sum, {"by": strata.by, "cells": strata.cells}, provenance)
+    record = _record(options, {"by": strata.by, "cells": strata.cells})
     names: list[dict[str, Any]] = []
     for level, design in zip(strata.levels, strata.designs, strict=True):
         names.append(
@@ -297,7 +290,7 @@ def _graph(
             }
         )
     graph = delayed(_assemble_strata, pure=True)(
-        _tree_sum(parts, f"flashmm-strata-sum-{token}", split_every, _sum_strata),
+        _tree_sum(parts, f"flashmm-strata-sum-{token}", options.split_every, _sum_strata),
         strata.describe(),
         names,
         strata.by,
@@ -331,8 +324,8 @@ def strata_graph(
     dask.delayed.Delayed
         Computes to a :class:`~flashmm_dask.stats.strata.StratifiedStats`.
     """
-    graph, _ = _graph(expr, strata, transform, target_sum, split_every, check, provenance, chains)
-    return graph
+    options = Options(transform, target_sum, split_every, check, provenance)
+    return _graph(expr, strata, options, chains)[0]
 
 
 def reduce_strata(
@@ -351,9 +344,6 @@ def reduce_strata(
 
     ``progress(done, total)`` is called after each block on the local schedulers.
     """
-    graph, total = _graph(
-        expr, strata, transform, target_sum, split_every, check, provenance, chains
-    )
-    source = str(getattr(expr, "source", "the expression data"))
-    stats: StratifiedStats = compute_counted(graph, total, source, progress)
+    options = Options(transform, target_sum, split_every, check, provenance)
+    stats: StratifiedStats = compute_counted(_graph(expr, strata, options, chains), expr, progress)
     return stats
