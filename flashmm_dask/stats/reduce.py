@@ -13,15 +13,14 @@ With one feature chunk (the usual case) the graph has one task per cell chunk i:
 reads the block, evaluates the design on the obs rows of the chunk (the Design object is
 a single graph key shared by all of them; the rows of obs are in the task, or, for an
 obs over 4 MiB on a distributed client, sliced from one scattered copy) and adds all
-seven partials into running sums. The cell chunks are dealt into one chain per worker
-thread: each task receives its chain's running sums from the previous task of the chain
-(their only consumer), adds its chunk in place and passes them on, so a worker holds one
-accumulator whatever the number of chunks and nothing of the size of Z'E (259 donors x
-11,596 genes is 24 MB) is pickled, moved or summed per chunk; the chains' sums are then
-added in a tree of fan-in ``split_every``. When the block's own tasks are a small reader
-(a store's row chunk, not in-memory data, not shared with other blocks) they are run
-inside that task, so the block is never held for it in a worker's memory nor sent to
-another worker. With several feature chunks, one task per cell chunk evaluates the
+seven partials into running sums. When the block's own tasks are a small reader (a
+store's row chunk, not in-memory data, not shared with other blocks) they are run inside
+that task, so the block is never held for it in a worker's memory nor sent to another
+worker; then one task reduces a run of consecutive chunks (about four tasks per worker
+thread), reading them in turn and adding each into one accumulator, so that nothing of
+the size of Z'E (259 donors x 11,596 genes is 24 MB) is pickled, moved or summed per
+chunk. The tasks' sums are added in a tree of fan-in ``split_every``. With several
+feature chunks, one task per cell chunk evaluates the
 design, one computes the shared partials, and one task per block (i, j) reads the block
 once and returns its three partials, summed over cell chunks in a tree of fan-in
 ``split_every``. Sums are float64, the feature chunks are concatenated, and the result is a
@@ -45,7 +44,6 @@ block then spans n_i cells x all features; choose the cell chunk size accordingl
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +62,14 @@ from dask.optimization import cull
 
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, _dense
+from flashmm_dask.stats.graph import (
+    _groups,
+    _InlineRead,
+    _is_literal,
+    _obs_chunk,
+    _scattered,
+    _tree_sum,
+)
 from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["TRANSFORMS", "compute_counted", "reduce_stats", "stats_graph"]
@@ -72,8 +78,6 @@ logger = logging.getLogger(__name__)
 
 # a block's read is done inside the task that reduces it when its tasks pickle to less
 _INLINE_BYTES = 1 << 16
-# obs larger than this is scattered once to a distributed client, not put in the tasks
-_SCATTER_OBS_BYTES = 4 << 20
 # the key prefix of the per-block tasks (progress counts them)
 _BLOCK_PREFIX = "flashmm-block-"
 
@@ -162,9 +166,8 @@ def _fold_chunk(
     check: bool,
     source: str = "",
 ) -> list[Any]:
-    """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of a chain with one more cell chunk
-    (with all its features) added; ``total`` (None for the chain's first chunk) is added
-    to in place: the next task of the chain is its only consumer."""
+    """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] with one more cell chunk (with all
+    its features) added; ``total`` (None for the first chunk) is added to in place."""
     if isinstance(block, _InlineRead):
         block = block.read()
     XZ = _design_chunk(design, obs, start)
@@ -212,30 +215,6 @@ def _owned(a: Any) -> Any:
     return a
 
 
-class _InlineRead:
-    """The tasks that read one expression block, run by the task that reduces it.
-
-    The block then has no key of its own: it never waits in a worker's memory for the
-    reduction, nor is it moved to another worker to be reduced there.
-    """
-
-    __slots__ = ("graph", "key")
-
-    def __init__(self, graph: dict[Any, Any], key: Any) -> None:
-        self.graph = graph
-        self.key = key
-
-    def __getstate__(self) -> tuple[dict[Any, Any], Any]:
-        return self.graph, self.key
-
-    def __setstate__(self, state: tuple[dict[Any, Any], Any]) -> None:
-        self.graph, self.key = state
-
-    def read(self) -> Any:
-        """The block (computed in this thread)."""
-        return dask.get(self.graph, self.key)
-
-
 def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
     """The reads of the blocks (delayed, one per cell chunk) as _InlineRead, or None when a
     block's tasks are more than a small reader (in-memory data in the graph, or tasks
@@ -252,11 +231,6 @@ def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
                 return None
         reads.append(_InlineRead(sub, block.key))
     return reads
-
-
-def _is_literal(task: Any) -> bool:
-    """Whether a graph node is data rather than a computation (dask's DataNode)."""
-    return type(task).__name__ == "DataNode"
 
 
 def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -294,116 +268,6 @@ def _assemble_fused(total: Sequence[Any], names: Mapping[str, Any]) -> SummarySt
 
 
 # -- graph ------------------------------------------------------------------------------
-
-
-def _tree_sum(
-    parts: list[Any], name: str, split_every: int, add: Callable[..., Any] = _sum_partials
-) -> Any:
-    """Sum a list of delayed partials in a tree of fan-in ``split_every`` (``add`` sums
-    the partials of several tasks)."""
-    level = 0
-    while len(parts) > 1:
-        parts = [
-            delayed(add, pure=True)(
-                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
-            )
-            for k in range(0, len(parts), split_every)
-        ]
-        level += 1
-    return parts[0]
-
-
-def _scattered(obs: Any) -> Any:
-    """obs scattered once to the active distributed client when it is larger than
-    _SCATTER_OBS_BYTES (a Future), else None (the rows of each chunk are in its task).
-
-    Each task carrying its own rows makes a graph as large as obs (tens of MiB at a
-    million cells, which distributed warns about); scattered, the graph holds one
-    reference and each chunk's rows are sliced on the cluster.
-    """
-    if int(obs.memory_usage(index=False, deep=True).sum()) <= _SCATTER_OBS_BYTES:
-        return None
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        client = default_client()
-    except ValueError:  # no client: a local scheduler, which copies nothing
-        return None
-    return client.scatter(obs, hash=False)
-
-
-def _obs_rows(obs: Any, start: int, stop: int) -> Any:
-    """The obs rows of cells start..stop - 1."""
-    return obs.iloc[start:stop]
-
-
-def _obs_chunk(obs: Any, obs_future: Any, start: int, stop: int, key: str) -> Any:
-    """The obs rows of a cell chunk for its task: in the task itself (a key of its own
-    would be computed on one worker and sent to the one that holds the block), or, for a
-    large obs scattered once (``obs_future``), a task ``key`` that slices it there."""
-    if obs_future is None:
-        return obs.iloc[start:stop]
-    return delayed(_obs_rows, pure=True)(obs_future, start, stop, dask_key_name=key)
-
-
-def _n_threads() -> int:
-    """The threads that will run the reduction: the active distributed client's, else
-    the local scheduler's."""
-    try:
-        from distributed import default_client
-
-        return max(1, sum(default_client().nthreads().values()))
-    except (ImportError, ValueError):  # no distributed, or no client
-        return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
-
-
-def _groups(n_chunks: int, inline: bool) -> list[tuple[int, int]]:
-    """The cell chunks each task reduces, as (first, last + 1): consecutive runs of about
-    n_chunks / (4 x threads) chunks when the blocks are read inside the tasks, so that a
-    worker adds its chunks into one accumulator and about four partials per thread are
-    moved and summed, not one per chunk (Z'E alone is 24 MB at 259 donors x 11,596
-    genes); one chunk per task when the blocks have keys of their own (a task of several
-    would hold all their blocks at once)."""
-    size = -(-n_chunks // (4 * _n_threads())) if inline else 1
-    return [(i, min(i + size, n_chunks)) for i in range(0, n_chunks, size)]
-
-
-def chained(
-    fold: Callable[..., Any],
-    data: Any,
-    obs: Any,
-    cell_starts: np.ndarray,
-    token: str,
-    n_chains: int,
-    args: Callable[[int, int], tuple[Any, ...]],
-) -> list[Any]:
-    """The last task of each of ``n_chains`` chains that fold the cell chunks of ``data``
-    (one feature chunk) into running sums.
-
-    Chunk i is folded by ``fold(sums, block_i, obs_i, start, *args(start, stop))`` into
-    the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk), which
-    the task returns; ``obs`` is sent once to a distributed client when large. The block
-    is read inside the task when its read is a small task of its own (see
-    :func:`_inline_reads`). The tasks' keys start with _BLOCK_PREFIX (progress counts them).
-    """
-    blocks = list(data.to_delayed()[:, 0])
-    reads = _inline_reads(blocks)
-    obs_future = _scattered(obs)
-    ends: list[Any] = [None] * min(len(blocks), n_chains)
-    for i, block in enumerate(blocks):
-        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
-        c = i % len(ends)
-        ends[c] = delayed(fold, pure=True)(
-            ends[c],
-            block if reads is None else reads[i],
-            _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}"),
-            start,
-            *args(start, stop),
-            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
-        )
-    return ends
 
 
 def _chunking(
@@ -594,9 +458,9 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
                         dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
                     )
                 )
-        shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
+        shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every, _sum_partials)
         feature_totals = [
-            _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
+            _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every, _sum_partials)
             for j, parts in enumerate(per_block)
         ]
     formulas: dict[str, Any] = {}
@@ -616,7 +480,7 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
     if fused:
         graph = delayed(_assemble_fused, pure=True)(
-            _tree_sum(fused, f"flashmm-sum-{token}", split_every),
+            _tree_sum(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
             names,
             dask_key_name=f"flashmm-stats-{token}",
         )
