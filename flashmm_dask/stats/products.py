@@ -12,14 +12,14 @@ log library size, age): each is a short dense row per cell. Then
 - **grouped** (the usual case): cells whose rows of A are identical (same cell type,
   treatment and subject) form a group g, and A'E = A_g' S with S (n_groups x m_j) the sum
   of E's rows in each group. The pass over E adds each value to one row of S (and its
-  square to Ynorm, its products with the two first columns of X_d to E'X_d); A_g'S is a
+  square to Ynorm, its products with the first three columns of X_d to E'X_d); A_g'S is a
   small product afterwards (n_groups x m_j per non-zero of A_g).
 - **per cell** (rows of A mostly distinct, e.g. a random slope on a numeric covariate):
   A'E costs one multiply-add per pair of non-zeros of a row of E and of the same row of A.
 
 Both are one loop, :func:`_scatter_products`, compiled with numba (``njit(nogil=True,
 cache=True)``): in the grouped case A is the cell-to-group indicator (and the usual
-grouped case, with at most two dense columns of X, has its own lighter loop,
+grouped case, with at most three dense columns of X, has its own lighter loop,
 :func:`_group_sums`). Cells are visited group by group (or subject by subject, by their
 last column of A) when the accumulated rows are larger than a cache.
 
@@ -109,19 +109,19 @@ def sparse_products(
     Xs = np.ascontiguousarray(X[:, ~dense])
     A, recover = _scatter_matrix(Xs, Zs, max_groups=E.nnz // max(m, 1))
     codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
-    head = (
+    block = (
         E.indptr.astype(np.int64, copy=False),
         E.indices,
         codes,
         np.zeros(0) if table is None else table,
         values,
-        _first_two(Xd),
+        _first_dense(Xd),
     )
     group_sums = _compiled("_group_sums")
     big = A.shape[1] * m * 8 > _ORDER_BYTES
-    if A.nnz == n_i and np.all(A.data == 1) and Xd.shape[1] <= 2 and not big and group_sums:
+    if A.nnz == n_i and np.all(A.data == 1) and Xd.shape[1] <= 3 and not big and group_sums:
         # one group per cell (the usual case): the lighter loop of the same sums
-        out, D, status = group_sums(*head, A.indices.astype(np.int64), A.shape[1], m, Xd.shape[1])
+        out, D, status = group_sums(block, A.indices.astype(np.int64), A.shape[1], m, Xd.shape[1])
         rest = np.zeros((0, m))
     else:
         order = np.arange(n_i)
@@ -137,8 +137,8 @@ def sparse_products(
             last[has] = A.indices[A.indptr[1:][has] - 1]
             order = np.argsort(last, kind="stable")
         out, D, rest, status = kernel(
-            *head,
-            np.ascontiguousarray(Xd[:, 2:]),
+            block,
+            np.ascontiguousarray(Xd[:, 3:]),
             A.indptr.astype(np.int64, copy=False),
             A.indices.astype(np.int64, copy=False),
             A.data,
@@ -223,10 +223,10 @@ def _fits_table(E: sp.csr_matrix, table: np.ndarray) -> bool:
     return bool(E.has_canonical_format)
 
 
-def _first_two(Xd: np.ndarray) -> np.ndarray:
-    """The first two columns of X_d, padded with zeros to two, C-contiguous."""
-    out = np.zeros((Xd.shape[0], 2))
-    k = min(2, Xd.shape[1])
+def _first_dense(Xd: np.ndarray) -> np.ndarray:
+    """The first three columns of X_d, padded with zeros to three, C-contiguous."""
+    out = np.zeros((Xd.shape[0], 3))
+    k = min(3, Xd.shape[1])
     out[:, :k] = Xd[:, :k]
     return out
 
@@ -259,12 +259,7 @@ def _row_groups(
 
 
 def _scatter_products(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    codes: np.ndarray,
-    table: np.ndarray,
-    values: np.ndarray,
-    X2: np.ndarray,
+    block: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     Xr: np.ndarray,
     a_indptr: np.ndarray,
     a_indices: np.ndarray,
@@ -275,42 +270,45 @@ def _scatter_products(
     n_dense: int,
     a_max: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A'E (n_out, m), D (m, 3) = [colsums(E^2), E'X2] and E'Xr (p_r, m) in one pass.
+    """A'E (n_out, m), D (m, 4) = [colsums(E^2), E'X3] and E'Xr (p_r, m) in one pass.
 
-    E (n x m) and A (n x n_out) are CSR (indptr, indices, values). Value t of E is
+    ``block`` is (indptr, indices, codes, table, values, X3): E (n x m) as CSR, and X3
+    (n, 3) the first three dense columns of X (zero padded). Value t of E is
     ``table[codes[t]]`` when ``table`` is not empty (then codes[t] must be an integer in
     [0, len(table)) and each row's indices strictly increasing, else the pass stops with
-    status 1), else ``values[t]``. X2 (n, 2) and Xr (n, p_r) are dense: the first two
-    are inline in the pass over a row, the others need one more pass over it each.
-    ``order`` is the order in which the rows are visited; ``n_dense`` is the number of
-    columns of X2 that are not padding and ``a_max`` the most entries in a row of A.
+    status 1), else ``values[t]``. A (n x n_out) is CSR (a_indptr, a_indices, a_values)
+    and Xr (n, p_r) the dense columns after the first three. Up to four entries of a row
+    of A and the three columns of X3 are applied inline, in the one pass over the row's
+    values (the atlas model has up to four: sex, cell state, state:condition, donor);
+    further ones need one more pass over the row each. ``order`` is the order in which
+    the rows are visited; ``n_dense`` is the number of columns of X3 that are not padding
+    and ``a_max`` the most entries in a row of A.
     """
+    indptr, indices, codes, table, values, X3 = block
     out = np.zeros((n_out + 1, m))  # row n_out takes the cells with fewer columns of A
-    D = np.zeros((m, 3))
+    D = np.zeros((m, 4))
     rest = np.zeros((Xr.shape[1], m))
     lookup = table.size > 0
     size = table.size
     row = np.empty(m)
-    two_x = n_dense > 1
-    two_a = a_max > 1
-    keep_row = a_max > 2 or Xr.shape[1] > 0
+    keep_row = a_max > 4 or Xr.shape[1] > 0
     for c in order:
         lo = indptr[c]
         hi = indptr[c + 1]
         s0 = a_indptr[c]
-        s1 = a_indptr[c + 1]
-        k0 = n_out
-        a0 = 0.0
-        k1 = n_out
-        a1 = 0.0
-        if s1 > s0:
-            k0 = a_indices[s0]
-            a0 = a_values[s0]
-        if s1 > s0 + 1:
-            k1 = a_indices[s0 + 1]
-            a1 = a_values[s0 + 1]
-        x0 = X2[c, 0]
-        x1 = X2[c, 1]
+        na = a_indptr[c + 1] - s0
+        # row n_out with weight 0 where the row of A has fewer entries
+        k0 = a_indices[s0] if na > 0 else n_out
+        a0 = a_values[s0] if na > 0 else 0.0
+        k1 = a_indices[s0 + 1] if na > 1 else n_out
+        a1 = a_values[s0 + 1] if na > 1 else 0.0
+        k2 = a_indices[s0 + 2] if na > 2 else n_out
+        a2 = a_values[s0 + 2] if na > 2 else 0.0
+        k3 = a_indices[s0 + 3] if na > 3 else n_out
+        a3 = a_values[s0 + 3] if na > 3 else 0.0
+        x0 = X3[c, 0]
+        x1 = X3[c, 1]
+        x2 = X3[c, 2]
         previous = -1
         for t in range(lo, hi):
             j = indices[t]
@@ -318,59 +316,61 @@ def _scatter_products(
                 x = codes[t]
                 if not (x >= 0 and x < size) or j <= previous:
                     return out[:n_out], D, rest, 1
-                k = int(x)
-                if k != x:
+                kx = int(x)
+                if kx != x:
                     return out[:n_out], D, rest, 1
-                v = table[k]
+                v = table[kx]
                 previous = j
             else:
                 v = values[t]
             out[k0, j] += a0 * v
             D[j, 0] += v * v
             D[j, 1] += x0 * v
-            # branches that go the same way for every value of the block
-            if two_a:
+            # branches that go the same way for every value of the row (or block)
+            if na > 1:
                 out[k1, j] += a1 * v
-            if two_x:
+                if na > 2:
+                    out[k2, j] += a2 * v
+                    if na > 3:
+                        out[k3, j] += a3 * v
+            if n_dense > 1:
                 D[j, 2] += x1 * v
+                if n_dense > 2:
+                    D[j, 3] += x2 * v
             if keep_row:
                 row[t - lo] = v
         for r in range(Xr.shape[1]):
             xr = Xr[c, r]
             for t in range(lo, hi):
                 rest[r, indices[t]] += xr * row[t - lo]
-        for s in range(s0 + 2, s1):
-            k = a_indices[s]
-            a = a_values[s]
+        for s in range(s0 + 4, s0 + na):
+            ks = a_indices[s]
+            av = a_values[s]
             for t in range(lo, hi):
-                out[k, indices[t]] += a * row[t - lo]
+                out[ks, indices[t]] += av * row[t - lo]
     return out[:n_out], D, rest, 0
 
 
 def _group_sums(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    codes: np.ndarray,
-    table: np.ndarray,
-    values: np.ndarray,
-    X2: np.ndarray,
+    block: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     group: np.ndarray,
     n_groups: int,
     m: int,
     n_dense: int,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """:func:`_scatter_products` when A is the indicator of ``group`` (each row of E is
-    added to the row of its group) and X has at most two dense columns: the same sums
+    added to the row of its group) and X has at most three dense columns: the same sums
     (G = A'E, D) and status, in a loop that does only that."""
+    indptr, indices, codes, table, values, X3 = block
     out = np.zeros((n_groups, m))
-    D = np.zeros((m, 3))
+    D = np.zeros((m, 4))
     lookup = table.size > 0
     size = table.size
-    two_x = n_dense > 1
     for c in range(indptr.shape[0] - 1):
         g = group[c]
-        x0 = X2[c, 0]
-        x1 = X2[c, 1]
+        x0 = X3[c, 0]
+        x1 = X3[c, 1]
+        x2 = X3[c, 2]
         previous = -1
         for t in range(indptr[c], indptr[c + 1]):
             j = indices[t]
@@ -378,18 +378,20 @@ def _group_sums(
                 x = codes[t]
                 if not (x >= 0 and x < size) or j <= previous:
                     return out, D, 1
-                k = int(x)
-                if k != x:
+                kx = int(x)
+                if kx != x:
                     return out, D, 1
-                v = table[k]
+                v = table[kx]
                 previous = j
             else:
                 v = values[t]
             out[g, j] += v
             D[j, 0] += v * v
             D[j, 1] += x0 * v
-            if two_x:
+            if n_dense > 1:
                 D[j, 2] += x1 * v
+                if n_dense > 2:
+                    D[j, 3] += x2 * v
     return out, D, 0
 
 

@@ -12,14 +12,18 @@ chunk i with design rows X_i (n_i x p), Z_i (n_i x q) and expression block E_ij
 With one feature chunk (the usual case) the graph has one task per cell chunk i: it
 reads the block, evaluates the design on the obs rows of the chunk (the Design object is
 a single graph key shared by all of them; the rows of obs are in the task, or, for an
-obs over 4 MiB on a distributed client, sliced from one scattered copy) and returns
-all seven partials. When the block's own tasks are a small reader (a store's row chunk,
-not in-memory data, not shared with other blocks) they are run inside that task, so the
-block is never held for it in a worker's memory nor sent to another worker. With several
-feature chunks, one task per cell chunk evaluates the design, one computes the shared
-partials, and one task per block (i, j) reads the block once and returns its three
-partials. Partials are summed over cell chunks in a tree of fan-in ``split_every``
-(float64), the feature chunks are concatenated, and the result is a
+obs over 4 MiB on a distributed client, sliced from one scattered copy) and adds all
+seven partials into running sums. When the block's own tasks are a small reader (a
+store's row chunk, not in-memory data, not shared with other blocks) they are run inside
+that task, so the block is never held for it in a worker's memory nor sent to another
+worker; then one task reduces a run of consecutive chunks (about four tasks per worker
+thread), reading them in turn and adding each into one accumulator, so that nothing of
+the size of Z'E (259 donors x 11,596 genes is 24 MB) is pickled, moved or summed per
+chunk. The tasks' sums are added in a tree of fan-in ``split_every``. With several
+feature chunks, one task per cell chunk evaluates the
+design, one computes the shared partials, and one task per block (i, j) reads the block
+once and returns its three partials, summed over cell chunks in a tree of fan-in
+``split_every``. Sums are float64, the feature chunks are concatenated, and the result is a
 :class:`~flashmm_dask.stats.summary.SummaryStats`. Memory per task is set by the chunk size: no
 n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E, Z'E and Ynorm come
 from one compiled pass over the stored values (:mod:`flashmm_dask.stats.products`), which
@@ -42,6 +46,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cloudpickle
@@ -57,6 +62,14 @@ from dask.optimization import cull
 
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, _dense
+from flashmm_dask.stats.graph import (
+    _groups,
+    _InlineRead,
+    _is_literal,
+    _obs_chunk,
+    _scattered,
+    _tree_sum,
+)
 from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["TRANSFORMS", "compute_counted", "reduce_stats", "stats_graph"]
@@ -65,8 +78,6 @@ logger = logging.getLogger(__name__)
 
 # a block's read is done inside the task that reduces it when its tasks pickle to less
 _INLINE_BYTES = 1 << 16
-# obs larger than this is scattered once to a distributed client, not put in the tasks
-_SCATTER_OBS_BYTES = 4 << 20
 # the key prefix of the per-block tasks (progress counts them)
 _BLOCK_PREFIX = "flashmm-block-"
 
@@ -104,6 +115,18 @@ class _Expression(Protocol):
     def obs(self) -> Any: ...
 
 
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of the reductions (:func:`stats_graph`, :func:`reduce_stats` and
+    their stratified forms), checked by :func:`_validate`."""
+
+    transform: str
+    target_sum: float
+    split_every: int
+    check: bool
+    provenance: Mapping[str, Any] | None
+
+
 # -- tasks (run on workers) -------------------------------------------------------------
 
 
@@ -131,49 +154,65 @@ def _shared_partial(XZ: tuple[np.ndarray, Any]) -> tuple[np.ndarray, np.ndarray,
     return X.T @ X, np.asarray(Z.T @ X), _dense(ZZ), X.shape[0]
 
 
-def _chunk_partial(
+def _fold_chunk(
+    total: list[Any] | None,
     block: Any,
-    design: _Design,
     obs: Any,
-    features: tuple[str, ...],
     start: int,
+    design: _Design,
+    features: tuple[str, ...],
     transform: str,
     target_sum: float,
     check: bool,
     source: str = "",
-) -> tuple[Any, ...]:
-    """(XX_i, ZX_i, ZZ_i, n_i, XY_i, ZY_i, Ynorm_i) of a cell chunk with all its features."""
+) -> list[Any]:
+    """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] with one more cell chunk (with all
+    its features) added; ``total`` (None for the first chunk) is added to in place."""
     if isinstance(block, _InlineRead):
         block = block.read()
     XZ = _design_chunk(design, obs, start)
-    return (
+    part = (
         *_shared_partial(XZ),
         *_block_partial(block, XZ, features, start, 0, transform, target_sum, check, source),
     )
+    if total is None:
+        return [_owned(a) for a in part]
+    for k, a in enumerate(part):
+        total[k] += a
+    return total
 
 
-class _InlineRead:
-    """The tasks that read one expression block, run by the task that reduces it.
+def _fold_chunks(
+    reads: Sequence[_InlineRead],
+    obs: Sequence[Any],
+    starts: Sequence[int],
+    design: _Design,
+    features: tuple[str, ...],
+    transform: str,
+    target_sum: float,
+    check: bool,
+    source: str = "",
+) -> list[Any]:
+    """The sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of consecutive cell chunks, each read
+    here in turn and added into one accumulator; ``obs`` holds the rows of each chunk
+    and ``starts`` its first cell."""
+    total = None
+    for read, rows, start in zip(reads, obs, starts, strict=True):
+        total = _fold_chunk(
+            total, read, rows, start, design, features, transform, target_sum, check, source
+        )
+    assert total is not None, "a group has at least one chunk"
+    return total
 
-    The block then has no key of its own: it never waits in a worker's memory for the
-    reduction, nor is it moved to another worker to be reduced there.
-    """
 
-    __slots__ = ("graph", "key")
-
-    def __init__(self, graph: dict[Any, Any], key: Any) -> None:
-        self.graph = graph
-        self.key = key
-
-    def __getstate__(self) -> tuple[dict[Any, Any], Any]:
-        return self.graph, self.key
-
-    def __setstate__(self, state: tuple[dict[Any, Any], Any]) -> None:
-        self.graph, self.key = state
-
-    def read(self) -> Any:
-        """The block (computed in this thread)."""
-        return dask.get(self.graph, self.key)
+def _owned(a: Any) -> Any:
+    """A partial as a writable float64 array (a cell count as it is), copied only when it
+    is not already one."""
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.dtype != np.float64 or not a.flags.writeable:
+        return np.array(a, dtype=np.float64)
+    return a
 
 
 def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
@@ -192,11 +231,6 @@ def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
                 return None
         reads.append(_InlineRead(sub, block.key))
     return reads
-
-
-def _is_literal(task: Any) -> bool:
-    """Whether a graph node is data rather than a computation (dask's DataNode)."""
-    return type(task).__name__ == "DataNode"
 
 
 def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -227,8 +261,8 @@ def _assemble(
     )
 
 
-def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> SummaryStats:
-    """SummaryStats from the summed :func:`_chunk_partial` tuples (one feature chunk)."""
+def _assemble_fused(total: Sequence[Any], names: Mapping[str, Any]) -> SummaryStats:
+    """SummaryStats from the summed :func:`_fold_chunk` sums (one feature chunk)."""
     XX, ZX, ZZ, n, XY, ZY, Ynorm = total
     return _assemble((XX, ZX, ZZ, n), [(XY, ZY, Ynorm)], names)
 
@@ -236,79 +270,30 @@ def _assemble_fused(total: tuple[Any, ...], names: Mapping[str, Any]) -> Summary
 # -- graph ------------------------------------------------------------------------------
 
 
-def _tree_sum(
-    parts: list[Any], name: str, split_every: int, add: Callable[..., Any] = _sum_partials
-) -> Any:
-    """Sum a list of delayed partials in a tree of fan-in ``split_every`` (``add`` sums
-    the partials of several tasks)."""
-    level = 0
-    while len(parts) > 1:
-        parts = [
-            delayed(add, pure=True)(
-                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
-            )
-            for k in range(0, len(parts), split_every)
-        ]
-        level += 1
-    return parts[0]
-
-
-def _scattered(obs: Any) -> Any:
-    """obs scattered once to the active distributed client when it is larger than
-    _SCATTER_OBS_BYTES (a Future), else None (the rows of each chunk are in its task).
-
-    Each task carrying its own rows makes a graph as large as obs (tens of MiB at a
-    million cells, which distributed warns about); scattered, the graph holds one
-    reference and each chunk's rows are sliced on the cluster.
-    """
-    if int(obs.memory_usage(index=False, deep=True).sum()) <= _SCATTER_OBS_BYTES:
-        return None
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        client = default_client()
-    except ValueError:  # no client: a local scheduler, which copies nothing
-        return None
-    return client.scatter(obs, hash=False)
-
-
-def _obs_rows(obs: Any, start: int, stop: int) -> Any:
-    """The obs rows of cells start..stop - 1."""
-    return obs.iloc[start:stop]
-
-
 def _chunking(
-    expr: _Expression, data: Any, transform: str, target_sum: float, check: bool
+    expr: _Expression, data: Any, options: Options
 ) -> tuple[tuple[str, ...], np.ndarray, str]:
     """The feature names, the first cell of each cell chunk (and the number of cells
     last), and a token that makes the graph's keys unique."""
     features = tuple(str(f) for f in expr.features)
     cell_starts = np.concatenate([[0], np.cumsum(data.chunks[0])]).astype(int)
     # unique keys: hashing obs and the design would cost O(n) and buys nothing here
-    token = tokenize(data.name, transform, target_sum, check, uuid.uuid4().hex)
+    token = tokenize(data.name, options, uuid.uuid4().hex)
     return features, cell_starts, token
 
 
-def _record(
-    transform: str,
-    target_sum: float,
-    extra: Mapping[str, Any],
-    provenance: Mapping[str, Any] | None,
-) -> dict[str, Any]:
+def _record(options: Options, extra: Mapping[str, Any]) -> dict[str, Any]:
     """The provenance of the statistics: the transform (its target sum when it scales),
-    ``extra`` (formulas, strata), then the caller's ``provenance``."""
-    record: dict[str, Any] = {"transform": transform, **extra}
-    if transform in _SCALED_TRANSFORMS:
-        record["target_sum"] = float(target_sum)
-    record.update(provenance or {})
+    ``extra`` (formulas, strata), then the caller's provenance."""
+    record: dict[str, Any] = {"transform": options.transform, **extra}
+    if options.transform in _SCALED_TRANSFORMS:
+        record["target_sum"] = float(options.target_sum)
+    record.update(options.provenance or {})
     return record
 
 
-def _validate(
-    expr: _Expression, design: _Design, transform: str, target_sum: float, split_every: int
-) -> None:
+def _validate(expr: _Expression, design: _Design, options: Options) -> None:
+    transform, target_sum, split_every = options.transform, options.target_sum, options.split_every
     if transform not in TRANSFORMS:
         raise InputError(f"unknown transform {transform!r}; choose one of {list(TRANSFORMS)}")
     if transform in _SCALED_TRANSFORMS and not (np.isfinite(target_sum) and target_sum > 0):
@@ -342,6 +327,9 @@ def _validate(
         )
 
 
+# stats_graph, reduce_stats and the stratified strata_graph, reduce_strata are public and
+# take the same keyword options, so their signatures repeat them (`duplicates` lists the
+# pairs); behind them one Options value and one graph builder per kind serve all four.
 def stats_graph(
     expr: _Expression,
     design: _Design,
@@ -383,21 +371,15 @@ def stats_graph(
         Computes to a :class:`SummaryStats`. Compute it once (``.compute()``,
         ``client.compute``); each expression block is read once.
     """
-    graph, _ = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
-    return graph
+    options = Options(transform, target_sum, split_every, check, provenance)
+    return _build_graph(expr, design, options)[0]
 
 
-def _build_graph(
-    expr: _Expression,
-    design: _Design,
-    transform: str,
-    target_sum: float,
-    split_every: int,
-    check: bool,
-    provenance: Mapping[str, Any] | None,
-) -> tuple[Delayed, int]:
+def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[Delayed, int]:
     """The delayed SummaryStats and the number of expression blocks it reads."""
-    _validate(expr, design, transform, target_sum, split_every)
+    _validate(expr, design, options)
+    transform, target_sum, check = options.transform, options.target_sum, options.check
+    split_every = options.split_every
     data = expr.data
     if transform in _SCALED_TRANSFORMS and data.numblocks[1] > 1:
         logger.info(
@@ -407,7 +389,7 @@ def _build_graph(
             data.numblocks[1],
         )
         data = data.rechunk({1: -1})
-    features, cell_starts, token = _chunking(expr, data, transform, target_sum, check)
+    features, cell_starts, token = _chunking(expr, data, options)
     feature_starts = np.concatenate([[0], np.cumsum(data.chunks[1])]).astype(int)
     source = str(getattr(expr, "source", "") or "")
     blocks = data.to_delayed()
@@ -417,61 +399,68 @@ def _build_graph(
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     # the design reads obs by position; a string index would be most of the graph's bytes
     obs = expr.obs.reset_index(drop=True)
-    obs_future = _scattered(obs)
-    shared: list[Any] = []
-    per_block: list[list[Any]] = [[] for _ in range(n_j)]
     fused: list[Any] = []
-    reads = _inline_reads(list(blocks[:, 0])) if n_j == 1 else None
-    for i in range(n_i):
-        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
-        # in the task itself, not a key of its own: a key would be computed on one worker
-        # and sent to the one that holds the block
-        obs_i = obs.iloc[start:stop]
-        if obs_future is not None:  # a large obs: sent once to the cluster, sliced there
-            obs_i = delayed(_obs_rows, pure=True)(
-                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
+    if n_j == 1:  # one task per run of chunks, added into one accumulator
+        reads = _inline_reads(list(blocks[:, 0]))
+        obs_future = _scattered(obs)
+        args = (design_key, features_key, transform, target_sum, check, source)
+        for i0, i1 in _groups(n_i, reads is not None):
+            bounds = [int(c) for c in cell_starts[i0 : i1 + 1]]
+            obs_g = [
+                _obs_chunk(obs, obs_future, bounds[k], bounds[k + 1], f"flashmm-obs-{token}-{i}")
+                for k, i in enumerate(range(i0, i1))
+            ]
+            key = f"{_BLOCK_PREFIX}{token}-{i0}-0x{i1 - i0}"  # progress counts i1 - i0 blocks
+            if reads is None:  # a task per chunk: its block is a key of its own
+                fused.append(
+                    delayed(_fold_chunk, pure=True)(
+                        None,
+                        blocks[i0, 0],
+                        obs_g[0],
+                        int(cell_starts[i0]),
+                        *args,
+                        dask_key_name=key,
+                    )
+                )
+            else:
+                fused.append(
+                    delayed(_fold_chunks, pure=True)(
+                        reads[i0:i1], obs_g, bounds[:-1], *args, dask_key_name=key
+                    )
+                )
+    else:
+        obs_future = _scattered(obs)
+        shared: list[Any] = []
+        per_block: list[list[Any]] = [[] for _ in range(n_j)]
+        for i in range(n_i):
+            start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+            obs_i = _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}")
+            XZ_i = delayed(_design_chunk, pure=True)(
+                design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
             )
-        if n_j == 1:  # one task per cell chunk: no X_i, Z_i to move between workers
-            fused.append(
-                delayed(_chunk_partial, pure=True)(
-                    blocks[i, 0] if reads is None else reads[i],
-                    design_key,
-                    obs_i,
-                    features_key,
-                    start,
-                    transform,
-                    target_sum,
-                    check,
-                    source,
-                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+            shared.append(
+                delayed(_shared_partial, pure=True)(
+                    XZ_i, dask_key_name=f"flashmm-shared-{token}-{i}"
                 )
             )
-            continue
-        XZ_i = delayed(_design_chunk, pure=True)(
-            design_key, obs_i, start, dask_key_name=f"flashmm-design-chunk-{token}-{i}"
-        )
-        shared.append(
-            delayed(_shared_partial, pure=True)(XZ_i, dask_key_name=f"flashmm-shared-{token}-{i}")
-        )
-        for j in range(n_j):
-            per_block[j].append(
-                delayed(_block_partial, pure=True)(
-                    blocks[i, j],
-                    XZ_i,
-                    features_key,
-                    start,
-                    int(feature_starts[j]),
-                    transform,
-                    target_sum,
-                    check,
-                    source,
-                    dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
+            for j in range(n_j):
+                per_block[j].append(
+                    delayed(_block_partial, pure=True)(
+                        blocks[i, j],
+                        XZ_i,
+                        features_key,
+                        start,
+                        int(feature_starts[j]),
+                        transform,
+                        target_sum,
+                        check,
+                        source,
+                        dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-{j}",
+                    )
                 )
-            )
-    if not fused:
-        shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every)
+        shared_total = _tree_sum(shared, f"flashmm-shared-sum-{token}", split_every, _sum_partials)
         feature_totals = [
-            _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every)
+            _tree_sum(parts, f"flashmm-feature-sum-{token}-{j}", split_every, _sum_partials)
             for j, parts in enumerate(per_block)
         ]
     formulas: dict[str, Any] = {}
@@ -479,7 +468,7 @@ def _build_graph(
     fixed = getattr(design, "fixed", None)
     if isinstance(fixed, str):
         formulas = {"fixed": fixed, "random": list(getattr(design, "random", ()))}
-    record = _record(transform, target_sum, formulas, provenance)
+    record = _record(options, formulas)
     names = {
         "d": tuple(int(k) for k in design.d),
         "covariates": tuple(str(c) for c in design.covariates),
@@ -491,7 +480,7 @@ def _build_graph(
     logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
     if fused:
         graph = delayed(_assemble_fused, pure=True)(
-            _tree_sum(fused, f"flashmm-sum-{token}", split_every),
+            _tree_sum(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
             names,
             dask_key_name=f"flashmm-stats-{token}",
         )
@@ -537,17 +526,18 @@ def reduce_stats(
     InputError
         An unknown transform or invalid argument.
     """
-    graph, total = _build_graph(expr, design, transform, target_sum, split_every, check, provenance)
-    source = str(getattr(expr, "source", "the expression data"))
-    return compute_counted(graph, total, source, progress)
+    options = Options(transform, target_sum, split_every, check, provenance)
+    return compute_counted(_build_graph(expr, design, options), expr, progress)
 
 
 def compute_counted(
-    graph: Delayed, total: int, source: str, progress: Callable[[int, int], None] | None
+    built: tuple[Delayed, int], expr: _Expression, progress: Callable[[int, int], None] | None
 ) -> Any:
-    """Compute a reduction ``graph`` of ``total`` expression blocks, calling
-    ``progress(done, total)`` after each block on the local schedulers (once at the end on
-    a distributed client, which runs no local callbacks)."""
+    """Compute a reduction graph of ``expr`` and the number of expression blocks it reads
+    (``built``), calling ``progress(done, total)`` after each block on the local schedulers
+    (once at the end on a distributed client, which runs no local callbacks)."""
+    graph, total = built
+    source = str(getattr(expr, "source", "the expression data"))
     if progress is None:
         return _compute(graph, source)
     done = 0
@@ -555,7 +545,8 @@ def compute_counted(
     def _posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         nonlocal done
         if isinstance(key, str) and key.startswith(_BLOCK_PREFIX):
-            done += 1
+            tail = key.rsplit("-", 1)[1]  # a task of several chunks: "0x<blocks>"
+            done += int(tail.split("x")[1]) if "x" in tail else 1
             progress(done, total)
 
     with Callback(posttask=_posttask):

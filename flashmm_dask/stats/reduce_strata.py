@@ -40,19 +40,17 @@ from dask.delayed import Delayed
 from flashmm_dask.design.strata import Strata, group_name
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
+from flashmm_dask.stats.graph import _InlineRead, _obs_chunk, _scattered, _tree_sum
 from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
     _BLOCK_PREFIX,
+    Options,
     _chunking,
     _design_chunk,
     _Expression,
     _inline_reads,
-    _InlineRead,
-    _obs_rows,
     _record,
-    _scattered,
     _shared_partial,
-    _tree_sum,
     _validate,
     compute_counted,
 )
@@ -63,6 +61,42 @@ from flashmm_dask.stats.summary import SummaryStats
 __all__ = ["reduce_strata", "strata_graph"]
 
 logger = logging.getLogger(__name__)
+
+
+def chained(
+    fold: Callable[..., Any],
+    data: Any,
+    obs: Any,
+    cell_starts: np.ndarray,
+    token: str,
+    n_chains: int,
+    args: Callable[[int, int], tuple[Any, ...]],
+) -> list[Any]:
+    """The last task of each of ``n_chains`` chains that fold the cell chunks of ``data``
+    (one feature chunk) into running sums.
+
+    Chunk i is folded by ``fold(sums, block_i, obs_i, start, *args(start, stop))`` into
+    the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk), which
+    the task returns; ``obs`` is sent once to a distributed client when large. The block
+    is read inside the task when its read is a small task of its own (see
+    :func:`_inline_reads`). The tasks' keys start with _BLOCK_PREFIX (progress counts them).
+    """
+    blocks = list(data.to_delayed()[:, 0])
+    reads = _inline_reads(blocks)
+    obs_future = _scattered(obs)
+    ends: list[Any] = [None] * min(len(blocks), n_chains)
+    for i, block in enumerate(blocks):
+        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+        c = i % len(ends)
+        ends[c] = delayed(fold, pure=True)(
+            ends[c],
+            block if reads is None else reads[i],
+            _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}"),
+            start,
+            *args(start, stop),
+            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+        )
+    return ends
 
 
 def _nonzero_counts(E: np.ndarray | sp.csr_matrix) -> np.ndarray:
@@ -161,11 +195,11 @@ class _Sums:
 def _accumulate(
     total: _Sums | None,
     block: Any,
-    strata: Strata,
     obs: Any,
+    start: int,
+    strata: Strata,
     codes: np.ndarray,
     features: tuple[str, ...],
-    start: int,
     transform: str,
     target_sum: float,
     check: bool,
@@ -237,18 +271,10 @@ def _assemble_strata(
     return StratifiedStats(out, by, groups, strata_info)
 
 
-def _graph(
-    expr: _Expression,
-    strata: Strata,
-    transform: str,
-    target_sum: float,
-    split_every: int,
-    check: bool,
-    provenance: Mapping[str, Any] | None,
-    chains: int = 2,
-) -> tuple[Delayed, int]:
+def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> tuple[Delayed, int]:
+    """The delayed StratifiedStats and the number of expression blocks it reads."""
     for design in strata.designs:
-        _validate(expr, design, transform, target_sum, split_every)
+        _validate(expr, design, options)
     if len(strata.codes) != expr.data.shape[0]:
         raise DataError(
             f"the strata describe {len(strata.codes)} cells but the data have "
@@ -259,40 +285,29 @@ def _graph(
         # the rows of each stratum are taken from whole-feature blocks (and the scaled
         # transform needs each cell's total over all features)
         data = data.rechunk({1: -1})
-    features, starts, token = _chunking(expr, data, transform, target_sum, check)
-    blocks = list(data.to_delayed()[:, 0])
+    features, starts, token = _chunking(expr, data, options)
     strata_key = delayed(strata, name=f"flashmm-strata-{token}", traverse=False)
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     columns = sorted({c for d in strata.designs for c in d._columns})
-    obs = expr.obs[columns].reset_index(drop=True)
-    obs_future = _scattered(obs)  # a large obs: sent once to the cluster, sliced there
-    reads = _inline_reads(blocks)
     if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
         raise InputError(f"chains must be a positive integer, got {chains!r}")
-    n_chains = min(len(blocks), chains)
-    parts: list[Any] = [None] * n_chains
-    for i, block in enumerate(blocks):
-        start, stop = int(starts[i]), int(starts[i + 1])
-        c = i % n_chains
-        obs_i = obs.iloc[start:stop]
-        if obs_future is not None:
-            obs_i = delayed(_obs_rows, pure=True)(
-                obs_future, start, stop, dask_key_name=f"flashmm-obs-{token}-{i}"
-            )
-        parts[c] = delayed(_accumulate, pure=True)(
-            parts[c],
-            block if reads is None else reads[i],
+    parts = chained(
+        _accumulate,
+        data,
+        expr.obs[columns].reset_index(drop=True),
+        starts,
+        token,
+        chains,
+        lambda start, stop: (
             strata_key,
-            obs_i,
             strata.codes[start:stop],
             features_key,
-            start,
-            transform,
-            target_sum,
-            check,
-            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
-        )
-    record = _record(transform, target_sum, {"by": strata.by, "cells": strata.cells}, provenance)
+            options.transform,
+            options.target_sum,
+            options.check,
+        ),
+    )
+    record = _record(options, {"by": strata.by, "cells": strata.cells})
     names: list[dict[str, Any]] = []
     for level, design in zip(strata.levels, strata.designs, strict=True):
         names.append(
@@ -311,14 +326,14 @@ def _graph(
             }
         )
     graph = delayed(_assemble_strata, pure=True)(
-        _tree_sum(parts, f"flashmm-strata-sum-{token}", split_every, _sum_strata),
+        _tree_sum(parts, f"flashmm-strata-sum-{token}", options.split_every, _sum_strata),
         strata.describe(),
         names,
         strata.by,
         features_key,  # once in the graph, not once per stratum
         dask_key_name=f"flashmm-strata-stats-{token}",
     )
-    return graph, len(blocks)
+    return graph, len(data.chunks[0])
 
 
 def strata_graph(
@@ -345,8 +360,8 @@ def strata_graph(
     dask.delayed.Delayed
         Computes to a :class:`~flashmm_dask.stats.strata.StratifiedStats`.
     """
-    graph, _ = _graph(expr, strata, transform, target_sum, split_every, check, provenance, chains)
-    return graph
+    options = Options(transform, target_sum, split_every, check, provenance)
+    return _graph(expr, strata, options, chains)[0]
 
 
 def reduce_strata(
@@ -365,9 +380,6 @@ def reduce_strata(
 
     ``progress(done, total)`` is called after each block on the local schedulers.
     """
-    graph, total = _graph(
-        expr, strata, transform, target_sum, split_every, check, provenance, chains
-    )
-    source = str(getattr(expr, "source", "the expression data"))
-    stats: StratifiedStats = compute_counted(graph, total, source, progress)
+    options = Options(transform, target_sum, split_every, check, provenance)
+    stats: StratifiedStats = compute_counted(_graph(expr, strata, options, chains), expr, progress)
     return stats

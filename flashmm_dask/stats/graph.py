@@ -1,0 +1,119 @@
+"""The pieces of the reductions' task graphs (:mod:`flashmm_dask.stats.reduce`,
+:mod:`flashmm_dask.stats.reduce_strata`): reads run inside the task that reduces a block,
+obs rows sent once and sliced on the cluster, the runs of chunks each task reduces, and
+the tree that sums the tasks' partials."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import dask
+from dask import delayed
+
+__all__: list[str] = []  # internal to the reductions
+
+# obs larger than this is scattered once to a distributed client, not put in the tasks
+_SCATTER_OBS_BYTES = 4 << 20
+
+
+class _InlineRead:
+    """The tasks that read one expression block, run by the task that reduces it.
+
+    The block then has no key of its own: it never waits in a worker's memory for the
+    reduction, nor is it moved to another worker to be reduced there.
+    """
+
+    __slots__ = ("graph", "key")
+
+    def __init__(self, graph: dict[Any, Any], key: Any) -> None:
+        self.graph = graph
+        self.key = key
+
+    def __getstate__(self) -> tuple[dict[Any, Any], Any]:
+        return self.graph, self.key
+
+    def __setstate__(self, state: tuple[dict[Any, Any], Any]) -> None:
+        self.graph, self.key = state
+
+    def read(self) -> Any:
+        """The block (computed in this thread)."""
+        return dask.get(self.graph, self.key)
+
+
+def _is_literal(task: Any) -> bool:
+    """Whether a graph node is data rather than a computation (dask's DataNode)."""
+    return type(task).__name__ == "DataNode"
+
+
+def _tree_sum(parts: list[Any], name: str, split_every: int, add: Callable[..., Any]) -> Any:
+    """Sum a list of delayed partials in a tree of fan-in ``split_every`` (``add`` sums
+    the partials of several tasks)."""
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            delayed(add, pure=True)(
+                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
+            )
+            for k in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts[0]
+
+
+def _scattered(obs: Any) -> Any:
+    """obs scattered once to the active distributed client when it is larger than
+    _SCATTER_OBS_BYTES (a Future), else None (the rows of each chunk are in its task).
+
+    Each task carrying its own rows makes a graph as large as obs (tens of MiB at a
+    million cells, which distributed warns about); scattered, the graph holds one
+    reference and each chunk's rows are sliced on the cluster.
+    """
+    if int(obs.memory_usage(index=False, deep=True).sum()) <= _SCATTER_OBS_BYTES:
+        return None
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        client = default_client()
+    except ValueError:  # no client: a local scheduler, which copies nothing
+        return None
+    return client.scatter(obs, hash=False)
+
+
+def _obs_rows(obs: Any, start: int, stop: int) -> Any:
+    """The obs rows of cells start..stop - 1."""
+    return obs.iloc[start:stop]
+
+
+def _obs_chunk(obs: Any, obs_future: Any, start: int, stop: int, key: str) -> Any:
+    """The obs rows of a cell chunk for its task: in the task itself (a key of its own
+    would be computed on one worker and sent to the one that holds the block), or, for a
+    large obs scattered once (``obs_future``), a task ``key`` that slices it there."""
+    if obs_future is None:
+        return obs.iloc[start:stop]
+    return delayed(_obs_rows, pure=True)(obs_future, start, stop, dask_key_name=key)
+
+
+def _n_threads() -> int:
+    """The threads that will run the reduction: the active distributed client's, else
+    the local scheduler's."""
+    try:
+        from distributed import default_client
+
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):  # no distributed, or no client
+        return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+
+
+def _groups(n_chunks: int, inline: bool) -> list[tuple[int, int]]:
+    """The cell chunks each task reduces, as (first, last + 1): consecutive runs of about
+    n_chunks / (4 x threads) chunks when the blocks are read inside the tasks, so that a
+    worker adds its chunks into one accumulator and about four partials per thread are
+    moved and summed, not one per chunk (Z'E alone is 24 MB at 259 donors x 11,596
+    genes); one chunk per task when the blocks have keys of their own (a task of several
+    would hold all their blocks at once)."""
+    size = -(-n_chunks // (4 * _n_threads())) if inline else 1
+    return [(i, min(i + size, n_chunks)) for i in range(0, n_chunks, size)]
