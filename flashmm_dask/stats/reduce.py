@@ -43,10 +43,11 @@ block then spans n_i cells x all features; choose the cell chunk size accordingl
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import cloudpickle
@@ -328,8 +329,10 @@ def _validate(expr: _Expression, design: _Design, options: Options) -> None:
 
 
 # stats_graph, reduce_stats and the stratified strata_graph, reduce_strata are public and
-# take the same keyword options, so their signatures repeat them (`duplicates` lists the
-# pairs); behind them one Options value and one graph builder per kind serve all four.
+# take the same keyword options: they are written once, in stats_graph's signature; the
+# others take ``**options`` and show (and bind) a signature derived from it (as
+# simulate_to_store does from simulate_rnaseq's). Behind them one Options value and one
+# graph builder per kind serve all four.
 def stats_graph(
     expr: _Expression,
     design: _Design,
@@ -491,17 +494,7 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     return graph, n_i * n_j
 
 
-def reduce_stats(
-    expr: _Expression,
-    design: _Design,
-    *,
-    transform: str = "none",
-    target_sum: float = 1e4,
-    split_every: int = 8,
-    check: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-) -> SummaryStats:
+def reduce_stats(expr: _Expression, design: _Design, **options: Any) -> SummaryStats:
     """Compute the summary statistics of a chunked expression matrix in one pass.
 
     Parameters
@@ -526,8 +519,43 @@ def reduce_stats(
     InputError
         An unknown transform or invalid argument.
     """
-    options = Options(transform, target_sum, split_every, check, provenance)
-    return compute_counted(_build_graph(expr, design, options), expr, progress)
+    bound, arguments = bind_options(reduce_stats, options)
+    return compute_counted(_build_graph(expr, design, bound), expr, arguments["progress"])
+
+
+def computed_signature(graph: Callable[..., Delayed], returns: str) -> inspect.Signature:
+    """The signature of the function that computes ``graph``'s result (shown by help(),
+    IDEs and inspect.signature, and bound by :func:`bind_options`): ``graph``'s, with
+    ``progress`` before ``provenance`` and the return type ``returns``."""
+    progress = inspect.Parameter(
+        "progress",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation="Callable[[int, int], None] | None",
+    )
+    parameters: list[inspect.Parameter] = []
+    for parameter in inspect.signature(graph).parameters.values():
+        parameters += [progress, parameter] if parameter.name == "provenance" else [parameter]
+    return inspect.Signature(parameters, return_annotation=returns)
+
+
+def bind_options(
+    function: Callable[..., Any], options: Mapping[str, Any]
+) -> tuple[Options, dict[str, Any]]:
+    """The keyword ``options`` given to ``function`` (whose ``**options`` stand for the
+    keywords of its signature), with the signature's defaults filled in: the Options and
+    all the keyword arguments by name. A name not in the signature raises the TypeError
+    Python raises for a wrong keyword; the values are checked by :func:`_validate`."""
+    try:
+        bound = inspect.signature(function).bind_partial(**options)
+    except TypeError as exc:  # "got an unexpected keyword argument 'x'"
+        raise TypeError(f"{function.__name__}() {exc}") from None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    return Options(**{f.name: arguments[f.name] for f in fields(Options)}), arguments
+
+
+reduce_stats.__signature__ = computed_signature(stats_graph, "SummaryStats")  # type: ignore[attr-defined]
 
 
 def compute_counted(

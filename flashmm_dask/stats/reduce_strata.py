@@ -28,8 +28,9 @@ of features and ``chains``, not by the number of cells.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,10 @@ from flashmm_dask.stats.reduce import (
     _record,
     _shared_partial,
     _validate,
+    bind_options,
     compute_counted,
+    computed_signature,
+    stats_graph,
 )
 from flashmm_dask.stats.strata import StratifiedStats
 from flashmm_dask.stats.strata_products import strata_products
@@ -336,17 +340,7 @@ def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> 
     return graph, len(data.chunks[0])
 
 
-def strata_graph(
-    expr: _Expression,
-    strata: Strata,
-    *,
-    transform: str = "none",
-    target_sum: float = 1e4,
-    split_every: int = 8,
-    check: bool = True,
-    provenance: Mapping[str, Any] | None = None,
-    chains: int = 2,
-) -> Delayed:
+def strata_graph(expr: _Expression, strata: Strata, **options: Any) -> Delayed:
     """The lazy one-pass computation of every stratum's statistics.
 
     Parameters are those of :func:`flashmm_dask.stats.reduce.stats_graph`, with the
@@ -360,26 +354,38 @@ def strata_graph(
     dask.delayed.Delayed
         Computes to a :class:`~flashmm_dask.stats.strata.StratifiedStats`.
     """
-    options = Options(transform, target_sum, split_every, check, provenance)
-    return _graph(expr, strata, options, chains)[0]
+    bound, arguments = bind_options(strata_graph, options)
+    return _graph(expr, strata, bound, arguments["chains"])[0]
 
 
-def reduce_strata(
-    expr: _Expression,
-    strata: Strata,
-    *,
-    transform: str = "none",
-    target_sum: float = 1e4,
-    split_every: int = 8,
-    check: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    chains: int = 2,
-) -> StratifiedStats:
+def _strata_signature() -> inspect.Signature:
+    """strata_graph's signature: stats_graph's (its keyword options written once, there),
+    with the strata in place of the design and ``chains`` last."""
+    strata = inspect.Parameter(
+        "strata", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Strata"
+    )
+    chains = inspect.Parameter(
+        "chains", inspect.Parameter.KEYWORD_ONLY, default=2, annotation="int"
+    )
+    parameters = [
+        strata if p.name == "design" else p
+        for p in inspect.signature(stats_graph).parameters.values()
+    ]
+    return inspect.Signature([*parameters, chains], return_annotation="Delayed")
+
+
+strata_graph.__signature__ = _strata_signature()  # type: ignore[attr-defined]
+
+
+def reduce_strata(expr: _Expression, strata: Strata, **options: Any) -> StratifiedStats:
     """Compute :func:`strata_graph` (each expression block read once).
 
     ``progress(done, total)`` is called after each block on the local schedulers.
     """
-    options = Options(transform, target_sum, split_every, check, provenance)
-    stats: StratifiedStats = compute_counted(_graph(expr, strata, options, chains), expr, progress)
+    bound, arguments = bind_options(reduce_strata, options)
+    built = _graph(expr, strata, bound, arguments["chains"])
+    stats: StratifiedStats = compute_counted(built, expr, arguments["progress"])
     return stats
+
+
+reduce_strata.__signature__ = computed_signature(strata_graph, "StratifiedStats")  # type: ignore[attr-defined]
