@@ -183,6 +183,10 @@ def _fold_chunk(
     return total
 
 
+# _fold_chunk and _fold_chunks share their trailing parameters (a `duplicates` pair, left):
+# the one-chunk task takes its block, obs rows and start as plain arguments, and making it
+# _fold_chunks of one-element lists doubled the time to build the graph (dask traverses
+# every list argument of every task; 5.6 -> 11.5 ms CPU for 20 chunks, measured).
 def _fold_chunks(
     reads: Sequence[_InlineRead],
     obs: Sequence[Any],
