@@ -155,26 +155,40 @@ def _shared_partial(XZ: tuple[np.ndarray, Any]) -> tuple[np.ndarray, np.ndarray,
     return X.T @ X, np.asarray(Z.T @ X), _dense(ZZ), X.shape[0]
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """What every task of a one-feature-chunk graph reads its chunks with: one graph key
+    shared by all of them, not six arguments of each."""
+
+    design: _Design
+    features: tuple[str, ...]
+    transform: str
+    target_sum: float
+    check: bool
+    source: str
+
+
 def _fold_chunk(
-    total: list[Any] | None,
-    block: Any,
-    obs: Any,
-    start: int,
-    design: _Design,
-    features: tuple[str, ...],
-    transform: str,
-    target_sum: float,
-    check: bool,
-    source: str = "",
+    total: list[Any] | None, block: Any, obs: Any, start: int, fold: _Fold
 ) -> list[Any]:
     """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] with one more cell chunk (with all
     its features) added; ``total`` (None for the first chunk) is added to in place."""
     if isinstance(block, _InlineRead):
         block = block.read()
-    XZ = _design_chunk(design, obs, start)
+    XZ = _design_chunk(fold.design, obs, start)
     part = (
         *_shared_partial(XZ),
-        *_block_partial(block, XZ, features, start, 0, transform, target_sum, check, source),
+        *_block_partial(
+            block,
+            XZ,
+            fold.features,
+            start,
+            0,
+            fold.transform,
+            fold.target_sum,
+            fold.check,
+            fold.source,
+        ),
     )
     if total is None:
         return [_owned(a) for a in part]
@@ -183,29 +197,15 @@ def _fold_chunk(
     return total
 
 
-# _fold_chunk and _fold_chunks share their trailing parameters (a `duplicates` pair, left):
-# the one-chunk task takes its block, obs rows and start as plain arguments, and making it
-# _fold_chunks of one-element lists doubled the time to build the graph (dask traverses
-# every list argument of every task; 5.6 -> 11.5 ms CPU for 20 chunks, measured).
 def _fold_chunks(
-    reads: Sequence[_InlineRead],
-    obs: Sequence[Any],
-    starts: Sequence[int],
-    design: _Design,
-    features: tuple[str, ...],
-    transform: str,
-    target_sum: float,
-    check: bool,
-    source: str = "",
+    reads: Sequence[_InlineRead], obs: Sequence[Any], starts: Sequence[int], fold: _Fold
 ) -> list[Any]:
     """The sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of consecutive cell chunks, each read
     here in turn and added into one accumulator; ``obs`` holds the rows of each chunk
     and ``starts`` its first cell."""
     total = None
     for read, rows, start in zip(reads, obs, starts, strict=True):
-        total = _fold_chunk(
-            total, read, rows, start, design, features, transform, target_sum, check, source
-        )
+        total = _fold_chunk(total, read, rows, start, fold)
     assert total is not None, "a group has at least one chunk"
     return total
 
@@ -402,15 +402,14 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     blocks = data.to_delayed()
     n_i, n_j = blocks.shape
 
-    design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
-    features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     # the design reads obs by position; a string index would be most of the graph's bytes
     obs = expr.obs.reset_index(drop=True)
     fused: list[Any] = []
     if n_j == 1:  # one task per run of chunks, added into one accumulator
         reads = _inline_reads(list(blocks[:, 0]))
         obs_future = _scattered(obs)
-        args = (design_key, features_key, transform, target_sum, check, source)
+        fold = _Fold(design, features, transform, target_sum, check, source)
+        fold_key = delayed(fold, name=f"flashmm-fold-{token}", traverse=False)
         for i0, i1 in _groups(n_i, reads is not None):
             bounds = [int(c) for c in cell_starts[i0 : i1 + 1]]
             obs_g = [
@@ -425,17 +424,19 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
                         blocks[i0, 0],
                         obs_g[0],
                         int(cell_starts[i0]),
-                        *args,
+                        fold_key,
                         dask_key_name=key,
                     )
                 )
             else:
                 fused.append(
                     delayed(_fold_chunks, pure=True)(
-                        reads[i0:i1], obs_g, bounds[:-1], *args, dask_key_name=key
+                        reads[i0:i1], obs_g, bounds[:-1], fold_key, dask_key_name=key
                     )
                 )
     else:
+        design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
+        features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
         obs_future = _scattered(obs)
         shared: list[Any] = []
         per_block: list[list[Any]] = [[] for _ in range(n_j)]
