@@ -43,11 +43,10 @@ block then spans n_i cells x all features; choose the cell chunk size accordingl
 
 from __future__ import annotations
 
-import inspect
 import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cloudpickle
@@ -64,12 +63,15 @@ from dask.optimization import cull
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, _dense
 from flashmm_dask.stats.graph import (
+    Options,
     _groups,
     _InlineRead,
     _is_literal,
     _obs_chunk,
     _scattered,
     _tree_sum,
+    bind_options,
+    computed_signature,
 )
 from flashmm_dask.stats.summary import SummaryStats
 
@@ -114,18 +116,6 @@ class _Expression(Protocol):
 
     @property
     def obs(self) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Options:
-    """The keyword options of the reductions (:func:`stats_graph`, :func:`reduce_stats` and
-    their stratified forms), checked by :func:`_validate`."""
-
-    transform: str
-    target_sum: float
-    split_every: int
-    check: bool
-    provenance: Mapping[str, Any] | None
 
 
 # -- tasks (run on workers) -------------------------------------------------------------
@@ -526,38 +516,6 @@ def reduce_stats(expr: _Expression, design: _Design, **options: Any) -> SummaryS
     """
     bound, arguments = bind_options(reduce_stats, options)
     return compute_counted(_build_graph(expr, design, bound), expr, arguments["progress"])
-
-
-def computed_signature(graph: Callable[..., Delayed], returns: str) -> inspect.Signature:
-    """The signature of the function that computes ``graph``'s result (shown by help(),
-    IDEs and inspect.signature, and bound by :func:`bind_options`): ``graph``'s, with
-    ``progress`` before ``provenance`` and the return type ``returns``."""
-    progress = inspect.Parameter(
-        "progress",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation="Callable[[int, int], None] | None",
-    )
-    parameters: list[inspect.Parameter] = []
-    for parameter in inspect.signature(graph).parameters.values():
-        parameters += [progress, parameter] if parameter.name == "provenance" else [parameter]
-    return inspect.Signature(parameters, return_annotation=returns)
-
-
-def bind_options(
-    function: Callable[..., Any], options: Mapping[str, Any]
-) -> tuple[Options, dict[str, Any]]:
-    """The keyword ``options`` given to ``function`` (whose ``**options`` stand for the
-    keywords of its signature), with the signature's defaults filled in: the Options and
-    all the keyword arguments by name. A name not in the signature raises the TypeError
-    Python raises for a wrong keyword; the values are checked by :func:`_validate`."""
-    try:
-        bound = inspect.signature(function).bind_partial(**options)
-    except TypeError as exc:  # "got an unexpected keyword argument 'x'"
-        raise TypeError(f"{function.__name__}() {exc}") from None
-    bound.apply_defaults()
-    arguments = bound.arguments
-    return Options(**{f.name: arguments[f.name] for f in fields(Options)}), arguments
 
 
 reduce_stats.__signature__ = computed_signature(stats_graph, "SummaryStats")  # type: ignore[attr-defined]

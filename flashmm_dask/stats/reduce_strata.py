@@ -41,11 +41,18 @@ from dask.delayed import Delayed
 from flashmm_dask.design.strata import Strata, group_name
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
-from flashmm_dask.stats.graph import _InlineRead, _obs_chunk, _scattered, _tree_sum
+from flashmm_dask.stats.graph import (
+    Options,
+    _InlineRead,
+    _obs_chunk,
+    _scattered,
+    _tree_sum,
+    bind_options,
+    computed_signature,
+)
 from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
     _BLOCK_PREFIX,
-    Options,
     _chunking,
     _design_chunk,
     _Expression,
@@ -53,9 +60,7 @@ from flashmm_dask.stats.reduce import (
     _record,
     _shared_partial,
     _validate,
-    bind_options,
     compute_counted,
-    computed_signature,
     stats_graph,
 )
 from flashmm_dask.stats.strata import StratifiedStats
