@@ -29,10 +29,11 @@ from the cell metadata in chunks, so the check costs one cheap pass over obs.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse
@@ -154,16 +155,10 @@ def _quoted(names: Sequence[str], shown: int = 6) -> str:
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def check_replication(
-    XX: ArrayLike,
-    ZX: ArrayLike,
-    ZZ: ArrayLike,
-    d: Sequence[int],
-    covariates: Sequence[str],
-    components: Sequence[str],
-    *,
-    min_df: int = MIN_DF,
-) -> list[Replication]:
+# check_replication takes replication's six arguments and passes them on as they are, so
+# they are written once; it shows replication's signature with min_df (set below). A wrong
+# argument is the TypeError of the call to replication, which names replication().
+def check_replication(*args: Any, min_df: int = MIN_DF, **kwargs: Any) -> list[Replication]:
     """Refuse a random component the fixed effects absorb; warn of one with few df.
 
     Parameters as :func:`replication`; ``min_df``: components with fewer degrees of freedom
@@ -179,7 +174,7 @@ def check_replication(
         A component keeps no degrees of freedom (its columns lie in the span of X), e.g.
         one donor per condition with the condition among the fixed effects.
     """
-    found = replication(XX, ZX, ZZ, d, covariates, components)
+    found = replication(*args, **kwargs)
     for r in found:
         if r.rank and r.df == 0:
             raise DesignError(
@@ -203,6 +198,17 @@ def check_replication(
             ),
         )
     return found
+
+
+check_replication.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        *inspect.signature(replication).parameters.values(),
+        inspect.Parameter(
+            "min_df", inspect.Parameter.KEYWORD_ONLY, default=MIN_DF, annotation="int"
+        ),
+    ],
+    return_annotation="list[Replication]",
+)
 
 
 def design_crossproducts(

@@ -1,16 +1,21 @@
 """The pieces of the reductions' task graphs (:mod:`flashmm_dask.stats.reduce`,
 :mod:`flashmm_dask.stats.reduce_strata`): reads run inside the task that reduces a block,
 obs rows sent once and sliced on the cluster, the runs of chunks each task reduces, and
-the tree that sums the tasks' partials."""
+the tree that sums the tasks' partials; and the keyword options all the reductions take
+(:class:`Options`, bound by the functions that show a signature derived from
+:func:`~flashmm_dask.stats.reduce.stats_graph`'s)."""
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import dask
 from dask import delayed
+from dask.delayed import Delayed
 
 __all__: list[str] = []  # internal to the reductions
 
@@ -117,3 +122,48 @@ def _groups(n_chunks: int, inline: bool) -> list[tuple[int, int]]:
     would hold all their blocks at once)."""
     size = -(-n_chunks // (4 * _n_threads())) if inline else 1
     return [(i, min(i + size, n_chunks)) for i in range(0, n_chunks, size)]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of the reductions (:mod:`flashmm_dask.stats.reduce`'s
+    ``stats_graph``, ``reduce_stats`` and their stratified forms), checked by its
+    ``_validate``."""
+
+    transform: str
+    target_sum: float
+    split_every: int
+    check: bool
+    provenance: Mapping[str, Any] | None
+
+
+def computed_signature(graph: Callable[..., Delayed], returns: str) -> inspect.Signature:
+    """The signature of the function that computes ``graph``'s result (shown by help(),
+    IDEs and inspect.signature, and bound by :func:`bind_options`): ``graph``'s, with
+    ``progress`` before ``provenance`` and the return type ``returns``."""
+    progress = inspect.Parameter(
+        "progress",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation="Callable[[int, int], None] | None",
+    )
+    parameters: list[inspect.Parameter] = []
+    for parameter in inspect.signature(graph).parameters.values():
+        parameters += [progress, parameter] if parameter.name == "provenance" else [parameter]
+    return inspect.Signature(parameters, return_annotation=returns)
+
+
+def bind_options(
+    function: Callable[..., Any], options: Mapping[str, Any]
+) -> tuple[Options, dict[str, Any]]:
+    """The keyword ``options`` given to ``function`` (whose ``**options`` stand for the
+    keywords of its signature), with the signature's defaults filled in: the Options and
+    all the keyword arguments by name. A name not in the signature raises the TypeError
+    Python raises for a wrong keyword; the values are checked later (``_validate``)."""
+    try:
+        bound = inspect.signature(function).bind_partial(**options)
+    except TypeError as exc:  # "got an unexpected keyword argument 'x'"
+        raise TypeError(f"{function.__name__}() {exc}") from None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    return Options(**{f.name: arguments[f.name] for f in fields(Options)}), arguments

@@ -63,12 +63,15 @@ from dask.optimization import cull
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
 from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, _dense
 from flashmm_dask.stats.graph import (
+    Options,
     _groups,
     _InlineRead,
     _is_literal,
     _obs_chunk,
     _scattered,
     _tree_sum,
+    bind_options,
+    computed_signature,
 )
 from flashmm_dask.stats.summary import SummaryStats
 
@@ -115,18 +118,6 @@ class _Expression(Protocol):
     def obs(self) -> Any: ...
 
 
-@dataclass(frozen=True)
-class Options:
-    """The keyword options of the reductions (:func:`stats_graph`, :func:`reduce_stats` and
-    their stratified forms), checked by :func:`_validate`."""
-
-    transform: str
-    target_sum: float
-    split_every: int
-    check: bool
-    provenance: Mapping[str, Any] | None
-
-
 # -- tasks (run on workers) -------------------------------------------------------------
 
 
@@ -154,26 +145,40 @@ def _shared_partial(XZ: tuple[np.ndarray, Any]) -> tuple[np.ndarray, np.ndarray,
     return X.T @ X, np.asarray(Z.T @ X), _dense(ZZ), X.shape[0]
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """What every task of a one-feature-chunk graph reads its chunks with: one graph key
+    shared by all of them, not six arguments of each."""
+
+    design: _Design
+    features: tuple[str, ...]
+    transform: str
+    target_sum: float
+    check: bool
+    source: str
+
+
 def _fold_chunk(
-    total: list[Any] | None,
-    block: Any,
-    obs: Any,
-    start: int,
-    design: _Design,
-    features: tuple[str, ...],
-    transform: str,
-    target_sum: float,
-    check: bool,
-    source: str = "",
+    total: list[Any] | None, block: Any, obs: Any, start: int, fold: _Fold
 ) -> list[Any]:
     """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] with one more cell chunk (with all
     its features) added; ``total`` (None for the first chunk) is added to in place."""
     if isinstance(block, _InlineRead):
         block = block.read()
-    XZ = _design_chunk(design, obs, start)
+    XZ = _design_chunk(fold.design, obs, start)
     part = (
         *_shared_partial(XZ),
-        *_block_partial(block, XZ, features, start, 0, transform, target_sum, check, source),
+        *_block_partial(
+            block,
+            XZ,
+            fold.features,
+            start,
+            0,
+            fold.transform,
+            fold.target_sum,
+            fold.check,
+            fold.source,
+        ),
     )
     if total is None:
         return [_owned(a) for a in part]
@@ -183,24 +188,14 @@ def _fold_chunk(
 
 
 def _fold_chunks(
-    reads: Sequence[_InlineRead],
-    obs: Sequence[Any],
-    starts: Sequence[int],
-    design: _Design,
-    features: tuple[str, ...],
-    transform: str,
-    target_sum: float,
-    check: bool,
-    source: str = "",
+    reads: Sequence[_InlineRead], obs: Sequence[Any], starts: Sequence[int], fold: _Fold
 ) -> list[Any]:
     """The sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of consecutive cell chunks, each read
     here in turn and added into one accumulator; ``obs`` holds the rows of each chunk
     and ``starts`` its first cell."""
     total = None
     for read, rows, start in zip(reads, obs, starts, strict=True):
-        total = _fold_chunk(
-            total, read, rows, start, design, features, transform, target_sum, check, source
-        )
+        total = _fold_chunk(total, read, rows, start, fold)
     assert total is not None, "a group has at least one chunk"
     return total
 
@@ -328,8 +323,10 @@ def _validate(expr: _Expression, design: _Design, options: Options) -> None:
 
 
 # stats_graph, reduce_stats and the stratified strata_graph, reduce_strata are public and
-# take the same keyword options, so their signatures repeat them (`duplicates` lists the
-# pairs); behind them one Options value and one graph builder per kind serve all four.
+# take the same keyword options: they are written once, in stats_graph's signature; the
+# others take ``**options`` and show (and bind) a signature derived from it (as
+# simulate_to_store does from simulate_rnaseq's). Behind them one Options value and one
+# graph builder per kind serve all four.
 def stats_graph(
     expr: _Expression,
     design: _Design,
@@ -395,15 +392,14 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     blocks = data.to_delayed()
     n_i, n_j = blocks.shape
 
-    design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
-    features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     # the design reads obs by position; a string index would be most of the graph's bytes
     obs = expr.obs.reset_index(drop=True)
     fused: list[Any] = []
     if n_j == 1:  # one task per run of chunks, added into one accumulator
         reads = _inline_reads(list(blocks[:, 0]))
         obs_future = _scattered(obs)
-        args = (design_key, features_key, transform, target_sum, check, source)
+        fold = _Fold(design, features, transform, target_sum, check, source)
+        fold_key = delayed(fold, name=f"flashmm-fold-{token}", traverse=False)
         for i0, i1 in _groups(n_i, reads is not None):
             bounds = [int(c) for c in cell_starts[i0 : i1 + 1]]
             obs_g = [
@@ -418,17 +414,19 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
                         blocks[i0, 0],
                         obs_g[0],
                         int(cell_starts[i0]),
-                        *args,
+                        fold_key,
                         dask_key_name=key,
                     )
                 )
             else:
                 fused.append(
                     delayed(_fold_chunks, pure=True)(
-                        reads[i0:i1], obs_g, bounds[:-1], *args, dask_key_name=key
+                        reads[i0:i1], obs_g, bounds[:-1], fold_key, dask_key_name=key
                     )
                 )
     else:
+        design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
+        features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
         obs_future = _scattered(obs)
         shared: list[Any] = []
         per_block: list[list[Any]] = [[] for _ in range(n_j)]
@@ -491,17 +489,7 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     return graph, n_i * n_j
 
 
-def reduce_stats(
-    expr: _Expression,
-    design: _Design,
-    *,
-    transform: str = "none",
-    target_sum: float = 1e4,
-    split_every: int = 8,
-    check: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-) -> SummaryStats:
+def reduce_stats(expr: _Expression, design: _Design, **options: Any) -> SummaryStats:
     """Compute the summary statistics of a chunked expression matrix in one pass.
 
     Parameters
@@ -526,8 +514,11 @@ def reduce_stats(
     InputError
         An unknown transform or invalid argument.
     """
-    options = Options(transform, target_sum, split_every, check, provenance)
-    return compute_counted(_build_graph(expr, design, options), expr, progress)
+    bound, arguments = bind_options(reduce_stats, options)
+    return compute_counted(_build_graph(expr, design, bound), expr, arguments["progress"])
+
+
+reduce_stats.__signature__ = computed_signature(stats_graph, "SummaryStats")  # type: ignore[attr-defined]
 
 
 def compute_counted(

@@ -28,8 +28,9 @@ of features and ``chains``, not by the number of cells.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,18 @@ from dask.delayed import Delayed
 from flashmm_dask.design.strata import Strata, group_name
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
-from flashmm_dask.stats.graph import _InlineRead, _obs_chunk, _scattered, _tree_sum
+from flashmm_dask.stats.graph import (
+    Options,
+    _InlineRead,
+    _obs_chunk,
+    _scattered,
+    _tree_sum,
+    bind_options,
+    computed_signature,
+)
 from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
     _BLOCK_PREFIX,
-    Options,
     _chunking,
     _design_chunk,
     _Expression,
@@ -53,6 +61,7 @@ from flashmm_dask.stats.reduce import (
     _shared_partial,
     _validate,
     compute_counted,
+    stats_graph,
 )
 from flashmm_dask.stats.strata import StratifiedStats
 from flashmm_dask.stats.strata_products import strata_products
@@ -336,17 +345,7 @@ def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> 
     return graph, len(data.chunks[0])
 
 
-def strata_graph(
-    expr: _Expression,
-    strata: Strata,
-    *,
-    transform: str = "none",
-    target_sum: float = 1e4,
-    split_every: int = 8,
-    check: bool = True,
-    provenance: Mapping[str, Any] | None = None,
-    chains: int = 2,
-) -> Delayed:
+def strata_graph(expr: _Expression, strata: Strata, **options: Any) -> Delayed:
     """The lazy one-pass computation of every stratum's statistics.
 
     Parameters are those of :func:`flashmm_dask.stats.reduce.stats_graph`, with the
@@ -360,26 +359,38 @@ def strata_graph(
     dask.delayed.Delayed
         Computes to a :class:`~flashmm_dask.stats.strata.StratifiedStats`.
     """
-    options = Options(transform, target_sum, split_every, check, provenance)
-    return _graph(expr, strata, options, chains)[0]
+    bound, arguments = bind_options(strata_graph, options)
+    return _graph(expr, strata, bound, arguments["chains"])[0]
 
 
-def reduce_strata(
-    expr: _Expression,
-    strata: Strata,
-    *,
-    transform: str = "none",
-    target_sum: float = 1e4,
-    split_every: int = 8,
-    check: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    chains: int = 2,
-) -> StratifiedStats:
+def _strata_signature() -> inspect.Signature:
+    """strata_graph's signature: stats_graph's (its keyword options written once, there),
+    with the strata in place of the design and ``chains`` last."""
+    strata = inspect.Parameter(
+        "strata", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Strata"
+    )
+    chains = inspect.Parameter(
+        "chains", inspect.Parameter.KEYWORD_ONLY, default=2, annotation="int"
+    )
+    parameters = [
+        strata if p.name == "design" else p
+        for p in inspect.signature(stats_graph).parameters.values()
+    ]
+    return inspect.Signature([*parameters, chains], return_annotation="Delayed")
+
+
+strata_graph.__signature__ = _strata_signature()  # type: ignore[attr-defined]
+
+
+def reduce_strata(expr: _Expression, strata: Strata, **options: Any) -> StratifiedStats:
     """Compute :func:`strata_graph` (each expression block read once).
 
     ``progress(done, total)`` is called after each block on the local schedulers.
     """
-    options = Options(transform, target_sum, split_every, check, provenance)
-    stats: StratifiedStats = compute_counted(_graph(expr, strata, options, chains), expr, progress)
+    bound, arguments = bind_options(reduce_strata, options)
+    built = _graph(expr, strata, bound, arguments["chains"])
+    stats: StratifiedStats = compute_counted(built, expr, arguments["progress"])
     return stats
+
+
+reduce_strata.__signature__ = computed_signature(strata_graph, "StratifiedStats")  # type: ignore[attr-defined]
