@@ -325,12 +325,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, phase):
     )
     assert proc.stderr is not None
     seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if phase in line:
-            break
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole group gets it
-    rest = proc.stderr.read()
+    with proc.stderr:  # closed here: a pipe left to the garbage collector warns later
+        for line in proc.stderr:
+            seen.append(line)
+            if phase in line:
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole group gets it
+        rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 130, "".join(seen) + rest
     assert rest.strip().splitlines() == [
         "flashmm-dask: interrupted; rerun the same command to resume"
