@@ -103,10 +103,14 @@ def slurm_cluster(cfg: ClusterConfig) -> Any:
             "cluster.kind 'slurm' needs dask-jobqueue; install it with "
             "pip install 'flashmm-dask[slurm]'"
         ) from None
-    if first and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         # dask-jobqueue 0.9.0 sets SIGINT to sys.exit() on import (dask/dask-jobqueue#696):
-        # Ctrl-C would end the run with status 0 and no message
-        signal.signal(signal.SIGINT, handler)
+        # Ctrl-C would end the run with status 0 and no message. Imported earlier by
+        # someone else, its handler is replaced by Python's own
+        if first:
+            signal.signal(signal.SIGINT, handler)
+        elif getattr(signal.getsignal(signal.SIGINT), "__module__", "") == "dask_jobqueue.runner":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     s = cfg.slurm
     kwargs: dict[str, Any] = {
         "cores": s.cores,
