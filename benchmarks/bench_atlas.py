@@ -12,8 +12,8 @@ rewritten with the paper's names (donor, state, condition) and donor-level age a
 The whole pipeline (:func:`flashmm_dask.run.pipeline.run`: reduction, fitting, tests, results
 store, tables; plots with ``--plots``) runs on a local cluster, and the script prints the
 wall time per phase, the peak resident memory of the process tree (driver + workers,
-target <= 6 GiB) and the cost per non-zero of each size (linear in the non-zeros when the
-cost per non-zero is flat). Not a test: it asserts nothing.
+target <= 4 GiB at 5M cells) and the cost per non-zero of each size (linear in the
+non-zeros when the cost per non-zero is flat). Not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> list[tuple[Any, ...]]:
             f"whole run {(wall / nnz) / (first[2] / first[1]):.2f} (1.00 = linear, fixed "
             f"costs make it < 1); fit / statistics "
             f"{timings['fitting'] / timings['statistics']:.2f}; peak {gib(peak)} "
-            "(target <= 6 GiB)"
+            "(target <= 4 GiB at 5M cells)"
         )
     return rows
 
