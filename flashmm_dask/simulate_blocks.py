@@ -31,18 +31,18 @@ class _Model:
     The NB mean of cell c and gene g is base[s, g] effect[e, g] lib[c] (s the cell's
     subject, e its effect class): base is (n_subjects, n_genes), mu_g e^{b_sg}; effect is
     (n_celltypes + 1, n_genes), e^{beta_g} in the row of its cell type, the last row ones
-    (untreated cells); lib the library size over its geometric mean. ``varies`` marks the
-    columns of effect that are not all ones; ``buckets`` are
-    :func:`~flashmm_dask.numerics.nb_sparse.gene_buckets` of base, effect and dispersion.
+    (untreated cells); lib the library size over its geometric mean. base_max and
+    effect_max are their maxima per gene.
     """
 
     obs: pd.DataFrame
     var: pd.DataFrame
     uns: dict[str, Any]
     base: np.ndarray
+    base_max: np.ndarray
     effect: np.ndarray
-    varies: np.ndarray
-    buckets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    effect_max: np.ndarray
+    effect_min: np.ndarray
     dispersion: np.ndarray
     subject_code: np.ndarray
     effect_code: np.ndarray
@@ -109,107 +109,69 @@ def draw_libsize(
     return np.concatenate(list(blocks))
 
 
-_Block = tuple[np.ndarray, np.ndarray, np.ndarray]  # CSR indptr, indices, data
-
-
-def _block_counts(model: _Model, block: int) -> _Block:
-    """Counts of one block of cells (cells in block x n_genes) as CSR arrays."""
+def _block_counts(model: _Model, block: int) -> sp.csr_matrix:
+    """Counts of one block of cells, shape (cells in block, n_genes), CSR."""
     rows = _block_rows(block, len(model.subject_code))
-    indptr, indices, data, largest, status = sparse_nb_block(
+    indptr, indices, data, status = sparse_nb_block(
         _block_rng(model.counts_seed, block),
+        model.base,
+        model.base_max,
         model.effect,
-        model.varies,
-        *model.buckets,
+        model.effect_max,
+        model.effect_min,
+        model.dispersion,
         model.subject_code[rows],
         model.effect_code[rows],
         model.lib[rows],
-        np.empty(0, model.dtype),
     )
     if status:
         raise InputError(
             f"NB means too large to draw in cells {rows.start + 1}.."
             f"{rows.stop}; lower gene_mean or var_randomeffects"
         )
-    if model.dtype.kind in "iu" and largest > np.iinfo(model.dtype).max:
+    if model.dtype.kind in "iu" and data.size and data.max() > np.iinfo(model.dtype).max:
         raise InputError(
-            f"counts up to {largest} do not fit dtype {model.dtype}; use dtype='int64'"
+            f"counts up to {data.max()} do not fit dtype {model.dtype}; use dtype='int64'"
         )
-    return indptr, indices, data
+    shape = (rows.stop - rows.start, len(model.dispersion))
+    return sp.csr_matrix((data.astype(model.dtype), indices, indptr), shape=shape)
 
 
-def _map_blocks(
-    func: Callable[[int], Any], n_cells: int, n_threads: int, ahead: int = 0
-) -> Iterator[Any]:
-    """func(k) for every cell block k, in order, at most max(ahead, 2 n_threads) blocks
-    in flight (computed while the consumer works on earlier ones)."""
+def _map_blocks(func: Callable[[int], Any], n_cells: int, n_threads: int) -> Iterator[Any]:
+    """func(k) for every cell block k, in order, at most 2 n_threads blocks in flight."""
     n_blocks = -(-n_cells // RNG_BLOCK_CELLS)
     if n_threads == 1:
         yield from map(func, range(n_blocks))
         return
     with ThreadPoolExecutor(n_threads) as pool:
         pending: deque[Any] = deque()
-        try:
-            for k in range(n_blocks):
-                pending.append(pool.submit(func, k))
-                if len(pending) >= max(ahead, 2 * n_threads):
-                    yield pending.popleft().result()
-            while pending:
+        for k in range(n_blocks):
+            pending.append(pool.submit(func, k))
+            if len(pending) >= 2 * n_threads:
                 yield pending.popleft().result()
-        finally:  # an error or a consumer that stops: do not draw the blocks ahead
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _iter_chunks(model: _Model, chunk_cells: int, n_threads: int) -> Iterator[sp.csr_matrix]:
-    """The count matrix in consecutive CSR chunks of chunk_cells rows (the last shorter).
-
-    The blocks of the next chunk are drawn while the consumer writes this one, so memory
-    holds about two chunks.
-    """
-    n_cells, n_genes = len(model.subject_code), len(model.dispersion)
-    ahead = -(-chunk_cells // RNG_BLOCK_CELLS)
-    blocks = _map_blocks(lambda k: _block_counts(model, k), n_cells, n_threads, ahead)
-    parts: list[_Block] = []
+    """The count matrix in consecutive CSR chunks of chunk_cells rows (the last shorter)."""
+    buffer: list[sp.csr_matrix] = []
     buffered = 0
+    blocks = _map_blocks(lambda k: _block_counts(model, k), len(model.subject_code), n_threads)
     for block in blocks:
-        rows = len(block[0]) - 1
-        taken = 0
-        while buffered + rows - taken >= chunk_cells:
-            # the chunk ends inside (or at the end of) this block: split it
-            cut = taken + chunk_cells - buffered
-            parts.append(_rows(block, taken, cut))
-            yield _csr(parts, n_genes)
-            parts, buffered, taken = [], 0, cut
-        if taken < rows:
-            parts.append(_rows(block, taken, rows))
-            buffered += rows - taken
-    if parts:
-        yield _csr(parts, n_genes)
+        buffer.append(block)
+        buffered += block.shape[0]
+        while buffered >= chunk_cells:
+            # split only the last block, so that each count is copied once
+            last = buffer.pop()
+            keep = buffered - chunk_cells
+            head = last[: last.shape[0] - keep] if keep else last
+            yield _stack([*buffer, head])
+            buffer = [last[last.shape[0] - keep :]] if keep else []
+            buffered = keep
+    if buffered:
+        yield _stack(buffer)
 
 
-def _rows(block: _Block, first: int, stop: int) -> _Block:
-    """Rows [first, stop) of a block's CSR arrays (views)."""
-    indptr, indices, data = block
-    if first == 0 and stop == len(indptr) - 1:
-        return block
-    lo, hi = indptr[first], indptr[stop]
-    return indptr[first : stop + 1] - lo, indices[lo:hi], data[lo:hi]
-
-
-def _csr(parts: list[_Block], n_genes: int) -> sp.csr_matrix:
-    """The rows of consecutive blocks as one CSR matrix (each value copied once)."""
-    offsets = np.cumsum([0] + [part[0][-1] for part in parts])
-    indptr = np.concatenate(
-        [[0]] + [part[0][1:] + offset for part, offset in zip(parts, offsets, strict=False)]
-    )
-    indices = np.concatenate([part[1] for part in parts])
-    data = np.concatenate([part[2] for part in parts])
-    # scipy's choice of index dtype (both int32 while they fit), without its checks: the
-    # kernel's arrays are valid CSR with sorted indices
-    index_dtype = np.int32 if indptr[-1] <= np.iinfo(np.int32).max else np.int64
-    matrix = sp.csr_matrix((len(indptr) - 1, n_genes), dtype=data.dtype)
-    matrix.indptr = indptr.astype(index_dtype)
-    matrix.indices = indices.astype(index_dtype, copy=False)
-    matrix.data = data
-    matrix.has_sorted_indices = True
-    return matrix
+def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
+    return sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
