@@ -66,6 +66,7 @@ of their stream, so the data do not depend on ``chunk_cells`` or ``n_threads``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -81,7 +82,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from flashmm_dask.errors import InputError
-from flashmm_dask.io.anndata_store import StoreFormat, store_format, write_store, write_streamed
+from flashmm_dask.io.anndata_store import store_format, write_store, write_streamed
 from flashmm_dask.io.writing import package_version
 from flashmm_dask.simulate_blocks import RNG_BLOCK_CELLS, _iter_chunks, _Model, draw_libsize
 
@@ -186,30 +187,8 @@ def simulate_rnaseq(
     return ad.AnnData(X=sp.csr_matrix(X), obs=model.obs, var=model.var, uns=model.uns)
 
 
-# simulate_rnaseq's keywords again, and checked by the same _validate: both functions are
-# public, so each signature shows every parameter (help(), IDEs, inspect.signature)
 def simulate_to_store(
-    path: str | os.PathLike[str],
-    n_genes: int = 100,
-    n_cells: int = 1000,
-    *,
-    n_samples: int = 10,
-    n_celltypes: int = 3,
-    n_treatments: int = 2,
-    n_de_genes: int | None = None,
-    minbeta: float = 0.25,
-    maxbeta: float = 1.0,
-    direction: str = "both",
-    var_randomeffects: float = 0.1,
-    gene_mean: float | np.ndarray | None = None,
-    dispersion: float | np.ndarray | None = None,
-    seed: int | None = None,
-    chunk_cells: int = 100_000,
-    store_chunk_cells: int = 10_000,
-    dtype: str | np.dtype = "int32",
-    format: StoreFormat | None = None,
-    overwrite: bool = False,
-    n_threads: int = 1,
+    path: str | os.PathLike[str], n_genes: int = 100, n_cells: int = 1000, **options: Any
 ) -> Path:
     """Simulate as :func:`simulate_rnaseq` and stream the cells into an AnnData store.
 
@@ -239,20 +218,56 @@ def simulate_to_store(
     pathlib.Path
         The store written; it appears only once complete.
     """
+    # the keywords are bound as the signature below shows them (a wrong name is the
+    # TypeError Python raises), and checked by simulate_rnaseq's _validate
+    try:
+        bound = _STORE_SIGNATURE.bind(path, n_genes, n_cells, **options)
+    except TypeError as exc:  # "got an unexpected keyword argument 'x'"
+        raise TypeError(f"simulate_to_store() {exc}") from None
+    bound.apply_defaults()
+    args = bound.arguments
     target = Path(path)
-    fmt = store_format(target, format)
-    params = _validate(locals())
-    _check_positive_int("chunk_cells", chunk_cells)
-    _check_positive_int("store_chunk_cells", store_chunk_cells)
+    fmt = store_format(target, args["format"])
+    params = _validate(args)
+    chunk_cells = _check_positive_int("chunk_cells", args["chunk_cells"])
+    store_chunk_cells = _check_positive_int("store_chunk_cells", args["store_chunk_cells"])
+    n_threads = args["n_threads"]
 
     def content() -> tuple[ad.AnnData, Iterator[sp.csr_matrix]]:
         model = _build_model(params, n_threads)
         meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
         return meta, _iter_chunks(model, chunk_cells, n_threads)
 
-    write_streamed(target, fmt, content, chunk_cells=store_chunk_cells, overwrite=overwrite)
-    logger.info("simulated %d cells x %d genes into %s", n_cells, n_genes, target)
+    write_streamed(target, fmt, content, chunk_cells=store_chunk_cells, overwrite=args["overwrite"])
+    logger.info("simulated %d cells x %d genes into %s", params.n_cells, params.n_genes, target)
     return target
+
+
+def _store_signature() -> inspect.Signature:
+    """simulate_to_store's full signature, shown by help(), IDEs and inspect.signature:
+    a path, then simulate_rnaseq's parameters (written once, there) with the store's
+    keywords: store_chunk_cells after chunk_cells, format and overwrite after dtype."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    store_keywords = {
+        "chunk_cells": [
+            inspect.Parameter("store_chunk_cells", keyword, default=10_000, annotation="int")
+        ],
+        "dtype": [
+            inspect.Parameter("format", keyword, default=None, annotation="StoreFormat | None"),
+            inspect.Parameter("overwrite", keyword, default=False, annotation="bool"),
+        ],
+    }
+    path = inspect.Parameter(
+        "path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str | os.PathLike[str]"
+    )
+    parameters = [path]
+    for parameter in inspect.signature(simulate_rnaseq).parameters.values():
+        parameters += [parameter, *store_keywords.get(parameter.name, [])]
+    return inspect.Signature(parameters, return_annotation="Path")
+
+
+_STORE_SIGNATURE = _store_signature()
+simulate_to_store.__signature__ = _STORE_SIGNATURE  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ validation and model
@@ -285,30 +300,53 @@ def _gene_vector(name: str, value: Any, n_genes: int) -> np.ndarray | None:
 def _validate(args: Mapping[str, Any]) -> _Params:
     """The model's arguments (the fields of :class:`_Params`, taken by name from ``args``:
     the caller's ``locals()``) checked, with the seed drawn when None."""
-    n_genes = _check_positive_int("n_genes", args["n_genes"])
-    n_cells = _check_positive_int("n_cells", args["n_cells"])
-    n_celltypes = _check_positive_int("n_celltypes", args["n_celltypes"])
-    n_treatments = _check_positive_int("n_treatments", args["n_treatments"])
+    counts = ("n_genes", "n_cells", "n_celltypes", "n_treatments", "n_samples")
+    checked: dict[str, Any] = {name: _check_positive_int(name, args[name]) for name in counts}
+    n_genes, n_treatments = checked["n_genes"], checked["n_treatments"]
     if n_treatments > len(string.ascii_uppercase):
         raise InputError(f"n_treatments must be <= 26 (labels A..Z), got {n_treatments}")
-    n_samples = _check_positive_int("n_samples", args["n_samples"])
-    if n_samples < n_treatments:
+    if checked["n_samples"] < n_treatments:
         raise InputError(
-            f"n_samples={n_samples} is less than n_treatments={n_treatments}; "
+            f"n_samples={checked['n_samples']} is less than n_treatments={n_treatments}; "
             "subjects are nested in treatments, so each needs one"
         )
     n_de_genes = args["n_de_genes"]
     if n_de_genes is None:
-        n_de_genes = min(n_celltypes, n_genes)
-    n_de_genes = _check_positive_int("n_de_genes", n_de_genes, minimum=0)
-    if n_de_genes > n_genes:
+        n_de_genes = min(checked["n_celltypes"], n_genes)
+    checked["n_de_genes"] = _check_positive_int("n_de_genes", n_de_genes, minimum=0)
+    if checked["n_de_genes"] > n_genes:
         raise InputError(
-            f"n_de_genes={n_de_genes} exceeds n_genes={n_genes}; lower n_de_genes or raise n_genes"
+            f"n_de_genes={checked['n_de_genes']} exceeds n_genes={n_genes}; "
+            "lower n_de_genes or raise n_genes"
         )
-    minbeta, maxbeta = float(args["minbeta"]), float(args["maxbeta"])
+    checked.update(_checked_betas(args["minbeta"], args["maxbeta"], args["direction"]))
+    var_randomeffects = float(args["var_randomeffects"])
+    if not (math.isfinite(var_randomeffects) and var_randomeffects >= 0):
+        raise InputError(f"var_randomeffects must be finite and >= 0, got {var_randomeffects}")
+    seed = args["seed"]
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+    try:
+        np_dtype = np.dtype(args["dtype"])
+    except TypeError as exc:
+        raise InputError(f"dtype {args['dtype']!r} is not a numpy dtype; use e.g. 'int32'") from exc
+    if np_dtype.kind not in "iuf":
+        raise InputError(f"dtype must be an integer or floating dtype for counts, got {np_dtype}")
+    checked.update(
+        var_randomeffects=var_randomeffects,
+        gene_mean=_gene_vector("gene_mean", args["gene_mean"], n_genes),
+        dispersion=_gene_vector("dispersion", args["dispersion"], n_genes),
+        seed=_check_positive_int("seed", seed, minimum=0),
+        dtype=np_dtype,
+    )
+    return _Params(**checked)
+
+
+def _checked_betas(minbeta: Any, maxbeta: Any, direction: Any) -> dict[str, Any]:
+    """The DE effects' bounds and direction, checked against each other."""
+    minbeta, maxbeta = float(minbeta), float(maxbeta)
     if not (math.isfinite(minbeta) and math.isfinite(maxbeta) and minbeta < maxbeta):
         raise InputError(f"need finite minbeta < maxbeta, got {minbeta} and {maxbeta}")
-    direction = args["direction"]
     rule = {"both": minbeta * maxbeta > 0, "up": minbeta > 0, "down": maxbeta < 0}
     if direction not in rule:
         raise InputError(f"direction must be 'both', 'up' or 'down', got {direction!r}")
@@ -318,35 +356,7 @@ def _validate(args: Mapping[str, Any]) -> _Params:
             f"direction={direction!r} needs {need[direction]}; "
             f"got minbeta={minbeta}, maxbeta={maxbeta}"
         )
-    var_randomeffects = float(args["var_randomeffects"])
-    if not (math.isfinite(var_randomeffects) and var_randomeffects >= 0):
-        raise InputError(f"var_randomeffects must be finite and >= 0, got {var_randomeffects}")
-    seed = args["seed"]
-    if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
-    seed = _check_positive_int("seed", seed, minimum=0)
-    try:
-        np_dtype = np.dtype(args["dtype"])
-    except TypeError as exc:
-        raise InputError(f"dtype {args['dtype']!r} is not a numpy dtype; use e.g. 'int32'") from exc
-    if np_dtype.kind not in "iuf":
-        raise InputError(f"dtype must be an integer or floating dtype for counts, got {np_dtype}")
-    return _Params(
-        n_genes=n_genes,
-        n_cells=n_cells,
-        n_samples=n_samples,
-        n_celltypes=n_celltypes,
-        n_treatments=n_treatments,
-        n_de_genes=n_de_genes,
-        minbeta=minbeta,
-        maxbeta=maxbeta,
-        direction=direction,
-        var_randomeffects=var_randomeffects,
-        gene_mean=_gene_vector("gene_mean", args["gene_mean"], n_genes),
-        dispersion=_gene_vector("dispersion", args["dispersion"], n_genes),
-        seed=seed,
-        dtype=np_dtype,
-    )
+    return {"minbeta": minbeta, "maxbeta": maxbeta, "direction": direction}
 
 
 def _sorted_levels(labels: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
