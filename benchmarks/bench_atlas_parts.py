@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from _common import DEFAULT_STORE_DIR, load_average, local_client, machine_line
 from bench_atlas import FIXED, N_DONORS, N_STATES, RANDOM, atlas_store
-from bench_reduce import read_graph, run_pass
+from bench_reduce import best_passes
 
 GENES = 11_596
 
@@ -137,23 +137,6 @@ def simulate_and_write(args: argparse.Namespace, found: dict[str, float]) -> Pat
     return store
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its children (the cluster's
-    nannies and workers) so far: with the machine shared, a steadier measure than wall
-    time."""
-    import psutil
-
-    root = psutil.Process()
-    total = 0.0
-    for proc in (root, *root.children(recursive=True)):
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:  # a process that has just ended
-            continue
-        total += times.user + times.system
-    return total
-
-
 def grouped_copy(store: Path, store_dir: Path) -> Path:
     """A copy of ``store`` with its cells sorted by donor (reused when present)."""
     import anndata as ad
@@ -166,29 +149,6 @@ def grouped_copy(store: Path, store_dir: Path) -> Path:
         order = np.argsort(adata.obs["donor"].cat.codes.to_numpy(), kind="stable")
         write_store(adata[order].copy(), path)
     return path
-
-
-def cluster_passes(client: Any, store: Path, repeat: int) -> dict[str, tuple[float, float]]:
-    """The best wall and process-tree CPU seconds of the read pass and the reduction of
-    ``store`` on ``client``, ``repeat`` times each, alternated."""
-    from flashmm_dask.design.formula import build_design
-    from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.stats.reduce import stats_graph
-
-    expr = read_expression(str(store))
-    design = build_design(expr.obs, FIXED, RANDOM)
-    runs: dict[str, list[tuple[float, float]]] = {"read": [], "reduce": []}
-    for _ in range(repeat):
-        for name in runs:
-            graph = (
-                read_graph(expr.data)
-                if name == "read"
-                else stats_graph(expr, design, transform="log2p1")
-            )
-            cpu = tree_cpu_seconds()
-            seconds = run_pass(client, graph)[0]
-            runs[name].append((seconds, tree_cpu_seconds() - cpu))
-    return {name: (min(w for w, _ in r), min(c for _, c in r)) for name, r in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -227,11 +187,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     # one line for both orders (each is on its "2." line), so the cluster's two fit in five
     found["(read + reduce) / read per block, CPU, the slower cell order"] = max(per_block)
+    from flashmm_dask.design.formula import build_design
+    from flashmm_dask.io.readers import read_expression
+
     orders = {"random donor order": store, "grouped by donor": grouped_copy(store, args.store_dir)}
     with local_client(args.workers) as client:
         for label, path in orders.items():
-            best = cluster_passes(client, path, args.repeat)
-            (read_s, read_cpu), (reduce_s, reduce_cpu) = best["read"], best["reduce"]
+            expr = read_expression(str(path))
+            best = best_passes(client, expr, build_design(expr.obs, FIXED, RANDOM), args.repeat)
+            read_s, read_cpu = best["read"], best["read_cpu"]
+            reduce_s, reduce_cpu = best["reduce"], best["reduce_cpu"]
             print(
                 f"3. cluster ({args.workers} workers x 1 thread, best of {args.repeat}), "
                 f"{label}: read pass {read_s:.2f} s ({read_cpu:.1f} s CPU), reduction "

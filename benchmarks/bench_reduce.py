@@ -44,6 +44,7 @@ from _common import (
     recoded_store,
     simulated_store,
     store_size,
+    tree_cpu_seconds,
 )
 
 FIXED = "~ 0 + log(libsize) + cls + cls:trt"
@@ -85,22 +86,29 @@ def run_pass(client: Any, graph: Any) -> tuple[float, int, Any]:
 
 def best_passes(client: Any, expr: Any, design: Any, repeat: int) -> dict[str, Any]:
     """The best of ``repeat`` read passes and reductions of ``expr``, alternated: their
-    seconds, peak memory, the read's checksum, the statistics and the load."""
+    seconds (wall, and CPU of the process tree), peak memory, the read's checksum, the
+    statistics and the load."""
     from flashmm_dask.stats.reduce import stats_graph
 
-    read_s, reduce_s, read_mem, reduce_mem = [], [], 0, 0
+    read_s, reduce_s, read_cpu, reduce_cpu, read_mem, reduce_mem = [], [], [], [], 0, 0
     checksum = stats = None
     for _ in range(repeat):
+        cpu = tree_cpu_seconds()
         seconds, peak, checksum = run_pass(client, read_graph(expr.data))
+        read_cpu.append(tree_cpu_seconds() - cpu)
         read_s.append(seconds)
         read_mem = max(read_mem, peak)
+        cpu = tree_cpu_seconds()
         seconds, peak, stats = run_pass(client, stats_graph(expr, design, transform=TRANSFORM))
+        reduce_cpu.append(tree_cpu_seconds() - cpu)
         reduce_s.append(seconds)
         reduce_mem = max(reduce_mem, peak)
     return {
         "chunk": int(expr.data.chunks[0][0]),
         "read": min(read_s),
         "reduce": min(reduce_s),
+        "read_cpu": min(read_cpu),
+        "reduce_cpu": min(reduce_cpu),
         "read_mem": read_mem,
         "reduce_mem": reduce_mem,
         "checksum": checksum,
