@@ -34,48 +34,18 @@ def results_table(ds: xr.Dataset) -> pd.DataFrame:
     of an unfinished run) when the store has it.
     """
     import pandas as pd
+    import pyarrow as pa
 
-    features = np.asarray(ds["feature"].values).astype(object)
-    per_feature = {
-        "converged": np.asarray(ds["converged"].values),
-        "niter": np.asarray(ds["niter"].values),
-    }
-    if "status" in ds:
-        # code -1 (not written) indexes the last label
-        labels = np.array([*STATUS, "not_written"], dtype=object)
-        per_feature["status"] = labels[np.asarray(ds["status"].values, dtype=np.int64)]
-    parts = []
-    for prefix, dim in (("", "covariate"), ("contrast_", "contrast")):
-        terms = np.asarray(ds[dim].values).astype(object)
-        if terms.size == 0:
-            continue
-        columns = {
-            col: np.asarray(ds[prefix + col].transpose("feature", dim).values).T.ravel()
-            for col in ("coef", "se", "t", "df", "p", "padj")
-        }
-        parts.append(
-            pd.DataFrame(
-                {
-                    "feature": np.tile(features, terms.size),
-                    "term": np.repeat(terms, features.size),
-                    **columns,
-                    **{k: np.tile(v, terms.size) for k, v in per_feature.items()},
-                }
-            )
-        )
-    table = pd.concat(parts, ignore_index=True)
-    # iterations are counts: an integer column, empty (NA) where a feature was not fitted
-    table["niter"] = table["niter"].round().astype("Int64")
-    return table
+    # built once, by results_arrow; niter stays an integer column, NA where not fitted
+    return results_arrow(ds).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
 def results_arrow(ds: xr.Dataset, stratum: str | None = None) -> pa.Table:
-    """:func:`results_table` as an Arrow table (a first column ``stratum`` when given).
+    """The rows of :func:`results_table` as an Arrow table (a first column ``stratum``
+    when given): what the CSV writer takes.
 
     Built column by column with Arrow's ``take`` for the repeated names, not from a
-    DataFrame of Python strings: the same columns, types and values as
-    ``pa.Table.from_pandas(results_table(ds))``, so its CSV is the same bytes, at a
-    fraction of the cost on millions of rows.
+    DataFrame of Python strings, at a fraction of the cost on millions of rows.
     """
     import pyarrow as pa
 
@@ -116,7 +86,7 @@ def results_arrow(ds: xr.Dataset, stratum: str | None = None) -> pa.Table:
 
 
 def write_arrow_csv(table: pa.Table, path: Path) -> None:
-    """An Arrow table as CSV, as :func:`write_table` writes it."""
+    """An Arrow table as CSV: the writer of every results table."""
     import pyarrow.csv as pa_csv
 
     pa_csv.write_csv(table, path, write_options=pa_csv.WriteOptions(quoting_style="needed"))
@@ -154,13 +124,8 @@ def _write_csv(table: pd.DataFrame, path: Path) -> None:
     floats (shortest round-trip repr, as pandas). NaN is written empty, booleans as
     true/false, strings quoted only where needed."""
     import pyarrow as pa
-    import pyarrow.csv as pa_csv
 
-    pa_csv.write_csv(
-        pa.Table.from_pandas(table, preserve_index=False),
-        path,
-        write_options=pa_csv.WriteOptions(quoting_style="needed"),
-    )
+    write_arrow_csv(pa.Table.from_pandas(table, preserve_index=False), path)
 
 
 def table_formats(formats: Sequence[str]) -> tuple[str, ...]:
