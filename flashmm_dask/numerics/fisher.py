@@ -109,21 +109,11 @@ class SharedTerms:
     def _eig_zz(self) -> tuple[Array, Array]:
         return np.linalg.eigh(0.5 * (self.ZZ + self.ZZ.T))
 
-    @property
-    def lam(self) -> Array:
-        return self._eig_zrz[0]
-
-    @property
-    def U(self) -> Array:
-        return self._eig_zrz[1]
-
-    @property
-    def mu(self) -> Array:
-        return self._eig_zz[0]
-
-    @property
-    def V(self) -> Array:
-        return self._eig_zz[1]
+    # the spectra the scoring works on: lam, U of zrz (REML), mu, V of ZZ (ML)
+    lam = property(lambda self: self._eig_zrz[0])
+    U = property(lambda self: self._eig_zrz[1])
+    mu = property(lambda self: self._eig_zz[0])
+    V = property(lambda self: self._eig_zz[1])
 
     @functools.cached_property
     def k2(self) -> compiled_k.K2Terms:
