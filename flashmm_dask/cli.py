@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ from flashmm_dask.run.commands import save_stats, write_contrasts
 from flashmm_dask.run.config import SimulateConfig, load_config
 from flashmm_dask.run.inputs import simulate_data
 from flashmm_dask.run.pipeline import run
+from flashmm_dask.run.progress import stop_on_signals
 from flashmm_dask.stats.strata import StratifiedStats
 
 logger = logging.getLogger("flashmm_dask")
@@ -250,16 +249,6 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_sigterm() -> None:
-    """Treat SIGTERM (scancel, kill, a pod's termination) like Ctrl-C: stop cleanly."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 def _version() -> str:
     from flashmm_dask.io.writing import package_version
 
@@ -269,7 +258,7 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flashmm-dask`` console script."""
     args = parser().parse_args(argv)
-    _stop_on_sigterm()
+    stop_on_signals()
     _configure_logging(args)
     handlers = {"simulate": _simulate, "test": _test, "report": _report}
     try:

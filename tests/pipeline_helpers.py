@@ -81,14 +81,16 @@ def assert_stores_equal(a, b, rtol=1e-12):
 @contextmanager
 def in_process_cli() -> Iterator[None]:
     """Undo what ``main`` configures for its process: log levels and handlers, and the
-    SIGTERM handler."""
+    SIGINT and SIGTERM handlers."""
     root, dist = logging.getLogger(), logging.getLogger("distributed")
-    saved = (root.level, list(root.handlers), dist.level, signal.getsignal(signal.SIGTERM))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    saved = (root.level, list(root.handlers), dist.level, handlers)
     try:
         yield
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
         dist.setLevel(saved[2])
-        signal.signal(signal.SIGTERM, saved[3])
+        signal.signal(signal.SIGINT, saved[3][0])
+        signal.signal(signal.SIGTERM, saved[3][1])
         logging.captureWarnings(False)

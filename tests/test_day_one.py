@@ -31,6 +31,8 @@ from flashmm_dask import InputError, flashmm, simulate_to_store
 from flashmm_dask.cli import main
 from flashmm_dask.io.outputs import MANIFEST
 from flashmm_dask.io.results import open_results
+from flashmm_dask.run import progress
+from flashmm_dask.run.progress import Timings, stop_on_signals
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
 FIXED, RANDOM = "~ 0 + log(libsize) + cls + cls:trt", "~ 0 + sam"
@@ -340,6 +342,30 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, phase):
         for _ in range(50):
             os.killpg(proc.pid, 0)
             time.sleep(0.2)
+
+
+def test_an_interrupt_a_library_swallowed_still_stops_the_run():
+    """Ctrl-C that lands where a library catches the KeyboardInterrupt (a finalizer, a
+    callback) is remembered: the phase it came in ends with KeyboardInterrupt and the next
+    one never starts, so the run stops with 130 instead of finishing."""
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    timings = Timings()
+    try:
+        stop_on_signals()
+        with pytest.raises(KeyboardInterrupt), timings.phase("statistics"):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler runs here, at the latest
+            except KeyboardInterrupt:
+                pass  # swallowed, as a library's except clause would
+        assert "statistics" in timings
+        with pytest.raises(KeyboardInterrupt), timings.phase("fitting"):
+            raise AssertionError("a phase started after the interrupt")
+        assert "fitting" not in timings
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+        progress._interrupted.clear()
 
 
 # 6. the output folder: the package replaces only what it owns

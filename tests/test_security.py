@@ -70,7 +70,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
     """``flashmm-dask ARGS`` in this process, undoing what ``main`` sets up for its own."""
     err, root = io.StringIO(), logging.getLogger()
     saved = (root.level, list(root.handlers), logging.getLogger("distributed").level)
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         with redirect_stderr(err), redirect_stdout(io.StringIO()):
             code = main(args)
@@ -78,7 +78,8 @@ def _cli(args: list[str]) -> tuple[int, str]:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
         logging.getLogger("distributed").setLevel(saved[2])
-        signal.signal(signal.SIGTERM, sigterm)
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
         logging.captureWarnings(False)
     return code, err.getvalue()
 

@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+_interrupted = threading.Event()  # set by stop_on_signals' handler
+
+
+def stop_on_signals() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (scancel, kill, a pod's termination) raise
+    KeyboardInterrupt in the main thread, and are remembered: a library that catches the
+    exception where it lands (a finalizer, a callback) cannot make the run go on, since
+    every phase of :class:`Timings` stops at its start and end once one was received."""
+
+    def handler(signum: int, frame: object) -> None:
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _stop_if_interrupted() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def interactive() -> bool:
@@ -113,10 +137,12 @@ class Timings(dict):
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        _stop_if_interrupted()
         start = time.perf_counter()
         logger.info("%s ...", name)
         try:
             yield
         finally:
             self[name] = round(time.perf_counter() - start, 3)
+        _stop_if_interrupted()  # an interrupt swallowed during the phase
         logger.info("%s: %.2f s", name, self[name])  # a phase that completed
