@@ -30,6 +30,13 @@ def design(kind, n=2500, m=24, seed=1):
     elif kind == "nested_first_big":  # the big diagonal component first, slopes after
         donor = rng.integers(0, 15, n)
         Zs = [indicators(donor, 15) * rng.uniform(1, 3, n)[:, None], indicators(donor, 15)]
+    elif kind == "nested_three":  # two small components, big columns without a parent
+        donor, state, cond = rng.integers(0, 10, n), rng.integers(0, 3, n), rng.integers(0, 3, n)
+        Zs = [
+            indicators(donor, 10) * (cond == 0)[:, None],
+            indicators(donor, 10) * (cond == 1)[:, None],
+            indicators(donor * 9 + state * 3 + cond, 90),
+        ]
     elif kind == "crossed":  # two crossed factors (a dense Schur complement)
         Zs = [indicators(rng.integers(0, 15, n), 15), indicators(rng.integers(0, 40, n), 40)]
     elif kind == "mixed":  # crossed factors, a dense component and a nested slope
@@ -75,7 +82,7 @@ def close(a, b, rtol=RTOL):
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
-@pytest.mark.parametrize("kind", ["nested", "nested_first_big", "crossed", "mixed"])
+@pytest.mark.parametrize("kind", ["nested", "nested_first_big", "nested_three", "crossed", "mixed"])
 def test_structured_equals_dense(kind, method):
     st = design(kind)
     sh_s, th_s, fx_s = fit(st, method, True)
@@ -169,5 +176,17 @@ def test_block_composition_does_not_change_a_feature():
     zry, yry = sh.residualise(st["XY"].T.copy(), st["ZY"].T.copy(), st["Ynorm"])
     whole = fit_theta(sh, zry, yry)
     parts = [fit_theta(sh, zry[i : i + 5], yry[i : i + 5]) for i in range(0, 12, 5)]
+    np.testing.assert_array_equal(whole.theta, np.concatenate([p.theta for p in parts]))
+    np.testing.assert_array_equal(whole.FIM_theta, np.concatenate([p.FIM_theta for p in parts]))
+
+
+def test_block_composition_does_not_change_a_nested_feature():
+    """The same for the nested REML terms (:mod:`.structured_nested`)."""
+    st = design("nested_three", m=7)
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML", structured=True)
+    assert sh.nested is not None
+    zry, yry = sh.residualise(st["XY"].T.copy(), st["ZY"].T.copy(), st["Ynorm"])
+    whole = fit_theta(sh, zry, yry)
+    parts = [fit_theta(sh, zry[i : i + 3], yry[i : i + 3]) for i in range(0, 7, 3)]
     np.testing.assert_array_equal(whole.theta, np.concatenate([p.theta for p in parts]))
     np.testing.assert_array_equal(whole.FIM_theta, np.concatenate([p.FIM_theta for p in parts]))

@@ -63,6 +63,7 @@ class Structure:
     diagonal : bool
         S is diagonal: Zs is diagonal and no row of N has two non-zeros.
     pairs : (qb, qs*qs) sparse CSR, pairs[a, c*qs + c'] = N[a, c] N[a, c'] (dense S only).
+    nsq, nsqT : N * N elementwise and its transpose, CSR (diagonal S only).
     """
 
     big: int
@@ -75,6 +76,8 @@ class Structure:
     Zs: Array
     diagonal: bool
     pairs: scipy.sparse.csr_array | None
+    nsq: scipy.sparse.csr_array | None = None
+    nsqT: scipy.sparse.csr_array | None = None
 
     @property
     def qs(self) -> int:
@@ -133,8 +136,10 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     Zs = np.ascontiguousarray(ZZ[np.ix_(is_, is_)])
     qs = is_.size
     diagonal = _is_diagonal(Zs) and bool(np.all(np.diff(N.indptr) <= 1))
-    pairs = None
-    if not diagonal:
+    pairs = nsq = None
+    if diagonal:
+        nsq = N.multiply(N).tocsr()
+    else:
         pairs = _pairs(N, qs)
     return Structure(
         big=big,
@@ -147,6 +152,8 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         Zs=Zs,
         diagonal=diagonal,
         pairs=pairs,
+        nsq=nsq,
+        nsqT=None if nsq is None else nsq.T.tocsr(),
     )
 
 
@@ -233,9 +240,9 @@ class Factor:
             self.w1 = self.db * self.pbi
             m, qs = D.shape[0], st.qs
             if st.diagonal:
-                nsq = st.N.multiply(st.N).tocsr()
-                self.nsq = nsq
-                self.U = np.diag(st.Zs)[None, :] - np.asarray(nsq.T @ self.w1.T).T
+                assert st.nsq is not None and st.nsqT is not None
+                self.nsq, self.nsqT = st.nsq, st.nsqT
+                self.U = np.diag(st.Zs)[None, :] - np.asarray(st.nsqT @ self.w1.T).T
                 self.S = 1.0 + self.ds * self.U
                 self.Si = 1.0 / self.S
                 self.ok = np.all(np.isfinite(self.Si), axis=1) & np.all(self.S != 0, axis=1)
@@ -312,7 +319,7 @@ class Factor:
         if st.diagonal:
             SiDs = self.Si * self.ds
             diagNSN = np.asarray(self.nsq @ SiDs.T).T  # diag(N (S^-1 Ds) N')
-            V = np.asarray(self.nsq.T @ p2.T).T  # diag of N' Pb^-2 N
+            V = np.asarray(self.nsqT @ p2.T).T  # diag of N' Pb^-2 N
             US = self.U * self.Si
             X = V * self.Si  # V S^-1
             t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
