@@ -130,7 +130,7 @@ class SharedTerms:
     def nested(self) -> NestedTerms | None:
         """The structured REML terms of a diagonal Schur complement (None without one)."""
         st = self.structure
-        return None if st is None or not st.diagonal else NestedTerms(st, self.G[st.perm])
+        return None if st is None or not st.diagonal else NestedTerms(st, self.G)
 
     @property
     def path(self) -> str:

@@ -187,10 +187,10 @@ def _fixed_structured(
     ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
     if sh.nested is not None:  # C = L (I - G' MD G) L' and ZX' MD ZY = L G' MD ZY
         with one_blas_thread():
-            Cg, a, fac = sh.nested.md_gram(D, ZYp[0])
+            Cg, a, invertible = sh.nested.md_gram(D, ZYp[0])
         C = (sh.chol @ Cg @ sh.chol.T)[None]
         rhs = XY - (sh.chol @ a)[None]
-        ok = fac.ok
+        ok = np.array([invertible])
     else:
         x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
         with one_blas_thread():

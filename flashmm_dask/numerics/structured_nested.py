@@ -26,13 +26,11 @@ O(q p + (q_s + U) p^2) instead of O(q p^2).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.linalg import Array
-from flashmm_dask.numerics.structured import Factor, Structure
+from flashmm_dask.numerics.structured import Structure
 
 
 class NestedTerms:
@@ -42,149 +40,99 @@ class NestedTerms:
     ----------
     st : Structure
         With ``st.diagonal``.
-    G : (q, p) rows of ZX L^-T in the permuted order.
+    G : (q, p) rows of ZX L^-T in the original column order.
     """
 
     def __init__(self, st: Structure, G: Array):
         assert st.diagonal
         self.st = st
         qb = st.qb
-        self.Gb = np.ascontiguousarray(G[:qb])
-        self.Gs = np.ascontiguousarray(G[qb:])
+        Gp = G[st.perm]
+        self.Gb = np.ascontiguousarray(Gp[:qb])
+        self.Gs = np.ascontiguousarray(Gp[qb:])
         self.p = int(G.shape[1])
-        self.small = [(int(k), np.flatnonzero(st.comp[qb:] == k)) for k in np.unique(st.comp[qb:])]
-        self.sel = [np.flatnonzero(st.comp == k) for k in range(int(st.comp.max()) + 1)]
+        self.K = int(st.comp.max()) + 1
+        self.comps = np.ascontiguousarray(st.comp[qb:], dtype=np.int64)
+        self.zs = np.ascontiguousarray(np.diag(st.Zs))
         self.nval = np.asarray(st.N @ np.ones(st.qs))  # n_a (0 without a parent)
         lens = np.diff(st.N.indptr)
         self.parent = np.full(qb, -1, dtype=np.int64)  # c of a, -1 without a parent
         self.parent[lens == 1] = st.N.indices[st.N.indptr[:-1][lens == 1]]
-
-    @functools.cached_property
-    def counts(self) -> tuple[Array, Array]:
-        """The distinct counts zb (U,) and H (U, p*p), H_u = sum_{zb_a = u} g_a g_a'."""
-        zu, cls = np.unique(self.st.zb, return_inverse=True)
+        # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
+        self.zu, cls = np.unique(st.zb, return_inverse=True)
         order = np.argsort(cls, kind="stable")
-        starts = np.searchsorted(cls[order], np.arange(zu.size + 1))
-        H = np.empty((zu.size, self.p * self.p))
-        for u in range(zu.size):
+        starts = np.searchsorted(cls[order], np.arange(self.zu.size + 1))
+        self.H = np.empty((self.zu.size, self.p, self.p))
+        for u in range(self.zu.size):
             g = self.Gb[order[starts[u] : starts[u + 1]]]
-            H[u] = (g.T @ g).ravel()
-        return zu, H
+            self.H[u] = g.T @ g
+
+    def _pre(self, D: Array) -> tuple:
+        """The compiled pieces of one feature at the ratios D (q,), permuted order."""
+        return _pre(
+            self.Gb, self.Gs, self.parent, self.nval, self.st.zb, self.zs, self.comps,
+            self.st.big, self.zu, self.H, self.K, D[0], np.ascontiguousarray(D[self.st.qb :]),
+        )  # fmt: skip
 
     def score(
         self, K: int, s: Array, zry: Array, yry: Array, final: bool
     ) -> tuple[Array, Array, Array, Array, Array, Array, Array]:
         """:func:`.structured.score_terms` (REML) of one feature: s (1, K+1), zry (1, q)
         in the permuted order, yry (1,); the same outputs."""
-        return _score_one(self, K, s[:, self.st.comp] / s[:, -1:], zry, yry, final)
+        D = s[0, self.st.comp] / s[0, -1]
+        pre = self._pre(D)
+        C = pre[-1]
+        try:
+            B = np.linalg.inv(C)
+        except np.linalg.LinAlgError:
+            B = np.full_like(C, np.nan)
+        ok = bool(pre[0]) and bool(np.all(np.isfinite(B)))
+        t, Q, u2, yR2y, zMDz = _post(
+            self.Gb, self.parent, self.nval, self.comps, self.st.big, *pre[2:-1], B,
+            D[0], np.ascontiguousarray(D[self.st.qb :]), zry[0], yry[0],
+        )  # fmt: skip
+        logdet = np.full(1, np.nan)
+        if final:
+            logdet[0] = -(pre[1] + np.linalg.slogdet(C)[1])
+        return (
+            t[None],
+            Q[None],
+            u2[None],
+            np.array([yR2y]),
+            np.array([zMDz]),
+            logdet,
+            np.array([ok]),
+        )
 
-    def md_gram(self, D: Array, x: Array) -> tuple[Array, Array, Factor]:
+    def md_gram(self, D: Array, x: Array) -> tuple[Array, Array, bool]:
         """C = I - G' P^-1 D G (p, p) and a = G' P^-1 D x (p,) of one feature (D (1, q),
-        x (q,) in the permuted order) and the factored P (:class:`.structured.Factor`)."""
-        pt = _Parts(self, D, 1)
-        return pt.C, pt.et(D[0] * x), pt.fac
+        x (q,) in the permuted order), and whether P is invertible."""
+        D = D[0]
+        pre = self._pre(D)
+        ok, pbi, Si, kap, Eps = pre[0], pre[2], pre[4], pre[5], pre[10]
+        a = _et(self.Gb, self.parent, self.nval, pbi, Si, kap, Eps, D * x)
+        return pre[-1], a, bool(ok)
 
 
-class _Parts:
-    """The pieces of one feature's evaluation shared by the score and the fixed effects."""
-
-    def __init__(self, T: NestedTerms, D: Array, weights: int):
-        st, p = T.st, T.p
-        self.T, self.D = T, D
-        self.fac = fac = Factor(st, D)
-        self.rb = rb = D[0, 0]
-        self.Si = fac.Si[0]
-        self.pbi = fac.pbi[0]
-        self.kap = fac.ds[0] * self.Si  # rho_c / S_c
-        self.hs, self.sig = _group_sums(T.Gb, T.parent, T.nval, st.zb, self.pbi, st.qs)
-        zu, H = T.counts
-        pu = 1.0 / (1.0 + rb * zu)
-        w = np.stack([rb * pu, pu * pu, zu * pu**3][:weights])
-        self.Hw = (w @ H).reshape(weights, p, p)  # sum_u w_u H_u
-        self.Eps = T.Gs - rb * self.hs[:, 0]
-        self.K1 = self.kap[:, None] * self.Eps
-        C = np.eye(p) - self.Hw[0] - self.Eps.T @ self.K1
-        self.C = 0.5 * (C + C.T)
-
-    def et(self, x: Array) -> Array:
-        """E' x = G' P^-1 x for x (q,): sum_a E_a x_a + sum_c E_c x_c."""
-        T, qb = self.T, self.T.st.qb
-        px = self.pbi * x[:qb]
-        return T.Gb.T @ px + self.Eps.T @ (x[qb:] * self.Si - self.kap * (T.st.NT @ px))
-
-    def e_times(self, beta: Array) -> Array:
-        """E beta (q,) for beta (p,)."""
-        T = self.T
-        eb = self.Eps @ beta
-        return np.concatenate([self.pbi * (T.Gb @ beta - T.st.N @ (self.kap * eb)), eb * self.Si])
-
-
-def _score_one(
-    T: NestedTerms, K: int, D: Array, zry: Array, yry: Array, final: bool
-) -> tuple[Array, Array, Array, Array, Array, Array, Array]:
-    st = T.st
-    pt = _Parts(T, D, 3)
-    fac, C, Eps, K1, Hw, Si, kap = pt.fac, pt.C, pt.Eps, pt.K1, pt.Hw, pt.Si, pt.kap
-    t, Q = fac.w0_blocks(K)
-    U = fac.U[0]
-    h2, h3 = pt.hs[:, 1], pt.hs[:, 2]
-    sig2, sig3 = pt.sig[:, 1], pt.sig[:, 2]
-    h2K = h2.T @ K1
-    grams = {st.big: Hw[1] + Eps.T @ ((kap * sig2)[:, None] * K1) - (h2K + h2K.T)}
-    for k, sel in T.small:
-        Ek = Eps[sel]
-        grams[k] = Ek.T @ (Ek * (Si[sel] ** 2)[:, None])
-    try:
-        B = np.linalg.inv(C)
-    except np.linalg.LinAlgError:
-        B = np.full_like(C, np.nan)
-    ok = fac.ok & np.all(np.isfinite(B))
-    # traces tr(R_kl B) of R_kl = E_k' W0_kl E_l (B symmetric)
-    EpsB = Eps @ B
-    Tau = h2 - (kap * sig2)[:, None] * Eps  # E_b' t_c
-    TauB = Tau @ B
-    eBe = np.sum(Eps * EpsB, axis=1)
-    tR = {
-        (st.big, st.big): np.sum(Hw[2] * B)
-        - 2.0 * kap @ np.sum(h3 * EpsB, axis=1)
-        + (kap * kap * sig3) @ eBe
-        - kap @ np.sum(Tau * TauB, axis=1)
-    }
-    tauBe = np.sum(Tau * EpsB, axis=1)
-    for k, sel in T.small:
-        tR[st.big, k] = Si[sel] ** 2 @ tauBe[sel]
-        tR[k, k] = (U[sel] * Si[sel] ** 3) @ eBe[sel]
-    GB = {k: g @ B for k, g in grams.items()}
-    for k in range(K):
-        t[0, k] -= np.sum(B * grams[k])
-        for l in range(k, K):
-            key = (k, l) if (k, l) in tR else (l, k)
-            corr = -2.0 * tR.get(key, 0.0) + np.sum(GB[k] * GB[l].T)
-            Q[0, k, l] += corr
-            if l != k:
-                Q[0, l, k] = Q[0, k, l]
-    # u = P^-T zry + E B E' D zry, M D zry = P^-1 D zry + D E B E' D zry
-    x = D[0] * zry[0]
-    Eb = pt.e_times(B @ pt.et(x))
-    u = fac.solve_t(zry)[0] + Eb
-    MDz = fac.solve(x[None])[0] + D[0] * Eb
-    yR2y = yry - np.sum((u + zry[0]) * MDz)
-    zMDz = np.sum(zry[0] * MDz)
-    u2 = np.array([[np.sum(u[sel] ** 2) for sel in T.sel]])
-    logdet = -(fac.logdet() + np.linalg.slogdet(C)[1]) if final else np.full(1, np.nan)
-    return t, Q, u2, np.atleast_1d(yR2y), np.atleast_1d(zMDz), logdet, ok
-
-
-def _group_sums_py(
-    Gb: Array, parent: np.ndarray, nval: Array, zb: Array, pbi: Array, qs: int
-) -> tuple[Array, Array]:
-    """Group sums over the big columns a with parent c, for the weights w = pbi, pbi^2 and
-    zb pbi^3: hs[c, j] = sum_a w_j n_a g_a (qs, 3, p) and sig[c, j] = sum_a w_j n_a^2
-    (qs, 3), in one pass over G's big rows (in a fixed order)."""
-    p = Gb.shape[1]
-    hs = np.zeros((qs, 3, p))
+def _pre_py(Gb, Gs, parent, nval, zb, zs, comps, big, zu, H, K, rb, ds):
+    """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
+    group sums sig (qs, 3) and hs (3, qs, p), eps (qs, p), t and Q of W0, the Gram
+    matrices (K, p, p), sum_u zb pbi^3 H_u and C."""
+    qb, p = Gb.shape
+    qs = Gs.shape[0]
+    ok = True
+    logdet = 0.0
+    pbi = np.empty(qb)
+    for a in range(qb):
+        pb = 1.0 + rb * zb[a]
+        pbi[a] = 1.0 / pb
+        ok = ok and np.isfinite(pbi[a])
+        logdet += np.log(abs(pb))
+    # group sums over the children: sig[c] = sum w n^2, hs[:, c] = sum w n g, w = pbi,
+    # pbi^2, zb pbi^3
     sig = np.zeros((qs, 3))
-    for a in range(Gb.shape[0]):
+    hs = np.zeros((3, qs, p))
+    for a in range(qb):
         c = parent[a]
         if c < 0:
             continue
@@ -196,10 +144,224 @@ def _group_sums_py(
         sig[c, 2] += w3 * nval[a]
         for j in range(p):
             g = Gb[a, j]
-            hs[c, 0, j] += w1 * g
-            hs[c, 1, j] += w2 * g
-            hs[c, 2, j] += w3 * g
-    return hs, sig
+            hs[0, c, j] += w1 * g
+            hs[1, c, j] += w2 * g
+            hs[2, c, j] += w3 * g
+    U = np.empty(qs)
+    Si = np.empty(qs)
+    kap = np.empty(qs)
+    for c in range(qs):
+        U[c] = zs[c] - rb * sig[c, 0]
+        S = 1.0 + ds[c] * U[c]
+        Si[c] = 1.0 / S
+        ok = ok and S != 0.0 and np.isfinite(Si[c])
+        kap[c] = ds[c] * Si[c]
+        logdet += np.log(abs(S))
+    # t_k = tr W0_kk and Q_kl = |W0_kl|^2
+    t = np.zeros(K)
+    Q = np.zeros((K, K))
+    for a in range(qb):
+        zp = zb[a] * pbi[a]
+        t[big] += zp
+        Q[big, big] += zp * zp
+    for c in range(qs):
+        k = comps[c]
+        t[big] -= kap[c] * sig[c, 1]
+        Q[big, big] += -2.0 * kap[c] * sig[c, 2] + (kap[c] * sig[c, 1]) ** 2
+        us = U[c] * Si[c]
+        t[k] += us
+        Q[k, k] += us * us
+        Q[big, k] += Si[c] * Si[c] * sig[c, 1]
+    for k in range(K):
+        if k != big:
+            Q[k, big] = Q[big, k]
+    # sums over the counts: rho_b pbi, pbi^2 and zb pbi^3 times H_u
+    Hw = np.zeros((3, p, p))
+    for u in range(zu.shape[0]):
+        pu = 1.0 / (1.0 + rb * zu[u])
+        w0, w1 = rb * pu, pu * pu
+        w2 = zu[u] * pu * w1
+        for i in range(p):
+            for j in range(p):
+                h = H[u, i, j]
+                Hw[0, i, j] += w0 * h
+                Hw[1, i, j] += w1 * h
+                Hw[2, i, j] += w2 * h
+    # C = I - Hw0 - sum_c kap eps eps'; Gram_big = Hw1 + sum_c (kap^2 sig2 eps eps' -
+    # kap (h2 eps' + eps h2')) = Hw1 + M + M' with M = sum_c (kap sig2 eps / 2 - h2) (kap
+    # eps)'; Gram_k = sum_{c in k} S^-2 eps eps' (the products by BLAS)
+    Eps = np.empty((qs, p))
+    K1 = np.empty((qs, p))
+    Kb = np.empty((qs, p))
+    for c in range(qs):
+        wb = kap[c] * sig[c, 1]
+        for j in range(p):
+            e = Gs[c, j] - rb * hs[0, c, j]
+            Eps[c, j] = e
+            K1[c, j] = kap[c] * e
+            Kb[c, j] = 0.5 * wb * e - hs[1, c, j]
+    C = np.eye(p) - Hw[0] - Eps.T @ K1
+    KbK = Kb.T @ K1
+    grams = np.empty((K, p, p))
+    for k in range(K):
+        if k == big:
+            grams[k] = Hw[1] + KbK + KbK.T
+        else:
+            Ws = np.zeros((qs, p))
+            for c in range(qs):
+                if comps[c] == k:
+                    for j in range(p):
+                        Ws[c, j] = Si[c] * Si[c] * Eps[c, j]
+            grams[k] = Eps.T @ Ws
+    C = 0.5 * (C + C.T)
+    return ok, logdet, pbi, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw[2], C
 
 
-_group_sums = jit(_group_sums_py, nogil=True, error_model="numpy")
+def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
+    """E' x = G' P^-1 x (p,) for x (q,): sum_a E_a x_a + sum_c E_c x_c with
+    E_a = pbi_a g_a - kap_c pbi_a n_a eps_c and E_c = eps_c / S_c."""
+    qb, p = Gb.shape
+    qs = Eps.shape[0]
+    out = np.zeros(p)
+    coef = np.empty(qs)
+    for c in range(qs):
+        coef[c] = x[qb + c] * Si[c]
+    for a in range(qb):
+        px = pbi[a] * x[a]
+        for j in range(p):
+            out[j] += px * Gb[a, j]
+        c = parent[a]
+        if c >= 0:
+            coef[c] -= kap[c] * nval[a] * px
+    for c in range(qs):
+        for j in range(p):
+            out[j] += coef[c] * Eps[c, j]
+    return out
+
+
+def _post_py(
+    Gb,
+    parent,
+    nval,
+    comps,
+    big,
+    pbi,
+    U,
+    Si,
+    kap,
+    sig,
+    hs,
+    t,
+    Q,
+    Eps,
+    grams,
+    Hw2,
+    B,
+    rb,
+    ds,
+    zry,
+    yry,
+):
+    """The score's pieces after C^-1 = B: t, Q of W = W0 - E B E', u2, yR2y and zMDz."""
+    qb, p = Gb.shape
+    qs = Eps.shape[0]
+    K = t.shape[0]
+    t = t.copy()
+    Q = Q.copy()
+    # traces tr(R_kl B) of R_kl = E_k' W0_kl E_l, from eB = B eps_c and tB = B tau_c with
+    # tau_c = E_b' t_c = h2_c - kap sig2 eps_c
+    tr = np.zeros((K, K))
+    for i in range(p):
+        for j in range(p):
+            tr[big, big] += Hw2[i, j] * B[i, j]
+    EB = Eps @ B
+    HB = hs[1] @ B
+    for c in range(qs):
+        k = comps[c]
+        ks = kap[c] * sig[c, 1]
+        eB = EB[c]
+        hB = HB[c]
+        eBe = 0.0
+        h3Be = 0.0
+        tBt = 0.0
+        tBe = 0.0
+        for i in range(p):
+            tau = hs[1, c, i] - ks * Eps[c, i]
+            tauB = hB[i] - ks * eB[i]
+            eBe += Eps[c, i] * eB[i]
+            h3Be += hs[2, c, i] * eB[i]
+            tBt += tau * tauB
+            tBe += tau * eB[i]
+        tr[big, big] += -2.0 * kap[c] * h3Be + kap[c] * kap[c] * sig[c, 2] * eBe - kap[c] * tBt
+        tr[big, k] += Si[c] * Si[c] * tBe
+        tr[k, k] += U[c] * Si[c] ** 3 * eBe
+    GB = np.empty((K, p, p))
+    for k in range(K):
+        GB[k] = grams[k] @ B
+        tB = 0.0
+        for i in range(p):
+            for j in range(p):
+                tB += B[i, j] * grams[k, i, j]
+        t[k] -= tB
+    for k in range(K):
+        for l in range(k, K):
+            r = tr[k, l] + tr[l, k] if k != l else tr[k, k]
+            gg = 0.0
+            for i in range(p):
+                for j in range(p):
+                    gg += GB[k, i, j] * GB[l, j, i]
+            Q[k, l] += -2.0 * r + gg
+            Q[l, k] = Q[k, l]
+    # u = P^-T zry + E beta, M D zry = P^-1 D zry + D E beta, beta = B E' D zry
+    x = np.empty(qb + qs)
+    for a in range(qb):
+        x[a] = rb * zry[a]
+    for c in range(qs):
+        x[qb + c] = ds[c] * zry[qb + c]
+    beta = B @ _et(Gb, parent, nval, pbi, Si, kap, Eps, x)
+    eb = Eps @ beta
+    # the small rows: P^-T zry and P^-1 x through the group sums
+    sz = np.zeros(qs)
+    sx = np.zeros(qs)
+    for a in range(qb):
+        c = parent[a]
+        if c >= 0:
+            sz[c] += nval[a] * pbi[a] * zry[a]
+            sx[c] += nval[a] * pbi[a] * x[a]
+    u2 = np.zeros(K)
+    yR2y = yry
+    zMDz = 0.0
+    ys = np.empty(qs)
+    yx = np.empty(qs)
+    for c in range(qs):
+        ys[c] = Si[c] * (zry[qb + c] - rb * sz[c])  # (P^-T zry)_c
+        yx[c] = Si[c] * (x[qb + c] - ds[c] * sx[c])  # (P^-1 x)_c
+        Eb = eb[c] * Si[c]
+        u = ys[c] + Eb
+        md = yx[c] + ds[c] * Eb
+        u2[comps[c]] += u * u
+        yR2y -= (u + zry[qb + c]) * md
+        zMDz += zry[qb + c] * md
+    for a in range(qb):
+        c = parent[a]
+        gb = 0.0
+        for j in range(p):
+            gb += Gb[a, j] * beta[j]
+        pt, px, eba = zry[a], x[a], gb
+        if c >= 0:
+            pt -= nval[a] * ds[c] * ys[c]
+            px -= rb * nval[a] * yx[c]
+            eba -= nval[a] * kap[c] * eb[c]
+        Eb = pbi[a] * eba
+        u = pbi[a] * pt + Eb
+        md = pbi[a] * px + rb * Eb
+        u2[big] += u * u
+        yR2y -= (u + zry[a]) * md
+        zMDz += zry[a] * md
+    return t, Q, u2, yR2y, zMDz
+
+
+#: IEEE semantics (1/0 = inf, as NumPy), no GIL.
+_pre = jit(_pre_py, nogil=True, error_model="numpy")
+_post = jit(_post_py, nogil=True, error_model="numpy")
+_et = jit(_et_py, nogil=True, error_model="numpy")
