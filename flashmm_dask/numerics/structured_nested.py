@@ -54,24 +54,40 @@ class NestedTerms:
         self.K = int(st.comp.max()) + 1
         self.comps = np.ascontiguousarray(st.comp[qb:], dtype=np.int64)
         self.zs = np.ascontiguousarray(np.diag(st.Zs))
-        self.nval = np.asarray(st.N @ np.ones(st.qs))  # n_a (0 without a parent)
+        nval = np.asarray(st.N @ np.ones(st.qs))  # n_a (0 without a parent)
         lens = np.diff(st.N.indptr)
-        self.parent = np.full(qb, -1, dtype=np.int64)  # c of a, -1 without a parent
-        self.parent[lens == 1] = st.N.indices[st.N.indptr[:-1][lens == 1]]
+        parent = np.full(qb, -1, dtype=np.int64)  # c of a, -1 without a parent
+        parent[lens == 1] = st.N.indices[st.N.indptr[:-1][lens == 1]]
+        # the big columns in the order of their parent (those without one first), so that
+        # each group's children are contiguous: starts[c]:starts[c + 1]
+        self.order = np.argsort(parent, kind="stable")
+        self.parent = np.ascontiguousarray(parent[self.order])
+        self.starts = np.searchsorted(self.parent, np.arange(st.qs + 1))
+        self.nval = np.ascontiguousarray(nval[self.order])
+        self.zb = np.ascontiguousarray(st.zb[self.order])
+        self.Gb = np.ascontiguousarray(self.Gb[self.order])
         # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
-        self.zu, cls = np.unique(st.zb, return_inverse=True)
-        order = np.argsort(cls, kind="stable")
-        starts = np.searchsorted(cls[order], np.arange(self.zu.size + 1))
+        self.zu, cls = np.unique(self.zb, return_inverse=True)
+        self.cls = np.ascontiguousarray(cls, dtype=np.int64)
+        self.ucount = np.bincount(self.cls, minlength=self.zu.size).astype(np.float64)
+        by = np.argsort(self.cls, kind="stable")
+        edges = np.concatenate([[0], np.cumsum(self.ucount.astype(np.int64))])
         self.H = np.empty((self.zu.size, self.p, self.p))
         for u in range(self.zu.size):
-            g = self.Gb[order[starts[u] : starts[u + 1]]]
+            g = self.Gb[by[edges[u] : edges[u + 1]]]
             self.H[u] = g.T @ g
+
+    def _z(self, x: Array) -> Array:
+        """x (q,) in the permuted order with its big part in this order."""
+        qb = self.st.qb
+        return np.concatenate([x[:qb][self.order], x[qb:]])
 
     def _pre(self, D: Array) -> tuple:
         """The compiled pieces of one feature at the ratios D (q,), permuted order."""
         return _pre(
-            self.Gb, self.Gs, self.parent, self.nval, self.st.zb, self.zs, self.comps,
-            self.st.big, self.zu, self.H, self.K, D[0], np.ascontiguousarray(D[self.st.qb :]),
+            self.Gb, self.Gs, self.starts, self.nval, self.zb, self.cls, self.ucount, self.zs,
+            self.comps, self.st.big, self.zu, self.H, self.K, D[0],
+            np.ascontiguousarray(D[self.st.qb :]),
         )  # fmt: skip
 
     def score(
@@ -89,7 +105,7 @@ class NestedTerms:
         ok = bool(pre[0]) and bool(np.all(np.isfinite(B)))
         t, Q, u2, yR2y, zMDz = _post(
             self.Gb, self.parent, self.nval, self.comps, self.st.big, *pre[2:-1], B,
-            D[0], np.ascontiguousarray(D[self.st.qb :]), zry[0], yry[0],
+            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0],
         )  # fmt: skip
         logdet = np.full(1, np.nan)
         if final:
@@ -110,43 +126,54 @@ class NestedTerms:
         D = D[0]
         pre = self._pre(D)
         ok, pbi, Si, kap, Eps = pre[0], pre[2], pre[4], pre[5], pre[10]
-        a = _et(self.Gb, self.parent, self.nval, pbi, Si, kap, Eps, D * x)
+        a = _et(self.Gb, self.parent, self.nval, pbi, Si, kap, Eps, self._z(D * x))
         return pre[-1], a, bool(ok)
 
 
-def _pre_py(Gb, Gs, parent, nval, zb, zs, comps, big, zu, H, K, rb, ds):
+def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds):
     """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
     group sums sig (qs, 3) and hs (3, qs, p), eps (qs, p), t and Q of W0, the Gram
-    matrices (K, p, p), sum_u zb pbi^3 H_u and C."""
+    matrices (K, p, p), sum_u zb pbi^3 H_u and C. The big columns in the order of their
+    parent (:class:`NestedTerms`)."""
     qb, p = Gb.shape
     qs = Gs.shape[0]
+    nu = zu.shape[0]
     ok = True
     logdet = 0.0
+    t = np.zeros(K)
+    Q = np.zeros((K, K))
+    pu = np.empty(nu)
+    for u in range(nu):  # what depends on a big column only through its count
+        pb = 1.0 + rb * zu[u]
+        pu[u] = 1.0 / pb
+        ok = ok and np.isfinite(pu[u])
+        logdet += ucount[u] * np.log(abs(pb))
+        zp = zu[u] * pu[u]
+        t[big] += ucount[u] * zp
+        Q[big, big] += ucount[u] * zp * zp
     pbi = np.empty(qb)
     for a in range(qb):
-        pb = 1.0 + rb * zb[a]
-        pbi[a] = 1.0 / pb
-        ok = ok and np.isfinite(pbi[a])
-        logdet += np.log(abs(pb))
+        pbi[a] = pu[cls[a]]
     # group sums over the children: sig[c] = sum w n^2, hs[:, c] = sum w n g, w = pbi,
     # pbi^2, zb pbi^3
     sig = np.zeros((qs, 3))
     hs = np.zeros((3, qs, p))
-    for a in range(qb):
-        c = parent[a]
-        if c < 0:
-            continue
-        w1 = pbi[a] * nval[a]
-        w2 = pbi[a] * w1
-        w3 = zb[a] * pbi[a] * w2
-        sig[c, 0] += w1 * nval[a]
-        sig[c, 1] += w2 * nval[a]
-        sig[c, 2] += w3 * nval[a]
-        for j in range(p):
-            g = Gb[a, j]
-            hs[0, c, j] += w1 * g
-            hs[1, c, j] += w2 * g
-            hs[2, c, j] += w3 * g
+    acc = np.empty((3, p))
+    for c in range(qs):
+        acc[:] = 0.0
+        for a in range(starts[c], starts[c + 1]):
+            w1 = pbi[a] * nval[a]
+            w2 = pbi[a] * w1
+            w3 = zb[a] * pbi[a] * w2
+            sig[c, 0] += w1 * nval[a]
+            sig[c, 1] += w2 * nval[a]
+            sig[c, 2] += w3 * nval[a]
+            for j in range(p):
+                g = Gb[a, j]
+                acc[0, j] += w1 * g
+                acc[1, j] += w2 * g
+                acc[2, j] += w3 * g
+        hs[:, c] = acc
     U = np.empty(qs)
     Si = np.empty(qs)
     kap = np.empty(qs)
@@ -157,13 +184,7 @@ def _pre_py(Gb, Gs, parent, nval, zb, zs, comps, big, zu, H, K, rb, ds):
         ok = ok and S != 0.0 and np.isfinite(Si[c])
         kap[c] = ds[c] * Si[c]
         logdet += np.log(abs(S))
-    # t_k = tr W0_kk and Q_kl = |W0_kl|^2
-    t = np.zeros(K)
-    Q = np.zeros((K, K))
-    for a in range(qb):
-        zp = zb[a] * pbi[a]
-        t[big] += zp
-        Q[big, big] += zp * zp
+    # t_k = tr W0_kk and Q_kl = |W0_kl|^2 (the diagonal part above)
     for c in range(qs):
         k = comps[c]
         t[big] -= kap[c] * sig[c, 1]
@@ -220,23 +241,18 @@ def _pre_py(Gb, Gs, parent, nval, zb, zs, comps, big, zu, H, K, rb, ds):
 def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
     """E' x = G' P^-1 x (p,) for x (q,): sum_a E_a x_a + sum_c E_c x_c with
     E_a = pbi_a g_a - kap_c pbi_a n_a eps_c and E_c = eps_c / S_c."""
-    qb, p = Gb.shape
+    qb = Gb.shape[0]
     qs = Eps.shape[0]
-    out = np.zeros(p)
+    px = np.empty(qb)
     coef = np.empty(qs)
     for c in range(qs):
         coef[c] = x[qb + c] * Si[c]
     for a in range(qb):
-        px = pbi[a] * x[a]
-        for j in range(p):
-            out[j] += px * Gb[a, j]
+        px[a] = pbi[a] * x[a]
         c = parent[a]
         if c >= 0:
-            coef[c] -= kap[c] * nval[a] * px
-    for c in range(qs):
-        for j in range(p):
-            out[j] += coef[c] * Eps[c, j]
-    return out
+            coef[c] -= kap[c] * nval[a] * px[a]
+    return Gb.T @ px + Eps.T @ coef
 
 
 def _post_py(
@@ -342,12 +358,10 @@ def _post_py(
         u2[comps[c]] += u * u
         yR2y -= (u + zry[qb + c]) * md
         zMDz += zry[qb + c] * md
+    gbeta = Gb @ beta
     for a in range(qb):
         c = parent[a]
-        gb = 0.0
-        for j in range(p):
-            gb += Gb[a, j] * beta[j]
-        pt, px, eba = zry[a], x[a], gb
+        pt, px, eba = zry[a], x[a], gbeta[a]
         if c >= 0:
             pt -= nval[a] * ds[c] * ys[c]
             px -= rb * nval[a] * yx[c]
@@ -361,7 +375,8 @@ def _post_py(
     return t, Q, u2, yR2y, zMDz
 
 
-#: IEEE semantics (1/0 = inf, as NumPy), no GIL.
-_pre = jit(_pre_py, nogil=True, error_model="numpy")
-_post = jit(_post_py, nogil=True, error_model="numpy")
-_et = jit(_et_py, nogil=True, error_model="numpy")
+#: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
+_OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
+_pre = jit(_pre_py, **_OPTIONS)
+_post = jit(_post_py, **_OPTIONS)
+_et = jit(_et_py, **_OPTIONS)
