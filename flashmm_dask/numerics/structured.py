@@ -18,9 +18,12 @@ and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Wo
     Y = P^-1 D G,  E = P^-T G,  C = I_p - G' Y,  B = C^-1
     M = (D zrz + I)^-1 = P^-1 + Y B E',     W = zrz M = W0 - E B E'
 
-so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) (O(q p^2) when S
-is diagonal) instead of O(q^3). With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and
-M0 = I - D W, the score and information of ALGORITHM.md are
+so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) instead of
+O(q^3). When S is diagonal (nested factors), REML's terms are taken group by group in
+:mod:`.structured_nested` instead: O(q p + (q_s + U) p^2), U distinct counts.
+
+With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and M0 = I - D W, the score and
+information of ALGORITHM.md are
 
     tr W2_kk = t_k - sum_l D_l Q_kl,   tr M0 = q - sum_k D_k t_k,
     tr M0 M0 = q - 2 sum_k D_k t_k + sum_kl D_k D_l Q_kl.
@@ -92,12 +95,17 @@ class Structure:
 
 def worth_it(st: Structure, p: int, K: int) -> bool:
     """Whether the structured path is estimated to cost less than the dense one (flops per
-    feature and iteration, with a factor 2 for the structured path's batched NumPy)."""
+    feature and iteration, with a factor 2 for the structured path's per-call overhead).
+
+    With a diagonal S, REML's correction costs O(q p + (q_s + U) p^2) (U distinct counts
+    of the big block, :mod:`.structured_nested`); otherwise O(q p^2) and the dense S."""
     q = st.qb + st.qs
-    cost = (3 + K) * q * p * p + K * K * p**3
-    if not st.diagonal:
+    if st.diagonal:
+        u = np.unique(st.zb).size
+        cost = 8 * q * p + (4 * st.qs + 3 * u) * p * p + K * K * p**3
+    else:
         assert st.pairs is not None
-        cost += 4 * st.qs**3 + 2 * st.pairs.nnz
+        cost = (3 + K) * q * p * p + K * K * p**3 + 4 * st.qs**3 + 2 * st.pairs.nnz
     return q**3 >= MIN_DENSE_FLOPS and 2 * cost < 2 * q**3
 
 
