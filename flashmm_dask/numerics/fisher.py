@@ -143,7 +143,8 @@ class SharedTerms:
     def work_values(self) -> int:
         """float64 values of the work arrays per feature of the default path (block sizes)."""
         if self.structure is not None:
-            return self.structure.work_values + 8 * self.q * self.p * self.K
+            extra = 0 if self.structure.diagonal else 8 * self.q * self.p * self.K
+            return self.structure.work_values + extra
         return self.q * self.q
 
     @property

@@ -88,9 +88,11 @@ class Structure:
 
     @property
     def work_values(self) -> int:
-        """float64 values of work arrays per feature (for block sizes)."""
+        """float64 values of work arrays per feature (for block sizes): with a diagonal S
+        the block holds only the features' own q-vectors (their work arrays are taken one
+        feature at a time, :mod:`.structured_nested`)."""
         q = self.qb + self.qs
-        return 16 * q + (0 if self.diagonal else 6 * self.qs * self.qs)
+        return 4 * q if self.diagonal else 16 * q + 6 * self.qs * self.qs
 
 
 def worth_it(st: Structure, p: int, K: int) -> bool:
