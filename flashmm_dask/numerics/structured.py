@@ -43,6 +43,7 @@ from threadpoolctl import ThreadpoolController
 
 from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
 from flashmm_dask.numerics.compiled_k import dense_w0_sums, symmetrize_upper
+from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.linalg import Array
 
 
@@ -117,8 +118,21 @@ MIN_DENSE_FLOPS = 10**6
 
 
 def _is_diagonal(block: Array) -> bool:
-    """No non-zero off the diagonal (exactly; without copying the block)."""
-    return int(np.count_nonzero(block)) == int(np.count_nonzero(np.diagonal(block)))
+    """No non-zero (or NaN) off the diagonal of a square block (exactly; one compiled pass
+    without copying the block, stopping at the first such entry)."""
+    return bool(_offdiagonal_zero(block))
+
+
+def _offdiagonal_zero_py(a: Array) -> bool:
+    n = a.shape[0]
+    for i in range(n):
+        for j in range(n):
+            if a[i, j] != 0.0 and i != j:
+                return False
+    return True
+
+
+_offdiagonal_zero = jit(_offdiagonal_zero_py, nogil=True)
 
 
 def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
