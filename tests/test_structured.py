@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flashmm_dask import lmm
+from flashmm_dask.numerics import structured_nested
 from flashmm_dask.numerics.fisher import fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.structured import detect
@@ -190,3 +191,18 @@ def test_block_composition_does_not_change_a_nested_feature():
     parts = [fit_theta(sh, zry[i : i + 3], yry[i : i + 3]) for i in range(0, 7, 3)]
     np.testing.assert_array_equal(whole.theta, np.concatenate([p.theta for p in parts]))
     np.testing.assert_array_equal(whole.FIM_theta, np.concatenate([p.FIM_theta for p in parts]))
+
+
+def test_nested_without_the_count_sums(monkeypatch):
+    """Too many distinct counts to store their sums: each evaluation sums over the columns."""
+    monkeypatch.setattr(structured_nested, "H_VALUES", 0)
+    st = design("nested_three")
+    sh_s, th_s, fx_s = fit(st, "REML", True)
+    assert sh_s.nested is not None and sh_s.nested.H.shape[0] == 0
+    _, th_d, fx_d = fit(st, "REML", False)
+    np.testing.assert_array_equal(th_s.niter, th_d.niter)
+    close(th_s.theta, th_d.theta)
+    close(th_s.FIM_theta, th_d.FIM_theta)
+    close(th_s.logdetM0, th_d.logdetM0)
+    close(fx_s.logLik, fx_d.logLik)
+    close(fx_s.cov, fx_d.cov, rtol=1e-9)

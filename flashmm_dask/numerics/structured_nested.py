@@ -21,7 +21,8 @@ E_k' W0_kl E_l against C^-1) is a sum over the big columns of f(zb_a) g_a g_a' p
 over the groups of products of eps_c, h2_c and h3_c. The weights of the first depend on a
 only through its count zb_a, so it is sum_u f(u) H_u with H_u = sum_{zb_a = u} g_a g_a'
 computed once per design (U distinct counts): the work per feature and evaluation is
-O(q p + (q_s + U) p^2) instead of O(q p^2).
+O(q p + (q_s + U) p^2) instead of O(q p^2). Each feature is evaluated on its own in
+compiled loops, so that its result does not depend on the features sharing its block.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ import numpy as np
 from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.structured import Structure
+
+#: float64 values above which the sums H_u over the counts are not stored (each evaluation
+#: then sums over the big columns instead: random slopes, whose "counts" are all distinct).
+H_VALUES = 2**22
 
 
 class NestedTerms:
@@ -48,7 +53,6 @@ class NestedTerms:
         self.st = st
         qb = st.qb
         Gp = G[st.perm]
-        self.Gb = np.ascontiguousarray(Gp[:qb])
         self.Gs = np.ascontiguousarray(Gp[qb:])
         self.p = int(G.shape[1])
         self.K = int(st.comp.max()) + 1
@@ -65,15 +69,16 @@ class NestedTerms:
         self.starts = np.searchsorted(self.parent, np.arange(st.qs + 1))
         self.nval = np.ascontiguousarray(nval[self.order])
         self.zb = np.ascontiguousarray(st.zb[self.order])
-        self.Gb = np.ascontiguousarray(self.Gb[self.order])
+        self.Gb = np.ascontiguousarray(Gp[:qb][self.order])
         # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
         self.zu, cls = np.unique(self.zb, return_inverse=True)
         self.cls = np.ascontiguousarray(cls, dtype=np.int64)
         self.ucount = np.bincount(self.cls, minlength=self.zu.size).astype(np.float64)
         by = np.argsort(self.cls, kind="stable")
         edges = np.concatenate([[0], np.cumsum(self.ucount.astype(np.int64))])
-        self.H = np.empty((self.zu.size, self.p, self.p))
-        for u in range(self.zu.size):
+        direct = self.zu.size * self.p * self.p > H_VALUES
+        self.H = np.empty((0 if direct else self.zu.size, self.p, self.p))
+        for u in range(self.H.shape[0]):
             g = self.Gb[by[edges[u] : edges[u + 1]]]
             self.H[u] = g.T @ g
 
@@ -196,15 +201,18 @@ def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb,
     for k in range(K):
         if k != big:
             Q[k, big] = Q[big, k]
-    # sums over the counts: rho_b pbi, pbi^2 and zb pbi^3 times H_u
+    # sums over the counts: rho_b pbi, pbi^2 and zb pbi^3 times H_u (without H, too large
+    # where few columns share a count: over the columns, O(qb p^2))
     Hw = np.zeros((3, p, p))
-    for u in range(zu.shape[0]):
-        pu = 1.0 / (1.0 + rb * zu[u])
-        w0, w1 = rb * pu, pu * pu
-        w2 = zu[u] * pu * w1
+    direct = H.shape[0] == 0
+    for u in range(qb if direct else zu.shape[0]):
+        z = zb[u] if direct else zu[u]
+        pz = 1.0 / (1.0 + rb * z)
+        w0, w1 = rb * pz, pz * pz
+        w2 = z * pz * w1
         for i in range(p):
             for j in range(p):
-                h = H[u, i, j]
+                h = Gb[u, i] * Gb[u, j] if direct else H[u, i, j]
                 Hw[0, i, j] += w0 * h
                 Hw[1, i, j] += w1 * h
                 Hw[2, i, j] += w2 * h
