@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flashmm_dask import lmm
+from flashmm_dask.numerics import structured_nested
 from flashmm_dask.numerics.fisher import fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.structured import detect
@@ -30,6 +31,13 @@ def design(kind, n=2500, m=24, seed=1):
     elif kind == "nested_first_big":  # the big diagonal component first, slopes after
         donor = rng.integers(0, 15, n)
         Zs = [indicators(donor, 15) * rng.uniform(1, 3, n)[:, None], indicators(donor, 15)]
+    elif kind == "nested_three":  # two small components, big columns without a parent
+        donor, state, cond = rng.integers(0, 10, n), rng.integers(0, 3, n), rng.integers(0, 3, n)
+        Zs = [
+            indicators(donor, 10) * (cond == 0)[:, None],
+            indicators(donor, 10) * (cond == 1)[:, None],
+            indicators(donor * 9 + state * 3 + cond, 90),
+        ]
     elif kind == "crossed":  # two crossed factors (a dense Schur complement)
         Zs = [indicators(rng.integers(0, 15, n), 15), indicators(rng.integers(0, 40, n), 40)]
     elif kind == "mixed":  # crossed factors, a dense component and a nested slope
@@ -75,7 +83,7 @@ def close(a, b, rtol=RTOL):
 
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
-@pytest.mark.parametrize("kind", ["nested", "nested_first_big", "crossed", "mixed"])
+@pytest.mark.parametrize("kind", ["nested", "nested_first_big", "nested_three", "crossed", "mixed"])
 def test_structured_equals_dense(kind, method):
     st = design(kind)
     sh_s, th_s, fx_s = fit(st, method, True)
@@ -171,3 +179,30 @@ def test_block_composition_does_not_change_a_feature():
     parts = [fit_theta(sh, zry[i : i + 5], yry[i : i + 5]) for i in range(0, 12, 5)]
     np.testing.assert_array_equal(whole.theta, np.concatenate([p.theta for p in parts]))
     np.testing.assert_array_equal(whole.FIM_theta, np.concatenate([p.FIM_theta for p in parts]))
+
+
+def test_block_composition_does_not_change_a_nested_feature():
+    """The same for the nested REML terms (:mod:`.structured_nested`)."""
+    st = design("nested_three", m=7)
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML", structured=True)
+    assert sh.nested is not None
+    zry, yry = sh.residualise(st["XY"].T.copy(), st["ZY"].T.copy(), st["Ynorm"])
+    whole = fit_theta(sh, zry, yry)
+    parts = [fit_theta(sh, zry[i : i + 3], yry[i : i + 3]) for i in range(0, 7, 3)]
+    np.testing.assert_array_equal(whole.theta, np.concatenate([p.theta for p in parts]))
+    np.testing.assert_array_equal(whole.FIM_theta, np.concatenate([p.FIM_theta for p in parts]))
+
+
+def test_nested_without_the_count_sums(monkeypatch):
+    """Too many distinct counts to store their sums: each evaluation sums over the columns."""
+    monkeypatch.setattr(structured_nested, "H_VALUES", 0)
+    st = design("nested_three")
+    sh_s, th_s, fx_s = fit(st, "REML", True)
+    assert sh_s.nested is not None and sh_s.nested.H.shape[0] == 0
+    _, th_d, fx_d = fit(st, "REML", False)
+    np.testing.assert_array_equal(th_s.niter, th_d.niter)
+    close(th_s.theta, th_d.theta)
+    close(th_s.FIM_theta, th_d.FIM_theta)
+    close(th_s.logdetM0, th_d.logdetM0)
+    close(fx_s.logLik, fx_d.logLik)
+    close(fx_s.cov, fx_d.cov, rtol=1e-9)

@@ -2,6 +2,7 @@
 
 fisher        batched Fisher scoring of the variance components (REML or ML)
 structured    the same through the block structure of Z'Z (K >= 2, one diagonal block)
+structured_nested  REML's correction there for nested factors (a diagonal Schur complement)
 compiled      per-feature kernels of the fitter, compiled with numba
 spectral      the compiled kernels of one random component (K = 1)
 boundary      variance components constrained to be non-negative

@@ -54,6 +54,7 @@ from flashmm_dask.numerics.linalg import (
 from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.structured import Structure, detect
 from flashmm_dask.numerics.structured import worth_it as structure_worth_it
+from flashmm_dask.numerics.structured_nested import NestedTerms
 
 METHODS = ("REML", "ML")
 
@@ -125,6 +126,12 @@ class SharedTerms:
         """(q, p) with G G' = ZX XXinv ZX' (G = ZX L^-T, XX = L L')."""
         return scipy.linalg.solve_triangular(self.chol, self.ZX.T, lower=True).T
 
+    @functools.cached_property
+    def nested(self) -> NestedTerms | None:
+        """The structured REML terms of a diagonal Schur complement (None without one)."""
+        st = self.structure
+        return None if st is None or not st.diagonal else NestedTerms(st, self.G)
+
     @property
     def path(self) -> str:
         """The path fit_theta takes by default: "spectral", "structured" or "dense"."""
@@ -136,7 +143,8 @@ class SharedTerms:
     def work_values(self) -> int:
         """float64 values of the work arrays per feature of the default path (block sizes)."""
         if self.structure is not None:
-            return self.structure.work_values + 8 * self.q * self.p * self.K
+            extra = 0 if self.structure.diagonal else 8 * self.q * self.p * self.K
+            return self.structure.work_values + extra
         return self.q * self.q
 
     @property
@@ -341,7 +349,9 @@ def _score_structured(
     assert st is not None
     m, q, K = s.shape[0], sh.q, sh.K
     s0 = s[:, -1]
-    G, reml = sh.G[st.perm], sh.method == "REML"
+    reml = sh.method == "REML"
+    nested = sh.nested if reml else None
+    G = sh.G[st.perm] if nested is None else sh.G
     # one feature at a time: the result of a feature does not depend on which features
     # share its block (batched BLAS and NumPy reductions round differently for different
     # batch shapes); the structured path is taken where the work per feature dwarfs the
@@ -351,6 +361,8 @@ def _score_structured(
             structured.score_terms(
                 st, G, reml, K, s[j : j + 1], zry[j : j + 1], yry[j : j + 1], final
             )
+            if nested is None
+            else nested.score(K, s[j : j + 1], zry[j : j + 1], yry[j : j + 1], final)
             for j in range(m)
         ]
     t, Q, u2, yR2y, zMDz, logdet, ok = (np.concatenate(part) for part in zip(*parts, strict=True))

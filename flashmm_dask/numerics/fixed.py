@@ -185,11 +185,18 @@ def _fixed_structured(
     perm = st.perm
     D = theta[:, st.comp] / s0[:, None]  # permuted order
     ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
-    x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
-    with one_blas_thread():
-        MDx, ok = md_solve(st, D, x)
-    C = sh.XX - ZXp.T @ MDx[:, :, :p]
-    rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
+    if sh.nested is not None:  # C = L (I - G' MD G) L' and ZX' MD ZY = L G' MD ZY
+        with one_blas_thread():
+            Cg, a, invertible = sh.nested.md_gram(D, ZYp[0])
+        C = (sh.chol @ Cg @ sh.chol.T)[None]
+        rhs = XY - (sh.chol @ a)[None]
+        ok = np.array([invertible])
+    else:
+        x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
+        with one_blas_thread():
+            MDx, ok = md_solve(st, D, x)
+        C = sh.XX - ZXp.T @ MDx[:, :, :p]
+        rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
     FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
     coef, se, t, cov = _solve(C, rhs, s0)
     RE = None

@@ -18,9 +18,12 @@ and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Wo
     Y = P^-1 D G,  E = P^-T G,  C = I_p - G' Y,  B = C^-1
     M = (D zrz + I)^-1 = P^-1 + Y B E',     W = zrz M = W0 - E B E'
 
-so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) (O(q p^2) when S
-is diagonal) instead of O(q^3). With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and
-M0 = I - D W, the score and information of ALGORITHM.md are
+so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) instead of
+O(q^3). When S is diagonal (nested factors), REML's terms are taken group by group in
+:mod:`.structured_nested` instead: O(q p + (q_s + U) p^2), U distinct counts.
+
+With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and M0 = I - D W, the score and
+information of ALGORITHM.md are
 
     tr W2_kk = t_k - sum_l D_l Q_kl,   tr M0 = q - sum_k D_k t_k,
     tr M0 M0 = q - 2 sum_k D_k t_k + sum_kl D_k D_l Q_kl.
@@ -40,6 +43,7 @@ from threadpoolctl import ThreadpoolController
 
 from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
 from flashmm_dask.numerics.compiled_k import dense_w0_sums, symmetrize_upper
+from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.linalg import Array
 
 
@@ -63,6 +67,7 @@ class Structure:
     diagonal : bool
         S is diagonal: Zs is diagonal and no row of N has two non-zeros.
     pairs : (qb, qs*qs) sparse CSR, pairs[a, c*qs + c'] = N[a, c] N[a, c'] (dense S only).
+    nsq, nsqT : N * N elementwise and its transpose, CSR (diagonal S only).
     """
 
     big: int
@@ -75,6 +80,8 @@ class Structure:
     Zs: Array
     diagonal: bool
     pairs: scipy.sparse.csr_array | None
+    nsq: scipy.sparse.csr_array | None = None
+    nsqT: scipy.sparse.csr_array | None = None
 
     @property
     def qs(self) -> int:
@@ -82,19 +89,26 @@ class Structure:
 
     @property
     def work_values(self) -> int:
-        """float64 values of work arrays per feature (for block sizes)."""
+        """float64 values of work arrays per feature (for block sizes): with a diagonal S
+        the block holds only the features' own q-vectors (their work arrays are taken one
+        feature at a time, :mod:`.structured_nested`)."""
         q = self.qb + self.qs
-        return 16 * q + (0 if self.diagonal else 6 * self.qs * self.qs)
+        return 4 * q if self.diagonal else 16 * q + 6 * self.qs * self.qs
 
 
 def worth_it(st: Structure, p: int, K: int) -> bool:
     """Whether the structured path is estimated to cost less than the dense one (flops per
-    feature and iteration, with a factor 2 for the structured path's batched NumPy)."""
+    feature and iteration, with a factor 2 for the structured path's per-call overhead).
+
+    With a diagonal S, REML's correction costs O(q p + (q_s + U) p^2) (U distinct counts
+    of the big block, :mod:`.structured_nested`); otherwise O(q p^2) and the dense S."""
     q = st.qb + st.qs
-    cost = (3 + K) * q * p * p + K * K * p**3
-    if not st.diagonal:
+    if st.diagonal:
+        u = np.unique(st.zb).size
+        cost = 8 * q * p + (4 * st.qs + 3 * u) * p * p + K * K * p**3
+    else:
         assert st.pairs is not None
-        cost += 4 * st.qs**3 + 2 * st.pairs.nnz
+        cost = (3 + K) * q * p * p + K * K * p**3 + 4 * st.qs**3 + 2 * st.pairs.nnz
     return q**3 >= MIN_DENSE_FLOPS and 2 * cost < 2 * q**3
 
 
@@ -104,8 +118,21 @@ MIN_DENSE_FLOPS = 10**6
 
 
 def _is_diagonal(block: Array) -> bool:
-    """No non-zero off the diagonal (exactly; without copying the block)."""
-    return int(np.count_nonzero(block)) == int(np.count_nonzero(np.diagonal(block)))
+    """No non-zero (or NaN) off the diagonal of a square block (exactly; one compiled pass
+    without copying the block, stopping at the first such entry)."""
+    return bool(_offdiagonal_zero(block))
+
+
+def _offdiagonal_zero_py(a: Array) -> bool:
+    n = a.shape[0]
+    for i in range(n):
+        for j in range(n):
+            if a[i, j] != 0.0 and i != j:
+                return False
+    return True
+
+
+_offdiagonal_zero = jit(_offdiagonal_zero_py, nogil=True)
 
 
 def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
@@ -133,8 +160,10 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     Zs = np.ascontiguousarray(ZZ[np.ix_(is_, is_)])
     qs = is_.size
     diagonal = _is_diagonal(Zs) and bool(np.all(np.diff(N.indptr) <= 1))
-    pairs = None
-    if not diagonal:
+    pairs = nsq = None
+    if diagonal:
+        nsq = N.multiply(N).tocsr()
+    else:
         pairs = _pairs(N, qs)
     return Structure(
         big=big,
@@ -147,6 +176,8 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         Zs=Zs,
         diagonal=diagonal,
         pairs=pairs,
+        nsq=nsq,
+        nsqT=None if nsq is None else nsq.T.tocsr(),
     )
 
 
@@ -233,9 +264,9 @@ class Factor:
             self.w1 = self.db * self.pbi
             m, qs = D.shape[0], st.qs
             if st.diagonal:
-                nsq = st.N.multiply(st.N).tocsr()
-                self.nsq = nsq
-                self.U = np.diag(st.Zs)[None, :] - np.asarray(nsq.T @ self.w1.T).T
+                assert st.nsq is not None and st.nsqT is not None
+                self.nsq, self.nsqT = st.nsq, st.nsqT
+                self.U = np.diag(st.Zs)[None, :] - np.asarray(st.nsqT @ self.w1.T).T
                 self.S = 1.0 + self.ds * self.U
                 self.Si = 1.0 / self.S
                 self.ok = np.all(np.isfinite(self.Si), axis=1) & np.all(self.S != 0, axis=1)
@@ -312,7 +343,7 @@ class Factor:
         if st.diagonal:
             SiDs = self.Si * self.ds
             diagNSN = np.asarray(self.nsq @ SiDs.T).T  # diag(N (S^-1 Ds) N')
-            V = np.asarray(self.nsq.T @ p2.T).T  # diag of N' Pb^-2 N
+            V = np.asarray(self.nsqT @ p2.T).T  # diag of N' Pb^-2 N
             US = self.U * self.Si
             X = V * self.Si  # V S^-1
             t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
