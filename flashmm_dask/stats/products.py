@@ -165,7 +165,7 @@ def sparse_products(
     Xr = np.ascontiguousarray(Xd[:, 3:])
     D = np.zeros((m, 4))  # [colsums(E^2), E'X3]
     rest = np.zeros((Xr.shape[1], m))
-    groups = _row_groups(Xs, Zs, max_groups=min(E.nnz // max(m, 1), _ORDER_BYTES // (8 * m)))
+    groups = _row_groups(Xs, Zs, max_groups=min(E.nnz, _ORDER_BYTES // 8) // max(m, 1))
     if groups is not None:
         # few distinct rows of [X_s, Z] (cells of the same cell type, treatment and
         # subject): E's rows summed by group (S, small enough for a cache), then A_g'S
