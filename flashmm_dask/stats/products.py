@@ -27,10 +27,11 @@ column of A) when the rows added to are larger than a cache.
 
 Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
 pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
-or copied. The block is checked first (one vectorised pass: values in the table, column
-indices strictly increasing); a block that does not fit (duplicates to sum, values
-outside the table) adds nothing and the caller takes the general path (canonical float64
-values, checked and transformed with NumPy).
+or copied. The codes are checked (integers in the table, column indices strictly
+increasing) before anything is added to the running sums (by the group loop as it goes,
+into its small group sums); a block that does not fit (duplicates to sum, values outside
+the table) adds nothing and the caller takes the general path (canonical float64 values,
+checked and transformed with NumPy).
 
 Without numba the same sums come from scipy's sparse products.
 """
@@ -140,12 +141,17 @@ def sparse_products(
         the block and call again without a table.
     """
     n_i, m = E.shape
-    if table is not None and not _fits_table(E, table):
-        return None
     sums = BlockSums(X.shape[1], Z.shape[1], m) if into is None else into
+
+    def refused() -> bool:
+        # checked before anything is added to the sums (the group loop checks as it goes)
+        return table is not None and not _fits_table(E, table)
+
     Zs = sp.csr_matrix(Z, dtype=np.float64)
     kernel = _compiled("_scatter_products")
     if kernel is None:
+        if refused():
+            return None
         if table is not None:
             E = sp.csr_matrix((table[E.data.astype(np.intp)], E.indices, E.indptr), shape=E.shape)
         Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=m)
@@ -173,14 +179,19 @@ def sparse_products(
         S = np.zeros((len(first) + 1, m))
         group_sums = _compiled("_group_sums")
         if Xr.shape[1] == 0 and group_sums is not None:  # the lighter loop of the same sums
-            group_sums(block, group, S, D)
+            if group_sums(block, group, S, D, Xd.shape[1]):
+                return None  # a code off the table: nothing added
         else:
+            if refused():
+                return None
             A = _indicator(group, len(first))
-            _scatter(kernel, block, Xr, A, A.indices, np.arange(n_i), S, D, rest)
+            _scatter(kernel, block, Xr, A, A.indices, np.arange(n_i), S, D, rest, Xd.shape[1])
         sums.XY[~dense] += sp.csr_matrix(Xs[first]).T @ S[:-1]
         sums.ZY[...] += Zs[first].T @ S[:-1]
     else:
         # per cell: each entry of a row of A = [X_s, Z] is added to its row of the sums
+        if refused():
+            return None
         A = sp.hstack([sp.csr_matrix(Xs), Zs], format="csr", dtype=np.float64)
         A.eliminate_zeros()
         target = np.concatenate([np.flatnonzero(~dense), sums.p + np.arange(sums.q)])
@@ -196,7 +207,7 @@ def sparse_products(
             has = np.diff(A.indptr) > 0
             last[has] = A.indices[A.indptr[1:][has] - 1]
             order = np.argsort(last, kind="stable")
-        _scatter(kernel, block, Xr, A, target[A.indices], order, sums.rows, D, rest)
+        _scatter(kernel, block, Xr, A, target[A.indices], order, sums.rows, D, rest, Xd.shape[1])
     sums.XY[dense] += np.concatenate([D[:, 1:].T, rest])[: Xd.shape[1]]
     sums.Ynorm += D[:, 0]
     return sums.partials()
@@ -212,6 +223,7 @@ def _scatter(
     out: np.ndarray,
     D: np.ndarray,
     rest: np.ndarray,
+    n_dense: int,
 ) -> None:
     """Run :func:`_scatter_products`: entry s of A (CSR) adds to row ``rows[s]`` of out."""
     kernel(
@@ -224,6 +236,7 @@ def _scatter(
         out,
         D,
         rest,
+        n_dense,
         int(np.diff(A.indptr).max(initial=0)),
     )
 
@@ -312,22 +325,24 @@ def _scatter_products(
     out: np.ndarray,
     D: np.ndarray,
     rest: np.ndarray,
+    n_dense: int,
     a_max: int,
 ) -> None:
     """Add A'E to the rows of ``out``, [colsums(E^2), E'X3] to D (m, 4) and E'Xr to
     ``rest`` (p_r, m), in one pass.
 
     ``block`` is (indptr, indices, codes, table, values, X3): E (n x m) as CSR, and X3
-    (n, 3) the first three dense columns of X (zero padded, so that the padding adds
-    zeros). Value t of E is ``table[codes[t]]`` when ``table`` is not empty (codes
-    checked to be integers in [0, len(table)) by the caller), else ``values[t]``. A (n x
+    (n, 3) the first three dense columns of X (zero padded). Value t of E is
+    ``table[codes[t]]`` when ``table`` is not empty (codes checked to be integers in
+    [0, len(table)) by the caller), else ``values[t]``. A (n x
     n_A) is CSR (a_indptr, a_values) whose entry s is added to row ``a_rows[s]`` of
     ``out``; the last row of ``out`` takes zero-weight terms. Xr (n, p_r) holds the dense
     columns after the first three. Up to four entries of a row of A and the three columns
     of X3 are applied inline, in the one pass over the row's values (the atlas model has
     up to four: sex, cell state, state:condition, donor); further ones need one more pass
     over the row each. ``order`` is the order in which the rows are visited and ``a_max``
-    the most entries in a row of A.
+    the most entries in a row of A; ``n_dense`` is the number of columns of X3 that are
+    not padding.
     """
     indptr, indices, codes, table, values, X3 = block
     spare = out.shape[0] - 1
@@ -361,9 +376,11 @@ def _scatter_products(
             out[k0, j] += a0 * v
             D[j, 0] += v * v
             D[j, 1] += x0 * v
-            D[j, 2] += x1 * v
-            D[j, 3] += x2 * v
-            # branches that go the same way for every value of the row
+            if n_dense > 1:
+                D[j, 2] += x1 * v
+                if n_dense > 2:
+                    D[j, 3] += x2 * v
+            # branches that go the same way for every value of the row (or block)
             if na > 1:
                 out[k1, j] += a1 * v
                 if na > 2:
@@ -388,25 +405,43 @@ def _group_sums(
     group: np.ndarray,
     out: np.ndarray,
     D: np.ndarray,
-) -> None:
+    n_dense: int,
+) -> int:
     """:func:`_scatter_products` when A is the indicator of ``group`` (each row of E is
     added to the row of its group) and X has at most three dense columns: the same sums
-    (into ``out`` and D), in a loop that does only that."""
+    (into ``out`` and D, fresh: the group sums are small), in a loop that does only that
+    and checks the codes as it goes (status 1, stopping, when a code is not an integer in
+    the table or a row's indices are not strictly increasing; else 0)."""
     indptr, indices, codes, table, values, X3 = block
     lookup = table.size > 0
+    size = table.size
     for c in range(indptr.shape[0] - 1):
         g = group[c]
         x0 = X3[c, 0]
         x1 = X3[c, 1]
         x2 = X3[c, 2]
+        previous = -1
         for t in range(indptr[c], indptr[c + 1]):
             j = indices[t]
-            v = table[int(codes[t])] if lookup else values[t]
+            if lookup:
+                x = codes[t]
+                if not (x >= 0 and x < size) or j <= previous:
+                    return 1
+                kx = int(x)
+                if kx != x:
+                    return 1
+                v = table[kx]
+                previous = j
+            else:
+                v = values[t]
             out[g, j] += v
             D[j, 0] += v * v
             D[j, 1] += x0 * v
-            D[j, 2] += x1 * v
-            D[j, 3] += x2 * v
+            if n_dense > 1:
+                D[j, 2] += x1 * v
+                if n_dense > 2:
+                    D[j, 3] += x2 * v
+    return 0
 
 
 def _row_keys(
