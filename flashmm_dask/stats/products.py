@@ -376,10 +376,6 @@ def _scatter_products(
             out[k0, j] += a0 * v
             D[j, 0] += v * v
             D[j, 1] += x0 * v
-            if n_dense > 1:
-                D[j, 2] += x1 * v
-                if n_dense > 2:
-                    D[j, 3] += x2 * v
             # branches that go the same way for every value of the row (or block)
             if na > 1:
                 out[k1, j] += a1 * v
@@ -387,6 +383,10 @@ def _scatter_products(
                     out[k2, j] += a2 * v
                     if na > 3:
                         out[k3, j] += a3 * v
+            if n_dense > 1:
+                D[j, 2] += x1 * v
+                if n_dense > 2:
+                    D[j, 3] += x2 * v
             if keep_row:
                 row[t - lo] = v
         for r in range(Xr.shape[1]):
