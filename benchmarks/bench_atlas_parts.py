@@ -9,10 +9,12 @@ non-zeros, 259 donors, 29 states: the shape of FLASH-MM's tuberculosis atlas).
    same density appended over and over (chunks are compressed independently, so the
    bytes written are alike). Target: simulate / write <= 2.
 2. **Reduction vs read pass, per block, in-process CPU time** (ns per stored value): the
-   read of a block (decompression), the per-block products of
-   :func:`flashmm_dask.stats.reduce._block_partial` with the atlas model and log2(1 + counts),
-   and the sum of two partials; for the blocks as stored (cells in random donor order)
-   and for the same blocks with their cells sorted by donor.
+   read of a block (decompression), the design rows and their own products (X_i, Z_i,
+   X'X, Z'X, Z'Z), and the block's products with the atlas model and log2(1 + counts)
+   added into running sums, as a reduction task does
+   (:func:`flashmm_dask.stats.reduce._block_partial` into one
+   :class:`~flashmm_dask.stats.products.BlockSums`); for the blocks as stored (cells in
+   random donor order) and for the same blocks with their cells sorted by donor.
 3. **Reduction vs read pass on a local cluster** (``--workers`` processes x 1 thread,
    wall time and the CPU time of the process tree, best of ``--repeat``, alternated), as
    bench_reduce.py measures it, for the store as simulated (cells in random donor order)
@@ -69,23 +71,26 @@ def plain_write_seconds(store: Path, path: Path) -> tuple[float, float]:
 
 
 def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
-    """CPU ns per stored value of reading, reducing and summing blocks (after one warm-up
+    """CPU ns per stored value of reading blocks, evaluating their design rows (with the
+    shared products) and adding their products into running sums (after one warm-up
     block), as stored and with each block's cells sorted by donor."""
     import dask
 
     from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
     from flashmm_dask.stats.blocks import _block_partial
-    from flashmm_dask.stats.reduce import _design_chunk, _sum_partials
+    from flashmm_dask.stats.products import BlockSums
+    from flashmm_dask.stats.reduce import _design_chunk, _shared_partial
 
     expr = read_expression(str(store))
     design = build_design(expr.obs, FIXED, RANDOM)
     features = tuple(str(f) for f in expr.features)
     donor = expr.obs["donor"].cat.codes.to_numpy()
+    sums = BlockSums(len(design.covariates), len(design.random_names), len(features))
     out: dict[str, dict[str, float]] = {}
     for label in ("random donor order", "grouped by donor"):
-        cost = {"read": 0.0, "reduce": 0.0, "sum": 0.0}
-        nnz, start, previous = 0, 0, None
+        cost = {"read": 0.0, "design": 0.0, "products": 0.0}
+        nnz, start = 0, 0
         delayed_blocks = expr.data.to_delayed().ravel()[: n_blocks + 1]
         for k, delayed_block in enumerate(delayed_blocks):
             c0 = time.process_time()
@@ -97,16 +102,14 @@ def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
                 block, obs = block[order], obs.iloc[order]
             c2 = time.process_time()
             XZ = _design_chunk(design, obs, start)
-            part = _block_partial(block, XZ, features, start, 0, "log2p1", 1e4, True)
+            _shared_partial(XZ)
             c3 = time.process_time()
-            if previous is not None:
-                _sum_partials(previous, part)
+            _block_partial(block, XZ, features, start, 0, "log2p1", 1e4, True, into=sums)
             c4 = time.process_time()
-            previous = part
             if k or len(delayed_blocks) == 1:  # the first warms caches and compiled kernels
                 cost["read"] += c1 - c0
-                cost["reduce"] += c3 - c2
-                cost["sum"] += c4 - c3
+                cost["design"] += c3 - c2
+                cost["products"] += c4 - c3
                 nnz += int(block.nnz)
             start += block.shape[0]
         out[label] = {key: value / nnz * 1e9 for key, value in cost.items()}
@@ -177,12 +180,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         store = simulate_and_write(args, found)
     per_block = []
     for label, cost in block_costs(store, args.blocks).items():
-        ratio = (cost["read"] + cost["reduce"] + cost["sum"]) / cost["read"]
+        ratio = (cost["read"] + cost["design"] + cost["products"]) / cost["read"]
         per_block.append(ratio)
         print(
-            f"2. per block, CPU ns per value, {label}: read {cost['read']:.1f}, reduce "
-            f"{cost['reduce']:.1f}, sum of partials {cost['sum']:.1f}; (read + reduce + "
-            f"sum) / read {ratio:.2f}; load {load_average()}",
+            f"2. per block, CPU ns per value, {label}: read {cost['read']:.1f}, design "
+            f"{cost['design']:.1f}, products into the sums {cost['products']:.1f}; (read + "
+            f"design + products) / read {ratio:.2f}; load {load_average()}",
             flush=True,
         )
     # one line for both orders (each is on its "2." line), so the cluster's two fit in five

@@ -141,12 +141,15 @@ def profile_block(store: Path, chunk_cells: int | None, blocks: int = 4) -> None
     from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
     from flashmm_dask.stats.blocks import _block_partial
+    from flashmm_dask.stats.products import BlockSums
     from flashmm_dask.stats.reduce import _design_chunk
 
     expr = read_expression(str(store), chunk_cells=chunk_cells)
     design = build_design(expr.obs, FIXED, RANDOM)
     delayed_blocks = expr.data.to_delayed().ravel()[: blocks + 1]
     features = tuple(str(f) for f in expr.features)
+    # added into running sums, as a reduction task does
+    sums = BlockSums(len(design.covariates), len(design.random_names), len(features))
     t_read = t_design = t_reduce = 0.0
     nnz = 0
     profiler = cProfile.Profile()
@@ -159,7 +162,7 @@ def profile_block(store: Path, chunk_cells: int | None, blocks: int = 4) -> None
         t2 = time.perf_counter()
         if k > 0:
             profiler.enable()
-        _block_partial(block, XZ, features, start, 0, TRANSFORM, 1e4, True)
+        _block_partial(block, XZ, features, start, 0, TRANSFORM, 1e4, True, into=sums)
         t3 = time.perf_counter()
         if k > 0:  # the first block warms caches and compiled kernels
             profiler.disable()

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from flashmm_dask.stats import products as block_products
-from flashmm_dask.stats.products import dense_as_csr, lookup_table, sparse_products
+from flashmm_dask.stats.products import BlockSums, dense_as_csr, lookup_table, sparse_products
 
 
 def counts(n: int = 300, m: int = 40, seed: int = 0) -> sp.csr_matrix:
@@ -90,6 +90,27 @@ def test_grouped_and_per_cell_and_ordered_passes_agree(monkeypatch) -> None:
     monkeypatch.setattr(block_products, "_ORDER_BYTES", 1 << 40)
     assert_products(sparse_products(E, X, Z, table), want)  # per cell
     assert calls == [1]
+
+
+@pytest.mark.parametrize("slope", [False, True])
+def test_products_added_into_running_sums(slope: bool) -> None:
+    """Blocks added into one BlockSums (grouped, or per cell with a slope) give the sum of
+    their products; a block the table refuses adds nothing."""
+    table = lookup_table("log2p1")
+    E1, E2 = counts(seed=0), counts(seed=1)
+    X, Z = design_rows(E1.shape[0], dense_columns=2, slope=slope)
+    sums = BlockSums(X.shape[1], Z.shape[1], E1.shape[1])
+    for E in (E1, E2):
+        got = sparse_products(E, X, Z, table, sums)
+        assert got is not None and got[0].base is sums.rows
+    want1 = expected(np.log2(1 + E1.toarray()), X, Z)
+    want2 = expected(np.log2(1 + E2.toarray()), X, Z)
+    assert_products(sums.partials(), [a + b for a, b in zip(want1, want2, strict=True)])
+    before = [a.copy() for a in sums.partials()]
+    E1.data[-1] = -1
+    assert sparse_products(E1, X, Z, table, sums) is None
+    for a, b in zip(sums.partials(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_rows_with_more_than_two_design_entries() -> None:

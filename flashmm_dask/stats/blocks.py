@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from flashmm_dask.errors import DataError
-from flashmm_dask.stats.products import dense_as_csr, lookup_table, sparse_products
+from flashmm_dask.stats.products import BlockSums, dense_as_csr, lookup_table, sparse_products
 
 __all__ = ["TRANSFORMS", "transform_block"]
 
@@ -31,8 +31,10 @@ def _block_partial(
     target_sum: float,
     check: bool,
     source: str = "",
+    into: BlockSums | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features)."""
+    """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features);
+    with ``into``, added to those running sums, which are returned."""
     X, Z = XZ
     E = _as_block(block, sparsify=True)
     if E.shape[0] != X.shape[0]:
@@ -44,7 +46,7 @@ def _block_partial(
     if isinstance(E, sp.csr_matrix) and table is not None:
         # counts as stored, transformed inside the pass; None when a value is not a small
         # non-negative integer (so no check can fail) or entries are duplicated
-        products = sparse_products(E, X, Z, table)
+        products = sparse_products(E, X, Z, table, into)
         if products is not None:
             return products
     E = _canonical(E)
@@ -52,13 +54,13 @@ def _block_partial(
         _check_block(E, features, start, col0, transform, source)
     E = _transform(E, transform, target_sum)
     if isinstance(E, sp.csr_matrix):
-        products = sparse_products(E, X, Z)
+        products = sparse_products(E, X, Z, into=into)
         assert products is not None  # only a table can fail
         return products
     XY = X.T @ E
     ZY = np.asarray(Z.T @ E)
     Ynorm = np.einsum("ij,ij->j", E, E)
-    return XY, ZY, Ynorm
+    return (XY, ZY, Ynorm) if into is None else into.add(XY, ZY, Ynorm)
 
 
 def transform_block(

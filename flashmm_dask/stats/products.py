@@ -9,25 +9,29 @@ Designs are mostly zeros: factor indicators in X, one subject indicator per row 
 A = [X_s, Z], X_s the columns of X that are mostly zero, and X_d the others (the intercept,
 log library size, age): each is a short dense row per cell. Then
 
-- **grouped** (the usual case): cells whose rows of A are identical (same cell type,
-  treatment and subject) form a group g, and A'E = A_g' S with S (n_groups x m_j) the sum
-  of E's rows in each group. The pass over E adds each value to one row of S (and its
-  square to Ynorm, its products with the first three columns of X_d to E'X_d); A_g'S is a
-  small product afterwards (n_groups x m_j per non-zero of A_g).
-- **per cell** (rows of A mostly distinct, e.g. a random slope on a numeric covariate):
-  A'E costs one multiply-add per pair of non-zeros of a row of E and of the same row of A.
+- **grouped** (few distinct rows of A, e.g. at 2,000 genes or cells sorted by subject
+  within few cell types): cells whose rows of A are identical (same cell type, treatment
+  and subject) form a group g, and A'E = A_g' S with S (n_groups x m_j) the sum of E's
+  rows in each group. The pass over E adds each value to one row of S (and its square to
+  Ynorm, its products with the first three columns of X_d to E'X_d); A_g'S is a small
+  sparse product afterwards. Grouped only when S fits a cache (``_ORDER_BYTES``).
+- **per cell** (the atlas case: 259 donors x 29 states, or a random slope on a numeric
+  covariate): A'E costs one multiply-add per pair of non-zeros of a row of E and of the
+  same row of A, added straight into the caller's running sums (:class:`BlockSums`).
 
 Both are one loop, :func:`_scatter_products`, compiled with numba (``njit(nogil=True,
 cache=True)``): in the grouped case A is the cell-to-group indicator (and the usual
 grouped case, with at most three dense columns of X, has its own lighter loop,
-:func:`_group_sums`). Cells are visited group by group (or subject by subject, by their
-last column of A) when the accumulated rows are larger than a cache.
+:func:`_group_sums`). Per cell, cells are visited subject by subject (by their last
+column of A) when the rows added to are larger than a cache.
 
 Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
 pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
-or copied; a value outside the table, or a row whose column indices are not strictly
-increasing (duplicates to sum), stops the pass and the caller takes the general path
-(canonical float64 values, checked and transformed with NumPy).
+or copied. The codes are checked (integers in the table, column indices strictly
+increasing) before anything is added to the running sums (by the group loop as it goes,
+into its small group sums); a block that does not fit (duplicates to sum, values outside
+the table) adds nothing and the caller takes the general path (canonical float64 values,
+checked and transformed with NumPy).
 
 Without numba the same sums come from scipy's sparse products.
 """
@@ -41,7 +45,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["dense_as_csr", "lookup_table", "sparse_products"]
+__all__ = ["BlockSums", "dense_as_csr", "lookup_table", "sparse_products"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +55,8 @@ _LOOKUP_MAX = 1 << 16
 # columns of X non-zero in more than this fraction of a chunk's cells are multiplied as
 # dense columns; the others are in A with Z
 _DENSE_COLUMN = 0.5
-# cells are visited by group or subject when A'E (n_out x m_j float64) is larger than this
+# cells are grouped when their group sums (n_groups x m_j float64) are at most this, and
+# visited by subject when the rows of A'E added to per cell are larger than this
 _ORDER_BYTES = 4 << 20
 # the tables of _LOOKUP_MAX entries, by transform (built once per process)
 _TABLES: dict[str, np.ndarray] = {}
@@ -68,8 +73,50 @@ def lookup_table(transform: str) -> np.ndarray | None:
     return _TABLES[transform]
 
 
+class BlockSums:
+    """Running sums of blocks' X'E (p x m), Z'E (q x m) and colsums(E^2) (m).
+
+    X'E and Z'E are rows of one buffer, ``rows`` ((p + q + 1) x m; the last row takes
+    the zero-weight terms of rows of A with fewer entries), so that the compiled pass adds
+    a value to any of them by its row index, straight into the running sums: nothing of
+    their size is allocated or added per block.
+    """
+
+    __slots__ = ("Ynorm", "p", "q", "rows")
+
+    def __init__(self, p: int, q: int, m: int) -> None:
+        self.p, self.q = p, q
+        self.rows = np.zeros((p + q + 1, m))
+        self.Ynorm = np.zeros(m)
+
+    @property
+    def XY(self) -> np.ndarray:
+        return self.rows[: self.p]
+
+    @property
+    def ZY(self) -> np.ndarray:
+        return self.rows[self.p : self.p + self.q]
+
+    def add(
+        self, XY: np.ndarray, ZY: Any, Ynorm: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add one block's products; return the sums (XY, ZY, Ynorm)."""
+        self.XY[...] += XY
+        self.ZY[...] += ZY
+        self.Ynorm += Ynorm
+        return self.partials()
+
+    def partials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(XY, ZY, Ynorm): views of the running sums."""
+        return self.XY, self.ZY, self.Ynorm
+
+
 def sparse_products(
-    E: sp.csr_matrix, X: np.ndarray, Z: sp.spmatrix | np.ndarray, table: np.ndarray | None = None
+    E: sp.csr_matrix,
+    X: np.ndarray,
+    Z: sp.spmatrix | np.ndarray,
+    table: np.ndarray | None = None,
+    into: BlockSums | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j); X (n_i x p) dense.
 
@@ -83,31 +130,35 @@ def sparse_products(
     Z : scipy.sparse matrix or ndarray, shape (n_i, q)
     table : ndarray, optional
         From :func:`lookup_table`.
+    into : BlockSums, optional
+        Running sums to add the products to (then returned as its views).
 
     Returns
     -------
     (XY (p, m_j), ZY (q, m_j), Ynorm (m_j,)) or None
-        None (only with a table, and only when numba is installed) when a stored value
-        is not an integer in [0, len(table)) or a row's indices are not strictly
-        increasing: then transform the block and call again without a table.
+        None (only with a table; nothing is added) when a stored value is not an integer
+        in [0, len(table)) or a row's indices are not strictly increasing: then transform
+        the block and call again without a table.
     """
     n_i, m = E.shape
-    p = X.shape[1]
+    sums = BlockSums(X.shape[1], Z.shape[1], m) if into is None else into
+
+    def refused() -> bool:
+        # checked before anything is added to the sums (the group loop checks as it goes)
+        return table is not None and not _fits_table(E, table)
+
     Zs = sp.csr_matrix(Z, dtype=np.float64)
     kernel = _compiled("_scatter_products")
     if kernel is None:
+        if refused():
+            return None
         if table is not None:
-            if not _fits_table(E, table):
-                return None
             E = sp.csr_matrix((table[E.data.astype(np.intp)], E.indices, E.indptr), shape=E.shape)
-        XY = np.asarray(E.T @ X).T
-        ZY = np.asarray((Zs.T @ E).toarray())
         Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=m)
-        return XY, ZY, Ynorm
+        return sums.add(np.asarray(E.T @ X).T, (Zs.T @ E).toarray(), Ynorm)
     dense = np.count_nonzero(X, axis=0) > _DENSE_COLUMN * n_i
     Xd = X[:, dense]
     Xs = np.ascontiguousarray(X[:, ~dense])
-    A, recover = _scatter_matrix(Xs, Zs, max_groups=E.nnz // max(m, 1))
     codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
     block = (
         E.indptr.astype(np.int64, copy=False),
@@ -117,71 +168,77 @@ def sparse_products(
         values,
         _first_dense(Xd),
     )
-    group_sums = _compiled("_group_sums")
-    big = A.shape[1] * m * 8 > _ORDER_BYTES
-    if A.nnz == n_i and np.all(A.data == 1) and Xd.shape[1] <= 3 and not big and group_sums:
-        # one group per cell (the usual case): the lighter loop of the same sums
-        out, D, status = group_sums(block, A.indices.astype(np.int64), A.shape[1], m, Xd.shape[1])
-        rest = np.zeros((0, m))
+    Xr = np.ascontiguousarray(Xd[:, 3:])
+    D = np.zeros((m, 4))  # [colsums(E^2), E'X3]
+    rest = np.zeros((Xr.shape[1], m))
+    groups = _row_groups(Xs, Zs, max_groups=min(E.nnz, _ORDER_BYTES // 8) // max(m, 1))
+    if groups is not None:
+        # few distinct rows of [X_s, Z] (cells of the same cell type, treatment and
+        # subject): E's rows summed by group (S, small enough for a cache), then A_g'S
+        group, first = groups
+        S = np.zeros((len(first) + 1, m))
+        group_sums = _compiled("_group_sums")
+        if Xr.shape[1] == 0 and group_sums is not None:  # the lighter loop of the same sums
+            if group_sums(block, group, S, D, Xd.shape[1]):
+                return None  # a code off the table: nothing added
+        else:
+            if refused():
+                return None
+            A = _indicator(group, len(first))
+            _scatter(kernel, block, Xr, A, A.indices, np.arange(n_i), S, D, rest, Xd.shape[1])
+        sums.XY[~dense] += sp.csr_matrix(Xs[first]).T @ S[:-1]
+        sums.ZY[...] += Zs[first].T @ S[:-1]
     else:
+        # per cell: each entry of a row of A = [X_s, Z] is added to its row of the sums
+        if refused():
+            return None
+        A = sp.hstack([sp.csr_matrix(Xs), Zs], format="csr", dtype=np.float64)
+        A.eliminate_zeros()
+        target = np.concatenate([np.flatnonzero(~dense), sums.p + np.arange(sums.q)])
         order = np.arange(n_i)
-        if big:
-            # visiting cells by their last column of A (group, or the random-effect level:
-            # Z's columns come last and have the most levels) keeps the rows of A'E being
-            # summed in cache, which pays when A'E is much larger than a core's cache and
+        if A.shape[1] * m * 8 > _ORDER_BYTES:
+            # visiting cells by their last column of A (the random-effect level: Z's
+            # columns come last and have the most levels) keeps the rows being added to
+            # in cache, which pays when they are much larger than a core's cache and
             # costs when not (the rows of E are then read out of order). By the first
-            # column (a cell type of X) the subject rows, most of A'E, were written at
+            # column (a cell type of X) the subject rows, most of Z'E, were written at
             # random: 1.3-1.8x slower at 259 subjects x 11,596 genes
             last = np.full(n_i, A.shape[1], dtype=np.int64)
             has = np.diff(A.indptr) > 0
             last[has] = A.indices[A.indptr[1:][has] - 1]
             order = np.argsort(last, kind="stable")
-        out, D, rest, status = kernel(
-            block,
-            np.ascontiguousarray(Xd[:, 3:]),
-            A.indptr.astype(np.int64, copy=False),
-            A.indices.astype(np.int64, copy=False),
-            A.data,
-            order,
-            A.shape[1],
-            m,
-            Xd.shape[1],
-            int(np.diff(A.indptr).max(initial=0)),
-        )
-    if status:
-        return None
-    XsY, ZY = recover(out)
-    XY = np.empty((p, m))
-    XY[~dense] = XsY
-    XY[dense] = np.concatenate([D[:, 1:].T, rest])[: Xd.shape[1]]
-    return XY, ZY, D[:, 0].copy()
+        _scatter(kernel, block, Xr, A, target[A.indices], order, sums.rows, D, rest, Xd.shape[1])
+    sums.XY[dense] += np.concatenate([D[:, 1:].T, rest])[: Xd.shape[1]]
+    sums.Ynorm += D[:, 0]
+    return sums.partials()
 
 
-def _scatter_matrix(
-    Xs: np.ndarray, Zs: sp.csr_matrix, max_groups: int
-) -> tuple[sp.csr_matrix, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]]:
-    """The CSR matrix A whose A'E the pass accumulates, and the map from A'E to (X_s'E,
-    Z'E).
-
-    Grouped when [X_s, Z] has at most ``max_groups`` distinct rows (so that the group
-    sums are no larger than the block): A is the cell-to-group indicator. Else A = [X_s, Z].
-    """
-    groups = _row_groups(Xs, Zs, max_groups)
-    if groups is not None:
-        group, first = groups
-
-        def by_group(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return Xs[first].T @ out, np.asarray(Zs[first].T @ out)
-
-        return _indicator(group, len(first)), by_group
-    A = sp.hstack([sp.csr_matrix(Xs), Zs], format="csr", dtype=np.float64)
-    A.eliminate_zeros()
-    p_s = Xs.shape[1]
-
-    def by_column(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return out[:p_s], out[p_s:]
-
-    return A, by_column
+def _scatter(
+    kernel: Callable[..., Any],
+    block: tuple[np.ndarray, ...],
+    Xr: np.ndarray,
+    A: sp.csr_matrix,
+    rows: np.ndarray,
+    order: np.ndarray,
+    out: np.ndarray,
+    D: np.ndarray,
+    rest: np.ndarray,
+    n_dense: int,
+) -> None:
+    """Run :func:`_scatter_products`: entry s of A (CSR) adds to row ``rows[s]`` of out."""
+    kernel(
+        block,
+        Xr,
+        A.indptr.astype(np.int64, copy=False),
+        rows.astype(np.int64, copy=False),
+        A.data,
+        order,
+        out,
+        D,
+        rest,
+        n_dense,
+        int(np.diff(A.indptr).max(initial=0)),
+    )
 
 
 def _indicator(group: np.ndarray, n_groups: int) -> sp.csr_matrix:
@@ -262,67 +319,60 @@ def _scatter_products(
     block: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     Xr: np.ndarray,
     a_indptr: np.ndarray,
-    a_indices: np.ndarray,
+    a_rows: np.ndarray,
     a_values: np.ndarray,
     order: np.ndarray,
-    n_out: int,
-    m: int,
+    out: np.ndarray,
+    D: np.ndarray,
+    rest: np.ndarray,
     n_dense: int,
     a_max: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A'E (n_out, m), D (m, 4) = [colsums(E^2), E'X3] and E'Xr (p_r, m) in one pass.
+) -> None:
+    """Add A'E to the rows of ``out``, [colsums(E^2), E'X3] to D (m, 4) and E'Xr to
+    ``rest`` (p_r, m), in one pass.
 
     ``block`` is (indptr, indices, codes, table, values, X3): E (n x m) as CSR, and X3
     (n, 3) the first three dense columns of X (zero padded). Value t of E is
-    ``table[codes[t]]`` when ``table`` is not empty (then codes[t] must be an integer in
-    [0, len(table)) and each row's indices strictly increasing, else the pass stops with
-    status 1), else ``values[t]``. A (n x n_out) is CSR (a_indptr, a_indices, a_values)
-    and Xr (n, p_r) the dense columns after the first three. Up to four entries of a row
-    of A and the three columns of X3 are applied inline, in the one pass over the row's
-    values (the atlas model has up to four: sex, cell state, state:condition, donor);
-    further ones need one more pass over the row each. ``order`` is the order in which
-    the rows are visited; ``n_dense`` is the number of columns of X3 that are not padding
-    and ``a_max`` the most entries in a row of A.
+    ``table[codes[t]]`` when ``table`` is not empty (codes checked to be integers in
+    [0, len(table)) by the caller), else ``values[t]``. A (n x
+    n_A) is CSR (a_indptr, a_values) whose entry s is added to row ``a_rows[s]`` of
+    ``out``; the last row of ``out`` takes zero-weight terms. Xr (n, p_r) holds the dense
+    columns after the first three. Up to four entries of a row of A and the three columns
+    of X3 are applied inline, in the one pass over the row's values (the atlas model has
+    up to four: sex, cell state, state:condition, donor); further ones need one more pass
+    over the row each. ``order`` is the order in which the rows are visited and ``a_max``
+    the most entries in a row of A; ``n_dense`` is the number of columns of X3 that are
+    not padding.
     """
     indptr, indices, codes, table, values, X3 = block
-    out = np.zeros((n_out + 1, m))  # row n_out takes the cells with fewer columns of A
-    D = np.zeros((m, 4))
-    rest = np.zeros((Xr.shape[1], m))
+    spare = out.shape[0] - 1
     lookup = table.size > 0
-    size = table.size
-    row = np.empty(m)
     keep_row = a_max > 4 or Xr.shape[1] > 0
+    longest = 0
+    if keep_row:  # the row's values, for the entries of A and columns of X after those inline
+        for c in range(indptr.shape[0] - 1):
+            longest = max(longest, indptr[c + 1] - indptr[c])
+    row = np.empty(longest)
     for c in order:
         lo = indptr[c]
         hi = indptr[c + 1]
         s0 = a_indptr[c]
         na = a_indptr[c + 1] - s0
-        # row n_out with weight 0 where the row of A has fewer entries
-        k0 = a_indices[s0] if na > 0 else n_out
+        # the spare row with weight 0 where the row of A has fewer entries
+        k0 = a_rows[s0] if na > 0 else spare
         a0 = a_values[s0] if na > 0 else 0.0
-        k1 = a_indices[s0 + 1] if na > 1 else n_out
+        k1 = a_rows[s0 + 1] if na > 1 else spare
         a1 = a_values[s0 + 1] if na > 1 else 0.0
-        k2 = a_indices[s0 + 2] if na > 2 else n_out
+        k2 = a_rows[s0 + 2] if na > 2 else spare
         a2 = a_values[s0 + 2] if na > 2 else 0.0
-        k3 = a_indices[s0 + 3] if na > 3 else n_out
+        k3 = a_rows[s0 + 3] if na > 3 else spare
         a3 = a_values[s0 + 3] if na > 3 else 0.0
         x0 = X3[c, 0]
         x1 = X3[c, 1]
         x2 = X3[c, 2]
-        previous = -1
         for t in range(lo, hi):
             j = indices[t]
-            if lookup:
-                x = codes[t]
-                if not (x >= 0 and x < size) or j <= previous:
-                    return out[:n_out], D, rest, 1
-                kx = int(x)
-                if kx != x:
-                    return out[:n_out], D, rest, 1
-                v = table[kx]
-                previous = j
-            else:
-                v = values[t]
+            v = table[int(codes[t])] if lookup else values[t]
             out[k0, j] += a0 * v
             D[j, 0] += v * v
             D[j, 1] += x0 * v
@@ -344,26 +394,25 @@ def _scatter_products(
             for t in range(lo, hi):
                 rest[r, indices[t]] += xr * row[t - lo]
         for s in range(s0 + 4, s0 + na):
-            ks = a_indices[s]
+            ks = a_rows[s]
             av = a_values[s]
             for t in range(lo, hi):
                 out[ks, indices[t]] += av * row[t - lo]
-    return out[:n_out], D, rest, 0
 
 
 def _group_sums(
     block: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     group: np.ndarray,
-    n_groups: int,
-    m: int,
+    out: np.ndarray,
+    D: np.ndarray,
     n_dense: int,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> int:
     """:func:`_scatter_products` when A is the indicator of ``group`` (each row of E is
     added to the row of its group) and X has at most three dense columns: the same sums
-    (G = A'E, D) and status, in a loop that does only that."""
+    (into ``out`` and D, fresh: the group sums are small), in a loop that does only that
+    and checks the codes as it goes (status 1, stopping, when a code is not an integer in
+    the table or a row's indices are not strictly increasing; else 0)."""
     indptr, indices, codes, table, values, X3 = block
-    out = np.zeros((n_groups, m))
-    D = np.zeros((m, 4))
     lookup = table.size > 0
     size = table.size
     for c in range(indptr.shape[0] - 1):
@@ -377,10 +426,10 @@ def _group_sums(
             if lookup:
                 x = codes[t]
                 if not (x >= 0 and x < size) or j <= previous:
-                    return out, D, 1
+                    return 1
                 kx = int(x)
                 if kx != x:
-                    return out, D, 1
+                    return 1
                 v = table[kx]
                 previous = j
             else:
@@ -392,7 +441,7 @@ def _group_sums(
                 D[j, 2] += x1 * v
                 if n_dense > 2:
                     D[j, 3] += x2 * v
-    return out, D, 0
+    return 0
 
 
 def _row_keys(

@@ -73,6 +73,7 @@ from flashmm_dask.stats.graph import (
     bind_options,
     computed_signature,
 )
+from flashmm_dask.stats.products import BlockSums
 from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["TRANSFORMS", "compute_counted", "reduce_stats", "stats_graph"]
@@ -158,17 +159,27 @@ class _Fold:
     source: str
 
 
-def _fold_chunk(
-    total: list[Any] | None, block: Any, obs: Any, start: int, fold: _Fold
+def _fold_chunks(
+    blocks: Sequence[Any], obs: Sequence[Any], starts: Sequence[int], fold: _Fold
 ) -> list[Any]:
-    """The running sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] with one more cell chunk (with all
-    its features) added; ``total`` (None for the first chunk) is added to in place."""
-    if isinstance(block, _InlineRead):
-        block = block.read()
-    XZ = _design_chunk(fold.design, obs, start)
-    part = (
-        *_shared_partial(XZ),
-        *_block_partial(
+    """The sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of consecutive cell chunks (each with all
+    its features), each read here in turn (an :class:`_InlineRead`, or the block itself)
+    and added into one accumulator; ``obs`` holds the rows of each chunk and ``starts``
+    its first cell."""
+    shared: list[Any] = []
+    sums = None
+    for block, rows, start in zip(blocks, obs, starts, strict=True):
+        if isinstance(block, _InlineRead):
+            block = block.read()
+        XZ = _design_chunk(fold.design, rows, start)
+        part = _shared_partial(XZ)
+        if sums is None:
+            shared = [_owned(a) for a in part]
+            sums = BlockSums(XZ[0].shape[1], XZ[1].shape[1], len(fold.features))
+        else:
+            for k, a in enumerate(part):
+                shared[k] += a
+        _block_partial(
             block,
             XZ,
             fold.features,
@@ -178,26 +189,10 @@ def _fold_chunk(
             fold.target_sum,
             fold.check,
             fold.source,
-        ),
-    )
-    if total is None:
-        return [_owned(a) for a in part]
-    for k, a in enumerate(part):
-        total[k] += a
-    return total
-
-
-def _fold_chunks(
-    reads: Sequence[_InlineRead], obs: Sequence[Any], starts: Sequence[int], fold: _Fold
-) -> list[Any]:
-    """The sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of consecutive cell chunks, each read
-    here in turn and added into one accumulator; ``obs`` holds the rows of each chunk
-    and ``starts`` its first cell."""
-    total = None
-    for read, rows, start in zip(reads, obs, starts, strict=True):
-        total = _fold_chunk(total, read, rows, start, fold)
-    assert total is not None, "a group has at least one chunk"
-    return total
+            into=sums,
+        )
+    assert sums is not None, "a group has at least one chunk"
+    return [*shared, *sums.partials()]
 
 
 def _owned(a: Any) -> Any:
@@ -229,8 +224,10 @@ def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
 
 
 def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Elementwise sum of partial tuples (float64 arrays and cell counts)."""
-    total = [np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in parts[0]]
+    """Elementwise sum of partial tuples (float64 arrays and cell counts); the first is
+    added to in place where it is writable (each partial has its sum as its only
+    consumer)."""
+    total = [_owned(a) for a in parts[0]]
     for part in parts[1:]:
         for k, a in enumerate(part):
             total[k] += a
@@ -407,23 +404,13 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
                 for k, i in enumerate(range(i0, i1))
             ]
             key = f"{_BLOCK_PREFIX}{token}-{i0}-0x{i1 - i0}"  # progress counts i1 - i0 blocks
-            if reads is None:  # a task per chunk: its block is a key of its own
-                fused.append(
-                    delayed(_fold_chunk, pure=True)(
-                        None,
-                        blocks[i0, 0],
-                        obs_g[0],
-                        int(cell_starts[i0]),
-                        fold_key,
-                        dask_key_name=key,
-                    )
+            # a task per chunk when its block is a key of its own
+            chunks = list(blocks[i0:i1, 0]) if reads is None else reads[i0:i1]
+            fused.append(
+                delayed(_fold_chunks, pure=True)(
+                    chunks, obs_g, bounds[:-1], fold_key, dask_key_name=key
                 )
-            else:
-                fused.append(
-                    delayed(_fold_chunks, pure=True)(
-                        reads[i0:i1], obs_g, bounds[:-1], fold_key, dask_key_name=key
-                    )
-                )
+            )
     else:
         design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
         features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
