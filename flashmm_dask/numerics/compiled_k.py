@@ -7,8 +7,10 @@ Two kinds:
   Gauss-Jordan (q^3). D is constant on each component, so it commutes with
   V = blockdiag(V1, V2), the eigenvectors of the diagonal blocks of A; in that basis the
   first block of D A + I is diagonal and the Schur complement over it leaves one
-  h2 x h2 symmetric system: about h1 h2^2 + h2^3 + h1^2 h2 / 2 multiply-adds instead of
-  q^3 (3.2x fewer at h1 = h2). Traces and block sums of squares are the same in both bases.
+  h2 x h2 symmetric system. Traces and block sums of squares are the same in both bases,
+  and each is a sum over the entries of the Schur parts (E = F S^-1, E F', S^-1): neither
+  M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 + h1^2 h2 / 2 multiply-adds per
+  evaluation instead of q^3 (3.2x fewer at h1 = h2) and the O(q^2) passes over M.
 - **Sums of the structured path with a dense Schur complement** (crossed factors such as
   InstEval's ``(1|s) + (1|d)``): :class:`.structured.Factor`'s BLAS calls (Cholesky,
   inverse, one product) are the essential cost; the traces and block sums of squares of
@@ -119,77 +121,55 @@ def dense_w0_sums(
 
 
 @functools.partial(_compile, reassoc=True)
-def _cholesky_inverse(S: np.ndarray, L: np.ndarray) -> float:
-    """S = S^-1 in place for a symmetric positive definite S; return log det S, or NaN (S
-    untouched) where a pivot is not positive. By L L' = S, L^-1 and S^-1 = L^-T L^-1:
-    about h^3 / 2 multiply-adds, half of Gauss-Jordan's. ``L`` (h, h) is scratch."""
-    h = S.shape[0]
-    logdet = 0.0
-    for j in range(h):
-        t = S[j, j]
-        for k in range(j):
-            t -= L[j, k] * L[j, k]
-        if not t > 0.0:
-            return np.nan
-        d = np.sqrt(t)
-        logdet += 2.0 * np.log(d)
-        L[j, j] = d
-        for i in range(j + 1, h):
-            t = S[i, j]
-            for k in range(j):
-                t -= L[i, k] * L[j, k]
-            L[i, j] = t / d
-    # L := L^-1 (lower triangular), row by row
-    for i in range(h):
-        L[i, i] = 1.0 / L[i, i]
-        for j in range(i):
-            t = 0.0
-            for k in range(j, i):
-                t += L[i, k] * L[k, j]
-            L[i, j] = -t * L[i, i]
-        for j in range(i + 1, h):
-            L[i, j] = 0.0
-    # S^-1 = L^-T L^-1: entry (c, d) = sum over k >= max(c, d) of L^-1[k, c] L^-1[k, d]
-    for c in range(h):
-        for d in range(c, h):
-            t = 0.0
-            for k in range(d, h):
-                t += L[k, c] * L[k, d]
-            S[c, d] = t
-            S[d, c] = t
-    return logdet
+def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out = A x, one dot product of a contiguous row of A a entry."""
+    for i in range(A.shape[0]):
+        t = 0.0
+        for c in range(A.shape[1]):
+            t += A[i, c] * x[c]
+        out[i] = t
 
 
 @functools.partial(_compile, reassoc=True)
-def _schur_inverse_into(
+def _product_into(A: np.ndarray, B: np.ndarray, out: np.ndarray) -> None:
+    """out = A B, by rows (each inner loop an axpy over a contiguous row of B)."""
+    for i in range(A.shape[0]):
+        for d in range(B.shape[1]):
+            out[i, d] = 0.0
+        for c in range(A.shape[1]):
+            f = A[i, c]
+            for d in range(B.shape[1]):
+                out[i, d] += f * B[c, d]
+
+
+@functools.partial(_compile, reassoc=True)
+def _schur_parts(
     l1: np.ndarray,
     l2: np.ndarray,
     C: np.ndarray,
     Ct: np.ndarray,
     a: float,
     b: float,
-    M: np.ndarray,
+    w: np.ndarray,
     F: np.ndarray,
     Ft: np.ndarray,
-    E: np.ndarray,
-    S: np.ndarray,
-    L: np.ndarray,
-    w: np.ndarray,
+    T: np.ndarray,
+    Si: np.ndarray,
     buf: np.ndarray,
     perm: np.ndarray,
 ) -> float:
-    """M = (D L + I)^-1 for L = [[diag(l1), C], [C', diag(l2)]], D = diag(a, .., b, ..);
-    return log |det(D L + I)|, or NaN where a pivot is zero or the result not finite.
+    """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
+    diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)|, or NaN where a pivot is
+    zero (the caller checks that its sums are finite).
 
-    With P11 = I + a diag(l1) (diagonal, w its inverse) and F = w C, the Schur complement
-    is S = I + b (diag(l2) - a C' F) (symmetric) and
+    Fills w = 1 / (1 + a l1), F = diag(w) C (h1, h2) and Ft = F', T = diag(l2) - a C' F
+    and Si = (I + b T)^-1 (h2, h2, both symmetric). Then (:func:`_score_k2_batch`)
 
-        M = [[w + a b E F', -a E], [-b E', S^-1]],   E = F S^-1.
+        (D L + I)^-1 = [[diag(w) + ab E F', -a E], [-b E', Si]],   E = F Si.
 
-    ``Ct`` = C'. ``F``, ``E`` (h1, h2), ``Ft`` (h2, h1), ``S``, ``L`` (h2, h2), ``w`` (h1,),
-    ``buf`` and ``perm`` (h2,) are scratch. With a, b >= 0, S = I + b H with H the Schur
-    complement of diag(l1) + I / a in L + diag(I / a, 0) >= 0, so S >= I: it is inverted by
-    Cholesky; otherwise (or where Cholesky fails) by Gauss-Jordan with pivoting.
+    ``Ct`` = C'; ``buf`` and ``perm`` (h2,) are scratch. I + b T is inverted by
+    Gauss-Jordan with pivoting (at h2 = 25 faster than Cholesky in these loops, measured),
+    then symmetrised.
     """
     h1 = l1.shape[0]
     h2 = l2.shape[0]
@@ -202,58 +182,34 @@ def _schur_inverse_into(
         logdet += np.log(abs(x))
         for c in range(h2):
             F[i, c] = w[i] * C[i, c]
-    # S = I + b (diag(l2) - a C' w C) from dot products of contiguous rows of C' and (w C)'
     for c in range(h2):
         for i in range(h1):
             Ft[c, i] = F[i, c]
+    # T from dot products of contiguous rows of C' and F'
     for c in range(h2):
         for d in range(c, h2):
             t = 0.0
             for i in range(h1):
                 t += Ct[c, i] * Ft[d, i]
-            v = -b * a * t
+            v = -a * t
             if c == d:
-                v += 1.0 + b * l2[c]
-            S[c, d] = v
-            S[d, c] = v
-    ld = np.nan
-    if a >= 0.0 and b >= 0.0:  # then S >= I (see the docstring): Cholesky
-        ld = _cholesky_inverse(S, L)
-    if np.isnan(ld):
-        ld = _gauss_jordan(S, buf, perm)
+                v += l2[c]
+            T[c, d] = v
+            T[d, c] = v
+            s = b * v
+            if c == d:
+                s += 1.0
+            Si[c, d] = s
+            Si[d, c] = s
+    ld = _gauss_jordan(Si, buf, perm)
     if np.isnan(ld):
         return np.nan
-    logdet += ld
-    for i in range(h1):
-        for d in range(h2):
-            E[i, d] = 0.0
-        for c in range(h2):
-            f = F[i, c]
-            for d in range(h2):
-                E[i, d] += f * S[c, d]
-    ab = a * b
-    for i in range(h1):
-        for k in range(i, h1):
-            t = 0.0
-            for d in range(h2):
-                t += E[i, d] * F[k, d]
-            M[i, k] = ab * t
-            M[k, i] = ab * t
-        M[i, i] += w[i]
-        for d in range(h2):
-            M[i, h1 + d] = -a * E[i, d]
-            M[h1 + d, i] = -b * E[i, d]
-    for c in range(h2):
-        for d in range(h2):
-            M[h1 + c, h1 + d] = S[c, d]
-    # one vectorised sum: NaN or infinite if any entry is (or, harmlessly, if it overflows)
-    total = 0.0
-    for r in range(h1 + h2):
-        for c in range(h1 + h2):
-            total += M[r, c]
-    if not np.isfinite(total):
-        return np.nan
-    return logdet
+    for c in range(h2):  # symmetric up to rounding: make it so
+        for d in range(c + 1, h2):
+            v = 0.5 * (Si[c, d] + Si[d, c])
+            Si[c, d] = v
+            Si[d, c] = v
+    return logdet + ld
 
 
 @functools.partial(_compile, reassoc=True)
@@ -280,7 +236,18 @@ def _score_k2_batch(
     (D V'AV + I)^-1, and traces and block sums of squares are the same in either basis.
     ``rot`` = (V1, V2, l1, l2, C) of A and ``rot0`` of A0 (ZZ for ML; the same for REML),
     ``idx1``/``idx2`` the columns of the components c1 (first, the larger) and 1 - c1,
-    ``scale`` = max |A0| (the division rule of ``_score_batch``).
+    ``scale`` = max |A0|.
+
+    M and W are never formed. With the parts of :func:`_schur_parts` (a, b the ratios of
+    the components c1 and 1 - c1, Y = E F' symmetric), A0 M0 = M0' A0 gives
+
+        W = A0 M0 = [[diag(l1 w) - b Y, E], [E', T Si]],   M0 D z = D u,
+
+    u = M' z = (w z1 - b F u2, Si (z2 - a F' z1)); every trace and block sum of squares of
+    W, W M0 and M0 is then one of a few sums over the entries of E, Y and Si: about
+    2 h1 h2^2 + h1^2 h2 / 2 + h2^3 multiply-adds per evaluation, and no q x q pass. T Si =
+    (I - Si) / b where |b| max|A0| >= ``division_min`` (the division loses about
+    log10(1 / (|b| max|A0|)) digits), else the product.
     """
     V1, V2, l1, l2, C = rot
     l01, l02, C0 = rot0[2], rot0[3], rot0[4]
@@ -289,7 +256,6 @@ def _score_k2_batch(
     m = zry.shape[0]
     h1 = l1.shape[0]
     h2 = l2.shape[0]
-    q = h1 + h2
     K = 2
     c2 = 1 - c1
     dl = np.empty((m, K + 1))
@@ -297,136 +263,145 @@ def _score_k2_batch(
     s0p = np.empty(m)
     logdet = np.full(m, np.nan)
     ok = np.ones(m, dtype=np.bool_)
-    M = np.empty((q, q))
-    M0 = np.empty((q, q)) if not reml else M
+    w = np.empty(h1)
     Fw = np.empty((h1, h2))
     Ftw = np.empty((h2, h1))
-    M0t = np.empty((q, q))
-    Ew = np.empty((h1, h2))
-    Sw = np.empty((h2, h2))
-    Lw = np.empty((h2, h2))
-    wv = np.empty(h1)
+    T = np.empty((h2, h2))
+    Si = np.empty((h2, h2))
+    w0 = np.empty(h1) if not reml else w
+    F0 = np.empty((h1, h2)) if not reml else Fw
+    F0t = np.empty((h2, h1)) if not reml else Ftw
+    T0 = np.empty((h2, h2)) if not reml else T
+    Si0 = np.empty((h2, h2)) if not reml else Si
+    E = np.empty((h1, h2))
+    P = np.empty((h2, h2))
     buf = np.empty(h2)
     perm = np.empty(h2, dtype=np.int64)
-    z = np.empty(q)
-    D = np.empty(q)
-    u = np.empty(q)
-    mdz = np.empty(q)
-    W = np.empty(q)
-    comp = np.empty(q, dtype=np.int64)
-    for r in range(q):
-        comp[r] = c1 if r < h1 else c2
-    trW = np.empty(K)
-    dl_u = np.empty(K)
-    trw = np.empty(K)
-    blocks = np.empty((K, K))
+    z1 = np.empty(h1)
+    z2 = np.empty(h2)
+    u1 = np.empty(h1)
+    u2 = np.empty(h2)
+    r2 = np.empty(h2)
     for j in range(m):
         s0 = s[j, K]
         a = s[j, c1] / s0
         b = s[j, c2] / s0
-        division = abs(a) * scale >= division_min and abs(b) * scale >= division_min
-        for r in range(q):
-            D[r] = a if r < h1 else b
         # z = V' zry
         for r in range(h1):
             t = 0.0
             for c in range(h1):
                 t += V1[c, r] * zry[j, idx1[c]]
-            z[r] = t
+            z1[r] = t
         for r in range(h2):
             t = 0.0
             for c in range(h2):
                 t += V2[c, r] * zry[j, idx2[c]]
-            z[h1 + r] = t
-        ld = _schur_inverse_into(l1, l2, C, Ct, a, b, M, Fw, Ftw, Ew, Sw, Lw, wv, buf, perm)
+            z2[r] = t
+        ld = _schur_parts(l1, l2, C, Ct, a, b, w, Fw, Ftw, T, Si, buf, perm)
         if np.isnan(ld):
             ok[j] = False
             continue
         if not reml:
-            ld = _schur_inverse_into(
-                l01, l02, C0, C0t, a, b, M0, Fw, Ftw, Ew, Sw, Lw, wv, buf, perm
-            )
+            ld = _schur_parts(l01, l02, C0, C0t, a, b, w0, F0, F0t, T0, Si0, buf, perm)
             if np.isnan(ld):
                 ok[j] = False
                 continue
         if final:
             logdet[j] = -ld
-        for r in range(q):
-            u[r] = 0.0
+        # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
+        _matvec_into(Ftw, z1, r2)
+        for c in range(h2):
+            r2[c] = z2[c] - a * r2[c]
+        _matvec_into(Si, r2, u2)
+        _matvec_into(Fw, u2, u1)
+        uu1 = 0.0
+        zu1 = 0.0
         zMDz = 0.0
-        yR2y = yry[j]
-        for r in range(q):
-            zr = z[r]
-            t = 0.0
-            for c in range(q):
-                u[c] += zr * M[r, c]
-                t += M[r, c] * D[c] * z[c]
-            mdz[r] = t
-            zMDz += zr * t
-        for r in range(q):
-            yR2y -= (u[r] + z[r]) * mdz[r]
-        for i in range(K):
-            trw[i] = 0.0
-            dl_u[i] = 0.0
-            trW[i] = 0.0
-            for k in range(K):
-                blocks[i, k] = 0.0
-        trM0 = 0.0
-        trM0M0 = 0.0
-        for r in range(q):
-            for c in range(q):
-                M0t[r, c] = M0[c, r]
-        for r in range(q):
-            cr = comp[r]
-            if division:
-                inv = 1.0 / D[r]
-                for c in range(q):
-                    W[c] = -M0[r, c] * inv
-                W[r] = (1.0 - M0[r, r]) * inv
-            elif r < h1:  # W = L0 M0 by rows, L0 = [[diag(l01), C0], [C0', diag(l02)]]
-                for c in range(q):
-                    W[c] = l01[r] * M0[r, c]
-                for e in range(h2):
-                    f = C0[r, e]
-                    for c in range(q):
-                        W[c] += f * M0[h1 + e, c]
-            else:
-                for c in range(q):
-                    W[c] = l02[r - h1] * M0[r, c]
-                for e in range(h1):
-                    f = C0[e, r - h1]
-                    for c in range(q):
-                        W[c] += f * M0[e, c]
-            trW[cr] += W[r]
-            dl_u[cr] += u[r] * u[r]
-            trM0 += M0[r, r]
-            tw = 0.0
-            tm = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            for c in range(q):
-                tw += W[c] * M0t[r, c]
-                tm += M0[r, c] * M0t[r, c]
-            for c in range(h1):
-                s1 += W[c] * W[c]
-            for c in range(h1, q):
-                s2 += W[c] * W[c]
-            trw[cr] += tw
-            trM0M0 += tm
-            blocks[cr, c1] += s1
-            blocks[cr, c2] += s2
-        # the same score and information as compiled._score_batch's last lines (duplicates
-        # lists the pair): one shared numba helper for both measured 3-15% slower for K = 2
-        # (the fixed K lets LLVM compile these loops better), so each kernel keeps its own
+        for i in range(h1):
+            v = w[i] * z1[i] - b * u1[i]
+            uu1 += v * v
+            zu1 += (v + z1[i]) * v
+            zMDz += a * z1[i] * v
+        uu2 = 0.0
+        zu2 = 0.0
+        for c in range(h2):
+            t = u2[c]
+            uu2 += t * t
+            zu2 += (t + z2[c]) * t
+            zMDz += b * z2[c] * t
+        yR2y = yry[j] - a * zu1 - b * zu2
+        # E = F0 Si0 by rows, then the sums over E, Y = E F0' and Si0
+        e2 = 0.0
+        trY = 0.0
+        wY = 0.0
+        lwY = 0.0
+        yy = 0.0
+        sw = 0.0
+        sw2 = 0.0
+        slw = 0.0
+        slw2 = 0.0
+        slww = 0.0
+        _product_into(F0, Si0, E)
+        for i in range(h1):
+            for d in range(h2):
+                e2 += E[i, d] * E[i, d]
+            wi = w0[i]
+            lw = l01[i] * wi
+            sw += wi
+            sw2 += wi * wi
+            slw += lw
+            slw2 += lw * lw
+            slww += lw * wi
+        for i in range(h1):
+            for k in range(i, h1):
+                t = 0.0
+                for d in range(h2):
+                    t += E[i, d] * F0[k, d]
+                if k == i:
+                    trY += t
+                    wY += w0[i] * t
+                    lwY += l01[i] * w0[i] * t
+                    yy += t * t
+                else:
+                    yy += 2.0 * t * t
+        trS = 0.0
+        ss = 0.0
+        for c in range(h2):
+            trS += Si0[c, c]
+            for d in range(h2):
+                ss += Si0[c, d] * Si0[c, d]
+        if abs(b) * scale >= division_min:  # T Si = (I - Si) / b
+            tP = (h2 - trS) / b
+            pp = (h2 - 2.0 * trS + ss) / (b * b)
+            tPS = (trS - ss) / b
+        else:
+            tP = 0.0
+            pp = 0.0
+            tPS = 0.0
+            _product_into(T0, Si0, P)
+            for c in range(h2):
+                tP += P[c, c]
+                for d in range(h2):
+                    pp += P[c, d] * P[c, d]
+                    tPS += P[c, d] * Si0[d, c]
+        ab = a * b
         s02 = s0 * s0
-        for i in range(K):
-            dl[j, i] = (dl_u[i] / s02 - trW[i] / s0) / 2.0
-            for k in range(i + 1):
-                F[j, i, k] = F[j, k, i] = blocks[k, i] / s02 / 2.0
-            F[j, i, K] = F[j, K, i] = trw[i] / s02 / 2.0
+        dl[j, c1] = (uu1 / s02 - (slw - b * trY) / s0) / 2.0
+        dl[j, c2] = (uu2 / s02 - tP / s0) / 2.0
+        F[j, c1, c1] = (slw2 - 2.0 * b * lwY + b * b * yy) / s02 / 2.0
+        F[j, c1, c2] = F[j, c2, c1] = e2 / s02 / 2.0
+        F[j, c2, c2] = pp / s02 / 2.0
+        trw1 = slww + ab * lwY - b * wY - ab * b * yy - b * e2
+        F[j, c1, K] = F[j, K, c1] = trw1 / s02 / 2.0
+        F[j, c2, K] = F[j, K, c2] = (tPS - a * e2) / s02 / 2.0
+        trM0 = sw + ab * trY + trS
+        trM0M0 = sw2 + 2.0 * ab * wY + ab * ab * yy + 2.0 * ab * e2 + ss
         F[j, K, K] = (nrq + trM0M0) / s02 / 2.0
         dl[j, K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
         s0p[j] = (yry[j] - zMDz) / nr
+        total = dl[j, 0] + dl[j, 1] + dl[j, 2] + s0p[j] + trM0M0 + yy + pp + e2 + tPS
+        if not np.isfinite(total):
+            ok[j] = False
     return dl, F, s0p, logdet, ok
 
 
