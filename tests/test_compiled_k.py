@@ -92,3 +92,24 @@ def test_k2_block_composition_does_not_change_a_feature():
         np.testing.assert_array_equal(
             getattr(whole, attr), np.concatenate([getattr(p, attr) for p in parts])
         )
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("d", [(7, 12), (12, 7)])
+def test_k2_score_equals_numpy_at_given_ratios(method, d):
+    """One evaluation of the kernel (score, information, profiled s0, log |det M0|) against
+    the NumPy algebra, at ratios of both signs, zero, tiny (T S^-1 by the product) and
+    large, on either component."""
+    from flashmm_dask.numerics.fisher import _score_compiled, _score_general
+
+    sh, zry, yry = inputs(method, d)
+    s0 = yry / (sh.n - sh.p)
+    m = zry.shape[0]
+    for r1, r2 in ((0.0, 0.0), (1e-9, 0.3), (0.3, 1e-9), (-0.002, 0.05), (2.0, 5.0)):
+        s = np.column_stack([np.full(m, r1) * s0, np.full(m, r2) * s0, s0])
+        fast = _score_compiled(sh, s, zry, yry, final=True)
+        ref = _score_general(sh, s, zry, yry, final=True)
+        scale = sh.n / s0[:, None]
+        assert np.all(np.abs(fast.dl - ref.dl) <= 1e-10 * scale)
+        for attr in ("F", "s0_profiled", "logdetM0"):
+            np.testing.assert_allclose(getattr(fast, attr), getattr(ref, attr), rtol=1e-9)
