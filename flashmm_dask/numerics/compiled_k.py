@@ -11,6 +11,8 @@ Two kinds:
   and each is a sum over the entries of the Schur parts (E = F S^-1, E F', S^-1): neither
   M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 + h1^2 h2 / 2 multiply-adds per
   evaluation instead of q^3 (3.2x fewer at h1 = h2) and the O(q^2) passes over M.
+  :func:`fit_k2_batch` runs the whole Fisher scoring loop of a feature in the kernel (z
+  rotated once, the evaluation that profiles s0 without the traces).
 - **Sums of the structured path with a dense Schur complement** (crossed factors such as
   InstEval's ``(1|s) + (1|d)``): :class:`.structured.Factor`'s BLAS calls (Cholesky,
   inverse, one product) are the essential cost; the traces and block sums of squares of
@@ -28,7 +30,7 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile, _gauss_jordan
+from flashmm_dask.numerics.compiled import _compile, _gauss_jordan, _inverse_checked_into
 
 
 @_compile
@@ -212,24 +214,55 @@ def _schur_parts(
     return logdet + ld
 
 
+@_compile
+def _k2_work(h1: int, h2: int, reml: bool) -> tuple:
+    """The scratch arrays of :func:`_score_k2_one` (M0's are M's with REML)."""
+    w, Fw, Ftw = np.empty(h1), np.empty((h1, h2)), np.empty((h2, h1))
+    T, Si = np.empty((h2, h2)), np.empty((h2, h2))
+    w0 = np.empty(h1) if not reml else w
+    F0 = np.empty((h1, h2)) if not reml else Fw
+    F0t = np.empty((h2, h1)) if not reml else Ftw
+    T0 = np.empty((h2, h2)) if not reml else T
+    Si0 = np.empty((h2, h2)) if not reml else Si
+    E, P = np.empty((h1, h2)), np.empty((h2, h2))
+    buf, r2, u1, u2 = np.empty(h2), np.empty(h2), np.empty(h1), np.empty(h2)
+    z1, z2, perm = np.empty(h1), np.empty(h2), np.empty(h2, dtype=np.int64)
+    return w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm
+
+
+@_compile
+def _rotate(k2: tuple, zry: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> None:
+    """z1 = V1' zry[idx1], z2 = V2' zry[idx2] of one feature (``k2``: K2Terms.packed)."""
+    V1, V2, idx1, idx2 = k2[0][0], k2[0][1], k2[5], k2[6]
+    for r in range(z1.shape[0]):
+        t = 0.0
+        for c in range(z1.shape[0]):
+            t += V1[c, r] * zry[idx1[c]]
+        z1[r] = t
+    for r in range(z2.shape[0]):
+        t = 0.0
+        for c in range(z2.shape[0]):
+            t += V2[c, r] * zry[idx2[c]]
+        z2[r] = t
+
+
 @functools.partial(_compile, reassoc=True)
-def _score_k2_batch(
-    rot: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    rot0: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    reml: bool,
-    idx1: np.ndarray,
-    idx2: np.ndarray,
-    c1: int,
-    s: np.ndarray,
-    zry: np.ndarray,
-    yry: np.ndarray,
-    nrq: float,
-    nr: float,
+def _score_k2_one(
+    design: tuple,
+    work: tuple,
+    sj: np.ndarray,
+    yry: float,
     final: bool,
-    scale: float,
-    division_min: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Score, information, profiled s0 and log |det M0| of a block of features, K = 2.
+    traces: bool,
+    dl: np.ndarray,
+    F: np.ndarray,
+) -> tuple[bool, float, float]:
+    """Score dl (K+1,) and information F (K+1, K+1) of one feature at theta ``sj`` (K+1,),
+    K = 2, from its z = V' zry (z1, z2 in ``work``: :func:`_rotate`); returns (ok, the
+    profiled s0, log |det M0| or NaN unless ``final``). Without ``traces`` only s0 (dl and
+    F untouched). ok is False where a pivot is zero or a sum is not finite (the caller
+    takes the NumPy algebra there). ``design`` = (rot, rot0, (C', C0'), reml, c1, n - r -
+    q, n - r, scale, division_min), ``work`` :func:`_k2_work`'s scratch.
 
     The algebra of ``compiled._score_batch`` in the basis V = blockdiag(V1, V2) of the
     eigenvectors of the diagonal blocks of A (zrz): V commutes with D, so V' M V =
@@ -249,160 +282,219 @@ def _score_k2_batch(
     (I - Si) / b where |b| max|A0| >= ``division_min`` (the division loses about
     log10(1 / (|b| max|A0|)) digits), else the product.
     """
-    V1, V2, l1, l2, C = rot
+    rot, rot0, Cts, reml, c1, nrq, nr, scale, division_min = design
+    l1, l2, C = rot[2], rot[3], rot[4]
     l01, l02, C0 = rot0[2], rot0[3], rot0[4]
-    Ct = np.ascontiguousarray(C.T)
-    C0t = np.ascontiguousarray(C0.T)
-    m = zry.shape[0]
+    w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm = work
     h1 = l1.shape[0]
     h2 = l2.shape[0]
     K = 2
     c2 = 1 - c1
-    dl = np.empty((m, K + 1))
-    F = np.empty((m, K + 1, K + 1))
+    s0 = sj[K]
+    a = sj[c1] / s0
+    b = sj[c2] / s0
+    logdet = np.nan
+    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, perm)
+    if np.isnan(ld):
+        return False, np.nan, np.nan
+    # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
+    _matvec_into(Ftw, z1, r2)
+    for c in range(h2):
+        r2[c] = z2[c] - a * r2[c]
+    _matvec_into(Si, r2, u2)
+    _matvec_into(Fw, u2, u1)
+    uu1 = 0.0
+    zu1 = 0.0
+    zMDz = 0.0
+    for i in range(h1):
+        v = w[i] * z1[i] - b * u1[i]
+        uu1 += v * v
+        zu1 += (v + z1[i]) * v
+        zMDz += a * z1[i] * v
+    uu2 = 0.0
+    zu2 = 0.0
+    for c in range(h2):
+        t = u2[c]
+        uu2 += t * t
+        zu2 += (t + z2[c]) * t
+        zMDz += b * z2[c] * t
+    yR2y = yry - a * zu1 - b * zu2
+    s0p = (yry - zMDz) / nr
+    if not traces:
+        return bool(np.isfinite(s0p)), s0p, logdet
+    if not reml:
+        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, perm)
+        if np.isnan(ld):
+            return False, np.nan, np.nan
+    if final:
+        logdet = -ld
+    # E = F0 Si0 by rows, then the sums over E, Y = E F0' and Si0
+    e2 = 0.0
+    trY = 0.0
+    wY = 0.0
+    lwY = 0.0
+    yy = 0.0
+    sw = 0.0
+    sw2 = 0.0
+    slw = 0.0
+    slw2 = 0.0
+    slww = 0.0
+    _product_into(F0, Si0, E)
+    for i in range(h1):
+        for d in range(h2):
+            e2 += E[i, d] * E[i, d]
+        wi = w0[i]
+        lw = l01[i] * wi
+        sw += wi
+        sw2 += wi * wi
+        slw += lw
+        slw2 += lw * lw
+        slww += lw * wi
+    for i in range(h1):
+        for k in range(i, h1):
+            t = 0.0
+            for d in range(h2):
+                t += E[i, d] * F0[k, d]
+            if k == i:
+                trY += t
+                wY += w0[i] * t
+                lwY += l01[i] * w0[i] * t
+                yy += t * t
+            else:
+                yy += 2.0 * t * t
+    trS = 0.0
+    ss = 0.0
+    for c in range(h2):
+        trS += Si0[c, c]
+        for d in range(h2):
+            ss += Si0[c, d] * Si0[c, d]
+    if abs(b) * scale >= division_min:  # T Si = (I - Si) / b
+        tP = (h2 - trS) / b
+        pp = (h2 - 2.0 * trS + ss) / (b * b)
+        tPS = (trS - ss) / b
+    else:
+        tP = 0.0
+        pp = 0.0
+        tPS = 0.0
+        _product_into(T0, Si0, P)
+        for c in range(h2):
+            tP += P[c, c]
+            for d in range(h2):
+                pp += P[c, d] * P[c, d]
+                tPS += P[c, d] * Si0[d, c]
+    ab = a * b
+    s02 = s0 * s0
+    dl[c1] = (uu1 / s02 - (slw - b * trY) / s0) / 2.0
+    dl[c2] = (uu2 / s02 - tP / s0) / 2.0
+    F[c1, c1] = (slw2 - 2.0 * b * lwY + b * b * yy) / s02 / 2.0
+    F[c1, c2] = F[c2, c1] = e2 / s02 / 2.0
+    F[c2, c2] = pp / s02 / 2.0
+    trw1 = slww + ab * lwY - b * wY - ab * b * yy - b * e2
+    F[c1, K] = F[K, c1] = trw1 / s02 / 2.0
+    F[c2, K] = F[K, c2] = (tPS - a * e2) / s02 / 2.0
+    trM0 = sw + ab * trY + trS
+    trM0M0 = sw2 + 2.0 * ab * wY + ab * ab * yy + 2.0 * ab * e2 + ss
+    F[K, K] = (nrq + trM0M0) / s02 / 2.0
+    dl[K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
+    total = dl[0] + dl[1] + dl[2] + s0p + trM0M0 + yy + pp + e2 + tPS
+    return bool(np.isfinite(total)), s0p, logdet
+
+
+@_compile
+def _k2_design(k2: tuple, counts: tuple) -> tuple:
+    """The ``design`` of :func:`_score_k2_one` from K2Terms.packed and counts = (n - r - q,
+    n - r, division_min), and its scratch (:func:`_k2_work`)."""
+    rot, rot0, Cts, reml, c1, scale = k2[0], k2[1], k2[2], k2[3], k2[4], k2[7]
+    design = (rot, rot0, Cts, reml, c1, counts[0], counts[1], scale, counts[2])
+    return design, _k2_work(rot[2].shape[0], rot[3].shape[0], reml)
+
+
+@functools.partial(_compile, reassoc=True)
+def _score_k2_batch(
+    k2: tuple, counts: tuple, s: np.ndarray, zry: np.ndarray, yry: np.ndarray, final: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_score_k2_one` of each feature of a block: dl (m, 3), F (m, 3, 3), the
+    profiled s0 (m,), log |det M0| (m,) and ok (m,)."""
+    design, work = _k2_design(k2, counts)
+    z1, z2 = work[16], work[17]
+    m = zry.shape[0]
+    dl = np.empty((m, 3))
+    F = np.empty((m, 3, 3))
     s0p = np.empty(m)
     logdet = np.full(m, np.nan)
     ok = np.ones(m, dtype=np.bool_)
-    w = np.empty(h1)
-    Fw = np.empty((h1, h2))
-    Ftw = np.empty((h2, h1))
-    T = np.empty((h2, h2))
-    Si = np.empty((h2, h2))
-    w0 = np.empty(h1) if not reml else w
-    F0 = np.empty((h1, h2)) if not reml else Fw
-    F0t = np.empty((h2, h1)) if not reml else Ftw
-    T0 = np.empty((h2, h2)) if not reml else T
-    Si0 = np.empty((h2, h2)) if not reml else Si
-    E = np.empty((h1, h2))
-    P = np.empty((h2, h2))
-    buf = np.empty(h2)
-    perm = np.empty(h2, dtype=np.int64)
-    z1 = np.empty(h1)
-    z2 = np.empty(h2)
-    u1 = np.empty(h1)
-    u2 = np.empty(h2)
-    r2 = np.empty(h2)
     for j in range(m):
-        s0 = s[j, K]
-        a = s[j, c1] / s0
-        b = s[j, c2] / s0
-        # z = V' zry
-        for r in range(h1):
-            t = 0.0
-            for c in range(h1):
-                t += V1[c, r] * zry[j, idx1[c]]
-            z1[r] = t
-        for r in range(h2):
-            t = 0.0
-            for c in range(h2):
-                t += V2[c, r] * zry[j, idx2[c]]
-            z2[r] = t
-        ld = _schur_parts(l1, l2, C, Ct, a, b, w, Fw, Ftw, T, Si, buf, perm)
-        if np.isnan(ld):
+        _rotate(k2, zry[j], z1, z2)
+        ok[j], s0p[j], logdet[j] = _score_k2_one(
+            design, work, s[j], yry[j], final, True, dl[j], F[j]
+        )
+    return dl, F, s0p, logdet, ok
+
+
+@functools.partial(_compile, reassoc=True)
+def _fit_k2_batch(
+    k2: tuple, counts: tuple, zry: np.ndarray, yry: np.ndarray, s_init: np.ndarray, stop: tuple
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fisher scoring of K = 2 components for a block of features, one feature at a time.
+
+    The loop of ``fisher._scoring`` (steps F^-1 dl until max |dl| <= epsilon or max_iter
+    steps, then s0 profiled and the score and information evaluated there) with the scores
+    of :func:`_score_k2_one`, z rotated once per feature and the profiling evaluation
+    without the traces. Returns theta, se_theta, dlogL (m, 3), FIM_theta (m, 3, 3), niter
+    (m,), logdetM0 (m,) and ok (m,): False where an evaluation failed or an information
+    matrix's condition bound was not below ``limit`` (the inverse is then not the
+    pseudo-inverse): the caller refits those features by ``fisher._scoring``.
+    """
+    design, work = _k2_design(k2, counts)
+    z1, z2 = work[16], work[17]
+    max_iter, epsilon, limit = stop
+    m = zry.shape[0]
+    theta, se, dl = np.empty((m, 3)), np.empty((m, 3)), np.empty((m, 3))
+    fim, logdet = np.empty((m, 3, 3)), np.empty(m)
+    niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
+    sj = np.empty(3)
+    g = np.empty(3)
+    Fj = np.empty((3, 3))
+    inv = np.empty((3, 3))
+    w3 = np.empty((3, 3))
+    b3 = np.empty(3)
+    p3 = np.empty(3, dtype=np.int64)
+    for j in range(m):
+        _rotate(k2, zry[j], z1, z2)
+        for k in range(3):
+            sj[k] = s_init[j, k]
+        it = 0
+        good = True
+        while max_iter > 0:
+            it += 1
+            good, _, _ = _score_k2_one(design, work, sj, yry[j], False, True, g, Fj)
+            if not good or not _inverse_checked_into(Fj, inv, w3, b3, p3, limit):
+                good = False
+                break
+            big = False
+            for k in range(3):
+                step = 0.0
+                for c in range(3):
+                    step += inv[k, c] * g[c]
+                sj[k] += step
+                big = big or abs(g[k]) > epsilon
+            if not big or it >= max_iter:
+                break
+        niter[j] = it
+        if good:
+            good, s0, _ = _score_k2_one(design, work, sj, yry[j], False, False, g, Fj)
+            sj[2] = s0
+        ld = np.nan
+        if good:
+            good, _, ld = _score_k2_one(design, work, sj, yry[j], True, True, dl[j], fim[j])
+        logdet[j] = ld
+        if not good or not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit):
             ok[j] = False
             continue
-        if not reml:
-            ld = _schur_parts(l01, l02, C0, C0t, a, b, w0, F0, F0t, T0, Si0, buf, perm)
-            if np.isnan(ld):
-                ok[j] = False
-                continue
-        if final:
-            logdet[j] = -ld
-        # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
-        _matvec_into(Ftw, z1, r2)
-        for c in range(h2):
-            r2[c] = z2[c] - a * r2[c]
-        _matvec_into(Si, r2, u2)
-        _matvec_into(Fw, u2, u1)
-        uu1 = 0.0
-        zu1 = 0.0
-        zMDz = 0.0
-        for i in range(h1):
-            v = w[i] * z1[i] - b * u1[i]
-            uu1 += v * v
-            zu1 += (v + z1[i]) * v
-            zMDz += a * z1[i] * v
-        uu2 = 0.0
-        zu2 = 0.0
-        for c in range(h2):
-            t = u2[c]
-            uu2 += t * t
-            zu2 += (t + z2[c]) * t
-            zMDz += b * z2[c] * t
-        yR2y = yry[j] - a * zu1 - b * zu2
-        # E = F0 Si0 by rows, then the sums over E, Y = E F0' and Si0
-        e2 = 0.0
-        trY = 0.0
-        wY = 0.0
-        lwY = 0.0
-        yy = 0.0
-        sw = 0.0
-        sw2 = 0.0
-        slw = 0.0
-        slw2 = 0.0
-        slww = 0.0
-        _product_into(F0, Si0, E)
-        for i in range(h1):
-            for d in range(h2):
-                e2 += E[i, d] * E[i, d]
-            wi = w0[i]
-            lw = l01[i] * wi
-            sw += wi
-            sw2 += wi * wi
-            slw += lw
-            slw2 += lw * lw
-            slww += lw * wi
-        for i in range(h1):
-            for k in range(i, h1):
-                t = 0.0
-                for d in range(h2):
-                    t += E[i, d] * F0[k, d]
-                if k == i:
-                    trY += t
-                    wY += w0[i] * t
-                    lwY += l01[i] * w0[i] * t
-                    yy += t * t
-                else:
-                    yy += 2.0 * t * t
-        trS = 0.0
-        ss = 0.0
-        for c in range(h2):
-            trS += Si0[c, c]
-            for d in range(h2):
-                ss += Si0[c, d] * Si0[c, d]
-        if abs(b) * scale >= division_min:  # T Si = (I - Si) / b
-            tP = (h2 - trS) / b
-            pp = (h2 - 2.0 * trS + ss) / (b * b)
-            tPS = (trS - ss) / b
-        else:
-            tP = 0.0
-            pp = 0.0
-            tPS = 0.0
-            _product_into(T0, Si0, P)
-            for c in range(h2):
-                tP += P[c, c]
-                for d in range(h2):
-                    pp += P[c, d] * P[c, d]
-                    tPS += P[c, d] * Si0[d, c]
-        ab = a * b
-        s02 = s0 * s0
-        dl[j, c1] = (uu1 / s02 - (slw - b * trY) / s0) / 2.0
-        dl[j, c2] = (uu2 / s02 - tP / s0) / 2.0
-        F[j, c1, c1] = (slw2 - 2.0 * b * lwY + b * b * yy) / s02 / 2.0
-        F[j, c1, c2] = F[j, c2, c1] = e2 / s02 / 2.0
-        F[j, c2, c2] = pp / s02 / 2.0
-        trw1 = slww + ab * lwY - b * wY - ab * b * yy - b * e2
-        F[j, c1, K] = F[j, K, c1] = trw1 / s02 / 2.0
-        F[j, c2, K] = F[j, K, c2] = (tPS - a * e2) / s02 / 2.0
-        trM0 = sw + ab * trY + trS
-        trM0M0 = sw2 + 2.0 * ab * wY + ab * ab * yy + 2.0 * ab * e2 + ss
-        F[j, K, K] = (nrq + trM0M0) / s02 / 2.0
-        dl[j, K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
-        s0p[j] = (yry[j] - zMDz) / nr
-        total = dl[j, 0] + dl[j, 1] + dl[j, 2] + s0p[j] + trM0M0 + yy + pp + e2 + tPS
-        if not np.isfinite(total):
-            ok[j] = False
-    return dl, F, s0p, logdet, ok
+        for k in range(3):
+            theta[j, k] = sj[k]
+            se[j, k] = np.sqrt(inv[k, k])
+    return theta, se, dl, fim, niter, logdet, ok
 
 
 def rotation(
@@ -434,6 +526,9 @@ class K2Terms:
         self.rot0 = self.rot if reml else rotation(A0, self.idx1, self.idx2)
         self.reml = reml
         self.scale = float(np.max(np.abs(A0)))
+        #: what the kernels take: (rot, rot0, (C', C0'), reml, c1, idx1, idx2, scale)
+        Cts = (np.ascontiguousarray(self.rot[4].T), np.ascontiguousarray(self.rot0[4].T))
+        self.packed = (self.rot, self.rot0, Cts, reml, self.c1, self.idx1, self.idx2, self.scale)
 
 
 def score_k2_batch(
@@ -449,19 +544,28 @@ def score_k2_batch(
     """dl, F, s0_profiled, logdetM0 and ok of a block of features (K = 2); see
     :func:`_score_k2_batch`."""
     q = terms.idx1.size + terms.idx2.size
-    return _score_k2_batch(
-        terms.rot,
-        terms.rot0,
-        terms.reml,
-        terms.idx1,
-        terms.idx2,
-        terms.c1,
-        np.ascontiguousarray(s),
-        np.ascontiguousarray(zry),
-        np.ascontiguousarray(yry),
-        float(n - r - q),
-        float(n - r),
-        bool(final),
-        terms.scale,
-        float(division_min),
-    )
+    counts = (float(n - r - q), float(n - r), float(division_min))
+    zry, yry = np.ascontiguousarray(zry), np.ascontiguousarray(yry)
+    return _score_k2_batch(terms.packed, counts, np.ascontiguousarray(s), zry, yry, bool(final))
+
+
+def fit_k2_batch(
+    terms: K2Terms,
+    zry: np.ndarray,
+    yry: np.ndarray,
+    s_init: np.ndarray,
+    n: float,
+    r: int,
+    max_iter: int,
+    epsilon: float,
+    division_min: float,
+    limit: float,
+) -> tuple[np.ndarray, ...]:
+    """theta, se_theta, dlogL, FIM_theta, niter, logdetM0 and ok of a block of features
+    (K = 2, from ``s_init`` (m, 3), left as it is); see :func:`_fit_k2_batch`."""
+    q = terms.idx1.size + terms.idx2.size
+    counts = (float(n - r - q), float(n - r), float(division_min))
+    zry, yry = np.ascontiguousarray(zry), np.ascontiguousarray(yry)
+    s_init = np.ascontiguousarray(s_init, dtype=np.float64)
+    stop = (int(max_iter), float(epsilon), float(limit))
+    return _fit_k2_batch(terms.packed, counts, zry, yry, s_init, stop)
