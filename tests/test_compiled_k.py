@@ -92,3 +92,53 @@ def test_k2_block_composition_does_not_change_a_feature():
         np.testing.assert_array_equal(
             getattr(whole, attr), np.concatenate([getattr(p, attr) for p in parts])
         )
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("d", [(7, 12), (12, 7)])
+def test_k2_score_equals_numpy_at_given_ratios(method, d):
+    """One evaluation of the kernel (score, information, profiled s0, log |det M0|) against
+    the NumPy algebra, at ratios of both signs, zero, tiny (T S^-1 by the product) and
+    large, on either component."""
+    from flashmm_dask.numerics.fisher import _score_compiled, _score_general
+
+    sh, zry, yry = inputs(method, d)
+    s0 = yry / (sh.n - sh.p)
+    m = zry.shape[0]
+    for r1, r2 in ((0.0, 0.0), (1e-9, 0.3), (0.3, 1e-9), (-0.002, 0.05), (2.0, 5.0)):
+        s = np.column_stack([np.full(m, r1) * s0, np.full(m, r2) * s0, s0])
+        fast = _score_compiled(sh, s, zry, yry, final=True)
+        ref = _score_general(sh, s, zry, yry, final=True)
+        scale = sh.n / s0[:, None]
+        assert np.all(np.abs(fast.dl - ref.dl) <= 1e-10 * scale)
+        for attr in ("F", "s0_profiled", "logdetM0"):
+            np.testing.assert_allclose(getattr(fast, attr), getattr(ref, attr), rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("max_iter", [0, 1, 50])
+def test_k2_fit_kernel_equals_the_per_evaluation_loop(method, max_iter):
+    """The compiled loop (fisher._fit_k2) against fisher._scoring over the per-evaluation
+    kernel, on a block with a feature the kernel cannot fit (zero residual: NaN ratios),
+    which takes that loop."""
+    from flashmm_dask.numerics.fisher import _score_compiled, _scoring
+
+    sh, zry, yry = inputs(method)
+    zry, yry = zry.copy(), yry.copy()
+    zry[3], yry[3] = 0.0, 0.0
+    s = np.zeros((zry.shape[0], 3))
+    s[:, -1] = yry / (sh.n - sh.p)
+
+    def score(t, rows, final=False):
+        return _score_compiled(sh, t, zry[rows], yry[rows], final=final)
+
+    ref = _scoring(score, s.copy(), max_iter, 1e-5)
+    fast = fit_theta(sh, zry, yry, max_iter=max_iter)
+    np.testing.assert_array_equal(fast.niter, ref.niter)
+    for attr in ("theta", "se_theta", "FIM_theta", "logdetM0"):
+        np.testing.assert_allclose(getattr(fast, attr), getattr(ref, attr), rtol=1e-9)
+    # dlogL, near zero at convergence, against the scale of its terms (n / s0)
+    diff = np.abs(fast.dlogL - ref.dlogL)
+    both_nan = np.isnan(fast.dlogL) & np.isnan(ref.dlogL)
+    assert np.all((diff <= 1e-10 * sh.n / np.abs(ref.theta[:, -1:])) | both_nan)
+    assert both_nan[3].all() and not both_nan[[0, 1, 2, 4]].any()

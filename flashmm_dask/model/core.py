@@ -291,14 +291,18 @@ def fit_features(
         if idx.size == m
         else [idx[a : a + block] for a in starts]
     )
-    if workers > 1 and len(blocks) > 1:
-        # The compiled kernels and NumPy's batched algebra release the GIL, so blocks run in
-        # parallel threads; BLAS keeps to one thread per call, else concurrent calls queue.
-        with _blas().limit(limits=1, user_api="blas"):
+    # BLAS keeps to one thread per call: a block's products are small, and BLAS threads
+    # only add their synchronisation (lmm with n_threads=1 spent 2-3x the CPU time with
+    # OpenBLAS's two; a run's in-process workers fit with n_threads=1); with several
+    # threads, concurrent calls would also queue.
+    with _blas().limit(limits=1, user_api="blas"):
+        if workers > 1 and len(blocks) > 1:
+            # The compiled kernels and NumPy's batched algebra release the GIL, so blocks
+            # run in parallel threads
             _in_threads(fit_block, blocks, min(workers, len(blocks)))
-    else:
-        for rows in blocks:
-            fit_block(rows)
+        else:
+            for rows in blocks:
+                fit_block(rows)
     if not satterthwaite:
         out["df"] = np.full((m, p), df_residual)
     out["converged"], out["status"] = feature_status(out, fitted)

@@ -7,8 +7,12 @@ Two kinds:
   Gauss-Jordan (q^3). D is constant on each component, so it commutes with
   V = blockdiag(V1, V2), the eigenvectors of the diagonal blocks of A; in that basis the
   first block of D A + I is diagonal and the Schur complement over it leaves one
-  h2 x h2 symmetric system: about h1 h2^2 + h2^3 + h1^2 h2 / 2 multiply-adds instead of
-  q^3 (3.2x fewer at h1 = h2). Traces and block sums of squares are the same in both bases.
+  h2 x h2 symmetric system. Traces and block sums of squares are the same in both bases,
+  and each is a sum over the entries of the Schur parts (E = F S^-1, E F', S^-1): neither
+  M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 + h1^2 h2 / 2 multiply-adds per
+  evaluation instead of q^3 (3.2x fewer at h1 = h2) and the O(q^2) passes over M.
+  :func:`fit_k2_batch` runs the whole Fisher scoring loop of a feature in the kernel (z
+  rotated once, the evaluation that profiles s0 without the traces).
 - **Sums of the structured path with a dense Schur complement** (crossed factors such as
   InstEval's ``(1|s) + (1|d)``): :class:`.structured.Factor`'s BLAS calls (Cholesky,
   inverse, one product) are the essential cost; the traces and block sums of squares of
@@ -26,7 +30,7 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile, _gauss_jordan
+from flashmm_dask.numerics.compiled import _compile, _gauss_jordan, _inverse_checked_into
 
 
 @_compile
@@ -119,77 +123,55 @@ def dense_w0_sums(
 
 
 @functools.partial(_compile, reassoc=True)
-def _cholesky_inverse(S: np.ndarray, L: np.ndarray) -> float:
-    """S = S^-1 in place for a symmetric positive definite S; return log det S, or NaN (S
-    untouched) where a pivot is not positive. By L L' = S, L^-1 and S^-1 = L^-T L^-1:
-    about h^3 / 2 multiply-adds, half of Gauss-Jordan's. ``L`` (h, h) is scratch."""
-    h = S.shape[0]
-    logdet = 0.0
-    for j in range(h):
-        t = S[j, j]
-        for k in range(j):
-            t -= L[j, k] * L[j, k]
-        if not t > 0.0:
-            return np.nan
-        d = np.sqrt(t)
-        logdet += 2.0 * np.log(d)
-        L[j, j] = d
-        for i in range(j + 1, h):
-            t = S[i, j]
-            for k in range(j):
-                t -= L[i, k] * L[j, k]
-            L[i, j] = t / d
-    # L := L^-1 (lower triangular), row by row
-    for i in range(h):
-        L[i, i] = 1.0 / L[i, i]
-        for j in range(i):
-            t = 0.0
-            for k in range(j, i):
-                t += L[i, k] * L[k, j]
-            L[i, j] = -t * L[i, i]
-        for j in range(i + 1, h):
-            L[i, j] = 0.0
-    # S^-1 = L^-T L^-1: entry (c, d) = sum over k >= max(c, d) of L^-1[k, c] L^-1[k, d]
-    for c in range(h):
-        for d in range(c, h):
-            t = 0.0
-            for k in range(d, h):
-                t += L[k, c] * L[k, d]
-            S[c, d] = t
-            S[d, c] = t
-    return logdet
+def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out = A x, one dot product of a contiguous row of A a entry."""
+    for i in range(A.shape[0]):
+        t = 0.0
+        for c in range(A.shape[1]):
+            t += A[i, c] * x[c]
+        out[i] = t
 
 
 @functools.partial(_compile, reassoc=True)
-def _schur_inverse_into(
+def _product_into(A: np.ndarray, B: np.ndarray, out: np.ndarray) -> None:
+    """out = A B, by rows (each inner loop an axpy over a contiguous row of B)."""
+    for i in range(A.shape[0]):
+        for d in range(B.shape[1]):
+            out[i, d] = 0.0
+        for c in range(A.shape[1]):
+            f = A[i, c]
+            for d in range(B.shape[1]):
+                out[i, d] += f * B[c, d]
+
+
+@functools.partial(_compile, reassoc=True)
+def _schur_parts(
     l1: np.ndarray,
     l2: np.ndarray,
     C: np.ndarray,
     Ct: np.ndarray,
     a: float,
     b: float,
-    M: np.ndarray,
+    w: np.ndarray,
     F: np.ndarray,
     Ft: np.ndarray,
-    E: np.ndarray,
-    S: np.ndarray,
-    L: np.ndarray,
-    w: np.ndarray,
+    T: np.ndarray,
+    Si: np.ndarray,
     buf: np.ndarray,
     perm: np.ndarray,
 ) -> float:
-    """M = (D L + I)^-1 for L = [[diag(l1), C], [C', diag(l2)]], D = diag(a, .., b, ..);
-    return log |det(D L + I)|, or NaN where a pivot is zero or the result not finite.
+    """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
+    diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)|, or NaN where a pivot is
+    zero (the caller checks that its sums are finite).
 
-    With P11 = I + a diag(l1) (diagonal, w its inverse) and F = w C, the Schur complement
-    is S = I + b (diag(l2) - a C' F) (symmetric) and
+    Fills w = 1 / (1 + a l1), F = diag(w) C (h1, h2) and Ft = F', T = diag(l2) - a C' F
+    and Si = (I + b T)^-1 (h2, h2, both symmetric). Then (:func:`_score_k2_batch`)
 
-        M = [[w + a b E F', -a E], [-b E', S^-1]],   E = F S^-1.
+        (D L + I)^-1 = [[diag(w) + ab E F', -a E], [-b E', Si]],   E = F Si.
 
-    ``Ct`` = C'. ``F``, ``E`` (h1, h2), ``Ft`` (h2, h1), ``S``, ``L`` (h2, h2), ``w`` (h1,),
-    ``buf`` and ``perm`` (h2,) are scratch. With a, b >= 0, S = I + b H with H the Schur
-    complement of diag(l1) + I / a in L + diag(I / a, 0) >= 0, so S >= I: it is inverted by
-    Cholesky; otherwise (or where Cholesky fails) by Gauss-Jordan with pivoting.
+    ``Ct`` = C'; ``buf`` and ``perm`` (h2,) are scratch. I + b T is inverted by
+    Gauss-Jordan with pivoting (at h2 = 25 faster than Cholesky in these loops, measured),
+    then symmetrised.
     """
     h1 = l1.shape[0]
     h2 = l2.shape[0]
@@ -202,232 +184,317 @@ def _schur_inverse_into(
         logdet += np.log(abs(x))
         for c in range(h2):
             F[i, c] = w[i] * C[i, c]
-    # S = I + b (diag(l2) - a C' w C) from dot products of contiguous rows of C' and (w C)'
     for c in range(h2):
         for i in range(h1):
             Ft[c, i] = F[i, c]
+    # T from dot products of contiguous rows of C' and F'
     for c in range(h2):
         for d in range(c, h2):
             t = 0.0
             for i in range(h1):
                 t += Ct[c, i] * Ft[d, i]
-            v = -b * a * t
+            v = -a * t
             if c == d:
-                v += 1.0 + b * l2[c]
-            S[c, d] = v
-            S[d, c] = v
-    ld = np.nan
-    if a >= 0.0 and b >= 0.0:  # then S >= I (see the docstring): Cholesky
-        ld = _cholesky_inverse(S, L)
-    if np.isnan(ld):
-        ld = _gauss_jordan(S, buf, perm)
+                v += l2[c]
+            T[c, d] = v
+            T[d, c] = v
+            s = b * v
+            if c == d:
+                s += 1.0
+            Si[c, d] = s
+            Si[d, c] = s
+    ld = _gauss_jordan(Si, buf, perm)
     if np.isnan(ld):
         return np.nan
-    logdet += ld
-    for i in range(h1):
-        for d in range(h2):
-            E[i, d] = 0.0
-        for c in range(h2):
-            f = F[i, c]
-            for d in range(h2):
-                E[i, d] += f * S[c, d]
-    ab = a * b
-    for i in range(h1):
-        for k in range(i, h1):
-            t = 0.0
-            for d in range(h2):
-                t += E[i, d] * F[k, d]
-            M[i, k] = ab * t
-            M[k, i] = ab * t
-        M[i, i] += w[i]
-        for d in range(h2):
-            M[i, h1 + d] = -a * E[i, d]
-            M[h1 + d, i] = -b * E[i, d]
-    for c in range(h2):
-        for d in range(h2):
-            M[h1 + c, h1 + d] = S[c, d]
-    # one vectorised sum: NaN or infinite if any entry is (or, harmlessly, if it overflows)
-    total = 0.0
-    for r in range(h1 + h2):
-        for c in range(h1 + h2):
-            total += M[r, c]
-    if not np.isfinite(total):
-        return np.nan
-    return logdet
+    for c in range(h2):  # symmetric up to rounding: make it so
+        for d in range(c + 1, h2):
+            v = 0.5 * (Si[c, d] + Si[d, c])
+            Si[c, d] = v
+            Si[d, c] = v
+    return logdet + ld
+
+
+@_compile
+def _k2_work(h1: int, h2: int, reml: bool) -> tuple:
+    """The scratch arrays of :func:`_score_k2_one` (M0's are M's with REML)."""
+    w, Fw, Ftw = np.empty(h1), np.empty((h1, h2)), np.empty((h2, h1))
+    T, Si = np.empty((h2, h2)), np.empty((h2, h2))
+    w0 = np.empty(h1) if not reml else w
+    F0 = np.empty((h1, h2)) if not reml else Fw
+    F0t = np.empty((h2, h1)) if not reml else Ftw
+    T0 = np.empty((h2, h2)) if not reml else T
+    Si0 = np.empty((h2, h2)) if not reml else Si
+    E, P = np.empty((h1, h2)), np.empty((h2, h2))
+    buf, r2, u1, u2 = np.empty(h2), np.empty(h2), np.empty(h1), np.empty(h2)
+    z1, z2, perm = np.empty(h1), np.empty(h2), np.empty(h2, dtype=np.int64)
+    return w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm
+
+
+@_compile
+def _rotate(k2: tuple, zry: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> None:
+    """z1 = V1' zry[idx1], z2 = V2' zry[idx2] of one feature (``k2``: K2Terms.packed)."""
+    V1, V2, idx1, idx2 = k2[0][0], k2[0][1], k2[5], k2[6]
+    for r in range(z1.shape[0]):
+        t = 0.0
+        for c in range(z1.shape[0]):
+            t += V1[c, r] * zry[idx1[c]]
+        z1[r] = t
+    for r in range(z2.shape[0]):
+        t = 0.0
+        for c in range(z2.shape[0]):
+            t += V2[c, r] * zry[idx2[c]]
+        z2[r] = t
 
 
 @functools.partial(_compile, reassoc=True)
-def _score_k2_batch(
-    rot: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    rot0: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    reml: bool,
-    idx1: np.ndarray,
-    idx2: np.ndarray,
-    c1: int,
-    s: np.ndarray,
-    zry: np.ndarray,
-    yry: np.ndarray,
-    nrq: float,
-    nr: float,
+def _score_k2_one(
+    design: tuple,
+    work: tuple,
+    sj: np.ndarray,
+    yry: float,
     final: bool,
-    scale: float,
-    division_min: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Score, information, profiled s0 and log |det M0| of a block of features, K = 2.
+    traces: bool,
+    dl: np.ndarray,
+    F: np.ndarray,
+) -> tuple[bool, float, float]:
+    """Score dl (K+1,) and information F (K+1, K+1) of one feature at theta ``sj`` (K+1,),
+    K = 2, from its z = V' zry (z1, z2 in ``work``: :func:`_rotate`); returns (ok, the
+    profiled s0, log |det M0| or NaN unless ``final``). Without ``traces`` only s0 (dl and
+    F untouched). ok is False where a pivot is zero or a sum is not finite (the caller
+    takes the NumPy algebra there). ``design`` = (rot, rot0, (C', C0'), reml, c1, n - r -
+    q, n - r, scale, division_min), ``work`` :func:`_k2_work`'s scratch.
 
     The algebra of ``compiled._score_batch`` in the basis V = blockdiag(V1, V2) of the
     eigenvectors of the diagonal blocks of A (zrz): V commutes with D, so V' M V =
     (D V'AV + I)^-1, and traces and block sums of squares are the same in either basis.
     ``rot`` = (V1, V2, l1, l2, C) of A and ``rot0`` of A0 (ZZ for ML; the same for REML),
     ``idx1``/``idx2`` the columns of the components c1 (first, the larger) and 1 - c1,
-    ``scale`` = max |A0| (the division rule of ``_score_batch``).
+    ``scale`` = max |A0|.
+
+    M and W are never formed. With the parts of :func:`_schur_parts` (a, b the ratios of
+    the components c1 and 1 - c1, Y = E F' symmetric), A0 M0 = M0' A0 gives
+
+        W = A0 M0 = [[diag(l1 w) - b Y, E], [E', T Si]],   M0 D z = D u,
+
+    u = M' z = (w z1 - b F u2, Si (z2 - a F' z1)); every trace and block sum of squares of
+    W, W M0 and M0 is then one of a few sums over the entries of E, Y and Si: about
+    2 h1 h2^2 + h1^2 h2 / 2 + h2^3 multiply-adds per evaluation, and no q x q pass. T Si =
+    (I - Si) / b where |b| max|A0| >= ``division_min`` (the division loses about
+    log10(1 / (|b| max|A0|)) digits), else the product.
     """
-    V1, V2, l1, l2, C = rot
+    rot, rot0, Cts, reml, c1, nrq, nr, scale, division_min = design
+    l1, l2, C = rot[2], rot[3], rot[4]
     l01, l02, C0 = rot0[2], rot0[3], rot0[4]
-    Ct = np.ascontiguousarray(C.T)
-    C0t = np.ascontiguousarray(C0.T)
-    m = zry.shape[0]
+    w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm = work
     h1 = l1.shape[0]
     h2 = l2.shape[0]
-    q = h1 + h2
     K = 2
     c2 = 1 - c1
-    dl = np.empty((m, K + 1))
-    F = np.empty((m, K + 1, K + 1))
+    s0 = sj[K]
+    a = sj[c1] / s0
+    b = sj[c2] / s0
+    logdet = np.nan
+    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, perm)
+    if np.isnan(ld):
+        return False, np.nan, np.nan
+    # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
+    _matvec_into(Ftw, z1, r2)
+    for c in range(h2):
+        r2[c] = z2[c] - a * r2[c]
+    _matvec_into(Si, r2, u2)
+    _matvec_into(Fw, u2, u1)
+    uu1 = 0.0
+    zu1 = 0.0
+    zMDz = 0.0
+    for i in range(h1):
+        v = w[i] * z1[i] - b * u1[i]
+        uu1 += v * v
+        zu1 += (v + z1[i]) * v
+        zMDz += a * z1[i] * v
+    uu2 = 0.0
+    zu2 = 0.0
+    for c in range(h2):
+        t = u2[c]
+        uu2 += t * t
+        zu2 += (t + z2[c]) * t
+        zMDz += b * z2[c] * t
+    yR2y = yry - a * zu1 - b * zu2
+    s0p = (yry - zMDz) / nr
+    if not traces:
+        return bool(np.isfinite(s0p)), s0p, logdet
+    if not reml:
+        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, perm)
+        if np.isnan(ld):
+            return False, np.nan, np.nan
+    if final:
+        logdet = -ld
+    # E = F0 Si0 by rows, then the sums over E, Y = E F0' and Si0
+    e2 = 0.0
+    trY = 0.0
+    wY = 0.0
+    lwY = 0.0
+    yy = 0.0
+    sw = 0.0
+    sw2 = 0.0
+    slw = 0.0
+    slw2 = 0.0
+    slww = 0.0
+    _product_into(F0, Si0, E)
+    for i in range(h1):
+        for d in range(h2):
+            e2 += E[i, d] * E[i, d]
+        wi = w0[i]
+        lw = l01[i] * wi
+        sw += wi
+        sw2 += wi * wi
+        slw += lw
+        slw2 += lw * lw
+        slww += lw * wi
+    for i in range(h1):
+        for k in range(i, h1):
+            t = 0.0
+            for d in range(h2):
+                t += E[i, d] * F0[k, d]
+            if k == i:
+                trY += t
+                wY += w0[i] * t
+                lwY += l01[i] * w0[i] * t
+                yy += t * t
+            else:
+                yy += 2.0 * t * t
+    trS = 0.0
+    ss = 0.0
+    for c in range(h2):
+        trS += Si0[c, c]
+        for d in range(h2):
+            ss += Si0[c, d] * Si0[c, d]
+    if abs(b) * scale >= division_min:  # T Si = (I - Si) / b
+        tP = (h2 - trS) / b
+        pp = (h2 - 2.0 * trS + ss) / (b * b)
+        tPS = (trS - ss) / b
+    else:
+        tP = 0.0
+        pp = 0.0
+        tPS = 0.0
+        _product_into(T0, Si0, P)
+        for c in range(h2):
+            tP += P[c, c]
+            for d in range(h2):
+                pp += P[c, d] * P[c, d]
+                tPS += P[c, d] * Si0[d, c]
+    ab = a * b
+    s02 = s0 * s0
+    dl[c1] = (uu1 / s02 - (slw - b * trY) / s0) / 2.0
+    dl[c2] = (uu2 / s02 - tP / s0) / 2.0
+    F[c1, c1] = (slw2 - 2.0 * b * lwY + b * b * yy) / s02 / 2.0
+    F[c1, c2] = F[c2, c1] = e2 / s02 / 2.0
+    F[c2, c2] = pp / s02 / 2.0
+    trw1 = slww + ab * lwY - b * wY - ab * b * yy - b * e2
+    F[c1, K] = F[K, c1] = trw1 / s02 / 2.0
+    F[c2, K] = F[K, c2] = (tPS - a * e2) / s02 / 2.0
+    trM0 = sw + ab * trY + trS
+    trM0M0 = sw2 + 2.0 * ab * wY + ab * ab * yy + 2.0 * ab * e2 + ss
+    F[K, K] = (nrq + trM0M0) / s02 / 2.0
+    dl[K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
+    total = dl[0] + dl[1] + dl[2] + s0p + trM0M0 + yy + pp + e2 + tPS
+    return bool(np.isfinite(total)), s0p, logdet
+
+
+@_compile
+def _k2_design(k2: tuple, counts: tuple) -> tuple:
+    """The ``design`` of :func:`_score_k2_one` from K2Terms.packed and counts = (n - r - q,
+    n - r, division_min), and its scratch (:func:`_k2_work`)."""
+    rot, rot0, Cts, reml, c1, scale = k2[0], k2[1], k2[2], k2[3], k2[4], k2[7]
+    design = (rot, rot0, Cts, reml, c1, counts[0], counts[1], scale, counts[2])
+    return design, _k2_work(rot[2].shape[0], rot[3].shape[0], reml)
+
+
+@functools.partial(_compile, reassoc=True)
+def _score_k2_batch(
+    k2: tuple, counts: tuple, s: np.ndarray, zry: np.ndarray, yry: np.ndarray, final: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_score_k2_one` of each feature of a block: dl (m, 3), F (m, 3, 3), the
+    profiled s0 (m,), log |det M0| (m,) and ok (m,)."""
+    design, work = _k2_design(k2, counts)
+    z1, z2 = work[16], work[17]
+    m = zry.shape[0]
+    dl = np.empty((m, 3))
+    F = np.empty((m, 3, 3))
     s0p = np.empty(m)
     logdet = np.full(m, np.nan)
     ok = np.ones(m, dtype=np.bool_)
-    M = np.empty((q, q))
-    M0 = np.empty((q, q)) if not reml else M
-    Fw = np.empty((h1, h2))
-    Ftw = np.empty((h2, h1))
-    M0t = np.empty((q, q))
-    Ew = np.empty((h1, h2))
-    Sw = np.empty((h2, h2))
-    Lw = np.empty((h2, h2))
-    wv = np.empty(h1)
-    buf = np.empty(h2)
-    perm = np.empty(h2, dtype=np.int64)
-    z = np.empty(q)
-    D = np.empty(q)
-    u = np.empty(q)
-    mdz = np.empty(q)
-    W = np.empty(q)
-    comp = np.empty(q, dtype=np.int64)
-    for r in range(q):
-        comp[r] = c1 if r < h1 else c2
-    trW = np.empty(K)
-    dl_u = np.empty(K)
-    trw = np.empty(K)
-    blocks = np.empty((K, K))
     for j in range(m):
-        s0 = s[j, K]
-        a = s[j, c1] / s0
-        b = s[j, c2] / s0
-        division = abs(a) * scale >= division_min and abs(b) * scale >= division_min
-        for r in range(q):
-            D[r] = a if r < h1 else b
-        # z = V' zry
-        for r in range(h1):
-            t = 0.0
-            for c in range(h1):
-                t += V1[c, r] * zry[j, idx1[c]]
-            z[r] = t
-        for r in range(h2):
-            t = 0.0
-            for c in range(h2):
-                t += V2[c, r] * zry[j, idx2[c]]
-            z[h1 + r] = t
-        ld = _schur_inverse_into(l1, l2, C, Ct, a, b, M, Fw, Ftw, Ew, Sw, Lw, wv, buf, perm)
-        if np.isnan(ld):
+        _rotate(k2, zry[j], z1, z2)
+        ok[j], s0p[j], logdet[j] = _score_k2_one(
+            design, work, s[j], yry[j], final, True, dl[j], F[j]
+        )
+    return dl, F, s0p, logdet, ok
+
+
+@functools.partial(_compile, reassoc=True)
+def _fit_k2_batch(
+    k2: tuple, counts: tuple, zry: np.ndarray, yry: np.ndarray, s_init: np.ndarray, stop: tuple
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fisher scoring of K = 2 components for a block of features, one feature at a time.
+
+    The loop of ``fisher._scoring`` (steps F^-1 dl until max |dl| <= epsilon or max_iter
+    steps, then s0 profiled and the score and information evaluated there) with the scores
+    of :func:`_score_k2_one`, z rotated once per feature and the profiling evaluation
+    without the traces. Returns theta, se_theta, dlogL (m, 3), FIM_theta (m, 3, 3), niter
+    (m,), logdetM0 (m,) and ok (m,): False where an evaluation failed or an information
+    matrix's condition bound was not below ``limit`` (the inverse is then not the
+    pseudo-inverse): the caller refits those features by ``fisher._scoring``.
+    """
+    design, work = _k2_design(k2, counts)
+    z1, z2 = work[16], work[17]
+    max_iter, epsilon, limit = stop
+    m = zry.shape[0]
+    theta, se, dl = np.empty((m, 3)), np.empty((m, 3)), np.empty((m, 3))
+    fim, logdet = np.empty((m, 3, 3)), np.empty(m)
+    niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
+    sj = np.empty(3)
+    g = np.empty(3)
+    Fj = np.empty((3, 3))
+    inv = np.empty((3, 3))
+    w3 = np.empty((3, 3))
+    b3 = np.empty(3)
+    p3 = np.empty(3, dtype=np.int64)
+    for j in range(m):
+        _rotate(k2, zry[j], z1, z2)
+        for k in range(3):
+            sj[k] = s_init[j, k]
+        it = 0
+        good = True
+        while max_iter > 0:
+            it += 1
+            good, _, _ = _score_k2_one(design, work, sj, yry[j], False, True, g, Fj)
+            if not good or not _inverse_checked_into(Fj, inv, w3, b3, p3, limit):
+                good = False
+                break
+            big = False
+            for k in range(3):
+                step = 0.0
+                for c in range(3):
+                    step += inv[k, c] * g[c]
+                sj[k] += step
+                big = big or abs(g[k]) > epsilon
+            if not big or it >= max_iter:
+                break
+        niter[j] = it
+        if good:
+            good, s0, _ = _score_k2_one(design, work, sj, yry[j], False, False, g, Fj)
+            sj[2] = s0
+        ld = np.nan
+        if good:
+            good, _, ld = _score_k2_one(design, work, sj, yry[j], True, True, dl[j], fim[j])
+        logdet[j] = ld
+        if not good or not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit):
             ok[j] = False
             continue
-        if not reml:
-            ld = _schur_inverse_into(
-                l01, l02, C0, C0t, a, b, M0, Fw, Ftw, Ew, Sw, Lw, wv, buf, perm
-            )
-            if np.isnan(ld):
-                ok[j] = False
-                continue
-        if final:
-            logdet[j] = -ld
-        for r in range(q):
-            u[r] = 0.0
-        zMDz = 0.0
-        yR2y = yry[j]
-        for r in range(q):
-            zr = z[r]
-            t = 0.0
-            for c in range(q):
-                u[c] += zr * M[r, c]
-                t += M[r, c] * D[c] * z[c]
-            mdz[r] = t
-            zMDz += zr * t
-        for r in range(q):
-            yR2y -= (u[r] + z[r]) * mdz[r]
-        for i in range(K):
-            trw[i] = 0.0
-            dl_u[i] = 0.0
-            trW[i] = 0.0
-            for k in range(K):
-                blocks[i, k] = 0.0
-        trM0 = 0.0
-        trM0M0 = 0.0
-        for r in range(q):
-            for c in range(q):
-                M0t[r, c] = M0[c, r]
-        for r in range(q):
-            cr = comp[r]
-            if division:
-                inv = 1.0 / D[r]
-                for c in range(q):
-                    W[c] = -M0[r, c] * inv
-                W[r] = (1.0 - M0[r, r]) * inv
-            elif r < h1:  # W = L0 M0 by rows, L0 = [[diag(l01), C0], [C0', diag(l02)]]
-                for c in range(q):
-                    W[c] = l01[r] * M0[r, c]
-                for e in range(h2):
-                    f = C0[r, e]
-                    for c in range(q):
-                        W[c] += f * M0[h1 + e, c]
-            else:
-                for c in range(q):
-                    W[c] = l02[r - h1] * M0[r, c]
-                for e in range(h1):
-                    f = C0[e, r - h1]
-                    for c in range(q):
-                        W[c] += f * M0[e, c]
-            trW[cr] += W[r]
-            dl_u[cr] += u[r] * u[r]
-            trM0 += M0[r, r]
-            tw = 0.0
-            tm = 0.0
-            s1 = 0.0
-            s2 = 0.0
-            for c in range(q):
-                tw += W[c] * M0t[r, c]
-                tm += M0[r, c] * M0t[r, c]
-            for c in range(h1):
-                s1 += W[c] * W[c]
-            for c in range(h1, q):
-                s2 += W[c] * W[c]
-            trw[cr] += tw
-            trM0M0 += tm
-            blocks[cr, c1] += s1
-            blocks[cr, c2] += s2
-        # the same score and information as compiled._score_batch's last lines (duplicates
-        # lists the pair): one shared numba helper for both measured 3-15% slower for K = 2
-        # (the fixed K lets LLVM compile these loops better), so each kernel keeps its own
-        s02 = s0 * s0
-        for i in range(K):
-            dl[j, i] = (dl_u[i] / s02 - trW[i] / s0) / 2.0
-            for k in range(i + 1):
-                F[j, i, k] = F[j, k, i] = blocks[k, i] / s02 / 2.0
-            F[j, i, K] = F[j, K, i] = trw[i] / s02 / 2.0
-        F[j, K, K] = (nrq + trM0M0) / s02 / 2.0
-        dl[j, K] = (yR2y / s02 - (nrq + trM0) / s0) / 2.0
-        s0p[j] = (yry[j] - zMDz) / nr
-    return dl, F, s0p, logdet, ok
+        for k in range(3):
+            theta[j, k] = sj[k]
+            se[j, k] = np.sqrt(inv[k, k])
+    return theta, se, dl, fim, niter, logdet, ok
 
 
 def rotation(
@@ -459,6 +526,9 @@ class K2Terms:
         self.rot0 = self.rot if reml else rotation(A0, self.idx1, self.idx2)
         self.reml = reml
         self.scale = float(np.max(np.abs(A0)))
+        #: what the kernels take: (rot, rot0, (C', C0'), reml, c1, idx1, idx2, scale)
+        Cts = (np.ascontiguousarray(self.rot[4].T), np.ascontiguousarray(self.rot0[4].T))
+        self.packed = (self.rot, self.rot0, Cts, reml, self.c1, self.idx1, self.idx2, self.scale)
 
 
 def score_k2_batch(
@@ -474,19 +544,28 @@ def score_k2_batch(
     """dl, F, s0_profiled, logdetM0 and ok of a block of features (K = 2); see
     :func:`_score_k2_batch`."""
     q = terms.idx1.size + terms.idx2.size
-    return _score_k2_batch(
-        terms.rot,
-        terms.rot0,
-        terms.reml,
-        terms.idx1,
-        terms.idx2,
-        terms.c1,
-        np.ascontiguousarray(s),
-        np.ascontiguousarray(zry),
-        np.ascontiguousarray(yry),
-        float(n - r - q),
-        float(n - r),
-        bool(final),
-        terms.scale,
-        float(division_min),
-    )
+    counts = (float(n - r - q), float(n - r), float(division_min))
+    zry, yry = np.ascontiguousarray(zry), np.ascontiguousarray(yry)
+    return _score_k2_batch(terms.packed, counts, np.ascontiguousarray(s), zry, yry, bool(final))
+
+
+def fit_k2_batch(
+    terms: K2Terms,
+    zry: np.ndarray,
+    yry: np.ndarray,
+    s_init: np.ndarray,
+    n: float,
+    r: int,
+    max_iter: int,
+    epsilon: float,
+    division_min: float,
+    limit: float,
+) -> tuple[np.ndarray, ...]:
+    """theta, se_theta, dlogL, FIM_theta, niter, logdetM0 and ok of a block of features
+    (K = 2, from ``s_init`` (m, 3), left as it is); see :func:`_fit_k2_batch`."""
+    q = terms.idx1.size + terms.idx2.size
+    counts = (float(n - r - q), float(n - r), float(division_min))
+    zry, yry = np.ascontiguousarray(zry), np.ascontiguousarray(yry)
+    s_init = np.ascontiguousarray(s_init, dtype=np.float64)
+    stop = (int(max_iter), float(epsilon), float(limit))
+    return _fit_k2_batch(terms.packed, counts, zry, yry, s_init, stop)

@@ -478,6 +478,8 @@ def fit_theta(
         # one BLAS thread: results independent of the thread layout, and no oversubscription
         with structured.one_blas_thread():
             return _scoring(score_st, s, max_iter, epsilon)
+    if not spectral and compiled_kernels and K == 2:
+        return _fit_k2(sh, zry, yry, s, max_iter, epsilon)
     if not spectral:
 
         def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
@@ -501,6 +503,27 @@ def fit_theta(
 
 #: Condition bound below which pinv_sym takes the inverse (see linalg.pinv_sym).
 GINV_LIMIT = 0.5 / GINV_TOL
+
+
+def _fit_k2(
+    sh: SharedTerms, zry: Array, yry: Array, s: Array, max_iter: int, epsilon: float
+) -> ThetaFit:
+    """K = 2 on the dense path: the whole loop of :func:`_scoring` in the compiled kernel
+    (:func:`.compiled_k.fit_k2_batch`); the features it could not fit take
+    :func:`_scoring` with the per-evaluation kernel (the NumPy algebra where that fails)."""
+    theta, se, dl, F, niter, logdet, ok = compiled_k.fit_k2_batch(
+        sh.k2, zry, yry, s, sh.n, sh.r, max_iter, epsilon, compiled.DIVISION_MIN, GINV_LIMIT
+    )
+    if not ok.all():
+        zr, yr = zry[~ok], yry[~ok]
+
+        def score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+            return _score_compiled(sh, s, zr[rows], yr[rows], final=final)
+
+        rest = _scoring(score, s[~ok], max_iter, epsilon)
+        theta[~ok], se[~ok], dl[~ok] = rest.theta, rest.se_theta, rest.dlogL
+        F[~ok], niter[~ok], logdet[~ok] = rest.FIM_theta, rest.niter, rest.logdetM0
+    return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
 
 
 def _spectral_scorer(sh: SharedTerms, z: Array, yry: Array) -> Callable[..., _Score]:
