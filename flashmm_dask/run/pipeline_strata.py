@@ -35,15 +35,15 @@ from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.flow import Flow
 from flashmm_dask.run.inputs import (
     check_strata_fittable,
-    compute_strata_stats,
+    cluster_strata_stats,
     prepare_strata,
     uses_strata,
 )
 from flashmm_dask.run.progress import Timings
+from flashmm_dask.run.strata_cluster import ClusterStrata
 from flashmm_dask.run.strata_store import _Group, finalize_strata, fit_strata_stores
 from flashmm_dask.run.summary import RunSummary, StrataRunSummary, advise, counts_of
 from flashmm_dask.run.worker import BlockReport
-from flashmm_dask.stats.strata import StratifiedStats
 
 __all__ = ["STRATA", "StrataRunSummary", "uses_strata"]
 
@@ -57,7 +57,7 @@ def _clear(folder: Path) -> None:
 
 
 def _fit(
-    cfg: RunConfig, client: Any, stats: StratifiedStats, folder: Path, show: bool
+    cfg: RunConfig, client: Any, stats: ClusterStrata, folder: Path, show: bool
 ) -> tuple[list[_Group], list[BlockReport]]:
     return fit_strata_stores(cfg, client, stats, folder, show=show)
 
@@ -72,7 +72,7 @@ def _summarise(
 #: The steps of a run with strata, a cell selection or a gene filter.
 STRATA = Flow(
     prepare_strata,
-    compute_strata_stats,
+    cluster_strata_stats,
     check_strata_fittable,
     _fit,
     len,
