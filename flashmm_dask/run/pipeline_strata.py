@@ -9,8 +9,10 @@ strata). The steps are those of the plain run, per stratum:
    stratum that cannot be fitted is reported and skipped; a contrast must apply to at
    least one stratum.
 1. Statistics: every stratum's, with per-feature non-zero counts, in one pass
-   (:mod:`flashmm_dask.stats.reduce_strata`), saved in ``OUTPUT/stats.zarr`` (a group per
-   stratum, :mod:`flashmm_dask.stats.strata`); or loaded from ``stats.load``.
+   (:mod:`flashmm_dask.stats.reduce_strata`); their per-feature sums stay on the workers,
+   which save them in ``OUTPUT/stats.zarr`` (a group per stratum,
+   :mod:`flashmm_dask.stats.strata`) and fit them there
+   (:mod:`flashmm_dask.run.strata_cluster`); or loaded from ``stats.load``.
 2. Fitting: the feature blocks of all strata are submitted together; each stratum has
    its own results group (``results.zarr/strata/<name>``; with no ``by``, the results
    store itself) and its own contrasts, those whose coefficients it has (the others are

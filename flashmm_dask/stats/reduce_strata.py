@@ -21,9 +21,11 @@ per chunk and summed in a tree as in the unstratified reduction: the chunks are 
 ``chains`` chains, and each chunk's task adds its strata's statistics into the running
 sums of its chain, which it receives from the previous task of the chain (their only
 consumer) and passes on. The chains' sums are then added in a tree of fan-in
-``split_every``. Every block is still read exactly once, whatever the number of strata;
-memory is ``chains`` running sums plus one chunk per task: set by the model, the number
-of features and ``chains``, not by the number of cells.
+``split_every`` (or, in a run, stratum by stratum where they lie, in the same order:
+:func:`strata_chains` and :mod:`flashmm_dask.run.strata_cluster`). Every block is still
+read exactly once, whatever the number of strata; memory is ``chains`` running sums plus
+one chunk per task: set by the model, the number of features and ``chains``, not by the
+number of cells.
 """
 
 from __future__ import annotations
