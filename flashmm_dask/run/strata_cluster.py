@@ -97,12 +97,6 @@ class ClusterStrata:
         columns = sl if self.columns is None else self.columns[sl]
         return self.rows[level], columns, self.Ynorm[level][sl]
 
-    def stratum(self, level: str, rows: np.ndarray) -> SummaryStats:
-        """The full statistics of a stratum, given its rows (on a worker)."""
-        return _stratum(
-            self.heads[level], rows, self.features, self.columns, self.Ynorm[level], self.nnz[level]
-        )
-
 
 def _stratum(
     head: SummaryStats,
@@ -217,17 +211,10 @@ def _no_features(stats: SummaryStats) -> SummaryStats:
     )
 
 
-def _write_group(
-    path: str,
-    head: SummaryStats,
-    rows: np.ndarray,
-    features: tuple[str, ...],
-    columns: np.ndarray | None,
-    Ynorm: np.ndarray,
-    nnz: np.ndarray | None,
-) -> None:
-    """Write a stratum's SummaryStats group at ``path`` (a task on a worker)."""
-    stats = _stratum(head, rows, features, columns, Ynorm, nnz)
+def _write_group(path: str, *stratum: Any) -> None:
+    """Write the SummaryStats group of a stratum at ``path`` (a task on a worker);
+    ``stratum``: the arguments of :func:`_stratum`."""
+    stats = _stratum(*stratum)
     stats._write_group(path, stats._attrs(), {})
 
 

@@ -70,7 +70,7 @@ from flashmm_dask.stats.strata import StratifiedStats
 from flashmm_dask.stats.strata_products import strata_products
 from flashmm_dask.stats.summary import SummaryStats
 
-__all__ = ["StrataChains", "reduce_strata", "strata_chains", "strata_graph"]
+__all__ = ["reduce_strata", "strata_graph"]
 
 logger = logging.getLogger(__name__)
 
