@@ -69,21 +69,25 @@ def block_layout(
     workers: int,
     *,
     m_total: int | None = None,
+    features: tuple[str, ...] | None = None,
 ) -> ResultsLayout:
     """The names and blocks of the results store of ``stats``.
 
-    With ``fit.block_size: auto`` the size is chosen for ``m_total`` features (all strata
-    together; default ``stats.m``) and capped at ``stats.m``.
+    ``features``: the features fitted, when ``stats`` holds only the shared statistics
+    (default ``stats.features``). With ``fit.block_size: auto`` the size is chosen for
+    ``m_total`` features (all strata together; default the features') and capped at
+    the features'.
     """
+    names = tuple(stats.features) if features is None else tuple(features)
     size = cfg.fit.block_size
     if size == "auto":
         # with strata: a few blocks per worker over all strata together, not per stratum
-        m = stats.m if m_total is None else m_total
+        m = len(names) if m_total is None else m_total
         size = auto_block_size(m, stats.p, stats.q, len(stats.d), workers)
         if m_total is not None:
-            size = min(size, stats.m)
+            size = min(size, len(names))
     return ResultsLayout(
-        features=tuple(stats.features),
+        features=names,
         covariates=tuple(stats.covariates),
         components=(*stats.components, "residual"),
         contrasts=tuple(L.columns) if L is not None else (),
@@ -176,13 +180,29 @@ def submit_blocks(
         model = shared_model(cfg, stats, L, store=str(store), store_cov=layout.store_cov)
         shared = client.scatter(model, broadcast=True, hash=False)
     XY, ZY, Ynorm = np.asarray(stats.XY), np.asarray(stats.ZY), np.asarray(stats.Ynorm)
+
+    def task(b: int) -> tuple[Any, ...]:
+        sl = layout.block_slice(b)
+        return (fit_block, shared, b, XY[:, sl], ZY[:, sl], Ynorm[sl])
+
+    return submit_tasks(client, todo, key, task, after)
+
+
+def submit_tasks(
+    client: Any,
+    todo: list[int],
+    key: str,
+    task: Callable[[int], tuple[Any, ...]],
+    after: Any = None,
+) -> list[Any]:
+    """Submit ``task(b)`` (a function and its arguments) for each block b of ``todo``,
+    named ``{key}-{b}``, after the future ``after`` when given."""
     futures = []
     for b in todo:
-        sl = layout.block_slice(b)
-        task: tuple[Any, ...] = (fit_block, shared, b, XY[:, sl], ZY[:, sl], Ynorm[sl])
+        spec = task(b)
         if after is not None:
-            task = (_after, after, *task)
-        futures.append(client.submit(*task, key=f"{key}-{b}", retries=1))
+            spec = (_after, after, *spec)
+        futures.append(client.submit(*spec, key=f"{key}-{b}", retries=1))
     return futures
 
 

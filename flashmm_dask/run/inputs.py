@@ -44,6 +44,12 @@ from flashmm_dask.run.steps import (
     with_pcs,
 )
 from flashmm_dask.run.stored_model import check_stats_model
+from flashmm_dask.run.strata_cluster import (
+    ClusterStrata,
+    reduce_on_cluster,
+    save_on_cluster,
+    scattered,
+)
 from flashmm_dask.simulate import simulate_to_store
 from flashmm_dask.stats.reduce import stats_graph, unreadable
 from flashmm_dask.stats.reduce_strata import strata_graph
@@ -453,11 +459,52 @@ def _threads(client: Any) -> int:
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
 
 
-def check_strata_fittable(stats: StratifiedStats) -> None:
+def cluster_strata_stats(
+    cfg: RunConfig, client: Any, folder: Path, inputs: StrataInputs, *, show: bool = False
+) -> ClusterStrata:
+    """Every stratum's statistics for a run, their per-feature sums left on the workers
+    (:mod:`flashmm_dask.run.strata_cluster`): loaded or cached ones sent there once, or
+    reduced there in one pass (and saved from there); ``inputs`` are those of
+    :func:`prepare_strata`.
+
+    Raises
+    ------
+    DataError
+        The data hold NaN/Inf, or a chunk of the store cannot be read.
+    """
+    if inputs.stats is not None:
+        return scattered(client, inputs.stats)
+    expr = inputs.expr
+    assert expr is not None and inputs.strata is not None
+    try:
+        stats = reduce_on_cluster(
+            client,
+            expr,
+            inputs.strata,
+            inputs.features,
+            lambda futures: wait(futures, "reduction", show=show),
+            transform=inputs.transform,
+            target_sum=cfg.model.target_sum,
+            split_every=cfg.stats.split_every,
+            provenance={"config_hash": cfg.hash(), "source": expr.source},
+            chains=_threads(client),
+        )
+    except Exception as exc:
+        error = unreadable(exc, expr.source)
+        if error is None:
+            raise
+        raise error from exc
+    if cfg.stats.save:
+        with _writing("the summary statistics", folder):
+            save_on_cluster(client, stats, folder / STATS)
+    return stats
+
+
+def check_strata_fittable(stats: ClusterStrata) -> None:
     """Refuse a stratum in which every feature is zero: there is nothing to fit."""
-    for level, s in stats.items():
-        if not (np.asarray(s.Ynorm) > 0).any():
+    for level, Ynorm in stats.Ynorm.items():
+        if not (np.asarray(Ynorm) > 0).any():
             raise DataError(
-                f"all {s.m} features are zero in every cell of stratum {level!r}: nothing to "
-                "fit; check the data (data.layer), data.features and data.cells"
+                f"all {stats.m} features are zero in every cell of stratum {level!r}: nothing "
+                "to fit; check the data (data.layer), data.features and data.cells"
             )

@@ -9,8 +9,10 @@ strata). The steps are those of the plain run, per stratum:
    stratum that cannot be fitted is reported and skipped; a contrast must apply to at
    least one stratum.
 1. Statistics: every stratum's, with per-feature non-zero counts, in one pass
-   (:mod:`flashmm_dask.stats.reduce_strata`), saved in ``OUTPUT/stats.zarr`` (a group per
-   stratum, :mod:`flashmm_dask.stats.strata`); or loaded from ``stats.load``.
+   (:mod:`flashmm_dask.stats.reduce_strata`); their per-feature sums stay on the workers,
+   which save them in ``OUTPUT/stats.zarr`` (a group per stratum,
+   :mod:`flashmm_dask.stats.strata`) and fit them there
+   (:mod:`flashmm_dask.run.strata_cluster`); or loaded from ``stats.load``.
 2. Fitting: the feature blocks of all strata are submitted together; each stratum has
    its own results group (``results.zarr/strata/<name>``; with no ``by``, the results
    store itself) and its own contrasts, those whose coefficients it has (the others are
@@ -35,15 +37,15 @@ from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.flow import Flow
 from flashmm_dask.run.inputs import (
     check_strata_fittable,
-    compute_strata_stats,
+    cluster_strata_stats,
     prepare_strata,
     uses_strata,
 )
 from flashmm_dask.run.progress import Timings
+from flashmm_dask.run.strata_cluster import ClusterStrata
 from flashmm_dask.run.strata_store import _Group, finalize_strata, fit_strata_stores
 from flashmm_dask.run.summary import RunSummary, StrataRunSummary, advise, counts_of
 from flashmm_dask.run.worker import BlockReport
-from flashmm_dask.stats.strata import StratifiedStats
 
 __all__ = ["STRATA", "StrataRunSummary", "uses_strata"]
 
@@ -57,7 +59,7 @@ def _clear(folder: Path) -> None:
 
 
 def _fit(
-    cfg: RunConfig, client: Any, stats: StratifiedStats, folder: Path, show: bool
+    cfg: RunConfig, client: Any, stats: ClusterStrata, folder: Path, show: bool
 ) -> tuple[list[_Group], list[BlockReport]]:
     return fit_strata_stores(cfg, client, stats, folder, show=show)
 
@@ -72,7 +74,7 @@ def _summarise(
 #: The steps of a run with strata, a cell selection or a gene filter.
 STRATA = Flow(
     prepare_strata,
-    compute_strata_stats,
+    cluster_strata_stats,
     check_strata_fittable,
     _fit,
     len,

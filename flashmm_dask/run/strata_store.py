@@ -18,7 +18,7 @@ import pandas as pd
 import zarr
 from threadpoolctl import threadpool_limits
 
-from flashmm_dask.api import filter_features
+from flashmm_dask.errors import InputError
 from flashmm_dask.io.results import (
     FORMAT,
     FORMAT_VERSION,
@@ -33,8 +33,8 @@ from flashmm_dask.io.strata_results import status_counts as read_status_counts
 from flashmm_dask.run import blocks
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.output import RESULTS, _writing
-from flashmm_dask.run.worker import BlockReport
-from flashmm_dask.stats.strata import StratifiedStats
+from flashmm_dask.run.strata_cluster import ClusterStrata
+from flashmm_dask.run.worker import BlockReport, fit_rows_block
 from flashmm_dask.stats.summary import SummaryStats
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # -- the results store ------------------------------------------------------------------
 
 
-def _create_root(store: Path, cfg: RunConfig, stats: StratifiedStats, missing: dict) -> None:
+def _create_root(store: Path, cfg: RunConfig, stats: ClusterStrata, missing: dict) -> None:
     """The root group of a stratified results store (attributes only) and ``strata/``."""
     attrs = {
         "format": FORMAT,
@@ -64,7 +64,7 @@ def _create_root(store: Path, cfg: RunConfig, stats: StratifiedStats, missing: d
 class _Group:
     level: str
     path: Path
-    stats: SummaryStats
+    stats: SummaryStats  # the stratum's shared statistics (no features)
     filtered: np.ndarray
     L: pd.DataFrame | None
     layout: ResultsLayout
@@ -72,30 +72,47 @@ class _Group:
     create: dict[str, Any] | None = None  # the attributes of a group still to create
 
 
+def _filtered(nnz: np.ndarray | None, m: int, min_cells: int) -> np.ndarray:
+    """(m,) the features non-zero in fewer than ``min_cells`` cells (not fitted), as
+    :func:`flashmm_dask.api.filter_features` marks them."""
+    if min_cells == 0:
+        return np.zeros(m, dtype=bool)
+    if nnz is None:
+        raise InputError(
+            "min_cells needs the per-feature non-zero counts, which these statistics do not "
+            "carry; compute them again with this version (flashmm-dask stats)"
+        )
+    return np.asarray(nnz) < min_cells
+
+
 def _open_group(
     cfg: RunConfig,
     level: str,
     path: Path,
-    stats: SummaryStats,
+    stats: ClusterStrata,
     contrasts: dict,
     n_workers: int,
-    n_strata: int,
 ) -> _Group:
-    L = blocks.contrasts_of(contrasts, stats)
-    layout = blocks.block_layout(cfg, stats, L, n_workers, m_total=stats.m * n_strata)
-    emptied, filtered = filter_features(stats, int(cfg.model.min_cells))
+    head = stats.heads[level]
+    L = blocks.contrasts_of(contrasts, head)
+    layout = blocks.block_layout(
+        cfg, head, L, n_workers, m_total=stats.m * len(stats), features=stats.features
+    )
+    filtered = _filtered(stats.nnz[level], stats.m, int(cfg.model.min_cells))
     if not path.exists():  # created by a task on a worker, before the group's blocks
-        attrs = blocks.store_attrs(cfg, stats, layout)
+        attrs = blocks.store_attrs(cfg, head, layout)
         attrs.update(
-            stratum=level, by=stats.provenance.get("by"), cells=stats.provenance.get("cells")
+            stratum=level, by=head.provenance.get("by"), cells=head.provenance.get("cells")
         )
         todo = list(range(layout.n_blocks))
-        return _Group(level, path, emptied, filtered, L, layout, todo, attrs)
+        return _Group(level, path, head, filtered, L, layout, todo, attrs)
     layout, todo = blocks.resumed(layout, path)
-    return _Group(level, path, emptied, filtered, L, layout, todo)
+    return _Group(level, path, head, filtered, L, layout, todo)
 
 
-def _submit(cfg: RunConfig, client: Any, group: _Group, index: int, shared: Any) -> list:
+def _submit(
+    cfg: RunConfig, client: Any, group: _Group, index: int, shared: Any, stats: ClusterStrata
+) -> list:
     token = cfg.hash()[:12]
     created = None
     if group.create is not None:
@@ -107,29 +124,27 @@ def _submit(cfg: RunConfig, client: Any, group: _Group, index: int, shared: Any)
             key=f"flashmm-create-{token}-s{index}",
             pure=False,
         )
-    return blocks.submit_blocks(
-        cfg,
-        client,
-        group.stats,
-        group.L,
-        group.layout,
-        group.path,
-        group.todo,
-        f"flashmm-fit-{token}-s{index}",
-        after=created,
-        shared=shared,
-    )
+    keep = ~group.filtered if group.filtered.any() else None
+
+    def task(b: int) -> tuple[Any, ...]:
+        sl = group.layout.block_slice(b)
+        rows, columns, Ynorm = stats.block(group.level, sl)
+        kept = None if keep is None else keep[sl]
+        Ynorm = Ynorm if kept is None else Ynorm * kept
+        return (fit_rows_block, shared, b, rows, columns, Ynorm, kept)
+
+    return blocks.submit_tasks(client, group.todo, f"flashmm-fit-{token}-s{index}", task, created)
 
 
 def fit_strata_stores(
-    cfg: RunConfig, client: Any, stats: StratifiedStats, folder: Path, *, show: bool = False
+    cfg: RunConfig, client: Any, stats: ClusterStrata, folder: Path, *, show: bool = False
 ) -> tuple[list[_Group], list[BlockReport]]:
     """Create (or reopen) every stratum's results group and fit its missing blocks."""
     store = folder / RESULTS
     contrasts = dict(cfg.contrasts)
     per_stratum: dict[str, dict[str, str]] = {}
     missing: dict[str, list[str]] = {}
-    for level, s in stats.items():
+    for level, s in stats.heads.items():
         per_stratum[level], lacking = applicable_contrasts(contrasts, s.covariates)
         if lacking:
             missing[level] = sorted(lacking)
@@ -142,9 +157,9 @@ def fit_strata_stores(
         _create_root(store, cfg, stats, missing)
     n_workers = blocks.n_workers(client)
     groups = []
-    for level, s in stats.items():
+    for level in stats:
         path = store if stats.by is None else store / "strata" / stats.groups[level]
-        groups.append(_open_group(cfg, level, path, s, per_stratum[level], n_workers, len(stats)))
+        groups.append(_open_group(cfg, level, path, stats, per_stratum[level], n_workers))
     logger.info(
         "%d strata, %d blocks to fit (%d already done)",
         len(groups),
@@ -162,12 +177,12 @@ def fit_strata_stores(
     shared = client.scatter(models, broadcast=True, hash=False) if groups else []
     futures = []
     for index, group in enumerate(groups):
-        futures += _submit(cfg, client, group, index, shared[index])
+        futures += _submit(cfg, client, group, index, shared[index], stats)
     return groups, blocks.gather_blocks(client, futures, folder, show=show)
 
 
 def finalize_strata(
-    cfg: RunConfig, store: Path, groups: list[_Group], stats: StratifiedStats, extra: dict
+    cfg: RunConfig, store: Path, groups: list[_Group], stats: ClusterStrata, extra: dict
 ) -> None:
     """Mark each stratum's group complete (its filtered features, adjusted p-values,
     status counts), then the root with the counts over all strata.

@@ -164,3 +164,22 @@ def fit_block(
         n_zero=int((~fitted).sum()),
         seconds=time.perf_counter() - start,
     )
+
+
+def fit_rows_block(
+    model: SharedModel,
+    block: int,
+    rows: np.ndarray,
+    columns: slice | np.ndarray,
+    Ynorm: np.ndarray,
+    keep: np.ndarray | None,
+) -> BlockReport:
+    """:func:`fit_block` of the features ``columns`` of a stratum's statistics held on the
+    worker: ``rows`` ((p + q) x M) is X'E over Z'E; ``keep`` (None: all) zeroes the
+    features not to fit (fewer non-zero cells than ``model.min_cells``)."""
+    p = model.XX.shape[0]
+    picked = rows[:, columns]
+    XY, ZY = np.ascontiguousarray(picked[:p]), np.ascontiguousarray(picked[p:])
+    if keep is not None:
+        XY, ZY = XY * keep, ZY * keep
+    return fit_block(model, block, XY, ZY, Ynorm)

@@ -21,9 +21,11 @@ per chunk and summed in a tree as in the unstratified reduction: the chunks are 
 ``chains`` chains, and each chunk's task adds its strata's statistics into the running
 sums of its chain, which it receives from the previous task of the chain (their only
 consumer) and passes on. The chains' sums are then added in a tree of fan-in
-``split_every``. Every block is still read exactly once, whatever the number of strata;
-memory is ``chains`` running sums plus one chunk per task: set by the model, the number
-of features and ``chains``, not by the number of cells.
+``split_every`` (or, in a run, stratum by stratum where they lie, in the same order:
+:func:`strata_chains` and :mod:`flashmm_dask.run.strata_cluster`). Every block is still
+read exactly once, whatever the number of strata; memory is ``chains`` running sums plus
+one chunk per task: set by the model, the number of features and ``chains``, not by the
+number of cells.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -157,15 +160,16 @@ class _Sums:
         self.small: list[list[Any] | None] = [None] * strata.n_strata
 
     def add_small(self, s: int, item: tuple[Any, ...]) -> None:
-        if self.small[s] is None:
-            self.small[s] = [
-                np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in item
-            ]
-            return
-        sums = self.small[s]
-        assert sums is not None
+        self.small[s] = self.added(self.small[s], item)
+
+    @staticmethod
+    def added(sums: list[Any] | None, item: tuple[Any, ...]) -> list[Any]:
+        """[XX, ZX, ZZ, n] of a stratum with ``item`` added (``sums`` None: none yet)."""
+        if sums is None:
+            return [np.array(a, dtype=np.float64) if isinstance(a, np.ndarray) else a for a in item]
         for k, a in enumerate(item):
             sums[k] = sums[k] + a
+        return sums
 
     def add_stratum(self, s: int, XY: Any, ZY: Any, Ynorm: Any, nnz: Any) -> None:
         base, p = int(self.bases[s]), self.p[s]
@@ -280,8 +284,29 @@ def _assemble_strata(
     return StratifiedStats(out, by, groups, strata_info)
 
 
-def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> tuple[Delayed, int]:
-    """The delayed StratifiedStats and the number of expression blocks it reads."""
+@dataclass(frozen=True)
+class StrataChains:
+    """The reduction of every stratum up to its chains: the delayed running sums of
+    each chain (:class:`_Sums`) and what names each stratum's statistics.
+
+    ``names``: per stratum, its level, d, covariates, random, components and provenance
+    (the keywords of its SummaryStats beside the arrays).
+    """
+
+    chains: list[Delayed]
+    names: list[dict[str, Any]]
+    features: tuple[str, ...]
+    features_key: Delayed
+    info: dict[str, Any]
+    by: str | None
+    groups: dict[str, str]
+    split_every: int
+    token: str
+    n_reads: int
+
+
+def strata_chains(expr: _Expression, strata: Strata, options: Options, chains: int) -> StrataChains:
+    """The chains of the one-pass reduction of every stratum (see the module docstring)."""
     for design in strata.designs:
         _validate(expr, design, options)
     if len(strata.codes) != expr.data.shape[0]:
@@ -334,15 +359,81 @@ def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> 
                 },
             }
         )
-    graph = delayed(_assemble_strata, pure=True)(
-        _tree_sum(parts, f"flashmm-strata-sum-{token}", options.split_every, _sum_strata),
-        strata.describe(),
+    groups = {level: group_name(level, s) for s, level in enumerate(strata.levels)}
+    return StrataChains(
+        parts,
         names,
+        tuple(features),
+        features_key,
+        strata.describe(),
         strata.by,
-        features_key,  # once in the graph, not once per stratum
-        dask_key_name=f"flashmm-strata-stats-{token}",
+        groups,
+        options.split_every,
+        token,
+        len(data.chunks[0]),
     )
-    return graph, len(data.chunks[0])
+
+
+def _graph(expr: _Expression, strata: Strata, options: Options, chains: int) -> tuple[Delayed, int]:
+    """The delayed StratifiedStats and the number of expression blocks it reads."""
+    built = strata_chains(expr, strata, options, chains)
+    graph = delayed(_assemble_strata, pure=True)(
+        _tree_sum(
+            built.chains, f"flashmm-strata-sum-{built.token}", built.split_every, _sum_strata
+        ),
+        built.info,
+        built.names,
+        built.by,
+        built.features_key,  # once in the graph, not once per stratum
+        dask_key_name=f"flashmm-strata-stats-{built.token}",
+    )
+    return graph, built.n_reads
+
+
+# -- the chains' sums taken apart where they are (the pipeline's statistics stay on the
+# workers: only each stratum's shared statistics, Ynorm and nnz reach the driver)
+
+
+def chain_heads(sums: _Sums) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """A chain's small running sums: each stratum's [XX, ZX, ZZ, n] (None when the chain
+    saw none of its cells), and Ynorm and nnz of every stratum (S x m)."""
+    return sums.small, sums.Yn, sums.nnz
+
+
+def chain_rows(sums: _Sums, s: int) -> np.ndarray:
+    """Stratum s's rows of a chain's running sums: X'E over Z'E, (p_s + q_s) x m (a view)."""
+    return sums.out[int(sums.bases[s]) : int(sums.bases[s + 1])]
+
+
+def in_tree_order(parts: list[Any], split_every: int, add: Callable[..., Any]) -> Any:
+    """``add`` applied to the chains' parts in the order of the reduction's tree of fan-in
+    ``split_every`` (:func:`~flashmm_dask.stats.graph._tree_sum` over the chains), so
+    that sums taken apart are added exactly as the whole ones are."""
+    while len(parts) > 1:
+        parts = [add(*parts[k : k + split_every]) for k in range(0, len(parts), split_every)]
+    return parts[0]
+
+
+def add_rows(*parts: np.ndarray) -> np.ndarray:
+    """The sum of the chains' rows of one stratum, into the first (its chain's sums have
+    the task as their only reader of these rows)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def add_heads(*parts: tuple[list[Any], np.ndarray, np.ndarray]) -> tuple[list[Any], Any, Any]:
+    """The sum of several chains' :func:`chain_heads`, as :meth:`_Sums.__iadd__` adds them."""
+    small: list[Any] = list(parts[0][0])
+    Yn, nnz = parts[0][1].copy(), parts[0][2].copy()
+    for other_small, other_Yn, other_nnz in parts[1:]:
+        Yn += other_Yn
+        nnz += other_nnz
+        for s, item in enumerate(other_small):
+            if item is not None:
+                small[s] = _Sums.added(small[s], tuple(item))
+    return small, Yn, nnz
 
 
 def strata_graph(expr: _Expression, strata: Strata, **options: Any) -> Delayed:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from flashmm_dask.io.writing import package_version
 from flashmm_dask.stats.store import save_local
 from flashmm_dask.stats.summary import FORMAT, FORMAT_VERSION, SummaryStats
 
-__all__ = ["StratifiedStats", "load_stats"]
+__all__ = ["StratifiedStats", "load_stats", "save_strata"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +97,44 @@ class StratifiedStats(Mapping[str, SummaryStats]):
             ``path`` exists and ``overwrite`` is False, or is not a statistics store, or
             the write fails.
         """
-        import zarr
 
-        def write(tmp: Path) -> None:
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            root.attrs.update(
-                {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "package_version": package_version(),
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "complete": False,
-                    "strata": self.attrs(),
-                }
-            )
+        def write_groups(tmp: Path) -> None:
             for level, stats in self.stats.items():
                 stats._write_group(str(tmp / "strata" / self.groups[level]), stats._attrs(), {})
-            root.attrs["complete"] = True
 
-        save_local(path, overwrite, write)
+        save_strata(path, self.attrs(), write_groups, overwrite=overwrite)
         logger.info("wrote the summary statistics of %d strata to %s", len(self), path)
+
+
+def save_strata(
+    path: str | os.PathLike[str],
+    strata: dict[str, Any],
+    write_groups: Callable[[Path], object],
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Write a store of strata at the local path ``path``: the root's attributes
+    (``strata``: :meth:`StratifiedStats.attrs`), then ``write_groups(tmp)`` writes each
+    stratum's SummaryStats group under ``tmp/strata/``, then the root is marked complete
+    (the whole staged into place, see :func:`~flashmm_dask.stats.store.save_local`)."""
+    import zarr
+
+    def write(tmp: Path) -> None:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "package_version": package_version(),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "complete": False,
+                "strata": strata,
+            }
+        )
+        write_groups(tmp)
+        root.attrs["complete"] = True
+
+    save_local(path, overwrite, write)
 
 
 def load_stats(path: str | os.PathLike[str]) -> SummaryStats | StratifiedStats:
