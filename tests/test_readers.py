@@ -517,7 +517,7 @@ def test_h5ad_and_zarr_graphs_run_on_a_multiprocess_cluster(
     exprs = [read_expression(path, layer=layer, chunk_cells=4) for path, layer in cases]
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -261,7 +261,7 @@ def test_blocks_written_concurrently_by_worker_processes(
     blocks = [int(b) for b in np.random.default_rng(5).permutation(layout.n_blocks)]
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=2, dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=2, dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

@@ -256,7 +256,7 @@ def test_soma_graph_runs_on_a_multiprocess_cluster(atlas: ad.AnnData, experiment
     expr = soma_io.read_soma(experiment, layer="raw", obs_filter=CELLS, chunk_cells=400)
     with (
         distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address="127.0.0.1:0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
