@@ -298,7 +298,10 @@ def effect_label(kind: str, attrs: Mapping[str, Any]) -> str:
 def _names(ds: xr.Dataset, dim: str) -> list[str]:
     if dim not in ds.dims or dim not in ds.coords:
         return []
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in ds[dim].values]
+    values = np.asarray(ds[dim].values)
+    if values.dtype.kind in "TU":  # NumPy strings (as the stores hold them): str already
+        return list(values.tolist())
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in values]
 
 
 def term_names(ds: xr.Dataset) -> tuple[list[str], list[str]]:

@@ -113,10 +113,27 @@ def write_frame_csv(frame: pd.DataFrame, path: Path) -> None:
         for i in np.flatnonzero(pd.isna(values)):  # NaN, None, NA: empty, as pandas writes
             text[i] = ""
         columns.append(text)
+    header = [str(c) for c in frame.columns]
     with open(path, "w", newline="", encoding="utf-8") as fh:
+        if len(header) > 1 and all(map(_unquoted, [header, *columns])):
+            # nothing to quote (no one-field rows either): the csv writer's bytes, joined
+            # in C rather than a Python call per row
+            lines = [",".join(header), *map(",".join, zip(*columns, strict=True))]
+            fh.write(os.linesep.join(lines) + os.linesep)
+            return
         writer = csv.writer(fh, lineterminator=os.linesep, quoting=csv.QUOTE_MINIMAL)
-        writer.writerow([str(c) for c in frame.columns])
+        writer.writerow(header)
         writer.writerows(zip(*columns, strict=True))
+
+
+#: What makes the csv writer (QUOTE_MINIMAL) quote a field.
+_QUOTED = frozenset(',"\r\n' + os.linesep)
+
+
+def _unquoted(text: list[str]) -> bool:
+    """Whether no field of ``text`` needs quoting in a CSV file."""
+    joined = "\x00".join(text)
+    return not any(c in joined for c in _QUOTED)
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:

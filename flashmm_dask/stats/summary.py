@@ -525,14 +525,21 @@ class SummaryStats:
     def _write_group(self, store: Any, attrs: dict[str, Any], options: dict[str, Any]) -> None:
         import zarr
 
-        group = zarr.open_group(store, mode="w", zarr_format=3, storage_options=options or None)
-        group.attrs.update(attrs)
+        # the attributes in two writes of the group's metadata, not one per key: first
+        # all but the feature names (thousands of them), then the names with the mark
+        head = dict(attrs, complete=False)
+        last: dict[str, Any] = {"complete": True}
+        if "features" in head:
+            head["features"], last["features"] = [], head["features"]
+        group = zarr.open_group(
+            store, mode="w", zarr_format=3, storage_options=options or None, attributes=head
+        )
         for name in _ARRAYS:
             group.create_array(name, data=np.ascontiguousarray(getattr(self, name)))
         if self.nnz is not None:
             group.create_array("nnz", data=np.ascontiguousarray(self.nnz))
         # marking completion last: a reader that sees complete=True sees every array
-        group.attrs["complete"] = True
+        group.update_attributes(last)
 
     @classmethod
     def load(
