@@ -34,13 +34,26 @@ DIVISION_MIN = 1e-3
 _OPTIONS: dict[str, Any] = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 
 
-def _compile(fn: Callable[..., Any], reassoc: bool = False) -> Any:
+def _compile(fn: Callable[..., Any], reassoc: bool = False, inline: bool = False) -> Any:
     """``fn`` compiled by :func:`.jit.jit` with :data:`_OPTIONS`; ``reassoc`` also lets
-    sums be reassociated (vectorised reductions)."""
+    sums be reassociated (vectorised reductions); ``inline``: a helper inlined into the
+    kernels that call it (no call in their inner loops)."""
     options = dict(_OPTIONS)
     if reassoc:
         options["fastmath"] = {"contract", "reassoc"}
+    if inline:
+        options["inline"] = "always"
     return jit(fn, **options)
+
+
+@functools.partial(_compile, inline=True)
+def w_row_divided(M: np.ndarray, a: int, d: float, out: np.ndarray) -> None:
+    """Row ``a`` of W = A M = (I - M) / D into ``out``: (e_a - M[a]) / d, d = D[a]
+    (M = (D A + I)^-1, taken so where |D[a]| max|A| >= DIVISION_MIN)."""
+    r = 1.0 / d
+    for b in range(M.shape[1]):
+        out[b] = -M[a, b] * r
+    out[a] = (1.0 - M[a, a]) * r
 
 
 @_compile
@@ -359,10 +372,7 @@ def _score_batch(
         for a in range(q):
             ca = comp[a]
             if division:
-                r = 1.0 / D[a]
-                for b in range(q):
-                    W[b] = -M0[a, b] * r
-                W[a] = (1.0 - M0[a, a]) * r
+                w_row_divided(M0, a, D[a], W)
             else:
                 for b in range(q):
                     W[b] = 0.0

@@ -30,7 +30,12 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile, _gauss_jordan, _inverse_checked_into
+from flashmm_dask.numerics.compiled import (
+    _compile,
+    _gauss_jordan,
+    _inverse_checked_into,
+    w_row_divided,
+)
 
 
 @_compile
@@ -82,10 +87,7 @@ def _dense_w0_sums(
             colsq[c] += Si[r, c] * X[r, c]
         xdx += xr
         if division:
-            inv = 1.0 / ds[r]
-            for c in range(qs):
-                row[c] = -Si[r, c] * inv
-            row[r] = (1.0 - Si[r, r]) * inv
+            w_row_divided(Si, r, ds[r], row)
         else:
             for c in range(qs):
                 row[c] = US[r, c]
