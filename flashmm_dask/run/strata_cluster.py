@@ -181,7 +181,7 @@ def reduce_on_cluster(
 
 
 def _stratum_rows(split_every: int, *parts: np.ndarray) -> np.ndarray:
-    """A stratum's rows summed over the chains (into the first chain's)."""
+    """A stratum's rows summed over the chains (a new array: see add_rows)."""
     return in_tree_order(list(parts), split_every, add_rows)
 
 

@@ -415,9 +415,11 @@ def in_tree_order(parts: list[Any], split_every: int, add: Callable[..., Any]) -
 
 
 def add_rows(*parts: np.ndarray) -> np.ndarray:
-    """The sum of the chains' rows of one stratum, into the first (its chain's sums have
-    the task as their only reader of these rows)."""
-    total = parts[0]
+    """The sum of the chains' rows of one stratum, in a new array: the first part is a
+    view of its chain's sums, which other strata's tasks read too, so a copy of that
+    chain made after an in-place add would carry the sum into a recomputation of this
+    stratum's rows (after a worker is lost) and count the other chains twice."""
+    total = parts[0].copy()
     for part in parts[1:]:
         total += part
     return total
