@@ -33,7 +33,7 @@ from distributed import Client
 from needs import missing
 from pipeline_helpers import VARIABLES, assert_stores_equal
 
-from flashmm_dask import StoreError, simulate_to_store
+from flashmm_dask import StoreError, load_stats, simulate_to_store
 from flashmm_dask.io.results import blocks_done, open_results, read_store_attrs
 from flashmm_dask.run.config import dump_config, load_config
 from flashmm_dask.run.output import LOCK
@@ -369,6 +369,51 @@ def test_worker_killed_during_the_reduction(cluster, config, tmp_path):
         )
     assert disturbed.n == undisturbed.n == N_CELLS
     assert disturbed.features == undisturbed.features
+
+
+STRATA = ("model.by=cls", "model.fixed=~ log(libsize) + trt", "contrasts={trt: trtB}")
+
+
+def _strata_done(store: Path) -> int:
+    """Blocks written so far over every stratum's group of a stratified results store."""
+    groups = store / "strata"
+    if not groups.is_dir():
+        return 0
+    return sum(int(_done(group).sum()) for group in groups.iterdir() if group.is_dir())
+
+
+def test_worker_killed_while_fitting_strata(cluster, config, tmp_path):
+    """A stratified run keeps each stratum's per-feature sums on the workers (they are
+    never gathered): a worker killed while the strata are fitted takes some of them with
+    it, the scheduler recomputes them from the reduction's lineage, and every stratum's
+    results equal those of an undisturbed run, to the bit."""
+    cluster.ensure(2)
+    undisturbed = run(config(tmp_path / "undisturbed", *STRATA))
+    cfg = config(tmp_path / "out", *STRATA)
+    store = tmp_path / "out" / RESULTS
+    job = Background(lambda: run(cfg))
+    _wait_for(lambda: _strata_done(store) >= 3, "three blocks")
+    # the worker that holds most strata's sums: they are lost with it
+    _, pid, sums = cluster.client.run_on_scheduler(_busiest_worker("flashmm-rows-"))
+    pending, _, _ = cluster.client.run_on_scheduler(_busiest_worker("flashmm-fit-"))
+    done_at_kill = _strata_done(store)
+    cluster.kill(pid)
+    summary = job.join()
+
+    n_blocks = undisturbed.n_blocks
+    assert 3 <= done_at_kill < n_blocks and pending > 0, "the kill did not land mid-run"
+    assert sums > 0, "the killed worker held no stratum's sums"
+    assert len(cluster.client.scheduler_info()["workers"]) == 1
+    assert summary.by == "cls" and summary.strata == undisturbed.strata
+    assert summary.status_counts == undisturbed.status_counts
+    assert read_store_attrs(str(store))["complete"] is True
+    for level in undisturbed.strata:
+        ds = open_results(str(store / "strata" / level))
+        reference = open_results(str(undisturbed.store / "strata" / level))
+        assert ds.attrs["complete"] is True
+        assert_stores_equal(ds, reference, rtol=0)
+        np.testing.assert_array_equal(ds["status"].values, reference["status"].values)
+    assert load_stats(tmp_path / "out" / "stats.zarr").keys() == set(undisturbed.strata)
 
 
 # -- write failures ---------------------------------------------------------------------
