@@ -74,8 +74,7 @@ def _block(seed, method, diagonal=True, singular=True):
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_observed_information_equals_numpy(method, diagonal):
     sh, z, yry, theta = _block(1, method, diagonal)
-    n_trace = sh.n - sh.p if method == "REML" else sh.n
-    got = observed_information_batch(sh.lam, sh.mu, method == "REML", z, yry, theta, n_trace)
+    got = observed_information_batch(sh, z, yry, theta)
     with np.errstate(all="ignore"):
         ref = _information_spectral(_spectral_ns(sh), theta, z, yry)
     _close(got, ref)
@@ -86,9 +85,7 @@ def test_observed_information_equals_numpy(method, diagonal):
 def test_score_equals_numpy(method, final):
     # (no 1 + rho lam near 0: the scoring's sums fuse multiply-adds, NumPy's do not)
     sh, z, yry, theta = _block(2, method, singular=False)
-    dl, F, s0p, logdet = score_batch(
-        sh.lam, sh.mu, method == "REML", z, theta, yry, sh.n - sh.r - sh.q, sh.n - sh.r, final
-    )
+    dl, F, s0p, logdet = score_batch(sh, z, theta, yry, final)
     with np.errstate(all="ignore"):
         ref = _score_spectral(_spectral_ns(sh), theta, z, yry, final=final)
     _close(dl, ref.dl)
@@ -125,18 +122,13 @@ def test_times_v_is_the_product():
 def _numpy_kernels(monkeypatch):
     """Replace the compiled terms by the NumPy functions they were written from."""
 
-    def info(lam, mu, reml, z, yry, theta, n_trace):
-        ns = SimpleNamespace(U=np.eye(lam.size), lam=lam, mu=mu, q=lam.size)
-        ns.method = "REML" if reml else "ML"
-        ns.n, ns.p = (n_trace + 3.0, 3) if reml else (n_trace, 3)
+    def info(sh, z, yry, theta):
         with np.errstate(all="ignore"):
-            return _information_spectral(ns, theta, z, yry)
+            return _information_spectral(_spectral_ns(sh), theta, z, yry)
 
-    def score(lam, mu, reml, z, s, yry, nrq, nr, final):
-        q = lam.size
-        ns = SimpleNamespace(lam=lam, mu=mu, method="REML" if reml else "ML", q=q)
-        ns.n, ns.r = nr, 0  # n - r and n - r - q are all that the score uses
-        sc = _score_spectral(ns, s, z, yry, final=final)
+    def score(sh, z, s, yry, final):
+        with np.errstate(all="ignore"):
+            sc = _score_spectral(_spectral_ns(sh), s, z, yry, final=final)
         return sc.dl, sc.F, sc.s0_profiled, sc.logdetM0
 
     def weights(rho, v, kind="plain"):

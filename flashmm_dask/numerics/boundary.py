@@ -105,18 +105,8 @@ def full_score(
     """
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if sh.K == 1:
-            dl, F, s0p, logdet = score_batch(
-                sh.lam,
-                sh.mu,
-                sh.method == "REML",
-                zry @ sh.U if z is None else z,
-                theta,
-                yry,
-                sh.n - sh.r - sh.q,
-                sh.n - sh.r,
-                final,
-            )
-            return _Score(dl, F, s0p, logdet)
+            zu = zry @ sh.U if z is None else z
+            return _Score(*score_batch(sh, zu, theta, yry, final))
         try:
             return _score_compiled(sh, theta, zry, yry, final=final)
         except Exception:  # pragma: no cover - the NumPy algebra is the reference

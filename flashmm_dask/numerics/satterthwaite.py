@@ -118,11 +118,7 @@ def observed_information(
     if spectral is None:
         spectral = sh.K == 1
     if spectral:
-        n_trace = sh.n - sh.p if sh.method == "REML" else sh.n
-        zu = zry @ sh.U if z is None else z
-        return observed_information_batch(
-            sh.lam, sh.mu, sh.method == "REML", zu, yry, theta, n_trace
-        )
+        return observed_information_batch(sh, zry @ sh.U if z is None else z, yry, theta)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         return _information_general(sh, theta, zry, yry)
 

@@ -18,14 +18,17 @@ products with the eigenvectors of ZZ where ZZ is diagonal (:func:`signed_permuta
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flashmm_dask.numerics.compiled import _compile
 from flashmm_dask.numerics.jit import jit
-from flashmm_dask.numerics.spectral import _spectral_score
+from flashmm_dask.numerics.spectral import _spectral_score, eigen_terms
 from flashmm_dask.numerics.structured import one_blas_thread
+
+if TYPE_CHECKING:
+    from flashmm_dask.numerics.fisher import SharedTerms
 
 #: The weights of :func:`shifted_reciprocal`: 1 / (1 + rho v), times rho, or squared.
 WEIGHTS = ("plain", "times_rho", "squared")
@@ -129,15 +132,7 @@ def _observed_information(
         c3 = 0.0  # sum z2 mv^3
         l3 = 0.0  # sum z2 lam mv^3
         for k in range(q):
-            x = 1.0 + rho * lam[k]
-            mv = 1.0 / x if x != 0.0 else 0.0
-            if reml:
-                g = lam[k]
-                mg = mv
-            else:
-                g = mu[k]
-                x0 = 1.0 + rho * mu[k]
-                mg = 1.0 / x0 if x0 != 0.0 else 0.0
+            mv, g, mg = eigen_terms(rho, lam[k], mu[k], reml)
             gm = g * mg
             t00 += gm * gm
             t01 += g * mg * mg
@@ -159,26 +154,20 @@ def _observed_information(
 
 
 def observed_information_batch(
-    lam: np.ndarray,
-    mu: np.ndarray,
-    reml: bool,
-    z: np.ndarray,
-    yry: np.ndarray,
-    theta: np.ndarray,
-    n_trace: float,
+    sh: SharedTerms, z: np.ndarray, yry: np.ndarray, theta: np.ndarray
 ) -> np.ndarray:
-    """K = 1 observed information of theta, (m, 2, 2), from the projections z (m, q) of
-    zry on the eigenvectors of zrz (eigenvalues lam; mu those of ZZ, used by ML); n_trace
-    is the number of rows of the trace terms' model (n - p for REML, n for ML). The sums
-    of ``satterthwaite._information_spectral`` in one pass per feature."""
+    """K = 1 observed information of theta (m, 2), (m, 2, 2), from the projections z (m, q)
+    of zry on the eigenvectors of zrz: the sums of ``satterthwaite._information_spectral``
+    in one pass per feature."""
+    reml = sh.method == "REML"
     return _observed_information(
-        np.ascontiguousarray(lam, dtype=np.float64),
-        np.ascontiguousarray(mu, dtype=np.float64),
-        bool(reml),
+        np.ascontiguousarray(sh.lam),
+        np.ascontiguousarray(sh.mu),
+        reml,
         np.ascontiguousarray(z, dtype=np.float64),
         np.ascontiguousarray(yry, dtype=np.float64),
         np.ascontiguousarray(theta, dtype=np.float64),
-        float(n_trace),
+        float(sh.n - sh.p if reml else sh.n),  # the rows of the trace terms' model
     )
 
 
@@ -217,27 +206,19 @@ def _score_batch(
 
 
 def score_batch(
-    lam: np.ndarray,
-    mu: np.ndarray,
-    reml: bool,
-    z: np.ndarray,
-    s: np.ndarray,
-    yry: np.ndarray,
-    nrq: float,
-    nr: float,
-    final: bool,
+    sh: SharedTerms, z: np.ndarray, s: np.ndarray, yry: np.ndarray, final: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """dl (m, 2), F (m, 2, 2), the profiled s0 (m,) and log |det M0| (m,; NaN unless
-    ``final``) of the K = 1 model at s (m, 2): ``fisher._score_spectral`` by the scoring
-    kernel's own sums (nrq = n - r - q, nr = n - r)."""
+    ``final``) of the K = 1 model at s (m, 2), from z = zry U (m, q):
+    ``fisher._score_spectral`` by the scoring kernel's own sums."""
     return _score_batch(
-        np.ascontiguousarray(lam, dtype=np.float64),
-        np.ascontiguousarray(mu, dtype=np.float64),
-        bool(reml),
+        np.ascontiguousarray(sh.lam),
+        np.ascontiguousarray(sh.mu),
+        sh.method == "REML",
         np.ascontiguousarray(z, dtype=np.float64),
         np.ascontiguousarray(s, dtype=np.float64),
         np.ascontiguousarray(yry, dtype=np.float64),
-        float(nrq),
-        float(nr),
+        float(sh.n - sh.r - sh.q),
+        float(sh.n - sh.r),
         bool(final),
     )
