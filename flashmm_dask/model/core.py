@@ -235,6 +235,8 @@ def fit_features(
     def fit_block(rows: Rows) -> None:
         xy, zy, ynorm = XY[rows], ZY[rows], Ynorm[rows]
         zry, yry = shared.residualise(xy, zy, ynorm)
+        # K = 1: zry on the eigenvectors of zrz, once for the scoring, the boundary and the df
+        z = zry @ shared.U if K == 1 else None
         th = fit_theta(
             shared,
             zry,
@@ -242,10 +244,11 @@ def fit_features(
             theta0=None if theta0 is None else theta0[rows],
             max_iter=max_iter,
             epsilon=epsilon,
+            z=z,
         )
         held = None
         if options.nonnegative:
-            th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon)
+            th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon, z=z)
         out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
         out["constant"][rows] = no_residual_variation(yry, ynorm)
         # with all features fitted, the K = 1 path leaves cov in the output itself
@@ -270,7 +273,7 @@ def fit_features(
             out["p"][rows] = t_pvalues(fx.t, df_residual)
         else:
             vcov_theta = theta_vcov(
-                shared, th.theta, zry, yry, held=held, boundary_df=options.boundary_df
+                shared, th.theta, zry, yry, held=held, boundary_df=options.boundary_df, z=z
             )
             # the coefficients and the contrasts in one pass (one G' diag G product)
             Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])

@@ -31,13 +31,14 @@ import numpy as np
 from flashmm_dask.numerics.fisher import (
     SharedTerms,
     ThetaFit,
+    _Score,
     _score_compiled,
     _score_general,
-    _score_spectral,
     fit_theta,
     prepare,
 )
 from flashmm_dask.numerics.linalg import Array, pinv_sym
+from flashmm_dask.numerics.spectral_terms import score_batch
 
 
 def reduced_terms(sh: SharedTerms, held: np.ndarray) -> tuple[SharedTerms, np.ndarray]:
@@ -88,11 +89,24 @@ def _refit(
     return theta, niter
 
 
-def full_score(sh: SharedTerms, theta: Array, zry: Array, yry: Array, *, final: bool = False):
-    """Score, information, profiled s0 and log|det M0| of the full model at theta."""
+def full_score(
+    sh: SharedTerms,
+    theta: Array,
+    zry: Array,
+    yry: Array,
+    *,
+    final: bool = False,
+    z: Array | None = None,
+):
+    """Score, information, profiled s0 and log|det M0| of the full model at theta.
+
+    K = 1: by the compiled sums of :func:`.spectral_terms.score_batch` on z = zry U (given,
+    or computed here); log|det M0| is NaN unless ``final``.
+    """
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if sh.K == 1:
-            return _score_spectral(sh, theta, zry @ sh.U, yry, final=final)
+            zu = zry @ sh.U if z is None else z
+            return _Score(*score_batch(sh, zu, theta, yry, final))
         try:
             return _score_compiled(sh, theta, zry, yry, final=final)
         except Exception:  # pragma: no cover - the NumPy algebra is the reference
@@ -107,6 +121,7 @@ def constrain(
     *,
     max_iter: int = 50,
     epsilon: float = 1e-5,
+    z: Array | None = None,
 ) -> tuple[ThetaFit, np.ndarray]:
     """The fit over variance components >= 0, from an unconstrained one.
 
@@ -116,6 +131,9 @@ def constrain(
     zry : (m, q)   yry : (m,)   the statistics the fit came from
     fit : ThetaFit, unconstrained (:func:`~flashmm_dask.numerics.fisher.fit_theta`)
     max_iter, epsilon : of the refits
+    z : (m, q) array, optional
+        K = 1: the projections zry @ sh.U where the caller has them (the full model's
+        score is computed from them).
 
     Returns
     -------
@@ -134,7 +152,8 @@ def constrain(
         rows = np.flatnonzero((fit.theta[:, :K] < 0).any(axis=1))
     if rows.size == 0:
         return fit, held
-    z, y = zry[rows], yry[rows]
+    zu = None if z is None or sh.K != 1 else z[rows]  # their projections on U
+    zr, y = zry[rows], yry[rows]
     hold = fit.theta[rows, :K] < 0  # (r, K)
     theta = np.zeros((rows.size, K + 1))
     extra = np.zeros(rows.size, dtype=np.int64)
@@ -142,7 +161,7 @@ def constrain(
     start: Array | None = None
     cache: dict[bytes, tuple[SharedTerms, np.ndarray]] = {}
     for rounds in range(3 * K + 3):
-        th, nit = _refit(sh, z[todo], y[todo], hold[todo], start, max_iter, epsilon, cache)
+        th, nit = _refit(sh, zr[todo], y[todo], hold[todo], start, max_iter, epsilon, cache)
         theta[todo], extra[todo] = th, extra[todo] + nit
         with np.errstate(invalid="ignore"):
             negative = (th[:, :K] < 0) & ~hold[todo]
@@ -151,7 +170,9 @@ def constrain(
         F_diag = np.ones((todo.size, K))
         at_bound = np.flatnonzero(~negative.any(axis=1) & hold[todo].any(axis=1))
         if at_bound.size and rounds <= K:
-            sc = full_score(sh, th[at_bound], z[todo[at_bound]], y[todo[at_bound]])
+            pick = todo[at_bound]
+            zp = None if zu is None else zu[pick]
+            sc = full_score(sh, th[at_bound], zr[pick], y[pick], z=zp)
             dl[at_bound] = sc.dl[:, :K]
             F_diag[at_bound] = np.diagonal(sc.F, axis1=1, axis2=2)[:, :K]
         freed = hold[todo] & (dl > epsilon)
@@ -165,7 +186,7 @@ def constrain(
             step = dl / F_diag
         next_start[:, :K] = np.where(freed, step, next_start[:, :K])
         todo, start = todo[changed], next_start[changed]
-    final = full_score(sh, theta, z, y, final=True)
+    final = full_score(sh, theta, zr, y, final=True, z=zu)
     held[rows, :K] = hold
     F = final.F
     # se of the free components from their own information; NaN for the held ones

@@ -52,6 +52,8 @@ from flashmm_dask.numerics.linalg import (
     trace,
 )
 from flashmm_dask.numerics.spectral import fit_spectral_batch
+from flashmm_dask.numerics.spectral_terms import eigh_one_thread as _eigh
+from flashmm_dask.numerics.spectral_terms import signed_permutation, times_basis
 from flashmm_dask.numerics.structured import Structure, detect
 from flashmm_dask.numerics.structured import worth_it as structure_worth_it
 from flashmm_dask.numerics.structured_nested import NestedTerms
@@ -104,17 +106,38 @@ class SharedTerms:
 
     @functools.cached_property
     def _eig_zrz(self) -> tuple[Array, Array]:
-        return np.linalg.eigh(self.zrz)
+        return _eigh(self.zrz)
 
     @functools.cached_property
     def _eig_zz(self) -> tuple[Array, Array]:
-        return np.linalg.eigh(0.5 * (self.ZZ + self.ZZ.T))
+        return _eigh(0.5 * (self.ZZ + self.ZZ.T))
 
     # the spectra the scoring works on: lam, U of zrz (REML), mu, V of ZZ (ML)
     lam = property(lambda self: self._eig_zrz[0])
     U = property(lambda self: self._eig_zrz[1])
     mu = property(lambda self: self._eig_zz[0])
     V = property(lambda self: self._eig_zz[1])
+
+    @functools.cached_property
+    def _V_signed_permutation(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return signed_permutation(self.V)
+
+    def times_V(self, x: Array) -> Array:
+        """x @ V for x (m, q); a column gather where V is a signed permutation (ZZ
+        diagonal), the same values (:func:`.spectral_terms.times_basis`)."""
+        return times_basis(x, self.V, self._V_signed_permutation)
+
+    @functools.cached_property
+    def VZX(self) -> Array:
+        """(q, p) V' ZX, ZX in the eigenvectors of ZZ (the K = 1 fixed effects)."""
+        return self.V.T @ self.ZX
+
+    @functools.cached_property
+    def VZX_outer(self) -> Array:
+        """(q, p^2) the outer products of the rows of :attr:`VZX`, one row per eigenvalue:
+        sum_k w_k G_k G_k' of weights w (m, q) is one (m, q) x (q, p^2) product."""
+        G = self.VZX
+        return (G[:, :, None] * G[:, None, :]).reshape(self.q, -1)
 
     @functools.cached_property
     def k2(self) -> compiled_k.K2Terms:
@@ -435,6 +458,7 @@ def fit_theta(
     spectral: bool | None = None,
     compiled_kernels: bool = True,
     structure: bool = True,
+    z: Array | None = None,
 ) -> ThetaFit:
     """Fisher scoring for a block of features.
 
@@ -454,6 +478,9 @@ def fit_theta(
     structure : bool
         With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
         (:mod:`.structured`); False takes the dense path.
+    z : (m, q) array, optional
+        The spectral path's projections ``zry @ sh.U``, where the caller has them already
+        (they are computed here otherwise).
 
     Returns
     -------
@@ -488,7 +515,8 @@ def fit_theta(
             return _score_general(sh, s, zry[rows], yry[rows], final=final)
 
         return _scoring(score, s, max_iter, epsilon)
-    z = zry @ sh.U
+    if z is None:
+        z = zry @ sh.U
     if not compiled_kernels:
         return _scoring(_spectral_scorer(sh, z, yry), s, max_iter, epsilon)
     theta, se, dl, F, niter, logdet, ok = fit_spectral_batch(

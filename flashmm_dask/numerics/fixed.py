@@ -26,7 +26,8 @@ import numpy as np
 
 from flashmm_dask.numerics.compiled import solve_batch
 from flashmm_dask.numerics.fisher import GINV_LIMIT, SharedTerms
-from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym, reciprocal
+from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym
+from flashmm_dask.numerics.spectral_terms import shifted_reciprocal
 from flashmm_dask.numerics.structured import md_solve, one_blas_thread
 
 
@@ -118,16 +119,14 @@ def fixed_effects(
     s0 = theta[:, -1]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if spectral:
-            rho = theta[:, 0] / s0
-            w = rho[:, None] * reciprocal(1.0 + rho[:, None] * sh.mu)  # eigenvalues of MD
-            G = sh.V.T @ sh.ZX  # (q, p)
-            GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
+            w = shifted_reciprocal(theta[:, 0] / s0, sh.mu, "times_rho")  # eigenvalues of MD
+            G, GG = sh.VZX, sh.VZX_outer  # (q, p), (q, p^2)
             C = cov_out
             if C is None or not C.flags.c_contiguous:
                 C = np.empty((w.shape[0], sh.p, sh.p))
             np.matmul(w, GG, out=C.reshape(-1, sh.p * sh.p))  # a view (C-contiguous)
             np.subtract(sh.XX, C, out=C)  # in place: one (m, p, p) array, see _solve
-            h = ZY @ sh.V  # (m, q): V' ZY_j
+            h = sh.times_V(ZY)  # (m, q): V' ZY_j
             rhs = XY - (w * h) @ G
         elif structure and sh.structure is not None:
             return _fixed_structured(sh, XY, ZY, theta, logdetM0, fim=fim, re=re)
@@ -142,7 +141,7 @@ def fixed_effects(
         if re:
             resid = ZY - coef @ sh.ZX.T  # (m, q): ZY_j - ZX b
             if spectral:
-                RE = (w * (resid @ sh.V)) @ sh.V.T
+                RE = (w * sh.times_V(resid)) @ sh.V.T
             else:
                 RE = (MD @ resid[:, :, None])[:, :, 0]
     logLik = _loglik(sh, s0, logdetM0)

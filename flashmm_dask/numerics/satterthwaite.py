@@ -79,6 +79,7 @@ import numpy as np
 
 from flashmm_dask.numerics.fisher import SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciprocal
+from flashmm_dask.numerics.spectral_terms import observed_information_batch, shifted_reciprocal
 
 #: The df methods of the t-tests: the R package's n - p, or Satterthwaite's.
 DF_METHODS = ("residual", "satterthwaite")
@@ -94,6 +95,7 @@ def observed_information(
     yry: Array,
     *,
     spectral: bool | None = None,
+    z: Array | None = None,
 ) -> Array:
     """Minus the Hessian of the REML (or ML) log-likelihood in theta, per feature.
 
@@ -104,7 +106,10 @@ def observed_information(
     zry : (m, q) array
     yry : (m,) array
     spectral : bool, optional
-        Use the K = 1 eigenvalue path; default whenever K == 1.
+        Use the K = 1 eigenvalue path (compiled, :func:`.spectral_terms.
+        observed_information_batch`); default whenever K == 1.
+    z : (m, q) array, optional
+        The K = 1 path's projections zry @ sh.U, where the caller has them.
 
     Returns
     -------
@@ -112,9 +117,9 @@ def observed_information(
     """
     if spectral is None:
         spectral = sh.K == 1
+    if spectral:
+        return observed_information_batch(sh, zry @ sh.U if z is None else z, yry, theta)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        if spectral:
-            return _information_spectral(sh, theta, zry, yry)
         return _information_general(sh, theta, zry, yry)
 
 
@@ -168,7 +173,8 @@ def _information_general(sh: SharedTerms, theta: Array, zry: Array, yry: Array) 
 
 
 def _information_spectral(sh: SharedTerms, theta: Array, zry: Array, yry: Array) -> Array:
-    """K = 1: sums over the eigenvalues lam of zrz (and mu of ZZ for ML)."""
+    """K = 1: sums over the eigenvalues lam of zrz (and mu of ZZ for ML); the NumPy
+    reference of the compiled :func:`.spectral_terms.observed_information_batch`."""
     s0 = theta[:, 1]
     rho = (theta[:, 0] / s0)[:, None]
     z2 = (zry @ sh.U) ** 2  # squared projections of zry on the eigenvectors of zrz
@@ -199,11 +205,8 @@ def _spectral_middle(sh: SharedTerms, theta: Array) -> Array:
     """G' diag(mf^2) G per feature, (m, p, p), for K = 1: G = V'ZX and mf the eigenvalues
     of (D ZZ + I)^-1, so that X'H Z Z'H X = this / s0^2 (the one (m, q) x (q, p^2)
     product of :func:`cov_jacobian` and :func:`contrast_gradient`)."""
-    rho = (theta[:, 0] / theta[:, -1])[:, None]
-    mf = reciprocal(1.0 + rho * sh.mu)
-    G = sh.V.T @ sh.ZX  # (q, p)
-    GG = (G[:, :, None] * G[:, None, :]).reshape(sh.q, -1)
-    return (mf**2 @ GG).reshape(theta.shape[0], sh.p, sh.p)
+    mf2 = shifted_reciprocal(theta[:, 0] / theta[:, -1], sh.mu, "squared")
+    return (mf2 @ sh.VZX_outer).reshape(theta.shape[0], sh.p, sh.p)
 
 
 def cov_jacobian(
@@ -361,6 +364,7 @@ def theta_vcov(
     spectral: bool | None = None,
     held: np.ndarray | None = None,
     boundary_df: str = "lmertest",
+    z: Array | None = None,
 ) -> Array:
     """The inverse observed information of theta, vcov_theta: (m, K+1, K+1), the
     per-feature ingredient of Satterthwaite's df with :func:`cov_jacobian`.
@@ -371,11 +375,12 @@ def theta_vcov(
     that of the free components and vcov_theta is zero in the held rows and columns; with
     "retain" it stays in (the information of every component at theta, the limit of the
     interior df; the expected information where the observed is not positive definite).
-    A pseudo-inverse is taken where the information is singular.
+    A pseudo-inverse is taken where the information is singular. ``z``: the K = 1 path's
+    projections zry @ sh.U, where the caller has them.
     """
     if boundary_df not in BOUNDARY_DF:
         raise ValueError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
-    info = observed_information(sh, theta, zry, yry, spectral=spectral)
+    info = observed_information(sh, theta, zry, yry, spectral=spectral, z=z)
     if held is None or not held.any():
         return pinv_sym(info)
     if boundary_df == "retain":

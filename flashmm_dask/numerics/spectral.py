@@ -9,6 +9,7 @@ whether it succeeded (``ok``), and the caller refits the others with the pseudo-
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +19,19 @@ from flashmm_dask.numerics.compiled import _compile
 
 if TYPE_CHECKING:
     from flashmm_dask.numerics.fisher import SharedTerms
+
+
+@functools.partial(_compile, inline=True)
+def eigen_terms(rho: float, lam_k: float, mu_k: float, reml: bool) -> tuple[float, float, float]:
+    """(mv, a, m0) at one eigenvalue: mv = 1 / (1 + rho lam_k), the eigenvalue of M (0
+    where 1 + rho lam_k is: the pseudo-inverse), and those of A and M0: (lam_k, mv) for
+    REML, (mu_k, 1 / (1 + rho mu_k)) for ML. Inlined into the kernels that sum them."""
+    x = 1.0 + rho * lam_k
+    mv = 1.0 / x if x != 0.0 else 0.0
+    if reml:
+        return mv, lam_k, mv
+    x0 = 1.0 + rho * mu_k
+    return mv, mu_k, 1.0 / x0 if x0 != 0.0 else 0.0
 
 
 @_compile
@@ -46,15 +60,7 @@ def _spectral_score(
     zm = 0.0
     logdet = 0.0
     for k in range(q):
-        x = 1.0 + rho * lam[k]
-        mv = 1.0 / x if x != 0.0 else 0.0
-        if reml:
-            av = lam[k]
-            m0 = mv
-        else:
-            av = mu[k]
-            x0 = 1.0 + rho * mu[k]
-            m0 = 1.0 / x0 if x0 != 0.0 else 0.0
+        mv, av, m0 = eigen_terms(rho, lam[k], mu[k], reml)
         wv = av * m0
         sw += wv
         sww += wv * wv
