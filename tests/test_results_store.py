@@ -374,6 +374,40 @@ def test_tables_equal_the_dataset_row_by_row(tmp_path: Path, fit: LmmFit, arrays
                 np.testing.assert_array_equal(row["niter"], ds["niter"].values[j])
 
 
+def test_large_tables_are_formatted_in_slices_to_the_same_bytes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A table of many slices (threads format them, the file takes them in order) has the
+    bytes of one call of Arrow's writer: header once, quoting, nulls, slice boundaries."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    from flashmm_dask.io import tables
+
+    rng = np.random.default_rng(3)
+    n = 1_003
+    values = rng.normal(size=n) * 10.0 ** rng.integers(-9, 9, n)
+    values[::17] = np.nan
+    table = pa.table(
+        {
+            "stratum": pa.array([f"type {i // 100}" for i in range(n)]),
+            "feature": pa.array([f'g,"{i}"' if i % 7 == 0 else f"g{i}" for i in range(n)]),
+            "coef": pa.array(values, mask=np.isnan(values)),
+            "niter": pa.array(np.arange(n) % 5, mask=np.arange(n) % 11 == 0),
+        }
+    )
+    whole = tmp_path / "whole.csv"
+    pa_csv.write_csv(table, whole, write_options=pa_csv.WriteOptions(quoting_style="needed"))
+    monkeypatch.setattr(tables, "CSV_SLICE_ROWS", 50)  # 21 slices, the last of 3 rows
+    sliced = tmp_path / "sliced.csv"
+    tables.write_arrow_csv(table, sliced)
+    assert sliced.read_bytes() == whole.read_bytes()
+    assert sliced.read_text().count('"stratum","feature"') == 1
+    one = tmp_path / "one.csv"
+    tables.write_arrow_csv(table, one, threads=1)
+    assert one.read_bytes() == whole.read_bytes()
+
+
 def test_write_tables_one_format_and_bad_format(tmp_path: Path, fit: LmmFit, arrays) -> None:
     path = tmp_path / "res.zarr"
     layout = _layout(fit, contrasts=())
