@@ -6,6 +6,7 @@ of a chain."""
 
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 from dask.sizeof import sizeof
 from test_reduce import counting_expr, reads
@@ -44,13 +45,13 @@ def passes(monkeypatch, data):
     return sizes
 
 
-def assert_each_stratum_alone(stats, data, counts, transform):
+def assert_each_stratum_alone(stats, data, counts, transform, fixed=FIXED, random=RANDOM):
     for level in stats:
         mask = (data.obs["cls"] == level).to_numpy()
         sub = select_obs(data.obs, mask)
         alone = reduce_stats(
             read_expression(counts[mask], obs=sub, chunk_cells=97),
-            build_design(sub, FIXED, RANDOM),
+            build_design(sub, fixed, random),
             transform=transform,
         )
         assert stats[level].n == alone.n == mask.sum()
@@ -73,6 +74,29 @@ def test_a_pass_over_several_chunks_equals_each_stratum_alone(data, passes, chai
     # every chunk in exactly one pass, most passes over several
     assert sum(passes) == expr.data.npartitions and max(passes) >= 3
     assert_each_stratum_alone(stats, data, counts, "none")
+
+
+def test_wide_designs_and_several_random_components(data, passes):
+    """Columns of X past those added in the pass over the values (p = 7 > 5), and two
+    random components (two entries of Z a cell), each added in a pass of its own."""
+    obs = data.obs.copy()
+    rng = np.random.default_rng(11)
+    obs["age"] = rng.normal(50, 10, len(obs))
+    obs["batch"] = pd.Categorical(rng.choice(["b1", "b2", "b3"], len(obs)))
+    obs["sex"] = pd.Categorical(rng.choice(["F", "M"], len(obs)))
+    obs["plate"] = pd.Categorical(rng.choice([f"p{k}" for k in range(5)], len(obs)))
+    fixed = "~ log(libsize) + trt + age + sex + batch"
+    random = ["~ 0 + sam", "~ 0 + plate"]
+    counts = data.X.toarray().astype(float)
+    expr = counting_expr(obs, counts, (CHUNK, -1), "fold-wide")
+    strata = plan_strata(obs, fixed, random, by="cls")
+    assert all(d.p == 7 and len(d.components) == 2 for d in strata.designs)
+    with dask.config.set(scheduler="sync"):
+        stats = strata_graph(expr, strata, transform="log2p1", chains=2).compute()
+    assert sum(passes) == expr.data.npartitions and max(passes) >= 3
+    wide = data.copy()
+    wide.obs = obs
+    assert_each_stratum_alone(stats, wide, counts, "log2p1", fixed, random)
 
 
 def test_chunks_off_the_table_are_reduced_beside_the_pass(data, passes):
