@@ -47,7 +47,8 @@ __all__ = ["fits_table", "strata_products"]
 logger = logging.getLogger(__name__)
 
 # the columns of X whose sums are interleaved with Ynorm and the count in T, whose rows
-# (Ynorm, count, those columns, one unused) fill a 64-byte cache line
+# (Ynorm, count, those columns, one unused) fill a 64-byte cache line (the compiled loop
+# adds five: x0 .. x4)
 _INLINE = 5
 _T_WIDTH = _INLINE + 3
 
@@ -96,13 +97,16 @@ def strata_products(
         return kernel is not None
     from numba.typed import List
 
-    inline, rest, which, cells, strata, last = [], [], [], [], [], []
+    n_rows = sum(len(rows) for _, _, rows, _, _ in parts)
+    # the first columns of X go to T (zeros where a stratum has fewer), Z and the other
+    # columns of X to rows of out
+    head = np.zeros((n_rows, _INLINE))
+    rest, which, cells, strata, last = [], [], [], [], []
+    first = 0
     for s, block, rows, X, Z in parts:
         p = X.shape[1]
-        # the first columns of X go to T, Z and the other columns of X to rows of out
-        head = sp.csr_matrix(X[:, :_INLINE], dtype=np.float64)
-        head.eliminate_zeros()
-        inline.append((head.indptr, head.indices + 2, head.data))
+        head[first : first + len(rows), : min(p, _INLINE)] = X[:, :_INLINE]
+        first += len(rows)
         Zs = sp.csr_matrix(Z, dtype=np.float64)
         Zs.eliminate_zeros()
         Zs.sort_indices()
@@ -120,7 +124,6 @@ def strata_products(
         which.append(block)
         cells.append(rows)
         strata.append(np.full(len(rows), s, dtype=np.int64))
-    x_indptr, x_cols, x_values = _stacked(inline)
     r_indptr, r_rows, r_values = _stacked(rest)
     # the sort is stable: a subject's cells are visited block by block
     order = np.argsort(np.concatenate(last), kind="stable")
@@ -138,7 +141,7 @@ def strata_products(
         np.concatenate(which).astype(np.int64, copy=False),
         np.concatenate(cells).astype(np.int64, copy=False),
         np.concatenate(strata),
-        (x_indptr, x_cols, x_values),
+        head,
         (r_indptr, r_rows, r_values),
         order,
         T,
@@ -175,7 +178,7 @@ def _strata_scatter(
     blocks: np.ndarray,
     cells: np.ndarray,
     strata: np.ndarray,
-    x: tuple[np.ndarray, np.ndarray, np.ndarray],
+    head: np.ndarray,
     rest: tuple[np.ndarray, np.ndarray, np.ndarray],
     order: np.ndarray,
     T: np.ndarray,
@@ -186,14 +189,14 @@ def _strata_scatter(
     ``E`` is (indptr, indices, codes, table): row i of the design is row ``cells[i]`` of
     block ``blocks[i]`` (its CSR arrays ``indptr[b]``, ``indices[b]``, ``codes[b]``;
     value ``table[code]``), in stratum ``strata[i]``; rows are visited in ``order``.
-    ``x`` (CSR, at most _INLINE entries a row) holds each row's first columns of X as
-    columns of ``T[s]`` (S x m x _T_WIDTH: Ynorm, the count, X'E of those columns); ``rest``
-    (CSR) its other entries as rows of ``out``. The first entry of ``rest`` (the
-    subject) and those of ``x`` are added in the one pass over the row's values; further
-    entries of ``rest`` in one more pass each.
+    ``head[i]`` (n x _INLINE) holds the row's first columns of X, whose sums are
+    columns 2.. of ``T[s]`` (S x m x _T_WIDTH: Ynorm, the count, X'E of those columns);
+    ``rest`` (CSR) the row's other entries as rows of ``out``. The first entry of
+    ``rest`` (the subject) and ``head`` are added in the one pass over the row's values
+    (a zero of ``head`` adds 0: the line of T is there anyway); further entries of
+    ``rest`` in one more pass each.
     """
     E_indptr, E_indices, E_codes, table = E
-    x_indptr, x_cols, x_values = x
     r_indptr, r_rows, r_values = rest
     longest = 0
     for b in range(len(E_indptr)):
@@ -201,7 +204,6 @@ def _strata_scatter(
         for c in range(indptr.shape[0] - 1):
             longest = max(longest, indptr[c + 1] - indptr[c])
     row = np.empty(longest)
-    spare = T.shape[2] - 1
     for i in order:
         indptr = E_indptr[blocks[i]]
         indices = E_indices[blocks[i]]
@@ -209,19 +211,11 @@ def _strata_scatter(
         lo = indptr[cells[i]]
         hi = indptr[cells[i] + 1]
         Ts = T[strata[i]]
-        # up to five columns of X, the unused column with weight 0 where fewer
-        s0 = x_indptr[i]
-        nx = x_indptr[i + 1] - s0
-        k0 = x_cols[s0] if nx > 0 else spare
-        a0 = x_values[s0] if nx > 0 else 0.0
-        k1 = x_cols[s0 + 1] if nx > 1 else spare
-        a1 = x_values[s0 + 1] if nx > 1 else 0.0
-        k2 = x_cols[s0 + 2] if nx > 2 else spare
-        a2 = x_values[s0 + 2] if nx > 2 else 0.0
-        k3 = x_cols[s0 + 3] if nx > 3 else spare
-        a3 = x_values[s0 + 3] if nx > 3 else 0.0
-        k4 = x_cols[s0 + 4] if nx > 4 else spare
-        a4 = x_values[s0 + 4] if nx > 4 else 0.0
+        x0 = head[i, 0]
+        x1 = head[i, 1]
+        x2 = head[i, 2]
+        x3 = head[i, 3]
+        x4 = head[i, 4]
         q0 = r_indptr[i]
         nr = r_indptr[i + 1] - q0
         r0 = r_rows[q0] if nr > 0 else 0
@@ -233,17 +227,12 @@ def _strata_scatter(
             Ts[j, 0] += v * v
             if code != 0:
                 Ts[j, 1] += 1.0
-            # branches that go the same way for every value of the row
-            Ts[j, k0] += a0 * v
-            if nx > 1:
-                Ts[j, k1] += a1 * v
-                if nx > 2:
-                    Ts[j, k2] += a2 * v
-                    if nx > 3:
-                        Ts[j, k3] += a3 * v
-                        if nx > 4:
-                            Ts[j, k4] += a4 * v
-            if nr > 0:
+            Ts[j, 2] += x0 * v
+            Ts[j, 3] += x1 * v
+            Ts[j, 4] += x2 * v
+            Ts[j, 5] += x3 * v
+            Ts[j, 6] += x4 * v
+            if nr > 0:  # the same way for every value of the row
                 out[r0, j] += b0 * v
             row[t - lo] = v
         for k in range(q0 + 1, q0 + nr):
