@@ -12,8 +12,14 @@ per-feature ones (XY, ZY, Ynorm, nnz) of all strata come from one compiled pass 
 block (:mod:`flashmm_dask.stats.strata_products`) that adds them straight into the running
 sums; blocks that pass cannot take (dense blocks, transforms other than ``none`` and
 ``log2p1``, values that are not counts, no numba) are reduced stratum by stratum with the
-products of the unstratified reduction. Nothing but the chunk is ever held, and
-unselected cells cost nothing beyond their read.
+products of the unstratified reduction. Unselected cells cost nothing beyond their read.
+
+When the running sums are larger than a cache (many strata x subjects x features), a chunk
+has about one cell per (stratum, subject), and a pass over one chunk would fetch a line of
+the sums from memory for nearly every value. Its chunk then waits in the chain's sums
+(read, not yet added) until the waiting chunks hold ``_FOLD_BYTES`` of stored values or
+the chain ends, and one pass adds them all, each stratum's design evaluated once on its
+cells of all of them (:func:`_accumulate`).
 
 The statistics of S strata are S times those of one model (S x (p_s + q_s + 1) x m
 float64; 29 cell states x 260 x 11,596 features is 0.7 GB), so partials are not returned
@@ -23,9 +29,9 @@ sums of its chain, which it receives from the previous task of the chain (their 
 consumer) and passes on. The chains' sums are then added in a tree of fan-in
 ``split_every`` (or, in a run, stratum by stratum where they lie, in the same order:
 :func:`strata_chains` and :mod:`flashmm_dask.run.strata_cluster`). Every block is still
-read exactly once, whatever the number of strata; memory is ``chains`` running sums plus
-one chunk per task: set by the model, the number of features and ``chains``, not by the
-number of cells.
+read exactly once, whatever the number of strata; memory is ``chains`` running sums, each
+with at most ``_FOLD_BYTES`` of waiting chunks, plus one chunk per task: set by the model,
+the number of features and ``chains``, not by the number of cells.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from dask import delayed
 from dask.delayed import Delayed
@@ -67,12 +74,18 @@ from flashmm_dask.stats.reduce import (
     stats_graph,
 )
 from flashmm_dask.stats.strata import StratifiedStats
-from flashmm_dask.stats.strata_products import strata_products
+from flashmm_dask.stats.strata_products import fits_table, strata_products
 from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["reduce_strata", "strata_graph"]
 
 logger = logging.getLogger(__name__)
+
+# chunks wait to be added in one pass over several (see _accumulate) when the running
+# sums are larger than this (a processor's last-level cache), until the waiting chunks'
+# stored values and indices reach _FOLD_BYTES
+_FOLD_ABOVE = 32 << 20
+_FOLD_BYTES = 256 << 20
 
 
 def chained(
@@ -87,11 +100,12 @@ def chained(
     """The last task of each of ``n_chains`` chains that fold the cell chunks of ``data``
     (one feature chunk) into running sums.
 
-    Chunk i is folded by ``fold(sums, block_i, obs_i, start, *args(start, stop))`` into
-    the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk), which
-    the task returns; ``obs`` is sent once to a distributed client when large. The block
-    is read inside the task when its read is a small task of its own (see
-    :func:`_inline_reads`). The tasks' keys start with _BLOCK_PREFIX (progress counts them).
+    Chunk i is folded by ``fold(sums, block_i, obs_i, start, last, *args(start, stop))``
+    into the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk,
+    ``last`` True for its last), which the task returns; ``obs`` is sent once to a
+    distributed client when large. The block is read inside the task when its read is a
+    small task of its own (see :func:`_inline_reads`). The tasks' keys start with
+    _BLOCK_PREFIX (progress counts them).
     """
     blocks = list(data.to_delayed()[:, 0])
     reads = _inline_reads(blocks)
@@ -105,6 +119,7 @@ def chained(
             block if reads is None else reads[i],
             _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}"),
             start,
+            i + len(ends) >= len(blocks),
             *args(start, stop),
             dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
         )
@@ -142,13 +157,24 @@ class _StratumDesign:
         return self.XZ(obs)[1]
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """A cell chunk read and waiting in a chain's sums for the pass over several."""
+
+    E: sp.csr_matrix
+    obs: Any
+    codes: np.ndarray
+    start: int
+
+
 class _Sums:
     """The running sums of every stratum's statistics in one chain of chunks.
 
     ``out`` (R x m) holds stratum s's X'E then Z'E in rows ``bases[s] .. bases[s + 1]``,
     ``Yn`` and ``nnz`` (S x m) its colsums(E^2) and non-zero counts
     (:mod:`flashmm_dask.stats.strata_products`), ``small[s]`` its [XX, ZX, ZZ, n] (None
-    while no chunk had its cells).
+    while no chunk had its cells). ``pending``: chunks read but not yet added (see
+    :func:`_accumulate`; none once the chain's last chunk is added).
     """
 
     def __init__(self, strata: Strata, m: int) -> None:
@@ -158,6 +184,16 @@ class _Sums:
         self.Yn = np.zeros((strata.n_strata, m))
         self.nnz = np.zeros((strata.n_strata, m), dtype=np.int64)
         self.small: list[list[Any] | None] = [None] * strata.n_strata
+        self.pending: list[_Chunk] = []
+
+    def __sizeof__(self) -> int:
+        # what dask.sizeof reports to the scheduler (which then keeps a chain where its
+        # sums are) and to a worker's memory accounting
+        return int(self.out.nbytes + self.Yn.nbytes + self.nnz.nbytes + self.pending_bytes())
+
+    def pending_bytes(self) -> int:
+        """The stored values and indices of the pending chunks."""
+        return sum(c.E.data.nbytes + c.E.indices.nbytes for c in self.pending)
 
     def add_small(self, s: int, item: tuple[Any, ...]) -> None:
         self.small[s] = self.added(self.small[s], item)
@@ -179,6 +215,7 @@ class _Sums:
         self.nnz[s] += nnz
 
     def __iadd__(self, other: _Sums) -> _Sums:
+        assert not self.pending and not other.pending, "a chain's last task adds its chunks"
         self.out += other.out
         self.Yn += other.Yn
         self.nnz += other.nnz
@@ -205,20 +242,35 @@ class _Sums:
         }
 
 
+@dataclass(frozen=True)
+class _Fold:
+    """What every task of the chains reads its chunk with (one graph key)."""
+
+    strata: Strata
+    features: tuple[str, ...]
+    transform: str
+    target_sum: float
+    check: bool
+
+
 def _accumulate(
     total: _Sums | None,
     block: Any,
     obs: Any,
     start: int,
-    strata: Strata,
+    last: bool,
     codes: np.ndarray,
-    features: tuple[str, ...],
-    transform: str,
-    target_sum: float,
-    check: bool,
+    fold: _Fold,
 ) -> _Sums:
     """The chain's running sums with the cells of one more chunk added, each stratum's
-    to its own rows; ``total`` is updated in place (its only consumer)."""
+    to its own rows; ``total`` is updated in place (its only consumer).
+
+    A chunk that the compiled pass can take waits in ``total.pending`` while the running
+    sums are larger than a cache (``_FOLD_ABOVE``), until the pending chunks hold
+    ``_FOLD_BYTES`` of stored values or the chain ends: one pass then adds them all (see
+    :mod:`flashmm_dask.stats.strata_products`). Memory stays set by those bounds, not by
+    the number of cells.
+    """
     if isinstance(block, _InlineRead):
         block = block.read()
     E = _as_block(block, sparsify=True)
@@ -228,7 +280,25 @@ def _accumulate(
             f"chunk has {len(codes)}; expression and obs must have the same cells"
         )
     if total is None:
-        total = _Sums(strata, E.shape[1])
+        total = _Sums(fold.strata, E.shape[1])
+    table = lookup_table(fold.transform)
+    if isinstance(E, sp.csr_matrix) and table is not None and fits_table(E, table):
+        total.pending.append(_Chunk(E, obs, codes, start))
+        if last or total.out.nbytes <= _FOLD_ABOVE or total.pending_bytes() >= _FOLD_BYTES:
+            _add_pending(total, fold, table)
+        return total
+    # dense blocks, other transforms, values off the table, no numba: stratum by stratum
+    _add_each(total, E, _strata_parts(total, fold.strata, obs, codes, start), start, fold)
+    if last:
+        _add_pending(total, fold, table)
+    return total
+
+
+def _strata_parts(
+    total: _Sums, strata: Strata, obs: Any, codes: np.ndarray, start: int
+) -> list[tuple[int, np.ndarray, np.ndarray, Any]]:
+    """(s, rows, X_s, Z_s) of each stratum with cells among ``codes`` (their positions,
+    ascending, and design rows); each stratum's XX, ZX, ZZ and n are added to ``total``."""
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(-1, strata.n_strata + 1))
     parts = []
@@ -240,22 +310,56 @@ def _accumulate(
         XZ = _design_chunk(_StratumDesign(strata, s), obs.iloc[rows], start)
         total.add_small(s, _shared_partial(XZ))
         parts.append((s, rows, *XZ))
-    table = lookup_table(transform)
-    if (
-        isinstance(E, sp.csr_matrix)
-        and table is not None
-        and all(sp.issparse(Z) for *_, Z in parts)
-        and strata_products(E, table, parts, total.bases, total.out, total.Yn, total.nnz)
-    ):
-        return total
-    # per stratum: dense blocks, other transforms, values off the table, no numba
+    return parts
+
+
+def _add_each(
+    total: _Sums,
+    E: Any,
+    parts: list[tuple[int, np.ndarray, np.ndarray, Any]],
+    start: int,
+    fold: _Fold,
+) -> None:
+    """Add each stratum's products of its rows of E (``parts``: its rows of E and
+    design rows) with the products of the unstratified reduction."""
     for s, rows, X, Z in parts:
-        E_s = E if len(rows) == len(codes) else E[rows]
+        E_s = E if len(rows) == E.shape[0] else E[rows]
         XY, ZY, Ynorm = _block_partial(
-            E_s, (X, Z), features, start, 0, transform, target_sum, check
+            E_s, (X, Z), fold.features, start, 0, fold.transform, fold.target_sum, fold.check
         )
         total.add_stratum(s, XY, ZY, Ynorm, _nonzero_counts(E_s))
-    return total
+
+
+def _add_pending(total: _Sums, fold: _Fold, table: np.ndarray | None) -> None:
+    """Add the pending chunks: each stratum's design evaluated once on its cells of all
+    of them, then one compiled pass over their values (or, where it cannot be taken,
+    chunk by chunk and stratum by stratum)."""
+    chunks, total.pending = total.pending, []
+    if not chunks:
+        return
+    codes = np.concatenate([c.codes for c in chunks])
+    obs = chunks[0].obs if len(chunks) == 1 else pd.concat([c.obs for c in chunks])
+    block = np.repeat(np.arange(len(chunks)), [len(c.codes) for c in chunks])
+    row = np.concatenate([np.arange(len(c.codes)) for c in chunks])
+    parts = _strata_parts(total, fold.strata, obs, codes, chunks[0].start)
+    assert table is not None, "pending chunks passed fits_table"
+    if all(sp.issparse(Z) for *_, Z in parts) and strata_products(
+        [c.E for c in chunks],
+        table,
+        [(s, block[rows], row[rows], X, Z) for s, rows, X, Z in parts],
+        total.bases,
+        total.out,
+        total.Yn,
+        total.nnz,
+    ):
+        return
+    for b, chunk in enumerate(chunks):
+        mine = []
+        for s, rows, X, Z in parts:
+            here = block[rows] == b
+            if here.any():
+                mine.append((s, row[rows[here]], X[here], Z[here]))
+        _add_each(total, chunk.E, mine, chunk.start, fold)
 
 
 def _sum_strata(*parts: _Sums) -> _Sums:
@@ -320,7 +424,8 @@ def strata_chains(expr: _Expression, strata: Strata, options: Options, chains: i
         # transform needs each cell's total over all features)
         data = data.rechunk({1: -1})
     features, starts, token = _chunking(expr, data, options)
-    strata_key = delayed(strata, name=f"flashmm-strata-{token}", traverse=False)
+    fold = _Fold(strata, tuple(features), options.transform, options.target_sum, options.check)
+    fold_key = delayed(fold, name=f"flashmm-fold-{token}", traverse=False)
     features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
     columns = sorted({c for d in strata.designs for c in d._columns})
     if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
@@ -332,14 +437,7 @@ def strata_chains(expr: _Expression, strata: Strata, options: Options, chains: i
         starts,
         token,
         chains,
-        lambda start, stop: (
-            strata_key,
-            strata.codes[start:stop],
-            features_key,
-            options.transform,
-            options.target_sum,
-            options.check,
-        ),
+        lambda start, stop: (strata.codes[start:stop], fold_key),
     )
     record = _record(options, {"by": strata.by, "cells": strata.cells})
     names: list[dict[str, Any]] = []
