@@ -3,19 +3,22 @@ to a run on its cells selected by hand, tables with a stratum column, contrasts 
 their coefficients exist, per-stratum resume, fit --stats and test on the output."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 import zarr
 from pipeline_helpers import assert_stores_equal, local_client
 from test_strata import atlas
 
-from flashmm_dask import load_stats, select_obs, write_store
+from flashmm_dask import StoreError, load_stats, select_obs, write_store
 from flashmm_dask.io.results import blocks_done, open_results
-from flashmm_dask.io.strata_results import open_strata
+from flashmm_dask.io.resultsets import TABLE_VARIABLES, loaded, result_sets
+from flashmm_dask.io.strata_results import load_strata, open_strata
 from flashmm_dask.run.config import load_config
 from flashmm_dask.run.pipeline import RESULTS, run
 
@@ -108,6 +111,24 @@ def test_each_stratum_equals_a_run_on_its_cells(stratified, store, level, one_wo
     assert_stores_equal(ds, ref, rtol=1e-9)
     np.testing.assert_array_equal(ds["status"].values, ref["status"].values)
     assert ds.attrs["stratum"] == level and ds.attrs["n_cells"] == mask.sum()
+
+
+def test_strata_read_for_the_tables_equal_xarrays_reading(stratified, tmp_path):
+    """load_strata (zarr directly, strata in threads) gives the Datasets that xarray's
+    open and load give: values, dimensions, coordinates and attributes."""
+    _, summary = stratified
+    fast = load_strata(summary.store)
+    slow = loaded(result_sets(str(summary.store)))
+    assert [level for level, _ in fast] == [level for level, _ in slow] == ["1", "2", "3"]
+    for (level, a), (_, b) in zip(fast, slow, strict=True):
+        xr.testing.assert_identical(a, b)
+        stored = open_results(str(summary.store / "strata" / level)).data_vars
+        assert set(a.data_vars) == TABLE_VARIABLES & set(stored) and "cov" not in a
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(summary.store, copy)
+    zarr.open_group(str(copy / "strata" / "2"), mode="r+").attrs["complete"] = False
+    with pytest.raises(StoreError, match=r"stratum 2 .* incomplete"):
+        load_strata(copy)
 
 
 def test_resume_fits_only_the_missing_blocks_of_a_stratum(stratified, one_worker):

@@ -203,13 +203,18 @@ def result_sets(
     return [(None, _as_dataset(results, contrasts, "results"))]
 
 
+#: The variables the tables and the report read (not ``cov``).
+TABLE_VARIABLES = frozenset(
+    {*_STATS, *(f"contrast_{s}" for s in _STATS), "status", "niter", "converged"}
+)
+
+
 def loaded(sets: ResultSets) -> ResultSets:
-    """The sets with the variables the tables read (not ``cov``) loaded into memory, so
-    that the tables of many terms read the store once."""
-    keep = {*_STATS, *(f"contrast_{s}" for s in _STATS), "status", "niter", "converged"}
+    """The sets with the variables the tables read (:data:`TABLE_VARIABLES`) loaded into
+    memory, so that the tables of many terms read the store once."""
     # read here, in threads: a round trip through a cluster per stratum costs more
     return [
-        (level, ds[[v for v in ds.data_vars if v in keep]].load(scheduler="threads"))
+        (level, ds[[v for v in ds.data_vars if v in TABLE_VARIABLES]].load(scheduler="threads"))
         for level, ds in sets
     ]
 
@@ -485,6 +490,7 @@ def write_top_tables(
 
 
 __all__ = [
+    "TABLE_VARIABLES",
     "TOP_COLUMNS",
     "TOP_DIR",
     "default_terms",

@@ -15,8 +15,8 @@ from pathlib import Path
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
-from flashmm_dask.io.resultsets import ResultSets, loaded, result_sets
-from flashmm_dask.io.strata_results import strata_attrs, write_strata_tables
+from flashmm_dask.io.resultsets import ResultSets
+from flashmm_dask.io.strata_results import load_strata, strata_attrs, write_strata_tables
 from flashmm_dask.report.plots import make_report, strata_report
 from flashmm_dask.report.summary import report_outputs
 from flashmm_dask.run.config import RunConfig
@@ -185,7 +185,7 @@ def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -
     def strata_sets() -> ResultSets:
         """Every stratum read once, in threads, for both the tables and the report."""
         if not read:
-            read.append(loaded(result_sets(str(store))))
+            read.append(list(load_strata(store)))
         return read[0]
 
     if not stratified:  # a plain store (also one stratum of selected cells)
