@@ -78,3 +78,16 @@ def test_config_keys():
     plain = load_config(None, ())
     assert plain.hash() != load_config(None, ("model.by=cls",)).hash()
     assert plain.hash() == load_config(None, ("model.min_cells=0",)).hash()
+
+
+def test_auto_blocks_of_strata():
+    """With many strata, each of the atlas's strata (11,596 genes, p = 5, q = 259) is one
+    block: its task runs where its statistics are and writes once; a plain run still gets a
+    few blocks per worker, and the work arrays of a block stay bounded."""
+    from flashmm_dask.run.blocks import MAX_AUTO_BLOCK, auto_block_size
+
+    assert auto_block_size(29 * 11_596, 5, 259, 1, 2) >= 11_596
+    assert auto_block_size(11_596, 61, 259, 1, 2) == 1_450  # 4 blocks per worker
+    assert auto_block_size(10**7, 5, 259, 1, 2) == MAX_AUTO_BLOCK
+    # K = 2 at q = 7,770: (6 q^2) doubles per feature, the memory cap decides
+    assert auto_block_size(10**5, 30, 7_770, 2, 2) == 16
