@@ -40,8 +40,7 @@ import scipy.sparse
 from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import DesignError
-from flashmm_dask.numerics.spectral_terms import EIGH_ONE_THREAD_MAX
-from flashmm_dask.numerics.structured import one_blas_thread
+from flashmm_dask.numerics.spectral_terms import eigvalsh_one_thread
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,11 +93,7 @@ class Replication:
 def _rank(sym: np.ndarray) -> int:
     if sym.size == 0:
         return 0
-    if sym.shape[0] <= EIGH_ONE_THREAD_MAX:  # threaded BLAS: 50-100x slower at q = 259
-        with one_blas_thread():  # on a busy machine (each stratum's design is checked)
-            eig = np.linalg.eigvalsh(sym)
-    else:
-        eig = np.linalg.eigvalsh(sym)
+    eig = eigvalsh_one_thread(sym)  # each stratum's design is checked, on a busy driver
     return int(np.sum(eig > RANK_RTOL * max(1.0, float(eig[-1]))))
 
 

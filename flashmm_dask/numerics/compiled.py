@@ -34,13 +34,18 @@ DIVISION_MIN = 1e-3
 _OPTIONS: dict[str, Any] = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 
 
-def _compile(fn: Callable[..., Any], reassoc: bool = False, inline: bool = False) -> Any:
+def _compile(
+    fn: Callable[..., Any], reassoc: bool = False, inline: bool = False, contract: bool = True
+) -> Any:
     """``fn`` compiled by :func:`.jit.jit` with :data:`_OPTIONS`; ``reassoc`` also lets
     sums be reassociated (vectorised reductions); ``inline``: a helper inlined into the
-    kernels that call it (no call in their inner loops)."""
+    kernels that call it (no call in their inner loops); ``contract=False``: no fused
+    multiply-adds (each product rounds as NumPy's)."""
     options = dict(_OPTIONS)
     if reassoc:
         options["fastmath"] = {"contract", "reassoc"}
+    if not contract:
+        options.pop("fastmath")
     if inline:
         options["inline"] = "always"
     return jit(fn, **options)

@@ -17,13 +17,13 @@ products with the eigenvectors of ZZ where ZZ is diagonal (:func:`signed_permuta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flashmm_dask.numerics.compiled import _compile
-from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.spectral import _spectral_score, eigen_terms
 from flashmm_dask.numerics.structured import one_blas_thread
 
@@ -38,16 +38,26 @@ WEIGHTS = ("plain", "times_rho", "squared")
 EIGH_ONE_THREAD_MAX = 1024
 
 
+def _small_on_one_thread(decompose: Callable[[np.ndarray], Any], A: np.ndarray) -> Any:
+    if A.shape[0] > EIGH_ONE_THREAD_MAX:
+        return decompose(A)
+    with one_blas_thread():
+        return decompose(A)
+
+
 def eigh_one_thread(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.linalg.eigh of a symmetric (q, q) matrix, with BLAS held to one thread up to
     order :data:`EIGH_ONE_THREAD_MAX`: at q = 259 the threaded decomposition took 9-20x
     the wall time of one thread on a machine whose cores were busy (the driver of a run
     prepares each stratum's terms while the workers fit); at these orders a second
     thread gains little even on an idle machine."""
-    if A.shape[0] > EIGH_ONE_THREAD_MAX:
-        return np.linalg.eigh(A)
-    with one_blas_thread():
-        return np.linalg.eigh(A)
+    return _small_on_one_thread(np.linalg.eigh, A)
+
+
+def eigvalsh_one_thread(A: np.ndarray) -> np.ndarray:
+    """np.linalg.eigvalsh of a symmetric (q, q) matrix, on one BLAS thread up to order
+    :data:`EIGH_ONE_THREAD_MAX`, as :func:`eigh_one_thread`."""
+    return _small_on_one_thread(np.linalg.eigvalsh, A)
 
 
 def signed_permutation(V: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -76,10 +86,9 @@ def times_basis(
     return out
 
 
-def _exact(fn: Callable[..., Any]) -> Any:
-    """Compiled without fused multiply-adds: each product and sum rounds as in NumPy's
-    expression it replaces (only the order of the sums over eigenvalues differs)."""
-    return jit(fn, nogil=True, error_model="numpy")
+#: Compiled without fused multiply-adds: each product and sum rounds as in the NumPy
+#: expression it replaces (only the order of the sums over eigenvalues differs).
+_exact = functools.partial(_compile, contract=False)
 
 
 @_exact

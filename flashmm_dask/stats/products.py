@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["BlockSums", "dense_as_csr", "lookup_table", "sparse_products"]
+__all__ = ["BlockSums", "compiled", "dense_as_csr", "lookup_table", "sparse_products"]
 
 logger = logging.getLogger(__name__)
 
@@ -519,12 +519,13 @@ def _fill_rows(values: np.ndarray, indptr: np.ndarray) -> tuple[np.ndarray, np.n
     return indices, data
 
 
-_COMPILED: dict[str, Any] = {}
+_COMPILED: dict[str, Any] = {}  # by the loop's name (unique among the reduction's loops)
 
 
-def _compiled(name: str) -> Callable[..., Any] | None:
-    """The loop ``name`` of this module compiled by :func:`~flashmm_dask.numerics.jit.jit`
-    (without the GIL), or None without numba."""
+def compiled(loop: Callable[..., Any]) -> Callable[..., Any] | None:
+    """A loop of the reduction compiled by :func:`~flashmm_dask.numerics.jit.jit` (once,
+    without the GIL), or None without numba (the callers then take scipy's products)."""
+    name = loop.__name__
     if name not in _COMPILED:
         try:
             from flashmm_dask.numerics.jit import jit
@@ -532,5 +533,10 @@ def _compiled(name: str) -> Callable[..., Any] | None:
             logger.info("numba is not installed: sparse products use scipy (slower)")
             _COMPILED[name] = None
         else:
-            _COMPILED[name] = jit(globals()[name], nogil=True)
+            _COMPILED[name] = jit(loop, nogil=True)
     return _COMPILED[name]
+
+
+def _compiled(name: str) -> Callable[..., Any] | None:
+    """The loop ``name`` of this module, :func:`compiled`."""
+    return compiled(globals()[name])

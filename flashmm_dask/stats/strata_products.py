@@ -33,18 +33,15 @@ block that does not fit is reduced by the caller stratum by stratum.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from flashmm_dask.stats.products import _fits_table
+from flashmm_dask.stats.products import _fits_table, compiled
 
 __all__ = ["fits_table", "strata_products"]
-
-logger = logging.getLogger(__name__)
 
 # the columns of X whose sums are interleaved with Ynorm and the count in T, whose rows
 # (Ynorm, count, those columns, one unused) fill a 64-byte cache line (the compiled loop
@@ -242,16 +239,6 @@ def _strata_scatter(
                 out[r, indices[t]] += a * row[t - lo]
 
 
-_COMPILED: list[Callable[..., Any] | None] = []
-
-
 def _kernel() -> Callable[..., Any] | None:
     """:func:`_strata_scatter` compiled (without the GIL), or None without numba."""
-    if not _COMPILED:
-        try:
-            from flashmm_dask.numerics.jit import jit
-        except ImportError:  # numba comes with dask-ml; without it, per-stratum products
-            _COMPILED.append(None)
-        else:
-            _COMPILED.append(jit(_strata_scatter, nogil=True))
-    return _COMPILED[0]
+    return compiled(_strata_scatter)
