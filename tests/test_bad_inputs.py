@@ -619,3 +619,49 @@ def test_console_script_prints_one_line(name, script_runs):
     _check_line(case, res.returncode, res.stderr)
     assert _looks_complete(ctx.dir) == before
     assert not (ctx.dir / PWNED).exists()
+
+
+class _RecordLevel:
+    """A worker (and nanny) plugin that writes the level of the ``distributed`` logger of
+    its process to a file when the process closes."""
+
+    def __init__(self, folder: str, kind: str) -> None:
+        self.folder, self.kind = folder, kind
+        self.name = f"record-level-{kind}"
+
+    def teardown(self, *_: object, **__: object) -> None:
+        import logging
+        import os
+
+        level = logging.getLogger("distributed").level
+        with open(os.path.join(self.folder, f"{self.kind}-{os.getpid()}"), "w") as f:
+            f.write(str(level))
+
+
+@pytest.mark.distributed
+def test_a_failed_run_quiets_the_local_processes_before_closing_them(tmp_path):
+    """A local cluster's worker processes write to the run's terminal: when a run fails
+    they are silenced before the cluster closes (a heartbeat to the closing scheduler would
+    otherwise print a traceback under the one-line error)."""
+    import logging
+
+    from distributed.diagnostics.plugin import NannyPlugin, WorkerPlugin
+
+    from flashmm_dask.run.cluster import open_client
+    from flashmm_dask.run.config import ClusterConfig
+
+    class WorkerLevel(_RecordLevel, WorkerPlugin):
+        pass
+
+    class NannyLevel(_RecordLevel, NannyPlugin):
+        pass
+
+    cfg = ClusterConfig(n_workers=1, threads_per_worker=1, processes=True)
+    with pytest.raises(DataError, match="the data is bad"):
+        with open_client(cfg) as client:
+            client.register_plugin(WorkerLevel(str(tmp_path), "worker"))
+            client.register_plugin(NannyLevel(str(tmp_path), "nanny"))
+            raise DataError("the data is bad")
+    levels = {p.name.split("-")[0]: int(p.read_text()) for p in tmp_path.iterdir()}
+    assert levels == {"worker": logging.CRITICAL + 1, "nanny": logging.CRITICAL + 1}
+    assert logging.getLogger("distributed").level != logging.CRITICAL + 1  # restored here

@@ -245,16 +245,14 @@ def open_client(cfg: ClusterConfig, *, timeout: float = 30.0) -> Iterator[Any]:
     restore: dict[str, int] = {}
     try:
         yield client
-    except KeyboardInterrupt:
-        _silence_distributed()
-        if cfg.kind == "local":  # its workers share the terminal: quiet them too
+    except BaseException:
+        # the run failed (or was interrupted) and says why in one line: closing the
+        # cluster under way (a slow worker killed after 4 s, cancelled tasks, a worker's
+        # heartbeat to the closing scheduler) is not news
+        restore = _silence_distributed()
+        if cfg.kind == "local":  # its worker processes share the terminal: quiet them too
             with contextlib.suppress(Exception):
                 client.run(_silence_distributed)
-        raise
-    except BaseException:
-        # the run failed and says why in one line: closing the cluster under way (a slow
-        # worker killed after 4 s, cancelled tasks) is not news
-        restore = _silence_distributed()
         raise
     finally:
         client.close()
