@@ -34,6 +34,7 @@ information of ALGORITHM.md are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,8 +42,8 @@ import scipy.linalg.lapack
 import scipy.sparse
 from threadpoolctl import ThreadpoolController
 
+from flashmm_dask.numerics import structured_crossed as crossed
 from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
-from flashmm_dask.numerics.compiled_k import dense_w0_sums, symmetrize_upper
 from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.linalg import Array
 
@@ -66,7 +67,8 @@ class Structure:
     Zs : (qs, qs) dense block of the other components.
     diagonal : bool
         S is diagonal: Zs is diagonal and no row of N has two non-zeros.
-    pairs : (qb, qs*qs) sparse CSR, pairs[a, c*qs + c'] = N[a, c] N[a, c'] (dense S only).
+    pairs : int
+        Pairs of non-zeros in a row of N, sum_a nnz(N[a])^2 (the terms of N' diag(w) N).
     nsq, nsqT : N * N elementwise and its transpose, CSR (diagonal S only).
     """
 
@@ -79,13 +81,20 @@ class Structure:
     NT: scipy.sparse.csr_array
     Zs: Array
     diagonal: bool
-    pairs: scipy.sparse.csr_array | None
+    pairs: int
     nsq: scipy.sparse.csr_array | None = None
     nsqT: scipy.sparse.csr_array | None = None
 
     @property
     def qs(self) -> int:
         return int(self.Zs.shape[0])
+
+    @cached_property
+    def small_edges(self) -> np.ndarray:
+        """(n_s + 1,) the small columns of the n_s small components, in order, are
+        ``small_edges[k]:small_edges[k + 1]`` (the permutation keeps them contiguous)."""
+        cs = self.comp[self.qb :]
+        return np.concatenate([[0], np.flatnonzero(np.diff(cs)) + 1, [cs.size]])
 
     @property
     def work_values(self) -> int:
@@ -107,8 +116,7 @@ def worth_it(st: Structure, p: int, K: int) -> bool:
         u = np.unique(st.zb).size
         cost = 8 * q * p + (4 * st.qs + 3 * u) * p * p + K * K * p**3
     else:
-        assert st.pairs is not None
-        cost = (3 + K) * q * p * p + K * K * p**3 + 4 * st.qs**3 + 2 * st.pairs.nnz
+        cost = (3 + K) * q * p * p + K * K * p**3 + 4 * st.qs**3 + 2 * st.pairs
     return q**3 >= MIN_DENSE_FLOPS and 2 * cost < 2 * q**3
 
 
@@ -158,13 +166,9 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     zb = np.ascontiguousarray(np.diag(ZZ)[ib])
     N = scipy.sparse.csr_array(ZZ[np.ix_(ib, is_)])
     Zs = np.ascontiguousarray(ZZ[np.ix_(is_, is_)])
-    qs = is_.size
-    diagonal = _is_diagonal(Zs) and bool(np.all(np.diff(N.indptr) <= 1))
-    pairs = nsq = None
-    if diagonal:
-        nsq = N.multiply(N).tocsr()
-    else:
-        pairs = _pairs(N, qs)
+    lens = np.diff(N.indptr)
+    diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
+    nsq = N.multiply(N).tocsr() if diagonal else None
     return Structure(
         big=big,
         perm=perm,
@@ -175,25 +179,10 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         NT=N.T.tocsr(),
         Zs=Zs,
         diagonal=diagonal,
-        pairs=pairs,
+        pairs=int(np.sum(lens * lens)),
         nsq=nsq,
         nsqT=None if nsq is None else nsq.T.tocsr(),
     )
-
-
-def _pairs(N: scipy.sparse.csr_array, qs: int) -> scipy.sparse.csr_array:
-    """(rows of N, qs*qs) CSR: pairs[a, c*qs + c'] = N[a, c] N[a, c'] for the non-zeros of
-    each row (all rows at once: row a contributes lens[a]^2 entries)."""
-    lens = np.diff(N.indptr)
-    sq = lens * lens
-    rows = np.repeat(np.arange(N.shape[0]), sq)
-    local = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
-    width = np.repeat(lens, sq)
-    first = N.indptr[rows]
-    i, j = first + local // width, first + local % width
-    vals = N.data[i] * N.data[j]
-    cols = N.indices[i].astype(np.int64) * qs + N.indices[j]
-    return scipy.sparse.csr_array((vals, (rows, cols)), shape=(N.shape[0], qs * qs))
 
 
 _CONTROLLER: list[ThreadpoolController] = []
@@ -214,24 +203,23 @@ def _lastsums(a: Array) -> Array:
     return rowsums(np.reshape(a, (m * r, c))).reshape(m, r)
 
 
-def _inverse(S: Array, symmetric: np.ndarray) -> Array:
-    """Inverses of (m, k, k) matrices: by Cholesky where ``symmetric`` and positive definite,
-    else by LU; NaN where singular."""
-    out = np.empty_like(S)
+def _inverse(S: Array, symmetric: np.ndarray) -> tuple[Array, Array]:
+    """Inverses of (m, k, k) matrices and log |det|: by Cholesky where ``symmetric`` and
+    positive definite, else by LU; NaN where singular."""
+    out = []
+    logdet = np.empty(S.shape[0])
     for j in range(S.shape[0]):
-        if symmetric[j]:
-            c, info = scipy.linalg.lapack.dpotrf(S[j], lower=0)
-            if info == 0:
-                inv, info = scipy.linalg.lapack.dpotri(c, lower=0, overwrite_c=1)
-                if info == 0:
-                    out[j] = inv
-                    symmetrize_upper(out[j])
-                    continue
+        chol = crossed.cholesky_inverse(S[j]) if symmetric[j] else None
+        if chol is not None:
+            out.append(chol[0])
+            logdet[j] = chol[1]
+            continue
+        logdet[j] = np.linalg.slogdet(S[j])[1]
         try:
-            out[j] = np.linalg.inv(S[j])
+            out.append(np.linalg.inv(S[j]))
         except np.linalg.LinAlgError:
-            out[j] = np.nan
-    return out
+            out.append(np.full_like(S[j], np.nan))
+    return (out[0][None] if len(out) == 1 else np.stack(out)), logdet
 
 
 def _nmul(N: scipy.sparse.csr_array, x: Array) -> Array:
@@ -271,11 +259,12 @@ class Factor:
                 self.Si = 1.0 / self.S
                 self.ok = np.all(np.isfinite(self.Si), axis=1) & np.all(self.S != 0, axis=1)
             else:
-                assert st.pairs is not None
-                NWN = np.asarray(st.pairs.T @ self.w1.T).T.reshape(m, qs, qs)
-                self.U = st.Zs[None] - NWN
-                self.S = np.eye(qs) + self.ds[:, :, None] * self.U
-                self.Si = _inverse(self.S, np.all(self.ds == self.ds[:, :1], axis=1))
+                self.U = np.empty((m, qs, qs))
+                self.S = np.empty((m, qs, qs))
+                for j in range(m):
+                    crossed.schur_into(st.N, self.w1[j], st.Zs, self.ds[j], self.U[j], self.S[j])
+                symmetric = np.all(self.ds == self.ds[:, :1], axis=1)
+                self.Si, self.logdet_s = _inverse(self.S, symmetric)
                 self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
             self.ok &= np.all(np.isfinite(self.pbi), axis=1)
 
@@ -327,7 +316,7 @@ class Factor:
             ld = rowsums(np.log(np.abs(self.pb)))
             if self.st.diagonal:
                 return ld + rowsums(np.log(np.abs(self.S)))
-            return ld + np.linalg.slogdet(self.S)[1]
+            return ld + self.logdet_s
 
     def w0_blocks(self, K: int) -> tuple[Array, Array]:
         """t (m, K) traces of the diagonal blocks of W0 = ZZ P^-1 and Q (m, K, K) the sums of
@@ -356,25 +345,22 @@ class Factor:
                 Q[:, big, k] = Q[:, k, big] = rowsums(self.Si[:, sel] * X[:, sel])
                 Q[:, k, k] = rowsums(US[:, sel] ** 2)
             return t, Q
-        assert st.pairs is not None
-        qs = st.qs
-        SiDs = self.Si * self.ds[:, None, :]
-        diagNSN = np.asarray(st.pairs @ SiDs.reshape(m, -1).T).T
-        V = np.asarray(st.pairs.T @ p2.T).T.reshape(m, qs, qs)
-        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
-        Q[:, big, big] = rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN)
         # U S^-1 = Ds^-1 (I - S^-1) where no ratio is too small for the division
         scale = np.max(np.abs(self.U), axis=(1, 2))
         division = np.all(np.abs(self.ds) * scale[:, None] >= DIVISION_MIN, axis=1)
-        small = np.unique(cs)
+        small = cs[st.small_edges[:-1]]
+        diagNSN = np.empty_like(p2)  # diag(N S^-1 Ds N')
         for j in range(m):
-            X = V[j] @ self.Si[j]
             US = None if division[j] else self.U[j] @ self.Si[j]
-            xdx, qb, tk, Qk = dense_w0_sums(self.Si[j], X, US, self.ds[j], cs, K, division[j])
-            Q[j, big, big] += xdx
-            t[j, small] = tk[small]
-            Q[j, big, small] = Q[j, small, big] = qb[small]
-            Q[j, small[:, None], small] = Qk[small[:, None], small]
+            diagNSN[j], xdx, qb, tk, Qk = crossed.w0_sums(
+                st.N, p2[j], self.Si[j], US, self.ds[j], st.small_edges, division[j]
+            )
+            Q[j, big, big] = xdx
+            t[j, small] = tk
+            Q[j, big, small] = Q[j, small, big] = qb
+            Q[j, small[:, None], small] = Qk
+        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
+        Q[:, big, big] += rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN)
         return t, Q
 
 
