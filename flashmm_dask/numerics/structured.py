@@ -143,6 +143,32 @@ def _offdiagonal_zero_py(a: Array) -> bool:
 _offdiagonal_zero = jit(_offdiagonal_zero_py, nogil=True)
 
 
+def _csr_py(a: Array, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+    nnz = 0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            if a[i, j] != 0.0:
+                if indices.size:
+                    indices[nnz] = j
+                    data[nnz] = a[i, j]
+                nnz += 1
+        indptr[i + 1] = nnz
+
+
+_csr_fill = jit(_csr_py, nogil=True)
+
+
+def _csr(a: Array) -> scipy.sparse.csr_array:
+    """A dense (r, c) block (a view) as a canonical CSR array: a compiled count, then fill
+    (scipy's conversion from dense took twice as long as building the rest of the
+    structure)."""
+    indptr = np.zeros(a.shape[0] + 1, dtype=np.int32)
+    _csr_fill(a, indptr, np.empty(0, dtype=np.int32), np.empty(0))
+    indices, data = np.empty(indptr[-1], dtype=np.int32), np.empty(indptr[-1])
+    _csr_fill(a, indptr, indices, data)
+    return scipy.sparse.csr_array((data, indices, indptr), shape=a.shape)
+
+
 def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     """The structure of ZZ for the structured path, or None (the dense path).
 
@@ -164,8 +190,10 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     perm = np.concatenate([ib, is_])
     comp = np.repeat(np.arange(len(d)), d)[perm]
     zb = np.ascontiguousarray(np.diag(ZZ)[ib])
-    N = scipy.sparse.csr_array(ZZ[np.ix_(ib, is_)])
-    Zs = np.ascontiguousarray(ZZ[np.ix_(is_, is_)])
+    # the rows of the big component are a range: a view, then the small columns
+    rows = ZZ[edges[big] : edges[big + 1]]
+    N = _csr(rows[:, is_] if big not in (0, len(d) - 1) else rows[:, is_[0] : is_[-1] + 1])
+    Zs = np.ascontiguousarray(ZZ[is_][:, is_])
     lens = np.diff(N.indptr)
     diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
     nsq = N.multiply(N).tocsr() if diagonal else None
@@ -240,10 +268,14 @@ class Factor:
     ----------
     st : Structure
     D : (m, q) ratios s_k / s0 per permuted column.
+    inverse : bool
+        Form S^-1 (the traces need it); False: solves with a dense S go through its
+        Cholesky factor where S is symmetric positive definite (:func:`md_solve`).
     """
 
-    def __init__(self, st: Structure, D: Array):
+    def __init__(self, st: Structure, D: Array, inverse: bool = True):
         self.st = st
+        self.R: list[Array] | None = None
         qb = st.qb
         self.db, self.ds = D[:, :qb], D[:, qb:]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -264,14 +296,24 @@ class Factor:
                 for j in range(m):
                     crossed.schur_into(st.N, self.w1[j], st.Zs, self.ds[j], self.U[j], self.S[j])
                 symmetric = np.all(self.ds == self.ds[:, :1], axis=1)
-                self.Si, self.logdet_s = _inverse(self.S, symmetric)
-                self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
+                if not inverse and symmetric.all():
+                    R = [crossed.cholesky(self.S[j]) for j in range(m)]
+                    if all(r is not None for r in R):
+                        self.R = R  # type: ignore[assignment]
+                        self.ok = np.ones(m, dtype=bool)
+                if self.R is None:
+                    self.Si, self.logdet_s = _inverse(self.S, symmetric)
+                    self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
             self.ok &= np.all(np.isfinite(self.pbi), axis=1)
 
     def _si(self, x: Array, transpose: bool = False) -> Array:
         """S^-1 x (or S^-T x) for x (m, qs, ...)."""
         if self.st.diagonal:
             return self.Si.reshape(self.Si.shape + (1,) * (x.ndim - 2)) * x
+        if self.R is not None:  # S symmetric: S^-T = S^-1
+            return np.stack(
+                [crossed.cholesky_solve(R, xj) for R, xj in zip(self.R, x, strict=True)]
+            )
         Si = np.swapaxes(self.Si, 1, 2) if transpose else self.Si
         if x.ndim == 2:
             return (Si @ x[:, :, None])[:, :, 0]
@@ -351,7 +393,9 @@ class Factor:
         small = cs[st.small_edges[:-1]]
         diagNSN = np.empty_like(p2)  # diag(N S^-1 Ds N')
         for j in range(m):
-            US = None if division[j] else self.U[j] @ self.Si[j]
+            US = None
+            if not division[j]:  # with Ds = 0, S = I and U S^-1 = U
+                US = self.U[j] if not self.ds[j].any() else self.U[j] @ self.Si[j]
             diagNSN[j], xdx, qb, tk, Qk = crossed.w0_sums(
                 st.N, p2[j], self.Si[j], US, self.ds[j], st.small_edges, division[j]
             )
@@ -398,10 +442,16 @@ def score_terms(
     D = s[:, st.comp] / s0[:, None]
     fac = Factor(st, D)
     t, Q = fac.w0_blocks(K)
-    DG = D[:, :, None] * G[None]
-    Y = fac.solve(DG)  # P^-1 D G
-    E = fac.solve_t(np.broadcast_to(G, (m, *G.shape)))  # P^-T G
     p = G.shape[1]
+    Dz = D * zry
+    # P^-1 [D G, D zry] and P^-T [G, zry], each by one solve
+    Gz = np.empty((m, G.shape[0], p + 1))
+    Gz[:, :, :p] = G
+    Gz[:, :, p] = zry
+    Et = fac.solve_t(Gz)
+    Gz *= D[:, :, None]
+    Yt = fac.solve(Gz)
+    Y, E = Yt[:, :, :p], Et[:, :, :p]  # P^-1 D G, P^-T G
     C = np.eye(p) - G.T @ Y  # I - G' Y
     C = 0.5 * (C + np.swapaxes(C, 1, 2))
     with np.errstate(invalid="ignore"):
@@ -416,9 +466,8 @@ def score_terms(
                     pass
     ok = fac.ok & np.all(np.isfinite(B), axis=(1, 2))
     # quadratic forms with M = P^-1 + Y B E'
-    Dz = D * zry
-    u = fac.solve_t(zry) + (E @ (B @ (np.swapaxes(Y, 1, 2) @ zry[:, :, None])))[:, :, 0]
-    MDz = fac.solve(Dz) + (Y @ (B @ (np.swapaxes(E, 1, 2) @ Dz[:, :, None])))[:, :, 0]
+    u = Et[:, :, p] + (E @ (B @ (np.swapaxes(Y, 1, 2) @ zry[:, :, None])))[:, :, 0]
+    MDz = Yt[:, :, p] + (Y @ (B @ (np.swapaxes(E, 1, 2) @ Dz[:, :, None])))[:, :, 0]
     yR2y = yry - rowsums((u + zry) * MDz)
     zMDz = rowsums(zry * MDz)
     u2 = np.zeros((m, K))
@@ -462,6 +511,6 @@ def score_terms(
 
 def md_solve(st: Structure, D: Array, x: Array) -> tuple[Array, Array]:
     """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,)."""
-    fac = Factor(st, D)
+    fac = Factor(st, D, inverse=False)
     Dx = D.reshape(D.shape + (1,) * (x.ndim - 2)) * x
     return fac.solve(Dx), fac.ok

@@ -59,12 +59,27 @@ def _upper_inverse(R: Array) -> None:
     R[:h, h:] = scipy.linalg.blas.dtrmm(1.0, R[h:, h:], corner, side=1, lower=0, overwrite_b=1)
 
 
+def cholesky(S: Array) -> Array | None:
+    """The upper Cholesky factor R (Fortran order) of a symmetric S, or None where S is
+    not positive definite."""
+    # S.T is the same matrix in LAPACK's (Fortran) order: copied, not transposed
+    R, info = scipy.linalg.lapack.dpotrf(S.T, lower=0, clean=1)
+    return R if info == 0 else None
+
+
+def cholesky_solve(R: Array, x: Array) -> Array:
+    """S^-1 x from the Cholesky factor R of S, for x (q_s,) or (q_s, k)."""
+    out, info = scipy.linalg.lapack.dpotrs(R, x, lower=0)
+    if info != 0:
+        raise ValueError(f"dpotrs: illegal argument {-info}")
+    return out
+
+
 def cholesky_inverse(S: Array) -> tuple[Array, float] | None:
     """S^-1 (C order) and log det S of a symmetric S, or None where S is not positive
     definite."""
-    # S.T is the same matrix in LAPACK's (Fortran) order: copied, not transposed
-    R, info = scipy.linalg.lapack.dpotrf(S.T, lower=0, clean=1)
-    if info != 0:
+    R = cholesky(S)
+    if R is None:
         return None
     logdet = 2.0 * float(np.sum(np.log(np.diagonal(R))))
     _upper_inverse(R)
