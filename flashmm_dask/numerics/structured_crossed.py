@@ -153,31 +153,54 @@ def _nsn_py(
     y: np.ndarray,
 ) -> None:
     """X = N' diag(p2) N Si, diag[a] = (N Si Ds N')[a, a] and colsq[c] = the squared norm
-    of column c of Pb^-1 N Si, row by row of N."""
+    of column c of Pb^-1 N Si, row by row of N.
+
+    Four rows of Si are gathered and two rows of X updated per pass over the columns (one
+    load and store of y and of each row of X per pass instead of per non-zero: 1.3 ->
+    1.05 ms for InstEval)."""
     qs = Si.shape[0]
     for r in range(qs):
         colsq[r] = 0.0
         for c in range(qs):
             X[r, c] = 0.0
     for a in range(indptr.size - 1):
+        j0, j1 = indptr[a], indptr[a + 1]
         for c in range(qs):
             y[c] = 0.0
-        for j in range(indptr[a], indptr[a + 1]):
+        j = j0
+        while j + 4 <= j1:
+            r0, r1, r2, r3 = indices[j], indices[j + 1], indices[j + 2], indices[j + 3]
+            v0, v1, v2, v3 = data[j], data[j + 1], data[j + 2], data[j + 3]
+            for c in range(qs):
+                y[c] += v0 * Si[r0, c] + v1 * Si[r1, c] + v2 * Si[r2, c] + v3 * Si[r3, c]
+            j += 4
+        while j < j1:
             r, v = indices[j], data[j]
             for c in range(qs):
                 y[c] += v * Si[r, c]
+            j += 1
         s = 0.0
-        for j in range(indptr[a], indptr[a + 1]):
+        for j in range(j0, j1):
             r = indices[j]
             s += data[j] * ds[r] * y[r]
         diag[a] = s
         w = p2[a]
         for c in range(qs):
             colsq[c] += w * (y[c] * y[c])
-        for j in range(indptr[a], indptr[a + 1]):
+        j = j0
+        while j + 2 <= j1:  # two distinct rows of X (the columns of a row of N differ)
+            r0, r1 = indices[j], indices[j + 1]
+            f0, f1 = data[j] * w, data[j + 1] * w
+            for c in range(qs):
+                yc = y[c]
+                X[r0, c] += f0 * yc
+                X[r1, c] += f1 * yc
+            j += 2
+        while j < j1:
             r, f = indices[j], data[j] * w
             for c in range(qs):
                 X[r, c] += f * y[c]
+            j += 1
 
 
 _nsn = _compile(_nsn_py, reassoc=True)
