@@ -90,6 +90,11 @@ class Structure:
         return int(self.Zs.shape[0])
 
     @cached_property
+    def zs_diagonal(self) -> Array | None:
+        """The diagonal of Zs where Zs is diagonal (crossed indicator factors), else None."""
+        return np.ascontiguousarray(np.diag(self.Zs)) if _is_diagonal(self.Zs) else None
+
+    @cached_property
     def small_edges(self) -> np.ndarray:
         """(n_s + 1,) the small columns of the n_s small components, in order, are
         ``small_edges[k]:small_edges[k + 1]`` (the permutation keeps them contiguous)."""
@@ -343,8 +348,8 @@ class Factor:
         """ZZ x (permuted order)."""
         st, qb = self.st, self.st.qb
         xb, xs = x[:, :qb], x[:, qb:]
-        if st.diagonal:
-            zs = np.diag(st.Zs)
+        zs = st.zs_diagonal
+        if zs is not None:
             ys_own = self._col(np.broadcast_to(zs, (x.shape[0], zs.size)), xs)
         else:
             ys_own = np.moveaxis(np.tensordot(st.Zs, xs, axes=([1], [1])), 0, 1)
