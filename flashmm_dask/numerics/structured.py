@@ -18,8 +18,9 @@ and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Wo
     Y = P^-1 D G,  E = P^-T G,  C = I_p - G' Y,  B = C^-1
     M = (D zrz + I)^-1 = P^-1 + Y B E',     W = zrz M = W0 - E B E'
 
-so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) instead of
-O(q^3). When S is diagonal (nested factors), REML's terms are taken group by group in
+so the work per feature and iteration is O(q p^2 + nnz(N) q_s + q_s^3) instead of
+O(q^3) (the products with N in compiled kernels, :mod:`.structured_crossed`). When S is
+diagonal (nested factors), REML's terms are taken group by group in
 :mod:`.structured_nested` instead: O(q p + (q_s + U) p^2), U distinct counts.
 
 With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and M0 = I - D W, the score and

@@ -15,7 +15,8 @@ dense q_s x q_s products:
 - X = V Si = N' (Pb^-2 (N Si)): each row a of N gives y_a = n_a' Si (a combination of
   ``len(n_a)`` rows of Si), which is scattered back into the rows of X that n_a touches,
   2 nnz(N) q_s multiply-adds (15 M for InstEval) instead of the 2 q_s^3 (107 M) of the
-  dense product V Si; the same y_a give diag(N Si Ds N')_a.
+  dense product V Si; the same y_a give diag(N Si Ds N')_a and the sums of squares of
+  the columns of Pb^-1 N Si (W0's big x small block).
 
 S^-1 is taken as LAPACK's dpotri does, (R^-1)(R^-1)' from the Cholesky factor R, but with
 R^-1 by halves (:func:`_upper_inverse`): dtrtri took twice as long as the two triangular
@@ -35,11 +36,6 @@ import scipy.sparse
 from flashmm_dask.numerics.compiled import _compile, w_row_divided
 from flashmm_dask.numerics.compiled_k import symmetrize_upper
 from flashmm_dask.numerics.linalg import Array
-
-#: Side of the square tiles in which tr((X Ds)^2) reads X and its transpose (two tiles of
-#: 64 x 64 values stay in the L1/L2 cache; X read by columns alone would miss on every entry).
-_TILE = 64
-
 
 #: Order below which :func:`_upper_inverse` calls dtrtri.
 _TRTRI_BASE = 64
@@ -104,7 +100,8 @@ def _schur_py(
     for r in range(qs):
         for c in range(qs):
             U[r, c] = 0.0
-    # N' diag(w1) N first, then U = Zs - it (the order of NumPy's product with the pairs)
+    # N' diag(w1) N summed first, then subtracted from Zs (one rounding against Zs's large
+    # diagonal: the REML terms that nearly cancel kept within 1e-10 of the dense path)
     for a in range(indptr.size - 1):
         w = w1[a]
         for j in range(indptr[a], indptr[a + 1]):
@@ -213,20 +210,15 @@ def _w0_sums_py(
     ds: np.ndarray,
     edges: np.ndarray,
     division: bool,
-    tile: int,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     qs = Si.shape[0]
     ns = edges.size - 1
     xdx = 0.0
-    for r0 in range(0, qs, tile):
-        r1 = min(r0 + tile, qs)
-        for c0 in range(0, qs, tile):
-            c1 = min(c0 + tile, qs)
-            for r in range(r0, r1):
-                xr = 0.0
-                for c in range(c0, c1):
-                    xr += X[r, c] * ds[c] * X[c, r]
-                xdx += xr * ds[r]
+    for r in range(qs):
+        xr = 0.0
+        for c in range(qs):
+            xr += X[r, c] * ds[c] * X[c, r]
+        xdx += xr * ds[r]
     t = np.zeros(ns)
     Q = np.zeros((ns, ns))
     row = np.empty(qs)
@@ -289,6 +281,6 @@ def w0_sums(
     p2 = np.ascontiguousarray(p2)
     _nsn(N.indptr, N.indices, N.data, p2, Si, ds, X, diag, colsq, np.empty(qs))
     us = Si if US is None else np.ascontiguousarray(US)
-    xdx, t, Q = _w0_sums(Si, X, us, ds, edges, bool(division), _TILE)
+    xdx, t, Q = _w0_sums(Si, X, us, ds, edges, bool(division))
     qb = np.add.reduceat(colsq, edges[:-1])
     return diag, xdx, qb, t, Q
