@@ -515,8 +515,11 @@ def score_terms(
     return t, Q, u2, yR2y, zMDz, logdet, ok
 
 
-def md_solve(st: Structure, D: Array, x: Array) -> tuple[Array, Array]:
-    """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,)."""
-    fac = Factor(st, D, inverse=False)
+def md_solve(
+    st: Structure, D: Array, x: Array, factor: Factor | None = None
+) -> tuple[Array, Array]:
+    """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,);
+    ``factor``: ``Factor(st, D, inverse=False)`` where the caller has it already."""
+    fac = Factor(st, D, inverse=False) if factor is None else factor
     Dx = D.reshape(D.shape + (1,) * (x.ndim - 2)) * x
     return fac.solve(Dx), fac.ok
