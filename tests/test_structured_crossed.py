@@ -61,9 +61,12 @@ def test_schur_equals_the_dense_product():
     Zs = np.diag(rng.uniform(1, 5, qs))
     w1, ds = rng.uniform(0.1, 1, N.shape[0]), rng.uniform(0.2, 2, qs)
     U, S = np.empty((qs, qs)), np.empty((qs, qs))
-    crossed.schur_into(N, w1, Zs, ds, U, S)
+    umax = crossed.schur_into(N, w1, Zs, ds, U, S)
     Nd = N.toarray()
     np.testing.assert_allclose(U, Zs - Nd.T @ (w1[:, None] * Nd), rtol=1e-13, atol=1e-13)
+    assert umax == np.max(np.abs(U))
+    w1[np.flatnonzero(np.diff(N.indptr))[0]] = np.nan  # a row of N with non-zeros: NaN in U
+    assert np.isnan(crossed.schur_into(N, w1, Zs, ds, U, S))
     np.testing.assert_array_equal(U, U.T)  # exactly: the Cholesky path reads one triangle
     np.testing.assert_allclose(S, np.eye(qs) + ds[:, None] * U, rtol=1e-13, atol=1e-13)
 

@@ -243,6 +243,10 @@ def _inverse(S: Array, symmetric: np.ndarray) -> tuple[Array, Array]:
     out = []
     logdet = np.empty(S.shape[0])
     for j in range(S.shape[0]):
+        if symmetric[j] and _is_diagonal(S[j]) and np.all(np.diagonal(S[j]) == 1.0):
+            out.append(np.eye(S.shape[1]))  # S = I (all ratios of the small block 0)
+            logdet[j] = 0.0
+            continue
         chol = crossed.cholesky_inverse(S[j]) if symmetric[j] else None
         if chol is not None:
             out.append(chol[0])
@@ -299,8 +303,11 @@ class Factor:
             else:
                 self.U = np.empty((m, qs, qs))
                 self.S = np.empty((m, qs, qs))
+                self.umax = np.empty(m)  # max |U|
                 for j in range(m):
-                    crossed.schur_into(st.N, self.w1[j], st.Zs, self.ds[j], self.U[j], self.S[j])
+                    self.umax[j] = crossed.schur_into(
+                        st.N, self.w1[j], st.Zs, self.ds[j], self.U[j], self.S[j]
+                    )
                 symmetric = np.all(self.ds == self.ds[:, :1], axis=1)
                 if not inverse and symmetric.all():
                     R = [crossed.cholesky(self.S[j]) for j in range(m)]
@@ -394,8 +401,7 @@ class Factor:
                 Q[:, k, k] = rowsums(US[:, sel] ** 2)
             return t, Q
         # U S^-1 = Ds^-1 (I - S^-1) where no ratio is too small for the division
-        scale = np.max(np.abs(self.U), axis=(1, 2))
-        division = np.all(np.abs(self.ds) * scale[:, None] >= DIVISION_MIN, axis=1)
+        division = np.all(np.abs(self.ds) * self.umax[:, None] >= DIVISION_MIN, axis=1)
         small = cs[st.small_edges[:-1]]
         diagNSN = np.empty_like(p2)  # diag(N S^-1 Ds N')
         for j in range(m):

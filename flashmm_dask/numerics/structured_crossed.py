@@ -95,7 +95,7 @@ def _schur_py(
     ds: np.ndarray,
     U: np.ndarray,
     S: np.ndarray,
-) -> None:
+) -> float:
     qs = Zs.shape[0]
     for r in range(qs):
         for c in range(qs):
@@ -109,11 +109,17 @@ def _schur_py(
             for k in range(indptr[a], indptr[a + 1]):
                 # (v v') w: the same product for (r, c) and (c, r), so U stays symmetric
                 U[r, indices[k]] += (v * data[k]) * w
+    umax = 0.0
+    nan = False
     for r in range(qs):
         for c in range(qs):
             U[r, c] = Zs[r, c] - U[r, c]
             S[r, c] = ds[r] * U[r, c]
+            u = abs(U[r, c])
+            umax = max(umax, u)
+            nan |= u != u
         S[r, r] += 1.0
+    return np.nan if nan else umax
 
 
 _schur = _compile(_schur_py)
@@ -121,8 +127,9 @@ _schur = _compile(_schur_py)
 
 def schur_into(
     N: scipy.sparse.csr_array, w1: Array, Zs: Array, ds: Array, U: Array, S: Array
-) -> None:
-    """U = Zs - N' diag(w1) N and S = I + diag(ds) U of one feature, into U and S.
+) -> float:
+    """U = Zs - N' diag(w1) N and S = I + diag(ds) U of one feature, into U and S; returns
+    max |U| (NaN where U has a NaN).
 
     Parameters
     ----------
@@ -132,7 +139,7 @@ def schur_into(
     ds : (q_s,)
     U, S : (q_s, q_s) C-contiguous, written
     """
-    _schur(
+    return _schur(
         N.indptr, N.indices, N.data, np.ascontiguousarray(w1), Zs, np.ascontiguousarray(ds), U, S
     )
 
