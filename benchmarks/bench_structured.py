@@ -191,13 +191,16 @@ def section_insteval(m, lmer_repeats):
     one = dict(st, XY=st["XY"][:, :1], ZY=st["ZY"][:, :1], Ynorm=st["Ynorm"][:1])
     t_one, fit1 = best(lambda: lmm(**one))
     c_one, _ = best_cpu(lambda: lmm(**one))
-    t_m, _ = best(lambda: lmm(**st))
+    t_m, fit_m = best(lambda: lmm(**st))
     print(
         f"  flashmm_dask, y alone:      {t_one:8.3f} s (CPU {c_one:.3f} s)  niter "
         f"{int(fit1.niter[0])}  theta (s, d, residual) "
         f"{np.array2string(fit1.theta[:, 0], precision=10)}"
     )
-    print(f"  flashmm_dask, {m} responses: {t_m:8.3f} s  ({t_m / m:.4f} s per response)")
+    print(
+        f"  flashmm_dask, {m} responses: {t_m:8.3f} s  ({t_m / m:.4f} s per response; "
+        f"niter {np.mean(fit_m.niter):.1f} per response, max {int(np.max(fit_m.niter))})"
+    )
     t_lmer, c_lmer, out = lmer_seconds(lmer_repeats)
     if t_lmer is None or c_lmer is None:
         print("  lmer: Rscript not installed")

@@ -9,7 +9,7 @@ from flashmm_dask import lmm
 from flashmm_dask.numerics import structured_nested
 from flashmm_dask.numerics.fisher import fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
-from flashmm_dask.numerics.structured import detect
+from flashmm_dask.numerics.structured import Factor, detect, md_solve
 
 RTOL = 1e-10
 
@@ -40,6 +40,15 @@ def design(kind, n=2500, m=24, seed=1):
         ]
     elif kind == "crossed":  # two crossed factors (a dense Schur complement)
         Zs = [indicators(rng.integers(0, 15, n), 15), indicators(rng.integers(0, 40, n), 40)]
+    elif kind == "crossed_three":  # the largest factor in the middle: two small ones, S not
+        # symmetric (their ratios differ), the big block's columns taken by a gather. The
+        # factors overlap (b and c follow a): with independent factors the information
+        # between them is ~1e-7 of its diagonal, a difference of REML terms that neither path
+        # gets to 1e-10 relative
+        a = rng.integers(0, 12, n)
+        b = (a * 4 + rng.integers(0, 6, n)) % 45
+        c = (a + rng.integers(0, 3, n)) % 20
+        Zs = [indicators(a, 12), indicators(b, 45), indicators(c, 20)]
     elif kind == "mixed":  # crossed factors, a dense component and a nested slope
         a = rng.integers(0, 10, n)
         Zs = [
@@ -206,3 +215,46 @@ def test_nested_without_the_count_sums(monkeypatch):
     close(th_s.logdetM0, th_d.logdetM0)
     close(fx_s.logLik, fx_d.logLik)
     close(fx_s.cov, fx_d.cov, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_three_crossed_factors_the_largest_in_the_middle(method):
+    """Two small components in the dense Schur complement (its sums by component), S not
+    symmetric (LU instead of Cholesky), the structure read from the middle of ZZ."""
+    st = design("crossed_three")
+    assert detect(st["ZZ"], st["d"]).big == 1
+    test_structured_equals_dense("crossed_three", method)
+
+
+def test_detect_reads_the_blocks_of_ZZ():
+    """N, Zs and zb of detect equal the blocks of ZZ taken by index, whichever component is
+    eliminated (first, middle or last)."""
+    for kind in ("crossed", "crossed_three", "nested", "nested_three", "mixed"):
+        st = design(kind, m=2)
+        ZZ, d = st["ZZ"], np.asarray(st["d"])
+        s = detect(ZZ, d)
+        assert s is not None
+        ib, is_ = s.perm[: s.qb], s.perm[s.qb :]
+        np.testing.assert_array_equal(s.N.toarray(), ZZ[np.ix_(ib, is_)])
+        assert s.N.has_canonical_format
+        np.testing.assert_array_equal(s.NT.toarray(), ZZ[np.ix_(is_, ib)])
+        np.testing.assert_array_equal(s.Zs, ZZ[np.ix_(is_, is_)])
+        np.testing.assert_array_equal(s.zb, np.diag(ZZ)[ib])
+        assert s.pairs == int(np.sum(np.diff(s.N.indptr) ** 2))
+
+
+def test_md_solve_by_cholesky_equals_the_inverse():
+    """md_solve (fixed effects) solves with the Cholesky factor of S; Factor's solves for
+    the scoring use the inverse: the same to rounding."""
+    st = design("crossed", m=2)
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], "REML", structured=True)
+    s = sh.structure
+    D = np.array([[0.3, 0.7, 1.0]])[:, s.comp] / 1.0
+    x = np.random.default_rng(3).normal(size=(1, s.qb + s.qs, 4))
+    by_chol = Factor(s, D, inverse=False)
+    assert by_chol.R is not None
+    by_inverse = Factor(s, D)
+    close(by_chol.solve(x), by_inverse.solve(x), rtol=1e-12)
+    MDx, ok = md_solve(s, D, x)
+    assert ok.all()
+    close(MDx, by_inverse.solve(D[:, :, None] * x), rtol=1e-12)

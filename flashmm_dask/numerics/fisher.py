@@ -54,7 +54,7 @@ from flashmm_dask.numerics.linalg import (
 from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.spectral_terms import eigh_one_thread as _eigh
 from flashmm_dask.numerics.spectral_terms import signed_permutation, times_basis
-from flashmm_dask.numerics.structured import Structure, detect
+from flashmm_dask.numerics.structured import Structure, detect, one_blas_thread
 from flashmm_dask.numerics.structured import worth_it as structure_worth_it
 from flashmm_dask.numerics.structured_nested import NestedTerms
 
@@ -220,11 +220,15 @@ def prepare(
     and the path is estimated to cost less than the dense one
     (:func:`.structured.worth_it`); True wherever ZZ has the structure; False never.
     """
-    try:
-        cho = scipy.linalg.cho_factor(XX, lower=True)
-    except np.linalg.LinAlgError:
-        raise NotPositiveDefiniteError([int(j) for j in aliased_columns(XX)]) from None
-    XXinv = scipy.linalg.cho_solve(cho, np.eye(XX.shape[0]))
+    # XX (p x p) and G (q x p) with one BLAS thread: a LAPACK call with OpenBLAS's two
+    # threads (even on a 1 x 1 XX) left the structured fit that followed 50 ms slower
+    # (InstEval alone: 120 vs 65 ms, benchmarks/bench_structured.py [3])
+    with one_blas_thread():
+        try:
+            cho = scipy.linalg.cho_factor(XX, lower=True)
+        except np.linalg.LinAlgError:
+            raise NotPositiveDefiniteError([int(j) for j in aliased_columns(XX)]) from None
+        XXinv = scipy.linalg.cho_solve(cho, np.eye(XX.shape[0]))
     d = np.asarray(d, dtype=np.int64)
     sh = SharedTerms(
         XX=XX,
@@ -245,7 +249,8 @@ def prepare(
         if sh.K == 2:
             sh.k2  # noqa: B018
     else:
-        sh.G  # noqa: B018
+        with one_blas_thread():
+            sh.G  # noqa: B018
     return sh
 
 

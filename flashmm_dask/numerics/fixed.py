@@ -28,7 +28,7 @@ from flashmm_dask.numerics.compiled import solve_batch
 from flashmm_dask.numerics.fisher import GINV_LIMIT, SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym
 from flashmm_dask.numerics.spectral_terms import shifted_reciprocal
-from flashmm_dask.numerics.structured import md_solve, one_blas_thread
+from flashmm_dask.numerics.structured import Factor, md_solve, one_blas_thread
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,7 @@ def _fixed_structured(
     perm = st.perm
     D = theta[:, st.comp] / s0[:, None]  # permuted order
     ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
+    factor = None  # P = D ZZ + I factored once for MD ZX, MD ZY and the RE
     if sh.nested is not None:  # C = L (I - G' MD G) L' and ZX' MD ZY = L G' MD ZY
         with one_blas_thread():
             Cg, a, invertible = sh.nested.md_gram(D, ZYp[0])
@@ -193,7 +194,8 @@ def _fixed_structured(
     else:
         x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
         with one_blas_thread():
-            MDx, ok = md_solve(st, D, x)
+            factor = Factor(st, D, inverse=False)
+            MDx, ok = md_solve(st, D, x, factor)
         C = sh.XX - ZXp.T @ MDx[:, :, :p]
         rhs = XY - np.einsum("mq,qp->mp", MDx[:, :, p], ZXp)
     FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
@@ -202,7 +204,7 @@ def _fixed_structured(
     if re:
         resid = ZYp - coef @ ZXp.T
         with one_blas_thread():
-            REp, _ = md_solve(st, D, resid)
+            REp, _ = md_solve(st, D, resid, factor)
         RE = np.empty_like(REp)
         RE[:, perm] = REp
     logLik = _loglik(sh, s0, logdetM0)

@@ -18,8 +18,9 @@ and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Wo
     Y = P^-1 D G,  E = P^-T G,  C = I_p - G' Y,  B = C^-1
     M = (D zrz + I)^-1 = P^-1 + Y B E',     W = zrz M = W0 - E B E'
 
-so the work per feature and iteration is O(q p^2 + nnz pairs of N + q_s^3) instead of
-O(q^3). When S is diagonal (nested factors), REML's terms are taken group by group in
+so the work per feature and iteration is O(q p^2 + nnz(N) q_s + q_s^3) instead of
+O(q^3) (the products with N in compiled kernels, :mod:`.structured_crossed`). When S is
+diagonal (nested factors), REML's terms are taken group by group in
 :mod:`.structured_nested` instead: O(q p + (q_s + U) p^2), U distinct counts.
 
 With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and M0 = I - D W, the score and
@@ -34,6 +35,7 @@ information of ALGORITHM.md are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,8 +43,8 @@ import scipy.linalg.lapack
 import scipy.sparse
 from threadpoolctl import ThreadpoolController
 
+from flashmm_dask.numerics import structured_crossed as crossed
 from flashmm_dask.numerics.compiled import DIVISION_MIN, rowsums
-from flashmm_dask.numerics.compiled_k import dense_w0_sums, symmetrize_upper
 from flashmm_dask.numerics.jit import jit
 from flashmm_dask.numerics.linalg import Array
 
@@ -66,7 +68,8 @@ class Structure:
     Zs : (qs, qs) dense block of the other components.
     diagonal : bool
         S is diagonal: Zs is diagonal and no row of N has two non-zeros.
-    pairs : (qb, qs*qs) sparse CSR, pairs[a, c*qs + c'] = N[a, c] N[a, c'] (dense S only).
+    pairs : int
+        Pairs of non-zeros in a row of N, sum_a nnz(N[a])^2 (the terms of N' diag(w) N).
     nsq, nsqT : N * N elementwise and its transpose, CSR (diagonal S only).
     """
 
@@ -79,13 +82,25 @@ class Structure:
     NT: scipy.sparse.csr_array
     Zs: Array
     diagonal: bool
-    pairs: scipy.sparse.csr_array | None
+    pairs: int
     nsq: scipy.sparse.csr_array | None = None
     nsqT: scipy.sparse.csr_array | None = None
 
     @property
     def qs(self) -> int:
         return int(self.Zs.shape[0])
+
+    @cached_property
+    def zs_diagonal(self) -> Array | None:
+        """The diagonal of Zs where Zs is diagonal (crossed indicator factors), else None."""
+        return np.ascontiguousarray(np.diag(self.Zs)) if _is_diagonal(self.Zs) else None
+
+    @cached_property
+    def small_edges(self) -> np.ndarray:
+        """(n_s + 1,) the small columns of the n_s small components, in order, are
+        ``small_edges[k]:small_edges[k + 1]`` (the permutation keeps them contiguous)."""
+        cs = self.comp[self.qb :]
+        return np.concatenate([[0], np.flatnonzero(np.diff(cs)) + 1, [cs.size]])
 
     @property
     def work_values(self) -> int:
@@ -107,8 +122,7 @@ def worth_it(st: Structure, p: int, K: int) -> bool:
         u = np.unique(st.zb).size
         cost = 8 * q * p + (4 * st.qs + 3 * u) * p * p + K * K * p**3
     else:
-        assert st.pairs is not None
-        cost = (3 + K) * q * p * p + K * K * p**3 + 4 * st.qs**3 + 2 * st.pairs.nnz
+        cost = (3 + K) * q * p * p + K * K * p**3 + 4 * st.qs**3 + 2 * st.pairs
     return q**3 >= MIN_DENSE_FLOPS and 2 * cost < 2 * q**3
 
 
@@ -135,6 +149,32 @@ def _offdiagonal_zero_py(a: Array) -> bool:
 _offdiagonal_zero = jit(_offdiagonal_zero_py, nogil=True)
 
 
+def _csr_py(a: Array, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+    nnz = 0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            if a[i, j] != 0.0:
+                if indices.size:
+                    indices[nnz] = j
+                    data[nnz] = a[i, j]
+                nnz += 1
+        indptr[i + 1] = nnz
+
+
+_csr_fill = jit(_csr_py, nogil=True)
+
+
+def _csr(a: Array) -> scipy.sparse.csr_array:
+    """A dense (r, c) block (a view) as a canonical CSR array: a compiled count, then fill
+    (scipy's conversion from dense took twice as long as building the rest of the
+    structure)."""
+    indptr = np.zeros(a.shape[0] + 1, dtype=np.int32)
+    _csr_fill(a, indptr, np.empty(0, dtype=np.int32), np.empty(0))
+    indices, data = np.empty(indptr[-1], dtype=np.int32), np.empty(indptr[-1])
+    _csr_fill(a, indptr, indices, data)
+    return scipy.sparse.csr_array((data, indices, indptr), shape=a.shape)
+
+
 def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     """The structure of ZZ for the structured path, or None (the dense path).
 
@@ -156,15 +196,13 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     perm = np.concatenate([ib, is_])
     comp = np.repeat(np.arange(len(d)), d)[perm]
     zb = np.ascontiguousarray(np.diag(ZZ)[ib])
-    N = scipy.sparse.csr_array(ZZ[np.ix_(ib, is_)])
-    Zs = np.ascontiguousarray(ZZ[np.ix_(is_, is_)])
-    qs = is_.size
-    diagonal = _is_diagonal(Zs) and bool(np.all(np.diff(N.indptr) <= 1))
-    pairs = nsq = None
-    if diagonal:
-        nsq = N.multiply(N).tocsr()
-    else:
-        pairs = _pairs(N, qs)
+    # the rows of the big component are a range: a view, then the small columns
+    rows = ZZ[edges[big] : edges[big + 1]]
+    N = _csr(rows[:, is_] if big not in (0, len(d) - 1) else rows[:, is_[0] : is_[-1] + 1])
+    Zs = np.ascontiguousarray(ZZ[is_][:, is_])
+    lens = np.diff(N.indptr)
+    diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
+    nsq = N.multiply(N).tocsr() if diagonal else None
     return Structure(
         big=big,
         perm=perm,
@@ -175,25 +213,10 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         NT=N.T.tocsr(),
         Zs=Zs,
         diagonal=diagonal,
-        pairs=pairs,
+        pairs=int(np.sum(lens * lens)),
         nsq=nsq,
         nsqT=None if nsq is None else nsq.T.tocsr(),
     )
-
-
-def _pairs(N: scipy.sparse.csr_array, qs: int) -> scipy.sparse.csr_array:
-    """(rows of N, qs*qs) CSR: pairs[a, c*qs + c'] = N[a, c] N[a, c'] for the non-zeros of
-    each row (all rows at once: row a contributes lens[a]^2 entries)."""
-    lens = np.diff(N.indptr)
-    sq = lens * lens
-    rows = np.repeat(np.arange(N.shape[0]), sq)
-    local = np.arange(int(sq.sum())) - np.repeat(np.cumsum(sq) - sq, sq)
-    width = np.repeat(lens, sq)
-    first = N.indptr[rows]
-    i, j = first + local // width, first + local % width
-    vals = N.data[i] * N.data[j]
-    cols = N.indices[i].astype(np.int64) * qs + N.indices[j]
-    return scipy.sparse.csr_array((vals, (rows, cols)), shape=(N.shape[0], qs * qs))
 
 
 _CONTROLLER: list[ThreadpoolController] = []
@@ -214,24 +237,27 @@ def _lastsums(a: Array) -> Array:
     return rowsums(np.reshape(a, (m * r, c))).reshape(m, r)
 
 
-def _inverse(S: Array, symmetric: np.ndarray) -> Array:
-    """Inverses of (m, k, k) matrices: by Cholesky where ``symmetric`` and positive definite,
-    else by LU; NaN where singular."""
-    out = np.empty_like(S)
+def _inverse(S: Array, symmetric: np.ndarray) -> tuple[Array, Array]:
+    """Inverses of (m, k, k) matrices and log |det|: by Cholesky where ``symmetric`` and
+    positive definite, else by LU; NaN where singular."""
+    out = []
+    logdet = np.empty(S.shape[0])
     for j in range(S.shape[0]):
-        if symmetric[j]:
-            c, info = scipy.linalg.lapack.dpotrf(S[j], lower=0)
-            if info == 0:
-                inv, info = scipy.linalg.lapack.dpotri(c, lower=0, overwrite_c=1)
-                if info == 0:
-                    out[j] = inv
-                    symmetrize_upper(out[j])
-                    continue
+        if symmetric[j] and _is_diagonal(S[j]) and np.all(np.diagonal(S[j]) == 1.0):
+            out.append(np.eye(S.shape[1]))  # S = I (all ratios of the small block 0)
+            logdet[j] = 0.0
+            continue
+        chol = crossed.cholesky_inverse(S[j]) if symmetric[j] else None
+        if chol is not None:
+            out.append(chol[0])
+            logdet[j] = chol[1]
+            continue
+        logdet[j] = np.linalg.slogdet(S[j])[1]
         try:
-            out[j] = np.linalg.inv(S[j])
+            out.append(np.linalg.inv(S[j]))
         except np.linalg.LinAlgError:
-            out[j] = np.nan
-    return out
+            out.append(np.full_like(S[j], np.nan))
+    return (out[0][None] if len(out) == 1 else np.stack(out)), logdet
 
 
 def _nmul(N: scipy.sparse.csr_array, x: Array) -> Array:
@@ -252,10 +278,14 @@ class Factor:
     ----------
     st : Structure
     D : (m, q) ratios s_k / s0 per permuted column.
+    inverse : bool
+        Form S^-1 (the traces need it); False: solves with a dense S go through its
+        Cholesky factor where S is symmetric positive definite (:func:`md_solve`).
     """
 
-    def __init__(self, st: Structure, D: Array):
+    def __init__(self, st: Structure, D: Array, inverse: bool = True):
         self.st = st
+        self.R: list[Array] | None = None
         qb = st.qb
         self.db, self.ds = D[:, :qb], D[:, qb:]
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -271,18 +301,32 @@ class Factor:
                 self.Si = 1.0 / self.S
                 self.ok = np.all(np.isfinite(self.Si), axis=1) & np.all(self.S != 0, axis=1)
             else:
-                assert st.pairs is not None
-                NWN = np.asarray(st.pairs.T @ self.w1.T).T.reshape(m, qs, qs)
-                self.U = st.Zs[None] - NWN
-                self.S = np.eye(qs) + self.ds[:, :, None] * self.U
-                self.Si = _inverse(self.S, np.all(self.ds == self.ds[:, :1], axis=1))
-                self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
+                self.U = np.empty((m, qs, qs))
+                self.S = np.empty((m, qs, qs))
+                self.umax = np.empty(m)  # max |U|
+                for j in range(m):
+                    self.umax[j] = crossed.schur_into(
+                        st.N, self.w1[j], st.Zs, self.ds[j], self.U[j], self.S[j]
+                    )
+                symmetric = np.all(self.ds == self.ds[:, :1], axis=1)
+                if not inverse and symmetric.all():
+                    R = [crossed.cholesky(self.S[j]) for j in range(m)]
+                    if all(r is not None for r in R):
+                        self.R = R  # type: ignore[assignment]
+                        self.ok = np.ones(m, dtype=bool)
+                if self.R is None:
+                    self.Si, self.logdet_s = _inverse(self.S, symmetric)
+                    self.ok = np.all(np.isfinite(self.Si), axis=(1, 2))
             self.ok &= np.all(np.isfinite(self.pbi), axis=1)
 
     def _si(self, x: Array, transpose: bool = False) -> Array:
         """S^-1 x (or S^-T x) for x (m, qs, ...)."""
         if self.st.diagonal:
             return self.Si.reshape(self.Si.shape + (1,) * (x.ndim - 2)) * x
+        if self.R is not None:  # S symmetric: S^-T = S^-1
+            return np.stack(
+                [crossed.cholesky_solve(R, xj) for R, xj in zip(self.R, x, strict=True)]
+            )
         Si = np.swapaxes(self.Si, 1, 2) if transpose else self.Si
         if x.ndim == 2:
             return (Si @ x[:, :, None])[:, :, 0]
@@ -312,8 +356,8 @@ class Factor:
         """ZZ x (permuted order)."""
         st, qb = self.st, self.st.qb
         xb, xs = x[:, :qb], x[:, qb:]
-        if st.diagonal:
-            zs = np.diag(st.Zs)
+        zs = st.zs_diagonal
+        if zs is not None:
             ys_own = self._col(np.broadcast_to(zs, (x.shape[0], zs.size)), xs)
         else:
             ys_own = np.moveaxis(np.tensordot(st.Zs, xs, axes=([1], [1])), 0, 1)
@@ -327,7 +371,7 @@ class Factor:
             ld = rowsums(np.log(np.abs(self.pb)))
             if self.st.diagonal:
                 return ld + rowsums(np.log(np.abs(self.S)))
-            return ld + np.linalg.slogdet(self.S)[1]
+            return ld + self.logdet_s
 
     def w0_blocks(self, K: int) -> tuple[Array, Array]:
         """t (m, K) traces of the diagonal blocks of W0 = ZZ P^-1 and Q (m, K, K) the sums of
@@ -356,25 +400,23 @@ class Factor:
                 Q[:, big, k] = Q[:, k, big] = rowsums(self.Si[:, sel] * X[:, sel])
                 Q[:, k, k] = rowsums(US[:, sel] ** 2)
             return t, Q
-        assert st.pairs is not None
-        qs = st.qs
-        SiDs = self.Si * self.ds[:, None, :]
-        diagNSN = np.asarray(st.pairs @ SiDs.reshape(m, -1).T).T
-        V = np.asarray(st.pairs.T @ p2.T).T.reshape(m, qs, qs)
-        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
-        Q[:, big, big] = rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN)
         # U S^-1 = Ds^-1 (I - S^-1) where no ratio is too small for the division
-        scale = np.max(np.abs(self.U), axis=(1, 2))
-        division = np.all(np.abs(self.ds) * scale[:, None] >= DIVISION_MIN, axis=1)
-        small = np.unique(cs)
+        division = np.all(np.abs(self.ds) * self.umax[:, None] >= DIVISION_MIN, axis=1)
+        small = cs[st.small_edges[:-1]]
+        diagNSN = np.empty_like(p2)  # diag(N S^-1 Ds N')
         for j in range(m):
-            X = V[j] @ self.Si[j]
-            US = None if division[j] else self.U[j] @ self.Si[j]
-            xdx, qb, tk, Qk = dense_w0_sums(self.Si[j], X, US, self.ds[j], cs, K, division[j])
-            Q[j, big, big] += xdx
-            t[j, small] = tk[small]
-            Q[j, big, small] = Q[j, small, big] = qb[small]
-            Q[j, small[:, None], small] = Qk[small[:, None], small]
+            US = None
+            if not division[j]:  # with Ds = 0, S = I and U S^-1 = U
+                US = self.U[j] if not self.ds[j].any() else self.U[j] @ self.Si[j]
+            diagNSN[j], xdx, qb, tk, Qk = crossed.w0_sums(
+                st.N, p2[j], self.Si[j], US, self.ds[j], st.small_edges, division[j]
+            )
+            Q[j, big, big] = xdx
+            t[j, small] = tk
+            Q[j, big, small] = Q[j, small, big] = qb
+            Q[j, small[:, None], small] = Qk
+        t[:, big] = rowsums(zp) - rowsums(p2 * diagNSN)
+        Q[:, big, big] += rowsums(zp**2) - 2.0 * rowsums(zp * p2 * diagNSN)
         return t, Q
 
 
@@ -412,10 +454,16 @@ def score_terms(
     D = s[:, st.comp] / s0[:, None]
     fac = Factor(st, D)
     t, Q = fac.w0_blocks(K)
-    DG = D[:, :, None] * G[None]
-    Y = fac.solve(DG)  # P^-1 D G
-    E = fac.solve_t(np.broadcast_to(G, (m, *G.shape)))  # P^-T G
     p = G.shape[1]
+    Dz = D * zry
+    # P^-1 [D G, D zry] and P^-T [G, zry], each by one solve
+    Gz = np.empty((m, G.shape[0], p + 1))
+    Gz[:, :, :p] = G
+    Gz[:, :, p] = zry
+    Et = fac.solve_t(Gz)
+    Gz *= D[:, :, None]
+    Yt = fac.solve(Gz)
+    Y, E = Yt[:, :, :p], Et[:, :, :p]  # P^-1 D G, P^-T G
     C = np.eye(p) - G.T @ Y  # I - G' Y
     C = 0.5 * (C + np.swapaxes(C, 1, 2))
     with np.errstate(invalid="ignore"):
@@ -430,9 +478,8 @@ def score_terms(
                     pass
     ok = fac.ok & np.all(np.isfinite(B), axis=(1, 2))
     # quadratic forms with M = P^-1 + Y B E'
-    Dz = D * zry
-    u = fac.solve_t(zry) + (E @ (B @ (np.swapaxes(Y, 1, 2) @ zry[:, :, None])))[:, :, 0]
-    MDz = fac.solve(Dz) + (Y @ (B @ (np.swapaxes(E, 1, 2) @ Dz[:, :, None])))[:, :, 0]
+    u = Et[:, :, p] + (E @ (B @ (np.swapaxes(Y, 1, 2) @ zry[:, :, None])))[:, :, 0]
+    MDz = Yt[:, :, p] + (Y @ (B @ (np.swapaxes(E, 1, 2) @ Dz[:, :, None])))[:, :, 0]
     yR2y = yry - rowsums((u + zry) * MDz)
     zMDz = rowsums(zry * MDz)
     u2 = np.zeros((m, K))
@@ -474,8 +521,11 @@ def score_terms(
     return t, Q, u2, yR2y, zMDz, logdet, ok
 
 
-def md_solve(st: Structure, D: Array, x: Array) -> tuple[Array, Array]:
-    """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,)."""
-    fac = Factor(st, D)
+def md_solve(
+    st: Structure, D: Array, x: Array, factor: Factor | None = None
+) -> tuple[Array, Array]:
+    """(D ZZ + I)^-1 D x for x (m, q) or (m, q, k) in permuted order, and ok (m,);
+    ``factor``: ``Factor(st, D, inverse=False)`` where the caller has it already."""
+    fac = Factor(st, D, inverse=False) if factor is None else factor
     Dx = D.reshape(D.shape + (1,) * (x.ndim - 2)) * x
     return fac.solve(Dx), fac.ok
