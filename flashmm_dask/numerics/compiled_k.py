@@ -1,24 +1,15 @@
-"""Compiled per-feature kernels of the general-K paths (K >= 2).
+"""Compiled per-feature kernels of K = 2 on the dense path (:func:`score_k2_batch`,
+bench_fit's subject + subject x slope case, q = 25 + 25).
 
-Two kinds:
-
-- **K = 2 on the dense path** (:func:`score_k2_batch`, bench_fit's subject + subject x slope
-  case, q = 25 + 25). ``compiled._score_batch`` inverts the q x q matrix D A + I by
-  Gauss-Jordan (q^3). D is constant on each component, so it commutes with
-  V = blockdiag(V1, V2), the eigenvectors of the diagonal blocks of A; in that basis the
-  first block of D A + I is diagonal and the Schur complement over it leaves one
-  h2 x h2 symmetric system. Traces and block sums of squares are the same in both bases,
-  and each is a sum over the entries of the Schur parts (E = F S^-1, E F', S^-1): neither
-  M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 + h1^2 h2 / 2 multiply-adds per
-  evaluation instead of q^3 (3.2x fewer at h1 = h2) and the O(q^2) passes over M.
-  :func:`fit_k2_batch` runs the whole Fisher scoring loop of a feature in the kernel (z
-  rotated once, the evaluation that profiles s0 without the traces).
-- **Sums of the structured path with a dense Schur complement** (crossed factors such as
-  InstEval's ``(1|s) + (1|d)``): :class:`.structured.Factor`'s BLAS calls (Cholesky,
-  inverse, one product) are the essential cost; the traces and block sums of squares of
-  W0 that follow are O(q_s^2) each, and in NumPy they took as long as the BLAS calls (a
-  dozen temporaries of q_s^2 values per feature and iteration). :func:`dense_w0_sums`
-  computes them in one pass.
+``compiled._score_batch`` inverts the q x q matrix D A + I by Gauss-Jordan (q^3). D is
+constant on each component, so it commutes with V = blockdiag(V1, V2), the eigenvectors of
+the diagonal blocks of A; in that basis the first block of D A + I is diagonal and the
+Schur complement over it leaves one h2 x h2 symmetric system. Traces and block sums of
+squares are the same in both bases, and each is a sum over the entries of the Schur parts
+(E = F S^-1, E F', S^-1): neither M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 +
+h1^2 h2 / 2 multiply-adds per evaluation instead of q^3 (3.2x fewer at h1 = h2) and the
+O(q^2) passes over M. :func:`fit_k2_batch` runs the whole Fisher scoring loop of a feature
+in the kernel (z rotated once, the evaluation that profiles s0 without the traces).
 
 Each kernel works one feature at a time in a fixed order: the fit of a feature does not
 depend on the features that share its block.
@@ -34,7 +25,6 @@ from flashmm_dask.numerics.compiled import (
     _compile,
     _gauss_jordan,
     _inverse_checked_into,
-    w_row_divided,
 )
 
 
@@ -50,75 +40,6 @@ def _symmetrize_upper(a: np.ndarray) -> None:
 def symmetrize_upper(a: np.ndarray) -> None:
     """The upper triangle of a (LAPACK's dpotri output) mirrored onto the lower, in place."""
     _symmetrize_upper(a)
-
-
-@_compile
-def _dense_w0_sums(
-    Si: np.ndarray,
-    X: np.ndarray,
-    US: np.ndarray,
-    ds: np.ndarray,
-    cs: np.ndarray,
-    K: int,
-    division: bool,
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """The O(q_s^2) sums of :meth:`.structured.Factor.w0_blocks` (dense S) of one feature.
-
-    Si = S^-1, X = V S^-1 (V = N' Pb^-2 N), ds the ratios of the small columns, ``cs`` their
-    components. US = U S^-1: with ``division`` it is (I - S^-1) / ds by rows and ``US`` is
-    not read; else ``US`` holds the product.
-
-    Returns tr((X Ds)^2), qb (K,) the sums over the columns of component k of
-    sum_r Si[r, c] X[r, c], t (K,) the traces of the diagonal blocks of US and Q (K, K)
-    the sums of squares of its blocks.
-    """
-    qs = Si.shape[0]
-    t = np.zeros(K)
-    Q = np.zeros((K, K))
-    qb = np.zeros(K)
-    colsq = np.zeros(qs)
-    row = np.empty(qs)
-    xdx = 0.0
-    for r in range(qs):
-        kr = cs[r]
-        xr = 0.0
-        for c in range(qs):
-            xr += X[r, c] * ds[c] * X[c, r] * ds[r]
-            colsq[c] += Si[r, c] * X[r, c]
-        xdx += xr
-        if division:
-            w_row_divided(Si, r, ds[r], row)
-        else:
-            for c in range(qs):
-                row[c] = US[r, c]
-        t[kr] += row[r]
-        for c in range(qs):
-            Q[kr, cs[c]] += row[c] * row[c]
-    for c in range(qs):
-        qb[cs[c]] += colsq[c]
-    return xdx, qb, t, Q
-
-
-def dense_w0_sums(
-    Si: np.ndarray,
-    X: np.ndarray,
-    US: np.ndarray | None,
-    ds: np.ndarray,
-    cs: np.ndarray,
-    K: int,
-    division: bool,
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """See :func:`_dense_w0_sums`; ``US`` may be None with ``division``."""
-    us = Si if US is None else np.ascontiguousarray(US)
-    return _dense_w0_sums(
-        np.ascontiguousarray(Si),
-        np.ascontiguousarray(X),
-        us,
-        np.ascontiguousarray(ds, dtype=np.float64),
-        np.ascontiguousarray(cs, dtype=np.int64),
-        int(K),
-        bool(division),
-    )
 
 
 # --- K = 2, dense: the Schur complement in a basis that diagonalises both diagonal blocks ---
