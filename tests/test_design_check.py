@@ -62,6 +62,27 @@ def test_donors_nested_in_condition_keep_donors_minus_conditions(per, fixed):
         assert r.absorbing == ("cls0", "cls1", "cls2", "cls0:trtB", "cls1:trtB", "cls2:trtB")
 
 
+@pytest.mark.parametrize("fixed", ["~ trt", FIXED, "~ 0 + sam + cls"])
+@pytest.mark.parametrize("per", [2, 6])
+def test_components_of_many_levels_equal_the_ranks_of_the_cell_matrices(per, fixed):
+    """donor x cell type has more levels than X has columns: its ranks come from a p x p
+    eigenproblem (a diagonal Z_k'Z_k), and must be those of the cell-level matrices."""
+    obs = nested_obs((per, per), n=900, seed=per)
+    design, found = reps(obs, fixed, ["~ 0 + sam", "~ 0 + sam:cls"])
+    X, Z = design.X(obs), design.Z(obs).toarray()
+    rank_x = np.linalg.matrix_rank(X)
+    start = 0
+    for r, size in zip(found, design.d, strict=True):
+        Zk = Z[:, start : start + size]
+        start += size
+        assert r.rank == np.linalg.matrix_rank(Zk)
+        assert r.df == np.linalg.matrix_rank(np.hstack([X, Zk])) - rank_x
+        assert r.absorbed == r.rank - r.df
+    assert found[1].rank > design.p  # the p x p eigenproblem was the one used
+    if "sam" in fixed:  # donor as a fixed effect absorbs the donor component
+        assert found[0].df == 0 and found[1].absorbing
+
+
 def test_crossproducts_equal_those_of_the_full_matrices():
     obs = nested_obs((3, 4), n=700)
     design = fm.build_design(obs, FIXED, ["~ 0 + sam", "~ 0 + batch"])

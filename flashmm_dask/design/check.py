@@ -97,6 +97,38 @@ def _rank(sym: np.ndarray) -> int:
     return int(np.sum(eig > RANK_RTOL * max(1.0, float(eig[-1]))))
 
 
+def _is_diagonal(C: np.ndarray) -> bool:
+    return not np.any(C[~np.eye(C.shape[0], dtype=bool)])
+
+
+def _pinv(C: np.ndarray, diagonal: bool) -> np.ndarray:
+    if not diagonal:
+        return np.linalg.pinv(C, rcond=RANK_RTOL, hermitian=True)
+    c = np.diag(C)
+    keep = c > RANK_RTOL * max(1.0, float(c.max(initial=0.0)))
+    return np.diag(np.where(keep, 1.0 / np.where(keep, c, 1.0), 0.0))
+
+
+def _diagonal_ranks(C: np.ndarray, B: np.ndarray, A_pinv: np.ndarray) -> tuple[int, int]:
+    """rank C and rank (C - B A^+ B') for a diagonal C with more than p non-zero entries,
+    from a p x p eigenproblem (an indicator component of thousands of levels, e.g. donor x
+    cell type, would otherwise take two q x q eigendecompositions: minutes).
+
+    Scaled to unit norm, C is 1 on its r non-empty columns and 0 elsewhere (where B is 0
+    too), so C - B A^+ B' is I - M on them, M = B A^+ B' of rank <= p: its eigenvalues are
+    1 (r - p times) and 1 - mu_i, mu_i those of R' B'B R with A^+ = R R' (p x p). The
+    largest is 1, so the rule of :func:`_rank` counts the 1 - mu_i above RANK_RTOL."""
+    c = np.diag(C)
+    support = c > RANK_RTOL * max(1.0, float(c.max(initial=0.0)))
+    rank = int(np.count_nonzero(support))
+    Bs = B[support] / np.sqrt(c[support])[:, None]  # C^-1/2 B: exact for unit-scaled C
+    lam, vec = np.linalg.eigh(0.5 * (A_pinv + A_pinv.T))
+    R = vec * np.sqrt(np.clip(lam, 0.0, None))
+    mu = eigvalsh_one_thread(R.T @ (Bs.T @ Bs) @ R)
+    p = A_pinv.shape[0]
+    return rank, (rank - p) + int(np.count_nonzero(1.0 - mu > RANK_RTOL))
+
+
 def _unit_scale(gram_diagonal: np.ndarray) -> np.ndarray:
     scale = np.sqrt(np.clip(gram_diagonal, 0.0, None))
     return np.where(scale > 0, scale, 1.0)
@@ -137,13 +169,17 @@ def replication(
         sz = _unit_scale(np.diag(ZZ[Ik, Ik]))
         C = ZZ[Ik, Ik] / np.outer(sz, sz)
         B = ZX[Ik] / np.outer(sz, sx)
-        rank = _rank(C)
-        schur_z = C - B @ A_pinv @ B.T
-        df = min(rank, _rank(0.5 * (schur_z + schur_z.T)))
+        diagonal = _is_diagonal(C)
+        if diagonal and int(np.count_nonzero(np.diag(C) > RANK_RTOL)) > A.shape[0]:
+            rank, df = _diagonal_ranks(C, B, A_pinv)
+        else:
+            rank = _rank(C)
+            schur_z = C - B @ A_pinv @ B.T
+            df = min(rank, _rank(0.5 * (schur_z + schur_z.T)))
         absorbed = rank - df
         absorbing: tuple[str, ...] = ()
         if absorbed:
-            schur_x = A - B.T @ np.linalg.pinv(C, rcond=RANK_RTOL, hermitian=True) @ B
+            schur_x = A - B.T @ _pinv(C, diagonal) @ B
             _, vectors = np.linalg.eigh(0.5 * (schur_x + schur_x.T))
             weight = np.linalg.norm(vectors[:, :absorbed], axis=1)
             absorbing = tuple(str(covariates[int(j)]) for j in np.flatnonzero(weight > SUPPORT_TOL))
