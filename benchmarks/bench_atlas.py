@@ -13,7 +13,9 @@ The whole pipeline (:func:`flashmm_dask.run.pipeline.run`: reduction, fitting, t
 store, tables; plots with ``--plots``) runs on a local cluster, and the script prints the
 wall time per phase, the peak resident memory of the process tree (driver + workers,
 target <= 4 GiB at 5M cells) and the cost per non-zero of each size (linear in the
-non-zeros when the cost per non-zero is flat). Not a test: it asserts nothing.
+non-zeros when the cost per non-zero is flat). ``--nested`` fits random ``~ 0 + donor``
+and ``~ 0 + donor:state`` (q = 259 + 7,511; the structured path) instead, into
+``atlas-out-<cells>-nested``. Not a test: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from _common import (
 
 FIXED = "~ 0 + log(libsize) + age + sex + state + state:condition"
 RANDOM = "~ 0 + donor"
+#: ``--nested``: donor and donor x state (q = 259 + 7,511), the structured path
+NESTED = ["~ 0 + donor", "~ 0 + donor:state"]
 N_DONORS = 259
 N_STATES = 29
 AGE_RANGE = (18, 80)
@@ -111,13 +115,13 @@ def _has_atlas_obs(path: Path, n_cells: int, n_genes: int) -> bool:
         return False
 
 
-def contrasts_for(store: Path) -> dict[str, str]:
+def contrasts_for(store: Path, random: str | list[str] = RANDOM) -> dict[str, str]:
     """Two contrasts named as R would: condition B vs A in the first state, and its
     difference between the second and the first state."""
     from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_obs
 
-    design = build_design(read_obs(str(store)), FIXED, RANDOM)
+    design = build_design(read_obs(str(store)), FIXED, random)
     inter = [c for c in design.covariates if ":" in c]
     return {"cond_in_first": inter[0], "cond_second_vs_first": f"{inter[1]} - {inter[0]}"}
 
@@ -128,6 +132,7 @@ def run_pipeline(
     overrides: tuple[str, ...] = (),
     plots: bool = False,
     client: Any = None,
+    random: str | list[str] = RANDOM,
 ) -> tuple[Any, int, float]:
     """Run the pipeline on ``store`` into a fresh ``output``; (summary, peak bytes, wall s).
 
@@ -139,13 +144,13 @@ def run_pipeline(
 
     if output.exists():
         shutil.rmtree(output)
-    contrasts = contrasts_for(store)
+    contrasts = contrasts_for(store, random)
     cfg = load_config(
         None,
         (
             f"data.path={store}",
             f"model.fixed={FIXED}",
-            f"model.random={RANDOM}",
+            f"model.random={random}",
             "contrasts=" + "{" + ", ".join(f"{k}: '{v}'" for k, v in contrasts.items()) + "}",
             f"output.path={output}",
             f"output.plots={str(plots).lower()}",
@@ -175,6 +180,11 @@ def main(argv: list[str] | None = None) -> list[tuple[Any, ...]]:
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--plots", action="store_true", help="also draw the report plots")
+    ap.add_argument(
+        "--nested",
+        action="store_true",
+        help=f"random effects {NESTED} (the structured path) instead of {RANDOM!r}",
+    )
     ap.add_argument("--store-dir", type=Path, default=DEFAULT_STORE_DIR)
     ap.add_argument(
         "--compare-defaults",
@@ -186,7 +196,9 @@ def main(argv: list[str] | None = None) -> list[tuple[Any, ...]]:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     print(machine_line())
-    print(f"model: {FIXED} | {RANDOM}; {args.workers} workers x 1 thread")
+    random = NESTED if args.nested else RANDOM
+    suffix = "-nested" if args.nested else ""
+    print(f"model: {FIXED} | {random}; {args.workers} workers x 1 thread")
     print(f"free disk in {args.store_dir}: {gib(free_disk(args.store_dir))}")
     rows = []
     for n_cells in sizes:
@@ -199,22 +211,24 @@ def main(argv: list[str] | None = None) -> list[tuple[Any, ...]]:
         )
         summary, peak, wall = run_pipeline(
             store,
-            args.store_dir / f"atlas-out-{n_cells}",
+            args.store_dir / f"atlas-out-{n_cells}{suffix}",
             (f"cluster.n_workers={args.workers}",),
             plots=args.plots,
+            random=random,
         )
         timings = summary.timings
         rows.append((n_cells, nnz, wall, peak, timings, summary, load_average()))
         if args.compare_defaults:
             old, _, _ = run_pipeline(
                 store,
-                args.store_dir / f"atlas-out-{n_cells}-r",
+                args.store_dir / f"atlas-out-{n_cells}{suffix}-r",
                 (
                     f"cluster.n_workers={args.workers}",
-                    f"stats.load={args.store_dir / f'atlas-out-{n_cells}' / 'stats.zarr'}",
+                    f"stats.load={args.store_dir / f'atlas-out-{n_cells}{suffix}' / 'stats.zarr'}",
                     "model.df=residual",
                     "model.nonnegative=false",
                 ),
+                random=random,
             )
             new_s, old_s = timings["fitting"], old.timings["fitting"]
             print(
