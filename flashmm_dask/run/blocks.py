@@ -51,10 +51,18 @@ def versions() -> dict[str, str]:
 MAX_AUTO_BLOCK = 16_384
 
 
-def auto_block_size(m: int, p: int, q: int, K: int, n_workers: int) -> int:
+def auto_block_size(
+    m: int, p: int, q: int, K: int, n_workers: int, work_values: int | None = None
+) -> int:
     """Features per block: a few blocks per worker, each within ~256 MiB of work arrays
-    and at most :data:`MAX_AUTO_BLOCK`."""
-    per_feature = 8 * (3 * p * p + 6 * q + (6 * q * q if K > 1 else 0))
+    and at most :data:`MAX_AUTO_BLOCK`.
+
+    ``work_values``: the fit's work arrays per feature where the shared terms are known
+    (:attr:`~flashmm_dask.numerics.fisher.SharedTerms.work_values`: O(q) on the structured
+    path); else those of the dense path, O(q^2) for K > 1."""
+    if work_values is None:
+        work_values = q * q if K > 1 else 0
+    per_feature = 8 * (3 * p * p + 6 * q + 6 * work_values)
     memory_cap = max(16, (256 << 20) // per_feature)
     balance = math.ceil(m / (4 * max(1, n_workers)))
     return int(max(16, min(balance, memory_cap, MAX_AUTO_BLOCK)))
@@ -78,6 +86,7 @@ def block_layout(
     *,
     m_total: int | None = None,
     features: tuple[str, ...] | None = None,
+    work_values: int | None = None,
 ) -> ResultsLayout:
     """The names and blocks of the results store of ``stats``.
 
@@ -91,7 +100,7 @@ def block_layout(
     if size == "auto":
         # with strata: a few blocks per worker over all strata together, not per stratum
         m = len(names) if m_total is None else m_total
-        size = auto_block_size(m, stats.p, stats.q, len(stats.d), workers)
+        size = auto_block_size(m, stats.p, stats.q, len(stats.d), workers, work_values)
         if m_total is not None:
             size = min(size, len(names))
     return ResultsLayout(
@@ -243,7 +252,10 @@ def fit_store(
     """Fit every block not yet in the results store; return the reports of this run."""
     store = folder / RESULTS
     L = contrasts_of(dict(cfg.contrasts), stats)
-    layout = block_layout(cfg, stats, L, n_workers(client))
+    model = shared_model(cfg, stats, L, store=str(store), store_cov=bool(cfg.fit.store_cov))
+    terms = model.terms
+    assert terms is not None, "prepared by SharedModel"
+    layout = block_layout(cfg, stats, L, n_workers(client), work_values=terms.work_values)
     if not store.exists():
         create_results(str(store), layout, store_attrs(cfg, stats, layout))
     layout, todo = resumed(layout, store)
@@ -256,7 +268,10 @@ def fit_store(
         len(todo),
     )
     token = cfg.hash()[:12]
-    futures = submit_blocks(cfg, client, stats, L, layout, store, todo, f"flashmm-fit-{token}")
+    shared = client.scatter(model, broadcast=True, hash=False)
+    futures = submit_blocks(
+        cfg, client, stats, L, layout, store, todo, f"flashmm-fit-{token}", shared=shared
+    )
 
     def written() -> None:
         done = int(blocks_done(str(store)).sum())
