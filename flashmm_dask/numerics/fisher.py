@@ -495,24 +495,26 @@ def _scoring(
     m = s.shape[0]
     niter = np.zeros(m, dtype=np.int64)
     active = np.arange(m)
-    idx = np.arange(s.shape[1]) if free is None else np.flatnonzero(free)
+    idx = np.arange(s.shape[1]) if free is None else np.flatnonzero(free)  # updated
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         while active.size and max_iter > 0:
             niter[active] += 1
             sc = score(s[active], active)
-            dl, F = sc.dl, sc.F
-            if free is not None:
-                dl, F = dl[:, idx], F[:, idx[:, None], idx]
-            s[active[:, None], idx] += (pinv_sym(F) @ dl[:, :, None])[:, :, 0]
+            if free is None:
+                dl = sc.dl
+                s[active] += (pinv_sym(sc.F) @ dl[:, :, None])[:, :, 0]
+            else:
+                dl, F = sc.dl[:, idx], sc.F[:, idx[:, None], idx]
+                s[active[:, None], idx] += (pinv_sym(F) @ dl[:, :, None])[:, :, 0]
             still = (np.max(np.abs(dl), axis=1) > epsilon) & (niter[active] < max_iter)
             active = active[still]
         # profile the residual variance, then evaluate score and information there
         all_rows = np.arange(m)
         s[:, -1] = score(s, all_rows).s0_profiled
         final = score(s, all_rows, final=True)
-        se_theta = np.full(s.shape, np.nan)
-        Finv = pinv_sym(final.F[:, idx[:, None], idx])
-        se_theta[:, idx] = np.sqrt(np.diagonal(Finv, axis1=1, axis2=2))
+        F = final.F if free is None else final.F[:, idx[:, None], idx]
+        se_theta = np.full(s.shape, np.nan)  # NaN for the pinned components
+        se_theta[:, idx] = np.sqrt(np.diagonal(pinv_sym(F), axis1=1, axis2=2))
     return ThetaFit(
         theta=s,
         se_theta=se_theta,
