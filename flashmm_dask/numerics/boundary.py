@@ -73,8 +73,9 @@ def _refit(
     pinned: bool,
 ) -> tuple[Array, np.ndarray, _Score | None]:
     """Fit the features with their components ``held`` (m, K) at zero: theta (m, K+1),
-    niter, and on the structured path the full model's score and information at theta
-    (None elsewhere; NaN for the features with every component held)."""
+    niter, and where ``pinned`` the full model's score and information at theta from the
+    refits' final evaluation (None otherwise; NaN for the features with every component
+    held)."""
     m, K = held.shape
     theta = np.zeros((m, K + 1))
     niter = np.zeros(m, dtype=np.int64)
@@ -165,7 +166,7 @@ def _score_at(
     final: bool = False,
 ) -> _Score:
     """The full model's score at theta of the features ``pick``: from ``last`` (the
-    structured refits' own final evaluation at that theta, the same numbers) where given,
+    pinned refits' own final evaluation at that theta, the same numbers) where given,
     by :func:`full_score` for the rest (every component held: no refit evaluated it)."""
     if last is None:
         zp = None if z is None else z[pick]
