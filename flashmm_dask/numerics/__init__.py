@@ -1,6 +1,7 @@
 """Pure NumPy/SciPy numerics of FLASH-MM, feature axis first; no Dask, Zarr or pandas.
 
 fisher        batched Fisher scoring of the variance components (REML or ML)
+scores        their score and information in NumPy (the reference algebra)
 structured    the same through the block structure of Z'Z (K >= 2, one diagonal block)
 structured_nested  REML's correction there for nested factors (a diagonal Schur complement)
 compiled      per-feature kernels of the fitter, compiled with numba

@@ -12,7 +12,14 @@ from the same summary statistics:
    columns of Z leave ZX, ZZ and zry, the other components are re-estimated by the same
    Fisher scoring on the reduced statistics (R's default start). With no component left
    the model is the linear model, s0 = yry / (n - r). The log-likelihood of the full
-   model with theta_k = 0 is the reduced model's, so this is the optimum on that face;
+   model with theta_k = 0 is the reduced model's, so this is the optimum on that face.
+   On the structured path (K >= 2 through the block structure of ZZ) the refit keeps the
+   full model's terms and pins the held components at exactly zero instead
+   (``fit_theta(..., fixed=)``): V is the reduced model's, so are the log-likelihood,
+   the score and information of the free components, the steps and the stopping rule,
+   at the cost of a structured fit. Reduced terms would cost far more there: without
+   the small component of nested factors (donor + donor:state) the reduced model is
+   K = 1 with the large one, whose spectral terms eigendecompose a dense q x q matrix;
 3. Karush-Kuhn-Tucker check: a held component whose score at the boundary points into
    the interior (dlogL_k > epsilon) is freed again (restarted at the coordinate Newton
    step dlogL_k / F_kk > 0), and a free component that the refit drives below zero is
@@ -28,16 +35,17 @@ from dataclasses import replace
 
 import numpy as np
 
+from flashmm_dask.numerics import structured
 from flashmm_dask.numerics.fisher import (
     SharedTerms,
     ThetaFit,
-    _Score,
     _score_compiled,
-    _score_general,
+    _score_structured,
     fit_theta,
     prepare,
 )
 from flashmm_dask.numerics.linalg import Array, pinv_sym
+from flashmm_dask.numerics.scores import _Score, _score_general
 from flashmm_dask.numerics.spectral_terms import score_batch
 
 
@@ -62,16 +70,45 @@ def _refit(
     max_iter: int,
     epsilon: float,
     cache: dict[bytes, tuple[SharedTerms, np.ndarray]],
-) -> tuple[Array, np.ndarray]:
-    """Fit the features with their components ``held`` (m, K) at zero: theta (m, K+1), niter."""
+    pinned: bool,
+) -> tuple[Array, np.ndarray, _Score | None]:
+    """Fit the features with their components ``held`` (m, K) at zero: theta (m, K+1),
+    niter, and where ``pinned`` the full model's score and information at theta from the
+    refits' final evaluation (None otherwise; NaN for the features with every component
+    held)."""
     m, K = held.shape
     theta = np.zeros((m, K + 1))
     niter = np.zeros(m, dtype=np.int64)
+    score = _Score(
+        np.full((m, K + 1), np.nan), np.full((m, K + 1, K + 1), np.nan), np.zeros(m), np.zeros(m)
+    )
     patterns, which = np.unique(held, axis=0, return_inverse=True)
     for g, pattern in enumerate(patterns):
         rows = np.flatnonzero(which.ravel() == g)
         if pattern.all():  # no random component left: the linear model
             theta[rows, K] = yry[rows] / (sh.n - sh.r)
+            continue
+        free = np.append(~pattern, True)
+        if pinned:
+            # the components held at exactly zero in the full model's terms: the same V,
+            # log-likelihood, steps and stopping rule as the reduced model, at the cost of
+            # one structured fit (the reduced model of nested factors is K = 1 with the
+            # large component: its spectral terms are a dense q x q eigendecomposition)
+            th = fit_theta(
+                sh,
+                zry[rows],
+                yry[rows],
+                theta0=None if theta0 is None else theta0[rows],
+                max_iter=max_iter,
+                epsilon=epsilon,
+                fixed=pattern,
+            )
+            theta[rows], niter[rows] = th.theta, th.niter
+            score.dl[rows], score.F[rows], score.logdetM0[rows] = (
+                th.dlogL,
+                th.FIM_theta,
+                th.logdetM0,
+            )
             continue
         if pattern.any():
             key = pattern.tobytes()
@@ -81,12 +118,11 @@ def _refit(
             sub_zry = zry[rows][:, cols]
         else:
             sub, sub_zry = sh, zry[rows]
-        free = np.append(~pattern, True)
         start = None if theta0 is None else theta0[rows][:, free]
         th = fit_theta(sub, sub_zry, yry[rows], theta0=start, max_iter=max_iter, epsilon=epsilon)
         theta[np.ix_(rows, np.flatnonzero(free))] = th.theta
         niter[rows] = th.niter
-    return theta, niter
+    return theta, niter, score if pinned else None
 
 
 def full_score(
@@ -101,16 +137,48 @@ def full_score(
     """Score, information, profiled s0 and log|det M0| of the full model at theta.
 
     K = 1: by the compiled sums of :func:`.spectral_terms.score_batch` on z = zry U (given,
-    or computed here); log|det M0| is NaN unless ``final``.
+    or computed here); log|det M0| is NaN unless ``final``. The structured path: the
+    scorer of its fit (:func:`.fisher._score_structured`, O(q) per nested feature).
     """
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if sh.K == 1:
             zu = zry @ sh.U if z is None else z
             return _Score(*score_batch(sh, zu, theta, yry, final))
+        if sh.path == "structured":
+            assert sh.structure is not None
+            with structured.one_blas_thread():
+                return _score_structured(sh, theta, zry[:, sh.structure.perm], yry, final=final)
         try:
             return _score_compiled(sh, theta, zry, yry, final=final)
         except Exception:  # pragma: no cover - the NumPy algebra is the reference
             return _score_general(sh, theta, zry, yry, final=final)
+
+
+def _score_at(
+    sh: SharedTerms,
+    theta: Array,
+    zry: Array,
+    yry: Array,
+    z: Array | None,
+    pick: np.ndarray,
+    hold: np.ndarray,
+    last: _Score | None,
+    final: bool = False,
+) -> _Score:
+    """The full model's score at theta of the features ``pick``: from ``last`` (the
+    pinned refits' own final evaluation at that theta, the same numbers) where given,
+    by :func:`full_score` for the rest (every component held: no refit evaluated it)."""
+    if last is None:
+        zp = None if z is None else z[pick]
+        return full_score(sh, theta[pick], zry[pick], yry[pick], final=final, z=zp)
+    out = _Score(last.dl[pick], last.F[pick], last.s0_profiled[pick], last.logdetM0[pick])
+    linear = np.flatnonzero(hold[pick].all(axis=1))
+    if linear.size:
+        rest = full_score(
+            sh, theta[pick[linear]], zry[pick[linear]], yry[pick[linear]], final=final
+        )
+        out.dl[linear], out.F[linear], out.logdetM0[linear] = rest.dl, rest.F, rest.logdetM0
+    return out
 
 
 def constrain(
@@ -122,6 +190,7 @@ def constrain(
     max_iter: int = 50,
     epsilon: float = 1e-5,
     z: Array | None = None,
+    pinned: bool | None = None,
 ) -> tuple[ThetaFit, np.ndarray]:
     """The fit over variance components >= 0, from an unconstrained one.
 
@@ -134,6 +203,10 @@ def constrain(
     z : (m, q) array, optional
         K = 1: the projections zry @ sh.U where the caller has them (the full model's
         score is computed from them).
+    pinned : bool, optional
+        Refit with the held components pinned at zero in the full model's terms (True)
+        or on the reduced model's terms (False); default: pinned on the structured path
+        (``sh.path == "structured"``), reduced elsewhere. The two give the same fit.
 
     Returns
     -------
@@ -152,6 +225,8 @@ def constrain(
         rows = np.flatnonzero((fit.theta[:, :K] < 0).any(axis=1))
     if rows.size == 0:
         return fit, held
+    if pinned is None:
+        pinned = sh.path == "structured"
     zu = None if z is None or sh.K != 1 else z[rows]  # their projections on U
     zr, y = zry[rows], yry[rows]
     hold = fit.theta[rows, :K] < 0  # (r, K)
@@ -160,9 +235,21 @@ def constrain(
     todo = np.arange(rows.size)  # features whose held set changed
     start: Array | None = None
     cache: dict[bytes, tuple[SharedTerms, np.ndarray]] = {}
+    # the structured path's refits end with the full model's score at their theta (final):
+    # kept per feature for the KKT check and the result, which need no evaluation of their own
+    last = _Score(
+        np.zeros((rows.size, K + 1)),
+        np.zeros((rows.size, K + 1, K + 1)),
+        np.zeros(rows.size),
+        np.zeros(rows.size),
+    )
     for rounds in range(3 * K + 3):
-        th, nit = _refit(sh, zr[todo], y[todo], hold[todo], start, max_iter, epsilon, cache)
+        th, nit, sc_fit = _refit(
+            sh, zr[todo], y[todo], hold[todo], start, max_iter, epsilon, cache, pinned
+        )
         theta[todo], extra[todo] = th, extra[todo] + nit
+        if sc_fit is not None:
+            last.dl[todo], last.F[todo], last.logdetM0[todo] = sc_fit.dl, sc_fit.F, sc_fit.logdetM0
         with np.errstate(invalid="ignore"):
             negative = (th[:, :K] < 0) & ~hold[todo]
         # KKT at the boundary, for the features whose free components stayed >= 0
@@ -171,8 +258,7 @@ def constrain(
         at_bound = np.flatnonzero(~negative.any(axis=1) & hold[todo].any(axis=1))
         if at_bound.size and rounds <= K:
             pick = todo[at_bound]
-            zp = None if zu is None else zu[pick]
-            sc = full_score(sh, th[at_bound], zr[pick], y[pick], z=zp)
+            sc = _score_at(sh, theta, zr, y, zu, pick, hold, last if sc_fit is not None else None)
             dl[at_bound] = sc.dl[:, :K]
             F_diag[at_bound] = np.diagonal(sc.F, axis1=1, axis2=2)[:, :K]
         freed = hold[todo] & (dl > epsilon)
@@ -186,7 +272,8 @@ def constrain(
             step = dl / F_diag
         next_start[:, :K] = np.where(freed, step, next_start[:, :K])
         todo, start = todo[changed], next_start[changed]
-    final = full_score(sh, theta, zr, y, final=True, z=zu)
+    every = np.arange(rows.size)
+    final = _score_at(sh, theta, zr, y, zu, every, hold, last if pinned else None, True)
     held[rows, :K] = hold
     F = final.F
     # se of the free components from their own information; NaN for the held ones

@@ -42,15 +42,8 @@ import numpy as np
 import scipy.linalg
 
 from flashmm_dask.numerics import compiled, compiled_k, structured
-from flashmm_dask.numerics.linalg import (
-    GINV_TOL,
-    Array,
-    aliased_columns,
-    inv_shifted,
-    pinv_sym,
-    reciprocal,
-    trace,
-)
+from flashmm_dask.numerics.linalg import GINV_TOL, Array, aliased_columns, pinv_sym
+from flashmm_dask.numerics.scores import _Score, _score_general, _score_spectral
 from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.spectral_terms import eigh_one_thread as _eigh
 from flashmm_dask.numerics.spectral_terms import signed_permutation, times_basis
@@ -283,39 +276,6 @@ class ThetaFit:
     logdetM0: Array
 
 
-@dataclass(frozen=True)
-class _Score:
-    dl: Array  # (m, K+1)
-    F: Array  # (m, K+1, K+1)
-    s0_profiled: Array  # (m,) (yry - zry' M D zry) / (n - r) at the current theta
-    logdetM0: Array  # (m,)
-
-
-def _times_A(sh: SharedTerms, M0: Array, D: Array) -> Array:
-    """W = A M0 for M0 = (D A + I)^-1, in O(q^2) per feature where D allows.
-
-    (D A + I) M0 = I gives D W = I - M0, so row r of W is (I - M0)[r] / D[r]. The division
-    loses about log10(1 / (|D[r]| max|A|)) digits, so features with any small |D[r]| take
-    the product instead.
-    """
-    scale = np.max(np.abs(sh.A))
-    by_division = np.all(np.abs(D) * scale >= _DIVISION_MIN, axis=1)
-    if by_division.all():
-        return (np.eye(sh.q) - M0) / D[:, :, None]
-    W = np.empty_like(M0)
-    if by_division.any():
-        Mi = M0[by_division]
-        with np.errstate(divide="ignore"):
-            W[by_division] = (np.eye(sh.q) - Mi) / D[by_division][:, :, None]
-    if not by_division.all():
-        W[~by_division] = sh.A @ M0[~by_division]
-    return W
-
-
-#: |D[r]| * max|A| above which W = A M0 is taken from I - M0 (relative error ~1e-13 or less).
-_DIVISION_MIN = compiled.DIVISION_MIN
-
-
 def _score_compiled(
     sh: SharedTerms, s: Array, zry: Array, yry: Array, *, final: bool = False
 ) -> _Score:
@@ -334,37 +294,6 @@ def _score_compiled(
         rest = _score_general(sh, s[~ok], zry[~ok], yry[~ok], final=final)
         dl[~ok], F[~ok], s0p[~ok], logdet[~ok] = rest.dl, rest.F, rest.s0_profiled, rest.logdetM0
     return _Score(dl, F, s0p, logdet)
-
-
-def _score_general(
-    sh: SharedTerms, s: Array, zry: Array, yry: Array, *, final: bool = False
-) -> _Score:
-    m, q, K = s.shape[0], sh.q, sh.K
-    s0 = s[:, -1]
-    D = np.repeat(s[:, :-1] / s0[:, None], sh.d, axis=1)  # (m, q)
-    M = inv_shifted(sh.zrz, D)
-    M0 = M if sh.method == "REML" else inv_shifted(sh.ZZ, D)
-    u = (zry[:, None, :] @ M)[:, 0, :]  # M' zry
-    W = _times_A(sh, M0, D)
-    M0t = np.swapaxes(M0, 1, 2)
-    s02 = s0**2
-    dl = np.empty((m, K + 1))
-    F = np.empty((m, K + 1, K + 1))
-    for i, Ii in enumerate(sh.slices):
-        dl[:, i] = (np.sum(u[:, Ii] ** 2, axis=1) / s02 - trace(W[:, Ii, Ii]) / s0) / 2
-        for j, Ij in enumerate(sh.slices[: i + 1]):
-            F[:, i, j] = F[:, j, i] = np.sum(W[:, Ij, Ii] ** 2, axis=(1, 2)) / s02 / 2
-        # tr (W M0)_ii without forming W M0: sum of W[Ii, :] * M0[:, Ii]'
-        trW2 = np.sum(W[:, Ii, :] * M0t[:, Ii, :], axis=(1, 2))
-        F[:, i, K] = F[:, K, i] = trW2 / s02 / 2
-    nrq = sh.n - sh.r - q
-    F[:, K, K] = (nrq + np.sum(M0 * M0t, axis=(1, 2))) / s02 / 2
-    MDz = (M @ (D * zry)[:, :, None])[:, :, 0]
-    yR2y = yry - np.sum((u + zry) * MDz, axis=1)
-    dl[:, K] = (yR2y / s02 - (nrq + trace(M0)) / s0) / 2
-    s0_prof = (yry - np.sum(zry * MDz, axis=1)) / (sh.n - sh.r)
-    logdet = np.linalg.slogdet(M0)[1] if final else np.full(m, np.nan)
-    return _Score(dl, F, s0_prof, logdet)
 
 
 def _score_structured(
@@ -421,37 +350,6 @@ def _score_structured(
     return _Score(dl, F, s0_prof, logdet)
 
 
-def _score_spectral(
-    sh: SharedTerms, s: Array, z: Array, yry: Array, *, final: bool = False
-) -> _Score:
-    """K = 1: z = zry U (m, q), the projection of zry on the eigenvectors of zrz."""
-    q = sh.q
-    s0 = s[:, 1]
-    rho = s[:, 0] / s0
-    mvals = reciprocal(1.0 + rho[:, None] * sh.lam)  # eigenvalues of M
-    if sh.method == "REML":
-        avals, m0vals = sh.lam, mvals
-    else:
-        avals, m0vals = sh.mu, reciprocal(1.0 + rho[:, None] * sh.mu)
-    wvals = avals * m0vals  # eigenvalues of W = A M0 (symmetric)
-    z2 = z**2
-    s02 = s0**2
-    nrq = sh.n - sh.r - q
-    dl = np.empty((s.shape[0], 2))
-    F = np.empty((s.shape[0], 2, 2))
-    dl[:, 0] = (np.sum(z2 * mvals**2, axis=1) / s02 - np.sum(wvals, axis=1) / s0) / 2
-    F[:, 0, 0] = np.sum(wvals**2, axis=1) / s02 / 2
-    F[:, 0, 1] = F[:, 1, 0] = np.sum(wvals * m0vals, axis=1) / s02 / 2
-    F[:, 1, 1] = (nrq + np.sum(m0vals**2, axis=1)) / s02 / 2
-    zMz = np.sum(z2 * mvals, axis=1)  # zry' M zry
-    yR2y = yry - rho * (np.sum(z2 * mvals**2, axis=1) + zMz)
-    dl[:, 1] = (yR2y / s02 - (nrq + np.sum(m0vals, axis=1)) / s0) / 2
-    s0_prof = (yry - rho * zMz) / (sh.n - sh.r)
-    with np.errstate(divide="ignore"):
-        logdet = np.sum(np.log(np.abs(m0vals)), axis=1)
-    return _Score(dl, F, s0_prof, logdet)
-
-
 def fit_theta(
     sh: SharedTerms,
     zry: Array,
@@ -464,6 +362,7 @@ def fit_theta(
     compiled_kernels: bool = True,
     structure: bool = True,
     z: Array | None = None,
+    fixed: np.ndarray | None = None,
 ) -> ThetaFit:
     """Fisher scoring for a block of features.
 
@@ -486,21 +385,36 @@ def fit_theta(
     z : (m, q) array, optional
         The spectral path's projections ``zry @ sh.U``, where the caller has them already
         (they are computed here otherwise).
+    fixed : (K,) bool array, optional
+        Components pinned at exactly zero (K >= 2, one free component at least): only the
+        others are updated, by the steps and the stopping rule of their own score and
+        information, so the fit is the one of the model without the pinned components
+        (the same V) while its score and information stay the full model's
+        (:mod:`.boundary`). The K = 2 dense fit then takes the per-evaluation kernel.
 
     Returns
     -------
     ThetaFit
+        With ``fixed``: dlogL and FIM_theta of the full model, se_theta NaN for the pinned
+        components and from the information of the others for the rest.
     """
     m, K = zry.shape[0], sh.K
     if spectral is None:
         spectral = K == 1
     if spectral and K != 1:
         raise ValueError("the spectral path needs exactly one random component")
+    free = None
+    if fixed is not None and np.any(fixed):
+        if spectral or np.all(fixed):
+            raise ValueError("pinning components needs K >= 2 and one component left free")
+        free = np.append(~np.asarray(fixed, dtype=bool), True)
     if theta0 is None:
         s = np.zeros((m, K + 1))
         s[:, -1] = yry / (sh.n - sh.p)
     else:
         s = np.array(theta0, dtype=np.float64, copy=True)
+    if free is not None:
+        s[:, ~free] = 0.0
     if not spectral and sh.structure is not None and structure:
         zry_p = zry[:, sh.structure.perm]
 
@@ -509,8 +423,8 @@ def fit_theta(
 
         # one BLAS thread: results independent of the thread layout, and no oversubscription
         with structured.one_blas_thread():
-            return _scoring(score_st, s, max_iter, epsilon)
-    if not spectral and compiled_kernels and K == 2:
+            return _scoring(score_st, s, max_iter, epsilon, free)
+    if not spectral and compiled_kernels and K == 2 and free is None:
         return _fit_k2(sh, zry, yry, s, max_iter, epsilon)
     if not spectral:
 
@@ -519,7 +433,7 @@ def fit_theta(
                 return _score_compiled(sh, s, zry[rows], yry[rows], final=final)
             return _score_general(sh, s, zry[rows], yry[rows], final=final)
 
-        return _scoring(score, s, max_iter, epsilon)
+        return _scoring(score, s, max_iter, epsilon, free)
     if z is None:
         z = zry @ sh.U
     if not compiled_kernels:
@@ -566,24 +480,41 @@ def _spectral_scorer(sh: SharedTerms, z: Array, yry: Array) -> Callable[..., _Sc
     return score
 
 
-def _scoring(score: Callable[..., _Score], s: Array, max_iter: int, epsilon: float) -> ThetaFit:
-    """Fisher scoring from s (m, K+1), updated in place, with NumPy over the active features."""
+def _scoring(
+    score: Callable[..., _Score],
+    s: Array,
+    max_iter: int,
+    epsilon: float,
+    free: np.ndarray | None = None,
+) -> ThetaFit:
+    """Fisher scoring from s (m, K+1), updated in place, with NumPy over the active features.
+
+    ``free`` (K+1,) bool: only those components are updated, by their own score and the
+    information among them (the others stay as they are, :func:`fit_theta`'s ``fixed``).
+    """
     m = s.shape[0]
     niter = np.zeros(m, dtype=np.int64)
     active = np.arange(m)
+    idx = np.arange(s.shape[1]) if free is None else np.flatnonzero(free)  # updated
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         while active.size and max_iter > 0:
             niter[active] += 1
             sc = score(s[active], active)
-            s[active] += (pinv_sym(sc.F) @ sc.dl[:, :, None])[:, :, 0]
-            still = (np.max(np.abs(sc.dl), axis=1) > epsilon) & (niter[active] < max_iter)
+            if free is None:
+                dl = sc.dl
+                s[active] += (pinv_sym(sc.F) @ dl[:, :, None])[:, :, 0]
+            else:
+                dl, F = sc.dl[:, idx], sc.F[:, idx[:, None], idx]
+                s[active[:, None], idx] += (pinv_sym(F) @ dl[:, :, None])[:, :, 0]
+            still = (np.max(np.abs(dl), axis=1) > epsilon) & (niter[active] < max_iter)
             active = active[still]
         # profile the residual variance, then evaluate score and information there
         all_rows = np.arange(m)
         s[:, -1] = score(s, all_rows).s0_profiled
         final = score(s, all_rows, final=True)
-        Finv = pinv_sym(final.F)
-        se_theta = np.sqrt(np.diagonal(Finv, axis1=1, axis2=2))
+        F = final.F if free is None else final.F[:, idx[:, None], idx]
+        se_theta = np.full(s.shape, np.nan)  # NaN for the pinned components
+        se_theta[:, idx] = np.sqrt(np.diagonal(pinv_sym(F), axis1=1, axis2=2))
     return ThetaFit(
         theta=s,
         se_theta=se_theta,
