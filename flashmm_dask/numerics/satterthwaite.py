@@ -48,6 +48,10 @@ X'H^2 X = (XX - 2 ZX' MD ZX + ZX' MD ZZ MD ZX) / s_0^2, MD = M D.
 
 With one random component (K = 1), M is diagonal in the eigenvectors of G, and every term
 above is a sum over eigenvalues, as in the K = 1 path of the fit.
+Where the fit takes the structured path (K >= 2 with a diagonal Z_k'Z_k,
+:mod:`.structured`), every term is taken through that structure instead, without any
+(q, q) matrix (:mod:`.satterthwaite_structured`: structured solves with D ZZ + I and the
+Woodbury correction of zrz; O(q p) per feature for nested factors).
 
 V is linear in theta, so cov is homogeneous of degree 1 in theta and Euler's identity
 sum_i theta_i d cov / d theta_i = cov gives the residual's derivative from the others:
