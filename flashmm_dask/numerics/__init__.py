@@ -9,6 +9,7 @@ spectral      the compiled kernels of one random component (K = 1)
 boundary      variance components constrained to be non-negative
 fixed         fixed effects, their covariance and information, BLUPs
 satterthwaite Satterthwaite degrees of freedom of t-tests
+satterthwaite_structured  their terms through the block structure of Z'Z (no q x q matrix)
 inference     t-tests of coefficients and contrasts, multiple-testing adjustment
 loglik        log-likelihoods and likelihood-ratio tests
 linalg        batched linear algebra shared by the fitter

@@ -48,6 +48,10 @@ X'H^2 X = (XX - 2 ZX' MD ZX + ZX' MD ZZ MD ZX) / s_0^2, MD = M D.
 
 With one random component (K = 1), M is diagonal in the eigenvectors of G, and every term
 above is a sum over eigenvalues, as in the K = 1 path of the fit.
+Where the fit takes the structured path (K >= 2 with a diagonal Z_k'Z_k,
+:mod:`.structured`), every term is taken through that structure instead, without any
+(q, q) matrix (:mod:`.satterthwaite_structured`: structured solves with D ZZ + I and the
+Woodbury correction of zrz; O(q p) per feature for nested factors).
 
 V is linear in theta, so cov is homogeneous of degree 1 in theta and Euler's identity
 sum_i theta_i d cov / d theta_i = cov gives the residual's derivative from the others:
@@ -77,6 +81,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashmm_dask.numerics import satterthwaite_structured as structured
 from flashmm_dask.numerics.fisher import SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciprocal
 from flashmm_dask.numerics.spectral_terms import observed_information_batch, shifted_reciprocal
@@ -96,6 +101,7 @@ def observed_information(
     *,
     spectral: bool | None = None,
     z: Array | None = None,
+    structure: bool = True,
 ) -> Array:
     """Minus the Hessian of the REML (or ML) log-likelihood in theta, per feature.
 
@@ -110,6 +116,9 @@ def observed_information(
         observed_information_batch`); default whenever K == 1.
     z : (m, q) array, optional
         The K = 1 path's projections zry @ sh.U, where the caller has them.
+    structure : bool
+        With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
+        (:mod:`.satterthwaite_structured`); False: the dense path.
 
     Returns
     -------
@@ -119,8 +128,18 @@ def observed_information(
         spectral = sh.K == 1
     if spectral:
         return observed_information_batch(sh, zry @ sh.U if z is None else z, yry, theta)
+    if _structured(sh, structure):
+        info, ok = structured.observed_information(sh, theta, zry, yry)
+        if not ok.all():  # P or C singular: the dense algebra with its pseudo-inverses
+            info[~ok] = observed_information(sh, theta[~ok], zry[~ok], yry[~ok], structure=False)
+        return info
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         return _information_general(sh, theta, zry, yry)
+
+
+def _structured(sh: SharedTerms, structure: bool) -> bool:
+    """Whether the structured path is taken (K >= 2 and a structure found in ZZ)."""
+    return structure and sh.K >= 2 and sh.structure is not None
 
 
 def _ratios(sh: SharedTerms, theta: Array) -> Array:
@@ -209,8 +228,38 @@ def _spectral_middle(sh: SharedTerms, theta: Array) -> Array:
     return (mf2 @ sh.VZX_outer).reshape(theta.shape[0], sh.p, sh.p)
 
 
+def _middle_dense(sh: SharedTerms, theta: Array) -> Array:
+    """s0^2 X'H V_k H X = B_k'B_k (m, K, p, p), B = M'ZX, by the dense algebra."""
+    D = _ratios(sh, theta)
+    M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
+    B = np.swapaxes(M, 1, 2) @ sh.ZX  # s0 Z'HX, (m, q, p)
+    return np.stack([np.swapaxes(B[:, Ik, :], 1, 2) @ B[:, Ik, :] for Ik in sh.slices], axis=1)
+
+
+def _middle_structured(sh: SharedTerms, theta: Array) -> Array:
+    """:func:`_middle_dense` through the structure of ZZ (the dense algebra for the
+    features whose P or C is singular)."""
+    mid, ok = structured.middle(sh, theta)
+    if not ok.all():
+        mid[~ok] = _middle_dense(sh, theta[~ok])
+    return mid
+
+
+def _gradient_dense(sh: SharedTerms, theta: Array, W: Array) -> Array:
+    """s0^2 g_k = |B_k W|^2 (m, K, c) of the random components, by the dense algebra."""
+    D = _ratios(sh, theta)
+    M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
+    BW = np.swapaxes(M, 1, 2) @ (sh.ZX @ W)  # s0 Z'HX W, (m, q, c)
+    return np.stack([np.sum(BW[:, Ik, :] ** 2, axis=1) for Ik in sh.slices], axis=1)
+
+
 def cov_jacobian(
-    sh: SharedTerms, theta: Array, cov: Array, *, spectral: bool | None = None
+    sh: SharedTerms,
+    theta: Array,
+    cov: Array,
+    *,
+    spectral: bool | None = None,
+    structure: bool = True,
 ) -> Array:
     """Derivatives of the coefficient covariance in each variance component.
 
@@ -221,6 +270,9 @@ def cov_jacobian(
     cov : (m, p, p) array, the covariance of the coefficients at theta
     spectral : bool, optional
         Use the K = 1 eigenvalue path; default whenever K == 1.
+    structure : bool
+        With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
+        (:mod:`.satterthwaite_structured`); False: the dense path.
 
     Returns
     -------
@@ -235,13 +287,10 @@ def cov_jacobian(
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if spectral:
             inner[:, 0] = _spectral_middle(sh, theta) / s02
+        elif _structured(sh, structure):
+            inner[:] = _middle_structured(sh, theta) / s02[:, None]
         else:
-            D = _ratios(sh, theta)
-            M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
-            B = np.swapaxes(M, 1, 2) @ sh.ZX  # s0 Z'HX, (m, q, p)
-            for k, Ik in enumerate(sh.slices):
-                Bk = B[:, Ik, :]
-                inner[:, k] = np.swapaxes(Bk, 1, 2) @ Bk / s02
+            inner[:] = _middle_dense(sh, theta) / s02[:, None]
         jac = np.empty((m, K + 1, p, p))
         for k in range(K):  # plain stacked products: broadcasting ones are ~4x slower
             jac[:, k] = cov @ inner[:, k] @ cov
@@ -252,7 +301,13 @@ def cov_jacobian(
 
 
 def contrast_gradient(
-    sh: SharedTerms, theta: Array, cov: Array, L: Array, *, spectral: bool | None = None
+    sh: SharedTerms,
+    theta: Array,
+    cov: Array,
+    L: Array,
+    *,
+    spectral: bool | None = None,
+    structure: bool = True,
 ) -> tuple[Array, Array]:
     """Variances c = L' cov L of contrasts and their gradients g = dc / dtheta, without
     forming d cov / d theta (m p^2 values per component).
@@ -269,6 +324,10 @@ def contrast_gradient(
     L : (p, c) array
     spectral : bool, optional
         Use the K = 1 eigenvalue path; default whenever K == 1.
+    structure : bool
+        With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
+        (g_k = W' (B_k'B_k) W with the (p, p) B_k'B_k of :mod:`.satterthwaite_structured`);
+        False: the dense path.
 
     Returns
     -------
@@ -287,12 +346,12 @@ def contrast_gradient(
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if spectral:
             g[:, 0] = np.sum(W * (_spectral_middle(sh, theta) @ W), axis=1)
+        elif _structured(sh, structure):
+            mid = _middle_structured(sh, theta)
+            for k in range(K):
+                g[:, k] = np.sum(W * (mid[:, k] @ W), axis=1)
         else:
-            D = _ratios(sh, theta)
-            M = inv_or_pinv(D[:, :, None] * sh.ZZ + np.eye(sh.q))
-            BW = np.swapaxes(M, 1, 2) @ (sh.ZX @ W)  # s0 Z'HX W, (m, q, c)
-            for k, Ik in enumerate(sh.slices):
-                g[:, k] = np.sum(BW[:, Ik, :] ** 2, axis=1)
+            g[:, :K] = _gradient_dense(sh, theta, W)
         g[:, :K] /= (s0**2)[:, None, None]
         # Euler: sum_i theta_i dc / dtheta_i = c
         g[:, K] = (c - np.einsum("mk,mkc->mc", theta[:, :K], g[:, :K])) / s0[:, None]
@@ -332,8 +391,11 @@ def satterthwaite_df(cov: Array, jac_cov: Array, vcov_theta: Array, L: Array) ->
     return df_from_gradient(c, g, vcov_theta)
 
 
-def expected_information(sh: SharedTerms, theta: Array) -> Array:
-    """The expected (Fisher) information of theta, T / 2, per feature: (m, K+1, K+1)."""
+def expected_information(sh: SharedTerms, theta: Array, *, structure: bool = True) -> Array:
+    """The expected (Fisher) information of theta, T / 2, per feature: (m, K+1, K+1);
+    ``structure`` as in :func:`observed_information`."""
+    if _structured(sh, structure):
+        return structured.expected_information(sh, theta)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         D = _ratios(sh, theta)
         if sh.method == "REML":
@@ -341,7 +403,9 @@ def expected_information(sh: SharedTerms, theta: Array) -> Array:
         return _trace_terms(sh, sh.ZZ, sh.n, D, theta[:, -1]) / 2.0
 
 
-def _retained_information(sh: SharedTerms, theta: Array, held: np.ndarray, info: Array) -> Array:
+def _retained_information(
+    sh: SharedTerms, theta: Array, held: np.ndarray, info: Array, structure: bool
+) -> Array:
     """The information of every component ("retain"): the observed one, but the expected
     one at fits with a held component where the observed is not positive definite."""
     rows = np.flatnonzero(held.any(axis=1) & np.isfinite(info).all(axis=(1, 2)))
@@ -351,7 +415,7 @@ def _retained_information(sh: SharedTerms, theta: Array, held: np.ndarray, info:
     if indefinite.size == 0:
         return info
     out = info.copy()
-    out[indefinite] = expected_information(sh, theta[indefinite])
+    out[indefinite] = expected_information(sh, theta[indefinite], structure=structure)
     return out
 
 
@@ -365,6 +429,7 @@ def theta_vcov(
     held: np.ndarray | None = None,
     boundary_df: str = "lmertest",
     z: Array | None = None,
+    structure: bool = True,
 ) -> Array:
     """The inverse observed information of theta, vcov_theta: (m, K+1, K+1), the
     per-feature ingredient of Satterthwaite's df with :func:`cov_jacobian`.
@@ -376,15 +441,16 @@ def theta_vcov(
     "retain" it stays in (the information of every component at theta, the limit of the
     interior df; the expected information where the observed is not positive definite).
     A pseudo-inverse is taken where the information is singular. ``z``: the K = 1 path's
-    projections zry @ sh.U, where the caller has them.
+    projections zry @ sh.U, where the caller has them. ``structure``: as in
+    :func:`observed_information`.
     """
     if boundary_df not in BOUNDARY_DF:
         raise ValueError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
-    info = observed_information(sh, theta, zry, yry, spectral=spectral, z=z)
+    info = observed_information(sh, theta, zry, yry, spectral=spectral, z=z, structure=structure)
     if held is None or not held.any():
         return pinv_sym(info)
     if boundary_df == "retain":
-        return pinv_sym(_retained_information(sh, theta, held, info))
+        return pinv_sym(_retained_information(sh, theta, held, info, structure))
     both = ~held[:, :, None] & ~held[:, None, :]
     # the held diagonal gets the residual's scale, so that a pseudo-inverse keeps the rest
     scale = np.abs(info[:, -1, -1])[:, None, None]

@@ -134,6 +134,13 @@ class NestedTerms:
         a = _et(self.Gb, self.parent, self.nval, pbi, Si, kap, Eps, self._z(D * x))
         return pre[-1], a, bool(ok)
 
+    def gram_terms(self, D: Array) -> tuple[Array, Array, bool]:
+        """C = I - G' P^-1 D G (p, p), the Gram matrices E_k'E_k (K, p, p) of E = P^-T G
+        and whether P is invertible, of one feature at the ratios D (q,) in the permuted
+        order (Satterthwaite's df, :mod:`.satterthwaite_structured`)."""
+        pre = self._pre(D)
+        return pre[-1], pre[11], bool(pre[0])
+
 
 def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds):
     """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
