@@ -665,3 +665,25 @@ def test_a_failed_run_quiets_the_local_processes_before_closing_them(tmp_path):
     levels = {p.name.split("-")[0]: int(p.read_text()) for p in tmp_path.iterdir()}
     assert levels == {"worker": logging.CRITICAL + 1, "nanny": logging.CRITICAL + 1}
     assert logging.getLogger("distributed").level != logging.CRITICAL + 1  # restored here
+
+
+@pytest.mark.distributed
+def test_local_worker_processes_keep_large_temporaries_on_the_heap(monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_ freezes glibc's mmap threshold at 128 KiB in the
+    workers; a local cluster's worker processes get MALLOC_MMAP_THRESHOLD_ as well, and a
+    user's own setting of it (the environment overrides dask's config) is kept."""
+    from flashmm_dask.run.cluster import MMAP_THRESHOLD, open_client
+    from flashmm_dask.run.config import ClusterConfig
+
+    def environ() -> tuple[str | None, str | None]:
+        return os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    cfg = ClusterConfig(n_workers=1, threads_per_worker=1, processes=True)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with open_client(cfg) as client:
+        (ours,) = client.run(environ).values()
+    assert ours == (str(MMAP_THRESHOLD), "65536")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    with open_client(cfg) as client:
+        (theirs,) = client.run(environ).values()
+    assert theirs[0] == "4096"

@@ -91,3 +91,29 @@ def test_auto_blocks_of_strata():
     assert auto_block_size(10**7, 5, 259, 1, 2) == MAX_AUTO_BLOCK
     # K = 2 at q = 7,770: (6 q^2) doubles per feature, the memory cap decides
     assert auto_block_size(10**5, 30, 7_770, 2, 2) == 16
+    # ... unless the fit's own work arrays are O(q) (the structured path)
+    assert auto_block_size(11_596, 61, 7_770, 2, 2, work_values=4 * 7_770) == 137
+
+
+def test_runs_size_blocks_by_the_path_they_fit_on():
+    """A run sizes its blocks by the prepared terms: K = 1 by balance alone (1,450 features
+    per block at the atlas shape, not the 80 that a q^2 work array would allow); the
+    structured path by its O(q) work arrays, the dense K = 2 path by its q^2 ones."""
+    from flashmm_dask.numerics.fisher import prepare
+    from flashmm_dask.run.blocks import auto_block_size, block_work
+
+    rng = np.random.default_rng(0)
+    n, p = 3000, 4
+    X = np.column_stack([np.ones(n), rng.normal(size=(n, p - 1))])
+    donor = rng.integers(0, 40, n)
+    state = rng.integers(0, 5, n)
+    Z = np.hstack([np.eye(40)[donor], np.eye(200)[donor * 5 + state]])
+    for d, cols, structured in (((40,), slice(0, 40), None), ((40, 200), slice(None), True)):
+        Zk = Z[:, cols]
+        terms = prepare(X.T @ X, Zk.T @ X, Zk.T @ Zk, n, np.array(d), "REML", structured=structured)
+        work = block_work(terms)
+        if len(d) == 1:
+            assert work is None
+            assert auto_block_size(11_596, 61, 259, 1, 2, work) == 1_450
+        else:
+            assert terms.path == "structured" and work == terms.work_values < 240 * 240

@@ -30,6 +30,7 @@ from flashmm_dask.io.results import (
     read_store_attrs,
 )
 from flashmm_dask.io.writing import package_versions
+from flashmm_dask.numerics.fisher import SharedTerms
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.output import RESULTS, _is_write_failure, _write_error
 from flashmm_dask.run.progress import wait
@@ -66,6 +67,13 @@ def auto_block_size(
     memory_cap = max(16, (256 << 20) // per_feature)
     balance = math.ceil(m / (4 * max(1, n_workers)))
     return int(max(16, min(balance, memory_cap, MAX_AUTO_BLOCK)))
+
+
+def block_work(terms: SharedTerms) -> int | None:
+    """The work values per feature that :func:`auto_block_size` sizes blocks by, for the
+    path ``terms`` fit on: None for K = 1 (the spectral path keeps no q x q array per
+    feature), else the terms' own (O(q) on the structured path, q^2 on the dense one)."""
+    return terms.work_values if terms.K > 1 else None
 
 
 def n_workers(client: Any) -> int:
@@ -255,7 +263,7 @@ def fit_store(
     model = shared_model(cfg, stats, L, store=str(store), store_cov=bool(cfg.fit.store_cov))
     terms = model.terms
     assert terms is not None, "prepared by SharedModel"
-    layout = block_layout(cfg, stats, L, n_workers(client), work_values=terms.work_values)
+    layout = block_layout(cfg, stats, L, n_workers(client), work_values=block_work(terms))
     if not store.exists():
         create_results(str(store), layout, store_attrs(cfg, stats, layout))
     layout, todo = resumed(layout, store)
