@@ -7,7 +7,7 @@ import functools
 
 import numpy as np
 import pytest
-from test_structured import indicators
+from test_structured import cell_stats, components
 
 from flashmm_dask import lmm
 from flashmm_dask.model import core
@@ -26,47 +26,16 @@ def design(kind, n=2500, per=6, seed=1):
     (some end as the linear model, every component held), ``per`` have all."""
     rng = np.random.default_rng(seed)
     X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
-    if kind == "nested":  # donor + donor:state (the diagonal Schur complement)
-        donor, state = rng.integers(0, 12, n), rng.integers(0, 4, n)
-        Zs = [indicators(donor, 12), indicators(donor * 4 + state, 48)]
-    elif kind == "nested_three":  # two small components, big columns without a parent
-        donor, state, cond = rng.integers(0, 10, n), rng.integers(0, 3, n), rng.integers(0, 3, n)
-        Zs = [
-            indicators(donor, 10) * (cond == 0)[:, None],
-            indicators(donor, 10) * (cond == 1)[:, None],
-            indicators(donor * 9 + state * 3 + cond, 90),
-        ]
-    elif kind == "crossed":  # two crossed factors (a dense Schur complement)
-        Zs = [indicators(rng.integers(0, 15, n), 15), indicators(rng.integers(0, 40, n), 40)]
-    elif kind == "mixed":  # crossed factors, a dense component and a nested slope
-        a = rng.integers(0, 10, n)
-        Zs = [
-            indicators(a, 10),
-            indicators(rng.integers(0, 30, n), 30),
-            rng.normal(size=(n, 2)),
-            indicators(a, 10) * rng.uniform(1, 2, n)[:, None],
-        ]
-    else:
-        raise ValueError(kind)
+    Zs = components(kind, rng, n)
     K = len(Zs)
     m = per * (K + 2)
     sd = np.full((m, K), 0.6)
     for k in range(K + 1):
         sd[per * k : per * (k + 1), k if k < K else slice(None)] = 0.0
-    Z = np.column_stack(Zs)
     Y = (X @ rng.normal(size=(X.shape[1], m))).T + rng.normal(size=(m, n))
     for k, z in enumerate(Zs):
         Y += (z @ (rng.normal(size=(z.shape[1], m)) * sd[:, k])).T
-    return dict(
-        XX=X.T @ X,
-        XY=X.T @ Y.T,
-        ZX=Z.T @ X,
-        ZY=Z.T @ Y.T,
-        ZZ=Z.T @ Z,
-        Ynorm=np.sum(Y**2, axis=1),
-        n=n,
-        d=[z.shape[1] for z in Zs],
-    )
+    return cell_stats(X, Zs, Y)
 
 
 def terms(st, method, structured):

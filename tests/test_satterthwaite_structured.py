@@ -4,7 +4,7 @@ fitted theta and at components held at zero."""
 
 import numpy as np
 import pytest
-from test_structured import design, indicators
+from test_structured import cell_stats, components, design
 
 from flashmm_dask import lmm
 from flashmm_dask.numerics import fisher
@@ -41,26 +41,12 @@ def null_design(kind, n=2500, m=16, seed=5, donors=12):
     at zero)."""
     rng = np.random.default_rng(seed)
     X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
-    if kind == "nested":
-        donor, state = rng.integers(0, donors, n), rng.integers(0, 4, n)
-        Zs = [indicators(donor, donors), indicators(donor * 4 + state, 4 * donors)]
-    else:
-        Zs = [indicators(rng.integers(0, 15, n), 15), indicators(rng.integers(0, 40, n), 40)]
-    Z = np.column_stack(Zs)
+    Zs = components(kind, rng, n, donors)
     Y = (X @ rng.normal(size=(X.shape[1], m))).T + rng.normal(size=(m, n))
     for k, z in enumerate(Zs):
         sd = np.where(np.arange(m) % 2 == 0, 0.0, 0.6) if k == 0 else np.full(m, 0.6)
         Y += (z @ (rng.normal(size=(z.shape[1], m)) * sd)).T
-    return dict(
-        XX=X.T @ X,
-        XY=X.T @ Y.T,
-        ZX=Z.T @ X,
-        ZY=Z.T @ Y.T,
-        ZZ=Z.T @ Z,
-        Ynorm=np.sum(Y**2, axis=1),
-        n=n,
-        d=[z.shape[1] for z in Zs],
-    )
+    return cell_stats(X, Zs, Y)
 
 
 def fitted(st, method, nonnegative=False):

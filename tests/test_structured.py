@@ -18,13 +18,11 @@ def indicators(codes, k):
     return np.eye(k)[codes]
 
 
-def design(kind, n=2500, m=24, seed=1):
-    """Summary statistics of simulated cells with the random components of ``kind``."""
-    rng = np.random.default_rng(seed)
-    X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
+def components(kind, rng, n, donors=12):
+    """The random components (cells x columns each) of ``kind``, drawn from ``rng``."""
     if kind == "nested":  # donor + donor:state (the diagonal Schur complement)
-        donor, state = rng.integers(0, 12, n), rng.integers(0, 4, n)
-        Zs = [indicators(donor, 12), indicators(donor * 4 + state, 48)]
+        donor, state = rng.integers(0, donors, n), rng.integers(0, 4, n)
+        Zs = [indicators(donor, donors), indicators(donor * 4 + state, 4 * donors)]
     elif kind == "nested_large":  # q = 150: large enough for the default path to be structured
         donor, state = rng.integers(0, 30, n), rng.integers(0, 4, n)
         Zs = [indicators(donor, 30), indicators(donor * 4 + state, 120)]
@@ -61,11 +59,12 @@ def design(kind, n=2500, m=24, seed=1):
         Zs = [rng.normal(size=(n, 3)), rng.normal(size=(n, 4))]
     else:
         raise ValueError(kind)
+    return Zs
+
+
+def cell_stats(X, Zs, Y):
+    """The summary statistics of cells X (n, p), components Zs and responses Y (m, n)."""
     Z = np.column_stack(Zs)
-    d = [z.shape[1] for z in Zs]
-    Y = (X @ rng.normal(size=(X.shape[1], m))).T + rng.normal(size=(m, n))
-    for z in Zs:
-        Y += (z @ rng.normal(0, 0.6, (z.shape[1], m))).T
     return dict(
         XX=X.T @ X,
         XY=X.T @ Y.T,
@@ -73,9 +72,20 @@ def design(kind, n=2500, m=24, seed=1):
         ZY=Z.T @ Y.T,
         ZZ=Z.T @ Z,
         Ynorm=np.sum(Y**2, axis=1),
-        n=n,
-        d=d,
+        n=X.shape[0],
+        d=[z.shape[1] for z in Zs],
     )
+
+
+def design(kind, n=2500, m=24, seed=1):
+    """Summary statistics of simulated cells with the random components of ``kind``."""
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
+    Zs = components(kind, rng, n)
+    Y = (X @ rng.normal(size=(X.shape[1], m))).T + rng.normal(size=(m, n))
+    for z in Zs:
+        Y += (z @ rng.normal(0, 0.6, (z.shape[1], m))).T
+    return cell_stats(X, Zs, Y)
 
 
 def fit(st, method, structured):
