@@ -42,6 +42,53 @@ def symmetrize_upper(a: np.ndarray) -> None:
     _symmetrize_upper(a)
 
 
+@functools.partial(_compile, reassoc=True)
+def _residualise_rows(
+    XXinv: np.ndarray, ZX: np.ndarray, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """zry = ZY - ZX XXinv XY and yry = Ynorm - XY' XXinv XY of each feature (rows), one
+    feature at a time in a fixed order."""
+    m, p = XY.shape
+    q = ZX.shape[0]
+    zry = np.empty((m, q))
+    yry = np.empty(m)
+    B = np.empty(p)
+    for j in range(m):
+        for r in range(p):
+            B[r] = 0.0
+        for c in range(p):
+            x = XY[j, c]
+            for r in range(p):
+                B[r] += x * XXinv[c, r]
+        t = 0.0
+        for r in range(p):
+            t += B[r] * XY[j, r]
+        yry[j] = Ynorm[j] - t
+        for k in range(q):
+            t = 0.0
+            for r in range(p):
+                t += ZX[k, r] * B[r]
+            zry[j, k] = ZY[j, k] - t
+    return zry, yry
+
+
+def residualise_rows(
+    XXinv: np.ndarray, ZX: np.ndarray, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """zry (m, q) and yry (m,) of a block of features (XY (m, p), ZY (m, q)), each row from
+    its own feature's values alone: a feature's result does not depend on its block (a
+    BLAS product of the block rounds a single row differently from a stack of them,
+    which Fisher scoring and the fixed effects can amplify to ~1e-12)."""
+    f = np.float64
+    return _residualise_rows(
+        np.ascontiguousarray(XXinv, dtype=f),
+        np.ascontiguousarray(ZX, dtype=f),
+        np.ascontiguousarray(XY, dtype=f),
+        np.ascontiguousarray(ZY, dtype=f),
+        np.ascontiguousarray(Ynorm, dtype=f),
+    )
+
+
 # --- K = 2, dense: the Schur complement in a basis that diagonalises both diagonal blocks ---
 
 
