@@ -9,7 +9,7 @@ from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.paired import detect, md_parts
 
 
-def paired_stats(n=3000, n_subj=12, m=12, seed=5, lonely=False):
+def paired_stats(n=3000, n_subj=12, m=12, seed=5, lonely=False, slope_sd=0.5):
     """Subject indicators and subject x slope columns (K = 2, Z_1'Z_2 diagonal); with
     ``lonely`` the last subject has no slope column (a column left alone)."""
     rng = np.random.default_rng(seed)
@@ -21,6 +21,7 @@ def paired_stats(n=3000, n_subj=12, m=12, seed=5, lonely=False):
         Z2 = Z2[:, :-1]
     Z = np.column_stack([Z1, Z2])
     b = rng.normal(0, 0.5, (Z.shape[1], m))
+    b[Z1.shape[1] :] *= slope_sd / 0.5
     Y = X @ rng.normal(size=(X.shape[1], m)) + Z @ b + rng.normal(size=(n, m))
     return dict(
         XX=X.T @ X,
