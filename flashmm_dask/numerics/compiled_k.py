@@ -21,11 +21,8 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import (
-    _compile,
-    _gauss_jordan,
-    _inverse_checked_into,
-)
+from flashmm_dask.numerics.compiled import _compile, _inverse_checked_into
+from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, _pinv_into
 
 
 @_compile
@@ -42,53 +39,6 @@ def symmetrize_upper(a: np.ndarray) -> None:
     _symmetrize_upper(a)
 
 
-@functools.partial(_compile, reassoc=True)
-def _residualise_rows(
-    XXinv: np.ndarray, ZX: np.ndarray, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """zry = ZY - ZX XXinv XY and yry = Ynorm - XY' XXinv XY of each feature (rows), one
-    feature at a time in a fixed order."""
-    m, p = XY.shape
-    q = ZX.shape[0]
-    zry = np.empty((m, q))
-    yry = np.empty(m)
-    B = np.empty(p)
-    for j in range(m):
-        for r in range(p):
-            B[r] = 0.0
-        for c in range(p):
-            x = XY[j, c]
-            for r in range(p):
-                B[r] += x * XXinv[c, r]
-        t = 0.0
-        for r in range(p):
-            t += B[r] * XY[j, r]
-        yry[j] = Ynorm[j] - t
-        for k in range(q):
-            t = 0.0
-            for r in range(p):
-                t += ZX[k, r] * B[r]
-            zry[j, k] = ZY[j, k] - t
-    return zry, yry
-
-
-def residualise_rows(
-    XXinv: np.ndarray, ZX: np.ndarray, XY: np.ndarray, ZY: np.ndarray, Ynorm: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """zry (m, q) and yry (m,) of a block of features (XY (m, p), ZY (m, q)), each row from
-    its own feature's values alone: a feature's result does not depend on its block (a
-    BLAS product of the block rounds a single row differently from a stack of them,
-    which Fisher scoring and the fixed effects can amplify to ~1e-12)."""
-    f = np.float64
-    return _residualise_rows(
-        np.ascontiguousarray(XXinv, dtype=f),
-        np.ascontiguousarray(ZX, dtype=f),
-        np.ascontiguousarray(XY, dtype=f),
-        np.ascontiguousarray(ZY, dtype=f),
-        np.ascontiguousarray(Ynorm, dtype=f),
-    )
-
-
 # --- K = 2, dense: the Schur complement in a basis that diagonalises both diagonal blocks ---
 
 
@@ -100,35 +50,6 @@ def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         for c in range(A.shape[1]):
             t += A[i, c] * x[c]
         out[i] = t
-
-
-@functools.partial(_compile, reassoc=True)
-def _dots_into(A: np.ndarray, B: np.ndarray, out: np.ndarray, upper: bool) -> None:
-    """out[r, s] = A[r] . B[s], dot products of contiguous rows, two rows of A per pass
-    over B (each row of B is loaded once for both: at 25 x 25 2.4x faster than a
-    row-by-row axpy, out[i] += A[i, c] B[c], measured); with ``upper`` only s >= r (the
-    rest of ``out`` left as it is)."""
-    n, k = A.shape
-    ns = B.shape[0]
-    r = 0
-    while r + 1 < n:
-        for s in range(r if upper else 0, ns):
-            t0 = 0.0
-            t1 = 0.0
-            for c in range(k):
-                x = B[s, c]
-                t0 += A[r, c] * x
-                t1 += A[r + 1, c] * x
-            out[r, s] = t0
-            if not upper or s > r:
-                out[r + 1, s] = t1
-        r += 2
-    if r < n:
-        for s in range(r if upper else 0, ns):
-            t = 0.0
-            for c in range(k):
-                t += A[r, c] * B[s, c]
-            out[r, s] = t
 
 
 @functools.partial(_compile, reassoc=True)
@@ -145,6 +66,7 @@ def _schur_parts(
     T: np.ndarray,
     Si: np.ndarray,
     buf: np.ndarray,
+    buf2: np.ndarray,
     perm: np.ndarray,
 ) -> float:
     """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
@@ -156,9 +78,9 @@ def _schur_parts(
 
         (D L + I)^-1 = [[diag(w) + ab E F', -a E], [-b E', Si]],   E = F Si.
 
-    ``Ct`` = C'; ``buf`` and ``perm`` (h2,) are scratch. I + b T is inverted by
-    Gauss-Jordan with pivoting (at h2 = 25 faster than Cholesky in these loops, measured),
-    then symmetrised.
+    ``Ct`` = C'; ``buf``, ``buf2`` and ``perm`` (h2,) are scratch. I + b T is inverted
+    by Gauss-Jordan with pivoting, two pivots per sweep (:func:`_gauss_jordan_pairs`; at
+    h2 = 25 faster than Cholesky in these loops, measured), then symmetrised.
     """
     h1 = l1.shape[0]
     h2 = l2.shape[0]
@@ -196,7 +118,7 @@ def _schur_parts(
                 s += 1.0
             Si[c, d] = s
             Si[d, c] = s
-    ld = _gauss_jordan(Si, buf, perm)
+    ld = _gauss_jordan_pairs(Si, buf, buf2, perm)
     if np.isnan(ld):
         return np.nan
     for c in range(h2):  # symmetric up to rounding: make it so
@@ -288,7 +210,7 @@ def _score_k2_one(
     a = sj[c1] / s0
     b = sj[c2] / s0
     logdet = np.nan
-    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, perm)
+    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm)
     if np.isnan(ld):
         return False, np.nan, np.nan
     # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
@@ -317,7 +239,7 @@ def _score_k2_one(
     if not traces:
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
-        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, perm)
+        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm)
         if np.isnan(ld):
             return False, np.nan, np.nan
     if final:
@@ -431,37 +353,6 @@ def _score_k2_batch(
             design, work, s[j], yry[j], final, True, dl[j], F[j]
         )
     return dl, F, s0p, logdet, ok
-
-
-@_compile
-def _pinv_into(A: np.ndarray, out: np.ndarray, tol: float) -> bool:
-    """out = the pseudo-inverse of the symmetrised (k, k) ``A`` by its eigendecomposition,
-    eigenvalues at most ``tol`` times the largest in absolute value dropped
-    (:func:`.linalg.pinv_sym`'s rule for the matrices it cannot invert); False where A is
-    not finite."""
-    k = A.shape[0]
-    S = np.empty((k, k))
-    for a in range(k):
-        for b in range(k):
-            S[a, b] = 0.5 * (A[a, b] + A[b, a])
-            if not np.isfinite(S[a, b]):
-                return False
-    evals, evecs = np.linalg.eigh(S)
-    big = 0.0
-    for c in range(k):
-        big = max(big, abs(evals[c]))
-    inv_vals = np.zeros(k)
-    for c in range(k):
-        v = abs(evals[c])
-        if v > tol * big and v > 0.0:
-            inv_vals[c] = 1.0 / evals[c]
-    for a in range(k):
-        for b in range(k):
-            t = 0.0
-            for c in range(k):
-                t += evecs[a, c] * inv_vals[c] * evecs[b, c]
-            out[a, b] = t
-    return True
 
 
 @functools.partial(_compile, reassoc=True)
