@@ -22,7 +22,7 @@ def test_gauss_jordan_pairs_is_gauss_jordan(h, kind):
         A[np.diag_indices(h)] = 1e-6
     one, two = A.copy(), A.copy()
     ld1 = _gauss_jordan(one, np.empty(h), np.empty(h, dtype=np.int64))
-    ld2 = _gauss_jordan_pairs(two, np.empty(h), np.empty(h), np.empty(h, dtype=np.int64))
+    ld2 = _gauss_jordan_pairs(two, np.empty(h), np.empty(h), np.empty(h, dtype=np.int64), True)
     np.testing.assert_array_equal(two, one)
     assert ld1 == ld2
     np.testing.assert_allclose(two @ A, np.eye(h), atol=1e-9)
@@ -30,7 +30,9 @@ def test_gauss_jordan_pairs_is_gauss_jordan(h, kind):
 
 def test_gauss_jordan_pairs_singular():
     A = np.ones((4, 4))
-    assert np.isnan(_gauss_jordan_pairs(A, np.empty(4), np.empty(4), np.empty(4, dtype=np.int64)))
+    assert np.isnan(
+        _gauss_jordan_pairs(A, np.empty(4), np.empty(4), np.empty(4, dtype=np.int64), True)
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 2), (5, 4, 3), (6, 6, 6), (7, 25, 25)])

@@ -48,13 +48,16 @@ def _dots_into(A: np.ndarray, B: np.ndarray, out: np.ndarray, upper: bool) -> No
 
 
 @_compile
-def _gauss_jordan_pairs(a: np.ndarray, r0: np.ndarray, r1: np.ndarray, perm: np.ndarray) -> float:
+def _gauss_jordan_pairs(
+    a: np.ndarray, r0: np.ndarray, r1: np.ndarray, perm: np.ndarray, with_log: bool
+) -> float:
     """:func:`.compiled._gauss_jordan` (in place, partial pivoting; log |det a| or NaN if
     singular) with two pivots per sweep over the other rows: step k's pivot row, then
     step k + 1's pivot chosen on column k + 1 as step k leaves it, and each other row
     updated by both at once, a[i] -= f_i r0 + g_i r1 (the same operations in the same
     order as one pivot per sweep, with half the loads and stores of the rows: at 25 x 25
-    the elimination is bound by them). ``r0``, ``r1`` (q,) and ``perm`` (q,) are scratch."""
+    the elimination is bound by them). ``r0``, ``r1`` (q,) and ``perm`` (q,) are scratch.
+    Without ``with_log`` the result is 0.0 where a is not singular (no logarithms)."""
     q = a.shape[0]
     logdet = 0.0
     k = 0
@@ -76,7 +79,8 @@ def _gauss_jordan_pairs(a: np.ndarray, r0: np.ndarray, r1: np.ndarray, perm: np.
                 a[k, j] = a[piv, j]
                 a[piv, j] = t
         p = a[k, k]
-        logdet += np.log(abs(p))
+        if with_log:
+            logdet += np.log(abs(p))
         a[k, k] = 1.0
         rk = 1.0 / p
         for j in range(q):
@@ -113,7 +117,8 @@ def _gauss_jordan_pairs(a: np.ndarray, r0: np.ndarray, r1: np.ndarray, perm: np.
         for j in range(q):
             a[k1, j] -= f * r0[j]
         p = a[k1, k1]
-        logdet += np.log(abs(p))
+        if with_log:
+            logdet += np.log(abs(p))
         a[k1, k1] = 1.0
         rk1 = 1.0 / p
         for j in range(q):

@@ -68,10 +68,12 @@ def _schur_parts(
     buf: np.ndarray,
     buf2: np.ndarray,
     perm: np.ndarray,
+    with_log: bool,
 ) -> float:
     """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
-    diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)|, or NaN where a pivot is
-    zero (the caller checks that its sums are finite).
+    diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)| (0.0 without
+    ``with_log``: the logarithms are taken for the final evaluation only), or NaN where a
+    pivot is zero (the caller checks that its sums are finite).
 
     Fills w = 1 / (1 + a l1), F = diag(w) C (h1, h2) and Ft = F', T = diag(l2) - a C' F
     and Si = (I + b T)^-1 (h2, h2, both symmetric). Then (:func:`_score_k2_batch`)
@@ -90,7 +92,8 @@ def _schur_parts(
         if x == 0.0:
             return np.nan
         w[i] = 1.0 / x
-        logdet += np.log(abs(x))
+        if with_log:
+            logdet += np.log(abs(x))
         for c in range(h2):
             F[i, c] = w[i] * C[i, c]
     for c in range(h2):
@@ -118,7 +121,7 @@ def _schur_parts(
                 s += 1.0
             Si[c, d] = s
             Si[d, c] = s
-    ld = _gauss_jordan_pairs(Si, buf, buf2, perm)
+    ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log)
     if np.isnan(ld):
         return np.nan
     for c in range(h2):  # symmetric up to rounding: make it so
@@ -210,7 +213,7 @@ def _score_k2_one(
     a = sj[c1] / s0
     b = sj[c2] / s0
     logdet = np.nan
-    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm)
+    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm, final)
     if np.isnan(ld):
         return False, np.nan, np.nan
     # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
@@ -239,7 +242,7 @@ def _score_k2_one(
     if not traces:
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
-        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm)
+        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm, final)
         if np.isnan(ld):
             return False, np.nan, np.nan
     if final:
