@@ -47,6 +47,33 @@ def _dots_into(A: np.ndarray, B: np.ndarray, out: np.ndarray, upper: bool) -> No
             out[r, s] = t
 
 
+@functools.partial(_compile, inline=True)
+def _pivot_row(
+    a: np.ndarray, k: int, prev: int, shift: float, shifted: bool, perm: np.ndarray
+) -> bool:
+    """Partial pivoting at step k: the first row i >= k of the largest |a[i, k]| (with
+    ``shifted``, |a[i, k] - a[i, prev] shift|: column k as the step before leaves it)
+    swapped into row k and recorded in perm[k]; False where that value is zero or not
+    finite."""
+    q = a.shape[0]
+    piv = k
+    best = abs(a[k, k] - a[k, prev] * shift) if shifted else abs(a[k, k])
+    for i in range(k + 1, q):
+        v = abs(a[i, k] - a[i, prev] * shift) if shifted else abs(a[i, k])
+        if v > best:
+            best = v
+            piv = i
+    if not (best > 0.0 and best < np.inf):
+        return False
+    perm[k] = piv
+    if piv != k:
+        for j in range(q):
+            t = a[k, j]
+            a[k, j] = a[piv, j]
+            a[piv, j] = t
+    return True
+
+
 @_compile
 def _gauss_jordan_pairs(
     a: np.ndarray, r0: np.ndarray, r1: np.ndarray, perm: np.ndarray, with_log: bool
@@ -63,21 +90,8 @@ def _gauss_jordan_pairs(
     k = 0
     while k < q:
         # step k: pivot, swap, scale row k into r0
-        piv = k
-        best = abs(a[k, k])
-        for i in range(k + 1, q):
-            v = abs(a[i, k])
-            if v > best:
-                best = v
-                piv = i
-        if not (best > 0.0 and best < np.inf):
+        if not _pivot_row(a, k, k, 0.0, False, perm):
             return np.nan
-        perm[k] = piv
-        if piv != k:
-            for j in range(q):
-                t = a[k, j]
-                a[k, j] = a[piv, j]
-                a[piv, j] = t
         p = a[k, k]
         if with_log:
             logdet += np.log(abs(p))
@@ -96,21 +110,8 @@ def _gauss_jordan_pairs(
             break
         k1 = k + 1
         # step k + 1: its column after step k, pivot, swap (rows below k are untouched)
-        piv = k1
-        best = -1.0
-        for i in range(k1, q):
-            v = abs(a[i, k1] - a[i, k] * r0[k1])
-            if v > best:
-                best = v
-                piv = i
-        if not (best > 0.0 and best < np.inf):
+        if not _pivot_row(a, k1, k, r0[k1], True, perm):
             return np.nan
-        perm[k1] = piv
-        if piv != k1:
-            for j in range(q):
-                t = a[k1, j]
-                a[k1, j] = a[piv, j]
-                a[piv, j] = t
         # row k + 1 after step k, then scaled into r1
         f = a[k1, k]
         a[k1, k] = 0.0

@@ -9,7 +9,16 @@ squares are the same in both bases, and each is a sum over the entries of the Sc
 (E = F S^-1, E F', S^-1): neither M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 +
 h1^2 h2 / 2 multiply-adds per evaluation instead of q^3 (3.2x fewer at h1 = h2) and the
 O(q^2) passes over M. :func:`fit_k2_batch` runs the whole Fisher scoring loop of a feature
-in the kernel (z rotated once, the evaluation that profiles s0 without the traces).
+in the kernel (z rotated once, the evaluation that profiles s0 without the traces, an
+ill-conditioned information pseudo-inverted there by pinv_sym's rule).
+
+At h = 25 the evaluation is bound by loads and stores, not multiply-adds: the products
+and the inverse share each row they load between two rows of their result
+(:mod:`.compiled_dense`: 9.6 against 14 us per evaluation at bench_fit's case), the first
+step of a fit (both ratios zero: S = I) takes no product or inverse, and the logarithms of
+log |det M0| are taken at the final evaluation only. Gauss-Jordan with the sweep of the
+upper triangle (half the multiply-adds) and Cholesky were each measured slower at this
+size; eight features per SIMD vector was not vectorised by the compiler.
 
 Each kernel works one feature at a time in a fixed order: the fit of a feature does not
 depend on the features that share its block.
