@@ -14,7 +14,9 @@ inference     t-tests of coefficients and contrasts, multiple-testing adjustment
 loglik        log-likelihoods and likelihood-ratio tests
 linalg        batched linear algebra shared by the fitter
 nb_sparse     negative binomial counts drawn in sparse form (the simulator)
+paired        K = 2 components whose Z'Z pairs their columns (intercept and slope)
 compiled_k    compiled K = 2 scoring (Schur complement in the eigenbases of the diagonal
               blocks) and sums of the structured path with a dense Schur complement
+compiled_dense  small dense kernels of the K = 2 path (row products, inverses, residuals)
 jit           the one numba compile wrapper (cached on disk where possible)
 """

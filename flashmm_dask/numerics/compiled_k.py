@@ -9,7 +9,16 @@ squares are the same in both bases, and each is a sum over the entries of the Sc
 (E = F S^-1, E F', S^-1): neither M nor W (q x q) is formed, about 1.5 h1 h2^2 + h2^3 +
 h1^2 h2 / 2 multiply-adds per evaluation instead of q^3 (3.2x fewer at h1 = h2) and the
 O(q^2) passes over M. :func:`fit_k2_batch` runs the whole Fisher scoring loop of a feature
-in the kernel (z rotated once, the evaluation that profiles s0 without the traces).
+in the kernel (z rotated once, the evaluation that profiles s0 without the traces, an
+ill-conditioned information pseudo-inverted there by pinv_sym's rule).
+
+At h = 25 the evaluation is bound by loads and stores, not multiply-adds: the products
+and the inverse share each row they load between two rows of their result
+(:mod:`.compiled_dense`: 9.6 against 14 us per evaluation at bench_fit's case), the first
+step of a fit (both ratios zero: S = I) takes no product or inverse, and the logarithms of
+log |det M0| are taken at the final evaluation only. Gauss-Jordan with the sweep of the
+upper triangle (half the multiply-adds) and Cholesky were each measured slower at this
+size; eight features per SIMD vector was not vectorised by the compiler.
 
 Each kernel works one feature at a time in a fixed order: the fit of a feature does not
 depend on the features that share its block.
@@ -21,11 +30,8 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import (
-    _compile,
-    _gauss_jordan,
-    _inverse_checked_into,
-)
+from flashmm_dask.numerics.compiled import _compile, _inverse_checked_into
+from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, _pinv_into
 
 
 @_compile
@@ -56,18 +62,6 @@ def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
 
 
 @functools.partial(_compile, reassoc=True)
-def _product_into(A: np.ndarray, B: np.ndarray, out: np.ndarray) -> None:
-    """out = A B, by rows (each inner loop an axpy over a contiguous row of B)."""
-    for i in range(A.shape[0]):
-        for d in range(B.shape[1]):
-            out[i, d] = 0.0
-        for c in range(A.shape[1]):
-            f = A[i, c]
-            for d in range(B.shape[1]):
-                out[i, d] += f * B[c, d]
-
-
-@functools.partial(_compile, reassoc=True)
 def _schur_parts(
     l1: np.ndarray,
     l2: np.ndarray,
@@ -81,20 +75,23 @@ def _schur_parts(
     T: np.ndarray,
     Si: np.ndarray,
     buf: np.ndarray,
+    buf2: np.ndarray,
     perm: np.ndarray,
+    with_log: bool,
 ) -> float:
     """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
-    diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)|, or NaN where a pivot is
-    zero (the caller checks that its sums are finite).
+    diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)| (0.0 without
+    ``with_log``: the logarithms are taken for the final evaluation only), or NaN where a
+    pivot is zero (the caller checks that its sums are finite).
 
     Fills w = 1 / (1 + a l1), F = diag(w) C (h1, h2) and Ft = F', T = diag(l2) - a C' F
     and Si = (I + b T)^-1 (h2, h2, both symmetric). Then (:func:`_score_k2_batch`)
 
         (D L + I)^-1 = [[diag(w) + ab E F', -a E], [-b E', Si]],   E = F Si.
 
-    ``Ct`` = C'; ``buf`` and ``perm`` (h2,) are scratch. I + b T is inverted by
-    Gauss-Jordan with pivoting (at h2 = 25 faster than Cholesky in these loops, measured),
-    then symmetrised.
+    ``Ct`` = C'; ``buf``, ``buf2`` and ``perm`` (h2,) are scratch. I + b T is inverted
+    by Gauss-Jordan with pivoting, two pivots per sweep (:func:`_gauss_jordan_pairs`; at
+    h2 = 25 faster than Cholesky in these loops, measured), then symmetrised.
     """
     h1 = l1.shape[0]
     h2 = l2.shape[0]
@@ -104,19 +101,26 @@ def _schur_parts(
         if x == 0.0:
             return np.nan
         w[i] = 1.0 / x
-        logdet += np.log(abs(x))
+        if with_log:
+            logdet += np.log(abs(x))
         for c in range(h2):
             F[i, c] = w[i] * C[i, c]
     for c in range(h2):
         for i in range(h1):
             Ft[c, i] = F[i, c]
+    if a == 0.0 and b == 0.0:  # every fit's first step: T = diag(l2), Si = I exactly
+        for c in range(h2):
+            for d in range(h2):
+                T[c, d] = 0.0
+                Si[c, d] = 0.0
+            T[c, c] = l2[c]
+            Si[c, c] = 1.0
+        return logdet
     # T from dot products of contiguous rows of C' and F'
+    _dots_into(Ct, Ft, T, True)
     for c in range(h2):
         for d in range(c, h2):
-            t = 0.0
-            for i in range(h1):
-                t += Ct[c, i] * Ft[d, i]
-            v = -a * t
+            v = -a * T[c, d]
             if c == d:
                 v += l2[c]
             T[c, d] = v
@@ -126,7 +130,7 @@ def _schur_parts(
                 s += 1.0
             Si[c, d] = s
             Si[d, c] = s
-    ld = _gauss_jordan(Si, buf, perm)
+    ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log)
     if np.isnan(ld):
         return np.nan
     for c in range(h2):  # symmetric up to rounding: make it so
@@ -150,7 +154,8 @@ def _k2_work(h1: int, h2: int, reml: bool) -> tuple:
     E, P = np.empty((h1, h2)), np.empty((h2, h2))
     buf, r2, u1, u2 = np.empty(h2), np.empty(h2), np.empty(h1), np.empty(h2)
     z1, z2, perm = np.empty(h1), np.empty(h2), np.empty(h2, dtype=np.int64)
-    return w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm
+    Y = np.empty((h1, h1))
+    return w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y
 
 
 @_compile
@@ -208,7 +213,7 @@ def _score_k2_one(
     rot, rot0, Cts, reml, c1, nrq, nr, scale, division_min = design
     l1, l2, C = rot[2], rot[3], rot[4]
     l01, l02, C0 = rot0[2], rot0[3], rot0[4]
-    w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm = work
+    w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y = work
     h1 = l1.shape[0]
     h2 = l2.shape[0]
     K = 2
@@ -217,7 +222,7 @@ def _score_k2_one(
     a = sj[c1] / s0
     b = sj[c2] / s0
     logdet = np.nan
-    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, perm)
+    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm, final)
     if np.isnan(ld):
         return False, np.nan, np.nan
     # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
@@ -246,7 +251,7 @@ def _score_k2_one(
     if not traces:
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
-        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, perm)
+        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm, final)
         if np.isnan(ld):
             return False, np.nan, np.nan
     if final:
@@ -262,7 +267,13 @@ def _score_k2_one(
     slw = 0.0
     slw2 = 0.0
     slww = 0.0
-    _product_into(F0, Si0, E)
+    zero = a == 0.0 and b == 0.0  # Si0 = I (_schur_parts): E = F0, T0 Si0 = T0
+    if zero:
+        for i in range(h1):
+            for d in range(h2):
+                E[i, d] = F0[i, d]
+    else:
+        _dots_into(F0, Si0, E, False)  # Si0 is symmetric: its rows are its columns
     for i in range(h1):
         for d in range(h2):
             e2 += E[i, d] * E[i, d]
@@ -273,18 +284,15 @@ def _score_k2_one(
         slw += lw
         slw2 += lw * lw
         slww += lw * wi
+    _dots_into(E, F0, Y, True)  # Y = E F0', symmetric: its upper triangle
     for i in range(h1):
-        for k in range(i, h1):
-            t = 0.0
-            for d in range(h2):
-                t += E[i, d] * F0[k, d]
-            if k == i:
-                trY += t
-                wY += w0[i] * t
-                lwY += l01[i] * w0[i] * t
-                yy += t * t
-            else:
-                yy += 2.0 * t * t
+        t = Y[i, i]
+        trY += t
+        wY += w0[i] * t
+        lwY += l01[i] * w0[i] * t
+        yy += t * t
+        for k in range(i + 1, h1):
+            yy += 2.0 * Y[i, k] * Y[i, k]
     trS = 0.0
     ss = 0.0
     for c in range(h2):
@@ -299,7 +307,12 @@ def _score_k2_one(
         tP = 0.0
         pp = 0.0
         tPS = 0.0
-        _product_into(T0, Si0, P)
+        if zero:
+            for c in range(h2):
+                for d in range(h2):
+                    P[c, d] = T0[c, d]
+        else:
+            _dots_into(T0, Si0, P, False)
         for c in range(h2):
             tP += P[c, c]
             for d in range(h2):
@@ -363,10 +376,13 @@ def _fit_k2_batch(
     The loop of ``fisher._scoring`` (steps F^-1 dl until max |dl| <= epsilon or max_iter
     steps, then s0 profiled and the score and information evaluated there) with the scores
     of :func:`_score_k2_one`, z rotated once per feature and the profiling evaluation
-    without the traces. Returns theta, se_theta, dlogL (m, 3), FIM_theta (m, 3, 3), niter
-    (m,), logdetM0 (m,) and ok (m,): False where an evaluation failed or an information
-    matrix's condition bound was not below ``limit`` (the inverse is then not the
-    pseudo-inverse): the caller refits those features by ``fisher._scoring``.
+    without the traces. An information matrix whose condition bound is not below
+    ``limit`` is pseudo-inverted by its eigendecomposition (:func:`_pinv_into`, the rule of
+    ``_scoring``'s pinv_sym; ~1% of bench_fit's K = 2 features, which a refit by
+    ``_scoring``, one NumPy round per step, made 7% of the fit). Returns theta, se_theta,
+    dlogL (m, 3), FIM_theta (m, 3, 3), niter (m,), logdetM0 (m,) and ok (m,): False where
+    an evaluation failed or an information matrix is not finite: the caller refits those
+    features by ``fisher._scoring``.
     """
     design, work = _k2_design(k2, counts)
     z1, z2 = work[16], work[17]
@@ -375,6 +391,7 @@ def _fit_k2_batch(
     theta, se, dl = np.empty((m, 3)), np.empty((m, 3)), np.empty((m, 3))
     fim, logdet = np.empty((m, 3, 3)), np.empty(m)
     niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
+    tol = 0.5 / limit  # GINV_TOL
     sj = np.empty(3)
     g = np.empty(3)
     Fj = np.empty((3, 3))
@@ -391,9 +408,13 @@ def _fit_k2_batch(
         while max_iter > 0:
             it += 1
             good, _, _ = _score_k2_one(design, work, sj, yry[j], False, True, g, Fj)
-            if not good or not _inverse_checked_into(Fj, inv, w3, b3, p3, limit):
-                good = False
+            if not good:
                 break
+            if not _inverse_checked_into(Fj, inv, w3, b3, p3, limit):
+                # ill-conditioned: the pseudo-inverse, as fisher._scoring's pinv_sym
+                if not _pinv_into(Fj, inv, tol):
+                    good = False
+                    break
             big = False
             for k in range(3):
                 step = 0.0
@@ -411,7 +432,9 @@ def _fit_k2_batch(
         if good:
             good, _, ld = _score_k2_one(design, work, sj, yry[j], True, True, dl[j], fim[j])
         logdet[j] = ld
-        if not good or not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit):
+        if good and not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit):
+            good = _pinv_into(fim[j], inv, tol)
+        if not good:
             ok[j] = False
             continue
         for k in range(3):

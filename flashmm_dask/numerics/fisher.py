@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flashmm_dask.numerics import compiled, compiled_k, structured
+from flashmm_dask.numerics import compiled, compiled_dense, compiled_k, paired, structured
 from flashmm_dask.numerics.linalg import GINV_TOL, Array, aliased_columns, pinv_sym
 from flashmm_dask.numerics.scores import _Score, _score_general, _score_spectral
 from flashmm_dask.numerics.spectral import fit_spectral_batch
@@ -138,6 +138,11 @@ class SharedTerms:
         return compiled_k.K2Terms(self.zrz, self.A, self.method == "REML", self.d)
 
     @functools.cached_property
+    def pairs(self) -> paired.Pairs | None:
+        """The paired structure of ZZ (K = 2, :func:`.paired.detect`), or None."""
+        return paired.detect(self.ZZ, self.d, self.ZX)
+
+    @functools.cached_property
     def G(self) -> Array:
         """(q, p) with G G' = ZX XXinv ZX' (G = ZX L^-T, XX = L L')."""
         return scipy.linalg.solve_triangular(self.chol, self.ZX.T, lower=True).T
@@ -191,6 +196,8 @@ class SharedTerms:
 
     def residualise(self, XY: Array, ZY: Array, Ynorm: Array) -> tuple[Array, Array]:
         """zry (m, q) and yry (m,) of a block of features."""
+        if self.K == 2 and self.structure is None:  # rows independent of the block
+            return compiled_dense.residualise_rows(self.XXinv, self.ZX, XY, ZY, Ynorm)
         B = XY @ self.XXinv  # (m, p)
         zry = ZY - B @ self.ZX.T
         yry = Ynorm - np.einsum("mp,mp->m", B, XY)

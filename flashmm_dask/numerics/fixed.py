@@ -27,6 +27,7 @@ import numpy as np
 from flashmm_dask.numerics.compiled import solve_batch
 from flashmm_dask.numerics.fisher import GINV_LIMIT, SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym
+from flashmm_dask.numerics.paired import fixed_effects as fixed_paired
 from flashmm_dask.numerics.spectral_terms import shifted_reciprocal
 from flashmm_dask.numerics.structured import Factor, md_solve, one_blas_thread
 
@@ -130,6 +131,8 @@ def fixed_effects(
             rhs = XY - (w * h) @ G
         elif structure and sh.structure is not None:
             return _fixed_structured(sh, XY, ZY, theta, logdetM0, fim=fim, re=re)
+        elif structure and sh.pairs is not None:
+            return fixed_paired(sh, sh.pairs, XY, ZY, theta, logdetM0, fim=fim, re=re)
         else:
             D = np.repeat(theta[:, :-1] / s0[:, None], sh.d, axis=1)
             MD = inv_shifted(sh.ZZ, D) * D[:, None, :]

@@ -1,0 +1,66 @@
+"""The small dense kernels of the K = 2 path (numerics/compiled_dense.py)."""
+
+import numpy as np
+import pytest
+
+from flashmm_dask.numerics.compiled import _gauss_jordan
+from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, residualise_rows
+
+
+@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 8, 25])
+@pytest.mark.parametrize("kind", ["spd", "general", "pivoting"])
+def test_gauss_jordan_pairs_is_gauss_jordan(h, kind):
+    """Two pivots per sweep: the same operations as one at a time, so the same bits."""
+    rng = np.random.default_rng(h)
+    if kind == "spd":
+        B = rng.normal(size=(3 * h, h))
+        A = np.eye(h) + 0.1 * B.T @ B
+    elif kind == "general":
+        A = rng.normal(size=(h, h))
+    else:  # a small leading diagonal: every step interchanges rows
+        A = rng.normal(size=(h, h)) + np.diag(np.full(h, -1e3))[::-1]
+        A[np.diag_indices(h)] = 1e-6
+    one, two = A.copy(), A.copy()
+    ld1 = _gauss_jordan(one, np.empty(h), np.empty(h, dtype=np.int64))
+    ld2 = _gauss_jordan_pairs(two, np.empty(h), np.empty(h), np.empty(h, dtype=np.int64), True)
+    np.testing.assert_array_equal(two, one)
+    assert ld1 == ld2
+    np.testing.assert_allclose(two @ A, np.eye(h), atol=1e-9)
+
+
+def test_gauss_jordan_pairs_singular():
+    A = np.ones((4, 4))
+    assert np.isnan(
+        _gauss_jordan_pairs(A, np.empty(4), np.empty(4), np.empty(4, dtype=np.int64), True)
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2), (5, 4, 3), (6, 6, 6), (7, 25, 25)])
+def test_dots_into(shape):
+    n, k, ns = shape
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(n, k)), rng.normal(size=(ns, k))
+    out = np.full((n, ns), 7.0)
+    _dots_into(A, B, out, False)
+    np.testing.assert_allclose(out, A @ B.T, rtol=1e-13, atol=1e-13)
+    up = np.full((n, ns), 7.0)
+    _dots_into(A, B, up, True)
+    mask = np.triu(np.ones((n, ns), dtype=bool))
+    np.testing.assert_allclose(up[mask], (A @ B.T)[mask], rtol=1e-13, atol=1e-13)
+    assert np.all(up[~mask] == 7.0)
+
+
+def test_residualise_rows_alone_equals_in_a_block():
+    rng = np.random.default_rng(1)
+    p, q, m = 4, 6, 9
+    B = rng.normal(size=(3 * p, p))
+    XXinv = np.linalg.inv(B.T @ B)
+    ZX, XY, ZY, Yn = (rng.normal(size=s) for s in ((q, p), (m, p), (m, q), (m,)))
+    zry, yry = residualise_rows(XXinv, ZX, XY, ZY, Yn)
+    Bx = XY @ XXinv
+    np.testing.assert_allclose(zry, ZY - Bx @ ZX.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(yry, Yn - np.sum(Bx * XY, axis=1), rtol=1e-12, atol=1e-12)
+    for j in range(m):
+        z1, y1 = residualise_rows(XXinv, ZX, XY[j : j + 1], ZY[j : j + 1], Yn[j : j + 1])
+        np.testing.assert_array_equal(z1[0], zry[j])
+        assert y1[0] == yry[j]
