@@ -111,6 +111,15 @@ def _gauss_jordan(a: np.ndarray, buf: np.ndarray, perm: np.ndarray) -> float:
                 for j in range(q):
                     a[i, j] -= f * buf[j]
             i = i2 + 1 if i2 + 1 != k else i2 + 2
+    _unswap_columns(a, perm)
+    return logdet
+
+
+@functools.partial(_compile, inline=True)
+def _unswap_columns(a: np.ndarray, perm: np.ndarray) -> None:
+    """Undo on the columns of an inverse the row interchanges ``perm`` of its elimination
+    (perm[k]: the row swapped into row k at step k), last step first."""
+    q = a.shape[0]
     for k in range(q - 1, -1, -1):
         c = perm[k]
         if c != k:
@@ -118,7 +127,6 @@ def _gauss_jordan(a: np.ndarray, buf: np.ndarray, perm: np.ndarray) -> float:
                 t = a[i, k]
                 a[i, k] = a[i, c]
                 a[i, c] = t
-    return logdet
 
 
 @_compile

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile
+from flashmm_dask.numerics.compiled import _compile, _unswap_columns
 
 
 @functools.partial(_compile, reassoc=True)
@@ -163,13 +163,7 @@ def _gauss_jordan_pairs(
             while i == k or i == k1:
                 i += 1
         k += 2
-    for k in range(q - 1, -1, -1):
-        c = perm[k]
-        if c != k:
-            for i in range(q):
-                t = a[i, k]
-                a[i, k] = a[i, c]
-                a[i, c] = t
+    _unswap_columns(a, perm)
     return logdet
 
 
