@@ -71,21 +71,8 @@ def _gauss_jordan(a: np.ndarray, buf: np.ndarray, perm: np.ndarray) -> float:
     q = a.shape[0]
     logdet = 0.0
     for k in range(q):
-        piv = k
-        best = abs(a[k, k])
-        for i in range(k + 1, q):
-            v = abs(a[i, k])
-            if v > best:
-                best = v
-                piv = i
-        if not (best > 0.0 and best < np.inf):
+        if not _pivot_row(a, k, k, 0.0, False, perm):
             return np.nan
-        perm[k] = piv
-        if piv != k:
-            for j in range(q):
-                t = a[k, j]
-                a[k, j] = a[piv, j]
-                a[piv, j] = t
         p = a[k, k]
         logdet += np.log(abs(p))
         a[k, k] = 1.0
@@ -113,6 +100,33 @@ def _gauss_jordan(a: np.ndarray, buf: np.ndarray, perm: np.ndarray) -> float:
             i = i2 + 1 if i2 + 1 != k else i2 + 2
     _unswap_columns(a, perm)
     return logdet
+
+
+@functools.partial(_compile, inline=True)
+def _pivot_row(
+    a: np.ndarray, k: int, prev: int, shift: float, shifted: bool, perm: np.ndarray
+) -> bool:
+    """Partial pivoting at step k: the first row i >= k of the largest |a[i, k]| (with
+    ``shifted``, |a[i, k] - a[i, prev] shift|: column k as the step before leaves it)
+    swapped into row k and recorded in perm[k]; False where that value is zero or not
+    finite."""
+    q = a.shape[0]
+    piv = k
+    best = abs(a[k, k] - a[k, prev] * shift) if shifted else abs(a[k, k])
+    for i in range(k + 1, q):
+        v = abs(a[i, k] - a[i, prev] * shift) if shifted else abs(a[i, k])
+        if v > best:
+            best = v
+            piv = i
+    if not (best > 0.0 and best < np.inf):
+        return False
+    perm[k] = piv
+    if piv != k:
+        for j in range(q):
+            t = a[k, j]
+            a[k, j] = a[piv, j]
+            a[piv, j] = t
+    return True
 
 
 @functools.partial(_compile, inline=True)

@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile, _unswap_columns
+from flashmm_dask.numerics.compiled import _compile, _pivot_row, _unswap_columns
 
 
 @functools.partial(_compile, reassoc=True)
@@ -45,33 +45,6 @@ def _dots_into(A: np.ndarray, B: np.ndarray, out: np.ndarray, upper: bool) -> No
             for c in range(k):
                 t += A[r, c] * B[s, c]
             out[r, s] = t
-
-
-@functools.partial(_compile, inline=True)
-def _pivot_row(
-    a: np.ndarray, k: int, prev: int, shift: float, shifted: bool, perm: np.ndarray
-) -> bool:
-    """Partial pivoting at step k: the first row i >= k of the largest |a[i, k]| (with
-    ``shifted``, |a[i, k] - a[i, prev] shift|: column k as the step before leaves it)
-    swapped into row k and recorded in perm[k]; False where that value is zero or not
-    finite."""
-    q = a.shape[0]
-    piv = k
-    best = abs(a[k, k] - a[k, prev] * shift) if shifted else abs(a[k, k])
-    for i in range(k + 1, q):
-        v = abs(a[i, k] - a[i, prev] * shift) if shifted else abs(a[i, k])
-        if v > best:
-            best = v
-            piv = i
-    if not (best > 0.0 and best < np.inf):
-        return False
-    perm[k] = piv
-    if piv != k:
-        for j in range(q):
-            t = a[k, j]
-            a[k, j] = a[piv, j]
-            a[piv, j] = t
-    return True
 
 
 @_compile
