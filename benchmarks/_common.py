@@ -181,7 +181,7 @@ def simulated_store(
 
     if reuse and _same_shape(path, n_cells, n_genes):
         return path, 0.0
-    chunk = max(1_000, min(100_000, int(2e8 / max(1.0, n_genes * density * 16))))
+    chunk = simulation_chunk_cells(n_genes, density)
     with timed() as t:
         simulate_to_store(
             path,
@@ -197,6 +197,12 @@ def simulated_store(
             n_threads=max(1, os.cpu_count() or 1),
         )
     return path, t["s"]
+
+
+def simulation_chunk_cells(n_genes: int, density: float) -> int:
+    """The cells :func:`simulated_store` draws and appends at a time (about 200 MB of
+    non-zeros, 1,000 to 100,000 cells)."""
+    return max(1_000, min(100_000, int(2e8 / max(1.0, n_genes * density * 16))))
 
 
 def _same_shape(path: Path, n_cells: int, n_genes: int) -> bool:
