@@ -43,6 +43,7 @@ import scipy.linalg
 
 from flashmm_dask.numerics import compiled, compiled_k, structured
 from flashmm_dask.numerics.linalg import GINV_TOL, Array, aliased_columns, pinv_sym
+from flashmm_dask.numerics.nested_fit import fit_nested_batch
 from flashmm_dask.numerics.scores import _Score, _score_general, _score_spectral
 from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.spectral_terms import eigh_one_thread as _eigh
@@ -423,6 +424,8 @@ def fit_theta(
 
         # one BLAS thread: results independent of the thread layout, and no oversubscription
         with structured.one_blas_thread():
+            if free is None and sh.method == "REML" and sh.nested is not None:
+                return _fit_nested(sh, zry_p, yry, s, max_iter, epsilon, score_st)
             return _scoring(score_st, s, max_iter, epsilon, free)
     if not spectral and compiled_kernels and K == 2 and free is None:
         return _fit_k2(sh, zry, yry, s, max_iter, epsilon)
@@ -470,6 +473,34 @@ def _fit_k2(
         rest = _scoring(score, s[~ok], max_iter, epsilon)
         theta[~ok], se[~ok], dl[~ok] = rest.theta, rest.se_theta, rest.dlogL
         F[~ok], niter[~ok], logdet[~ok] = rest.FIM_theta, rest.niter, rest.logdetM0
+    return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
+
+
+def _fit_nested(
+    sh: SharedTerms,
+    zry_p: Array,
+    yry: Array,
+    s: Array,
+    max_iter: int,
+    epsilon: float,
+    score: Callable[..., _Score],
+) -> ThetaFit:
+    """The nested structured path: the whole loop of :func:`_scoring` in the compiled
+    kernel (:func:`.nested_fit.fit_nested_batch`); the features it could not fit take
+    :func:`_scoring` with ``score`` (:func:`_score_structured`)."""
+    assert sh.nested is not None
+    theta, se, dl, F, niter, logdet, ok = fit_nested_batch(
+        sh.nested, zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT
+    )
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+
+        def rest_score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
+            return score(s, bad[rows], final=final)
+
+        rest = _scoring(rest_score, s[bad], max_iter, epsilon)
+        theta[bad], se[bad], dl[bad] = rest.theta, rest.se_theta, rest.dlogL
+        F[bad], niter[bad], logdet[bad] = rest.FIM_theta, rest.niter, rest.logdetM0
     return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
 
 

@@ -62,18 +62,34 @@ class NestedTerms:
         lens = np.diff(st.N.indptr)
         parent = np.full(qb, -1, dtype=np.int64)  # c of a, -1 without a parent
         parent[lens == 1] = st.N.indices[st.N.indptr[:-1][lens == 1]]
-        # the big columns in the order of their parent (those without one first), so that
-        # each group's children are contiguous: starts[c]:starts[c + 1]
-        self.order = np.argsort(parent, kind="stable")
+        # the big columns in the order of their parent (those without one first) and, within
+        # a group, of their count class, so that each group's children are contiguous
+        # (starts[c]:starts[c + 1]) and so are those of one count (a "pair" of the group c
+        # and the count class u)
+        self.zu, cls = np.unique(st.zb, return_inverse=True)
+        self.order = np.lexsort((cls, parent))
         self.parent = np.ascontiguousarray(parent[self.order])
         self.starts = np.searchsorted(self.parent, np.arange(st.qs + 1))
         self.nval = np.ascontiguousarray(nval[self.order])
         self.zb = np.ascontiguousarray(st.zb[self.order])
         self.Gb = np.ascontiguousarray(Gp[:qb][self.order])
-        # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
-        self.zu, cls = np.unique(self.zb, return_inverse=True)
-        self.cls = np.ascontiguousarray(cls, dtype=np.int64)
+        self.cls = np.ascontiguousarray(cls[self.order], dtype=np.int64)
         self.ucount = np.bincount(self.cls, minlength=self.zu.size).astype(np.float64)
+        # the pairs: their count class, sum n^2 and sum n g over their children, and the
+        # pairs of group c at pstart[c]:pstart[c + 1] (the group sums of an evaluation
+        # weigh a child by its count only: O(pairs p), not O(qb p))
+        first = self.starts[0]
+        change = np.flatnonzero(
+            (np.diff(self.parent[first:]) != 0) | (np.diff(self.cls[first:]) != 0)
+        )
+        heads = first + np.concatenate([[0], change + 1]) if qb > first else np.zeros(0, int)
+        self.pcls = np.ascontiguousarray(self.cls[heads])
+        nn = self.nval * self.nval
+        self.pn2 = np.add.reduceat(nn, heads) if heads.size else np.zeros(0)
+        ng = self.nval[:, None] * self.Gb
+        self.pA = np.add.reduceat(ng, heads, axis=0) if heads.size else np.zeros((0, self.p))
+        self.pstart = np.searchsorted(self.parent[heads], np.arange(st.qs + 1))
+        # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
         by = np.argsort(self.cls, kind="stable")
         edges = np.concatenate([[0], np.cumsum(self.ucount.astype(np.int64))])
         direct = self.zu.size * self.p * self.p > H_VALUES
@@ -87,13 +103,17 @@ class NestedTerms:
         qb = self.st.qb
         return np.concatenate([x[:qb][self.order], x[qb:]])
 
+    @property
+    def packed(self) -> tuple:
+        """What the compiled kernels take of the design (:func:`_pre_py`'s first entries)."""
+        return (
+            self.Gb, self.Gs, self.pstart, self.pcls, self.pn2, self.pA, self.zb, self.cls,
+            self.ucount, self.zs, self.comps, self.st.big, self.zu, self.H, self.K,
+        )  # fmt: skip
+
     def _pre(self, D: Array) -> tuple:
         """The compiled pieces of one feature at the ratios D (q,), permuted order."""
-        return _pre(
-            self.Gb, self.Gs, self.starts, self.nval, self.zb, self.cls, self.ucount, self.zs,
-            self.comps, self.st.big, self.zu, self.H, self.K, D[0],
-            np.ascontiguousarray(D[self.st.qb :]),
-        )  # fmt: skip
+        return _pre(*self.packed, D[0], np.ascontiguousarray(D[self.st.qb :]), True)
 
     def score(
         self, K: int, s: Array, zry: Array, yry: Array, final: bool
@@ -110,7 +130,7 @@ class NestedTerms:
         ok = bool(pre[0]) and bool(np.all(np.isfinite(B)))
         t, Q, u2, yR2y, zMDz = _post(
             self.Gb, self.parent, self.nval, self.comps, self.st.big, *pre[2:-1], B,
-            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0],
+            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0], True,
         )  # fmt: skip
         logdet = np.full(1, np.nan)
         if final:
@@ -142,11 +162,13 @@ class NestedTerms:
         return pre[-1], pre[11], bool(pre[0])
 
 
-def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds):
+def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds, full):
     """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
     group sums sig (qs, 3) and hs (3, qs, p), eps (qs, p), t and Q of W0, the Gram
     matrices (K, p, p), sum_u zb pbi^3 H_u and C. The big columns in the order of their
-    parent (:class:`NestedTerms`)."""
+    parent and count (:class:`NestedTerms`). ``full=False``: only what C and the quadratic
+    forms need (ok, logdet, pbi, U, S^-1, kappa, sig[:, 0], hs[0], eps, C; the profiling
+    evaluation), the rest left zero."""
     qb, p = Gb.shape
     qs = Gs.shape[0]
     nu = zu.shape[0]
@@ -166,26 +188,26 @@ def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb,
     pbi = np.empty(qb)
     for a in range(qb):
         pbi[a] = pu[cls[a]]
-    # group sums over the children: sig[c] = sum w n^2, hs[:, c] = sum w n g, w = pbi,
-    # pbi^2, zb pbi^3
+    # group sums over the children, pair by pair: sig[c] = sum w n^2, hs[:, c] = sum w n g,
+    # w = pbi, pbi^2, zb pbi^3
     sig = np.zeros((qs, 3))
     hs = np.zeros((3, qs, p))
-    acc = np.empty((3, p))
     for c in range(qs):
-        acc[:] = 0.0
-        for a in range(starts[c], starts[c + 1]):
-            w1 = pbi[a] * nval[a]
-            w2 = pbi[a] * w1
-            w3 = zb[a] * pbi[a] * w2
-            sig[c, 0] += w1 * nval[a]
-            sig[c, 1] += w2 * nval[a]
-            sig[c, 2] += w3 * nval[a]
+        for k in range(pstart[c], pstart[c + 1]):
+            u = pcls[k]
+            w1 = pu[u]
+            sig[c, 0] += w1 * pn2[k]
             for j in range(p):
-                g = Gb[a, j]
-                acc[0, j] += w1 * g
-                acc[1, j] += w2 * g
-                acc[2, j] += w3 * g
-        hs[:, c] = acc
+                hs[0, c, j] += w1 * pA[k, j]
+            if full:
+                w2 = w1 * w1
+                w3 = zu[u] * w1 * w2
+                sig[c, 1] += w2 * pn2[k]
+                sig[c, 2] += w3 * pn2[k]
+                for j in range(p):
+                    g = pA[k, j]
+                    hs[1, c, j] += w2 * g
+                    hs[2, c, j] += w3 * g
     U = np.empty(qs)
     Si = np.empty(qs)
     kap = np.empty(qs)
@@ -221,8 +243,9 @@ def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb,
             for j in range(p):
                 h = Gb[u, i] * Gb[u, j] if direct else H[u, i, j]
                 Hw[0, i, j] += w0 * h
-                Hw[1, i, j] += w1 * h
-                Hw[2, i, j] += w2 * h
+                if full:
+                    Hw[1, i, j] += w1 * h
+                    Hw[2, i, j] += w2 * h
     # C = I - Hw0 - sum_c kap eps eps'; Gram_big = Hw1 + sum_c (kap^2 sig2 eps eps' -
     # kap (h2 eps' + eps h2')) = Hw1 + M + M' with M = sum_c (kap sig2 eps / 2 - h2) (kap
     # eps)'; Gram_k = sum_{c in k} S^-2 eps eps' (the products by BLAS)
@@ -237,18 +260,19 @@ def _pre_py(Gb, Gs, starts, nval, zb, cls, ucount, zs, comps, big, zu, H, K, rb,
             K1[c, j] = kap[c] * e
             Kb[c, j] = 0.5 * wb * e - hs[1, c, j]
     C = np.eye(p) - Hw[0] - Eps.T @ K1
-    KbK = Kb.T @ K1
-    grams = np.empty((K, p, p))
-    for k in range(K):
-        if k == big:
-            grams[k] = Hw[1] + KbK + KbK.T
-        else:
-            Ws = np.zeros((qs, p))
-            for c in range(qs):
-                if comps[c] == k:
-                    for j in range(p):
-                        Ws[c, j] = Si[c] * Si[c] * Eps[c, j]
-            grams[k] = Eps.T @ Ws
+    grams = np.zeros((K, p, p))
+    if full:
+        KbK = Kb.T @ K1
+        for k in range(K):
+            if k == big:
+                grams[k] = Hw[1] + KbK + KbK.T
+            else:
+                Ws = np.zeros((qs, p))
+                for c in range(qs):
+                    if comps[c] == k:
+                        for j in range(p):
+                            Ws[c, j] = Si[c] * Si[c] * Eps[c, j]
+                grams[k] = Eps.T @ Ws
     C = 0.5 * (C + C.T)
     return ok, logdet, pbi, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw[2], C
 
@@ -270,35 +294,11 @@ def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
     return Gb.T @ px + Eps.T @ coef
 
 
-def _post_py(
-    Gb,
-    parent,
-    nval,
-    comps,
-    big,
-    pbi,
-    U,
-    Si,
-    kap,
-    sig,
-    hs,
-    t,
-    Q,
-    Eps,
-    grams,
-    Hw2,
-    B,
-    rb,
-    ds,
-    zry,
-    yry,
-):
-    """The score's pieces after C^-1 = B: t, Q of W = W0 - E B E', u2, yR2y and zMDz."""
-    qb, p = Gb.shape
-    qs = Eps.shape[0]
+def _traces_py(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw2, B, t, Q):
+    """t -= tr(B Gram_k) and Q_kl += tr(Gram_k B Gram_l B) - 2 tr(R_kl B) (+ tr(R_lk B)),
+    in place: W = W0 - E B E'."""
+    qs, p = Eps.shape
     K = t.shape[0]
-    t = t.copy()
-    Q = Q.copy()
     # traces tr(R_kl B) of R_kl = E_k' W0_kl E_l, from eB = B eps_c and tB = B tau_c with
     # tau_c = E_b' t_c = h2_c - kap sig2 eps_c
     tr = np.zeros((K, K))
@@ -343,6 +343,41 @@ def _post_py(
                     gg += GB[k, i, j] * GB[l, j, i]
             Q[k, l] += -2.0 * r + gg
             Q[l, k] = Q[k, l]
+
+
+def _post_py(
+    Gb,
+    parent,
+    nval,
+    comps,
+    big,
+    pbi,
+    U,
+    Si,
+    kap,
+    sig,
+    hs,
+    t,
+    Q,
+    Eps,
+    grams,
+    Hw2,
+    B,
+    rb,
+    ds,
+    zry,
+    yry,
+    full,
+):
+    """The score's pieces after C^-1 = B: t, Q of W = W0 - E B E', u2, yR2y and zMDz
+    (``full=False``: t and Q as they are, the profiling evaluation)."""
+    qb = Gb.shape[0]
+    qs = Eps.shape[0]
+    K = t.shape[0]
+    t = t.copy()
+    Q = Q.copy()
+    if full:
+        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw2, B, t, Q)
     # u = P^-T zry + E beta, M D zry = P^-1 D zry + D E beta, beta = B E' D zry
     x = np.empty(qb + qs)
     for a in range(qb):
@@ -393,5 +428,6 @@ def _post_py(
 #: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
 _OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 _pre = jit(_pre_py, **_OPTIONS)
+_traces = jit(_traces_py, **_OPTIONS)
 _post = jit(_post_py, **_OPTIONS)
 _et = jit(_et_py, **_OPTIONS)
