@@ -43,7 +43,6 @@ import scipy.linalg
 
 from flashmm_dask.numerics import compiled, compiled_k, structured
 from flashmm_dask.numerics.linalg import GINV_TOL, Array, aliased_columns, pinv_sym
-from flashmm_dask.numerics.nested_fit import fit_nested_batch
 from flashmm_dask.numerics.scores import _Score, _score_general, _score_spectral
 from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.spectral_terms import eigh_one_thread as _eigh
@@ -486,11 +485,11 @@ def _fit_nested(
     score: Callable[..., _Score],
 ) -> ThetaFit:
     """The nested structured path: the whole loop of :func:`_scoring` in the compiled
-    kernel (:func:`.nested_fit.fit_nested_batch`); the features it could not fit take
+    kernel (:meth:`.structured_nested.NestedTerms.fit`); the features it could not fit take
     :func:`_scoring` with ``score`` (:func:`_score_structured`)."""
     assert sh.nested is not None
-    theta, se, dl, F, niter, logdet, ok = fit_nested_batch(
-        sh.nested, zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT
+    theta, se, dl, F, niter, logdet, ok = sh.nested.fit(
+        zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT
     )
     if not ok.all():
         bad = np.flatnonzero(~ok)
