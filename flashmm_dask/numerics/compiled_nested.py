@@ -149,7 +149,7 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
 def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
     """E' x = G' P^-1 x (p,) for x (q,): sum_a E_a x_a + sum_c E_c x_c with
     E_a = pbi_a g_a - kap_c pbi_a n_a eps_c and E_c = eps_c / S_c."""
-    qb = Gb.shape[0]
+    qb = parent.shape[0]
     qs = Eps.shape[0]
     px = np.empty(qb)
     coef = np.empty(qs)
@@ -160,6 +160,8 @@ def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
         c = parent[a]
         if c >= 0:
             coef[c] -= kap[c] * nval[a] * px[a]
+    if Gb.shape[0] == 0:  # the caller adds the big columns' part
+        return Eps.T @ coef
     return Gb.T @ px + Eps.T @ coef
 
 
@@ -242,10 +244,14 @@ def _post_py(
     ds,
     zry,
     yry,
+    zu,
+    R,
     full,
 ):
     """The score's pieces after C^-1 = B: t, Q of W = W0 - E B E', u2, yR2y and zMDz
-    (``full=False``: t and Q as they are, the profiling evaluation)."""
+    (``full=False``: t and Q as they are, the profiling evaluation). R (U, p): the sums
+    sum_{zb_a = u} zry_a g_a of the feature over the count classes zu (:func:`fit_py`),
+    or (0, p): G' P^-1 D zry over the big columns instead (O(qb p))."""
     qb = Gb.shape[0]
     qs = Eps.shape[0]
     K = t.shape[0]
@@ -259,7 +265,15 @@ def _post_py(
         x[a] = rb * zry[a]
     for c in range(qs):
         x[qb + c] = ds[c] * zry[qb + c]
-    beta = B @ et(Gb, parent, nval, pbi, Si, kap, Eps, x)
+    if R.shape[0] == 0:
+        beta = B @ et(Gb, parent, nval, pbi, Si, kap, Eps, x)
+    else:  # sum_a pbi_a x_a g_a = sum_u rho_b pbi(u) R_u
+        ex = et(Gb[:0], parent, nval, pbi, Si, kap, Eps, x)
+        for u in range(R.shape[0]):
+            w = rb / (1.0 + rb * zu[u])
+            for j in range(R.shape[1]):
+                ex[j] += w * R[u, j]
+        beta = B @ ex
     eb = Eps @ beta
     # the small rows: P^-T zry and P^-1 x through the group sums
     sz = np.zeros(qs)
@@ -300,10 +314,11 @@ def _post_py(
     return t, Q, u2, yR2y, zMDz
 
 
-def _evaluate_py(design, nt, s, zry, yry, counts, full, final, dl, F, work):
-    """One evaluation at s (K+1,) of a feature (zry (q,) in the kernels' order): dl
-    (K+1,) and F (K+1, K+1) into ``dl`` and ``F`` where ``full``; returns (ok, s0
-    profiled, log |det M0| (NaN unless ``final``))."""
+def _evaluate_py(design, nt, s, zry, yry, R, counts, full, final, dl, F, work):
+    """One evaluation at s (K+1,) of a feature (zry (q,) in the kernels' order, R (U, p)
+    its sums over the count classes, :func:`_post_py`): dl (K+1,) and F (K+1, K+1) into
+    ``dl`` and ``F`` where ``full``; returns (ok, s0 profiled, log |det M0| (NaN unless
+    ``final``))."""
     Gb, parent, nval, comps, big = nt
     nrq, nr, q = counts
     Cw, buf, perm = work
@@ -320,7 +335,7 @@ def _evaluate_py(design, nt, s, zry, yry, counts, full, final, dl, F, work):
     if not ok:
         return False, np.nan, np.nan
     t, Q, u2, yR2y, zMDz = post(
-        Gb, parent, nval, comps, big, *parts[2:-1], Cw, rb, ds, zry, yry, full
+        Gb, parent, nval, comps, big, *parts[2:-1], Cw, rb, ds, zry, yry, design[12], R, full
     )
     s0p = (yry - zMDz) / nr
     if not full:
@@ -362,18 +377,25 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
     inv, wk, bk, pk = np.empty((k1, k1)), np.empty((k1, k1)), np.empty(k1), np.empty(k1, np.int64)
     work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
     z = np.empty(q)
+    cls = design[7]
+    R = np.zeros((design[12].shape[0], p))
     for j in range(m):
         for a in range(qb):  # the big columns in the order of NestedTerms
             z[a] = zry[j, order[a]]
         for a in range(qb, q):
             z[a] = zry[j, a]
+        R[:] = 0.0  # sum_{zb_a = u} zry_a g_a, once per feature
+        for a in range(qb):
+            u = cls[a]
+            for i in range(p):
+                R[u, i] += z[a] * Gb[a, i]
         for k in range(k1):
             sj[k] = s_init[j, k]
         it = 0
         good = True
         while max_iter > 0:
             it += 1
-            good, _, _ = _evaluate(design, nt, sj, z, yry[j], counts, True, False, g, Fj, work)
+            good, _, _ = _evaluate(design, nt, sj, z, yry[j], R, counts, True, False, g, Fj, work)
             if not good or not _inverse_checked_into(Fj, inv, wk, bk, pk, limit):
                 good = False
                 break
@@ -388,12 +410,12 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
                 break
         niter[j] = it
         if good:
-            good, s0, _ = _evaluate(design, nt, sj, z, yry[j], counts, False, False, g, Fj, work)
+            good, s0, _ = _evaluate(design, nt, sj, z, yry[j], R, counts, False, False, g, Fj, work)
             sj[k1 - 1] = s0
         ld = np.nan
         if good:
             good, _, ld = _evaluate(
-                design, nt, sj, z, yry[j], counts, True, True, dl[j], fim[j], work
+                design, nt, sj, z, yry[j], R, counts, True, True, dl[j], fim[j], work
             )
         logdet[j] = ld
         if not good or not _inverse_checked_into(fim[j], inv, wk, bk, pk, limit):

@@ -132,7 +132,8 @@ class NestedTerms:
         ok = bool(pre[0]) and bool(np.all(np.isfinite(B)))
         t, Q, u2, yR2y, zMDz = kernels.post(
             self.Gb, self.parent, self.nval, self.comps, self.st.big, *pre[2:-1], B,
-            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0], True,
+            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0], self.zu,
+            np.zeros((0, self.p)), True,
         )  # fmt: skip
         logdet = np.full(1, np.nan)
         if final:
