@@ -1,7 +1,8 @@
 """Structured random effects (K >= 2 with a diagonal Z_k'Z_k): structured vs dense vs K=1.
 
-Run: ``python benchmarks/bench_structured.py [--cells 200000] [--features 100]``. Prints, side
-by side in one run (with the 1-minute load):
+Run: ``python benchmarks/bench_structured.py [--cells 200000] [--features 100] [--sections
+1,3]``. Prints, side by side in one run (with the 1-minute load), the sections asked for
+(all by default):
 
 1. the nested donor + donor:state fit (259 + 7,511 columns, atlas-shaped) against the
    donor-only K=1 fit of the same features;
@@ -282,12 +283,21 @@ def main(argv=None):
     ap.add_argument("--k2-cells", type=int, default=20000)
     ap.add_argument("--r-features", type=int, default=2000)
     ap.add_argument("--r-cells", type=int, default=20000)
+    ap.add_argument(
+        "--sections", default="1,2,3,4,5", help="the sections to run, comma-separated (1-5)"
+    )
     args = ap.parse_args(argv)
-    section_nested(args.cells, args.features, args.donors, args.states)
-    section_paths(args.features, max(2, args.donors // 6), max(2, args.states // 3))
-    section_insteval(args.responses, args.lmer_repeats)
-    section_k2(args.k2_features, args.k2_cells)
-    section_r_case(args.r_features, args.r_cells)
+    sections = {int(x) for x in args.sections.split(",")}
+    if 1 in sections:
+        section_nested(args.cells, args.features, args.donors, args.states)
+    if 2 in sections:
+        section_paths(args.features, max(2, args.donors // 6), max(2, args.states // 3))
+    if 3 in sections:
+        section_insteval(args.responses, args.lmer_repeats)
+    if 4 in sections:
+        section_k2(args.k2_features, args.k2_cells)
+    if 5 in sections:
+        section_r_case(args.r_features, args.r_cells)
 
 
 if __name__ == "__main__":
