@@ -26,10 +26,10 @@ from flashmm_dask.numerics.jit import jit
 def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds, full):
     """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
     group sums sig (qs, 3) and hs (3, qs, p), eps (qs, p), t and Q of W0, the Gram
-    matrices (K, p, p), sum_u zb pbi^3 H_u and C. The big columns in the order of their
-    parent and count (:class:`NestedTerms`). ``full=False``: only what C and the quadratic
-    forms need (ok, logdet, pbi, U, S^-1, kappa, sig[:, 0], hs[0], eps, C; the profiling
-    evaluation), the rest left zero."""
+    matrices (K, p, p), Hw (3, p, p) = sum_u (rho_b pbi, pbi^2, zb pbi^3) H_u and C. The
+    big columns in the order of their parent and count (:class:`NestedTerms`).
+    ``full=False``: only what C and the quadratic forms need (ok, logdet, pbi, U, S^-1,
+    kappa, sig[:, 0], hs[0], eps, Hw[0], C; the profiling evaluation), the rest zero."""
     qb, p = Gb.shape
     qs = Gs.shape[0]
     nu = zu.shape[0]
@@ -143,13 +143,13 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
                             Ws[c, j] = L[c, 2 * p + j]
                 grams[k] = Ws.T @ Eps
     C = 0.5 * (C + C.T)
-    return ok, logdet, pbi, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw[2], C
+    return ok, logdet, pbi, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, C
 
 
 def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
     """E' x = G' P^-1 x (p,) for x (q,): sum_a E_a x_a + sum_c E_c x_c with
     E_a = pbi_a g_a - kap_c pbi_a n_a eps_c and E_c = eps_c / S_c."""
-    qb = parent.shape[0]
+    qb = Gb.shape[0]
     qs = Eps.shape[0]
     px = np.empty(qb)
     coef = np.empty(qs)
@@ -160,8 +160,6 @@ def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
         c = parent[a]
         if c >= 0:
             coef[c] -= kap[c] * nval[a] * px[a]
-    if Gb.shape[0] == 0:  # the caller adds the big columns' part
-        return Eps.T @ coef
     return Gb.T @ px + Eps.T @ coef
 
 
@@ -238,42 +236,31 @@ def _post_py(
     Q,
     Eps,
     grams,
-    Hw2,
+    Hw,
     B,
     rb,
     ds,
     zry,
     yry,
-    zu,
-    R,
     full,
 ):
     """The score's pieces after C^-1 = B: t, Q of W = W0 - E B E', u2, yR2y and zMDz
-    (``full=False``: t and Q as they are, the profiling evaluation). R (U, p): the sums
-    sum_{zb_a = u} zry_a g_a of the feature over the count classes zu (:func:`fit_py`),
-    or (0, p): G' P^-1 D zry over the big columns instead (O(qb p))."""
+    (``full=False``: t and Q as they are), column by column (O(qb p)): the reference of
+    :func:`_post_sums_py`."""
     qb = Gb.shape[0]
     qs = Eps.shape[0]
     K = t.shape[0]
     t = t.copy()
     Q = Q.copy()
     if full:
-        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw2, B, t, Q)
+        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], B, t, Q)
     # u = P^-T zry + E beta, M D zry = P^-1 D zry + D E beta, beta = B E' D zry
     x = np.empty(qb + qs)
     for a in range(qb):
         x[a] = rb * zry[a]
     for c in range(qs):
         x[qb + c] = ds[c] * zry[qb + c]
-    if R.shape[0] == 0:
-        beta = B @ et(Gb, parent, nval, pbi, Si, kap, Eps, x)
-    else:  # sum_a pbi_a x_a g_a = sum_u rho_b pbi(u) R_u
-        ex = et(Gb[:0], parent, nval, pbi, Si, kap, Eps, x)
-        for u in range(R.shape[0]):
-            w = rb / (1.0 + rb * zu[u])
-            for j in range(R.shape[1]):
-                ex[j] += w * R[u, j]
-        beta = B @ ex
+    beta = B @ et(Gb, parent, nval, pbi, Si, kap, Eps, x)
     eb = Eps @ beta
     # the small rows: P^-T zry and P^-1 x through the group sums
     sz = np.zeros(qs)
@@ -314,12 +301,117 @@ def _post_py(
     return t, Q, u2, yR2y, zMDz
 
 
-def _evaluate_py(design, nt, s, zry, yry, R, counts, full, final, dl, F, work):
-    """One evaluation at s (K+1,) of a feature (zry (q,) in the kernels' order, R (U, p)
-    its sums over the count classes, :func:`_post_py`): dl (K+1,) and F (K+1, K+1) into
-    ``dl`` and ``F`` where ``full``; returns (ok, s0 profiled, log |det M0| (NaN unless
-    ``final``))."""
-    Gb, parent, nval, comps, big = nt
+def _post_sums_py(
+    pstart, pcls, zu, comps, big, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, B, rb, ds, zry_s,
+    yry, sums, full,
+):  # fmt: skip
+    """:func:`_post_py` from a feature's sums over the count classes and the pairs, O(P +
+    (U + qs) p + p^2) instead of O(qb p): ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
+    Z2 (U,) = sum_{zb_a = u} zry_a^2, nz (P,) = sum n_a zry_a over a pair's columns),
+    zry_s (qs,) the small columns of zry. With y_a = zry_a + g_a' beta, alpha_c = ds_c
+    (P^-T zry)_c + kap_c eps_c' beta and gamma_c = (P^-1 D zry)_c / ds_c + kap_c eps_c'
+    beta (0 without a parent), a big column has u_a = pbi_a (y_a - n_a alpha_c) and
+    (M D zry)_a = rho_b pbi_a (y_a - n_a gamma_c), so that their sums over the columns are
+    sums over the classes and the groups of
+
+        sum pbi^2 y^2 = sum_u pbi_u^2 (Z2_u + 2 beta'R_u) + beta' Hw_1 beta,
+        sum_{a in c} pbi^2 n y = sum_{pairs} pbi^2 nz + beta' h2_c,
+        sum pbi zry y = sum_u pbi_u (Z2_u + beta'R_u),  sum_{a in c} pbi n zry."""
+    R, Z2, nz = sums
+    qs, p = Eps.shape
+    K = t.shape[0]
+    t = t.copy()
+    Q = Q.copy()
+    if full:
+        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], B, t, Q)
+    nu = zu.shape[0]
+    pu = np.empty(nu)
+    for u in range(nu):
+        pu[u] = 1.0 / (1.0 + rb * zu[u])
+    # V_c = sum_{a in c} pbi n zry, T0_c = sum_{a in c} pbi^2 n zry
+    V = np.zeros(qs)
+    T = np.zeros(qs)
+    for c in range(qs):
+        for k in range(pstart[c], pstart[c + 1]):
+            w = pu[pcls[k]]
+            V[c] += w * nz[k]
+            T[c] += w * w * nz[k]
+    # beta = B E' D zry: E'x = sum_u rho_b pbi_u R_u + Eps' coef, coef_c = S^-1 (ds zry_c -
+    # kap rho_b V_c)
+    coef = np.empty(qs)
+    for c in range(qs):
+        coef[c] = ds[c] * zry_s[c] * Si[c] - kap[c] * rb * V[c]
+    ex = Eps.T @ coef
+    PR1 = np.zeros(p)  # sum_u pbi_u R_u
+    PR2 = np.zeros(p)  # sum_u pbi_u^2 R_u
+    S_zz1 = 0.0
+    S_zz2 = 0.0
+    for u in range(nu):
+        w = pu[u]
+        S_zz1 += w * Z2[u]
+        S_zz2 += w * w * Z2[u]
+        for j in range(p):
+            PR1[j] += w * R[u, j]
+            PR2[j] += w * w * R[u, j]
+    for j in range(p):
+        ex[j] += rb * PR1[j]
+    beta = B @ ex
+    eb = Eps @ beta
+    u2 = np.zeros(K)
+    yR2y = yry
+    zMDz = 0.0
+    alpha = np.empty(qs)
+    gamma = np.empty(qs)
+    for c in range(qs):
+        ys = Si[c] * (zry_s[c] - rb * V[c])  # (P^-T zry)_c
+        yx = Si[c] * (ds[c] * zry_s[c] - ds[c] * rb * V[c])  # (P^-1 D zry)_c
+        Eb = eb[c] * Si[c]
+        u = ys + Eb
+        md = yx + ds[c] * Eb
+        u2[comps[c]] += u * u
+        yR2y -= (u + zry_s[c]) * md
+        zMDz += zry_s[c] * md
+        alpha[c] = ds[c] * ys + kap[c] * eb[c]
+        gamma[c] = yx + kap[c] * eb[c]
+    # the big columns
+    bz = 0.0
+    for j in range(p):
+        bz += beta[j] * PR1[j]
+    zmd = S_zz1 + bz
+    for c in range(qs):
+        zmd -= gamma[c] * V[c]
+    zmd *= rb
+    zMDz += zmd
+    if full:
+        bHb = 0.0
+        bP2 = 0.0
+        for i in range(p):
+            bP2 += beta[i] * PR2[i]
+            hb = 0.0
+            for j in range(p):
+                hb += Hw[1, i, j] * beta[j]
+            bHb += beta[i] * hb
+        Syy = S_zz2 + 2.0 * bP2 + bHb
+        uu = Syy
+        um = Syy
+        for c in range(qs):
+            Tc = T[c]
+            for j in range(p):
+                Tc += beta[j] * hs[1, c, j]
+            s1 = sig[c, 1]
+            uu += alpha[c] * (alpha[c] * s1 - 2.0 * Tc)
+            um += alpha[c] * gamma[c] * s1 - (alpha[c] + gamma[c]) * Tc
+        u2[big] += uu
+        yR2y -= rb * um + zmd
+    return t, Q, u2, yR2y, zMDz
+
+
+def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work):
+    """One evaluation at s (K+1,) of a feature (zry_s (qs,) the small columns of its zry,
+    ``sums`` its sums over the count classes and pairs, :func:`_post_sums_py`): dl (K+1,)
+    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``; returns (ok, s0 profiled,
+    log |det M0| (NaN unless ``final``))."""
+    comps, big = nt[3], nt[4]
     nrq, nr, q = counts
     Cw, buf, perm = work
     K = s.shape[0] - 1
@@ -334,9 +426,10 @@ def _evaluate_py(design, nt, s, zry, yry, R, counts, full, final, dl, F, work):
     ok = parts[0] and np.isfinite(logdet_c) and np.all(np.isfinite(Cw))
     if not ok:
         return False, np.nan, np.nan
-    t, Q, u2, yR2y, zMDz = post(
-        Gb, parent, nval, comps, big, *parts[2:-1], Cw, rb, ds, zry, yry, design[12], R, full
-    )
+    t, Q, u2, yR2y, zMDz = _post_sums(
+        design[2], design[3], design[12], comps, big, *parts[3:13], Cw, rb, ds,
+        zry_s, yry, sums, full,
+    )  # fmt: skip
     s0p = (yry - zMDz) / nr
     if not full:
         return True, s0p, np.nan
@@ -378,24 +471,38 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
     work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
     z = np.empty(q)
     cls = design[7]
+    nval, pedges = nt[2], nt[5]
     R = np.zeros((design[12].shape[0], p))
+    Z2 = np.zeros(design[12].shape[0])
+    nz = np.zeros(pedges.shape[0] - 1)
+    sums = (R, Z2, nz)
     for j in range(m):
         for a in range(qb):  # the big columns in the order of NestedTerms
             z[a] = zry[j, order[a]]
         for a in range(qb, q):
             z[a] = zry[j, a]
-        R[:] = 0.0  # sum_{zb_a = u} zry_a g_a, once per feature
+        R[:] = 0.0  # the feature's sums over the count classes and pairs, once
+        Z2[:] = 0.0
         for a in range(qb):
             u = cls[a]
+            Z2[u] += z[a] * z[a]
             for i in range(p):
                 R[u, i] += z[a] * Gb[a, i]
+        for k in range(nz.shape[0]):
+            acc = 0.0
+            for a in range(pedges[k], pedges[k + 1]):
+                acc += nval[a] * z[a]
+            nz[k] = acc
+        zs = z[qb:]
         for k in range(k1):
             sj[k] = s_init[j, k]
         it = 0
         good = True
         while max_iter > 0:
             it += 1
-            good, _, _ = _evaluate(design, nt, sj, z, yry[j], R, counts, True, False, g, Fj, work)
+            good, _, _ = _evaluate(
+                design, nt, sj, zs, yry[j], sums, counts, True, False, g, Fj, work
+            )
             if not good or not _inverse_checked_into(Fj, inv, wk, bk, pk, limit):
                 good = False
                 break
@@ -410,12 +517,14 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
                 break
         niter[j] = it
         if good:
-            good, s0, _ = _evaluate(design, nt, sj, z, yry[j], R, counts, False, False, g, Fj, work)
+            good, s0, _ = _evaluate(
+                design, nt, sj, zs, yry[j], sums, counts, False, False, g, Fj, work
+            )
             sj[k1 - 1] = s0
         ld = np.nan
         if good:
             good, _, ld = _evaluate(
-                design, nt, sj, z, yry[j], R, counts, True, True, dl[j], fim[j], work
+                design, nt, sj, zs, yry[j], sums, counts, True, True, dl[j], fim[j], work
             )
         logdet[j] = ld
         if not good or not _inverse_checked_into(fim[j], inv, wk, bk, pk, limit):
@@ -430,6 +539,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
 #: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
 _OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 pre = jit(_pre_py, **_OPTIONS)
+_post_sums = jit(_post_sums_py, **_OPTIONS)
 _traces = jit(_traces_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)

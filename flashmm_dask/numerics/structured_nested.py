@@ -90,6 +90,7 @@ class NestedTerms:
         ng = self.nval[:, None] * self.Gb
         self.pA = np.add.reduceat(ng, heads, axis=0) if heads.size else np.zeros((0, self.p))
         self.pstart = np.searchsorted(self.parent[heads], np.arange(st.qs + 1))
+        self.pedges = np.append(heads, qb).astype(np.int64)  # a pair's columns
         # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
         by = np.argsort(self.cls, kind="stable")
         edges = np.concatenate([[0], np.cumsum(self.ucount.astype(np.int64))])
@@ -132,8 +133,7 @@ class NestedTerms:
         ok = bool(pre[0]) and bool(np.all(np.isfinite(B)))
         t, Q, u2, yR2y, zMDz = kernels.post(
             self.Gb, self.parent, self.nval, self.comps, self.st.big, *pre[2:-1], B,
-            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0], self.zu,
-            np.zeros((0, self.p)), True,
+            D[0], np.ascontiguousarray(D[self.st.qb :]), self._z(zry[0]), yry[0], True,
         )  # fmt: skip
         logdet = np.full(1, np.nan)
         if final:
@@ -182,7 +182,7 @@ class NestedTerms:
         ``fisher._scoring`` (:func:`.compiled_nested.fit`)."""
         st = self.st
         q = st.qb + st.qs
-        nt = (self.Gb, self.parent, self.nval, self.comps, st.big)
+        nt = (self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges)
         counts = (float(n - r - q), float(n - r), float(q))
         stop = (int(max_iter), float(epsilon), float(limit))
         return kernels.fit(
