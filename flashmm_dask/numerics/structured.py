@@ -207,7 +207,7 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     # the rows of the big component are a range: a view, then the small columns
     rows = ZZ[edges[big] : edges[big + 1]]
     N = _csr(rows[:, is_] if big not in (0, len(d) - 1) else rows[:, is_[0] : is_[-1] + 1])
-    Zs = np.ascontiguousarray(ZZ[is_][:, is_])
+    Zs = ZZ[np.ix_(is_, is_)]  # one gather (ZZ[is_] first copied qs whole rows)
     lens = np.diff(N.indptr)
     diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
     nsq = N.multiply(N).tocsr() if diagonal else None
