@@ -2,7 +2,7 @@
 docstring gives the algebra): one evaluation's pieces before and after C^-1, E'x, and
 Fisher scoring of a block of features one feature at a time.
 
-The loop of :func:`fit_py` is ``fisher._scoring``'s (steps F^-1 dl until max |dl| <=
+The loop of :func:`_fit_py` is ``fisher._scoring``'s (steps F^-1 dl until max |dl| <=
 epsilon or max_iter steps, then s0 profiled and the score and information evaluated there
 once more) with the assembly of ``fisher._score_structured``, without a return to Python
 per evaluation; the profiling evaluation needs only zry' M D zry, so it skips the traces
@@ -12,7 +12,8 @@ conditioned (its inverse is then not the pseudo-inverse) is reported (``ok`` Fal
 caller refits it by ``fisher._scoring`` from the same start.
 
 Every kernel of the path is in this one module: numba's disk cache of a kernel is
-invalidated by changes to its own file only, not to the kernels it calls.
+invalidated by changes to its own file only, not to the kernels it calls (the two taken
+from :mod:`.compiled`, as :mod:`.compiled_k` takes them, excepted).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Wo
 so the work per feature and iteration is O(q p^2 + nnz(N) q_s + q_s^3) instead of
 O(q^3) (the products with N in compiled kernels, :mod:`.structured_crossed`). When S is
 diagonal (nested factors), REML's terms are taken group by group in
-:mod:`.structured_nested` instead: O(q p + (q_s + U) p^2), U distinct counts.
+:mod:`.structured_nested` instead: O(P p + (q_s + U) p^2), U distinct counts, P
+pairs of a group and a count.
 
 With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and M0 = I - D W, the score and
 information of ALGORITHM.md are

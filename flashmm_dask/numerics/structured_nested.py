@@ -20,10 +20,14 @@ and every p x p matrix the score needs (C, the Gram matrices E_k'E_k and the tra
 E_k' W0_kl E_l against C^-1) is a sum over the big columns of f(zb_a) g_a g_a' plus one
 over the groups of products of eps_c, h2_c and h3_c. The weights of the first depend on a
 only through its count zb_a, so it is sum_u f(u) H_u with H_u = sum_{zb_a = u} g_a g_a'
-computed once per design (U distinct counts): the work per feature and evaluation is
-O(q p + (q_s + U) p^2) instead of O(q p^2). Each feature is evaluated on its own in
-compiled loops (:mod:`.compiled_nested`), so that its result does not depend on the
-features sharing its block; :meth:`NestedTerms.fit` runs the whole Fisher scoring there.
+computed once per design (U distinct counts). The group sums weigh a child only through
+its count too, so they are sums over the P <= qb pairs of a group and a count of sum n g
+and sum n^2, also computed once per design. In the Fisher scoring of
+:meth:`NestedTerms.fit` the quadratic forms in zry are likewise taken from the feature's
+sums over the counts and pairs (:func:`.compiled_nested._post_sums_py`, computed once per
+feature in O(q p)): the work per evaluation is O(P p + (q_s + U) p^2) instead of O(q p^2).
+Each feature is evaluated on its own in compiled loops (:mod:`.compiled_nested`), so
+that its result does not depend on the features sharing its block.
 """
 
 from __future__ import annotations
