@@ -477,6 +477,10 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
     Z2 = np.zeros(design[12].shape[0])
     nz = np.zeros(pedges.shape[0] - 1)
     sums = (R, Z2, nz)
+    # booleans known at run time only: constant ones are typed as literals, and numba
+    # compiles _evaluate (with all it calls) once per combination
+    yes = s_init.shape[0] >= 0
+    no = not yes
     for j in range(m):
         for a in range(qb):  # the big columns in the order of NestedTerms
             z[a] = zry[j, order[a]]
@@ -501,9 +505,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
         good = True
         while max_iter > 0:
             it += 1
-            good, _, _ = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, True, False, g, Fj, work
-            )
+            good, _, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work)
             if not good or not _inverse_checked_into(Fj, inv, wk, bk, pk, limit):
                 good = False
                 break
@@ -518,14 +520,12 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
                 break
         niter[j] = it
         if good:
-            good, s0, _ = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, False, False, g, Fj, work
-            )
+            good, s0, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, no, no, g, Fj, work)
             sj[k1 - 1] = s0
         ld = np.nan
         if good:
             good, _, ld = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, True, True, dl[j], fim[j], work
+                design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work
             )
         logdet[j] = ld
         if not good or not _inverse_checked_into(fim[j], inv, wk, bk, pk, limit):
