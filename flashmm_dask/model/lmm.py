@@ -67,6 +67,10 @@ def _pick_names(
 
 
 def _check_finite(name: str, a: np.ndarray, features: tuple[str, ...] | None = None) -> None:
+    # a finite sum has no NaN or Inf among its terms: one pass without temporaries (the
+    # nested atlas's 483 MB Z'Z: 31 -> 15 ms); the entries are looked at only otherwise
+    if np.isfinite(np.sum(a)):
+        return
     bad = ~np.isfinite(a)
     if not bad.any():
         return

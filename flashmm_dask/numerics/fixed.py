@@ -186,7 +186,7 @@ def _fixed_structured(
     s0 = theta[:, -1]
     perm = st.perm
     D = theta[:, st.comp] / s0[:, None]  # permuted order
-    ZXp, ZYp = sh.ZX[perm], ZY[:, perm]
+    ZYp = ZY[:, perm]  # ZX[perm] (q x p) only where it is used: a copy per feature
     factor = None  # P = D ZZ + I factored once for MD ZX, MD ZY and the RE
     if sh.nested is not None:  # C = L (I - G' MD G) L' and ZX' MD ZY = L G' MD ZY
         with one_blas_thread():
@@ -195,6 +195,7 @@ def _fixed_structured(
         rhs = XY - (sh.chol @ a)[None]
         ok = np.array([invertible])
     else:
+        ZXp = sh.ZX[perm]
         x = np.concatenate([np.broadcast_to(ZXp, (m, *ZXp.shape)), ZYp[:, :, None]], axis=2)
         with one_blas_thread():
             factor = Factor(st, D, inverse=False)
@@ -205,7 +206,7 @@ def _fixed_structured(
     coef, se, t, cov = _solve(C, rhs, s0)
     RE = None
     if re:
-        resid = ZYp - coef @ ZXp.T
+        resid = ZYp - coef @ sh.ZX[perm].T
         with one_blas_thread():
             REp, _ = md_solve(st, D, resid, factor)
         RE = np.empty_like(REp)

@@ -179,7 +179,10 @@ def _information_general(sh: SharedTerms, theta: Array, zry: Array, yry: Array) 
     u = (Mt @ zry[:, :, None])[:, :, 0] / s0[:, None]
     v = (Mt @ u[:, :, None])[:, :, 0] / s0[:, None]
     w = (M @ (D * zry)[:, :, None])[:, :, 0]
-    aa = (yry - 2.0 * np.sum(zry * w, axis=1) + np.sum(w * (w @ sh.zrz), axis=1)) / s0**2
+    # one (1, q) x (q, q) product per feature: (m, q) @ zrz takes gemv for m = 1 and gemm
+    # otherwise, which round differently (a feature's values then depend on its batch)
+    wA = (w[:, None, :] @ sh.zrz)[:, 0, :]
+    aa = (yry - 2.0 * np.sum(zry * w, axis=1) + np.sum(w * wA, axis=1)) / s0**2
     MDu = (M @ (D * u)[:, :, None])[:, :, 0]
     aHa = (aa - np.sum(u * MDu, axis=1)) / s0
     Q = np.empty_like(T)

@@ -21,7 +21,8 @@ and the REML ones from zrz = ZZ - G G' (G = ZX L^-T, XX = L L', p columns) by Wo
 so the work per feature and iteration is O(q p^2 + nnz(N) q_s + q_s^3) instead of
 O(q^3) (the products with N in compiled kernels, :mod:`.structured_crossed`). When S is
 diagonal (nested factors), REML's terms are taken group by group in
-:mod:`.structured_nested` instead: O(q p + (q_s + U) p^2), U distinct counts.
+:mod:`.structured_nested` instead: O(P p + (q_s + U) p^2), U distinct counts, P
+pairs of a group and a count.
 
 With t_k = tr W_kk, Q_kl = sum of squares of W[I_k, I_l] and M0 = I - D W, the score and
 information of ALGORITHM.md are
@@ -133,16 +134,24 @@ MIN_DENSE_FLOPS = 10**6
 
 def _is_diagonal(block: Array) -> bool:
     """No non-zero (or NaN) off the diagonal of a square block (exactly; one compiled pass
-    without copying the block, stopping at the first such entry)."""
-    return bool(_offdiagonal_zero(block))
+    over the bits without copying the block, stopping at the first row with such an
+    entry)."""
+    return bool(_offdiagonal_zero(block.view(np.uint64)))
 
 
-def _offdiagonal_zero_py(a: Array) -> bool:
-    n = a.shape[0]
-    for i in range(n):
-        for j in range(n):
-            if a[i, j] != 0.0 and i != j:
-                return False
+def _offdiagonal_zero_py(a: np.ndarray) -> bool:
+    # the bits of each row but the diagonal OR-ed, less the sign bit (-0.0 is zero; NaN,
+    # inf and subnormals are not): exact, and vectorised where a float comparison with an
+    # early exit per entry was not (451 MB of the nested atlas's Z'Z: 56 -> 25 ms)
+    one = np.uint64(1)
+    zero = np.uint64(0)
+    for i in range(a.shape[0]):
+        r = a[i]
+        acc = zero
+        for j in range(r.size):
+            acc |= r[j] if j != i else zero
+        if acc << one != zero:
+            return False
     return True
 
 
@@ -199,7 +208,7 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     # the rows of the big component are a range: a view, then the small columns
     rows = ZZ[edges[big] : edges[big + 1]]
     N = _csr(rows[:, is_] if big not in (0, len(d) - 1) else rows[:, is_[0] : is_[-1] + 1])
-    Zs = np.ascontiguousarray(ZZ[is_][:, is_])
+    Zs = ZZ[np.ix_(is_, is_)]  # one gather (ZZ[is_] first copied qs whole rows)
     lens = np.diff(N.indptr)
     diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
     nsq = N.multiply(N).tocsr() if diagonal else None

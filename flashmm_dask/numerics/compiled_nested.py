@@ -1,0 +1,548 @@
+"""The compiled kernels of the nested structured path (:mod:`.structured_nested`, whose
+docstring gives the algebra): one evaluation's pieces before and after C^-1, E'x, and
+Fisher scoring of a block of features one feature at a time.
+
+The loop of :func:`_fit_py` is ``fisher._scoring``'s (steps F^-1 dl until max |dl| <=
+epsilon or max_iter steps, then s0 profiled and the score and information evaluated there
+once more) with the assembly of ``fisher._score_structured``, without a return to Python
+per evaluation; the profiling evaluation needs only zry' M D zry, so it skips the traces
+(the Gram matrices, the products with C^-1). A feature whose evaluation fails (P or C
+singular, a result not finite) or whose information matrix is not provably well
+conditioned (its inverse is then not the pseudo-inverse) is reported (``ok`` False): the
+caller refits it by ``fisher._scoring`` from the same start.
+
+Every kernel of the path is in this one module: numba's disk cache of a kernel is
+invalidated by changes to its own file only, not to the kernels it calls (the two taken
+from :mod:`.compiled`, as :mod:`.compiled_k` takes them, excepted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashmm_dask.numerics.compiled import _gauss_jordan, _inverse_checked_into
+from flashmm_dask.numerics.jit import jit
+
+
+def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds, full):
+    """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
+    group sums sig (qs, 3) and hs (3, qs, p), eps (qs, p), t and Q of W0, the Gram
+    matrices (K, p, p), Hw (3, p, p) = sum_u (rho_b pbi, pbi^2, zb pbi^3) H_u and C. The
+    big columns in the order of their parent and count (:class:`NestedTerms`).
+    ``full=False``: only what C and the quadratic forms need (ok, logdet, pbi, U, S^-1,
+    kappa, sig[:, 0], hs[0], eps, Hw[0], C; the profiling evaluation), the rest zero."""
+    qb, p = Gb.shape
+    qs = Gs.shape[0]
+    nu = zu.shape[0]
+    ok = True
+    logdet = 0.0
+    t = np.zeros(K)
+    Q = np.zeros((K, K))
+    pu = np.empty(nu)
+    for u in range(nu):  # what depends on a big column only through its count
+        pb = 1.0 + rb * zu[u]
+        pu[u] = 1.0 / pb
+        ok = ok and np.isfinite(pu[u])
+        logdet += ucount[u] * np.log(abs(pb))
+        zp = zu[u] * pu[u]
+        t[big] += ucount[u] * zp
+        Q[big, big] += ucount[u] * zp * zp
+    pbi = np.empty(qb)
+    for a in range(qb):
+        pbi[a] = pu[cls[a]]
+    # group sums over the children, pair by pair: sig[c] = sum w n^2, hs[:, c] = sum w n g,
+    # w = pbi, pbi^2, zb pbi^3
+    sig = np.zeros((qs, 3))
+    hs = np.zeros((3, qs, p))
+    for c in range(qs):
+        for k in range(pstart[c], pstart[c + 1]):
+            u = pcls[k]
+            w1 = pu[u]
+            sig[c, 0] += w1 * pn2[k]
+            for j in range(p):
+                hs[0, c, j] += w1 * pA[k, j]
+            if full:
+                w2 = w1 * w1
+                w3 = zu[u] * w1 * w2
+                sig[c, 1] += w2 * pn2[k]
+                sig[c, 2] += w3 * pn2[k]
+                for j in range(p):
+                    g = pA[k, j]
+                    hs[1, c, j] += w2 * g
+                    hs[2, c, j] += w3 * g
+    U = np.empty(qs)
+    Si = np.empty(qs)
+    kap = np.empty(qs)
+    for c in range(qs):
+        U[c] = zs[c] - rb * sig[c, 0]
+        S = 1.0 + ds[c] * U[c]
+        Si[c] = 1.0 / S
+        ok = ok and S != 0.0 and np.isfinite(Si[c])
+        kap[c] = ds[c] * Si[c]
+        logdet += np.log(abs(S))
+    # t_k = tr W0_kk and Q_kl = |W0_kl|^2 (the diagonal part above)
+    for c in range(qs):
+        k = comps[c]
+        t[big] -= kap[c] * sig[c, 1]
+        Q[big, big] += -2.0 * kap[c] * sig[c, 2] + (kap[c] * sig[c, 1]) ** 2
+        us = U[c] * Si[c]
+        t[k] += us
+        Q[k, k] += us * us
+        Q[big, k] += Si[c] * Si[c] * sig[c, 1]
+    for k in range(K):
+        if k != big:
+            Q[k, big] = Q[big, k]
+    # sums over the counts: rho_b pbi, pbi^2 and zb pbi^3 times H_u (without H, too large
+    # where few columns share a count: over the columns, O(qb p^2))
+    Hw = np.zeros((3, p, p))
+    direct = H.shape[0] == 0
+    for u in range(qb if direct else zu.shape[0]):
+        z = zb[u] if direct else zu[u]
+        pz = 1.0 / (1.0 + rb * z)
+        w0, w1 = rb * pz, pz * pz
+        w2 = z * pz * w1
+        for i in range(p):
+            for j in range(p):
+                h = Gb[u, i] * Gb[u, j] if direct else H[u, i, j]
+                Hw[0, i, j] += w0 * h
+                if full:
+                    Hw[1, i, j] += w1 * h
+                    Hw[2, i, j] += w2 * h
+    # C = I - Hw0 - sum_c kap eps eps'; Gram_big = Hw1 + sum_c (kap^2 sig2 eps eps' -
+    # kap (h2 eps' + eps h2')) = Hw1 + M + M' with M = sum_c kap (kap sig2 eps / 2 - h2)
+    # eps'; Gram_k = sum_{c in k} S^-2 eps eps'. The three in one product by BLAS: L' Eps
+    # with L = [kap eps, kap (kap sig2 eps / 2 - h2), S^-2 eps] (qs, 3p) (C alone: the
+    # first p columns)
+    nl = 3 if full else 1
+    Eps = np.empty((qs, p))
+    L = np.zeros((qs, nl * p))
+    for c in range(qs):
+        wb = kap[c] * sig[c, 1]
+        s2 = Si[c] * Si[c]
+        for j in range(p):
+            e = Gs[c, j] - rb * hs[0, c, j]
+            Eps[c, j] = e
+            L[c, j] = kap[c] * e
+            if full:
+                L[c, p + j] = kap[c] * (0.5 * wb * e - hs[1, c, j])
+                L[c, 2 * p + j] = s2 * e
+    LE = L.T @ Eps
+    C = np.eye(p) - Hw[0] - LE[:p]
+    grams = np.zeros((K, p, p))
+    if full:
+        KbK = LE[p : 2 * p]
+        for k in range(K):
+            if k == big:
+                grams[k] = Hw[1] + KbK + KbK.T
+            elif K == 2:  # the one small component: all rows of L
+                grams[k] = LE[2 * p :]
+            else:
+                Ws = np.zeros((qs, p))
+                for c in range(qs):
+                    if comps[c] == k:
+                        for j in range(p):
+                            Ws[c, j] = L[c, 2 * p + j]
+                grams[k] = Ws.T @ Eps
+    C = 0.5 * (C + C.T)
+    return ok, logdet, pbi, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, C
+
+
+def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
+    """E' x = G' P^-1 x (p,) for x (q,): sum_a E_a x_a + sum_c E_c x_c with
+    E_a = pbi_a g_a - kap_c pbi_a n_a eps_c and E_c = eps_c / S_c."""
+    qb = Gb.shape[0]
+    qs = Eps.shape[0]
+    px = np.empty(qb)
+    coef = np.empty(qs)
+    for c in range(qs):
+        coef[c] = x[qb + c] * Si[c]
+    for a in range(qb):
+        px[a] = pbi[a] * x[a]
+        c = parent[a]
+        if c >= 0:
+            coef[c] -= kap[c] * nval[a] * px[a]
+    return Gb.T @ px + Eps.T @ coef
+
+
+def _traces_py(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw2, B, t, Q):
+    """t -= tr(B Gram_k) and Q_kl += tr(Gram_k B Gram_l B) - 2 tr(R_kl B) (+ tr(R_lk B)),
+    in place: W = W0 - E B E'."""
+    qs, p = Eps.shape
+    K = t.shape[0]
+    # traces tr(R_kl B) of R_kl = E_k' W0_kl E_l, from eB = B eps_c and tB = B tau_c with
+    # tau_c = E_b' t_c = h2_c - kap sig2 eps_c
+    tr = np.zeros((K, K))
+    for i in range(p):
+        for j in range(p):
+            tr[big, big] += Hw2[i, j] * B[i, j]
+    # [eps; h2] B in one product
+    qs2 = 2 * qs
+    EH = np.empty((qs2, p))
+    EH[:qs] = Eps
+    EH[qs:] = hs[1]
+    EHB = EH @ B
+    EB = EHB[:qs]
+    HB = EHB[qs:]
+    for c in range(qs):
+        k = comps[c]
+        ks = kap[c] * sig[c, 1]
+        eB = EB[c]
+        hB = HB[c]
+        eBe = 0.0
+        h3Be = 0.0
+        tBt = 0.0
+        tBe = 0.0
+        for i in range(p):
+            tau = hs[1, c, i] - ks * Eps[c, i]
+            tauB = hB[i] - ks * eB[i]
+            eBe += Eps[c, i] * eB[i]
+            h3Be += hs[2, c, i] * eB[i]
+            tBt += tau * tauB
+            tBe += tau * eB[i]
+        tr[big, big] += -2.0 * kap[c] * h3Be + kap[c] * kap[c] * sig[c, 2] * eBe - kap[c] * tBt
+        tr[big, k] += Si[c] * Si[c] * tBe
+        tr[k, k] += U[c] * Si[c] ** 3 * eBe
+    GB = np.empty((K, p, p))
+    for k in range(K):
+        GB[k] = grams[k] @ B
+        tB = 0.0
+        for i in range(p):
+            for j in range(p):
+                tB += B[i, j] * grams[k, i, j]
+        t[k] -= tB
+    for k in range(K):
+        for l in range(k, K):
+            r = tr[k, l] + tr[l, k] if k != l else tr[k, k]
+            gg = 0.0
+            for i in range(p):
+                for j in range(p):
+                    gg += GB[k, i, j] * GB[l, j, i]
+            Q[k, l] += -2.0 * r + gg
+            Q[l, k] = Q[k, l]
+
+
+def _post_py(
+    Gb,
+    parent,
+    nval,
+    comps,
+    big,
+    pbi,
+    U,
+    Si,
+    kap,
+    sig,
+    hs,
+    t,
+    Q,
+    Eps,
+    grams,
+    Hw,
+    B,
+    rb,
+    ds,
+    zry,
+    yry,
+    full,
+):
+    """The score's pieces after C^-1 = B: t, Q of W = W0 - E B E', u2, yR2y and zMDz
+    (``full=False``: t and Q as they are), column by column (O(qb p)): the reference of
+    :func:`_post_sums_py`."""
+    qb = Gb.shape[0]
+    qs = Eps.shape[0]
+    K = t.shape[0]
+    t = t.copy()
+    Q = Q.copy()
+    if full:
+        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], B, t, Q)
+    # u = P^-T zry + E beta, M D zry = P^-1 D zry + D E beta, beta = B E' D zry
+    x = np.empty(qb + qs)
+    for a in range(qb):
+        x[a] = rb * zry[a]
+    for c in range(qs):
+        x[qb + c] = ds[c] * zry[qb + c]
+    beta = B @ et(Gb, parent, nval, pbi, Si, kap, Eps, x)
+    eb = Eps @ beta
+    # the small rows: P^-T zry and P^-1 x through the group sums
+    sz = np.zeros(qs)
+    sx = np.zeros(qs)
+    for a in range(qb):
+        c = parent[a]
+        if c >= 0:
+            sz[c] += nval[a] * pbi[a] * zry[a]
+            sx[c] += nval[a] * pbi[a] * x[a]
+    u2 = np.zeros(K)
+    yR2y = yry
+    zMDz = 0.0
+    ys = np.empty(qs)
+    yx = np.empty(qs)
+    for c in range(qs):
+        ys[c] = Si[c] * (zry[qb + c] - rb * sz[c])  # (P^-T zry)_c
+        yx[c] = Si[c] * (x[qb + c] - ds[c] * sx[c])  # (P^-1 x)_c
+        Eb = eb[c] * Si[c]
+        u = ys[c] + Eb
+        md = yx[c] + ds[c] * Eb
+        u2[comps[c]] += u * u
+        yR2y -= (u + zry[qb + c]) * md
+        zMDz += zry[qb + c] * md
+    gbeta = Gb @ beta
+    for a in range(qb):
+        c = parent[a]
+        pt, px, eba = zry[a], x[a], gbeta[a]
+        if c >= 0:
+            pt -= nval[a] * ds[c] * ys[c]
+            px -= rb * nval[a] * yx[c]
+            eba -= nval[a] * kap[c] * eb[c]
+        Eb = pbi[a] * eba
+        u = pbi[a] * pt + Eb
+        md = pbi[a] * px + rb * Eb
+        u2[big] += u * u
+        yR2y -= (u + zry[a]) * md
+        zMDz += zry[a] * md
+    return t, Q, u2, yR2y, zMDz
+
+
+def _post_sums_py(
+    pstart, pcls, zu, comps, big, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, B, rb, ds, zry_s,
+    yry, sums, full,
+):  # fmt: skip
+    """:func:`_post_py` from a feature's sums over the count classes and the pairs, O(P +
+    (U + qs) p + p^2) instead of O(qb p): ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
+    Z2 (U,) = sum_{zb_a = u} zry_a^2, nz (P,) = sum n_a zry_a over a pair's columns),
+    zry_s (qs,) the small columns of zry. With y_a = zry_a + g_a' beta, alpha_c = ds_c
+    (P^-T zry)_c + kap_c eps_c' beta and gamma_c = (P^-1 D zry)_c / ds_c + kap_c eps_c'
+    beta (0 without a parent), a big column has u_a = pbi_a (y_a - n_a alpha_c) and
+    (M D zry)_a = rho_b pbi_a (y_a - n_a gamma_c), so that their sums over the columns are
+    sums over the classes and the groups of
+
+        sum pbi^2 y^2 = sum_u pbi_u^2 (Z2_u + 2 beta'R_u) + beta' Hw_1 beta,
+        sum_{a in c} pbi^2 n y = sum_{pairs} pbi^2 nz + beta' h2_c,
+        sum pbi zry y = sum_u pbi_u (Z2_u + beta'R_u),  sum_{a in c} pbi n zry."""
+    R, Z2, nz = sums
+    qs, p = Eps.shape
+    K = t.shape[0]
+    t = t.copy()
+    Q = Q.copy()
+    if full:
+        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], B, t, Q)
+    nu = zu.shape[0]
+    pu = np.empty(nu)
+    for u in range(nu):
+        pu[u] = 1.0 / (1.0 + rb * zu[u])
+    # V_c = sum_{a in c} pbi n zry, T0_c = sum_{a in c} pbi^2 n zry
+    V = np.zeros(qs)
+    T = np.zeros(qs)
+    for c in range(qs):
+        for k in range(pstart[c], pstart[c + 1]):
+            w = pu[pcls[k]]
+            V[c] += w * nz[k]
+            T[c] += w * w * nz[k]
+    # beta = B E' D zry: E'x = sum_u rho_b pbi_u R_u + Eps' coef, coef_c = S^-1 (ds zry_c -
+    # kap rho_b V_c)
+    coef = np.empty(qs)
+    for c in range(qs):
+        coef[c] = ds[c] * zry_s[c] * Si[c] - kap[c] * rb * V[c]
+    ex = Eps.T @ coef
+    PR1 = np.zeros(p)  # sum_u pbi_u R_u
+    PR2 = np.zeros(p)  # sum_u pbi_u^2 R_u
+    S_zz1 = 0.0
+    S_zz2 = 0.0
+    for u in range(nu):
+        w = pu[u]
+        S_zz1 += w * Z2[u]
+        S_zz2 += w * w * Z2[u]
+        for j in range(p):
+            PR1[j] += w * R[u, j]
+            PR2[j] += w * w * R[u, j]
+    for j in range(p):
+        ex[j] += rb * PR1[j]
+    beta = B @ ex
+    eb = Eps @ beta
+    u2 = np.zeros(K)
+    yR2y = yry
+    zMDz = 0.0
+    alpha = np.empty(qs)
+    gamma = np.empty(qs)
+    for c in range(qs):
+        ys = Si[c] * (zry_s[c] - rb * V[c])  # (P^-T zry)_c
+        yx = Si[c] * (ds[c] * zry_s[c] - ds[c] * rb * V[c])  # (P^-1 D zry)_c
+        Eb = eb[c] * Si[c]
+        u = ys + Eb
+        md = yx + ds[c] * Eb
+        u2[comps[c]] += u * u
+        yR2y -= (u + zry_s[c]) * md
+        zMDz += zry_s[c] * md
+        alpha[c] = ds[c] * ys + kap[c] * eb[c]
+        gamma[c] = yx + kap[c] * eb[c]
+    # the big columns
+    bz = 0.0
+    for j in range(p):
+        bz += beta[j] * PR1[j]
+    zmd = S_zz1 + bz
+    for c in range(qs):
+        zmd -= gamma[c] * V[c]
+    zmd *= rb
+    zMDz += zmd
+    if full:
+        bHb = 0.0
+        bP2 = 0.0
+        for i in range(p):
+            bP2 += beta[i] * PR2[i]
+            hb = 0.0
+            for j in range(p):
+                hb += Hw[1, i, j] * beta[j]
+            bHb += beta[i] * hb
+        Syy = S_zz2 + 2.0 * bP2 + bHb
+        uu = Syy
+        um = Syy
+        for c in range(qs):
+            Tc = T[c]
+            for j in range(p):
+                Tc += beta[j] * hs[1, c, j]
+            s1 = sig[c, 1]
+            uu += alpha[c] * (alpha[c] * s1 - 2.0 * Tc)
+            um += alpha[c] * gamma[c] * s1 - (alpha[c] + gamma[c]) * Tc
+        u2[big] += uu
+        yR2y -= rb * um + zmd
+    return t, Q, u2, yR2y, zMDz
+
+
+def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work):
+    """One evaluation at s (K+1,) of a feature (zry_s (qs,) the small columns of its zry,
+    ``sums`` its sums over the count classes and pairs, :func:`_post_sums_py`): dl (K+1,)
+    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``; returns (ok, s0 profiled,
+    log |det M0| (NaN unless ``final``))."""
+    comps, big = nt[3], nt[4]
+    nrq, nr, q = counts
+    Cw, buf, perm = work
+    K = s.shape[0] - 1
+    s0 = s[K]
+    rb = s[big] / s0
+    ds = np.empty(comps.shape[0])
+    for c in range(ds.shape[0]):
+        ds[c] = s[comps[c]] / s0
+    parts = pre(*design, rb, ds, full)
+    Cw[:] = parts[-1]
+    logdet_c = _gauss_jordan(Cw, buf, perm)
+    ok = parts[0] and np.isfinite(logdet_c) and np.all(np.isfinite(Cw))
+    if not ok:
+        return False, np.nan, np.nan
+    t, Q, u2, yR2y, zMDz = _post_sums(
+        design[2], design[3], design[12], comps, big, *parts[3:13], Cw, rb, ds,
+        zry_s, yry, sums, full,
+    )  # fmt: skip
+    s0p = (yry - zMDz) / nr
+    if not full:
+        return True, s0p, np.nan
+    s02 = s0**2
+    Dt = 0.0
+    DQD = 0.0
+    for k in range(K):
+        Dk = s[k] / s0
+        dl[k] = (u2[k] / s02 - t[k] / s0) / 2
+        trW2 = t[k]
+        for l in range(K):
+            F[k, l] = Q[k, l] / s02 / 2
+            trW2 -= Q[k, l] * (s[l] / s0)
+            DQD += Dk * Q[k, l] * (s[l] / s0)
+        F[k, K] = F[K, k] = trW2 / s02 / 2
+        Dt += Dk * t[k]
+    trM0 = q - Dt
+    trM0M0 = q - 2.0 * Dt + DQD
+    F[K, K] = (nrq + trM0M0) / s02 / 2
+    dl[K] = (yR2y / s02 - (nrq + trM0) / s0) / 2
+    ok = np.all(np.isfinite(dl)) and np.all(np.isfinite(F))
+    logdet = -(parts[1] + logdet_c) if final else np.nan
+    return ok, s0p, logdet
+
+
+def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
+    """theta, se_theta, dlogL (m, K+1), FIM_theta (m, K+1, K+1), niter (m,), logdetM0
+    (m,) and ok (m,) of a block of features (zry (m, q) in the permuted order)."""
+    max_iter, epsilon, limit = stop
+    Gb = nt[0]
+    qb, p = Gb.shape
+    m, k1 = s_init.shape
+    q = zry.shape[1]
+    theta, se, dl = np.empty((m, k1)), np.empty((m, k1)), np.empty((m, k1))
+    fim, logdet = np.empty((m, k1, k1)), np.empty(m)
+    niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
+    sj, g, Fj = np.empty(k1), np.empty(k1), np.empty((k1, k1))
+    inv, wk, bk, pk = np.empty((k1, k1)), np.empty((k1, k1)), np.empty(k1), np.empty(k1, np.int64)
+    work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
+    z = np.empty(q)
+    cls = design[7]
+    nval, pedges = nt[2], nt[5]
+    R = np.zeros((design[12].shape[0], p))
+    Z2 = np.zeros(design[12].shape[0])
+    nz = np.zeros(pedges.shape[0] - 1)
+    sums = (R, Z2, nz)
+    # booleans known at run time only: constant ones are typed as literals, and numba
+    # compiles _evaluate (with all it calls) once per combination
+    yes = s_init.shape[0] >= 0
+    no = not yes
+    for j in range(m):
+        for a in range(qb):  # the big columns in the order of NestedTerms
+            z[a] = zry[j, order[a]]
+        for a in range(qb, q):
+            z[a] = zry[j, a]
+        R[:] = 0.0  # the feature's sums over the count classes and pairs, once
+        Z2[:] = 0.0
+        for a in range(qb):
+            u = cls[a]
+            Z2[u] += z[a] * z[a]
+            for i in range(p):
+                R[u, i] += z[a] * Gb[a, i]
+        for k in range(nz.shape[0]):
+            acc = 0.0
+            for a in range(pedges[k], pedges[k + 1]):
+                acc += nval[a] * z[a]
+            nz[k] = acc
+        zs = z[qb:]
+        for k in range(k1):
+            sj[k] = s_init[j, k]
+        it = 0
+        good = True
+        while max_iter > 0:
+            it += 1
+            good, _, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work)
+            if not good or not _inverse_checked_into(Fj, inv, wk, bk, pk, limit):
+                good = False
+                break
+            more = False
+            for k in range(k1):
+                step = 0.0
+                for c in range(k1):
+                    step += inv[k, c] * g[c]
+                sj[k] += step
+                more = more or abs(g[k]) > epsilon
+            if not more or it >= max_iter:
+                break
+        niter[j] = it
+        if good:
+            good, s0, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, no, no, g, Fj, work)
+            sj[k1 - 1] = s0
+        ld = np.nan
+        if good:
+            good, _, ld = _evaluate(
+                design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work
+            )
+        logdet[j] = ld
+        if not good or not _inverse_checked_into(fim[j], inv, wk, bk, pk, limit):
+            ok[j] = False
+            continue
+        for k in range(k1):
+            theta[j, k] = sj[k]
+            se[j, k] = np.sqrt(inv[k, k])
+    return theta, se, dl, fim, niter, logdet, ok
+
+
+#: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
+_OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
+pre = jit(_pre_py, **_OPTIONS)
+_post_sums = jit(_post_sums_py, **_OPTIONS)
+_traces = jit(_traces_py, **_OPTIONS)
+post = jit(_post_py, **_OPTIONS)
+et = jit(_et_py, **_OPTIONS)
+_evaluate = jit(_evaluate_py, **_OPTIONS)
+fit = jit(_fit_py, **_OPTIONS)
