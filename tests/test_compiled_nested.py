@@ -21,7 +21,7 @@ def terms(kind, m):
     return sh, zry, yry
 
 
-def reference(sh, zry, yry, theta0):
+def reference(sh, zry, yry, theta0, free=None):
     """fisher._scoring on fisher._score_structured (one feature at a time in NumPy and the
     column-by-column kernels)."""
     zp = zry[:, sh.structure.perm]
@@ -30,7 +30,7 @@ def reference(sh, zry, yry, theta0):
         return fisher._score_structured(sh, s, zp[rows], yry[rows], final=final)
 
     with fisher.structured.one_blas_thread():
-        return fisher._scoring(score, np.array(theta0, dtype=float), 50, 1e-5)
+        return fisher._scoring(score, np.array(theta0, dtype=float), 50, 1e-5, free)
 
 
 def start(sh, yry):
@@ -50,6 +50,37 @@ def test_compiled_fit_equals_the_scoring_loop(kind):
     # the final score: a difference of terms of the information's size
     scale = np.abs(np.diagonal(ref.FIM_theta, axis1=1, axis2=2)) * np.abs(ref.theta)
     assert np.all(np.abs(fit.dlogL - ref.dlogL) <= RTOL * scale)
+
+
+@pytest.mark.parametrize("kind", ["nested", "nested_three"])
+def test_pinned_components_in_the_compiled_fit_equal_the_scoring_loop(kind, monkeypatch):
+    """With components held at zero (the non-negative refit, fisher.fit_theta's fixed) the
+    compiled loop updates the others by their own score and information, as _scoring's
+    free does: the same iterations, theta, se_theta (NaN where held) and information."""
+    sh, zry, yry = terms(kind, m=8)
+    for held in range(sh.K):
+        fixed = np.zeros(sh.K, dtype=bool)
+        fixed[held] = True
+        free = np.append(~fixed, True)
+        s = start(sh, yry)
+        s[:, held] = 0.0
+        ref = reference(sh, zry, yry, s, free)
+        calls: list = []
+        monkeypatch.setattr(fisher, "_scoring", lambda *a, _calls=calls, **k: _calls.append(a))
+        fit = fit_theta(sh, zry, yry, fixed=fixed)
+        monkeypatch.undo()
+        assert not calls  # every feature fitted by the compiled loop
+        np.testing.assert_array_equal(fit.niter, ref.niter)
+        assert np.all(fit.theta[:, held] == 0.0) and np.isnan(fit.se_theta[:, held]).all()
+        for name in ("theta", "se_theta", "FIM_theta", "logdetM0"):
+            np.testing.assert_allclose(
+                getattr(fit, name), getattr(ref, name), rtol=RTOL, atol=0, err_msg=name
+            )
+        # the free components' final score: a difference of terms of the information's
+        # size; the held one's is the full model's score at zero, far from zero itself
+        scale = np.abs(np.diagonal(ref.FIM_theta, axis1=1, axis2=2)) * np.abs(ref.theta)
+        assert np.all(np.abs(fit.dlogL - ref.dlogL)[:, free] <= RTOL * scale[:, free])
+        np.testing.assert_allclose(fit.dlogL[:, held], ref.dlogL[:, held], rtol=RTOL, atol=0)
 
 
 def test_features_the_kernel_cannot_fit_take_the_scoring_loop():

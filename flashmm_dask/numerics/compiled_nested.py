@@ -456,9 +456,14 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
     return ok, s0p, logdet
 
 
-def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
+def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     """theta, se_theta, dlogL (m, K+1), FIM_theta (m, K+1, K+1), niter (m,), logdetM0
-    (m,) and ok (m,) of a block of features (zry (m, q) in the permuted order)."""
+    (m,) and ok (m,) of a block of features (zry (m, q) in the permuted order).
+
+    ``free`` (K+1,) bool: the components updated, by their own score and the information
+    among them (the others stay at their start, zero: ``fisher._scoring``'s ``free``);
+    se_theta NaN for the others. All True: every component (the same operations as an
+    update by the whole information)."""
     max_iter, epsilon, limit = stop
     Gb = nt[0]
     qb, p = Gb.shape
@@ -468,7 +473,17 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
     fim, logdet = np.empty((m, k1, k1)), np.empty(m)
     niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
     sj, g, Fj = np.empty(k1), np.empty(k1), np.empty((k1, k1))
-    inv, wk, bk, pk = np.empty((k1, k1)), np.empty((k1, k1)), np.empty(k1), np.empty(k1, np.int64)
+    kf = 0
+    for k in range(k1):
+        kf += 1 if free[k] else 0
+    idx = np.empty(kf, dtype=np.int64)  # the updated components
+    c = 0
+    for k in range(k1):
+        if free[k]:
+            idx[c] = k
+            c += 1
+    Fs = np.empty((kf, kf))
+    inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
     work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
     z = np.empty(q)
     cls = design[7]
@@ -506,16 +521,18 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
         while max_iter > 0:
             it += 1
             good, _, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work)
-            if not good or not _inverse_checked_into(Fj, inv, wk, bk, pk, limit):
+            if good:
+                _pick(Fj, idx, Fs)
+            if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
                 good = False
                 break
             more = False
-            for k in range(k1):
+            for a in range(kf):
                 step = 0.0
-                for c in range(k1):
-                    step += inv[k, c] * g[c]
-                sj[k] += step
-                more = more or abs(g[k]) > epsilon
+                for c in range(kf):
+                    step += inv[a, c] * g[idx[c]]
+                sj[idx[a]] += step
+                more = more or abs(g[idx[a]]) > epsilon
             if not more or it >= max_iter:
                 break
         niter[j] = it
@@ -528,13 +545,24 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts):
                 design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work
             )
         logdet[j] = ld
-        if not good or not _inverse_checked_into(fim[j], inv, wk, bk, pk, limit):
+        if good:
+            _pick(fim[j], idx, Fs)
+        if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
             ok[j] = False
             continue
         for k in range(k1):
             theta[j, k] = sj[k]
-            se[j, k] = np.sqrt(inv[k, k])
+            se[j, k] = np.nan
+        for a in range(kf):
+            se[j, idx[a]] = np.sqrt(inv[a, a])
     return theta, se, dl, fim, niter, logdet, ok
+
+
+def _pick_py(F, idx, out):
+    """out = F[idx][:, idx]."""
+    for a in range(idx.shape[0]):
+        for b in range(idx.shape[0]):
+            out[a, b] = F[idx[a], idx[b]]
 
 
 #: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
@@ -545,4 +573,5 @@ _traces = jit(_traces_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)
 _evaluate = jit(_evaluate_py, **_OPTIONS)
+_pick = jit(_pick_py, **_OPTIONS)
 fit = jit(_fit_py, **_OPTIONS)

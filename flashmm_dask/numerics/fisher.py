@@ -430,8 +430,8 @@ def fit_theta(
 
         # one BLAS thread: results independent of the thread layout, and no oversubscription
         with structured.one_blas_thread():
-            if free is None and sh.method == "REML" and sh.nested is not None:
-                return _fit_nested(sh, zry_p, yry, s, max_iter, epsilon, score_st)
+            if sh.method == "REML" and sh.nested is not None:
+                return _fit_nested(sh, zry_p, yry, s, max_iter, epsilon, score_st, free)
             return _scoring(score_st, s, max_iter, epsilon, free)
     if not spectral and compiled_kernels and K == 2 and free is None:
         return _fit_k2(sh, zry, yry, s, max_iter, epsilon)
@@ -490,13 +490,14 @@ def _fit_nested(
     max_iter: int,
     epsilon: float,
     score: Callable[..., _Score],
+    free: np.ndarray | None = None,
 ) -> ThetaFit:
     """The nested structured path: the whole loop of :func:`_scoring` in the compiled
-    kernel (:meth:`.structured_nested.NestedTerms.fit`); the features it could not fit take
-    :func:`_scoring` with ``score`` (:func:`_score_structured`)."""
+    kernel (:meth:`.structured_nested.NestedTerms.fit`), ``free`` as there; the features
+    it could not fit take :func:`_scoring` with ``score`` (:func:`_score_structured`)."""
     assert sh.nested is not None
     theta, se, dl, F, niter, logdet, ok = sh.nested.fit(
-        zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT
+        zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT, free
     )
     if not ok.all():
         bad = np.flatnonzero(~ok)
@@ -504,7 +505,7 @@ def _fit_nested(
         def rest_score(s: Array, rows: np.ndarray, final: bool = False) -> _Score:
             return score(s, bad[rows], final=final)
 
-        rest = _scoring(rest_score, s[bad], max_iter, epsilon)
+        rest = _scoring(rest_score, s[bad], max_iter, epsilon, free)
         theta[bad], se[bad], dl[bad] = rest.theta, rest.se_theta, rest.dlogL
         F[bad], niter[bad], logdet[bad] = rest.FIM_theta, rest.niter, rest.logdetM0
     return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)

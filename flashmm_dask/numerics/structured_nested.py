@@ -178,12 +178,15 @@ class NestedTerms:
         max_iter: int,
         epsilon: float,
         limit: float,
+        free: Array | None = None,
     ) -> tuple[Array, ...]:
         """theta, se_theta, dlogL, FIM_theta, niter, logdetM0 and ok of a block of features
         (REML) from ``s_init`` (m, K+1), left as it is; zry (m, q) in the permuted column
         order. ``limit``: the condition bound of the information matrices' inverses
-        (``fisher.GINV_LIMIT``). Where ``ok`` is False the caller refits the feature by
-        ``fisher._scoring`` (:func:`.compiled_nested.fit`)."""
+        (``fisher.GINV_LIMIT``); ``free`` (K+1,) bool: the components updated (default all;
+        the others stay at their start, ``fisher.fit_theta``'s ``fixed``). Where ``ok`` is
+        False the caller refits the feature by ``fisher._scoring``
+        (:func:`.compiled_nested.fit`)."""
         st = self.st
         q = st.qb + st.qs
         nt = (self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges)
@@ -198,4 +201,5 @@ class NestedTerms:
             np.ascontiguousarray(s_init, dtype=np.float64),
             stop,
             counts,
+            np.ones(s_init.shape[1], dtype=bool) if free is None else np.asarray(free, dtype=bool),
         )
