@@ -41,6 +41,7 @@ from numpy.typing import ArrayLike
 
 from flashmm_dask.errors import DesignError
 from flashmm_dask.numerics.spectral_terms import eigvalsh_one_thread
+from flashmm_dask.numerics.structured import _is_diagonal
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -95,11 +96,6 @@ def _rank(sym: np.ndarray) -> int:
         return 0
     eig = eigvalsh_one_thread(sym)  # each stratum's design is checked, on a busy driver
     return int(np.sum(eig > RANK_RTOL * max(1.0, float(eig[-1]))))
-
-
-def _is_diagonal(C: np.ndarray) -> bool:
-    # no non-zero off the diagonal, counted without a q x q mask (q = 7,511: 56 MB)
-    return int(np.count_nonzero(C)) == int(np.count_nonzero(np.diagonal(C)))
 
 
 def _pinv(C: np.ndarray, diagonal: bool) -> np.ndarray:

@@ -47,6 +47,18 @@ def _dots_into(A: np.ndarray, B: np.ndarray, out: np.ndarray, upper: bool) -> No
             out[r, s] = t
 
 
+@functools.partial(_compile, inline=True)
+def _scale_pivot_row(a: np.ndarray, k: int, out: np.ndarray, with_log: bool) -> float:
+    """out = row k of ``a`` divided by its pivot a[k, k] (with a[k, k] set to 1 first, as
+    Gauss-Jordan's inverse takes it); log |pivot| with ``with_log``, else 0.0."""
+    p = a[k, k]
+    a[k, k] = 1.0
+    r = 1.0 / p
+    for j in range(a.shape[0]):
+        out[j] = a[k, j] * r
+    return np.log(abs(p)) if with_log else 0.0
+
+
 @_compile
 def _gauss_jordan_pairs(
     a: np.ndarray, r0: np.ndarray, r1: np.ndarray, perm: np.ndarray, with_log: bool
@@ -65,13 +77,7 @@ def _gauss_jordan_pairs(
         # step k: pivot, swap, scale row k into r0
         if not _pivot_row(a, k, k, 0.0, False, perm):
             return np.nan
-        p = a[k, k]
-        if with_log:
-            logdet += np.log(abs(p))
-        a[k, k] = 1.0
-        rk = 1.0 / p
-        for j in range(q):
-            r0[j] = a[k, j] * rk
+        logdet += _scale_pivot_row(a, k, r0, with_log)
         if k + 1 == q:  # the last pivot alone
             for j in range(q):
                 a[k, j] = r0[j]
@@ -90,13 +96,7 @@ def _gauss_jordan_pairs(
         a[k1, k] = 0.0
         for j in range(q):
             a[k1, j] -= f * r0[j]
-        p = a[k1, k1]
-        if with_log:
-            logdet += np.log(abs(p))
-        a[k1, k1] = 1.0
-        rk1 = 1.0 / p
-        for j in range(q):
-            r1[j] = a[k1, j] * rk1
+        logdet += _scale_pivot_row(a, k1, r1, with_log)
         # row k: r0 less its step k + 1 part
         g = r0[k1]
         for j in range(q):
