@@ -18,6 +18,7 @@ import yaml
 
 import flashmm_dask as fm
 from flashmm_dask.design.check import (
+    CALIBRATED_DF,
     check_design_replication,
     check_replication,
     design_crossproducts,
@@ -123,8 +124,21 @@ def test_few_degrees_of_freedom_give_one_warning(caplog):
 
 
 def test_enough_donors_and_crossed_designs_pass_quietly(caplog):
+    nested = nested_obs((6, 6))
+    crossed = nested.assign(batch=(np.arange(len(nested)) % 12).astype(str))  # crosses donors
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        (r,) = check_design_replication(fm.build_design(nested, FIXED, RANDOM), nested)
+        both = check_design_replication(
+            fm.build_design(crossed, FIXED, ["~ 0 + sam", "~ 0 + batch"]), crossed
+        )
+    assert r.df == CALIBRATED_DF == 10
+    assert [(b.component, b.df, b.absorbed) for b in both] == [("sam", 10, 2), ("batch", 11, 1)]
+    assert not caplog.records
+
+
+def test_fewer_df_than_the_calibration_needs_are_named_in_one_warning(caplog):
     nested = nested_obs((3, 4))
-    crossed = nested_obs((5, 5))  # batch crosses donors and conditions
+    crossed = nested_obs((5, 5))  # batch (4 levels) crosses donors and conditions
     with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
         (r,) = check_design_replication(fm.build_design(nested, FIXED, RANDOM), nested)
         both = check_design_replication(
@@ -132,7 +146,10 @@ def test_enough_donors_and_crossed_designs_pass_quietly(caplog):
         )
     assert r.df == 5
     assert [(b.component, b.df, b.absorbed) for b in both] == [("sam", 8, 2), ("batch", 3, 1)]
-    assert not caplog.records
+    first, second = (rec.getMessage() for rec in caplog.records)  # one warning per design
+    assert "random component 'sam' keeps 5 of its 7 levels' dimensions" in first
+    assert "fewer than 10" in first and "CALIBRATION.md" in first and "very few" not in first
+    assert "'sam' keeps 8 of its 10" in second and "'batch' keeps 3 of its 4" in second
 
 
 def test_scaling_of_the_columns_does_not_change_the_answer():
@@ -189,11 +206,13 @@ def test_lmm_stats_refuses_and_check_design_false_fits_as_r(stores):
     assert fit.coef.shape == (design.p, 12)
 
 
-def test_nested_design_with_enough_donors_is_fitted(stores, caplog):
+def test_nested_design_with_three_donors_per_condition_is_fitted(stores, caplog):
     with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
         fit = fm.flashmm(stores["nested"], FIXED, RANDOM, is_counts=True)
     assert np.isfinite(fit.coef).all()
-    assert not [r for r in caplog.records if "degrees of freedom left" in r.getMessage()]
+    (warned,) = [r.getMessage() for r in caplog.records if "freedom left" in r.getMessage()]
+    assert "'sam' keeps 4 of its 6" in warned and "CALIBRATION.md" in warned
+    assert "very few" not in warned
 
 
 # -- the command line ---------------------------------------------------------------------

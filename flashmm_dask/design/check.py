@@ -23,8 +23,10 @@ and the fixed-effect columns that absorb Z_k are those on which that null space 
 
 :func:`check_replication` raises a :class:`DesignError` naming a component with df_k = 0 and
 the columns that absorb it, and logs one warning naming the components with
-0 < df_k < :data:`MIN_DF`. :func:`design_crossproducts` computes XX, ZX, ZZ of a design
-from the cell metadata in chunks, so the check costs one cheap pass over obs.
+0 < df_k < :data:`MIN_DF` and those with df_k < :data:`CALIBRATED_DF`, below which the
+package's calibration measured tests between their levels above their nominal FDR.
+:func:`design_crossproducts` computes XX, ZX, ZZ of a design from the cell metadata in
+chunks, so the check costs one cheap pass over obs.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = [
+    "CALIBRATED_DF",
     "MIN_DF",
     "Replication",
     "check_design_replication",
@@ -63,6 +66,11 @@ logger = logging.getLogger(__name__)
 
 #: A random component with fewer degrees of freedom left after the fixed effects is warned of.
 MIN_DF = 3
+#: Below this many degrees of freedom left, tests of effects constant within a component's
+#: levels exceeded the nominal FDR at Benjamini-Hochberg thresholds in the package's
+#: calibration (benchmarks/CALIBRATION.md, BH at 0.05: FDP up to 0.20 at 4 df, 0.11 at 6,
+#: 0.07 at 8; within 0.06 from 10): such components are named in the same warning.
+CALIBRATED_DF = 10
 #: Relative eigenvalue below which a direction counts as absent (columns scaled to unit norm).
 RANK_RTOL = 1e-8
 #: Weight above which a fixed-effect column counts as absorbing a component.
@@ -196,7 +204,9 @@ def check_replication(*args: Any, min_df: int = MIN_DF, **kwargs: Any) -> list[R
     """Refuse a random component the fixed effects absorb; warn of one with few df.
 
     Parameters as :func:`replication`; ``min_df``: components with fewer degrees of freedom
-    left (but at least one) are named in one logged warning.
+    left (but at least one) are named in one logged warning, together with those that keep
+    fewer than :data:`CALIBRATED_DF` (tests between their levels were not calibrated at BH
+    thresholds there).
 
     Returns
     -------
@@ -220,18 +230,32 @@ def check_replication(*args: Any, min_df: int = MIN_DF, **kwargs: Any) -> list[R
                 "the terms or the component"
             )
     few = [r for r in found if 0 < r.df < min_df]
+    thin = [r for r in found if max(min_df, 1) <= r.df < CALIBRATED_DF]
+    parts = []
     if few:
-        logger.warning(
-            "few degrees of freedom left after the fixed effects: %s; the variance of such a "
-            "component and tests of effects constant within its levels rest on very few "
-            "levels",
-            "; ".join(
-                f"random component '{r.component}' keeps {r.df} of its {r.rank} levels' "
-                f"dimensions ({r.absorbed} absorbed by {_quoted(r.absorbing)})"
-                for r in few
-            ),
+        parts.append(
+            f"{_kept(few)}; the variance of such a component and tests of effects constant "
+            "within its levels rest on very few levels"
         )
+    if thin:
+        parts.append(
+            f"{_kept(thin)}; with fewer than {CALIBRATED_DF}, tests of effects constant "
+            "within its levels (a condition between donors) exceeded their nominal false "
+            "discovery rate at Benjamini-Hochberg thresholds in the package's calibration "
+            "(benchmarks/CALIBRATION.md, BH at 0.05: FDP up to 0.20 at 4, 0.11 at 6 and 0.07 "
+            "at 8 degrees of freedom): read their adjusted p-values with care, or add levels"
+        )
+    if parts:
+        logger.warning("few degrees of freedom left after the fixed effects: %s", " / ".join(parts))
     return found
+
+
+def _kept(found: list[Replication]) -> str:
+    return "; ".join(
+        f"random component '{r.component}' keeps {r.df} of its {r.rank} levels' "
+        f"dimensions ({r.absorbed} absorbed by {_quoted(r.absorbing)})"
+        for r in found
+    )
 
 
 check_replication.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
