@@ -228,7 +228,7 @@ def fit_strata(
     for level, stats in strata.items():
         if check_design:
             try:
-                check_stats_replication(stats)
+                check_stats_replication(stats, where=f"stratum {level}")
             except DesignError as exc:
                 logger.warning("stratum %s is not fitted: %s", level, exc)
                 continue

@@ -275,3 +275,12 @@ def test_cli_fit_on_saved_statistics_refuses(stores, tmp_path):
         _one_line_refusal(res)
     assert not (tmp_path / "out").exists()
     assert existing.is_dir() and not any(existing.iterdir())
+
+
+def test_each_stratum_with_few_df_is_named_in_its_warning(stores, caplog):
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        fits = fm.flashmm(stores["nested"], "~ trt", RANDOM, is_counts=True, by="cls")
+    warned = [r.getMessage() for r in caplog.records if "freedom left" in r.getMessage()]
+    assert len(warned) == len(fits) > 1
+    for level, message in zip(fits, warned, strict=True):
+        assert f"(stratum {level}): random component 'sam' keeps 4 of its 6" in message

@@ -200,13 +200,16 @@ def _quoted(names: Sequence[str], shown: int = 6) -> str:
 # check_replication takes replication's six arguments and passes them on as they are, so
 # they are written once; it shows replication's signature with min_df (set below). A wrong
 # argument is the TypeError of the call to replication, which names replication().
-def check_replication(*args: Any, min_df: int = MIN_DF, **kwargs: Any) -> list[Replication]:
+def check_replication(
+    *args: Any, min_df: int = MIN_DF, where: str = "", **kwargs: Any
+) -> list[Replication]:
     """Refuse a random component the fixed effects absorb; warn of one with few df.
 
     Parameters as :func:`replication`; ``min_df``: components with fewer degrees of freedom
     left (but at least one) are named in one logged warning, together with those that keep
     fewer than :data:`CALIBRATED_DF` (tests between their levels were not calibrated at BH
-    thresholds there).
+    thresholds there). ``where``: what the design is of (e.g. ``"stratum cls=1"``), named
+    in the warning.
 
     Returns
     -------
@@ -246,7 +249,11 @@ def check_replication(*args: Any, min_df: int = MIN_DF, **kwargs: Any) -> list[R
             "at 8 degrees of freedom): read their adjusted p-values with care, or add levels"
         )
     if parts:
-        logger.warning("few degrees of freedom left after the fixed effects: %s", " / ".join(parts))
+        logger.warning(
+            "few degrees of freedom left after the fixed effects%s: %s",
+            f" ({where})" if where else "",
+            " / ".join(parts),
+        )
     return found
 
 
@@ -264,6 +271,7 @@ check_replication.__signature__ = inspect.Signature(  # type: ignore[attr-define
         inspect.Parameter(
             "min_df", inspect.Parameter.KEYWORD_ONLY, default=MIN_DF, annotation="int"
         ),
+        inspect.Parameter("where", inspect.Parameter.KEYWORD_ONLY, default="", annotation="str"),
     ],
     return_annotation="list[Replication]",
 )
@@ -305,8 +313,17 @@ def check_design_replication(
     )
 
 
-def check_stats_replication(stats: SummaryStats, *, min_df: int = MIN_DF) -> list[Replication]:
+def check_stats_replication(
+    stats: SummaryStats, *, min_df: int = MIN_DF, where: str = ""
+) -> list[Replication]:
     """:func:`check_replication` of the shared part of a :class:`SummaryStats`."""
     return check_replication(
-        stats.XX, stats.ZX, stats.ZZ, stats.d, stats.covariates, stats.components, min_df=min_df
+        stats.XX,
+        stats.ZX,
+        stats.ZZ,
+        stats.d,
+        stats.covariates,
+        stats.components,
+        min_df=min_df,
+        where=where,
     )
