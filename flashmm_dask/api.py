@@ -162,11 +162,20 @@ def flashmm(
                 "pcs= cannot be combined with by=, cells=, min_cells= or drop_missing=; "
                 "fit the principal components without strata or add them to the metadata"
             )
-        strata = plan_strata(expr.obs, fixed, random, by=by, cells=cells, drop_missing=drop_missing)
+        # each stratum's design checked from its cell metadata, before the expression is read
+        strata = plan_strata(
+            expr.obs,
+            fixed,
+            random,
+            by=by,
+            cells=cells,
+            drop_missing=drop_missing,
+            check_design=check_design,
+        )
         per_stratum = reduce_strata(
             expr, strata, transform=chosen, target_sum=target_sum, split_every=split_every
         )
-        fits = fit_strata(per_stratum, min_cells=min_cells, check_design=check_design, **kwargs)
+        fits = fit_strata(per_stratum, min_cells=min_cells, check_design=False, **kwargs)
         return fits if by is not None else fits["all"]
     # from the cell metadata, before the expression is read
     design = checked_design(expr, fixed, random, check=check_design)

@@ -24,6 +24,7 @@ from flashmm_dask.design.check import (
     design_crossproducts,
     replication,
 )
+from flashmm_dask.design.strata import plan_strata
 
 CLI = os.path.join(os.path.dirname(sys.executable), "flashmm-dask")
 FIXED, RANDOM = "~ 0 + log(libsize) + cls + cls:trt", "~ 0 + sam"
@@ -283,4 +284,20 @@ def test_each_stratum_with_few_df_is_named_in_its_warning(stores, caplog):
     warned = [r.getMessage() for r in caplog.records if "freedom left" in r.getMessage()]
     assert len(warned) == len(fits) > 1
     for level, message in zip(fits, warned, strict=True):
-        assert f"(stratum {level}): random component 'sam' keeps 4 of its 6" in message
+        assert f"(stratum cls={level}): random component 'sam' keeps 4 of its 6" in message
+
+
+def test_a_stratum_with_one_donor_per_condition_is_skipped_before_the_data_pass(stores, caplog):
+    """The strata of runs and of flashmm(by=): plan_strata checks each stratum's design."""
+    obs = nested_obs((3, 3))
+    confounded = (obs["cls"] == "2").to_numpy()
+    obs.loc[confounded, "sam"] = np.where(obs.loc[confounded, "trt"] == "A", "A1", "B1")
+    with caplog.at_level(logging.WARNING, logger="flashmm_dask"):
+        strata = plan_strata(obs, "~ trt", RANDOM, by="cls")
+    assert strata.levels == ("0", "1")
+    assert "random component 'sam' has no replication left" in strata.skipped["2"]
+    assert "stratum cls=2 is skipped: random component 'sam'" in caplog.text
+    with pytest.raises(fm.DesignError, match=r"component 'sam' has no replication left"):
+        plan_strata(obs, "~ trt", RANDOM, cells="cls == '2'")
+    unchecked = plan_strata(obs, "~ trt", RANDOM, by="cls", check_design=False)
+    assert unchecked.levels == ("0", "1", "2")  # as R FLASHMM: fitted regardless

@@ -304,12 +304,12 @@ def design_crossproducts(
 
 
 def check_design_replication(
-    design: Design, obs: pd.DataFrame, *, min_df: int = MIN_DF
+    design: Design, obs: pd.DataFrame, *, min_df: int = MIN_DF, where: str = ""
 ) -> list[Replication]:
     """:func:`check_replication` of a design over its cell metadata (before any data pass)."""
     XX, ZX, ZZ = design_crossproducts(design, obs)
     return check_replication(
-        XX, ZX, ZZ, design.d, design.covariates, design.components, min_df=min_df
+        XX, ZX, ZZ, design.d, design.covariates, design.components, min_df=min_df, where=where
     )
 
 

@@ -13,8 +13,11 @@ from a stratum has no Z column there and a cell type absent from it no X column,
 sorted unique values give the levels of other columns. A stratum whose design cannot be
 fitted is *skipped* and reported, never dropped silently: no selected cells; fewer cells
 than coefficients + 1; a fixed factor with a single level there (e.g. only one
-condition); a random component with fewer than 2 levels (too few donors); or X not of full
-rank (the :class:`~flashmm_dask.errors.DesignError` message is the reason).
+condition); a random component with fewer than 2 levels (too few donors); X not of full
+rank; or a random component that the stratum's fixed effects absorb (one donor per
+condition there: :mod:`flashmm_dask.design.check`, from the stratum's cell metadata, before
+any data pass; a component with few degrees of freedom left is warned of, naming the
+stratum). The :class:`~flashmm_dask.errors.DesignError` message is the reason.
 
 Cells with a missing value in a column the formulas (or ``by``) use are an error, unless
 ``drop_missing`` is set: then they are left out of every stratum and counted.
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flashmm_dask.design.check import check_design_replication
 from flashmm_dask.design.formula import Design, build_design
 from flashmm_dask.design.selection import Cells, cell_mask, describe
 from flashmm_dask.design.terms import parse_formula, required_columns
@@ -169,6 +173,7 @@ def plan_strata(
     by: str | None = None,
     cells: Cells = None,
     drop_missing: bool = False,
+    check_design: bool = True,
 ) -> Strata:
     """The strata of a run (see the module docstring).
 
@@ -180,6 +185,9 @@ def plan_strata(
     cells : a selection expression (:mod:`flashmm_dask.design.selection`), a boolean mask or None
     drop_missing : leave out the cells with a missing value in a used column instead of
         raising
+    check_design : check each stratum's random components against its fixed effects
+        (:func:`~flashmm_dask.design.check.check_design_replication`); False: as R FLASHMM,
+        any design is fitted
 
     Raises
     ------
@@ -188,7 +196,8 @@ def plan_strata(
     DesignError
         An unknown ``by`` column or formula column; missing values without
         ``drop_missing``; every stratum skipped (with the reasons); without ``by``, a
-        design that cannot be fitted on the selected cells.
+        design that cannot be fitted on the selected cells (or whose fixed effects absorb a
+        random component there).
     """
     if not isinstance(obs, pd.DataFrame):
         raise InputError(f"obs must be a pandas DataFrame, got {type(obs).__name__}")
@@ -254,6 +263,15 @@ def plan_strata(
                 )
             skipped[label] = f"{n_s} cells for {design.p} coefficients"
             continue
+        if check_design:
+            where = "the selected cells" if by is None else f"stratum {by}={label}"
+            try:
+                check_design_replication(design, sub, where=where)
+            except DesignError as exc:
+                if by is None:
+                    raise
+                skipped[label] = str(exc)
+                continue
         codes[rows] = len(levels)
         levels.append(label)
         designs.append(design)
