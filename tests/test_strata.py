@@ -52,11 +52,12 @@ def by_hand(adata, mask, **kwargs):
 
 
 #: the scale on which a value near zero is judged: a coefficient and a variance component
-#: against their standard errors, t against 1
+#: against their standard errors, t and log p (p near 1) against 1
 NEAR_ZERO_SCALE = {
     "coef": lambda f: f.se,
     "theta": lambda f: f.se_theta,
     "t": lambda f: np.ones_like(f.t),
+    "p": lambda f: np.ones_like(f.p),
 }
 
 
@@ -86,7 +87,8 @@ def assert_fits_equal(fit, ref):
         if key == "p":
             # the two reductions add the cells in different orders (statistics equal to
             # 1e-12); far in the tail (p ~ 1e-38) p's relative error is |t| times t's, so
-            # p is compared on the log scale, which t's error bounds
+            # p is compared on the log scale, which t's error bounds, and near p = 1
+            # (log p ~ 0, t ~ 0) on the scale of 1
             got, want = np.log(got), np.log(want)
         if key in NEAR_ZERO_SCALE:
             # a value near zero moves by that rounding on the scale of its uncertainty, not
