@@ -239,8 +239,8 @@ def simulate_to_store(
 
     def content() -> tuple[ad.AnnData, Iterator[sp.csr_matrix]]:
         model = _build_model(params, n_threads)
-        meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
-        return meta, _iter_chunks(model, chunk_cells, n_threads)
+        chunks = _iter_chunks(model, chunk_cells, n_threads)  # drawn while meta is written
+        return ad.AnnData(obs=model.obs, var=model.var, uns=model.uns), chunks
 
     write_streamed(target, fmt, content, chunk_cells=store_chunk_cells, overwrite=args["overwrite"])
     logger.info("simulated %d cells x %d genes into %s", params.n_cells, params.n_genes, target)

@@ -9,6 +9,7 @@ while the consumer (the store's writer) works on the chunk before.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -185,20 +186,29 @@ def _grown(
 def _map_ordered(
     func: Callable[[Any], Any], items: Iterable[Any], n_threads: int, in_flight: int
 ) -> Iterator[Any]:
-    """func(item) for every item, in order; on ``n_threads`` > 1 threads, ``in_flight``
-    items are computed while the consumer works on the one before them."""
+    """func(item) for every item, in order; on ``n_threads`` > 1 threads, the first
+    ``in_flight`` items start at once (before the first result is asked for), and then
+    ``in_flight`` items are computed while the consumer works on the one before them."""
     if n_threads == 1:
-        yield from map(func, items)
-        return
+        return map(func, items)
+    results = _threaded(func, iter(items), n_threads, in_flight)
+    next(results)  # the first items are submitted
+    return results
+
+
+def _threaded(
+    func: Callable[[Any], Any], items: Iterator[Any], n_threads: int, in_flight: int
+) -> Iterator[Any]:
+    """:func:`_map_ordered` on a thread pool: yields None once the first items are
+    submitted, then the results."""
     with ThreadPoolExecutor(n_threads) as pool:
-        pending: deque[Any] = deque()
+        pending = deque(pool.submit(func, item) for item in itertools.islice(items, in_flight))
         try:
-            for item in items:
-                pending.append(pool.submit(func, item))
-                if len(pending) > in_flight:
-                    yield pending.popleft().result()
+            yield None
             while pending:
-                yield pending.popleft().result()
+                result = pending.popleft().result()
+                pending.extend(pool.submit(func, item) for item in itertools.islice(items, 1))
+                yield result
         finally:  # an error or a consumer that stops: do not compute the items ahead
             for future in pending:
                 future.cancel()
@@ -223,18 +233,26 @@ def _pieces(n_cells: int, chunk_cells: int, n_threads: int) -> tuple[list[range]
 def _iter_chunks(model: _Model, chunk_cells: int, n_threads: int) -> Iterator[sp.csr_matrix]:
     """The count matrix in consecutive CSR chunks of chunk_cells rows (the last shorter).
 
-    The pieces of the next chunk are drawn while the consumer writes this one, so memory
-    holds about ``n_threads`` + 1 chunks.
+    With ``n_threads`` > 1 the first chunks are drawn from the call on, and the next
+    chunks while the consumer writes one, so memory holds about ``n_threads`` + 1 chunks.
     """
     n_cells, n_genes = len(model.subject_code), len(model.dispersion)
     pieces, per_chunk = _pieces(n_cells, chunk_cells, n_threads)
     drawn = _map_ordered(
         lambda rows: _draw_rows(model, rows), pieces, n_threads, max(n_threads, per_chunk)
     )
+    return _chunks(pieces, drawn, chunk_cells, n_genes)
+
+
+def _chunks(
+    pieces: list[range], drawn: Iterator[_Rows], chunk_cells: int, n_genes: int
+) -> Iterator[sp.csr_matrix]:
+    """The drawn pieces joined into chunks (a chunk ends at a multiple of chunk_cells
+    and at the last cell)."""
     parts: list[_Rows] = []
     for rows, part in zip(pieces, drawn, strict=True):
         parts.append(part)
-        if rows.stop % chunk_cells == 0 or rows.stop == n_cells:
+        if rows.stop % chunk_cells == 0 or rows is pieces[-1]:
             yield _csr(parts, n_genes)
             parts = []
 
