@@ -451,7 +451,7 @@ def _build_model(params: _Params, n_threads: int) -> _Model:
         base=base,
         effect=effect,
         varies=(effect != 1.0).any(axis=0),
-        buckets=gene_buckets(base, effect.max(axis=0), phi),
+        buckets=gene_buckets(base, effect.max(axis=0)),
         dispersion=phi,
         subject_code=sam_code,
         effect_code=np.where(trt_code == treated, cls_code, n_cls),

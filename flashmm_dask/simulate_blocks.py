@@ -148,6 +148,7 @@ def _draw_rows(model: _Model, rows: range) -> _Rows:
             _block_rng(model.counts_seed, block),
             model.effect,
             model.varies,
+            model.dispersion,
             *model.buckets,
             model.subject_code[span],
             model.effect_code[span],

@@ -29,7 +29,7 @@ from flashmm_dask.simulate_blocks import _map_ordered, _pieces
 
 
 def bucket_of(start_row: np.ndarray) -> np.ndarray:
-    """The bucket of each position of a subject's ``order``."""
+    """The bucket of each position of a subject's ``terms``."""
     return np.repeat(np.arange(len(start_row) - 1), np.diff(start_row))
 
 
@@ -43,32 +43,32 @@ def test_bucket_bounds_cover_every_mean_and_are_within_the_ratio():
     base[:, :60] = BUCKET_RATIO ** k.astype(float) * (1 + rng.choice([-1, 0, 1], 60) * 2e-16)
     base[2, 60:70] = 1e-30
     effect_max = np.where(rng.random(n_genes) < 0.2, np.exp(rng.uniform(0, 1, n_genes)), 1.0)
-    phi = rng.uniform(0.5, 5.0, n_genes)
-    order, start, level, terms = gene_buckets(base, effect_max, phi)
-    assert np.all(np.diff(level) > 0)
+    start, level, terms = gene_buckets(base, effect_max)
+    assert np.all(np.diff(level) > 0) and start.shape == (n_subjects, len(level) + 1)
+    j_all = np.concatenate([bucket_of(row) for row in start])
+    assert j_all.min() == 0 and j_all.max() == len(level) - 1  # no unused end levels
     for s in range(n_subjects):
-        np.testing.assert_array_equal(np.sort(order[s]), np.arange(n_genes))
+        genes = terms["gene"][s]
+        np.testing.assert_array_equal(np.sort(genes), np.arange(n_genes))
         j = bucket_of(start[s])
-        genes = order[s]
         bound = base[s, genes] * effect_max[genes]
         assert np.all(level[j] >= bound), s  # p_j >= P(Y > 0) for every cell
         above = j > 0  # the lowest level holds the bounds far below the largest
         assert np.all(level[j][above] < BUCKET_RATIO * bound[above] * (1 + 1e-8)), s
         assert np.all(np.diff(genes)[np.diff(j) == 0] > 0)  # genes increasing in a bucket
-        np.testing.assert_array_equal(terms[s, :, 0], base[s, genes])
-        np.testing.assert_array_equal(terms[s, :, 1], phi[genes])
-    assert np.all(bucket_of(start[2])[np.isin(order[2], np.arange(60, 70))] == 0)
+        np.testing.assert_array_equal(terms["base"][s], base[s, genes])
+    assert np.all(bucket_of(start[2])[np.isin(terms["gene"][2], np.arange(60, 70))] == 0)
 
 
 # -------------------------------------------------------------- kernel against reference
 
 
-def reference_rows(rng, effect, varies, buckets, subject, klass, lib):
+def reference_rows(rng, effect, varies, phi, buckets, subject, klass, lib):
     """Counts drawn as sparse_nb_rows draws them, written plainly: per cell and bucket,
     candidates by geometric gaps; a candidate kept when u < P(Y > 0) computed exactly,
     its count the NB's inverse CDF (conditioned on > 0) at the same u, or Gamma-Poisson
     draws repeated until non-zero above a conditioned mean of 8. A CSR matrix."""
-    order, start, level, terms = buckets
+    start, level, terms = buckets
     rows, cols, vals = [], [], []
     for c in range(len(lib)):
         s, e, f = subject[c], klass[c], lib[c]
@@ -85,25 +85,24 @@ def reference_rows(rng, effect, varies, buckets, subject, klass, lib):
                     break
                 candidates.append((int(t), -np.expm1(-rate)))
         for t, p in candidates:
-            g = order[s, t]
-            m = terms[s, t, 0] * f
+            g = terms["gene"][s, t]
+            m = terms["base"][s, t] * f
             if varies[g]:
                 m *= effect[e, g]
-            phi = terms[s, t, 1]
+            size = phi[g]
             u = rng.random() * p
-            p0 = (1.0 + m / phi) ** -phi
+            p0 = (1.0 + m / size) ** -size
             if u >= 1.0 - p0:
                 continue
             if m / (1.0 - p0) <= 8.0:
                 k = np.arange(1, 2000)
-                pmf = p0 * np.cumprod(
-                    np.r_[phi * m / (m + phi), (k + phi) / (k + 1) * m / (m + phi)]
-                )
+                q = m / (m + size)
+                pmf = p0 * np.cumprod(np.r_[size * q, (k + size) / (k + 1) * q])
                 y = 1 + int(np.searchsorted(np.cumsum(pmf), u, side="right"))
             else:
                 y = 0
                 while y == 0:
-                    y = rng.poisson(m * rng.standard_gamma(phi) / phi)
+                    y = rng.poisson(m * rng.standard_gamma(size) / size)
             rows.append(c)
             cols.append(g)
             vals.append(y)
@@ -122,18 +121,18 @@ def small_model():
     effect = np.ones((3, n_genes))
     effect[0, -10:] = np.exp(rng.uniform(-1, 1, 10))
     phi = rng.uniform(0.3, 6.0, n_genes)
-    buckets = gene_buckets(base, effect.max(axis=0), phi)
+    buckets = gene_buckets(base, effect.max(axis=0))
     cells = {
         "subject": rng.integers(0, n_subjects, n_cells),
         "klass": rng.integers(0, 3, n_cells),
         "lib": np.exp(rng.normal(0, 0.5, n_cells)),
     }
-    return effect, (effect != 1).any(axis=0), buckets, cells
+    return effect, (effect != 1).any(axis=0), phi, buckets, cells
 
 
 def kernel_rows(small_model, seed, first, dtype):
     """sparse_nb_rows of all the model's cells, written from ``first`` on, as CSR."""
-    effect, varies, buckets, cells = small_model
+    effect, varies, phi, buckets, cells = small_model
     n = len(cells["lib"])
     n_genes = effect.shape[1]
     indptr = np.zeros(n - first + 1, dtype=np.int64)
@@ -143,6 +142,7 @@ def kernel_rows(small_model, seed, first, dtype):
         np.random.default_rng(seed),
         effect,
         varies,
+        phi,
         *buckets,
         cells["subject"],
         cells["klass"],
@@ -162,8 +162,8 @@ def kernel_rows(small_model, seed, first, dtype):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kernel_equals_plain_reference_from_the_same_random_numbers(small_model, seed):
-    effect, varies, buckets, cells = small_model
-    want = reference_rows(np.random.default_rng(seed), effect, varies, buckets, **cells)
+    effect, varies, phi, buckets, cells = small_model
+    want = reference_rows(np.random.default_rng(seed), effect, varies, phi, buckets, **cells)
     assert want.nnz > 1000 and want.max() > 20  # both value branches are reached
     got, largest = kernel_rows(small_model, seed, 0, np.int64)
     got.check_format(full_check=True)  # sorted, in-range column indices
@@ -185,7 +185,7 @@ def test_conditioned_counts_have_the_whole_nb_tail():
     phi, m, n_genes, n_cells = 0.01, 0.2571, 1000, 60_000
     base = np.full((1, n_genes), m)
     effect = np.ones((1, n_genes))
-    buckets = gene_buckets(base, effect[0], np.full(n_genes, phi))
+    buckets = gene_buckets(base, effect[0])
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
     indices = np.empty(n_cells * n_genes // 20, dtype=np.int32)
     counts = np.empty(len(indices), dtype=np.int64)
@@ -194,6 +194,7 @@ def test_conditioned_counts_have_the_whole_nb_tail():
         np.random.default_rng(8),
         effect,
         np.zeros(n_genes, dtype=bool),
+        np.full(n_genes, phi),
         *buckets,
         zeros,
         zeros,

@@ -34,13 +34,15 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from flashmm_dask.numerics.jit import jit
 
-__all__ = ["BUCKET_RATIO", "Buckets", "Scratch", "gene_buckets", "sparse_nb_rows"]
+__all__ = ["BUCKET_RATIO", "TERMS", "Buckets", "Scratch", "gene_buckets", "sparse_nb_rows"]
 
 #: ratio of consecutive bucket bounds: candidates per non-zero about (r - 1) / log(r)
 BUCKET_RATIO = 1.1
 #: bucket levels below the largest: lower bounds share the lowest level (their genes are
 #: then candidates at most 1e-12 times as often as the gene of the largest bound)
 _BUCKET_DEPTH = int(np.ceil(np.log(1e12) / np.log(BUCKET_RATIO)))  # 290
+#: a bucketed gene: its subject's factor of the mean and its column
+TERMS = np.dtype([("base", np.float64), ("gene", np.int64)])
 #: conditioned means above this are drawn by repeated Gamma-Poisson draws, not inversion
 _INVERSION_MEAN = 8.0
 #: NB means above this are refused (Poisson draws of larger rates are not exact)
@@ -50,28 +52,27 @@ _MAX_MEAN = 1e15
 class Buckets(NamedTuple):
     """Each subject's genes grouped by geometric levels of the bound of their means.
 
-    order : ndarray of int32, shape (S, m)
-        Each subject's genes, bucket after bucket, increasing within a bucket.
     start : ndarray of int64, shape (S, J + 1)
-        Bucket j of subject s is ``order[s, start[s, j]:start[s, j + 1]]``.
+        Bucket j of subject s is ``terms[s, start[s, j]:start[s, j + 1]]``.
     level : ndarray, shape (J,)
         The bound of bucket j: >= base[s, g] effect_max[g] for each of its genes, below
-        ``BUCKET_RATIO`` times it unless it is the lowest level.
-    terms : ndarray, shape (S, m, 2)
-        base[s, g] and phi[g] in the order of ``order``: the kernel reads them forwards,
-        not scattered over a row of base (a cache miss per non-zero).
+        ``BUCKET_RATIO`` times it unless it is the lowest level. Levels that hold no
+        gene of any subject below the first and above the last are left out.
+    terms : ndarray of ``TERMS`` records, shape (S, m)
+        Each subject's genes (``gene``) with their base[s, g] (``base``), bucket after
+        bucket, genes increasing within a bucket: the kernel reads a candidate's gene and
+        mean from one place (one cache miss, not one in a row of base as well).
     """
 
-    order: np.ndarray
     start: np.ndarray
     level: np.ndarray
     terms: np.ndarray
 
 
-def gene_buckets(base: np.ndarray, effect_max: np.ndarray, phi: np.ndarray) -> Buckets:
+def gene_buckets(base: np.ndarray, effect_max: np.ndarray) -> Buckets:
     """:class:`Buckets` of the subject-by-gene factor ``base`` (S, m) of the mean
-    (mu_g e^{b_sg}), ``effect_max`` (m,) the maximum over cell classes of the class-by-gene
-    factor, and the NB sizes ``phi`` (m,)."""
+    (mu_g e^{b_sg}) and ``effect_max`` (m,), the maximum over cell classes of the
+    class-by-gene factor."""
     n_subjects, n_genes = base.shape
     bound = base * effect_max
     # 1e300: an infinite bound keeps a finite level, whose means the kernel refuses
@@ -91,6 +92,10 @@ def gene_buckets(base: np.ndarray, effect_max: np.ndarray, phi: np.ndarray) -> B
     level = BUCKET_RATIO ** np.arange(lowest, top + 2) * (1.0 + 1e-9)
     key += level[key] < bound
     del bound
+    # levels no subject uses at either end are left out (the kernel visits every level)
+    used = np.flatnonzero(np.bincount(key.ravel(), minlength=len(level)))
+    key -= int(used[0])
+    level = level[used[0] : used[-1] + 1]
     n_levels = len(level)
     order = np.argsort(key, axis=1, kind="stable").astype(np.int32)
     # bucket j of subject s ends where its sorted keys pass j
@@ -98,24 +103,24 @@ def gene_buckets(base: np.ndarray, effect_max: np.ndarray, phi: np.ndarray) -> B
     start = np.zeros((n_subjects, n_levels + 1), dtype=np.int64)
     for s, row in enumerate(ends):
         start[s, 1:] = np.searchsorted(row, np.arange(n_levels), side="right")
-    terms = np.empty((n_subjects, n_genes, 2))
-    terms[:, :, 0] = np.take_along_axis(base, order, axis=1)
-    terms[:, :, 1] = phi[order]
-    return Buckets(order, start, level, terms)
+    terms = np.empty((n_subjects, n_genes), dtype=TERMS)
+    terms["base"] = np.take_along_axis(base, order, axis=1)
+    terms["gene"] = order
+    return Buckets(start, level, terms)
 
 
 class Scratch(NamedTuple):
     """Work arrays of :func:`sparse_nb_rows` for ``n_genes`` genes, reused from block to
     block by one thread (:meth:`new`)."""
 
-    floats: np.ndarray  # (3, m): a cell's candidates' p, base and phi
-    ints: np.ndarray  # (3, m): their positions in ``order`` and genes; counts by gene
+    floats: np.ndarray  # (2, m): a cell's candidates' p and base
+    ints: np.ndarray  # (3, m): their positions in ``terms`` and genes; counts by gene
     bits: np.ndarray  # (ceil(m / 64),) int64: the genes kept in a cell, as a bit set
 
     @classmethod
     def new(cls, n_genes: int) -> Scratch:
         return cls(
-            np.empty((3, n_genes)),
+            np.empty((2, n_genes)),
             np.empty((3, n_genes), dtype=np.int64),
             np.zeros(-(-n_genes // 64), dtype=np.int64),
         )
@@ -199,7 +204,7 @@ def sparse_nb_rows(
     rng: np.random.Generator,
     effect: np.ndarray,
     varies: np.ndarray,
-    order: np.ndarray,
+    phi: np.ndarray,
     start: np.ndarray,
     level: np.ndarray,
     terms: np.ndarray,
@@ -226,9 +231,11 @@ def sparse_nb_rows(
     effect : ndarray, shape (K, m)
         Class-by-gene factor of the mean (e^{beta}), C-contiguous; read only where
         ``varies`` (m,) is true (its column is not all ones).
-    order, start, level, terms
-        :class:`Buckets` of the subject-by-gene factor of the mean (mu_g e^{b_sg}), the
-        maxima of ``effect`` per gene and the NB sizes (> 0); C-contiguous.
+    phi : ndarray, shape (m,)
+        NB sizes, > 0.
+    start, level, terms
+        :class:`Buckets` of the subject-by-gene factor of the mean (mu_g e^{b_sg}) and
+        the maxima of ``effect`` per gene; C-contiguous.
     subject, klass : ndarray of int64, shape (n,)
         Each cell's row of ``base`` and of ``effect``.
     lib : ndarray, shape (n,)
@@ -252,7 +259,7 @@ def sparse_nb_rows(
         mean exceeds 1e15: counts that large cannot be drawn exactly.
     """
     n = lib.shape[0]
-    cand_p, cand_b, cand_phi = floats[0], floats[1], floats[2]
+    cand_p, cand_b = floats[0], floats[1]
     cand_t, cand_g, values = ints[0], ints[1], ints[2]
     largest = 0
     for c in range(n):
@@ -266,16 +273,15 @@ def sparse_nb_rows(
         # the terms of all candidates first: independent loads, whose cache misses (a
         # subject's row is out of cache) overlap instead of stalling each draw
         for i in range(k):
-            t = cand_t[i]
-            cand_g[i] = order[s, t]
-            cand_b[i] = terms[s, t, 0]
-            cand_phi[i] = terms[s, t, 1]
+            term = terms[s, cand_t[i]]
+            cand_g[i] = term.gene
+            cand_b[i] = term.base
         for i in range(k):
             g = cand_g[i]
             m = cand_b[i] * f
             if varies[g]:
                 m *= effect[e, g]
-            ph = cand_phi[i]
+            ph = phi[g]
             u = rng.random() * cand_p[i]
             # u < P(Y > 0) keeps the entry; by inversion from the same u (uniform on
             # (0, P(Y > 0)) once kept) its count is 1 when u < P(Y = 1) = p0 m phi /
