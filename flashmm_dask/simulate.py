@@ -448,7 +448,6 @@ def _build_model(params: _Params, n_threads: int) -> _Model:
         obs=obs,
         var=var,
         uns={"simulation": simulation},
-        base=base,
         effect=effect,
         varies=(effect != 1.0).any(axis=0),
         buckets=gene_buckets(base, effect.max(axis=0)),

@@ -33,17 +33,16 @@ class _Model:
     """Everything but the counts: O(n_cells + n_subjects * n_genes) memory.
 
     The NB mean of cell c and gene g is base[s, g] effect[e, g] lib[c] (s the cell's
-    subject, e its effect class): base is (n_subjects, n_genes), mu_g e^{b_sg}; effect is
-    (n_celltypes + 1, n_genes), e^{beta_g} in the row of its cell type, the last row ones
-    (untreated cells); lib the library size over its geometric mean. ``varies`` marks the
-    columns of effect that are not all ones; ``buckets`` are
-    :func:`~flashmm_dask.numerics.nb_sparse.gene_buckets` of base, effect and dispersion.
+    subject, e its effect class): base is (n_subjects, n_genes), mu_g e^{b_sg}, held in
+    ``buckets`` (:func:`~flashmm_dask.numerics.nb_sparse.gene_buckets` of base and the
+    maxima of effect); effect is (n_celltypes + 1, n_genes), e^{beta_g} in the row of its
+    cell type, the last row ones (untreated cells), ``varies`` marking its columns that
+    are not all ones; lib the library size over its geometric mean.
     """
 
     obs: pd.DataFrame
     var: pd.DataFrame
     uns: dict[str, Any]
-    base: np.ndarray
     effect: np.ndarray
     varies: np.ndarray
     buckets: Buckets
@@ -119,7 +118,7 @@ def draw_libsize(
 
 _Rows = tuple[np.ndarray, np.ndarray, np.ndarray]  # CSR indptr, indices, data
 
-#: dtypes the kernel writes directly (others, e.g. float16, are converted afterwards)
+#: dtypes the kernel writes directly (others, e.g. longdouble, are converted afterwards)
 _KERNEL_DTYPES = frozenset(np.dtype(t) for t in "bBhHiIlLqQfd")
 
 

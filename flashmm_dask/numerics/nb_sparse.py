@@ -97,7 +97,7 @@ def gene_buckets(base: np.ndarray, effect_max: np.ndarray) -> Buckets:
     key -= int(used[0])
     level = level[used[0] : used[-1] + 1]
     n_levels = len(level)
-    order = np.argsort(key, axis=1, kind="stable").astype(np.int32)
+    order = np.argsort(key, axis=1, kind="stable")
     # bucket j of subject s ends where its sorted keys pass j
     ends = np.take_along_axis(key, order, axis=1)
     start = np.zeros((n_subjects, n_levels + 1), dtype=np.int64)
