@@ -67,9 +67,11 @@ def reference_rows(rng, effect, varies, phi, buckets, subject, klass, lib):
     """Counts drawn as sparse_nb_rows draws them, written plainly: per cell and bucket,
     candidates by geometric gaps; a candidate kept when u < P(Y > 0) computed exactly,
     its count the NB's inverse CDF (conditioned on > 0) at the same u, or Gamma-Poisson
-    draws repeated until non-zero above a conditioned mean of 8. A CSR matrix."""
+    draws repeated until non-zero above a conditioned mean of 8. A CSR matrix, and how
+    many counts each way (inversion, Gamma-Poisson)."""
     start, level, terms = buckets
     rows, cols, vals = [], [], []
+    ways = [0, 0]
     for c in range(len(lib)):
         s, e, f = subject[c], klass[c], lib[c]
         candidates = []
@@ -99,7 +101,9 @@ def reference_rows(rng, effect, varies, phi, buckets, subject, klass, lib):
                 q = m / (m + size)
                 pmf = p0 * np.cumprod(np.r_[size * q, (k + size) / (k + 1) * q])
                 y = 1 + int(np.searchsorted(np.cumsum(pmf), u, side="right"))
+                ways[0] += 1
             else:
+                ways[1] += 1
                 y = 0
                 while y == 0:
                     y = rng.poisson(m * rng.standard_gamma(size) / size)
@@ -107,7 +111,7 @@ def reference_rows(rng, effect, varies, phi, buckets, subject, klass, lib):
             cols.append(g)
             vals.append(y)
     shape = (len(lib), effect.shape[1])
-    return sp.csr_matrix((vals, (rows, cols)), shape=shape, dtype=np.int64)
+    return sp.csr_matrix((vals, (rows, cols)), shape=shape, dtype=np.int64), ways
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +167,9 @@ def kernel_rows(small_model, seed, first, dtype):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kernel_equals_plain_reference_from_the_same_random_numbers(small_model, seed):
     effect, varies, phi, buckets, cells = small_model
-    want = reference_rows(np.random.default_rng(seed), effect, varies, phi, buckets, **cells)
-    assert want.nnz > 1000 and want.max() > 20  # both value branches are reached
+    rng = np.random.default_rng(seed)
+    want, ways = reference_rows(rng, effect, varies, phi, buckets, **cells)
+    assert want.nnz > 1000 and min(ways) > 100  # both value branches are reached
     got, largest = kernel_rows(small_model, seed, 0, np.int64)
     got.check_format(full_check=True)  # sorted, in-range column indices
     assert got.has_sorted_indices
