@@ -50,11 +50,13 @@ Differences from R (R fails or estimates where this module does not)
   ``trt``, ``metadata`` and ``counts`` arguments are not ported.
 
 Cost: per non-zero, not per matrix entry. The counts are drawn in sparse form
-(:mod:`~flashmm_dask.numerics.nb_sparse`): candidate cells per gene by geometric gaps
-under a bound of the block's NB means, thinned to the exact probability of a non-zero,
-whose value is drawn from the NB conditioned on > 0. The distribution is exactly that of
-the Gamma-Poisson draw of every entry (which cost about 130 ns per entry, 2.6 us per
-non-zero at 5% non-zeros). Blocks of cells are independent, so ``n_threads`` scales it.
+(:mod:`~flashmm_dask.numerics.nb_sparse`): for each cell, candidate genes by geometric
+gaps under a bound of their NB means (each subject's genes in buckets of bounds within
+10% of the mean), thinned to the exact probability of a non-zero, whose value is drawn
+from the NB conditioned on > 0. The distribution is exactly that of the Gamma-Poisson
+draw of every entry (which cost about 130 ns per entry, 2.6 us per non-zero at 5%
+non-zeros). Blocks of cells are independent, so ``n_threads`` scales it, and
+:func:`simulate_to_store` draws the next chunks while it writes one.
 
 Randomness
 ----------
@@ -84,6 +86,7 @@ import scipy.sparse as sp
 from flashmm_dask.errors import InputError
 from flashmm_dask.io.anndata_store import store_format, write_store, write_streamed
 from flashmm_dask.io.writing import package_version
+from flashmm_dask.numerics.nb_sparse import gene_buckets
 from flashmm_dask.simulate_blocks import RNG_BLOCK_CELLS, _iter_chunks, _Model, draw_libsize
 
 __all__ = ["RNG_BLOCK_CELLS", "simulate_rnaseq", "simulate_to_store", "write_store"]
@@ -205,9 +208,10 @@ def simulate_to_store(
     direction, var_randomeffects, gene_mean, dispersion, seed, dtype, n_threads
         As in :func:`simulate_rnaseq`.
     chunk_cells : int
-        Cells generated and appended at a time; peak memory is about 16 bytes per
-        non-zero of a chunk (about 0.75 n_genes non-zeros per cell with the default
-        gene means), so lower it for many genes.
+        Cells generated and appended at a time; peak memory is about 8 (int32 counts)
+        to 12 bytes per non-zero of ``n_threads`` + 1 chunks (the chunk written and the
+        next ones drawn meanwhile; about 0.75 n_genes non-zeros per cell with the
+        default gene means), so lower it for many genes.
     store_chunk_cells : int
         X's data and indices are chunked to hold about this many cells' non-zeros.
     format, overwrite
@@ -235,8 +239,8 @@ def simulate_to_store(
 
     def content() -> tuple[ad.AnnData, Iterator[sp.csr_matrix]]:
         model = _build_model(params, n_threads)
-        meta = ad.AnnData(obs=model.obs, var=model.var, uns=model.uns)
-        return meta, _iter_chunks(model, chunk_cells, n_threads)
+        chunks = _iter_chunks(model, chunk_cells, n_threads)  # drawn while meta is written
+        return ad.AnnData(obs=model.obs, var=model.var, uns=model.uns), chunks
 
     write_streamed(target, fmt, content, chunk_cells=store_chunk_cells, overwrite=args["overwrite"])
     logger.info("simulated %d cells x %d genes into %s", params.n_cells, params.n_genes, target)
@@ -444,11 +448,9 @@ def _build_model(params: _Params, n_threads: int) -> _Model:
         obs=obs,
         var=var,
         uns={"simulation": simulation},
-        base=base,
-        base_max=base.max(axis=0),
         effect=effect,
-        effect_max=effect.max(axis=0),
-        effect_min=effect.min(axis=0),
+        varies=(effect != 1.0).any(axis=0),
+        buckets=gene_buckets(base, effect.max(axis=0)),
         dispersion=phi,
         subject_code=sam_code,
         effect_code=np.where(trt_code == treated, cls_code, n_cls),
