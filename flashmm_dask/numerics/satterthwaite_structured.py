@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashmm_dask.numerics import compiled_satterthwaite as kernels
 from flashmm_dask.numerics.fisher import SharedTerms, _score_structured
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.structured import Factor, one_blas_thread
@@ -146,21 +147,27 @@ def expected_information(sh: SharedTerms, theta: Array) -> Array:
 
 
 def observed_information(
-    sh: SharedTerms, theta: Array, zry: Array, yry: Array
+    sh: SharedTerms, theta: Array, zry: Array, yry: Array, fim: Array | None = None
 ) -> tuple[Array, np.ndarray]:
     """Q - T/2 (m, K+1, K+1) and ok (m,): where not ok the caller takes the dense
-    algebra (NaN where theta is not finite, with ok True: NaN there too)."""
+    algebra (NaN where theta is not finite, with ok True: NaN there too). ``fim``: T/2 at
+    theta (the Fisher information of the structured scoring, a fit's ``FIM_theta``) where
+    the caller has it; otherwise computed. REML with nested factors takes Q from the
+    compiled kernel (:func:`.compiled_satterthwaite.info`), the other designs from
+    structured solves (:meth:`_Feature.quadratic`)."""
     st = sh.structure
     assert st is not None
     m, K = theta.shape[0], sh.K
     zp = zry[:, st.perm]
+    if sh.method == "REML" and sh.nested is not None:
+        return _observed_nested(sh, theta, zp, yry, fim)
     info = np.full((m, K + 1, K + 1), np.nan)
     with one_blas_thread():
         feats, ok = _features(sh, theta, solves=True)
         rows = np.flatnonzero(ok)
         if rows.size:
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                T2 = _score_structured(sh, theta[rows], zp[rows], yry[rows]).F
+                T2 = _fisher(sh, theta[rows], zp[rows], yry[rows], fim, rows)
                 for i, j in enumerate(rows):
                     f = feats[j]
                     assert f is not None
@@ -169,10 +176,54 @@ def observed_information(
     return info, done
 
 
+def _fisher(
+    sh: SharedTerms, theta: Array, zp: Array, yry: Array, fim: Array | None, rows: np.ndarray
+) -> Array:
+    """T/2 of the features ``rows``: ``fim[rows]`` where given, else by the scoring."""
+    if fim is not None:
+        return fim[rows]
+    return _score_structured(sh, theta, zp, yry).F
+
+
+def _observed_nested(
+    sh: SharedTerms, theta: Array, zp: Array, yry: Array, fim: Array | None
+) -> tuple[Array, np.ndarray]:
+    """:func:`observed_information` of REML with nested factors (zp in the permuted
+    order): Q from the compiled kernel, one feature at a time."""
+    nested, st = sh.nested, sh.structure
+    assert nested is not None and st is not None
+    finite = np.all(np.isfinite(theta), axis=1)
+    info = np.full((theta.shape[0], sh.K + 1, sh.K + 1), np.nan)
+    with one_blas_thread(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        nt = (nested.Gb, nested.parent, nested.nval, nested.comps, st.big, nested.pedges)
+        Q, ok = kernels.info(
+            nested.packed,
+            nt,
+            nested.order,
+            np.ascontiguousarray(theta, dtype=np.float64),
+            np.ascontiguousarray(zp, dtype=np.float64),
+            np.ascontiguousarray(yry, dtype=np.float64),
+        )
+        ok &= finite
+        rows = np.flatnonzero(ok)
+        if rows.size:
+            info[rows] = Q[rows] - _fisher(sh, theta[rows], zp[rows], yry[rows], fim, rows)
+    return info, ok | ~finite
+
+
 def middle(sh: SharedTerms, theta: Array) -> tuple[Array, np.ndarray]:
     """s0^2 X'H V_k H X = L (E_k'E_k) L' (m, K, p, p) and ok (m,), as
     :func:`.observed_information`."""
     m, K, p = theta.shape[0], sh.K, sh.p
+    if sh.nested is not None:  # the compiled kernel, one feature at a time
+        finite = np.all(np.isfinite(theta), axis=1)
+        with one_blas_thread(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            mid, ok = kernels.middle(
+                sh.nested.packed,
+                np.ascontiguousarray(theta, dtype=np.float64),
+                np.ascontiguousarray(sh.chol, dtype=np.float64),
+            )
+        return mid, ok | ~finite
     out = np.full((m, K, p, p), np.nan)
     with one_blas_thread():
         feats, ok = _features(sh, theta, solves=False)
