@@ -75,6 +75,10 @@ def _info_py(design, nt, order, theta, zry, yry):
     Z2 = np.empty(nu)
     nz = np.empty(npair)
     Hb = np.empty((nu, p))
+    wu = np.empty(nu)
+    fa = np.zeros(npair)
+    Hf = np.ascontiguousarray(H.reshape(H.shape[0], p * p))  # (U, p^2)
+    Hr = np.ascontiguousarray(H.reshape(H.shape[0] * p, p))  # (U p, p)
     e = np.empty((K, p))
     pi = np.empty(K)
     w = np.empty((K, K))
@@ -119,13 +123,16 @@ def _info_py(design, nt, order, theta, zry, yry):
             continue
         # C = I - sum_u rho_b pbi_u H_u - sum_c kap eps eps', B = C^-1
         C = -(Eps.T @ KE)
-        for u in range(qb if direct else nu):
-            zz = zb[u] if direct else zu[u]
-            w0 = rb / (1.0 + rb * zz)
-            for a in range(p):
-                for b in range(p):
-                    h = Gb[u, a] * Gb[u, b] if direct else H[u, a, b]
-                    C[a, b] -= w0 * h
+        if direct:
+            for a in range(qb):
+                w0 = rb / (1.0 + rb * zb[a])
+                for i in range(p):
+                    for k in range(p):
+                        C[i, k] -= w0 * Gb[a, i] * Gb[a, k]
+        else:  # sum_u rho_b pbi_u H_u as one product
+            for u in range(nu):
+                wu[u] = rb / (1.0 + rb * zu[u])
+            C -= (wu @ Hf).reshape(p, p)
         for a in range(p):
             C[a, a] += 1.0
         for a in range(p):
@@ -168,20 +175,14 @@ def _info_py(design, nt, order, theta, zry, yry):
         eb = Eps @ beta
         # H_u beta by class
         if direct:
+            gbeta = Gb @ beta
             Hb[:] = 0.0
             for a in range(qb):
-                gb = 0.0
                 for i in range(p):
-                    gb += Gb[a, i] * beta[i]
-                for i in range(p):
-                    Hb[cls[a], i] += Gb[a, i] * gb
+                    Hb[cls[a], i] += Gb[a, i] * gbeta[a]
         else:
-            for u in range(nu):
-                for a in range(p):
-                    acc = 0.0
-                    for b in range(p):
-                        acc += H[u, a, b] * beta[b]
-                    Hb[u, a] = acc
+            Hb = (Hr @ beta).reshape(nu, p)
+        ny = nz + pA @ beta  # sum n y over the pairs' columns
         # sums over the classes: Y2_u = sum y_a^2 weighted by pbi^2, pbi^3, zb pbi^3, and
         # sum pbi zry y; e_big starts at sum pbi^2 g y = sum_u pbi^2 (R_u + H_u beta)
         syy2 = 0.0
@@ -226,17 +227,12 @@ def _info_py(design, nt, order, theta, zry, yry):
             tz3 = 0.0
             for k in range(pstart[c], pstart[c + 1]):
                 u = pcls[k]
-                ny = nz[k]
-                for i in range(p):
-                    ny += pA[k, i] * beta[i]
                 w1 = pu[u]
                 w2 = w1 * w1
-                t2 += w2 * ny
-                t3 += w1 * w2 * ny
-                tz3 += zu[u] * w1 * w2 * ny
-                f = w2 * alpha[c]
-                for i in range(p):
-                    e[big, i] -= f * pA[k, i]
+                t2 += w2 * ny[k]
+                t3 += w1 * w2 * ny[k]
+                tz3 += zu[u] * w1 * w2 * ny[k]
+                fa[k] = w2 * alpha[c]
             a = alpha[c]
             um += a * gam[c] * sig[c, 1] - (a + gam[c]) * t2
             sa3 += a * (a * sig[c, 3] - 2.0 * t3)
@@ -252,6 +248,9 @@ def _info_py(design, nt, order, theta, zry, yry):
             w[big, big] -= kap[c] * tau * tau
             w[big, kc] += tau * ut[c] * Si[c]
             w[kc, kc] += Uc[c] * ut[c] * ut[c] * Si[c]
+        eb_pairs = pA.T @ fa  # sum_pairs pbi^2 alpha_c pA
+        for i in range(p):
+            e[big, i] -= eb_pairs[i]
         zmd = szy
         for c in range(qs):
             zmd -= gam[c] * V[c]
@@ -307,6 +306,8 @@ def _middle_py(design, theta, L):
     Ls = np.zeros((qs, p))
     s2 = np.empty(qs)
     Hw1 = np.empty((p, p))
+    wu = np.empty(nu)
+    Hf = np.ascontiguousarray(H.reshape(H.shape[0], p * p))  # (U, p^2)
     LT = np.ascontiguousarray(L.T)
     for j in range(m):
         s0 = theta[j, K]
@@ -340,13 +341,18 @@ def _middle_py(design, theta, L):
                 Lb[c, i] = kap * (0.5 * wb * e - hs[1, c, i])
         if not good:
             continue
-        Hw1[:] = 0.0
-        for u in range(qb if direct else nu):
-            pz = 1.0 / (1.0 + rb * (zb[u] if direct else zu[u]))
-            w1 = pz * pz
-            for a in range(p):
-                for b in range(p):
-                    Hw1[a, b] += w1 * (Gb[u, a] * Gb[u, b] if direct else H[u, a, b])
+        if direct:
+            Hw1[:] = 0.0
+            for a in range(qb):
+                pz = 1.0 / (1.0 + rb * zb[a])
+                w1 = pz * pz
+                for i in range(p):
+                    for k in range(p):
+                        Hw1[i, k] += w1 * Gb[a, i] * Gb[a, k]
+        else:  # sum_u pbi_u^2 H_u as one product
+            for u in range(nu):
+                wu[u] = pu[u] * pu[u]
+            Hw1 = (wu @ Hf).reshape(p, p)
         Kb = Lb.T @ Eps
         for k in range(K):
             if k == big:
