@@ -51,7 +51,8 @@ above is a sum over eigenvalues, as in the K = 1 path of the fit.
 Where the fit takes the structured path (K >= 2 with a diagonal Z_k'Z_k,
 :mod:`.structured`), every term is taken through that structure instead, without any
 (q, q) matrix (:mod:`.satterthwaite_structured`: structured solves with D ZZ + I and the
-Woodbury correction of zrz; O(q p) per feature for nested factors).
+Woodbury correction of zrz; for nested factors sums over the count classes and the
+pairs of a group and a count in compiled kernels, :mod:`.compiled_satterthwaite`).
 
 V is linear in theta, so cov is homogeneous of degree 1 in theta and Euler's identity
 sum_i theta_i d cov / d theta_i = cov gives the residual's derivative from the others:

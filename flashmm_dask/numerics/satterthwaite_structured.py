@@ -10,7 +10,8 @@ XX = L L'. With E = P^-T G, C = I - G' P^-1 D G and B = C^-1 (Woodbury, as in
     zrz x = ZZ x - G G' x
 
 Observed information, Q - T/2 (:mod:`.satterthwaite`): T/2 is the Fisher information
-of the structured scoring (:func:`.fisher._score_structured` at theta), and Q takes
+of the structured scoring (the fit's ``FIM_theta`` where the caller passes it, else
+:func:`.fisher._score_structured` at theta), and Q takes
 u = M' zry / s0, v = M' u / s0 and M of the K + 2 vectors D zry, D u and u restricted to
 each component (u^(k))::
 
@@ -18,11 +19,15 @@ each component (u^(k))::
     a'a  = (yry - 2 zry' w + w' zrz w) / s0^2,  w = M D zry,  a'Ha = (a'a - u' M D u) / s0
 
 Gradient of the covariance: with ZX = G L', B_k = (P^-T ZX)_k = E_k L', so that
-s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p). With a diagonal Schur complement
-(nested factors) C and the Gram matrices E_k'E_k come from the group sums of
-:mod:`.structured_nested` in O(q p + (q_s + U) p^2); otherwise from E and P^-1 D G by
-structured solves of p columns. Every vector solve above is O(q) for nested factors,
-so the work per feature is O(q p) besides the Gram matrices.
+s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p). Otherwise from E and P^-1 D G by
+structured solves of p columns.
+
+With a diagonal Schur complement (nested factors) neither takes a q-vector: REML's Q
+comes from the feature's sums over the count classes and the pairs of a group and a
+count, and the Gram matrices E_k'E_k from the group sums of :mod:`.structured_nested`,
+both in compiled kernels over the block's features (:mod:`.compiled_satterthwaite`;
+one pass over the big columns per feature, O(P p + (q_s + U) p^2) besides). ML's Q with
+nested factors takes the structured solves (O(q p) per feature).
 
 Each feature is taken on its own (its result does not depend on the features sharing
 its block, as in the scoring); features whose P or C cannot be inverted are flagged (the
