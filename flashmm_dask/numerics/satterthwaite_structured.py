@@ -22,12 +22,12 @@ Gradient of the covariance: with ZX = G L', B_k = (P^-T ZX)_k = E_k L', so that
 s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p). Otherwise from E and P^-1 D G by
 structured solves of p columns.
 
-With a diagonal Schur complement (nested factors) neither takes a q-vector: REML's Q
+With a diagonal Schur complement (nested factors) neither takes a q-vector: Q
 comes from the feature's sums over the count classes and the pairs of a group and a
 count, and the Gram matrices E_k'E_k from the group sums of :mod:`.structured_nested`,
 both in compiled kernels over the block's features (:mod:`.compiled_satterthwaite`;
-one pass over the big columns per feature, O(P p + (q_s + U) p^2) besides). ML's Q with
-nested factors takes the structured solves (O(q p) per feature).
+one pass over the big columns per feature, O(P p + (q_s + U) p^2) besides). Q is that
+of zrz for ML too (:mod:`.satterthwaite`), so ML takes the same kernel.
 
 Each feature is taken on its own (its result does not depend on the features sharing
 its block, as in the scoring); features whose P or C cannot be inverted are flagged (the
@@ -157,14 +157,14 @@ def observed_information(
     """Q - T/2 (m, K+1, K+1) and ok (m,): where not ok the caller takes the dense
     algebra (NaN where theta is not finite, with ok True: NaN there too). ``fim``: T/2 at
     theta (the Fisher information of the structured scoring, a fit's ``FIM_theta``) where
-    the caller has it; otherwise computed. REML with nested factors takes Q from the
-    compiled kernel (:func:`.compiled_satterthwaite.info`), the other designs from
-    structured solves (:meth:`_Feature.quadratic`)."""
+    the caller has it; otherwise computed. Nested factors take Q (the same for REML and
+    ML) from the compiled kernel (:func:`.compiled_satterthwaite.info`), the other
+    designs from structured solves (:meth:`_Feature.quadratic`)."""
     st = sh.structure
     assert st is not None
     m, K = theta.shape[0], sh.K
     zp = zry[:, st.perm]
-    if sh.method == "REML" and sh.nested is not None:
+    if sh.nested is not None:
         return _observed_nested(sh, theta, zp, yry, fim)
     info = np.full((m, K + 1, K + 1), np.nan)
     with one_blas_thread():
@@ -193,8 +193,8 @@ def _fisher(
 def _observed_nested(
     sh: SharedTerms, theta: Array, zp: Array, yry: Array, fim: Array | None
 ) -> tuple[Array, np.ndarray]:
-    """:func:`observed_information` of REML with nested factors (zp in the permuted
-    order): Q from the compiled kernel, one feature at a time."""
+    """:func:`observed_information` with nested factors (zp in the permuted order): Q
+    from the compiled kernel, one feature at a time."""
     nested, st = sh.nested, sh.structure
     assert nested is not None and st is not None
     finite = np.all(np.isfinite(theta), axis=1)
