@@ -140,8 +140,8 @@ def test_singular_and_missing_features_take_the_dense_algebra(monkeypatch, kind)
     flagged = theta[1, -1]
     init = sat.structured._Feature.__init__
 
-    def flag(self, sh, Gp, theta, solves):
-        init(self, sh, Gp, theta, solves)
+    def flag(self, sh, Gp, theta):
+        init(self, sh, Gp, theta)
         self.ok = self.ok and theta[-1] != flagged
 
     expected = {

@@ -19,7 +19,7 @@ each component (u^(k))::
     a'a  = (yry - 2 zry' w + w' zrz w) / s0^2,  w = M D zry,  a'Ha = (a'a - u' M D u) / s0
 
 Gradient of the covariance: with ZX = G L', B_k = (P^-T ZX)_k = E_k L', so that
-s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p). Otherwise from E and P^-1 D G by
+s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p), E and C = I - G' P^-1 D G by
 structured solves of p columns.
 
 With a diagonal Schur complement (nested factors) neither takes a q-vector: Q
@@ -45,39 +45,32 @@ from flashmm_dask.numerics.structured import Factor, one_blas_thread
 
 
 class _Feature:
-    """The structured pieces of one feature at theta (K+1,).
+    """The structured pieces of one feature at theta (K+1,) (designs without nested
+    factors, whose kernels take :mod:`.compiled_satterthwaite`).
 
     Attributes
     ----------
     s0 : float
     D : (q,) ratios per permuted column
-    fac : Factor, or None where not asked for (nested factors need it only for solves)
+    fac : Factor
     C, B : (p, p) I - G' P^-1 D G and its inverse
     grams : (K, p, p) E_k'E_k, E = P^-T G
     ok : bool
     """
 
-    def __init__(self, sh: SharedTerms, Gp: Array, theta: Array, solves: bool):
+    def __init__(self, sh: SharedTerms, Gp: Array, theta: Array):
         st = sh.structure
         assert st is not None
         self.sh, self.Gp = sh, Gp
         self.s0 = float(theta[-1])
         self.D = theta[st.comp] / self.s0
-        nested = sh.nested
-        self.fac = Factor(st, self.D[None], inverse=False) if solves or nested is None else None
-        p = sh.p
-        if nested is not None:
-            C, self.grams, ok = nested.gram_terms(self.D)
-        else:
-            assert self.fac is not None
-            Y = self.fac.solve((self.D[:, None] * Gp)[None])[0]  # P^-1 D G
-            E = self.fac.solve_t(Gp[None])[0]  # P^-T G
-            C = np.eye(p) - Gp.T @ Y
-            C = 0.5 * (C + C.T)
-            self.grams = np.stack([E[st.comp == k].T @ E[st.comp == k] for k in range(sh.K)])
-            ok = True
-        if self.fac is not None:
-            ok = ok and bool(self.fac.ok[0])
+        self.fac = Factor(st, self.D[None], inverse=False)
+        Y = self.fac.solve((self.D[:, None] * Gp)[None])[0]  # P^-1 D G
+        E = self.fac.solve_t(Gp[None])[0]  # P^-T G
+        C = np.eye(sh.p) - Gp.T @ Y
+        C = 0.5 * (C + C.T)
+        self.grams = np.stack([E[st.comp == k].T @ E[st.comp == k] for k in range(sh.K)])
+        ok = bool(self.fac.ok[0])
         try:
             self.B = np.linalg.inv(C)
         except np.linalg.LinAlgError:
@@ -86,21 +79,18 @@ class _Feature:
 
     def m(self, x: Array) -> Array:
         """M x for x (q, k), permuted order."""
-        assert self.fac is not None
         Gp = self.Gp
         y = self.fac.solve(x[None])[0]
         return self.fac.solve((x + self.D[:, None] * (Gp @ (self.B @ (Gp.T @ y))))[None])[0]
 
     def mt(self, x: Array) -> Array:
         """M' x for x (q, k), permuted order."""
-        assert self.fac is not None
         Gp = self.Gp
         y = self.fac.solve_t(x[None])[0]
         return self.fac.solve_t((x + Gp @ (self.B @ (Gp.T @ (self.D[:, None] * y))))[None])[0]
 
     def zrz(self, x: Array) -> Array:
         """zrz x for x (q, k), permuted order."""
-        assert self.fac is not None
         return self.fac.zz(x[None])[0] - self.Gp @ (self.Gp.T @ x)
 
     def quadratic(self, z: Array, yry: float) -> Array:
@@ -125,7 +115,7 @@ class _Feature:
         return Q
 
 
-def _features(sh: SharedTerms, theta: Array, solves: bool) -> tuple[list[_Feature | None], Array]:
+def _features(sh: SharedTerms, theta: Array) -> tuple[list[_Feature | None], Array]:
     """The pieces of each feature with a finite theta, and ok (m,)."""
     st = sh.structure
     assert st is not None
@@ -137,7 +127,7 @@ def _features(sh: SharedTerms, theta: Array, solves: bool) -> tuple[list[_Featur
             if not np.all(np.isfinite(theta[j])):  # NaN on every path
                 out.append(None)
                 continue
-            f = _Feature(sh, Gp, theta[j], solves)
+            f = _Feature(sh, Gp, theta[j])
             out.append(f)
             ok[j] = f.ok
     return out, ok
@@ -168,7 +158,7 @@ def observed_information(
         return _observed_nested(sh, theta, zp, yry, fim)
     info = np.full((m, K + 1, K + 1), np.nan)
     with one_blas_thread():
-        feats, ok = _features(sh, theta, solves=True)
+        feats, ok = _features(sh, theta)
         rows = np.flatnonzero(ok)
         if rows.size:
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -231,7 +221,7 @@ def middle(sh: SharedTerms, theta: Array) -> tuple[Array, np.ndarray]:
         return mid, ok | ~finite
     out = np.full((m, K, p, p), np.nan)
     with one_blas_thread():
-        feats, ok = _features(sh, theta, solves=False)
+        feats, ok = _features(sh, theta)
         L = sh.chol
         for j in np.flatnonzero(ok):
             f = feats[j]
