@@ -7,7 +7,7 @@ import pytest
 from test_structured import cell_stats, components, design
 
 from flashmm_dask import lmm
-from flashmm_dask.numerics import fisher
+from flashmm_dask.numerics import fisher, structured_nested
 from flashmm_dask.numerics import satterthwaite as sat
 from flashmm_dask.numerics.boundary import constrain
 from flashmm_dask.numerics.fisher import fit_theta, prepare
@@ -140,8 +140,8 @@ def test_singular_and_missing_features_take_the_dense_algebra(monkeypatch, kind)
     flagged = theta[1, -1]
     init = sat.structured._Feature.__init__
 
-    def flag(self, sh, Gp, theta, solves):
-        init(self, sh, Gp, theta, solves)
+    def flag(self, sh, Gp, theta):
+        init(self, sh, Gp, theta)
         self.ok = self.ok and theta[-1] != flagged
 
     expected = {
@@ -151,6 +151,17 @@ def test_singular_and_missing_features_take_the_dense_algebra(monkeypatch, kind)
     L = np.eye(sh.p)
     g = sat.contrast_gradient(sh, theta, cov, L)[1]
     monkeypatch.setattr(sat.structured._Feature, "__init__", flag)
+    kernels = sat.structured.kernels  # the nested path's compiled kernels flag it too
+
+    def flagging(kernel, at):  # at: theta's place among the kernel's arguments
+        def flag_kernel(*args):
+            out, ok = kernel(*args)
+            return out, ok & (args[at][:, -1] != flagged)
+
+        return flag_kernel
+
+    monkeypatch.setattr(kernels, "info", flagging(kernels.info, 3))
+    monkeypatch.setattr(kernels, "middle", flagging(kernels.middle, 1))
     for name, args in (
         ("observed_information", (sh, theta, zry, yry)),
         ("cov_jacobian", (sh, theta, cov)),
@@ -206,3 +217,78 @@ def test_lmm_satterthwaite_equals_dense(monkeypatch, nonnegative):
     close(res.df, dense.df)
     close(res.p, dense.p)
     close(res.contrast_df, dense.contrast_df)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_nested_takes_the_compiled_kernels(monkeypatch, method):
+    """Nested factors: the observed information comes from the compiled kernel (no
+    structured solve per feature), the Gram matrices from theirs (REML and ML)."""
+    st = design("nested", m=4)
+    sh, zry, yry, theta, _, cov = fitted(st, method)
+    expected = sat.observed_information(sh, theta, zry, yry)
+    calls = []
+    kernels = sat.structured.kernels
+    for name in ("info", "middle"):
+
+        def counted(*args, kernel=kernels.__dict__[name], name=name):
+            calls.append(name)
+            return kernel(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+    quadratic = sat.structured._Feature.quadratic
+
+    def solves(self, z, yry):
+        calls.append("solves")
+        return quadratic(self, z, yry)
+
+    monkeypatch.setattr(sat.structured._Feature, "quadratic", solves)
+    np.testing.assert_array_equal(sat.observed_information(sh, theta, zry, yry), expected)
+    sat.cov_jacobian(sh, theta, cov)
+    assert calls == ["info", "middle"]
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("kind", ["nested", "nested_three", "crossed"])
+def test_given_expected_information(kind, method):
+    """The fit's FIM_theta passed as the expected information at theta gives the observed
+    information computed without it (to 1e-10), held components included."""
+    st = null_design(kind, m=12)
+    sh = prepare(st["XX"], st["ZX"], st["ZZ"], st["n"], st["d"], method, structured=True)
+    zry, yry = sh.residualise(st["XY"].T.copy(), st["ZY"].T.copy(), st["Ynorm"])
+    th, held = constrain(sh, zry, yry, fit_theta(sh, zry, yry))
+    assert held.any()
+    given = sat.observed_information(sh, th.theta, zry, yry, fim=th.FIM_theta)
+    close_matrix(given, sat.observed_information(sh, th.theta, zry, yry))
+    for boundary_df in ("lmertest", "retain"):
+        kw = dict(held=held, boundary_df=boundary_df)
+        close_matrix(
+            sat.theta_vcov(sh, th.theta, zry, yry, fim=th.FIM_theta, **kw),
+            sat.theta_vcov(sh, th.theta, zry, yry, **kw),
+        )
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_nested_values_do_not_depend_on_the_block(method):
+    """A feature's observed information and Gram matrices are the same numbers alone and
+    in its block (the kernels take each feature on its own)."""
+    st = design("nested_large", m=8)
+    sh, zry, yry, theta, _, _ = fitted(st, method)
+    info = sat.observed_information(sh, theta, zry, yry)
+    mid = sat.structured.middle(sh, theta)[0]
+    for j in (0, 5):
+        one = slice(j, j + 1)
+        np.testing.assert_array_equal(
+            sat.observed_information(sh, theta[one], zry[one], yry[one]), info[one]
+        )
+        np.testing.assert_array_equal(sat.structured.middle(sh, theta[one])[0], mid[one])
+
+
+@pytest.mark.parametrize("kind", ["nested", "nested_first_big"])
+def test_nested_without_count_sums(monkeypatch, kind):
+    """Where the sums over the counts are not stored (many distinct counts, e.g. random
+    slopes: structured_nested.H_VALUES) the kernels sum over the columns: the same df."""
+    monkeypatch.setattr(structured_nested, "H_VALUES", 0)
+    st = design(kind, m=6)
+    sh, zry, yry, theta, _, cov = fitted(st, "REML")
+    assert sh.nested.H.shape[0] == 0
+    check_all(sh, zry, yry, theta, None, cov)

@@ -273,7 +273,14 @@ def fit_features(
             out["p"][rows] = t_pvalues(fx.t, df_residual)
         else:
             vcov_theta = theta_vcov(
-                shared, th.theta, zry, yry, held=held, boundary_df=options.boundary_df, z=z
+                shared,
+                th.theta,
+                zry,
+                yry,
+                held=held,
+                boundary_df=options.boundary_df,
+                z=z,
+                fim=th.FIM_theta,  # the expected information at th.theta
             )
             # the coefficients and the contrasts in one pass (one G' diag G product)
             Lall = np.eye(p) if L is None else np.hstack([np.eye(p), L])

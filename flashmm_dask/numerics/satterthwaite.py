@@ -51,7 +51,8 @@ above is a sum over eigenvalues, as in the K = 1 path of the fit.
 Where the fit takes the structured path (K >= 2 with a diagonal Z_k'Z_k,
 :mod:`.structured`), every term is taken through that structure instead, without any
 (q, q) matrix (:mod:`.satterthwaite_structured`: structured solves with D ZZ + I and the
-Woodbury correction of zrz; O(q p) per feature for nested factors).
+Woodbury correction of zrz; for nested factors sums over the count classes and the
+pairs of a group and a count in compiled kernels, :mod:`.compiled_satterthwaite`).
 
 V is linear in theta, so cov is homogeneous of degree 1 in theta and Euler's identity
 sum_i theta_i d cov / d theta_i = cov gives the residual's derivative from the others:
@@ -102,6 +103,7 @@ def observed_information(
     spectral: bool | None = None,
     z: Array | None = None,
     structure: bool = True,
+    fim: Array | None = None,
 ) -> Array:
     """Minus the Hessian of the REML (or ML) log-likelihood in theta, per feature.
 
@@ -119,6 +121,10 @@ def observed_information(
     structure : bool
         With K >= 2, go through the block structure of ZZ where ``sh.structure`` found one
         (:mod:`.satterthwaite_structured`); False: the dense path.
+    fim : (m, K+1, K+1) array, optional
+        The expected information T / 2 at theta (a fit's ``FIM_theta`` at this theta),
+        where the caller has it: the structured path then does not compute it again
+        (the other paths do not use it).
 
     Returns
     -------
@@ -129,7 +135,7 @@ def observed_information(
     if spectral:
         return observed_information_batch(sh, zry @ sh.U if z is None else z, yry, theta)
     if _structured(sh, structure):
-        info, ok = structured.observed_information(sh, theta, zry, yry)
+        info, ok = structured.observed_information(sh, theta, zry, yry, fim)
         if not ok.all():  # P or C singular: the dense algebra with its pseudo-inverses
             info[~ok] = observed_information(sh, theta[~ok], zry[~ok], yry[~ok], structure=False)
         return info
@@ -433,6 +439,7 @@ def theta_vcov(
     boundary_df: str = "lmertest",
     z: Array | None = None,
     structure: bool = True,
+    fim: Array | None = None,
 ) -> Array:
     """The inverse observed information of theta, vcov_theta: (m, K+1, K+1), the
     per-feature ingredient of Satterthwaite's df with :func:`cov_jacobian`.
@@ -444,12 +451,15 @@ def theta_vcov(
     "retain" it stays in (the information of every component at theta, the limit of the
     interior df; the expected information where the observed is not positive definite).
     A pseudo-inverse is taken where the information is singular. ``z``: the K = 1 path's
-    projections zry @ sh.U, where the caller has them. ``structure``: as in
+    projections zry @ sh.U, where the caller has them. ``structure`` and ``fim`` (the
+    expected information at theta, where the caller has it): as in
     :func:`observed_information`.
     """
     if boundary_df not in BOUNDARY_DF:
         raise ValueError(f"unknown boundary_df {boundary_df!r}; use one of {BOUNDARY_DF}")
-    info = observed_information(sh, theta, zry, yry, spectral=spectral, z=z, structure=structure)
+    info = observed_information(
+        sh, theta, zry, yry, spectral=spectral, z=z, structure=structure, fim=fim
+    )
     if held is None or not held.any():
         return pinv_sym(info)
     if boundary_df == "retain":

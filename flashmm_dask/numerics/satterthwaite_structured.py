@@ -10,7 +10,8 @@ XX = L L'. With E = P^-T G, C = I - G' P^-1 D G and B = C^-1 (Woodbury, as in
     zrz x = ZZ x - G G' x
 
 Observed information, Q - T/2 (:mod:`.satterthwaite`): T/2 is the Fisher information
-of the structured scoring (:func:`.fisher._score_structured` at theta), and Q takes
+of the structured scoring (the fit's ``FIM_theta`` where the caller passes it, else
+:func:`.fisher._score_structured` at theta), and Q takes
 u = M' zry / s0, v = M' u / s0 and M of the K + 2 vectors D zry, D u and u restricted to
 each component (u^(k))::
 
@@ -18,11 +19,15 @@ each component (u^(k))::
     a'a  = (yry - 2 zry' w + w' zrz w) / s0^2,  w = M D zry,  a'Ha = (a'a - u' M D u) / s0
 
 Gradient of the covariance: with ZX = G L', B_k = (P^-T ZX)_k = E_k L', so that
-s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p). With a diagonal Schur complement
-(nested factors) C and the Gram matrices E_k'E_k come from the group sums of
-:mod:`.structured_nested` in O(q p + (q_s + U) p^2); otherwise from E and P^-1 D G by
-structured solves of p columns. Every vector solve above is O(q) for nested factors,
-so the work per feature is O(q p) besides the Gram matrices.
+s0^2 X'H V_k H X = B_k'B_k = L (E_k'E_k) L' (p, p), E and C = I - G' P^-1 D G by
+structured solves of p columns.
+
+With a diagonal Schur complement (nested factors) neither takes a q-vector: Q
+comes from the feature's sums over the count classes and the pairs of a group and a
+count, and the Gram matrices E_k'E_k from the group sums of :mod:`.structured_nested`,
+both in compiled kernels over the block's features (:mod:`.compiled_satterthwaite`;
+one pass over the big columns per feature, O(P p + (q_s + U) p^2) besides). Q is that
+of zrz for ML too (:mod:`.satterthwaite`), so ML takes the same kernel.
 
 Each feature is taken on its own (its result does not depend on the features sharing
 its block, as in the scoring); features whose P or C cannot be inverted are flagged (the
@@ -33,45 +38,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashmm_dask.numerics import compiled_satterthwaite as kernels
 from flashmm_dask.numerics.fisher import SharedTerms, _score_structured
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.structured import Factor, one_blas_thread
 
 
 class _Feature:
-    """The structured pieces of one feature at theta (K+1,).
+    """The structured pieces of one feature at theta (K+1,) (designs without nested
+    factors, whose kernels take :mod:`.compiled_satterthwaite`).
 
     Attributes
     ----------
     s0 : float
     D : (q,) ratios per permuted column
-    fac : Factor, or None where not asked for (nested factors need it only for solves)
+    fac : Factor
     C, B : (p, p) I - G' P^-1 D G and its inverse
     grams : (K, p, p) E_k'E_k, E = P^-T G
     ok : bool
     """
 
-    def __init__(self, sh: SharedTerms, Gp: Array, theta: Array, solves: bool):
+    def __init__(self, sh: SharedTerms, Gp: Array, theta: Array):
         st = sh.structure
         assert st is not None
         self.sh, self.Gp = sh, Gp
         self.s0 = float(theta[-1])
         self.D = theta[st.comp] / self.s0
-        nested = sh.nested
-        self.fac = Factor(st, self.D[None], inverse=False) if solves or nested is None else None
-        p = sh.p
-        if nested is not None:
-            C, self.grams, ok = nested.gram_terms(self.D)
-        else:
-            assert self.fac is not None
-            Y = self.fac.solve((self.D[:, None] * Gp)[None])[0]  # P^-1 D G
-            E = self.fac.solve_t(Gp[None])[0]  # P^-T G
-            C = np.eye(p) - Gp.T @ Y
-            C = 0.5 * (C + C.T)
-            self.grams = np.stack([E[st.comp == k].T @ E[st.comp == k] for k in range(sh.K)])
-            ok = True
-        if self.fac is not None:
-            ok = ok and bool(self.fac.ok[0])
+        self.fac = Factor(st, self.D[None], inverse=False)
+        Y = self.fac.solve((self.D[:, None] * Gp)[None])[0]  # P^-1 D G
+        E = self.fac.solve_t(Gp[None])[0]  # P^-T G
+        C = np.eye(sh.p) - Gp.T @ Y
+        C = 0.5 * (C + C.T)
+        self.grams = np.stack([E[st.comp == k].T @ E[st.comp == k] for k in range(sh.K)])
+        ok = bool(self.fac.ok[0])
         try:
             self.B = np.linalg.inv(C)
         except np.linalg.LinAlgError:
@@ -80,21 +79,18 @@ class _Feature:
 
     def m(self, x: Array) -> Array:
         """M x for x (q, k), permuted order."""
-        assert self.fac is not None
         Gp = self.Gp
         y = self.fac.solve(x[None])[0]
         return self.fac.solve((x + self.D[:, None] * (Gp @ (self.B @ (Gp.T @ y))))[None])[0]
 
     def mt(self, x: Array) -> Array:
         """M' x for x (q, k), permuted order."""
-        assert self.fac is not None
         Gp = self.Gp
         y = self.fac.solve_t(x[None])[0]
         return self.fac.solve_t((x + Gp @ (self.B @ (Gp.T @ (self.D[:, None] * y))))[None])[0]
 
     def zrz(self, x: Array) -> Array:
         """zrz x for x (q, k), permuted order."""
-        assert self.fac is not None
         return self.fac.zz(x[None])[0] - self.Gp @ (self.Gp.T @ x)
 
     def quadratic(self, z: Array, yry: float) -> Array:
@@ -119,7 +115,7 @@ class _Feature:
         return Q
 
 
-def _features(sh: SharedTerms, theta: Array, solves: bool) -> tuple[list[_Feature | None], Array]:
+def _features(sh: SharedTerms, theta: Array) -> tuple[list[_Feature | None], Array]:
     """The pieces of each feature with a finite theta, and ok (m,)."""
     st = sh.structure
     assert st is not None
@@ -131,7 +127,7 @@ def _features(sh: SharedTerms, theta: Array, solves: bool) -> tuple[list[_Featur
             if not np.all(np.isfinite(theta[j])):  # NaN on every path
                 out.append(None)
                 continue
-            f = _Feature(sh, Gp, theta[j], solves)
+            f = _Feature(sh, Gp, theta[j])
             out.append(f)
             ok[j] = f.ok
     return out, ok
@@ -146,21 +142,27 @@ def expected_information(sh: SharedTerms, theta: Array) -> Array:
 
 
 def observed_information(
-    sh: SharedTerms, theta: Array, zry: Array, yry: Array
+    sh: SharedTerms, theta: Array, zry: Array, yry: Array, fim: Array | None = None
 ) -> tuple[Array, np.ndarray]:
     """Q - T/2 (m, K+1, K+1) and ok (m,): where not ok the caller takes the dense
-    algebra (NaN where theta is not finite, with ok True: NaN there too)."""
+    algebra (NaN where theta is not finite, with ok True: NaN there too). ``fim``: T/2 at
+    theta (the Fisher information of the structured scoring, a fit's ``FIM_theta``) where
+    the caller has it; otherwise computed. Nested factors take Q (the same for REML and
+    ML) from the compiled kernel (:func:`.compiled_satterthwaite.info`), the other
+    designs from structured solves (:meth:`_Feature.quadratic`)."""
     st = sh.structure
     assert st is not None
     m, K = theta.shape[0], sh.K
     zp = zry[:, st.perm]
+    if sh.nested is not None:
+        return _observed_nested(sh, theta, zp, yry, fim)
     info = np.full((m, K + 1, K + 1), np.nan)
     with one_blas_thread():
-        feats, ok = _features(sh, theta, solves=True)
+        feats, ok = _features(sh, theta)
         rows = np.flatnonzero(ok)
         if rows.size:
             with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-                T2 = _score_structured(sh, theta[rows], zp[rows], yry[rows]).F
+                T2 = _fisher(sh, theta[rows], zp[rows], yry[rows], fim, rows)
                 for i, j in enumerate(rows):
                     f = feats[j]
                     assert f is not None
@@ -169,13 +171,57 @@ def observed_information(
     return info, done
 
 
+def _fisher(
+    sh: SharedTerms, theta: Array, zp: Array, yry: Array, fim: Array | None, rows: np.ndarray
+) -> Array:
+    """T/2 of the features ``rows``: ``fim[rows]`` where given, else by the scoring."""
+    if fim is not None:
+        return fim[rows]
+    return _score_structured(sh, theta, zp, yry).F
+
+
+def _observed_nested(
+    sh: SharedTerms, theta: Array, zp: Array, yry: Array, fim: Array | None
+) -> tuple[Array, np.ndarray]:
+    """:func:`observed_information` with nested factors (zp in the permuted order): Q
+    from the compiled kernel, one feature at a time."""
+    nested, st = sh.nested, sh.structure
+    assert nested is not None and st is not None
+    finite = np.all(np.isfinite(theta), axis=1)
+    info = np.full((theta.shape[0], sh.K + 1, sh.K + 1), np.nan)
+    with one_blas_thread(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        nt = (nested.Gb, nested.parent, nested.nval, nested.comps, st.big, nested.pedges)
+        Q, ok = kernels.info(
+            nested.packed,
+            nt,
+            nested.order,
+            np.ascontiguousarray(theta, dtype=np.float64),
+            np.ascontiguousarray(zp, dtype=np.float64),
+            np.ascontiguousarray(yry, dtype=np.float64),
+        )
+        ok &= finite
+        rows = np.flatnonzero(ok)
+        if rows.size:
+            info[rows] = Q[rows] - _fisher(sh, theta[rows], zp[rows], yry[rows], fim, rows)
+    return info, ok | ~finite
+
+
 def middle(sh: SharedTerms, theta: Array) -> tuple[Array, np.ndarray]:
     """s0^2 X'H V_k H X = L (E_k'E_k) L' (m, K, p, p) and ok (m,), as
     :func:`.observed_information`."""
     m, K, p = theta.shape[0], sh.K, sh.p
+    if sh.nested is not None:  # the compiled kernel, one feature at a time
+        finite = np.all(np.isfinite(theta), axis=1)
+        with one_blas_thread(), np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            mid, ok = kernels.middle(
+                sh.nested.packed,
+                np.ascontiguousarray(theta, dtype=np.float64),
+                np.ascontiguousarray(sh.chol, dtype=np.float64),
+            )
+        return mid, ok | ~finite
     out = np.full((m, K, p, p), np.nan)
     with one_blas_thread():
-        feats, ok = _features(sh, theta, solves=False)
+        feats, ok = _features(sh, theta)
         L = sh.chol
         for j in np.flatnonzero(ok):
             f = feats[j]

@@ -161,13 +161,6 @@ class NestedTerms:
         a = kernels.et(self.Gb, self.parent, self.nval, pbi, Si, kap, Eps, self._z(D * x))
         return pre[-1], a, bool(ok)
 
-    def gram_terms(self, D: Array) -> tuple[Array, Array, bool]:
-        """C = I - G' P^-1 D G (p, p), the Gram matrices E_k'E_k (K, p, p) of E = P^-T G
-        and whether P is invertible, of one feature at the ratios D (q,) in the permuted
-        order (Satterthwaite's df, :mod:`.satterthwaite_structured`)."""
-        pre = self._pre(D)
-        return pre[-1], pre[11], bool(pre[0])
-
     def fit(
         self,
         zry: Array,
