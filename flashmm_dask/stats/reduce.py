@@ -61,7 +61,7 @@ from dask.delayed import Delayed
 from dask.optimization import cull
 
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
-from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial
+from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, add_block
 from flashmm_dask.stats.graph import (
     Options,
     _groups,
@@ -184,7 +184,7 @@ def _fold_chunks(
         else:
             for k, a in enumerate(part):
                 shared[k] += a
-        _block_partial(
+        add_block(
             block,
             XZ,
             fold.features,
@@ -194,7 +194,7 @@ def _fold_chunks(
             fold.target_sum,
             fold.check,
             fold.source,
-            into=sums,
+            sums,
         )
     assert sums is not None, "a group has at least one chunk"
     return [*shared, *sums.partials()]
