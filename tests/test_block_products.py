@@ -199,46 +199,52 @@ def test_lookup_tables() -> None:
     assert lookup_table("log1p_scaled") is None
 
 
-def atlas_rows(n: int, classes: tuple[int, ...], seed: int = 2):
-    """X = [libsize-like, age by subject, sex indicators, cls, cls x trt] with trt and sex
-    set by subject (few distinct rows of X_s); Z = one subject indicator per row (too many
+def atlas_rows(n: int, classes: tuple[int, ...], seed: int, subjects_seed: int = 2):
+    """X = [libsize-like, age, sex indicators, cls, cls x trt] with age, sex and trt set
+    by the subject (drawn from ``subjects_seed``: the same subjects in every block by
+    default), so X_s has few distinct rows; Z = one subject indicator per row (too many
     distinct rows of [X_s, Z] to group whole rows)."""
-    rng = np.random.default_rng(seed)
+    rng, by_subject = np.random.default_rng(seed), np.random.default_rng(subjects_seed)
+    trt, sex = by_subject.integers(0, 2, 40), by_subject.integers(0, 2, 40)
+    age = by_subject.uniform(20, 80, 40)
     sam = rng.integers(0, 40, n)
     cls = rng.choice(classes, n)
-    trt, sex, age = (
-        rng.integers(0, 2, 40)[sam],
-        rng.integers(0, 2, 40)[sam],
-        rng.uniform(20, 80, 40),
-    )
     X = np.column_stack(
         [
             rng.uniform(6, 9, n),
             age[sam],
-            np.eye(2)[sex],
+            np.eye(2)[sex[sam]],
             np.eye(4)[cls],
-            np.eye(4)[cls] * trt[:, None],
+            np.eye(4)[cls] * trt[sam][:, None],
         ]
     )
     return X, sp.csr_matrix(np.eye(40)[sam])
 
 
 @pytest.mark.parametrize("transform", ["log2p1", "none"])
-def test_grouped_fixed_rows_pass_equals_dense_products(transform: str, monkeypatch) -> None:
-    """One Z entry per cell: the fixed-effect rows grouped (the pass that cell_pass adds),
-    over several blocks into one BlockSums, equals the dense products; the same with the
-    groups emptied into X'E between blocks (a small group capacity) and per cell."""
+@pytest.mark.parametrize("same_subjects", [True, False])
+def test_grouped_fixed_rows_pass_equals_dense_products(
+    transform: str, same_subjects: bool, monkeypatch
+) -> None:
+    """One Z entry per cell: the fixed-effect rows grouped and the columns set by the
+    subject left out (the pass of cell_pass), over several blocks into one BlockSums,
+    equals the dense products; the same with the groups emptied into X'E between blocks
+    (a small group capacity), and per cell when the groups do not fit. The class columns
+    are zero in the first block, so set by the subject there, and not in the second;
+    with subjects redrawn in each block, age and sex are not set by the subject either."""
+    monkeypatch.setattr(block_products, "_ORDER_BYTES", 0)  # whole rows never grouped
     table = lookup_table(transform)
     blocks = [counts(n=400, m=50, seed=s) for s in range(3)]
-    # three of four classes per block: 12 groups each (sex x class x trt), 16 in all
-    classes = [(0, 1, 2), (1, 2, 3), (0, 2, 3)]
-    designs = [atlas_rows(400, c, seed=10 + s) for s, c in enumerate(classes)]
+    classes = [(0, 1, 2), (1, 2, 3), (0, 2, 3)]  # 6 groups a block (class x trt), 8 in all
+    designs = [
+        atlas_rows(400, c, seed=10 + s, subjects_seed=2 if same_subjects else s)
+        for s, c in enumerate(classes)
+    ]
     want = [np.zeros((12, 50)), np.zeros((40, 50)), np.zeros(50)]
     for E, (X, Z) in zip(blocks, designs, strict=True):
         values = E.toarray().astype(float)
         for total, part in zip(want, expected(table[values.astype(int)], X, Z), strict=True):
             total += part
-    monkeypatch.setattr(block_products, "_ORDER_BYTES", 0)  # whole rows never grouped
     passes = []
     add = block_products.cell_pass.add_by_random_entry
     monkeypatch.setattr(
@@ -246,20 +252,55 @@ def test_grouped_fixed_rows_pass_equals_dense_products(transform: str, monkeypat
         "add_by_random_entry",
         lambda *args: passes.append(add(*args)) or passes[-1],
     )
-    for capacity in (None, 13):
+    # sex (2) x class (3) x trt (2) groups a block once sex is not set by the subject
+    fits = (None, 7) if same_subjects else (None, 13)
+    for capacity in fits:
         sums = BlockSums(12, 40, 50)
         if capacity is not None:
-            sums.group_capacity = capacity  # emptied before each block
+            sums.group_capacity = capacity  # emptied before a block
         for E, (X, Z) in zip(blocks, designs, strict=True):
             assert sparse_products(E, X, Z, table, sums) is sums
+        by_subject = sums._by_subject.copy()
         assert_products(sums, want)
+        # age, sex: set by the subject throughout, or not
+        np.testing.assert_array_equal(by_subject[1:4], [same_subjects] * 3)
+        assert not by_subject[[0, *range(4, 12)]].any()
     assert passes == [True] * 6
     sums = BlockSums(12, 40, 50)
-    sums.group_capacity = 11  # fewer than a block's groups: the per-cell pass
+    sums.group_capacity = 5  # fewer than a block's groups: the per-cell pass
     for E, (X, Z) in zip(blocks, designs, strict=True):
         sparse_products(E, X, Z, table, sums)
     assert_products(sums, want)
     assert passes[6:] == [False] * 3
+
+
+def test_subject_columns_stop_for_other_blocks() -> None:
+    """Products added any other way (a slope in Z, a dense block) after blocks with
+    columns left out add them first; a block of transformed values (what a block the
+    table refuses becomes) leaves them out too."""
+    table = lookup_table("log2p1")
+    X, Z = atlas_rows(400, (0, 1, 2), seed=10)
+    E1, E2 = counts(n=400, m=50, seed=0), counts(n=400, m=50, seed=1)
+    want1 = expected(np.log2(1 + E1.toarray()), X, Z)
+    for second in ("slope", "dense", "values"):
+        sums = BlockSums(12, 40, 50)
+        sparse_products(E1, X, Z, table, sums)
+        assert sums._by_subject[1:4].all()
+        if second == "slope":
+            Z2 = Z.multiply(np.random.default_rng(4).normal(size=(400, 1))).tocsr()
+            sparse_products(E2, X, Z2, table, sums)
+            want2 = expected(np.log2(1 + E2.toarray()), X, Z2)
+        elif second == "dense":
+            values = np.log2(1 + E2.toarray())
+            sums.add(X.T @ values, Z.T @ values, (values * values).sum(axis=0))
+            want2 = expected(values, X, Z)
+        else:
+            E = E2.astype(np.float64)
+            E.data = np.log2(1 + E.data)
+            sparse_products(E, X, Z, None, sums)
+            want2 = expected(E.toarray(), X, Z)
+        assert sums._by_subject[1:4].all() == (second == "values")
+        assert_products(sums, [a + b for a, b in zip(want1, want2, strict=True)])
 
 
 def test_codes_check_across_empty_rows() -> None:

@@ -22,9 +22,24 @@ class BlockSums:
     cells whose rows of X are alike (in the columns that are mostly zero) into one row of
     group sums G (:meth:`group_rows`), up to ``group_capacity`` groups; X'E gets X_g' G
     when the sums are read (:meth:`partials`) or the groups are full.
+
+    It also leaves out the columns of X that are set by the subject (age, sex, condition:
+    x_ck = u_k[subject of c]) while every cell added has one entry of Z, equal to 1:
+    their X'E is u_k' Z'E, formed when the sums are read (:meth:`subject_columns`).
     """
 
-    __slots__ = ("Ynorm", "_G", "_group_X", "_group_of", "group_capacity", "p", "q", "rows")
+    __slots__ = (
+        "Ynorm",
+        "_G",
+        "_by_subject",
+        "_group_X",
+        "_group_of",
+        "_levels",
+        "group_capacity",
+        "p",
+        "q",
+        "rows",
+    )
 
     def __init__(self, p: int, q: int, m: int) -> None:
         self.p, self.q = p, q
@@ -35,6 +50,10 @@ class BlockSums:
         self._group_of: dict[bytes, int] = {}
         self._group_X: list[np.ndarray] = []
         self._G: np.ndarray | None = None
+        # the columns of X left out (None: nothing added yet) and their values by subject
+        # (p x q, NaN for a subject with no cell added yet)
+        self._by_subject: np.ndarray | None = None
+        self._levels = np.zeros((0, q))
 
     @property
     def XY(self) -> np.ndarray:
@@ -48,15 +67,63 @@ class BlockSums:
         self, XY: np.ndarray, ZY: Any, Ynorm: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Add one block's products; return the sums (XY, ZY, Ynorm)."""
+        self.direct()
         self.XY[...] += XY
         self.ZY[...] += ZY
         self.Ynorm += Ynorm
         return self.partials()
 
     def partials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(XY, ZY, Ynorm): views of the running sums (the group sums added first)."""
+        """(XY, ZY, Ynorm): views of the running sums (the group sums and the columns
+        left out added first)."""
         self._add_groups()
+        self.direct()
         return self.XY, self.ZY, self.Ynorm
+
+    def direct(self) -> None:
+        """Add the products of the columns left out (:meth:`subject_columns`) to X'E and
+        leave none out from now on: before a block's products are added any other way."""
+        if self._by_subject is not None and self._by_subject.any():
+            self._add_by_subject(self._by_subject)
+        self._by_subject = np.zeros(self.p, dtype=bool)
+
+    def subject_columns(self, X: np.ndarray, Z: sp.csr_matrix) -> np.ndarray:
+        """The columns of X (bool, p) whose products with the block of these rows are not
+        to be added: those set by the subject in every cell added so far and in these.
+
+        Z has one entry per row (its column, the subject). The columns are chosen on the
+        first block (none when anything was added before); a column whose value differs
+        from its subject's in a later block, or a block whose Z is not 1 (a slope), adds
+        the products left out (u_k' Z'E, every cell so far having been added by subject)
+        and has its products added from then on.
+        """
+        if self._by_subject is not None and not self._by_subject.any():
+            return self._by_subject.copy()
+        if not np.all(Z.data == 1.0):
+            self.direct()
+            return np.zeros(self.p, dtype=bool)
+        present, first, inverse = np.unique(Z.indices, return_index=True, return_inverse=True)
+        values = X[first]  # (subjects, p): the first cell's
+        alike = (X == values[inverse]).all(axis=0)
+        if self._by_subject is None:
+            self._by_subject = alike
+            self._levels = np.full((self.p, self.q), np.nan)
+        else:
+            known = self._levels[:, present]
+            alike &= (np.isnan(known) | (known == values.T)).all(axis=1)
+            lost = self._by_subject & ~alike
+            if lost.any():
+                self._add_by_subject(lost)
+            self._by_subject &= alike
+        keep = self._by_subject
+        self._levels[np.ix_(keep, present)] = values[:, keep].T
+        return keep.copy()
+
+    def _add_by_subject(self, columns: np.ndarray) -> None:
+        """X'E of ``columns`` (left out so far) += u' Z'E; they are added from now on."""
+        assert self._by_subject is not None
+        self.XY[columns] += np.nan_to_num(self._levels[columns]) @ self.ZY
+        self._by_subject = self._by_subject & ~columns
 
     def group_rows(self, X_g: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The row of the group sums G of each row of X_g (n_g x p, distinct rows of X

@@ -43,21 +43,28 @@ def one_entry_rows(Z: sp.csr_matrix) -> bool:
 
 def add_by_random_entry(
     compiled: Any,
-    block: tuple[np.ndarray, ...],
+    E: sp.csr_matrix,
+    table: np.ndarray | None,
     X: np.ndarray,
-    sparse: np.ndarray,
+    dense: np.ndarray,
     Z: sp.csr_matrix,
     sums: BlockSums,
-    D: np.ndarray,
-    n_dense: int,
 ) -> bool:
-    """Add the block's A'E into ``sums`` (and [colsums(E^2), E'X3] into D) by the grouped
-    pass; False (nothing added) when the rows of X_s have too many distinct values.
+    """Add the block's products into ``sums`` by the grouped pass; False (nothing added)
+    when it does not apply: more than three dense columns of X to add, or too many
+    distinct rows of X_s.
 
-    ``compiled(name)`` gives this module's compiled loops; ``block`` is the tuple of
-    :func:`~flashmm_dask.stats.products._scatter_products`; ``sparse`` the indices of
-    X's columns that are mostly zero; Z has one entry per row (:func:`one_entry_rows`).
+    ``compiled(name)`` gives this module's compiled loops; E is checked (codes in the
+    table); ``dense`` marks X's columns that are mostly non-zero; Z has one entry per row
+    (:func:`one_entry_rows`). Columns of X set by the subject (age, sex: their products
+    come from Z'E, :meth:`BlockSums.subject_columns`) are left out of both.
     """
+    by_subject = sums.subject_columns(X, Z)
+    dense = dense & ~by_subject
+    n_dense = int(dense.sum())
+    if n_dense > 3:
+        return False
+    sparse = np.flatnonzero(~dense & ~by_subject)
     bits = np.ascontiguousarray(X).view(np.int64)
     keys = compiled("_fixed_keys")(bits, sparse)
     group, uniques = pd.factorize(keys)
@@ -74,18 +81,23 @@ def add_by_random_entry(
     if found is None:
         return False
     where, G = found
-    order = np.argsort(Z.indices, kind="stable")  # subject by subject
-    compiled("_grouped_cells")(
-        block,
-        where[group],
-        (sums.p + Z.indices).astype(np.int64),
-        Z.data,
-        order,
-        G,
-        sums.rows,
-        D,
-        n_dense,
+    X3 = np.zeros((X.shape[0], 3))
+    X3[:, :n_dense] = X[:, dense]
+    codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
+    block = (
+        E.indptr.astype(np.int64, copy=False),
+        E.indices,
+        codes,
+        np.zeros(0) if table is None else table,
+        values,
+        X3,
     )
+    D = np.zeros((E.shape[1], 4))  # [colsums(E^2), E'X3]
+    order = np.argsort(Z.indices, kind="stable")  # subject by subject
+    rows_z = (sums.p + Z.indices).astype(np.int64)
+    compiled("_grouped_cells")(block, where[group], rows_z, Z.data, order, G, sums.rows, D, n_dense)
+    sums.XY[dense] += D[:, 1 : 1 + n_dense].T
+    sums.Ynorm += D[:, 0]
     return True
 
 
@@ -107,7 +119,8 @@ def _grouped_cells(
     of ``out``, and [colsums(E^2), E'X3] to D (m, 4), visiting the cells in ``order``.
 
     ``block`` is (indptr, indices, codes, table, values, X3) as for
-    :func:`~flashmm_dask.stats.products._scatter_products` (codes checked by the caller).
+    :func:`~flashmm_dask.stats.products._scatter_products` (codes checked by the caller),
+    with X3 the dense columns of X (n_dense of them, zero padded to three).
     """
     indptr, indices, codes, table, values, X3 = block
     lookup = table.size > 0

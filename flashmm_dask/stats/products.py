@@ -130,18 +130,6 @@ def sparse_products(
         sums.add(np.asarray(E.T @ X).T, (Zs.T @ E).toarray(), Ynorm)
         return sums
     dense = np.count_nonzero(X, axis=0) > _DENSE_COLUMN * n_i
-    Xd = X[:, dense]
-    codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
-    block = (
-        E.indptr.astype(np.int64, copy=False),
-        E.indices,
-        codes,
-        np.zeros(0) if table is None else table,
-        values,
-        _first_dense(Xd),
-    )
-    D = np.zeros((m, 4))  # [colsums(E^2), E'X3]
-    rest = np.zeros((Xd.shape[1] - 3, m)) if Xd.shape[1] > 3 else np.zeros((0, m))
     groups = None
     if _few_rows(Zs, min(E.nnz, _ORDER_BYTES // 8) // max(m, 1)):
         groups = _row_groups(
@@ -149,11 +137,23 @@ def sparse_products(
             Zs,
             max_groups=min(E.nnz, _ORDER_BYTES // 8) // max(m, 1),
         )
+    if groups is None:
+        if refused():
+            return None
+        if cell_pass.one_entry_rows(Zs) and cell_pass.add_by_random_entry(
+            _compiled, E, table, X, dense, Zs, sums
+        ):
+            return sums
+    sums.direct()  # the paths below add every column of X'E themselves
+    Xd = X[:, dense]
+    Xr = np.ascontiguousarray(Xd[:, 3:])
+    block = _block(E, table, Xd)
+    D = np.zeros((m, 4))  # [colsums(E^2), E'X3]
+    rest = np.zeros((Xr.shape[1], m))
     if groups is not None:
         # few distinct rows of [X_s, Z] (cells of the same cell type, treatment and
         # subject): E's rows summed by group (S, small enough for a cache), then A_g'S
         Xs = X[:, ~dense]
-        Xr = np.ascontiguousarray(Xd[:, 3:])
         group, first = groups
         S = np.zeros((len(first) + 1, m))
         group_sums = _compiled("_group_sums")
@@ -167,17 +167,8 @@ def sparse_products(
             _scatter(kernel, block, Xr, A, A.indices, np.arange(n_i), S, D, rest, Xd.shape[1])
         sums.XY[~dense] += sp.csr_matrix(Xs[first]).T @ S[:-1]
         sums.ZY[...] += Zs[first].T @ S[:-1]
-    elif refused():
-        return None
-    elif not (
-        Xd.shape[1] <= 3
-        and cell_pass.one_entry_rows(Zs)
-        and cell_pass.add_by_random_entry(
-            _compiled, block, X, np.flatnonzero(~dense), Zs, sums, D, Xd.shape[1]
-        )
-    ):
+    else:
         # per cell: each entry of a row of A = [X_s, Z] is added to its row of the sums
-        Xr = np.ascontiguousarray(Xd[:, 3:])
         A = sp.hstack([sp.csr_matrix(X[:, ~dense]), Zs], format="csr", dtype=np.float64)
         A.eliminate_zeros()
         target = np.concatenate([np.flatnonzero(~dense), sums.p + np.arange(sums.q)])
@@ -197,6 +188,21 @@ def sparse_products(
     sums.XY[dense] += np.concatenate([D[:, 1:].T, rest])[: Xd.shape[1]]
     sums.Ynorm += D[:, 0]
     return sums
+
+
+def _block(E: sp.csr_matrix, table: np.ndarray | None, Xd: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The block as the compiled loops take it: (indptr, indices, codes, table, values,
+    X3), with codes (the stored values, to look up in ``table``) or values (transformed,
+    without a table), and X3 the first three columns of X_d (zero padded)."""
+    codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
+    return (
+        E.indptr.astype(np.int64, copy=False),
+        E.indices,
+        codes,
+        np.zeros(0) if table is None else table,
+        values,
+        _first_dense(Xd),
+    )
 
 
 def _few_rows(Z: sp.csr_matrix, max_groups: int) -> bool:
