@@ -446,11 +446,11 @@ def test_small_reads_run_inside_the_reduction_tasks(toy) -> None:
 
 
 def test_large_or_shared_reads_keep_their_keys(toy, monkeypatch) -> None:
-    import flashmm_dask.stats.reduce as reduce_module
+    import flashmm_dask.stats.graph as graph_module
 
     obs, counts, design, expected = toy
     big = toy_expr(obs, counts, (7, -1), sparse=True)  # the matrix is in the graph
-    monkeypatch.setattr(reduce_module, "_INLINE_BYTES", 100)
+    monkeypatch.setattr(graph_module, "_INLINE_BYTES", 100)
     graph = stats_graph(big, design, transform="log2p1")
     assert any(k.startswith(big.data.name) for k in _task_keys(graph))
     assert_stats_close(graph.compute(), expected)

@@ -56,6 +56,13 @@ class BlockSums:
         self._levels = np.zeros((0, q))
 
     @property
+    def nbytes(self) -> int:
+        """The bytes of the sums (the group sums' rows included)."""
+        return int(
+            self.rows.nbytes + self.Ynorm.nbytes + (0 if self._G is None else self._G.nbytes)
+        )
+
+    @property
     def XY(self) -> np.ndarray:
         return self.rows[: self.p]
 

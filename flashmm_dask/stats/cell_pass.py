@@ -5,21 +5,26 @@ donor``, 11,596 genes) has too many distinct rows of A = [X_s, Z] in a chunk to 
 whole rows (5,000 in 8,000 cells: :mod:`flashmm_dask.stats.products`' grouped path), so
 each value of E was added to each entry of its row of A: sex, cell state,
 state:condition and donor, four rows of A'E written per value. Here the two parts of a
-row are taken apart:
+row are taken apart into three:
 
-- **the fixed-effect part** X_s (the columns of X that are mostly zero) has few distinct
-  rows (29 states x 2 conditions x 2 sexes), so cells with the same row of X_s form a
-  group g and each value is added once, to its group's sum G[g] (unweighted); the group
-  sums are kept by :class:`~flashmm_dask.stats.block_sums.BlockSums` over all the blocks a
-  task adds, and X_s'E = X_g' G is formed when the sums are read (one small sparse
-  product per task, not per block);
+- **columns set by the subject** (age, sex, condition: the same value in every cell of
+  a subject) are left out: their X'E is u' Z'E, formed from Z'E when the sums are read
+  (:meth:`~flashmm_dask.stats.block_sums.BlockSums.subject_columns`, which checks them
+  block by block);
+- **the rest of the fixed-effect part**, X_s (the columns of X that are mostly zero),
+  has few distinct rows (29 states x 2 conditions), so cells with the same row of X_s
+  form a group g and each value is added once, to its group's sum G[g] (unweighted);
+  the group sums are kept by :class:`~flashmm_dask.stats.block_sums.BlockSums` over all
+  the blocks a chain of tasks adds, and X_s'E = X_g' G is formed when the sums are read
+  (one small sparse product per chain, not per block);
 - **the random-effect part** is one entry per cell (a subject, with its weight), added to
   its row of Z'E as before; cells are visited subject by subject, so that row stays in
   cache.
 
-Two writes per value instead of up to four, and the rows of A are never built as a
-sparse matrix. Every value goes through the same sums as before: only the order of the
-additions changes (the fixed-effect products are summed per group first).
+Two writes per value instead of four, one dense column (log library size) instead of
+three, and the rows of A are never built as a sparse matrix. Every value goes through the
+same sums as before: only the order of the additions changes (the fixed-effect products
+are summed per group or per subject first).
 """
 
 from __future__ import annotations
