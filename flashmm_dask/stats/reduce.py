@@ -443,15 +443,17 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
         "provenance": record,
     }
     logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
+    # one key, not an argument that dask would walk name by name (11,596 features)
+    names_key = delayed(names, name=f"flashmm-names-{token}", traverse=False)
     if fused:
         graph = delayed(_assemble_fused, pure=True)(
             _tree_sum(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
-            names,
+            names_key,
             dask_key_name=f"flashmm-stats-{token}",
         )
     else:
         graph = delayed(_assemble, pure=True)(
-            shared_total, feature_totals, names, dask_key_name=f"flashmm-stats-{token}"
+            shared_total, feature_totals, names_key, dask_key_name=f"flashmm-stats-{token}"
         )
     return graph, n_i * n_j
 
