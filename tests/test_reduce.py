@@ -445,6 +445,28 @@ def test_small_reads_run_inside_the_reduction_tasks(toy) -> None:
     assert len(reads("inline")) == 9 and set(reads("inline").values()) == {1}
 
 
+def test_chunks_are_folded_in_one_chain_per_thread(toy) -> None:
+    """One feature chunk: each chunk's task adds into the running sums of its chain (the
+    previous task of the chain its input), and only the chains' sums are summed."""
+    obs, counts, design, expected = toy
+    expr = counting_expr(obs, counts, (7, -1), "chains")
+    with dask.config.set(num_workers=3):
+        graph = stats_graph(expr, design, transform="log2p1")
+    tasks = dict(graph.__dask_graph__())
+    chunk_tasks = sorted(
+        (k for k in tasks if str(k).startswith("flashmm-block-")),
+        key=lambda k: int(str(k).split("-")[-2]),
+    )
+    assert len(chunk_tasks) == 9
+    for i, key in enumerate(chunk_tasks):
+        inputs = {str(d) for d in tasks[key].dependencies}
+        assert (str(chunk_tasks[i - 3]) in inputs) == (i >= 3)  # chain i % 3
+    (total,) = [k for k in tasks if str(k).startswith("flashmm-sum-")]
+    assert {str(d) for d in tasks[total].dependencies} == {str(k) for k in chunk_tasks[6:]}
+    assert_stats_close(graph.compute(scheduler="threads"), expected)
+    assert len(reads("chains")) == 9 and set(reads("chains").values()) == {1}
+
+
 def test_large_or_shared_reads_keep_their_keys(toy, monkeypatch) -> None:
     import flashmm_dask.stats.graph as graph_module
 
