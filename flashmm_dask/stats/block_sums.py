@@ -133,9 +133,10 @@ class BlockSums:
         self._by_subject = self._by_subject & ~columns
 
     def group_rows(self, X_g: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """The row of the group sums G of each row of X_g (n_g x p, distinct rows of X
-        with its mostly-dense columns zeroed), and G; None when there are more than
-        ``group_capacity`` of them."""
+        """The row of the group sums G of each row of X_g (n_g x p: distinct rows of X,
+        the columns not grouped zeroed), and G; None when there are more than
+        ``group_capacity`` of them (the groups held are added to X'E first when the new
+        ones do not fit beside them)."""
         if len(X_g) > self.group_capacity:
             return None
         keys = [row.tobytes() for row in X_g]

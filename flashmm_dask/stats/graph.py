@@ -59,6 +59,23 @@ def _is_literal(task: Any) -> bool:
     return type(task).__name__ == "DataNode"
 
 
+def _tree_levels(
+    parts: list[Any], name: str, split_every: int, add: Callable[..., Any]
+) -> list[Any]:
+    """Sum a list of delayed partials in a tree of fan-in ``split_every`` until at most
+    ``split_every`` are left (for the task that sums those and uses the total)."""
+    level = 0
+    while len(parts) > split_every:
+        parts = [
+            delayed(add, pure=True)(
+                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
+            )
+            for k in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts
+
+
 def _tree_sum(parts: list[Any], name: str, split_every: int, add: Callable[..., Any]) -> Any:
     """Sum a list of delayed partials in a tree of fan-in ``split_every`` (``add`` sums
     the partials of several tasks)."""

@@ -68,6 +68,7 @@ from flashmm_dask.stats.graph import (
     _n_threads,
     _obs_chunk,
     _scattered,
+    _tree_levels,
     _tree_sum,
     bind_options,
     chained,
@@ -246,9 +247,10 @@ def _assemble(
     )
 
 
-def _assemble_fused(total: Sequence[Any], names: Mapping[str, Any]) -> SummaryStats:
-    """SummaryStats from the summed :func:`_fold_chunk` sums (one feature chunk)."""
-    XX, ZX, ZZ, n, XY, ZY, Ynorm = total
+def _assemble_fused(names: Mapping[str, Any], *parts: tuple[Any, ...]) -> SummaryStats:
+    """SummaryStats from the sum of the chains' :func:`_fold_chunk` sums (one feature
+    chunk), added here: one task, not a sum and then the assembly."""
+    XX, ZX, ZZ, n, XY, ZY, Ynorm = _sum_partials(*parts)
     return _assemble((XX, ZX, ZZ, n), [(XY, ZY, Ynorm)], names)
 
 
@@ -447,8 +449,8 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     names_key = delayed(names, name=f"flashmm-names-{token}", traverse=False)
     if fused:
         graph = delayed(_assemble_fused, pure=True)(
-            _tree_sum(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
             names_key,
+            *_tree_levels(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
             dask_key_name=f"flashmm-stats-{token}",
         )
     else:
