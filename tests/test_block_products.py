@@ -261,6 +261,10 @@ def test_grouped_fixed_rows_pass_equals_dense_products(
         for E, (X, Z) in zip(blocks, designs, strict=True):
             assert sparse_products(E, X, Z, table, sums) is sums
         by_subject = sums._by_subject.copy()
+        if capacity is None:  # the group rows written (none emptied), not the capacity
+            groups = len(sums._group_X)
+            assert 8 <= groups < sums.group_capacity
+            assert sums.nbytes == sums.rows.nbytes + sums.Ynorm.nbytes + groups * 50 * 8
         assert_products(sums, want)
         # age, sex: set by the subject throughout, or not
         np.testing.assert_array_equal(by_subject[1:4], [same_subjects] * 3)

@@ -31,6 +31,7 @@ class BlockSums:
     __slots__ = (
         "Ynorm",
         "_G",
+        "_G_rows",
         "_by_subject",
         "_group_X",
         "_group_of",
@@ -50,6 +51,7 @@ class BlockSums:
         self._group_of: dict[bytes, int] = {}
         self._group_X: list[np.ndarray] = []
         self._G: np.ndarray | None = None
+        self._G_rows = 0  # the rows of G ever written
         # the columns of X left out (None: nothing added yet) and their values by subject
         # (p x q, NaN for a subject with no cell added yet)
         self._by_subject: np.ndarray | None = None
@@ -57,10 +59,10 @@ class BlockSums:
 
     @property
     def nbytes(self) -> int:
-        """The bytes of the sums (the group sums' rows included)."""
-        return int(
-            self.rows.nbytes + self.Ynorm.nbytes + (0 if self._G is None else self._G.nbytes)
-        )
+        """The bytes of the sums (the group sums' rows in use included: the others are
+        allocated but never written, so take no memory)."""
+        groups = 0 if self._G is None else self._G[: self._G_rows].nbytes
+        return int(self.rows.nbytes + self.Ynorm.nbytes + groups)
 
     @property
     def XY(self) -> np.ndarray:
@@ -150,6 +152,7 @@ class BlockSums:
                 self._group_of[key] = len(self._group_X)
                 self._group_X.append(X_g[g])
             where[g] = self._group_of[key]
+        self._G_rows = max(self._G_rows, len(self._group_X))
         return where, self._G
 
     def _add_groups(self) -> None:
