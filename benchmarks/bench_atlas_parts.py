@@ -15,7 +15,7 @@ non-zeros, 259 donors, 29 states: the shape of FLASH-MM's tuberculosis atlas).
    read of a block (decompression), the design rows and their own products (X_i, Z_i,
    X'X, Z'X, Z'Z), and the block's products with the atlas model and log2(1 + counts)
    added into running sums, as a reduction task does
-   (:func:`flashmm_dask.stats.reduce._block_partial` into one
+   (:func:`flashmm_dask.stats.blocks.add_block` into one
    :class:`~flashmm_dask.stats.products.BlockSums`); for the blocks as stored (cells in
    random donor order) and for the same blocks with their cells sorted by donor.
 3. **Reduction vs read pass on a local cluster** (``--workers`` processes x 1 thread,
@@ -91,7 +91,7 @@ def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
 
     from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.stats.blocks import _block_partial
+    from flashmm_dask.stats.blocks import add_block
     from flashmm_dask.stats.products import BlockSums
     from flashmm_dask.stats.reduce import _design_chunk, _shared_partial
 
@@ -117,7 +117,7 @@ def block_costs(store: Path, n_blocks: int) -> dict[str, dict[str, float]]:
             XZ = _design_chunk(design, obs, start)
             _shared_partial(XZ)
             c3 = time.process_time()
-            _block_partial(block, XZ, features, start, 0, "log2p1", 1e4, True, into=sums)
+            add_block(block, XZ, features, start, 0, "log2p1", 1e4, True, "", sums)
             c4 = time.process_time()
             if k or len(delayed_blocks) == 1:  # the first warms caches and compiled kernels
                 cost["read"] += c1 - c0

@@ -140,7 +140,7 @@ def profile_block(store: Path, chunk_cells: int | None, blocks: int = 4) -> None
 
     from flashmm_dask.design.formula import build_design
     from flashmm_dask.io.readers import read_expression
-    from flashmm_dask.stats.blocks import _block_partial
+    from flashmm_dask.stats.blocks import add_block
     from flashmm_dask.stats.products import BlockSums
     from flashmm_dask.stats.reduce import _design_chunk
 
@@ -162,7 +162,7 @@ def profile_block(store: Path, chunk_cells: int | None, blocks: int = 4) -> None
         t2 = time.perf_counter()
         if k > 0:
             profiler.enable()
-        _block_partial(block, XZ, features, start, 0, TRANSFORM, 1e4, True, into=sums)
+        add_block(block, XZ, features, start, 0, TRANSFORM, 1e4, True, "", sums)
         t3 = time.perf_counter()
         if k > 0:  # the first block warms caches and compiled kernels
             profiler.disable()

@@ -45,6 +45,8 @@ def expected(E: np.ndarray, X: np.ndarray, Z: sp.csr_matrix):
 
 def assert_products(got, want) -> None:
     assert got is not None
+    if isinstance(got, BlockSums):
+        got = got.partials()
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
 
@@ -101,8 +103,7 @@ def test_products_added_into_running_sums(slope: bool) -> None:
     X, Z = design_rows(E1.shape[0], dense_columns=2, slope=slope)
     sums = BlockSums(X.shape[1], Z.shape[1], E1.shape[1])
     for E in (E1, E2):
-        got = sparse_products(E, X, Z, table, sums)
-        assert got is not None and got[0].base is sums.rows
+        assert sparse_products(E, X, Z, table, sums) is sums
     want1 = expected(np.log2(1 + E1.toarray()), X, Z)
     want2 = expected(np.log2(1 + E2.toarray()), X, Z)
     assert_products(sums.partials(), [a + b for a, b in zip(want1, want2, strict=True)])
@@ -196,3 +197,128 @@ def test_lookup_tables() -> None:
     np.testing.assert_array_equal(lookup_table("none"), k.astype(float))
     np.testing.assert_allclose(lookup_table("log2p1"), np.log2(1.0 + k), rtol=1e-15)
     assert lookup_table("log1p_scaled") is None
+
+
+def atlas_rows(n: int, classes: tuple[int, ...], seed: int, subjects_seed: int = 2):
+    """X = [libsize-like, age, sex indicators, cls, cls x trt] with age, sex and trt set
+    by the subject (drawn from ``subjects_seed``: the same subjects in every block by
+    default), so X_s has few distinct rows; Z = one subject indicator per row (too many
+    distinct rows of [X_s, Z] to group whole rows)."""
+    rng, by_subject = np.random.default_rng(seed), np.random.default_rng(subjects_seed)
+    trt, sex = by_subject.integers(0, 2, 40), by_subject.integers(0, 2, 40)
+    age = by_subject.uniform(20, 80, 40)
+    sam = rng.integers(0, 40, n)
+    cls = rng.choice(classes, n)
+    X = np.column_stack(
+        [
+            rng.uniform(6, 9, n),
+            age[sam],
+            np.eye(2)[sex[sam]],
+            np.eye(4)[cls],
+            np.eye(4)[cls] * trt[sam][:, None],
+        ]
+    )
+    return X, sp.csr_matrix(np.eye(40)[sam])
+
+
+@pytest.mark.parametrize("transform", ["log2p1", "none"])
+@pytest.mark.parametrize("same_subjects", [True, False])
+def test_grouped_fixed_rows_pass_equals_dense_products(
+    transform: str, same_subjects: bool, monkeypatch
+) -> None:
+    """One Z entry per cell: the fixed-effect rows grouped and the columns set by the
+    subject left out (the pass of cell_pass), over several blocks into one BlockSums,
+    equals the dense products; the same with the groups emptied into X'E between blocks
+    (a small group capacity), and per cell when the groups do not fit. The class columns
+    are zero in the first block, so set by the subject there, and not in the second;
+    with subjects redrawn in each block, age and sex are not set by the subject either."""
+    monkeypatch.setattr(block_products, "_ORDER_BYTES", 0)  # whole rows never grouped
+    table = lookup_table(transform)
+    blocks = [counts(n=400, m=50, seed=s) for s in range(3)]
+    classes = [(0, 1, 2), (1, 2, 3), (0, 2, 3)]  # 6 groups a block (class x trt), 8 in all
+    designs = [
+        atlas_rows(400, c, seed=10 + s, subjects_seed=2 if same_subjects else s)
+        for s, c in enumerate(classes)
+    ]
+    want = [np.zeros((12, 50)), np.zeros((40, 50)), np.zeros(50)]
+    for E, (X, Z) in zip(blocks, designs, strict=True):
+        values = E.toarray().astype(float)
+        for total, part in zip(want, expected(table[values.astype(int)], X, Z), strict=True):
+            total += part
+    passes = []
+    add = block_products.cell_pass.add_by_random_entry
+    monkeypatch.setattr(
+        block_products.cell_pass,
+        "add_by_random_entry",
+        lambda *args: passes.append(add(*args)) or passes[-1],
+    )
+    # sex (2) x class (3) x trt (2) groups a block once sex is not set by the subject
+    fits = (None, 7) if same_subjects else (None, 13)
+    for capacity in fits:
+        sums = BlockSums(12, 40, 50)
+        if capacity is not None:
+            sums.group_capacity = capacity  # emptied before a block
+        for E, (X, Z) in zip(blocks, designs, strict=True):
+            assert sparse_products(E, X, Z, table, sums) is sums
+        by_subject = sums._by_subject.copy()
+        if capacity is None:  # the group rows written (none emptied), not the capacity
+            groups = len(sums._group_X)
+            assert 8 <= groups < sums.group_capacity
+            assert sums.nbytes == sums.rows.nbytes + sums.Ynorm.nbytes + groups * 50 * 8
+        assert_products(sums, want)
+        # age, sex: set by the subject throughout, or not
+        np.testing.assert_array_equal(by_subject[1:4], [same_subjects] * 3)
+        assert not by_subject[[0, *range(4, 12)]].any()
+    assert passes == [True] * 6
+    sums = BlockSums(12, 40, 50)
+    sums.group_capacity = 5  # fewer than a block's groups: the per-cell pass
+    for E, (X, Z) in zip(blocks, designs, strict=True):
+        sparse_products(E, X, Z, table, sums)
+    assert_products(sums, want)
+    assert passes[6:] == [False] * 3
+
+
+def test_subject_columns_stop_for_other_blocks() -> None:
+    """Products added any other way (a slope in Z, a dense block) after blocks with
+    columns left out add them first; a block of transformed values (what a block the
+    table refuses becomes) leaves them out too."""
+    table = lookup_table("log2p1")
+    X, Z = atlas_rows(400, (0, 1, 2), seed=10)
+    E1, E2 = counts(n=400, m=50, seed=0), counts(n=400, m=50, seed=1)
+    want1 = expected(np.log2(1 + E1.toarray()), X, Z)
+    for second in ("slope", "dense", "values"):
+        sums = BlockSums(12, 40, 50)
+        sparse_products(E1, X, Z, table, sums)
+        assert sums._by_subject[1:4].all()
+        if second == "slope":
+            Z2 = Z.multiply(np.random.default_rng(4).normal(size=(400, 1))).tocsr()
+            sparse_products(E2, X, Z2, table, sums)
+            want2 = expected(np.log2(1 + E2.toarray()), X, Z2)
+        elif second == "dense":
+            values = np.log2(1 + E2.toarray())
+            sums.add(X.T @ values, Z.T @ values, (values * values).sum(axis=0))
+            want2 = expected(values, X, Z)
+        else:
+            E = E2.astype(np.float64)
+            E.data = np.log2(1 + E.data)
+            sparse_products(E, X, Z, None, sums)
+            want2 = expected(E.toarray(), X, Z)
+        assert sums._by_subject[1:4].all() == (second == "values")
+        assert_products(sums, [a + b for a, b in zip(want1, want2, strict=True)])
+
+
+def test_codes_check_across_empty_rows() -> None:
+    """The branch-free check compares indices within rows only, empty rows between."""
+    check = block_products._compiled("_codes_fit")
+    E = sp.csr_matrix(np.array([[0, 1, 2], [0, 0, 0], [3, 0, 0], [0, 0, 0], [0, 4, 5]]))
+    table = lookup_table("log2p1")
+    assert check(E.indptr, E.indices, E.data, table.size)
+    indices = E.indices.copy()
+    indices[-1] = indices[-2]  # a duplicate in the last row
+    assert not check(E.indptr, indices, E.data, table.size)
+    for code in (-1, 1 << 16):
+        data = E.data.copy()
+        data[2] = code
+        assert not check(E.indptr, E.indices, data, table.size)
+    assert not check(E.indptr, E.indices, np.array([1.0, 2.5, 3, 4, 5]), table.size)
+    assert not check(E.indptr, E.indices, np.array([1.0, np.nan, 3, 4, 5]), table.size)

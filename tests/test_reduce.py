@@ -445,12 +445,37 @@ def test_small_reads_run_inside_the_reduction_tasks(toy) -> None:
     assert len(reads("inline")) == 9 and set(reads("inline").values()) == {1}
 
 
+def test_chunks_are_folded_in_one_chain_per_thread(toy) -> None:
+    """One feature chunk: each chunk's task adds into the running sums of its chain (the
+    previous task of the chain its input), and only the chains' sums are summed (by the
+    task that makes the statistics of them)."""
+    obs, counts, design, expected = toy
+    expr = counting_expr(obs, counts, (7, -1), "chains")
+    with dask.config.set(num_workers=3):
+        graph = stats_graph(expr, design, transform="log2p1")
+    tasks = dict(graph.__dask_graph__())
+    chunk_tasks = sorted(
+        (k for k in tasks if str(k).startswith("flashmm-block-")),
+        key=lambda k: int(str(k).split("-")[-2]),
+    )
+    assert len(chunk_tasks) == 9
+    for i, key in enumerate(chunk_tasks):
+        inputs = {str(d) for d in tasks[key].dependencies}
+        assert (str(chunk_tasks[i - 3]) in inputs) == (i >= 3)  # chain i % 3
+    assert not any(str(k).startswith("flashmm-sum-") for k in tasks)
+    (total,) = [k for k in tasks if str(k).startswith("flashmm-stats-")]
+    inputs = {str(d) for d in tasks[total].dependencies}
+    assert {d for d in inputs if "flashmm-block-" in d} == {str(k) for k in chunk_tasks[6:]}
+    assert_stats_close(graph.compute(scheduler="threads"), expected)
+    assert len(reads("chains")) == 9 and set(reads("chains").values()) == {1}
+
+
 def test_large_or_shared_reads_keep_their_keys(toy, monkeypatch) -> None:
-    import flashmm_dask.stats.reduce as reduce_module
+    import flashmm_dask.stats.graph as graph_module
 
     obs, counts, design, expected = toy
     big = toy_expr(obs, counts, (7, -1), sparse=True)  # the matrix is in the graph
-    monkeypatch.setattr(reduce_module, "_INLINE_BYTES", 100)
+    monkeypatch.setattr(graph_module, "_INLINE_BYTES", 100)
     graph = stats_graph(big, design, transform="log2p1")
     assert any(k.startswith(big.data.name) for k in _task_keys(graph))
     assert_stats_close(graph.compute(), expected)

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from flashmm_dask.errors import DataError
 from flashmm_dask.stats.products import BlockSums, dense_as_csr, lookup_table, sparse_products
 
-__all__ = ["TRANSFORMS", "transform_block"]
+__all__ = ["TRANSFORMS", "add_block", "transform_block"]
 
 TRANSFORMS = ("none", "log2p1", "log1p_scaled", "log1p_cpm")
 _COUNT_TRANSFORMS = frozenset({"log2p1", "log1p_scaled", "log1p_cpm"})
@@ -31,10 +31,28 @@ def _block_partial(
     target_sum: float,
     check: bool,
     source: str = "",
-    into: BlockSums | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features);
-    with ``into``, added to those running sums, which are returned."""
+    """(XY_ij, ZY_ij, Ynorm_ij) of one expression block E_ij (n_i cells x m_j features)."""
+    X, Z = XZ
+    sums = BlockSums(X.shape[1], Z.shape[1], block.shape[1])
+    add_block(block, XZ, features, start, col0, transform, target_sum, check, source, sums)
+    return sums.partials()
+
+
+def add_block(
+    block: Any,
+    XZ: tuple[np.ndarray, sp.spmatrix | np.ndarray],
+    features: tuple[str, ...],
+    start: int,
+    col0: int,
+    transform: str,
+    target_sum: float,
+    check: bool,
+    source: str,
+    into: BlockSums,
+) -> None:
+    """Add the products of one expression block E_ij (n_i cells x m_j features) to the
+    running sums ``into`` (read them with :meth:`BlockSums.partials`)."""
     X, Z = XZ
     E = _as_block(block, sparsify=True)
     if E.shape[0] != X.shape[0]:
@@ -46,21 +64,17 @@ def _block_partial(
     if isinstance(E, sp.csr_matrix) and table is not None:
         # counts as stored, transformed inside the pass; None when a value is not a small
         # non-negative integer (so no check can fail) or entries are duplicated
-        products = sparse_products(E, X, Z, table, into)
-        if products is not None:
-            return products
+        if sparse_products(E, X, Z, table, into) is not None:
+            return
     E = _canonical(E)
     if check:
         _check_block(E, features, start, col0, transform, source)
     E = _transform(E, transform, target_sum)
     if isinstance(E, sp.csr_matrix):
-        products = sparse_products(E, X, Z, into=into)
-        assert products is not None  # only a table can fail
-        return products
-    XY = X.T @ E
-    ZY = np.asarray(Z.T @ E)
-    Ynorm = np.einsum("ij,ij->j", E, E)
-    return (XY, ZY, Ynorm) if into is None else into.add(XY, ZY, Ynorm)
+        added = sparse_products(E, X, Z, into=into)
+        assert added is not None  # only a table can fail
+        return
+    into.add(X.T @ E, np.asarray(Z.T @ E), np.einsum("ij,ij->j", E, E))
 
 
 def transform_block(

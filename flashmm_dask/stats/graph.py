@@ -1,26 +1,33 @@
 """The pieces of the reductions' task graphs (:mod:`flashmm_dask.stats.reduce`,
 :mod:`flashmm_dask.stats.reduce_strata`): reads run inside the task that reduces a block,
-obs rows sent once and sliced on the cluster, the runs of chunks each task reduces, and
-the tree that sums the tasks' partials; and the keyword options all the reductions take
-(:class:`Options`, bound by the functions that show a signature derived from
-:func:`~flashmm_dask.stats.reduce.stats_graph`'s)."""
+obs rows sent once and sliced on the cluster, the chains of tasks that fold the chunks
+into running sums, and the tree that sums the chains' sums; and the keyword options all
+the reductions take (:class:`Options`, bound by the functions that show a signature
+derived from :func:`~flashmm_dask.stats.reduce.stats_graph`'s)."""
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import cloudpickle
 import dask
+import numpy as np
 from dask import delayed
 from dask.delayed import Delayed
+from dask.optimization import cull
 
 __all__: list[str] = []  # internal to the reductions
 
 # obs larger than this is scattered once to a distributed client, not put in the tasks
 _SCATTER_OBS_BYTES = 4 << 20
+# a block's read is done inside the task that reduces it when its tasks pickle to less
+_INLINE_BYTES = 1 << 16
+# the key prefix of the per-block tasks (progress counts them)
+_BLOCK_PREFIX = "flashmm-block-"
 
 
 class _InlineRead:
@@ -50,6 +57,23 @@ class _InlineRead:
 def _is_literal(task: Any) -> bool:
     """Whether a graph node is data rather than a computation (dask's DataNode)."""
     return type(task).__name__ == "DataNode"
+
+
+def _tree_levels(
+    parts: list[Any], name: str, split_every: int, add: Callable[..., Any]
+) -> list[Any]:
+    """Sum a list of delayed partials in a tree of fan-in ``split_every`` until at most
+    ``split_every`` are left (for the task that sums those and uses the total)."""
+    level = 0
+    while len(parts) > split_every:
+        parts = [
+            delayed(add, pure=True)(
+                *parts[k : k + split_every], dask_key_name=f"{name}-{level}-{k // split_every}"
+            )
+            for k in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts
 
 
 def _tree_sum(parts: list[Any], name: str, split_every: int, add: Callable[..., Any]) -> Any:
@@ -113,15 +137,60 @@ def _n_threads() -> int:
         return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
 
 
-def _groups(n_chunks: int, inline: bool) -> list[tuple[int, int]]:
-    """The cell chunks each task reduces, as (first, last + 1): consecutive runs of about
-    n_chunks / (4 x threads) chunks when the blocks are read inside the tasks, so that a
-    worker adds its chunks into one accumulator and about four partials per thread are
-    moved and summed, not one per chunk (Z'E alone is 24 MB at 259 donors x 11,596
-    genes); one chunk per task when the blocks have keys of their own (a task of several
-    would hold all their blocks at once)."""
-    size = -(-n_chunks // (4 * _n_threads())) if inline else 1
-    return [(i, min(i + size, n_chunks)) for i in range(0, n_chunks, size)]
+def chained(
+    fold: Callable[..., Any],
+    data: Any,
+    obs: Any,
+    cell_starts: np.ndarray,
+    token: str,
+    n_chains: int,
+    args: Callable[[int, int], tuple[Any, ...]],
+) -> list[Any]:
+    """The last task of each of ``n_chains`` chains that fold the cell chunks of ``data``
+    (one feature chunk) into running sums.
+
+    Chunk i is folded by ``fold(sums, block_i, obs_i, start, last, *args(start, stop))``
+    into the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk,
+    ``last`` True for its last), which the task returns; ``obs`` is sent once to a
+    distributed client when large. The block is read inside the task when its read is a
+    small task of its own (see :func:`_inline_reads`). The tasks' keys start with
+    _BLOCK_PREFIX (progress counts them).
+    """
+    blocks = list(data.to_delayed()[:, 0])
+    reads = _inline_reads(blocks)
+    obs_future = _scattered(obs)
+    ends: list[Any] = [None] * min(len(blocks), n_chains)
+    for i, block in enumerate(blocks):
+        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
+        c = i % len(ends)
+        ends[c] = delayed(fold, pure=True)(
+            ends[c],
+            block if reads is None else reads[i],
+            _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}"),
+            start,
+            i + len(ends) >= len(blocks),
+            *args(start, stop),
+            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
+        )
+    return ends
+
+
+def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
+    """The reads of the blocks (delayed, one per cell chunk) as _InlineRead, or None when a
+    block's tasks are more than a small reader (in-memory data in the graph, or tasks
+    shared with other blocks, which would then be run more than once)."""
+    graph = dict(blocks[0].__dask_graph__())
+    owner: dict[Any, int] = {}
+    reads = []
+    for i, block in enumerate(blocks):
+        sub, _ = cull(graph, [block.key])
+        for key, task in sub.items():
+            if owner.setdefault(key, i) != i and not _is_literal(task):
+                return None  # a computation shared by several blocks
+            if owner[key] == i and len(cloudpickle.dumps(task)) > _INLINE_BYTES:
+                return None
+        reads.append(_InlineRead(sub, block.key))
+    return reads
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,20 @@ log library size, age): each is a short dense row per cell. Then
   rows in each group. The pass over E adds each value to one row of S (and its square to
   Ynorm, its products with the first three columns of X_d to E'X_d); A_g'S is a small
   sparse product afterwards. Grouped only when S fits a cache (``_ORDER_BYTES``).
-- **per cell** (the atlas case: 259 donors x 29 states, or a random slope on a numeric
-  covariate): A'E costs one multiply-add per pair of non-zeros of a row of E and of the
-  same row of A, added straight into the caller's running sums (:class:`BlockSums`).
+- **per cell, grouped fixed-effect rows** (the atlas case: 259 donors x 29 states): when
+  each cell has one entry of Z (a subject indicator, or one slope), cells whose rows of
+  X_s are alike form groups, and each value is added once to its group's sums and once
+  to its subject's row of Z'E (:mod:`flashmm_dask.stats.cell_pass`); X_s'E is formed
+  from the group sums when the running sums are read.
+- **per cell** (otherwise, e.g. two random components): A'E costs one multiply-add per
+  pair of non-zeros of a row of E and of the same row of A, added straight into the
+  caller's running sums (:class:`BlockSums`).
 
-Both are one loop, :func:`_scatter_products`, compiled with numba (``njit(nogil=True,
-cache=True)``): in the grouped case A is the cell-to-group indicator (and the usual
-grouped case, with at most three dense columns of X, has its own lighter loop,
-:func:`_group_sums`). Per cell, cells are visited subject by subject (by their last
-column of A) when the rows added to are larger than a cache.
+The first and the last are one loop, :func:`_scatter_products`, compiled with numba
+(``njit(nogil=True, cache=True)``): in the grouped case A is the cell-to-group
+indicator (and the usual grouped case, with at most three dense columns of X, has its
+own lighter loop, :func:`_group_sums`). Per cell, cells are visited subject by subject
+(by their last column of A) when the rows added to are larger than a cache.
 
 Integer counts (or integer-valued floats) below ``_LOOKUP_MAX`` are transformed inside the
 pass by table look-up (log2(1 + k), or k itself), so a block is never converted to float64
@@ -44,6 +49,9 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+
+from flashmm_dask.stats import cell_pass
+from flashmm_dask.stats.block_sums import BlockSums
 
 __all__ = ["BlockSums", "compiled", "dense_as_csr", "lookup_table", "sparse_products"]
 
@@ -73,52 +81,15 @@ def lookup_table(transform: str) -> np.ndarray | None:
     return _TABLES[transform]
 
 
-class BlockSums:
-    """Running sums of blocks' X'E (p x m), Z'E (q x m) and colsums(E^2) (m).
-
-    X'E and Z'E are rows of one buffer, ``rows`` ((p + q + 1) x m; the last row takes
-    the zero-weight terms of rows of A with fewer entries), so that the compiled pass adds
-    a value to any of them by its row index, straight into the running sums: nothing of
-    their size is allocated or added per block.
-    """
-
-    __slots__ = ("Ynorm", "p", "q", "rows")
-
-    def __init__(self, p: int, q: int, m: int) -> None:
-        self.p, self.q = p, q
-        self.rows = np.zeros((p + q + 1, m))
-        self.Ynorm = np.zeros(m)
-
-    @property
-    def XY(self) -> np.ndarray:
-        return self.rows[: self.p]
-
-    @property
-    def ZY(self) -> np.ndarray:
-        return self.rows[self.p : self.p + self.q]
-
-    def add(
-        self, XY: np.ndarray, ZY: Any, Ynorm: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Add one block's products; return the sums (XY, ZY, Ynorm)."""
-        self.XY[...] += XY
-        self.ZY[...] += ZY
-        self.Ynorm += Ynorm
-        return self.partials()
-
-    def partials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(XY, ZY, Ynorm): views of the running sums."""
-        return self.XY, self.ZY, self.Ynorm
-
-
 def sparse_products(
     E: sp.csr_matrix,
     X: np.ndarray,
     Z: sp.spmatrix | np.ndarray,
     table: np.ndarray | None = None,
     into: BlockSums | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j); X (n_i x p) dense.
+) -> BlockSums | None:
+    """Add (X'E, Z'E, colsums(E^2)) of a CSR block E (n_i x m_j), X (n_i x p) dense, to
+    running sums.
 
     Parameters
     ----------
@@ -131,13 +102,14 @@ def sparse_products(
     table : ndarray, optional
         From :func:`lookup_table`.
     into : BlockSums, optional
-        Running sums to add the products to (then returned as its views).
+        Running sums to add the products to (fresh ones without).
 
     Returns
     -------
-    (XY (p, m_j), ZY (q, m_j), Ynorm (m_j,)) or None
-        None (only with a table; nothing is added) when a stored value is not an integer
-        in [0, len(table)) or a row's indices are not strictly increasing: then transform
+    BlockSums or None
+        The sums added to (read them with :meth:`BlockSums.partials`); None (only with a
+        table; nothing is added) when a stored value is not an integer in
+        [0, len(table)) or a row's indices are not strictly increasing: then transform
         the block and call again without a table.
     """
     n_i, m = E.shape
@@ -155,26 +127,33 @@ def sparse_products(
         if table is not None:
             E = sp.csr_matrix((table[E.data.astype(np.intp)], E.indices, E.indptr), shape=E.shape)
         Ynorm = np.bincount(E.indices, weights=E.data * E.data, minlength=m)
-        return sums.add(np.asarray(E.T @ X).T, (Zs.T @ E).toarray(), Ynorm)
+        sums.add(np.asarray(E.T @ X).T, (Zs.T @ E).toarray(), Ynorm)
+        return sums
     dense = np.count_nonzero(X, axis=0) > _DENSE_COLUMN * n_i
+    groups = None
+    if _few_rows(Zs, min(E.nnz, _ORDER_BYTES // 8) // max(m, 1)):
+        groups = _row_groups(
+            np.ascontiguousarray(X[:, ~dense]),
+            Zs,
+            max_groups=min(E.nnz, _ORDER_BYTES // 8) // max(m, 1),
+        )
+    if groups is None:
+        if refused():
+            return None
+        if cell_pass.one_entry_rows(Zs) and cell_pass.add_by_random_entry(
+            _compiled, E, table, X, dense, Zs, sums
+        ):
+            return sums
+    sums.direct()  # the paths below add every column of X'E themselves
     Xd = X[:, dense]
-    Xs = np.ascontiguousarray(X[:, ~dense])
-    codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
-    block = (
-        E.indptr.astype(np.int64, copy=False),
-        E.indices,
-        codes,
-        np.zeros(0) if table is None else table,
-        values,
-        _first_dense(Xd),
-    )
     Xr = np.ascontiguousarray(Xd[:, 3:])
+    block = _block(E, table, Xd)
     D = np.zeros((m, 4))  # [colsums(E^2), E'X3]
     rest = np.zeros((Xr.shape[1], m))
-    groups = _row_groups(Xs, Zs, max_groups=min(E.nnz, _ORDER_BYTES // 8) // max(m, 1))
     if groups is not None:
         # few distinct rows of [X_s, Z] (cells of the same cell type, treatment and
         # subject): E's rows summed by group (S, small enough for a cache), then A_g'S
+        Xs = X[:, ~dense]
         group, first = groups
         S = np.zeros((len(first) + 1, m))
         group_sums = _compiled("_group_sums")
@@ -190,9 +169,7 @@ def sparse_products(
         sums.ZY[...] += Zs[first].T @ S[:-1]
     else:
         # per cell: each entry of a row of A = [X_s, Z] is added to its row of the sums
-        if refused():
-            return None
-        A = sp.hstack([sp.csr_matrix(Xs), Zs], format="csr", dtype=np.float64)
+        A = sp.hstack([sp.csr_matrix(X[:, ~dense]), Zs], format="csr", dtype=np.float64)
         A.eliminate_zeros()
         target = np.concatenate([np.flatnonzero(~dense), sums.p + np.arange(sums.q)])
         order = np.arange(n_i)
@@ -210,7 +187,33 @@ def sparse_products(
         _scatter(kernel, block, Xr, A, target[A.indices], order, sums.rows, D, rest, Xd.shape[1])
     sums.XY[dense] += np.concatenate([D[:, 1:].T, rest])[: Xd.shape[1]]
     sums.Ynorm += D[:, 0]
-    return sums.partials()
+    return sums
+
+
+def _block(E: sp.csr_matrix, table: np.ndarray | None, Xd: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The block as the compiled loops take it: (indptr, indices, codes, table, values,
+    X3), with codes (the stored values, to look up in ``table``) or values (transformed,
+    without a table), and X3 the first three columns of X_d (zero padded)."""
+    codes, values = (E.data, np.zeros(0)) if table is not None else (np.zeros(0, np.int32), E.data)
+    return (
+        E.indptr.astype(np.int64, copy=False),
+        E.indices,
+        codes,
+        np.zeros(0) if table is None else table,
+        values,
+        _first_dense(Xd),
+    )
+
+
+def _few_rows(Z: sp.csr_matrix, max_groups: int) -> bool:
+    """Whether the rows of Z might have at most ``max_groups`` distinct values (a cheap
+    bound: the columns used, over the most entries in a row)."""
+    if max_groups < 1:
+        return False
+    if Z.nnz == 0:
+        return True
+    used = np.count_nonzero(np.bincount(Z.indices, minlength=Z.shape[1]))
+    return bool(used <= max_groups * int(np.diff(Z.indptr).max()))
 
 
 def _scatter(
@@ -269,6 +272,9 @@ def dense_as_csr(values: np.ndarray, max_fraction: float) -> sp.csr_matrix | Non
 
 def _fits_table(E: sp.csr_matrix, table: np.ndarray) -> bool:
     """Whether every stored value is an integer in [0, len(table)), E canonical."""
+    check = _compiled("_codes_fit")
+    if check is not None:
+        return bool(check(E.indptr, E.indices, E.data, table.size))
     data = E.data
     if not data.size:
         return E.has_canonical_format
@@ -538,5 +544,6 @@ def compiled(loop: Callable[..., Any]) -> Callable[..., Any] | None:
 
 
 def _compiled(name: str) -> Callable[..., Any] | None:
-    """The loop ``name`` of this module, :func:`compiled`."""
-    return compiled(globals()[name])
+    """The loop ``name`` of this module or of :mod:`~flashmm_dask.stats.cell_pass`,
+    :func:`compiled`."""
+    return compiled(globals()[name] if name in globals() else getattr(cell_pass, name))

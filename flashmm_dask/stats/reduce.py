@@ -16,18 +16,19 @@ obs over 4 MiB on a distributed client, sliced from one scattered copy) and adds
 seven partials into running sums. When the block's own tasks are a small reader (a
 store's row chunk, not in-memory data, not shared with other blocks) they are run inside
 that task, so the block is never held for it in a worker's memory nor sent to another
-worker; then one task reduces a run of consecutive chunks (about four tasks per worker
-thread), reading them in turn and adding each into one accumulator, so that nothing of
-the size of Z'E (259 donors x 11,596 genes is 24 MB) is pickled, moved or summed per
-chunk. The tasks' sums are added in a tree of fan-in ``split_every``. With several
-feature chunks, one task per cell chunk evaluates the
-design, one computes the shared partials, and one task per block (i, j) reads the block
-once and returns its three partials, summed over cell chunks in a tree of fan-in
-``split_every``. Sums are float64, the feature chunks are concatenated, and the result is a
-:class:`~flashmm_dask.stats.summary.SummaryStats`. Memory per task is set by the chunk size: no
-n-length dense matrix is ever formed, and CSR blocks stay sparse: X'E, Z'E and Ynorm come
-from one compiled pass over the stored values (:mod:`flashmm_dask.stats.products`), which
-also transforms integer counts by table look-up.
+worker. The chunks are dealt into one chain per thread: each task adds its chunk into
+the running sums of its chain, received from the chain's previous task (their only
+consumer, on the same worker) and passed on, so that nothing of the size of Z'E (259
+donors x 11,596 genes is 24 MB) is pickled, moved or summed per chunk or per task; the
+chains' sums are added in a tree of fan-in ``split_every``. With several feature chunks,
+one task per cell chunk evaluates the design, one computes the shared partials, and one
+task per block (i, j) reads the block once and returns its three partials, summed over
+cell chunks in a tree of fan-in ``split_every``. Sums are float64, the feature chunks are
+concatenated, and the result is a :class:`~flashmm_dask.stats.summary.SummaryStats`.
+Memory per task is set by the chunk size: no n-length dense matrix is ever formed, and
+CSR blocks stay sparse: X'E, Z'E and Ynorm come from one compiled pass over the stored
+values (:mod:`flashmm_dask.stats.products`), which also transforms integer counts by
+table look-up.
 
 Transforms (applied to each block before the products; sparse blocks only touch their
 stored values, since every transform maps 0 to 0):
@@ -49,7 +50,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import cloudpickle
 import dask
 import dask.array as da
 import numpy as np
@@ -58,19 +58,20 @@ from dask import delayed
 from dask.base import tokenize
 from dask.callbacks import Callback
 from dask.delayed import Delayed
-from dask.optimization import cull
 
 from flashmm_dask.errors import DataError, DesignError, FlashmmError, InputError
-from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial
+from flashmm_dask.stats.blocks import _SCALED_TRANSFORMS, TRANSFORMS, _block_partial, add_block
 from flashmm_dask.stats.graph import (
+    _BLOCK_PREFIX,
     Options,
-    _groups,
     _InlineRead,
-    _is_literal,
+    _n_threads,
     _obs_chunk,
     _scattered,
+    _tree_levels,
     _tree_sum,
     bind_options,
+    chained,
     computed_signature,
 )
 from flashmm_dask.stats.products import BlockSums
@@ -79,11 +80,6 @@ from flashmm_dask.stats.summary import SummaryStats
 __all__ = ["TRANSFORMS", "compute_counted", "reduce_stats", "stats_graph"]
 
 logger = logging.getLogger(__name__)
-
-# a block's read is done inside the task that reduces it when its tasks pickle to less
-_INLINE_BYTES = 1 << 16
-# the key prefix of the per-block tasks (progress counts them)
-_BLOCK_PREFIX = "flashmm-block-"
 
 
 class _Design(Protocol):
@@ -164,40 +160,51 @@ class _Fold:
     source: str
 
 
-def _fold_chunks(
-    blocks: Sequence[Any], obs: Sequence[Any], starts: Sequence[int], fold: _Fold
-) -> list[Any]:
-    """The sums [XX, ZX, ZZ, n, XY, ZY, Ynorm] of consecutive cell chunks (each with all
-    its features), each read here in turn (an :class:`_InlineRead`, or the block itself)
-    and added into one accumulator; ``obs`` holds the rows of each chunk and ``starts``
-    its first cell."""
-    shared: list[Any] = []
-    sums = None
-    for block, rows, start in zip(blocks, obs, starts, strict=True):
-        if isinstance(block, _InlineRead):
-            block = block.read()
-        XZ = _design_chunk(fold.design, rows, start)
-        part = _shared_partial(XZ)
-        if sums is None:
-            shared = [_owned(a) for a in part]
-            sums = BlockSums(XZ[0].shape[1], XZ[1].shape[1], len(fold.features))
-        else:
-            for k, a in enumerate(part):
-                shared[k] += a
-        _block_partial(
-            block,
-            XZ,
-            fold.features,
-            start,
-            0,
-            fold.transform,
-            fold.target_sum,
-            fold.check,
-            fold.source,
-            into=sums,
-        )
-    assert sums is not None, "a group has at least one chunk"
-    return [*shared, *sums.partials()]
+class _Chain:
+    """The running sums of one chain of cell chunks (:func:`_fold_chunk`): [XX, ZX, ZZ,
+    n] and :class:`BlockSums`, passed from each task of the chain to the next."""
+
+    __slots__ = ("shared", "sums")
+
+    def __init__(self, shared: list[Any], sums: BlockSums) -> None:
+        self.shared, self.sums = shared, sums
+
+    def __sizeof__(self) -> int:
+        # what dask.sizeof reports to the scheduler (which then keeps a chain where its
+        # sums are) and to a worker's memory accounting
+        return self.sums.nbytes
+
+
+def _fold_chunk(
+    chain: _Chain | None, block: Any, rows: Any, start: int, last: bool, fold: _Fold
+) -> Any:
+    """Add one cell chunk (its block read here when an :class:`_InlineRead`; ``rows`` its
+    obs rows, ``start`` its first cell) into the running sums of its chain (None: the
+    chain's first chunk); return them, or [XX, ZX, ZZ, n, XY, ZY, Ynorm] after the
+    chain's ``last`` chunk."""
+    if isinstance(block, _InlineRead):
+        block = block.read()
+    XZ = _design_chunk(fold.design, rows, start)
+    part = _shared_partial(XZ)
+    if chain is None:
+        sums = BlockSums(XZ[0].shape[1], XZ[1].shape[1], len(fold.features))
+        chain = _Chain([_owned(a) for a in part], sums)
+    else:
+        for k, a in enumerate(part):
+            chain.shared[k] += a
+    add_block(
+        block,
+        XZ,
+        fold.features,
+        start,
+        0,
+        fold.transform,
+        fold.target_sum,
+        fold.check,
+        fold.source,
+        chain.sums,
+    )
+    return [*chain.shared, *chain.sums.partials()] if last else chain
 
 
 def _owned(a: Any) -> Any:
@@ -208,24 +215,6 @@ def _owned(a: Any) -> Any:
     if a.dtype != np.float64 or not a.flags.writeable:
         return np.array(a, dtype=np.float64)
     return a
-
-
-def _inline_reads(blocks: Sequence[Any]) -> list[_InlineRead] | None:
-    """The reads of the blocks (delayed, one per cell chunk) as _InlineRead, or None when a
-    block's tasks are more than a small reader (in-memory data in the graph, or tasks
-    shared with other blocks, which would then be run more than once)."""
-    graph = dict(blocks[0].__dask_graph__())
-    owner: dict[Any, int] = {}
-    reads = []
-    for i, block in enumerate(blocks):
-        sub, _ = cull(graph, [block.key])
-        for key, task in sub.items():
-            if owner.setdefault(key, i) != i and not _is_literal(task):
-                return None  # a computation shared by several blocks
-            if owner[key] == i and len(cloudpickle.dumps(task)) > _INLINE_BYTES:
-                return None
-        reads.append(_InlineRead(sub, block.key))
-    return reads
 
 
 def _sum_partials(*parts: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -258,9 +247,10 @@ def _assemble(
     )
 
 
-def _assemble_fused(total: Sequence[Any], names: Mapping[str, Any]) -> SummaryStats:
-    """SummaryStats from the summed :func:`_fold_chunk` sums (one feature chunk)."""
-    XX, ZX, ZZ, n, XY, ZY, Ynorm = total
+def _assemble_fused(names: Mapping[str, Any], *parts: tuple[Any, ...]) -> SummaryStats:
+    """SummaryStats from the sum of the chains' :func:`_fold_chunk` sums (one feature
+    chunk), added here: one task, not a sum and then the assembly."""
+    XX, ZX, ZZ, n, XY, ZY, Ynorm = _sum_partials(*parts)
     return _assemble((XX, ZX, ZZ, n), [(XY, ZY, Ynorm)], names)
 
 
@@ -397,25 +387,12 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
     # the design reads obs by position; a string index would be most of the graph's bytes
     obs = expr.obs.reset_index(drop=True)
     fused: list[Any] = []
-    if n_j == 1:  # one task per run of chunks, added into one accumulator
-        reads = _inline_reads(list(blocks[:, 0]))
-        obs_future = _scattered(obs)
+    if n_j == 1:  # chains of tasks that fold the chunks into running sums
         fold = _Fold(design, features, transform, target_sum, check, source)
         fold_key = delayed(fold, name=f"flashmm-fold-{token}", traverse=False)
-        for i0, i1 in _groups(n_i, reads is not None):
-            bounds = [int(c) for c in cell_starts[i0 : i1 + 1]]
-            obs_g = [
-                _obs_chunk(obs, obs_future, bounds[k], bounds[k + 1], f"flashmm-obs-{token}-{i}")
-                for k, i in enumerate(range(i0, i1))
-            ]
-            key = f"{_BLOCK_PREFIX}{token}-{i0}-0x{i1 - i0}"  # progress counts i1 - i0 blocks
-            # a task per chunk when its block is a key of its own
-            chunks = list(blocks[i0:i1, 0]) if reads is None else reads[i0:i1]
-            fused.append(
-                delayed(_fold_chunks, pure=True)(
-                    chunks, obs_g, bounds[:-1], fold_key, dask_key_name=key
-                )
-            )
+        fused = chained(
+            _fold_chunk, data, obs, cell_starts, token, _n_threads(), lambda *_: (fold_key,)
+        )
     else:
         design_key = delayed(design, name=f"flashmm-design-{token}", traverse=False)
         features_key = delayed(features, name=f"flashmm-features-{token}", traverse=False)
@@ -468,15 +445,17 @@ def _build_graph(expr: _Expression, design: _Design, options: Options) -> tuple[
         "provenance": record,
     }
     logger.debug("summary-statistics graph: %d cell chunks x %d feature chunks", n_i, n_j)
+    # one key, not an argument that dask would walk name by name (11,596 features)
+    names_key = delayed(names, name=f"flashmm-names-{token}", traverse=False)
     if fused:
         graph = delayed(_assemble_fused, pure=True)(
-            _tree_sum(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
-            names,
+            names_key,
+            *_tree_levels(fused, f"flashmm-sum-{token}", split_every, _sum_partials),
             dask_key_name=f"flashmm-stats-{token}",
         )
     else:
         graph = delayed(_assemble, pure=True)(
-            shared_total, feature_totals, names, dask_key_name=f"flashmm-stats-{token}"
+            shared_total, feature_totals, names_key, dask_key_name=f"flashmm-stats-{token}"
         )
     return graph, n_i * n_j
 

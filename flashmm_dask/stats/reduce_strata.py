@@ -54,19 +54,16 @@ from flashmm_dask.stats.blocks import _as_block, _block_partial
 from flashmm_dask.stats.graph import (
     Options,
     _InlineRead,
-    _obs_chunk,
-    _scattered,
     _tree_sum,
     bind_options,
+    chained,
     computed_signature,
 )
 from flashmm_dask.stats.products import lookup_table
 from flashmm_dask.stats.reduce import (
-    _BLOCK_PREFIX,
     _chunking,
     _design_chunk,
     _Expression,
-    _inline_reads,
     _record,
     _shared_partial,
     _validate,
@@ -86,44 +83,6 @@ logger = logging.getLogger(__name__)
 # stored values and indices reach _FOLD_BYTES
 _FOLD_ABOVE = 32 << 20
 _FOLD_BYTES = 256 << 20
-
-
-def chained(
-    fold: Callable[..., Any],
-    data: Any,
-    obs: Any,
-    cell_starts: np.ndarray,
-    token: str,
-    n_chains: int,
-    args: Callable[[int, int], tuple[Any, ...]],
-) -> list[Any]:
-    """The last task of each of ``n_chains`` chains that fold the cell chunks of ``data``
-    (one feature chunk) into running sums.
-
-    Chunk i is folded by ``fold(sums, block_i, obs_i, start, last, *args(start, stop))``
-    into the sums of chain ``i % n_chains`` (``sums`` None for a chain's first chunk,
-    ``last`` True for its last), which the task returns; ``obs`` is sent once to a
-    distributed client when large. The block is read inside the task when its read is a
-    small task of its own (see :func:`_inline_reads`). The tasks' keys start with
-    _BLOCK_PREFIX (progress counts them).
-    """
-    blocks = list(data.to_delayed()[:, 0])
-    reads = _inline_reads(blocks)
-    obs_future = _scattered(obs)
-    ends: list[Any] = [None] * min(len(blocks), n_chains)
-    for i, block in enumerate(blocks):
-        start, stop = int(cell_starts[i]), int(cell_starts[i + 1])
-        c = i % len(ends)
-        ends[c] = delayed(fold, pure=True)(
-            ends[c],
-            block if reads is None else reads[i],
-            _obs_chunk(obs, obs_future, start, stop, f"flashmm-obs-{token}-{i}"),
-            start,
-            i + len(ends) >= len(blocks),
-            *args(start, stop),
-            dask_key_name=f"{_BLOCK_PREFIX}{token}-{i}-0",
-        )
-    return ends
 
 
 def _nonzero_counts(E: np.ndarray | sp.csr_matrix) -> np.ndarray:
