@@ -136,8 +136,11 @@ def prepare_terms(
     d: Sequence[int],
     method: str,
     covariates: Sequence[str] | None = None,
+    diagonal: Sequence[bool] | None = None,
 ) -> SharedTerms:
-    """The shared terms of checked inputs (:func:`~flashmm_dask.numerics.fisher.prepare`).
+    """The shared terms of checked inputs (:func:`~flashmm_dask.numerics.fisher.prepare`);
+    ``diagonal``: which diagonal blocks of ZZ are diagonal, where the caller's pass over ZZ
+    found that (:func:`~flashmm_dask.numerics.zz_scan.scan`).
 
     Raises
     ------
@@ -145,7 +148,7 @@ def prepare_terms(
         X'X is not positive definite; the message names the aliased ``covariates``.
     """
     try:
-        return prepare(XX, ZX, ZZ, n, d, method)
+        return prepare(XX, ZX, ZZ, n, d, method, diagonal=diagonal)
     except NotPositiveDefiniteError as exc:
         names = covariates or [f"x{j + 1}" for j in range(XX.shape[0])]
         shown = ", ".join(repr(names[j]) for j in exc.aliased) or "(could not tell which)"

@@ -27,6 +27,7 @@ from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.numerics.fisher import METHODS
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.satterthwaite import BOUNDARY_DF, DF_METHODS
+from flashmm_dask.numerics.zz_scan import scan
 from flashmm_dask.stats.summary import SummaryStats, summary_shapes
 
 logger = logging.getLogger(__name__)
@@ -266,8 +267,16 @@ def lmm(
     random = _pick_names(
         [("ZZ", _labels(ZZ, 0)), ("ZY", _labels(ZY, 0)), ("ZX", _labels(ZX, 0))], q, "z"
     )
-    for name in ("XX", "ZX", "ZZ"):
+    sizes, component_names = _components(d, q)
+    for name in ("XX", "ZX"):
         _check_finite(name, arrays[name])
+    # with K >= 2, one pass over ZZ also finds which of its diagonal blocks are diagonal
+    # (the structured path's question; the atlas's nested ZZ is 483 MB)
+    zz = scan(arrays["ZZ"], sizes) if len(sizes) > 1 else None
+    if zz is None:
+        _check_finite("ZZ", arrays["ZZ"])
+    elif not zz.finite:
+        raise InputError("ZZ contains NaN or Inf; the shared statistics must be finite")
     for name in ("XY", "ZY", "Ynorm"):
         _check_finite(name, arrays[name], features)
 
@@ -282,12 +291,18 @@ def lmm(
             f"n = {n_cells} cells but p = {p} covariates: n must exceed p for the residual "
             "degrees of freedom n - p to be positive"
         )
-    sizes, component_names = _components(d, q)
     K = len(sizes)
     t0 = _theta0(theta0, K, m)
 
     shared = prepare_terms(
-        arrays["XX"], arrays["ZX"], arrays["ZZ"], n_cells, sizes, method, covariates
+        arrays["XX"],
+        arrays["ZX"],
+        arrays["ZZ"],
+        n_cells,
+        sizes,
+        method,
+        covariates,
+        diagonal=None if zz is None else zz.diagonal,
     )
     fit = fit_features(shared, arrays["XY"], arrays["ZY"], arrays["Ynorm"], options, t0)
     fitted = fit["fitted"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,12 +213,15 @@ def prepare(
     method: str,
     *,
     structured: bool | None = None,
+    diagonal: Sequence[bool] | None = None,
 ) -> SharedTerms:
     """Compute the shared terms of a design; raise NotPositiveDefiniteError if XX is not PD.
 
     ``structured``: None (default) takes the structured path where ZZ has the structure
     and the path is estimated to cost less than the dense one
     (:func:`.structured.worth_it`); True wherever ZZ has the structure; False never.
+    ``diagonal`` (K,): which diagonal blocks of this ZZ are diagonal, where the caller's
+    pass over ZZ found that (:func:`.zz_scan.scan`; :func:`.structured.detect`).
     """
     # XX (p x p) and G (q x p) with one BLAS thread: a LAPACK call with OpenBLAS's two
     # threads (even on a 1 x 1 XX) left the structured fit that followed 50 ms slower
@@ -239,7 +242,7 @@ def prepare(
         d=d,
         method=method,
         chol=np.tril(cho[0]),
-        structure=_structure(ZZ, d, XX.shape[0], structured),
+        structure=_structure(ZZ, d, XX.shape[0], structured, diagonal),
     )
     # computed here, once, rather than by the first threads that need them
     if sh.K == 1:
@@ -254,10 +257,16 @@ def prepare(
     return sh
 
 
-def _structure(ZZ: Array, d: np.ndarray, p: int, structured: bool | None) -> Structure | None:
+def _structure(
+    ZZ: Array,
+    d: np.ndarray,
+    p: int,
+    structured: bool | None,
+    diagonal: Sequence[bool] | None = None,
+) -> Structure | None:
     if structured is False:
         return None
-    st = detect(ZZ, d)
+    st = detect(ZZ, d, diagonal)
     if st is None or structured or structure_worth_it(st, p, len(d)):
         return st
     return None

@@ -35,6 +35,7 @@ information of ALGORITHM.md are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -184,19 +185,27 @@ def _csr(a: Array) -> scipy.sparse.csr_array:
     return scipy.sparse.csr_array((data, indices, indptr), shape=a.shape)
 
 
-def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
+def detect(ZZ: Array, d: np.ndarray, diagonal: Sequence[bool] | None = None) -> Structure | None:
     """The structure of ZZ for the structured path, or None (the dense path).
 
     Needs K >= 2 components and one with an exactly diagonal block Z_k'Z_k (the largest such
-    one is eliminated).
+    one is eliminated). ``diagonal`` (K,): which blocks of this ZZ are diagonal, where a
+    pass over it has found that already (:func:`.zz_scan.scan`); read here otherwise.
     """
     d = np.asarray(d, dtype=np.int64)
     if len(d) < 2:
         return None
     edges = np.concatenate([[0], np.cumsum(d)])
-    diag = [
-        _is_diagonal(ZZ[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]) for k in range(len(d))
-    ]
+    if diagonal is not None and len(diagonal) != len(d):
+        raise ValueError(f"diagonal has {len(diagonal)} entries for {len(d)} components")
+    diag = (
+        [bool(x) for x in diagonal]
+        if diagonal is not None
+        else [
+            _is_diagonal(ZZ[edges[k] : edges[k + 1], edges[k] : edges[k + 1]])
+            for k in range(len(d))
+        ]
+    )
     if not any(diag):
         return None
     big = max((k for k in range(len(d)) if diag[k]), key=lambda k: (d[k], -k))
@@ -210,8 +219,8 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     N = _csr(rows[:, is_] if big not in (0, len(d) - 1) else rows[:, is_[0] : is_[-1] + 1])
     Zs = ZZ[np.ix_(is_, is_)]  # one gather (ZZ[is_] first copied qs whole rows)
     lens = np.diff(N.indptr)
-    diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
-    nsq = N.multiply(N).tocsr() if diagonal else None
+    schur_diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
+    nsq = N.multiply(N).tocsr() if schur_diagonal else None
     return Structure(
         big=big,
         perm=perm,
@@ -221,7 +230,7 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         N=N,
         NT=N.T.tocsr(),
         Zs=Zs,
-        diagonal=diagonal,
+        diagonal=schur_diagonal,
         pairs=int(np.sum(lens * lens)),
         nsq=nsq,
         nsqT=None if nsq is None else nsq.T.tocsr(),
