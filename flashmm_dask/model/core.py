@@ -257,7 +257,15 @@ def fit_features(
         # with all features fitted, the K = 1 path leaves cov in the output itself
         cov_out = out["cov"][rows] if keep.cov and isinstance(rows, slice) else None
         fx = fixed_effects(
-            shared, xy, zy, th.theta, th.logdetM0, fim=keep.fim, re=keep.re, cov_out=cov_out
+            shared,
+            xy,
+            zy,
+            th.theta,
+            th.logdetM0,
+            fim=keep.fim,
+            re=keep.re,
+            cov_out=cov_out,
+            gram=th.gram,
         )
         for name in ("theta", "se_theta", "dlogL", "niter"):
             out[name][rows] = getattr(th, name)

@@ -304,10 +304,11 @@ def _post_py(
 
 def _post_sums_py(
     pstart, pcls, zu, comps, big, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, B, rb, ds, zry_s,
-    yry, sums, full,
+    yry, sums, full, ex_out,
 ):  # fmt: skip
     """:func:`_post_py` from a feature's sums over the count classes and the pairs, O(P +
-    (U + qs) p + p^2) instead of O(qb p): ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
+    (U + qs) p + p^2) instead of O(qb p), with E' D zry = G' P^-1 D zry into ``ex_out``
+    (p,): ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
     Z2 (U,) = sum_{zb_a = u} zry_a^2, nz (P,) = sum n_a zry_a over a pair's columns),
     zry_s (qs,) the small columns of zry. With y_a = zry_a + g_a' beta, alpha_c = ds_c
     (P^-T zry)_c + kap_c eps_c' beta and gamma_c = (P^-1 D zry)_c / ds_c + kap_c eps_c'
@@ -356,6 +357,7 @@ def _post_sums_py(
             PR2[j] += w * w * R[u, j]
     for j in range(p):
         ex[j] += rb * PR1[j]
+        ex_out[j] = ex[j]
     beta = B @ ex
     eb = Eps @ beta
     u2 = np.zeros(K)
@@ -407,11 +409,12 @@ def _post_sums_py(
     return t, Q, u2, yR2y, zMDz
 
 
-def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work):
+def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work, gram, ex):
     """One evaluation at s (K+1,) of a feature (zry_s (qs,) the small columns of its zry,
     ``sums`` its sums over the count classes and pairs, :func:`_post_sums_py`): dl (K+1,)
-    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``; returns (ok, s0 profiled,
-    log |det M0| (NaN unless ``final``))."""
+    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``, C = I - G' P^-1 D G into ``gram``
+    (p, p) and G' P^-1 D zry into ``ex`` (p,); returns (ok, s0 profiled, log |det M0| (NaN
+    unless ``final``))."""
     comps, big = nt[3], nt[4]
     nrq, nr, q = counts
     Cw, buf, perm = work
@@ -423,13 +426,14 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
         ds[c] = s[comps[c]] / s0
     parts = pre(*design, rb, ds, full)
     Cw[:] = parts[-1]
+    gram[:] = parts[-1]
     logdet_c = _gauss_jordan(Cw, buf, perm)
     ok = parts[0] and np.isfinite(logdet_c) and np.all(np.isfinite(Cw))
     if not ok:
         return False, np.nan, np.nan
     t, Q, u2, yR2y, zMDz = _post_sums(
         design[2], design[3], design[12], comps, big, *parts[3:13], Cw, rb, ds,
-        zry_s, yry, sums, full,
+        zry_s, yry, sums, full, ex,
     )  # fmt: skip
     s0p = (yry - zMDz) / nr
     if not full:
@@ -458,7 +462,9 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
 
 def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     """theta, se_theta, dlogL (m, K+1), FIM_theta (m, K+1, K+1), niter (m,), logdetM0
-    (m,) and ok (m,) of a block of features (zry (m, q) in the permuted order).
+    (m,), the fixed effects' terms at theta: C = I - G' P^-1 D G (m, p, p) and G' P^-1 D
+    zry (m, p) (valid where ok), and ok (m,), of a block of features (zry (m, q) in the
+    permuted order).
 
     ``free`` (K+1,) bool: the components updated, by their own score and the information
     among them (the others stay at their start, zero: ``fisher._scoring``'s ``free``);
@@ -485,6 +491,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     Fs = np.empty((kf, kf))
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
     work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
+    gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
     cls = design[7]
     nval, pedges = nt[2], nt[5]
@@ -520,7 +527,9 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
         good = True
         while max_iter > 0:
             it += 1
-            good, _, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work)
+            good, _, _ = _evaluate(
+                design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work, gram[j], ex[j]
+            )
             if good:
                 _pick(Fj, idx, Fs)
             if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
@@ -537,13 +546,16 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
                 break
         niter[j] = it
         if good:
-            good, s0, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, no, no, g, Fj, work)
+            good, s0, _ = _evaluate(
+                design, nt, sj, zs, yry[j], sums, counts, no, no, g, Fj, work, gram[j], ex[j]
+            )
             sj[k1 - 1] = s0
         ld = np.nan
         if good:
             good, _, ld = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work
-            )
+                design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work,
+                gram[j], ex[j],
+            )  # fmt: skip
         logdet[j] = ld
         if good:
             _pick(fim[j], idx, Fs)
@@ -555,7 +567,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             se[j, k] = np.nan
         for a in range(kf):
             se[j, idx[a]] = np.sqrt(inv[a, a])
-    return theta, se, dl, fim, niter, logdet, ok
+    return theta, se, dl, fim, niter, logdet, gram, ex, ok
 
 
 def _pick_py(F, idx, out):

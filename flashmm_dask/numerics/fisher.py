@@ -282,6 +282,8 @@ class ThetaFit:
     FIM_theta : (m, K+1, K+1)
     niter : (m,) int
     logdetM0 : (m,) log |det M0| at the final theta
+    gram : FixedTerms or None
+        The nested path's terms of the fixed effects at theta (None on other paths).
     """
 
     theta: Array
@@ -290,6 +292,19 @@ class ThetaFit:
     FIM_theta: Array
     niter: np.ndarray
     logdetM0: Array
+    gram: FixedTerms | None = None
+
+
+@dataclass(frozen=True)
+class FixedTerms:
+    """What the fixed effects need of the nested path (:mod:`.structured_nested`) at a fit's
+    theta, from its last evaluation there: C (m, p, p) = I - G' P^-1 D G (X'V^-1 X = L C L'
+    / s0), a (m, p) = G' P^-1 D zry, and ok (m,) where they are those of theta (False where
+    the feature was fitted otherwise or its theta changed since, :mod:`.boundary`)."""
+
+    C: Array
+    a: Array
+    ok: np.ndarray
 
 
 def _score_compiled(
@@ -505,7 +520,7 @@ def _fit_nested(
     kernel (:meth:`.structured_nested.NestedTerms.fit`), ``free`` as there; the features
     it could not fit take :func:`_scoring` with ``score`` (:func:`_score_structured`)."""
     assert sh.nested is not None
-    theta, se, dl, F, niter, logdet, ok = sh.nested.fit(
+    theta, se, dl, F, niter, logdet, C, a, ok = sh.nested.fit(
         zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT, free
     )
     if not ok.all():
@@ -517,7 +532,15 @@ def _fit_nested(
         rest = _scoring(rest_score, s[bad], max_iter, epsilon, free)
         theta[bad], se[bad], dl[bad] = rest.theta, rest.se_theta, rest.dlogL
         F[bad], niter[bad], logdet[bad] = rest.FIM_theta, rest.niter, rest.logdetM0
-    return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
+    return ThetaFit(
+        theta=theta,
+        se_theta=se,
+        dlogL=dl,
+        FIM_theta=F,
+        niter=niter,
+        logdetM0=logdet,
+        gram=FixedTerms(C, a, ok),
+    )
 
 
 def _spectral_scorer(sh: SharedTerms, z: Array, yry: Array) -> Callable[..., _Score]:
