@@ -6,7 +6,9 @@ The loop of :func:`_fit_py` is ``fisher._scoring``'s (steps F^-1 dl until max |d
 epsilon or max_iter steps, then s0 profiled and the score and information evaluated there
 once more) with the assembly of ``fisher._score_structured``, without a return to Python
 per evaluation; the profiling evaluation needs only zry' M D zry, so it skips the traces
-(the Gram matrices, the products with C^-1). A feature whose evaluation fails (P or C
+(the Gram matrices, the products with C^-1). What an evaluation shares by all features
+(everything but the feature's quadratic forms) is computed once per block at the start,
+where every ratio is zero, and taken from there for each feature's first evaluation. A feature whose evaluation fails (P or C
 singular, a result not finite) or whose information matrix is not provably well
 conditioned (its inverse is then not the pseudo-inverse) is reported (``ok`` False): the
 caller refits it by ``fisher._scoring`` from the same start.
@@ -308,7 +310,8 @@ def _post_sums_py(
 ):  # fmt: skip
     """:func:`_post_py` from a feature's sums over the count classes and the pairs, O(P +
     (U + qs) p + p^2) instead of O(qb p), with E' D zry = G' P^-1 D zry into ``ex_out``
-    (p,): ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
+    (p,), and t, Q as they are given (those of W, :func:`_traced`, where ``full``):
+    ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
     Z2 (U,) = sum_{zb_a = u} zry_a^2, nz (P,) = sum n_a zry_a over a pair's columns),
     zry_s (qs,) the small columns of zry. With y_a = zry_a + g_a' beta, alpha_c = ds_c
     (P^-T zry)_c + kap_c eps_c' beta and gamma_c = (P^-1 D zry)_c / ds_c + kap_c eps_c'
@@ -324,8 +327,6 @@ def _post_sums_py(
     K = t.shape[0]
     t = t.copy()
     Q = Q.copy()
-    if full:
-        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], B, t, Q)
     nu = zu.shape[0]
     pu = np.empty(nu)
     for u in range(nu):
@@ -409,31 +410,52 @@ def _post_sums_py(
     return t, Q, u2, yR2y, zMDz
 
 
+def _shared_py(design, comps, big, rb, ds, full, Cw, buf, perm):
+    """What an evaluation at the ratios (rb, ds) shares by all features: the pieces of
+    :func:`_pre_py`, C^-1 into ``Cw`` and log |det C|, and t, Q of W (of W0 unless
+    ``full``)."""
+    parts = pre(*design, rb, ds, full)
+    Cw[:] = parts[-1]
+    logdet_c = _gauss_jordan(Cw, buf, perm)
+    t, Q = parts[8].copy(), parts[9].copy()
+    if full and np.isfinite(logdet_c) and np.all(np.isfinite(Cw)):
+        U, Si, kap, sig, hs = parts[3:8]
+        Eps, grams, Hw = parts[10:13]
+        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], Cw, t, Q)
+    return parts, logdet_c, t, Q
+
+
 def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work, gram, ex):
     """One evaluation at s (K+1,) of a feature (zry_s (qs,) the small columns of its zry,
     ``sums`` its sums over the count classes and pairs, :func:`_post_sums_py`): dl (K+1,)
     and F (K+1, K+1) into ``dl`` and ``F`` where ``full``, C = I - G' P^-1 D G into ``gram``
     (p, p) and G' P^-1 D zry into ``ex`` (p,); returns (ok, s0 profiled, log |det M0| (NaN
-    unless ``final``))."""
+    unless ``final``)). ``work`` ends with the shared pieces at ratios all zero (the start
+    of every feature: :func:`_shared_py` once per block), taken where s has those ratios:
+    the same numbers."""
     comps, big = nt[3], nt[4]
     nrq, nr, q = counts
-    Cw, buf, perm = work
+    Cw, buf, perm, zero = work
     K = s.shape[0] - 1
     s0 = s[K]
     rb = s[big] / s0
     ds = np.empty(comps.shape[0])
+    at_zero = rb == 0.0
     for c in range(ds.shape[0]):
         ds[c] = s[comps[c]] / s0
-    parts = pre(*design, rb, ds, full)
-    Cw[:] = parts[-1]
+        at_zero = at_zero and ds[c] == 0.0
+    if at_zero and full:
+        parts, logdet_c, t, Q = zero[0], zero[1], zero[2], zero[3]
+        Cw[:] = zero[4]
+    else:
+        parts, logdet_c, t, Q = _shared(design, comps, big, rb, ds, full, Cw, buf, perm)
     gram[:] = parts[-1]
-    logdet_c = _gauss_jordan(Cw, buf, perm)
     ok = parts[0] and np.isfinite(logdet_c) and np.all(np.isfinite(Cw))
     if not ok:
         return False, np.nan, np.nan
     t, Q, u2, yR2y, zMDz = _post_sums(
-        design[2], design[3], design[12], comps, big, *parts[3:13], Cw, rb, ds,
-        zry_s, yry, sums, full, ex,
+        design[2], design[3], design[12], comps, big, *parts[3:8], t, Q, *parts[10:13], Cw,
+        rb, ds, zry_s, yry, sums, full, ex,
     )  # fmt: skip
     s0p = (yry - zMDz) / nr
     if not full:
@@ -490,7 +512,12 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             c += 1
     Fs = np.empty((kf, kf))
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
-    work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
+    Cw, buf, perm = np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64)
+    comps, big = nt[3], nt[4]
+    zp, zl, zt, zQ = _shared(
+        design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm
+    )  # fmt: skip
+    work = (Cw, buf, perm, (zp, zl, zt, zQ, Cw.copy()))
     gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
     cls = design[7]
@@ -582,6 +609,7 @@ _OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 pre = jit(_pre_py, **_OPTIONS)
 _post_sums = jit(_post_sums_py, **_OPTIONS)
 _traces = jit(_traces_py, **_OPTIONS)
+_shared = jit(_shared_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)
 _evaluate = jit(_evaluate_py, **_OPTIONS)
