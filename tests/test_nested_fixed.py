@@ -34,7 +34,7 @@ def same(fx, ref):
 
 @pytest.mark.parametrize("kind", ["nested", "nested_three", "nested_large", "nested_first_big"])
 def test_fixed_effects_from_the_fit_equal_dense(kind):
-    st, sh, XY, ZY, zry, yry = terms(kind)
+    _, sh, XY, ZY, zry, yry = terms(kind)
     th = fit_theta(sh, zry, yry)
     assert th.gram is not None and th.gram.ok.all()
     fx = fixed_effects(sh, XY, ZY, th.theta, th.logdetM0, re=False, gram=th.gram)
@@ -43,7 +43,7 @@ def test_fixed_effects_from_the_fit_equal_dense(kind):
 
 
 def test_features_without_valid_terms_take_the_structured_solves():
-    st, sh, XY, ZY, zry, yry = terms("nested_three")
+    _, sh, XY, ZY, zry, yry = terms("nested_three")
     th = fit_theta(sh, zry, yry)
     gram = th.gram
     assert gram is not None
@@ -57,19 +57,15 @@ def test_features_without_valid_terms_take_the_structured_solves():
 
 def test_boundary_refit_does_not_reuse_the_terms_of_the_unconstrained_theta():
     # features without a component's variance: some end with a negative component
-    st, sh, XY, ZY, zry, yry = terms("nested_three", boundary=True)
+    _, sh, XY, ZY, zry, yry = terms("nested_three", boundary=True)
     th = fit_theta(sh, zry, yry)
     held_fit, held = constrain(sh, zry, yry, th)
     refitted = held.any(axis=1)
     assert refitted.any() and not refitted.all()
     assert held_fit.gram is not None
     np.testing.assert_array_equal(held_fit.gram.ok, th.gram.ok & ~refitted)
-    fx = fixed_effects(
-        sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, gram=held_fit.gram
-    )
-    dense = fixed_effects(
-        sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, structure=False
-    )
+    fx = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, gram=held_fit.gram)
+    dense = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, structure=False)
     same(fx, dense)
 
 

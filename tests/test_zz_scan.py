@@ -124,3 +124,15 @@ def test_lmm_finds_the_structure_in_the_scan(monkeypatch):
     assert seen[-1].path == "dense"
     _, th_d, _ = fit(dict(st, ZZ=ZZ), "REML", False)
     np.testing.assert_allclose(res.theta, th_d.theta.T, rtol=1e-10)
+
+
+def test_detect_reads_a_fortran_ordered_ZZ_as_a_C_ordered_one():
+    for kind in ("nested", "nested_three", "crossed_three", "mixed"):
+        st = design(kind, m=2)
+        a = detect(st["ZZ"], st["d"])
+        b = detect(np.asfortranarray(st["ZZ"]), st["d"])
+        assert a is not None and b is not None
+        np.testing.assert_array_equal(a.N.toarray(), b.N.toarray())
+        np.testing.assert_array_equal(a.N.indptr, b.N.indptr)
+        np.testing.assert_array_equal(a.Zs, b.Zs)
+        assert a.big == b.big and a.diagonal == b.diagonal

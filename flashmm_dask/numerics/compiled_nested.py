@@ -8,10 +8,10 @@ once more) with the assembly of ``fisher._score_structured``, without a return t
 per evaluation; the profiling evaluation needs only zry' M D zry, so it skips the traces
 (the Gram matrices, the products with C^-1). What an evaluation shares by all features
 (everything but the feature's quadratic forms) is computed once per block at the start,
-where every ratio is zero, and taken from there for each feature's first evaluation. A feature whose evaluation fails (P or C
-singular, a result not finite) or whose information matrix is not provably well
-conditioned (its inverse is then not the pseudo-inverse) is reported (``ok`` False): the
-caller refits it by ``fisher._scoring`` from the same start.
+where every ratio is zero, and taken from there for each feature's first evaluation. A
+feature whose evaluation fails (P or C singular, a result not finite) or whose information
+matrix is not provably well conditioned (its inverse is then not the pseudo-inverse) is
+reported (``ok`` False): the caller refits it by ``fisher._scoring`` from the same start.
 
 Every kernel of the path is in this one module: numba's disk cache of a kernel is
 invalidated by changes to its own file only, not to the kernels it calls (the two taken
