@@ -136,3 +136,30 @@ def test_detect_reads_a_fortran_ordered_ZZ_as_a_C_ordered_one():
         np.testing.assert_array_equal(a.N.indptr, b.N.indptr)
         np.testing.assert_array_equal(a.Zs, b.Zs)
         assert a.big == b.big and a.diagonal == b.diagonal
+
+
+@pytest.mark.parametrize(
+    ("i", "j", "value"),
+    [(None, None, None), (2000, 1999, 1.0), (100, 650, 2.0), (1500, 10, np.nan), (10, 10, np.inf)],
+)
+def test_scan_in_threads_equals_one_thread(i, j, value):
+    """Rows split among threads (q >= 1024 per thread): each part reads its own rows."""
+    d = [700, 1400, 4]
+    q = sum(d)
+    rng = np.random.default_rng(2)
+    a = np.zeros((q, q))
+    a[np.arange(q), np.arange(q)] = rng.uniform(1, 2, q)
+    a[700:2100, :700] = rng.normal(size=(1400, 700)) * (rng.uniform(size=(1400, 700)) < 0.01)
+    a[:700, 700:2100] = a[700:2100, :700].T
+    a[-4:, :] = rng.normal(size=(4, q))
+    a[:, -4:] = a[-4:, :].T
+    if i is not None:
+        a[i, j] = value
+    one, three = scan(a, d, threads=1), scan(a, d, threads=3)
+    assert one == three
+    edges = np.cumsum([0, *d])
+    assert one.finite == bool(np.isfinite(a).all())
+    assert one.diagonal == tuple(
+        _is_diagonal(np.ascontiguousarray(a[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]))
+        for k in range(len(d))
+    )

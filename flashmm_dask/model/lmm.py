@@ -272,7 +272,7 @@ def lmm(
         _check_finite(name, arrays[name])
     # with K >= 2, one pass over ZZ also finds which of its diagonal blocks are diagonal
     # (the structured path's question; the atlas's nested ZZ is 483 MB)
-    zz = scan(arrays["ZZ"], sizes) if len(sizes) > 1 else None
+    zz = scan(arrays["ZZ"], sizes, options.n_threads) if len(sizes) > 1 else None
     if zz is None:
         _check_finite("ZZ", arrays["ZZ"])
     elif not zz.finite:

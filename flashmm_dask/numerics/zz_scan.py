@@ -14,6 +14,7 @@ to the sum only where they are not all zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,15 +58,18 @@ _or_all = jit(_or_all_py, nogil=True, inline="always")
 _sum = jit(_sum_py, nogil=True, fastmath={"reassoc"}, inline="always")
 
 
-def _scan_py(values: Array, bits: np.ndarray, edges: np.ndarray, offdiag: np.ndarray) -> float:
-    """The sum of ``values`` (q, q) (its off-diagonal block entries left out where they are
-    all zero) and, into ``offdiag`` (K,), the OR of the off-diagonal bits of each block.
-    The slices keep every loop a plain one over a contiguous row (loops over index ranges
-    with a moving start were not vectorised: 4x slower)."""
+def _scan_py(
+    values: Array, bits: np.ndarray, edges: np.ndarray, r0: int, r1: int, offdiag: np.ndarray
+) -> float:
+    """The sum of the rows r0:r1 of ``values`` (q, q) (their off-diagonal block entries
+    left out where they are all zero) and, into ``offdiag`` (K,), the OR of their
+    off-diagonal bits of each block. The slices keep every loop a plain one over a
+    contiguous row (loops over index ranges with a moving start were not vectorised: 4x
+    slower)."""
     q = values.shape[1]
     total = 0.0
     k = 0
-    for i in range(values.shape[0]):
+    for i in range(r0, r1):
         while edges[k + 1] <= i:
             k += 1
         a, b = edges[k], edges[k + 1]
@@ -83,16 +87,31 @@ def _scan_py(values: Array, bits: np.ndarray, edges: np.ndarray, offdiag: np.nda
 _scan = jit(_scan_py, nogil=True, fastmath={"reassoc"})
 
 
-def scan(ZZ: Array, d: Sequence[int] | np.ndarray) -> Scan:
+def scan(ZZ: Array, d: Sequence[int] | np.ndarray, threads: int = 1) -> Scan:
     """Whether ZZ (q, q) float64 is finite and which of its K diagonal blocks (sizes ``d``)
     are diagonal, in one pass (a Fortran-ordered ZZ through its transpose, whose blocks are
-    the transposes of its own; any other layout is copied first)."""
+    the transposes of its own; any other layout is copied first), its rows split among
+    ``threads`` threads (one core alone does not reach the memory's bandwidth: the atlas's
+    483 MB in 18 ms on one thread, 11 ms on two)."""
     if ZZ.flags.f_contiguous and not ZZ.flags.c_contiguous:
         ZZ = ZZ.T
     ZZ = np.ascontiguousarray(ZZ, dtype=np.float64)
     edges = np.concatenate([[0], np.cumsum(np.asarray(d, dtype=np.int64))])
-    offdiag = np.zeros(len(d), dtype=np.uint64)
-    total = _scan(ZZ, ZZ.view(np.uint64), edges, offdiag)
+    q = ZZ.shape[0]
+    parts = max(1, min(threads, q // 1024))  # (a small ZZ in the calling thread)
+    bounds = [(i * q) // parts for i in range(parts + 1)]
+    offdiag = np.zeros((parts, len(d)), dtype=np.uint64)
+    bits = ZZ.view(np.uint64)
+
+    def rows(i: int) -> float:
+        return float(_scan(ZZ, bits, edges, bounds[i], bounds[i + 1], offdiag[i]))
+
+    if parts == 1:
+        total = rows(0)
+    else:
+        with ThreadPoolExecutor(parts - 1) as pool:
+            others = [pool.submit(rows, i) for i in range(1, parts)]
+            total = rows(0) + sum(f.result() for f in others)
     finite = bool(np.isfinite(total)) or bool(np.isfinite(ZZ).all())  # a sum may overflow
-    diagonal = tuple(bool(x << np.uint64(1) == 0) for x in offdiag)
+    diagonal = tuple(bool(x << np.uint64(1) == 0) for x in np.bitwise_or.reduce(offdiag))
     return Scan(finite=finite, diagonal=diagonal)
