@@ -179,26 +179,31 @@ def _fixed_from_gram(
     :func:`_fixed_structured`."""
     s0 = theta[:, -1]
     ok = gram.ok
+    m, p = XY.shape
     L = sh.chol
-    w = scipy.linalg.solve_triangular(L, XY.T, lower=True).T  # (m, p)
+    Cg, a = gram.C[ok], gram.a[ok]  # (the others are not read: the kernel left them unset)
+    w = scipy.linalg.solve_triangular(L, XY[ok].T, lower=True).T  # (r, p)
     with one_blas_thread():
-        C = L @ gram.C @ L.T
-        rhs = (np.einsum("mij,mj->mi", gram.C, w) - gram.a) @ L.T
-    FIM_beta = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[:, None, None] if fim else None
-    coef, se, t, cov = _solve(np.ascontiguousarray(C), rhs, s0)
-    out = FixedFit(
-        coef=coef, cov=cov, FIM_beta=FIM_beta, RE=None, logLik=_loglik(sh, s0, logdetM0), se=se,
-        t=t,
-    )  # fmt: skip
+        C = L @ Cg @ L.T
+        rhs = (np.einsum("mij,mj->mi", Cg, w) - a) @ L.T
+    coef, se, t = np.empty((m, p)), np.empty((m, p)), np.empty((m, p))
+    cov = np.empty((m, p, p))
+    FIM_beta = np.empty((m, p, p)) if fim else None
+    if fim:
+        assert FIM_beta is not None
+        FIM_beta[ok] = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[ok][:, None, None]
+    coef[ok], se[ok], t[ok], cov[ok] = _solve(np.ascontiguousarray(C), rhs, s0[ok])
+    logLik = _loglik(sh, s0, logdetM0)
     if not ok.all():
         bad = ~ok
         rest = _fixed_structured(sh, XY[bad], ZY[bad], theta[bad], logdetM0[bad], fim=fim, re=False)
-        out.coef[bad], out.cov[bad], out.logLik[bad] = rest.coef, rest.cov, rest.logLik
-        out.se[bad], out.t[bad] = rest.se, rest.t
+        coef[bad], cov[bad], logLik[bad], se[bad], t[bad] = (
+            rest.coef, rest.cov, rest.logLik, rest.se, rest.t,
+        )  # fmt: skip
         if fim:
-            assert out.FIM_beta is not None
-            out.FIM_beta[bad] = rest.FIM_beta
-    return out
+            assert FIM_beta is not None
+            FIM_beta[bad] = rest.FIM_beta
+    return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=None, logLik=logLik, se=se, t=t)
 
 
 def _fixed_structured(
