@@ -419,23 +419,21 @@ def _shared_py(design, comps, big, rb, ds, full, Cw, buf, perm):
     logdet_c = _gauss_jordan(Cw, buf, perm)
     t, Q = parts[8].copy(), parts[9].copy()
     if full and np.isfinite(logdet_c) and np.all(np.isfinite(Cw)):
-        U, Si, kap, sig, hs = parts[3:8]
-        Eps, grams, Hw = parts[10:13]
-        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], Cw, t, Q)
+        _traces(big, comps, *parts[3:8], *parts[10:12], parts[12][2], Cw, t, Q)
     return parts, logdet_c, t, Q
 
 
-def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work, gram, ex):
+def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work, fixed):
     """One evaluation at s (K+1,) of a feature (zry_s (qs,) the small columns of its zry,
     ``sums`` its sums over the count classes and pairs, :func:`_post_sums_py`): dl (K+1,)
-    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``, C = I - G' P^-1 D G into ``gram``
-    (p, p) and G' P^-1 D zry into ``ex`` (p,); returns (ok, s0 profiled, log |det M0| (NaN
+    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``, C = I - G' P^-1 D G (p, p) and
+    G' P^-1 D zry (p,) into the two arrays of ``fixed``; returns (ok, s0 profiled, log |det M0| (NaN
     unless ``final``)). ``work`` ends with the shared pieces at ratios all zero (the start
     of every feature: :func:`_shared_py` once per block), taken where s has those ratios:
     the same numbers."""
     comps, big = nt[3], nt[4]
     nrq, nr, q = counts
-    Cw, buf, perm, zero = work
+    Cw, buf, perm, zero, zero_inverse = work
     K = s.shape[0] - 1
     s0 = s[K]
     rb = s[big] / s0
@@ -445,10 +443,11 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
         ds[c] = s[comps[c]] / s0
         at_zero = at_zero and ds[c] == 0.0
     if at_zero and full:
-        parts, logdet_c, t, Q = zero[0], zero[1], zero[2], zero[3]
-        Cw[:] = zero[4]
+        parts, logdet_c, t, Q = zero
+        Cw[:] = zero_inverse
     else:
         parts, logdet_c, t, Q = _shared(design, comps, big, rb, ds, full, Cw, buf, perm)
+    gram, ex = fixed
     gram[:] = parts[-1]
     ok = parts[0] and np.isfinite(logdet_c) and np.all(np.isfinite(Cw))
     if not ok:
@@ -501,23 +500,14 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     fim, logdet = np.empty((m, k1, k1)), np.empty(m)
     niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
     sj, g, Fj = np.empty(k1), np.empty(k1), np.empty((k1, k1))
-    kf = 0
-    for k in range(k1):
-        kf += 1 if free[k] else 0
-    idx = np.empty(kf, dtype=np.int64)  # the updated components
-    c = 0
-    for k in range(k1):
-        if free[k]:
-            idx[c] = k
-            c += 1
+    idx = np.flatnonzero(free)  # the updated components
+    kf = idx.shape[0]
     Fs = np.empty((kf, kf))
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
     Cw, buf, perm = np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64)
     comps, big = nt[3], nt[4]
-    zp, zl, zt, zQ = _shared(
-        design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm
-    )  # fmt: skip
-    work = (Cw, buf, perm, (zp, zl, zt, zQ, Cw.copy()))
+    zero = _shared(design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm)
+    work = (Cw, buf, perm, zero, Cw.copy())
     gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
     cls = design[7]
@@ -547,18 +537,16 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             for a in range(pedges[k], pedges[k + 1]):
                 acc += nval[a] * z[a]
             nz[k] = acc
-        zs = z[qb:]
+        zs, y, fx = z[qb:], yry[j], (gram[j], ex[j])
         for k in range(k1):
             sj[k] = s_init[j, k]
         it = 0
         good = True
         while max_iter > 0:
             it += 1
-            good, _, _ = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work, gram[j], ex[j]
-            )
+            good, _, _ = _evaluate(design, nt, sj, zs, y, sums, counts, yes, no, g, Fj, work, fx)
             if good:
-                _pick(Fj, idx, Fs)
+                Fs[:] = Fj[idx][:, idx]
             if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
                 good = False
                 break
@@ -573,35 +561,24 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
                 break
         niter[j] = it
         if good:
-            good, s0, _ = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, no, no, g, Fj, work, gram[j], ex[j]
-            )
+            good, s0, _ = _evaluate(design, nt, sj, zs, y, sums, counts, no, no, g, Fj, work, fx)
             sj[k1 - 1] = s0
         ld = np.nan
         if good:
             good, _, ld = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work,
-                gram[j], ex[j],
-            )  # fmt: skip
+                design, nt, sj, zs, y, sums, counts, yes, yes, dl[j], fim[j], work, fx
+            )
         logdet[j] = ld
         if good:
-            _pick(fim[j], idx, Fs)
+            Fs[:] = fim[j][idx][:, idx]
         if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
             ok[j] = False
             continue
-        for k in range(k1):
-            theta[j, k] = sj[k]
-            se[j, k] = np.nan
+        theta[j] = sj
+        se[j] = np.nan
         for a in range(kf):
             se[j, idx[a]] = np.sqrt(inv[a, a])
     return theta, se, dl, fim, niter, logdet, gram, ex, ok
-
-
-def _pick_py(F, idx, out):
-    """out = F[idx][:, idx]."""
-    for a in range(idx.shape[0]):
-        for b in range(idx.shape[0]):
-            out[a, b] = F[idx[a], idx[b]]
 
 
 #: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
@@ -613,5 +590,4 @@ _shared = jit(_shared_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)
 _evaluate = jit(_evaluate_py, **_OPTIONS)
-_pick = jit(_pick_py, **_OPTIONS)
 fit = jit(_fit_py, **_OPTIONS)
