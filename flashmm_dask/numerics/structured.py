@@ -159,33 +159,22 @@ def _offdiagonal_zero_py(a: np.ndarray) -> bool:
 _offdiagonal_zero = jit(_offdiagonal_zero_py, nogil=True)
 
 
-def _nonzeros_py(v: Array) -> int:
-    n = 0
-    for j in range(v.shape[0]):
-        n += v[j] != 0.0
-    return n
-
-
-_nonzeros = jit(_nonzeros_py, nogil=True, inline="always")
-
-
 def _csr_py(
     a: Array, c0: int, c1: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray
-) -> None:
-    # each row's columns c0:c1 a contiguous slice of a C-contiguous row: the count is
-    # vectorised (a two-dimensional view was read entry by entry, 6 ms for the atlas's N)
+) -> int:
+    # each row's columns c0:c1 a contiguous slice of a C-contiguous row (a two-dimensional
+    # view was read entry by entry); the non-zeros past the capacity of indices are counted
     nnz = 0
     for i in range(a.shape[0]):
         v = a[i][c0:c1]
-        if indices.size:
-            for j in range(v.shape[0]):
-                if v[j] != 0.0:
+        for j in range(v.shape[0]):
+            if v[j] != 0.0:
+                if nnz < indices.size:
                     indices[nnz] = j
                     data[nnz] = v[j]
-                    nnz += 1
-        else:
-            nnz += _nonzeros(v)
+                nnz += 1
         indptr[i + 1] = nnz
+    return nnz
 
 
 _csr_fill = jit(_csr_py, nogil=True)
@@ -193,16 +182,19 @@ _csr_fill = jit(_csr_py, nogil=True)
 
 def _csr(a: Array, c0: int = 0, c1: int | None = None) -> scipy.sparse.csr_array:
     """The columns c0:c1 of a C-contiguous (r, c) array (default all) as a canonical CSR
-    array: a compiled count, then fill (scipy's conversion from dense took twice as long
-    as building the rest of the structure)."""
+    array, compiled (scipy's conversion from dense took twice as long as building the rest
+    of the structure): one pass where the block has at most two non-zeros per row (a
+    nested factor's N: one), else a second one with the count of the first."""
     c1 = a.shape[1] if c1 is None else c1
     if not a.flags.c_contiguous:  # (a Fortran-ordered ZZ) the columns copied
         a, c0, c1 = np.ascontiguousarray(a[:, c0:c1]), 0, c1 - c0
     indptr = np.zeros(a.shape[0] + 1, dtype=np.int32)
-    _csr_fill(a, c0, c1, indptr, np.empty(0, dtype=np.int32), np.empty(0))
-    indices, data = np.empty(indptr[-1], dtype=np.int32), np.empty(indptr[-1])
-    _csr_fill(a, c0, c1, indptr, indices, data)
-    return scipy.sparse.csr_array((data, indices, indptr), shape=(a.shape[0], c1 - c0))
+    indices, data = np.empty(2 * a.shape[0], dtype=np.int32), np.empty(2 * a.shape[0])
+    nnz = _csr_fill(a, c0, c1, indptr, indices, data)
+    if nnz > indices.size:
+        indices, data = np.empty(nnz, dtype=np.int32), np.empty(nnz)
+        _csr_fill(a, c0, c1, indptr, indices, data)
+    return scipy.sparse.csr_array((data[:nnz], indices[:nnz], indptr), shape=(a.shape[0], c1 - c0))
 
 
 def detect(ZZ: Array, d: np.ndarray, diagonal: Sequence[bool] | None = None) -> Structure | None:
