@@ -129,6 +129,14 @@ def test_arrays_and_frames_agree():
         np.testing.assert_array_equal(getattr(a, out), getattr(b, out))
     assert a.covariates == ("x1", "x2", "x3", "x4", "x5", "x6", "x7")
     assert b.covariates[0] == "log(libsize)"
+    # the default names (kept between calls) follow each call's sizes
+    m, q = a.coef.shape[1], len(a.random)
+    assert a.random == tuple(f"z{i + 1}" for i in range(q))
+    assert a.features == tuple(f"feature{i + 1}" for i in range(m))
+    args = summary_args(case, labelled=False)
+    args.update(XY=args["XY"][:, :3], ZY=args["ZY"][:, :3], Ynorm=args["Ynorm"][:3])
+    assert lmm(**args).features == ("feature1", "feature2", "feature3")
+    assert lmm(**summary_args(case, labelled=False)).features == a.features
 
 
 def test_zero_features_are_nan_with_one_warning():

@@ -136,8 +136,11 @@ def prepare_terms(
     d: Sequence[int],
     method: str,
     covariates: Sequence[str] | None = None,
+    diagonal: Sequence[bool] | None = None,
 ) -> SharedTerms:
-    """The shared terms of checked inputs (:func:`~flashmm_dask.numerics.fisher.prepare`).
+    """The shared terms of checked inputs (:func:`~flashmm_dask.numerics.fisher.prepare`);
+    ``diagonal``: which diagonal blocks of ZZ are diagonal, where the caller's pass over ZZ
+    found that (:func:`~flashmm_dask.numerics.zz_scan.scan`).
 
     Raises
     ------
@@ -145,7 +148,7 @@ def prepare_terms(
         X'X is not positive definite; the message names the aliased ``covariates``.
     """
     try:
-        return prepare(XX, ZX, ZZ, n, d, method)
+        return prepare(XX, ZX, ZZ, n, d, method, diagonal=diagonal)
     except NotPositiveDefiniteError as exc:
         names = covariates or [f"x{j + 1}" for j in range(XX.shape[0])]
         shown = ", ".join(repr(names[j]) for j in exc.aliased) or "(could not tell which)"
@@ -254,7 +257,15 @@ def fit_features(
         # with all features fitted, the K = 1 path leaves cov in the output itself
         cov_out = out["cov"][rows] if keep.cov and isinstance(rows, slice) else None
         fx = fixed_effects(
-            shared, xy, zy, th.theta, th.logdetM0, fim=keep.fim, re=keep.re, cov_out=cov_out
+            shared,
+            xy,
+            zy,
+            th.theta,
+            th.logdetM0,
+            fim=keep.fim,
+            re=keep.re,
+            cov_out=cov_out,
+            gram=th.gram,
         )
         for name in ("theta", "se_theta", "dlogL", "niter"):
             out[name][rows] = getattr(th, name)

@@ -298,4 +298,8 @@ def constrain(
     out["FIM_theta"][rows] = F
     out["niter"][rows] += extra
     out["logdetM0"][rows] = final.logdetM0
-    return replace(fit, **out), held
+    gram = fit.gram
+    if gram is not None:  # those of the unconstrained theta: not for the rows refitted
+        gram = replace(gram, ok=gram.ok.copy())
+        gram.ok[rows] = False
+    return replace(fit, **out, gram=gram), held

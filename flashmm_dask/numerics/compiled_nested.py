@@ -6,10 +6,12 @@ The loop of :func:`_fit_py` is ``fisher._scoring``'s (steps F^-1 dl until max |d
 epsilon or max_iter steps, then s0 profiled and the score and information evaluated there
 once more) with the assembly of ``fisher._score_structured``, without a return to Python
 per evaluation; the profiling evaluation needs only zry' M D zry, so it skips the traces
-(the Gram matrices, the products with C^-1). A feature whose evaluation fails (P or C
-singular, a result not finite) or whose information matrix is not provably well
-conditioned (its inverse is then not the pseudo-inverse) is reported (``ok`` False): the
-caller refits it by ``fisher._scoring`` from the same start.
+(the Gram matrices, the products with C^-1). What an evaluation shares by all features
+(everything but the feature's quadratic forms) is computed once per block at the start,
+where every ratio is zero, and taken from there for each feature's first evaluation. A
+feature whose evaluation fails (P or C singular, a result not finite) or whose information
+matrix is not provably well conditioned (its inverse is then not the pseudo-inverse) is
+reported (``ok`` False): the caller refits it by ``fisher._scoring`` from the same start.
 
 Every kernel of the path is in this one module: numba's disk cache of a kernel is
 invalidated by changes to its own file only, not to the kernels it calls (the two taken
@@ -304,10 +306,12 @@ def _post_py(
 
 def _post_sums_py(
     pstart, pcls, zu, comps, big, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, B, rb, ds, zry_s,
-    yry, sums, full,
+    yry, sums, full, ex_out,
 ):  # fmt: skip
     """:func:`_post_py` from a feature's sums over the count classes and the pairs, O(P +
-    (U + qs) p + p^2) instead of O(qb p): ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
+    (U + qs) p + p^2) instead of O(qb p), with E' D zry = G' P^-1 D zry into ``ex_out``
+    (p,), and t, Q as they are given (those of W, :func:`_traced`, where ``full``):
+    ``sums`` = (R (U, p) = sum_{zb_a = u} zry_a g_a,
     Z2 (U,) = sum_{zb_a = u} zry_a^2, nz (P,) = sum n_a zry_a over a pair's columns),
     zry_s (qs,) the small columns of zry. With y_a = zry_a + g_a' beta, alpha_c = ds_c
     (P^-T zry)_c + kap_c eps_c' beta and gamma_c = (P^-1 D zry)_c / ds_c + kap_c eps_c'
@@ -323,8 +327,6 @@ def _post_sums_py(
     K = t.shape[0]
     t = t.copy()
     Q = Q.copy()
-    if full:
-        _traces(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw[2], B, t, Q)
     nu = zu.shape[0]
     pu = np.empty(nu)
     for u in range(nu):
@@ -356,6 +358,7 @@ def _post_sums_py(
             PR2[j] += w * w * R[u, j]
     for j in range(p):
         ex[j] += rb * PR1[j]
+        ex_out[j] = ex[j]
     beta = B @ ex
     eb = Eps @ beta
     u2 = np.zeros(K)
@@ -407,29 +410,51 @@ def _post_sums_py(
     return t, Q, u2, yR2y, zMDz
 
 
-def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work):
+def _shared_py(design, comps, big, rb, ds, full, Cw, buf, perm):
+    """What an evaluation at the ratios (rb, ds) shares by all features: the pieces of
+    :func:`_pre_py`, C^-1 into ``Cw`` and log |det C|, and t, Q of W (of W0 unless
+    ``full``)."""
+    parts = pre(*design, rb, ds, full)
+    Cw[:] = parts[-1]
+    logdet_c = _gauss_jordan(Cw, buf, perm)
+    t, Q = parts[8].copy(), parts[9].copy()
+    if full and np.isfinite(logdet_c) and np.all(np.isfinite(Cw)):
+        _traces(big, comps, *parts[3:8], *parts[10:12], parts[12][2], Cw, t, Q)
+    return parts, logdet_c, t, Q
+
+
+def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, work, fixed):
     """One evaluation at s (K+1,) of a feature (zry_s (qs,) the small columns of its zry,
     ``sums`` its sums over the count classes and pairs, :func:`_post_sums_py`): dl (K+1,)
-    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``; returns (ok, s0 profiled,
-    log |det M0| (NaN unless ``final``))."""
+    and F (K+1, K+1) into ``dl`` and ``F`` where ``full``, C = I - G' P^-1 D G (p, p) and
+    G' P^-1 D zry (p,) into the two arrays of ``fixed``; returns (ok, s0 profiled, log |det M0| (NaN
+    unless ``final``)). ``work`` ends with the shared pieces at ratios all zero (the start
+    of every feature: :func:`_shared_py` once per block), taken where s has those ratios:
+    the same numbers."""
     comps, big = nt[3], nt[4]
     nrq, nr, q = counts
-    Cw, buf, perm = work
+    Cw, buf, perm, zero, zero_inverse = work
     K = s.shape[0] - 1
     s0 = s[K]
     rb = s[big] / s0
     ds = np.empty(comps.shape[0])
+    at_zero = rb == 0.0
     for c in range(ds.shape[0]):
         ds[c] = s[comps[c]] / s0
-    parts = pre(*design, rb, ds, full)
-    Cw[:] = parts[-1]
-    logdet_c = _gauss_jordan(Cw, buf, perm)
+        at_zero = at_zero and ds[c] == 0.0
+    if at_zero and full:
+        parts, logdet_c, t, Q = zero
+        Cw[:] = zero_inverse
+    else:
+        parts, logdet_c, t, Q = _shared(design, comps, big, rb, ds, full, Cw, buf, perm)
+    gram, ex = fixed
+    gram[:] = parts[-1]
     ok = parts[0] and np.isfinite(logdet_c) and np.all(np.isfinite(Cw))
     if not ok:
         return False, np.nan, np.nan
     t, Q, u2, yR2y, zMDz = _post_sums(
-        design[2], design[3], design[12], comps, big, *parts[3:13], Cw, rb, ds,
-        zry_s, yry, sums, full,
+        design[2], design[3], design[12], comps, big, *parts[3:8], t, Q, *parts[10:13], Cw,
+        rb, ds, zry_s, yry, sums, full, ex,
     )  # fmt: skip
     s0p = (yry - zMDz) / nr
     if not full:
@@ -458,7 +483,9 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
 
 def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     """theta, se_theta, dlogL (m, K+1), FIM_theta (m, K+1, K+1), niter (m,), logdetM0
-    (m,) and ok (m,) of a block of features (zry (m, q) in the permuted order).
+    (m,), the fixed effects' terms at theta: C = I - G' P^-1 D G (m, p, p) and G' P^-1 D
+    zry (m, p) (valid where ok), and ok (m,), of a block of features (zry (m, q) in the
+    permuted order).
 
     ``free`` (K+1,) bool: the components updated, by their own score and the information
     among them (the others stay at their start, zero: ``fisher._scoring``'s ``free``);
@@ -473,18 +500,15 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     fim, logdet = np.empty((m, k1, k1)), np.empty(m)
     niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
     sj, g, Fj = np.empty(k1), np.empty(k1), np.empty((k1, k1))
-    kf = 0
-    for k in range(k1):
-        kf += 1 if free[k] else 0
-    idx = np.empty(kf, dtype=np.int64)  # the updated components
-    c = 0
-    for k in range(k1):
-        if free[k]:
-            idx[c] = k
-            c += 1
+    idx = np.flatnonzero(free)  # the updated components
+    kf = idx.shape[0]
     Fs = np.empty((kf, kf))
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
-    work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
+    Cw, buf, perm = np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64)
+    comps, big = nt[3], nt[4]
+    zero = _shared(design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm)
+    work = (Cw, buf, perm, zero, Cw.copy())
+    gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
     cls = design[7]
     nval, pedges = nt[2], nt[5]
@@ -513,16 +537,16 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             for a in range(pedges[k], pedges[k + 1]):
                 acc += nval[a] * z[a]
             nz[k] = acc
-        zs = z[qb:]
+        zs, y, fx = z[qb:], yry[j], (gram[j], ex[j])
         for k in range(k1):
             sj[k] = s_init[j, k]
         it = 0
         good = True
         while max_iter > 0:
             it += 1
-            good, _, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work)
+            good, _, _ = _evaluate(design, nt, sj, zs, y, sums, counts, yes, no, g, Fj, work, fx)
             if good:
-                _pick(Fj, idx, Fs)
+                Fs[:] = Fj[idx][:, idx]
             if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
                 good = False
                 break
@@ -537,32 +561,24 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
                 break
         niter[j] = it
         if good:
-            good, s0, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, no, no, g, Fj, work)
+            good, s0, _ = _evaluate(design, nt, sj, zs, y, sums, counts, no, no, g, Fj, work, fx)
             sj[k1 - 1] = s0
         ld = np.nan
         if good:
             good, _, ld = _evaluate(
-                design, nt, sj, zs, yry[j], sums, counts, yes, yes, dl[j], fim[j], work
+                design, nt, sj, zs, y, sums, counts, yes, yes, dl[j], fim[j], work, fx
             )
         logdet[j] = ld
         if good:
-            _pick(fim[j], idx, Fs)
+            Fs[:] = fim[j][idx][:, idx]
         if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
             ok[j] = False
             continue
-        for k in range(k1):
-            theta[j, k] = sj[k]
-            se[j, k] = np.nan
+        theta[j] = sj
+        se[j] = np.nan
         for a in range(kf):
             se[j, idx[a]] = np.sqrt(inv[a, a])
-    return theta, se, dl, fim, niter, logdet, ok
-
-
-def _pick_py(F, idx, out):
-    """out = F[idx][:, idx]."""
-    for a in range(idx.shape[0]):
-        for b in range(idx.shape[0]):
-            out[a, b] = F[idx[a], idx[b]]
+    return theta, se, dl, fim, niter, logdet, gram, ex, ok
 
 
 #: IEEE semantics (1/0 = inf, as NumPy), no GIL, fused multiply-adds (as compiled.py's).
@@ -570,8 +586,8 @@ _OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": {"contract"}}
 pre = jit(_pre_py, **_OPTIONS)
 _post_sums = jit(_post_sums_py, **_OPTIONS)
 _traces = jit(_traces_py, **_OPTIONS)
+_shared = jit(_shared_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)
 _evaluate = jit(_evaluate_py, **_OPTIONS)
-_pick = jit(_pick_py, **_OPTIONS)
 fit = jit(_fit_py, **_OPTIONS)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,12 +213,15 @@ def prepare(
     method: str,
     *,
     structured: bool | None = None,
+    diagonal: Sequence[bool] | None = None,
 ) -> SharedTerms:
     """Compute the shared terms of a design; raise NotPositiveDefiniteError if XX is not PD.
 
     ``structured``: None (default) takes the structured path where ZZ has the structure
     and the path is estimated to cost less than the dense one
     (:func:`.structured.worth_it`); True wherever ZZ has the structure; False never.
+    ``diagonal`` (K,): which diagonal blocks of this ZZ are diagonal, where the caller's
+    pass over ZZ found that (:func:`.zz_scan.scan`; :func:`.structured.detect`).
     """
     # XX (p x p) and G (q x p) with one BLAS thread: a LAPACK call with OpenBLAS's two
     # threads (even on a 1 x 1 XX) left the structured fit that followed 50 ms slower
@@ -239,7 +242,7 @@ def prepare(
         d=d,
         method=method,
         chol=np.tril(cho[0]),
-        structure=_structure(ZZ, d, XX.shape[0], structured),
+        structure=_structure(ZZ, d, XX.shape[0], structured, diagonal),
     )
     # computed here, once, rather than by the first threads that need them
     if sh.K == 1:
@@ -254,10 +257,16 @@ def prepare(
     return sh
 
 
-def _structure(ZZ: Array, d: np.ndarray, p: int, structured: bool | None) -> Structure | None:
+def _structure(
+    ZZ: Array,
+    d: np.ndarray,
+    p: int,
+    structured: bool | None,
+    diagonal: Sequence[bool] | None = None,
+) -> Structure | None:
     if structured is False:
         return None
-    st = detect(ZZ, d)
+    st = detect(ZZ, d, diagonal)
     if st is None or structured or structure_worth_it(st, p, len(d)):
         return st
     return None
@@ -273,6 +282,8 @@ class ThetaFit:
     FIM_theta : (m, K+1, K+1)
     niter : (m,) int
     logdetM0 : (m,) log |det M0| at the final theta
+    gram : FixedTerms or None
+        The nested path's terms of the fixed effects at theta (None on other paths).
     """
 
     theta: Array
@@ -281,6 +292,19 @@ class ThetaFit:
     FIM_theta: Array
     niter: np.ndarray
     logdetM0: Array
+    gram: FixedTerms | None = None
+
+
+@dataclass(frozen=True)
+class FixedTerms:
+    """What the fixed effects need of the nested path (:mod:`.structured_nested`) at a fit's
+    theta, from its last evaluation there: C (m, p, p) = I - G' P^-1 D G (X'V^-1 X = L C L'
+    / s0), a (m, p) = G' P^-1 D zry, and ok (m,) where they are those of theta (False where
+    the feature was fitted otherwise or its theta changed since, :mod:`.boundary`)."""
+
+    C: Array
+    a: Array
+    ok: np.ndarray
 
 
 def _score_compiled(
@@ -496,7 +520,7 @@ def _fit_nested(
     kernel (:meth:`.structured_nested.NestedTerms.fit`), ``free`` as there; the features
     it could not fit take :func:`_scoring` with ``score`` (:func:`_score_structured`)."""
     assert sh.nested is not None
-    theta, se, dl, F, niter, logdet, ok = sh.nested.fit(
+    theta, se, dl, F, niter, logdet, C, a, ok = sh.nested.fit(
         zry_p, yry, s, sh.n, sh.r, max_iter, epsilon, GINV_LIMIT, free
     )
     if not ok.all():
@@ -508,7 +532,15 @@ def _fit_nested(
         rest = _scoring(rest_score, s[bad], max_iter, epsilon, free)
         theta[bad], se[bad], dl[bad] = rest.theta, rest.se_theta, rest.dlogL
         F[bad], niter[bad], logdet[bad] = rest.FIM_theta, rest.niter, rest.logdetM0
-    return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
+    return ThetaFit(
+        theta=theta,
+        se_theta=se,
+        dlogL=dl,
+        FIM_theta=F,
+        niter=niter,
+        logdetM0=logdet,
+        gram=FixedTerms(C, a, ok),
+    )
 
 
 def _spectral_scorer(sh: SharedTerms, z: Array, yry: Array) -> Callable[..., _Score]:

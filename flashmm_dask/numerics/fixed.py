@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from flashmm_dask.numerics.compiled import solve_batch
-from flashmm_dask.numerics.fisher import GINV_LIMIT, SharedTerms
+from flashmm_dask.numerics.fisher import GINV_LIMIT, FixedTerms, SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym
 from flashmm_dask.numerics.paired import fixed_effects as fixed_paired
 from flashmm_dask.numerics.spectral_terms import shifted_reciprocal
@@ -93,6 +94,7 @@ def fixed_effects(
     re: bool = True,
     structure: bool = True,
     cov_out: Array | None = None,
+    gram: FixedTerms | None = None,
 ) -> FixedFit:
     """Coefficients, covariance, FIM and BLUPs at the fitted variance components.
 
@@ -114,6 +116,10 @@ def fixed_effects(
         The K = 1 path builds C in it and leaves cov there (``FixedFit.cov`` is then
         ``cov_out``): the fitting core passes its output, which saves a block-sized
         temporary and its copy. The other paths return a new array.
+    gram : FixedTerms, optional
+        The nested path's terms at ``theta`` from its fit (``ThetaFit.gram``): the
+        features where they are valid take C and the right-hand sides from them, in one
+        batch (without ``re``).
     """
     if spectral is None:
         spectral = sh.K == 1
@@ -130,6 +136,8 @@ def fixed_effects(
             h = sh.times_V(ZY)  # (m, q): V' ZY_j
             rhs = XY - (w * h) @ G
         elif structure and sh.structure is not None:
+            if gram is not None and sh.nested is not None and not re and gram.ok.any():
+                return _fixed_from_gram(sh, XY, ZY, theta, logdetM0, gram, fim=fim)
             return _fixed_structured(sh, XY, ZY, theta, logdetM0, fim=fim, re=re)
         elif structure and sh.pairs is not None:
             return fixed_paired(sh, sh.pairs, XY, ZY, theta, logdetM0, fim=fim, re=re)
@@ -149,6 +157,53 @@ def fixed_effects(
                 RE = (MD @ resid[:, :, None])[:, :, 0]
     logLik = _loglik(sh, s0, logdetM0)
     return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=RE, logLik=logLik, se=se, t=t)
+
+
+def _fixed_from_gram(
+    sh: SharedTerms,
+    XY: Array,
+    ZY: Array,
+    theta: Array,
+    logdetM0: Array,
+    gram: FixedTerms,
+    *,
+    fim: bool,
+) -> FixedFit:
+    """:func:`fixed_effects` from the nested fit's C_G = I - G' P^-1 D G and a = G' P^-1 D
+    zry at theta (:class:`~flashmm_dask.numerics.fisher.FixedTerms`), for the whole block
+    at once: with XX = L L', G = ZX L^-T and zry = ZY - G w, w = L^-1 XY,
+
+        C = XX - ZX' MD ZX = L C_G L',   XY - ZX' MD ZY = L (C_G w - a),
+
+    so no solve with P is left per feature. The features without valid terms take
+    :func:`_fixed_structured`."""
+    s0 = theta[:, -1]
+    ok = gram.ok
+    m, p = XY.shape
+    L = sh.chol
+    Cg, a = gram.C[ok], gram.a[ok]  # (the others are not read: the kernel left them unset)
+    w = scipy.linalg.solve_triangular(L, XY[ok].T, lower=True).T  # (r, p)
+    with one_blas_thread():
+        C = L @ Cg @ L.T
+        rhs = (np.einsum("mij,mj->mi", Cg, w) - a) @ L.T
+    coef, se, t = np.empty((m, p)), np.empty((m, p)), np.empty((m, p))
+    cov = np.empty((m, p, p))
+    FIM_beta = np.empty((m, p, p)) if fim else None
+    if fim:
+        assert FIM_beta is not None
+        FIM_beta[ok] = 0.5 * (C + np.swapaxes(C, 1, 2)) / s0[ok][:, None, None]
+    coef[ok], se[ok], t[ok], cov[ok] = _solve(np.ascontiguousarray(C), rhs, s0[ok])
+    logLik = _loglik(sh, s0, logdetM0)
+    if not ok.all():
+        bad = ~ok
+        rest = _fixed_structured(sh, XY[bad], ZY[bad], theta[bad], logdetM0[bad], fim=fim, re=False)
+        coef[bad], cov[bad], logLik[bad], se[bad], t[bad] = (
+            rest.coef, rest.cov, rest.logLik, rest.se, rest.t,
+        )  # fmt: skip
+        if fim:
+            assert FIM_beta is not None
+            FIM_beta[bad] = rest.FIM_beta
+    return FixedFit(coef=coef, cov=cov, FIM_beta=FIM_beta, RE=None, logLik=logLik, se=se, t=t)
 
 
 def _fixed_structured(

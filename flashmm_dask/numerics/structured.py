@@ -35,6 +35,7 @@ information of ALGORITHM.md are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -158,45 +159,65 @@ def _offdiagonal_zero_py(a: np.ndarray) -> bool:
 _offdiagonal_zero = jit(_offdiagonal_zero_py, nogil=True)
 
 
-def _csr_py(a: Array, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+def _csr_py(
+    a: Array, c0: int, c1: int, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray
+) -> int:
+    # each row's columns c0:c1 a contiguous slice of a C-contiguous row (a two-dimensional
+    # view was read entry by entry); the non-zeros past the capacity of indices are counted
     nnz = 0
     for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            if a[i, j] != 0.0:
-                if indices.size:
+        v = a[i][c0:c1]
+        for j in range(v.shape[0]):
+            if v[j] != 0.0:
+                if nnz < indices.size:
                     indices[nnz] = j
-                    data[nnz] = a[i, j]
+                    data[nnz] = v[j]
                 nnz += 1
         indptr[i + 1] = nnz
+    return nnz
 
 
 _csr_fill = jit(_csr_py, nogil=True)
 
 
-def _csr(a: Array) -> scipy.sparse.csr_array:
-    """A dense (r, c) block (a view) as a canonical CSR array: a compiled count, then fill
-    (scipy's conversion from dense took twice as long as building the rest of the
-    structure)."""
+def _csr(a: Array, c0: int = 0, c1: int | None = None) -> scipy.sparse.csr_array:
+    """The columns c0:c1 of a C-contiguous (r, c) array (default all) as a canonical CSR
+    array, compiled (scipy's conversion from dense took twice as long as building the rest
+    of the structure): one pass where the block has at most two non-zeros per row (a
+    nested factor's N: one), else a second one with the count of the first."""
+    c1 = a.shape[1] if c1 is None else c1
+    if not a.flags.c_contiguous:  # (a Fortran-ordered ZZ) the columns copied
+        a, c0, c1 = np.ascontiguousarray(a[:, c0:c1]), 0, c1 - c0
     indptr = np.zeros(a.shape[0] + 1, dtype=np.int32)
-    _csr_fill(a, indptr, np.empty(0, dtype=np.int32), np.empty(0))
-    indices, data = np.empty(indptr[-1], dtype=np.int32), np.empty(indptr[-1])
-    _csr_fill(a, indptr, indices, data)
-    return scipy.sparse.csr_array((data, indices, indptr), shape=a.shape)
+    indices, data = np.empty(2 * a.shape[0], dtype=np.int32), np.empty(2 * a.shape[0])
+    nnz = _csr_fill(a, c0, c1, indptr, indices, data)
+    if nnz > indices.size:
+        indices, data = np.empty(nnz, dtype=np.int32), np.empty(nnz)
+        _csr_fill(a, c0, c1, indptr, indices, data)
+    return scipy.sparse.csr_array((data[:nnz], indices[:nnz], indptr), shape=(a.shape[0], c1 - c0))
 
 
-def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
+def detect(ZZ: Array, d: np.ndarray, diagonal: Sequence[bool] | None = None) -> Structure | None:
     """The structure of ZZ for the structured path, or None (the dense path).
 
     Needs K >= 2 components and one with an exactly diagonal block Z_k'Z_k (the largest such
-    one is eliminated).
+    one is eliminated). ``diagonal`` (K,): which blocks of this ZZ are diagonal, where a
+    pass over it has found that already (:func:`.zz_scan.scan`); read here otherwise.
     """
     d = np.asarray(d, dtype=np.int64)
     if len(d) < 2:
         return None
     edges = np.concatenate([[0], np.cumsum(d)])
-    diag = [
-        _is_diagonal(ZZ[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]) for k in range(len(d))
-    ]
+    if diagonal is not None and len(diagonal) != len(d):
+        raise ValueError(f"diagonal has {len(diagonal)} entries for {len(d)} components")
+    diag = (
+        [bool(x) for x in diagonal]
+        if diagonal is not None
+        else [
+            _is_diagonal(ZZ[edges[k] : edges[k + 1], edges[k] : edges[k + 1]])
+            for k in range(len(d))
+        ]
+    )
     if not any(diag):
         return None
     big = max((k for k in range(len(d)) if diag[k]), key=lambda k: (d[k], -k))
@@ -207,11 +228,11 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
     zb = np.ascontiguousarray(np.diag(ZZ)[ib])
     # the rows of the big component are a range: a view, then the small columns
     rows = ZZ[edges[big] : edges[big + 1]]
-    N = _csr(rows[:, is_] if big not in (0, len(d) - 1) else rows[:, is_[0] : is_[-1] + 1])
+    N = _csr(rows[:, is_]) if big not in (0, len(d) - 1) else _csr(rows, is_[0], is_[-1] + 1)
     Zs = ZZ[np.ix_(is_, is_)]  # one gather (ZZ[is_] first copied qs whole rows)
     lens = np.diff(N.indptr)
-    diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
-    nsq = N.multiply(N).tocsr() if diagonal else None
+    schur_diagonal = _is_diagonal(Zs) and bool(np.all(lens <= 1))
+    nsq = N.multiply(N).tocsr() if schur_diagonal else None
     return Structure(
         big=big,
         perm=perm,
@@ -221,7 +242,7 @@ def detect(ZZ: Array, d: np.ndarray) -> Structure | None:
         N=N,
         NT=N.T.tocsr(),
         Zs=Zs,
-        diagonal=diagonal,
+        diagonal=schur_diagonal,
         pairs=int(np.sum(lens * lens)),
         nsq=nsq,
         nsqT=None if nsq is None else nsq.T.tocsr(),

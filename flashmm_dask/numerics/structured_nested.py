@@ -173,7 +173,8 @@ class NestedTerms:
         limit: float,
         free: Array | None = None,
     ) -> tuple[Array, ...]:
-        """theta, se_theta, dlogL, FIM_theta, niter, logdetM0 and ok of a block of features
+        """theta, se_theta, dlogL, FIM_theta, niter, logdetM0, C = I - G' P^-1 D G (m, p,
+        p) and G' P^-1 D zry (m, p) at theta (where ok), and ok, of a block of features
         (REML) from ``s_init`` (m, K+1), left as it is; zry (m, q) in the permuted column
         order. ``limit``: the condition bound of the information matrices' inverses
         (``fisher.GINV_LIMIT``); ``free`` (K+1,) bool: the components updated (default all;
