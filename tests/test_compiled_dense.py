@@ -64,3 +64,41 @@ def test_residualise_rows_alone_equals_in_a_block():
         z1, y1 = residualise_rows(XXinv, ZX, XY[j : j + 1], ZY[j : j + 1], Yn[j : j + 1])
         np.testing.assert_array_equal(z1[0], zry[j])
         assert y1[0] == yry[j]
+
+
+@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 8, 25])
+def test_gauss_jordan_pairs_without_pivoting(h):
+    """Positive definite: no interchanges needed; where partial pivoting interchanges none
+    the bits are those of the pivoting inverse, and it is the inverse where it would."""
+    rng = np.random.default_rng(h)
+    B = rng.normal(size=(3 * h, h))
+    A = 10.0 * np.eye(h) + 0.01 * B.T @ B  # diagonally dominant: no interchanges
+    args = (np.empty(h), np.empty(h), np.empty(h, dtype=np.int64), True)
+    one, two = A.copy(), A.copy()
+    ld1 = _gauss_jordan_pairs(one, *args)
+    ld2 = _gauss_jordan_pairs(two, *args, False)
+    np.testing.assert_array_equal(two, one)
+    assert ld1 == ld2
+    # positive definite with off-diagonal entries above the diagonal's: pivoting would
+    # interchange rows, elimination without is still the inverse
+    L = np.eye(h)
+    L[1:, 0] = 3.0
+    C = L @ L.T + 0.1 * np.eye(h)  # C[0, 0] = 1.1 < C[i, 0] = 3
+    inv = C.copy()
+    ld = _gauss_jordan_pairs(inv, *args, False)
+    np.testing.assert_allclose(inv @ C, np.eye(h), atol=1e-9)
+    assert ld == pytest.approx(np.linalg.slogdet(C)[1], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "A", [[[1.0, 2.0], [2.0, 1.0]], [[-1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]]
+)
+def test_gauss_jordan_pairs_without_pivoting_stops_where_not_positive_definite(A):
+    """A symmetric matrix with a pivot <= 0 (indefinite): NaN, for the caller to pivot;
+    with pivoting the same matrices are inverted."""
+    A = np.array(A)
+    args = (np.empty(2), np.empty(2), np.empty(2, dtype=np.int64), True)
+    assert np.isnan(_gauss_jordan_pairs(A.copy(), *args, False))
+    inv = A.copy()
+    assert np.isfinite(_gauss_jordan_pairs(inv, *args))
+    np.testing.assert_allclose(inv @ A, np.eye(2), atol=1e-12)
