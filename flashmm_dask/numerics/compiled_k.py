@@ -63,7 +63,7 @@ def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         out[i] = t
 
 
-@functools.partial(_compile, reassoc=True)
+@functools.partial(_compile, reassoc=True, inline=True)
 def _schur_parts(
     l1: np.ndarray,
     l2: np.ndarray,
@@ -192,7 +192,7 @@ def _rotate(k2: tuple, zry: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> None:
         z2[r] = t
 
 
-@functools.partial(_compile, reassoc=True)
+@functools.partial(_compile, reassoc=True, inline=True)
 def _score_k2_one(
     design: tuple,
     work: tuple,
