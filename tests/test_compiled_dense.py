@@ -102,3 +102,21 @@ def test_gauss_jordan_pairs_without_pivoting_stops_where_not_positive_definite(A
     inv = A.copy()
     assert np.isfinite(_gauss_jordan_pairs(inv, *args))
     np.testing.assert_allclose(inv @ A, np.eye(2), atol=1e-12)
+
+
+def test_inverse_checked_batch_is_gauss_jordan():
+    """The checked inverse (the fixed effects' C, the 3 x 3 information of the fits) by
+    two pivots per sweep: the bits of one pivot at a time, symmetrised."""
+    from flashmm_dask.numerics.compiled_dense import inverse_checked_batch
+
+    rng = np.random.default_rng(4)
+    B = rng.normal(size=(5, 40, 21))
+    A = B.transpose(0, 2, 1) @ B
+    A[1] = rng.normal(size=(21, 21))
+    A[1] += A[1].T  # indefinite: interchanges
+    out, ok = inverse_checked_batch(A, 1e15)
+    assert ok.all()
+    for j in range(A.shape[0]):
+        ref = 0.5 * (A[j] + A[j].T)
+        _gauss_jordan(ref, np.empty(21), np.empty(21, dtype=np.int64))
+        np.testing.assert_array_equal(out[j], 0.5 * (ref + ref.T))

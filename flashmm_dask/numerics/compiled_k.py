@@ -32,8 +32,13 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile, _inverse_checked_into
-from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, _pinv_into
+from flashmm_dask.numerics.compiled import _compile
+from flashmm_dask.numerics.compiled_dense import (
+    _dots_into,
+    _gauss_jordan_pairs,
+    _inverse_checked_into,
+    _pinv_into,
+)
 
 
 @_compile
@@ -415,7 +420,7 @@ def _fit_k2_batch(
     Fj = np.empty((3, 3))
     inv = np.empty((3, 3))
     w3 = np.empty((3, 3))
-    b3 = np.empty(3)
+    b3, b3b = np.empty(3), np.empty(3)
     p3 = np.empty(3, dtype=np.int64)
     for j in range(m):
         _rotate(k2, zry[j], z1, z2)
@@ -428,7 +433,7 @@ def _fit_k2_batch(
             good, _, _ = _score_k2_one(design, work, sj, yry[j], False, True, g, Fj)
             if not good:
                 break
-            if not _inverse_checked_into(Fj, inv, w3, b3, p3, limit):
+            if not _inverse_checked_into(Fj, inv, w3, b3, p3, limit, b3b):
                 # ill-conditioned: the pseudo-inverse, as fisher._scoring's pinv_sym
                 if not _pinv_into(Fj, inv, tol):
                     good = False
@@ -450,7 +455,7 @@ def _fit_k2_batch(
         if good:
             good, _, ld = _score_k2_one(design, work, sj, yry[j], True, True, dl[j], fim[j])
         logdet[j] = ld
-        if good and not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit):
+        if good and not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit, b3b):
             good = _pinv_into(fim[j], inv, tol)
         if not good:
             ok[j] = False

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _gauss_jordan, _inverse_checked_into
+from flashmm_dask.numerics.compiled import _gauss_jordan
+from flashmm_dask.numerics.compiled_dense import _inverse_checked_into
 from flashmm_dask.numerics.jit import jit
 
 
@@ -484,6 +485,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             c += 1
     Fs = np.empty((kf, kf))
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
+    bk2 = np.empty(kf)
     work = (np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64))
     z = np.empty(q)
     cls = design[7]
@@ -523,7 +525,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             good, _, _ = _evaluate(design, nt, sj, zs, yry[j], sums, counts, yes, no, g, Fj, work)
             if good:
                 _pick(Fj, idx, Fs)
-            if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
+            if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit, bk2):
                 good = False
                 break
             more = False
@@ -547,7 +549,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
         logdet[j] = ld
         if good:
             _pick(fim[j], idx, Fs)
-        if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
+        if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit, bk2):
             ok[j] = False
             continue
         for k in range(k1):
