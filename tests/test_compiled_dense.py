@@ -120,3 +120,23 @@ def test_inverse_checked_batch_is_gauss_jordan():
         ref = 0.5 * (A[j] + A[j].T)
         _gauss_jordan(ref, np.empty(21), np.empty(21, dtype=np.int64))
         np.testing.assert_array_equal(out[j], 0.5 * (ref + ref.T))
+
+
+def test_newton_gap_batch_is_the_pseudo_inverse_form():
+    """g' pinv(F) g / 2 as np.linalg.pinv (cut-off 1e-15) computes it: inverses, singular
+    and nearly singular informations; NaN outside the rows asked for."""
+    from flashmm_dask.numerics.compiled_dense import newton_gap_batch
+
+    rng = np.random.default_rng(5)
+    B = rng.normal(size=(40, 6, 3))
+    F = B.transpose(0, 2, 1) @ B
+    g = rng.normal(size=(40, 3)) * 1e-3
+    F[3] = np.diag([1.0, 1.0, 0.0])  # singular: the zero direction dropped
+    F[4] = np.diag([2.0, 1e-17, 3.0])  # below the cut-off: dropped too
+    F[5] = -F[5]  # negative definite: still the inverse
+    rows = np.flatnonzero(np.arange(40) != 7)
+    gap = newton_gap_batch(g, F, rows)
+    step = np.linalg.pinv(F, hermitian=True) @ g[:, :, None]
+    ref = 0.5 * np.einsum("mk,mk->m", g, step[:, :, 0])
+    np.testing.assert_allclose(gap[rows], ref[rows], rtol=1e-12)
+    assert np.isnan(gap[7])
