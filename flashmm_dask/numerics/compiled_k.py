@@ -24,6 +24,11 @@ size; eight features per SIMD vector was not vectorised by the compiler.
 
 Each kernel works one feature at a time in a fixed order: the fit of a feature does not
 depend on the features that share its block.
+
+The kernels here call :mod:`.compiled_dense`'s (the products, the inverses): numba's disk
+cache of a kernel is invalidated by changes to its own file only, so a change there is
+noted here too (last: the upper-triangle products four rows a pass, the checked inverse
+by two pivots a sweep).
 """
 
 from __future__ import annotations
