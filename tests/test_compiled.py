@@ -6,7 +6,7 @@ import pytest
 from reference_cases import load_case, summary_args
 
 from flashmm_dask import lmm
-from flashmm_dask.numerics import compiled
+from flashmm_dask.numerics import compiled, compiled_dense
 from flashmm_dask.numerics.fisher import fit_theta, prepare
 from flashmm_dask.numerics.linalg import GINV_TOL, inv_or_pinv, inv_shifted, pinv_sym
 
@@ -52,7 +52,7 @@ def test_inverse_checked_batch_refuses_singular_ill_conditioned_and_nan():
     A[1] = np.diag([1.0, 1.0, 1.0, 1.0, 0.0])  # singular
     A[2] = np.diag([1.0, 1.0, 1.0, 1.0, 1e-12])  # cond 1e12 > 1 / GINV_TOL
     A[3, 0, 0] = np.nan
-    out, ok = compiled.inverse_checked_batch(A, 0.5 / GINV_TOL)
+    out, ok = compiled_dense.inverse_checked_batch(A, 0.5 / GINV_TOL)
     assert ok.tolist() == [True, False, False, False, True, True]
     np.testing.assert_allclose(out[ok], np.linalg.inv(A[ok]), rtol=1e-10)
     np.testing.assert_array_equal(out[ok], np.swapaxes(out[ok], 1, 2))  # symmetrised

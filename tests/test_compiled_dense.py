@@ -64,3 +64,79 @@ def test_residualise_rows_alone_equals_in_a_block():
         z1, y1 = residualise_rows(XXinv, ZX, XY[j : j + 1], ZY[j : j + 1], Yn[j : j + 1])
         np.testing.assert_array_equal(z1[0], zry[j])
         assert y1[0] == yry[j]
+
+
+@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 8, 25])
+def test_gauss_jordan_pairs_without_pivoting(h):
+    """Positive definite: no interchanges needed; where partial pivoting interchanges none
+    the bits are those of the pivoting inverse, and it is the inverse where it would."""
+    rng = np.random.default_rng(h)
+    B = rng.normal(size=(3 * h, h))
+    A = 10.0 * np.eye(h) + 0.01 * B.T @ B  # diagonally dominant: no interchanges
+    args = (np.empty(h), np.empty(h), np.empty(h, dtype=np.int64), True)
+    one, two = A.copy(), A.copy()
+    ld1 = _gauss_jordan_pairs(one, *args)
+    ld2 = _gauss_jordan_pairs(two, *args, False)
+    np.testing.assert_array_equal(two, one)
+    assert ld1 == ld2
+    # positive definite with off-diagonal entries above the diagonal's: pivoting would
+    # interchange rows, elimination without is still the inverse
+    L = np.eye(h)
+    L[1:, 0] = 3.0
+    C = L @ L.T + 0.1 * np.eye(h)  # C[0, 0] = 1.1 < C[i, 0] = 3
+    inv = C.copy()
+    ld = _gauss_jordan_pairs(inv, *args, False)
+    np.testing.assert_allclose(inv @ C, np.eye(h), atol=1e-9)
+    assert ld == pytest.approx(np.linalg.slogdet(C)[1], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "A", [[[1.0, 2.0], [2.0, 1.0]], [[-1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]]
+)
+def test_gauss_jordan_pairs_without_pivoting_stops_where_not_positive_definite(A):
+    """A symmetric matrix with a pivot <= 0 (indefinite): NaN, for the caller to pivot;
+    with pivoting the same matrices are inverted."""
+    A = np.array(A)
+    args = (np.empty(2), np.empty(2), np.empty(2, dtype=np.int64), True)
+    assert np.isnan(_gauss_jordan_pairs(A.copy(), *args, False))
+    inv = A.copy()
+    assert np.isfinite(_gauss_jordan_pairs(inv, *args))
+    np.testing.assert_allclose(inv @ A, np.eye(2), atol=1e-12)
+
+
+def test_inverse_checked_batch_is_gauss_jordan():
+    """The checked inverse (the fixed effects' C, the 3 x 3 information of the fits) by
+    two pivots per sweep: the bits of one pivot at a time, symmetrised."""
+    from flashmm_dask.numerics.compiled_dense import inverse_checked_batch
+
+    rng = np.random.default_rng(4)
+    B = rng.normal(size=(5, 40, 21))
+    A = B.transpose(0, 2, 1) @ B
+    A[1] = rng.normal(size=(21, 21))
+    A[1] += A[1].T  # indefinite: interchanges
+    out, ok = inverse_checked_batch(A, 1e15)
+    assert ok.all()
+    for j in range(A.shape[0]):
+        ref = 0.5 * (A[j] + A[j].T)
+        _gauss_jordan(ref, np.empty(21), np.empty(21, dtype=np.int64))
+        np.testing.assert_array_equal(out[j], 0.5 * (ref + ref.T))
+
+
+def test_newton_gap_batch_is_the_pseudo_inverse_form():
+    """g' pinv(F) g / 2 as np.linalg.pinv (cut-off 1e-15) computes it: inverses, singular
+    and nearly singular informations; NaN outside the rows asked for."""
+    from flashmm_dask.numerics.compiled_dense import newton_gap_batch
+
+    rng = np.random.default_rng(5)
+    B = rng.normal(size=(40, 6, 3))
+    F = B.transpose(0, 2, 1) @ B
+    g = rng.normal(size=(40, 3)) * 1e-3
+    F[3] = np.diag([1.0, 1.0, 0.0])  # singular: the zero direction dropped
+    F[4] = np.diag([2.0, 1e-17, 3.0])  # below the cut-off: dropped too
+    F[5] = -F[5]  # negative definite: still the inverse
+    rows = np.flatnonzero(np.arange(40) != 7)
+    gap = newton_gap_batch(g, F, rows)
+    step = np.linalg.pinv(F, hermitian=True) @ g[:, :, None]
+    ref = 0.5 * np.einsum("mk,mk->m", g, step[:, :, 0])
+    np.testing.assert_allclose(gap[rows], ref[rows], rtol=1e-12)
+    assert np.isnan(gap[7])

@@ -142,3 +142,27 @@ def test_k2_fit_kernel_equals_the_per_evaluation_loop(method, max_iter):
     both_nan = np.isnan(fast.dlogL) & np.isnan(ref.dlogL)
     assert np.all((diff <= 1e-10 * sh.n / np.abs(ref.theta[:, -1:])) | both_nan)
     assert both_nan[3].all() and not both_nan[[0, 1, 2, 4]].any()
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_k2_score_where_the_schur_complement_is_indefinite(method):
+    """A large negative ratio makes I + b T indefinite: its inverse without pivot search
+    fails at a pivot <= 0 and the kernel inverts it with the search (ok, no NumPy
+    fallback), equal to the NumPy algebra."""
+    from flashmm_dask.numerics import compiled, compiled_k
+    from flashmm_dask.numerics.fisher import _score_general
+
+    sh, zry, yry = inputs(method)
+    s0 = yry / (sh.n - sh.p)
+    m = zry.shape[0]
+    for r1, r2 in ((0.3, -5.0), (-5.0, 0.3), (-0.5, -0.7)):
+        s = np.column_stack([np.full(m, r1) * s0, np.full(m, r2) * s0, s0])
+        dl, F, s0p, logdet, ok = compiled_k.score_k2_batch(
+            sh.k2, s, zry, yry, sh.n, sh.r, True, compiled.DIVISION_MIN
+        )
+        assert ok.all()
+        ref = _score_general(sh, s, zry, yry, final=True)
+        assert np.all(np.abs(dl - ref.dl) <= 1e-9 * sh.n / s0[:, None])
+        np.testing.assert_allclose(F, ref.F, rtol=1e-8)
+        np.testing.assert_allclose(s0p, ref.s0_profiled, rtol=1e-9)
+        np.testing.assert_allclose(logdet, ref.logdetM0, rtol=1e-9)

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from flashmm_dask.numerics.compiled_dense import newton_gap_batch
+
 #: Meanings of the status codes 0, 1, 2, ... (codes 5 and 6 added with nonnegative fits, 7
 #: for features that model.min_cells leaves unfitted, set by the strata's runs).
 STATUS = (
@@ -89,13 +91,11 @@ def loglik_gap(dlogL: np.ndarray, FIM: np.ndarray, at_zero: np.ndarray | None = 
         F = np.where(free[:, :, None] & free[:, None, :], FIM, 0.0)
         F = F + np.eye(FIM.shape[1]) * at_zero[:, None, :] * scale
         g = np.where(free, g, 0.0)
-    gap = np.full(dlogL.shape[0], np.nan)
     ok = np.isfinite(g).all(axis=1) & np.isfinite(F).all(axis=(1, 2))
     ok &= (np.diagonal(F, axis1=1, axis2=2) > 0).all(axis=1)
-    if ok.any():
-        step = np.linalg.pinv(F[ok], hermitian=True) @ g[ok][:, :, None]
-        gap[ok] = 0.5 * np.einsum("mk,mk->m", g[ok], step[:, :, 0])
-    return gap
+    # g' pinv(F) g / 2 with np.linalg.pinv's cut-off, compiled (the batched pinv of 3 x 3
+    # matrices was ~3 us a feature, 2.5% of a K = 2 fit)
+    return newton_gap_batch(g, F, np.flatnonzero(ok))
 
 
 def converged(

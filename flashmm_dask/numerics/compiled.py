@@ -210,98 +210,6 @@ def _inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.nda
     return out, ok
 
 
-@_compile
-def _inverse_checked_into(
-    A: np.ndarray,
-    out: np.ndarray,
-    work: np.ndarray,
-    buf: np.ndarray,
-    perm: np.ndarray,
-    limit: float,
-) -> bool:
-    """out = the symmetrised inverse of the symmetric (k, k) ``A`` if its condition is
-    provably small: False when A is singular or when ||A||_1 * ||A^-1||_1 (an upper bound
-    of the 2-norm condition number of a symmetric matrix: ||A||_2 = max |eigenvalue| <=
-    ||A||_1) is not below ``limit`` (the caller then takes the pseudo-inverse).
-
-    ``work`` (k, k), ``buf`` (k,) and ``perm`` (k,) int64 are scratch.
-    """
-    k = A.shape[0]
-    norm_a = 0.0
-    for a in range(k):
-        s = 0.0
-        for b in range(k):
-            work[a, b] = 0.5 * (A[a, b] + A[b, a])
-            s += abs(work[a, b])
-        norm_a = max(norm_a, s)
-    if np.isnan(_gauss_jordan(work, buf, perm)):
-        return False
-    norm_i = 0.0
-    for a in range(k):
-        s = 0.0
-        for b in range(k):
-            v = 0.5 * (work[a, b] + work[b, a])
-            out[a, b] = v
-            s += abs(v)
-        norm_i = max(norm_i, s)
-    return np.isfinite(norm_i) and norm_a * norm_i < limit
-
-
-@_compile
-def _inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_inverse_checked_into` of each matrix of A (m, k, k), and which succeeded."""
-    m, k, _ = A.shape
-    out = np.empty((m, k, k))
-    ok = np.empty(m, dtype=np.bool_)
-    work = np.empty((k, k))
-    buf = np.empty(k)
-    perm = np.empty(k, dtype=np.int64)
-    for j in range(m):
-        ok[j] = _inverse_checked_into(A[j], out[j], work, buf, perm, limit)
-    return out, ok
-
-
-@_compile
-def _solve_batch(
-    C: np.ndarray, rhs: np.ndarray, s0: np.ndarray, limit: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The fixed effects of a block of features from C = s0 X'V^-1 X (m, p, p) and the
-    right-hand sides rhs (m, p): coef = C^-1 rhs, cov = C^-1 s0, se = sqrt(diag cov) and
-    t = coef / se, one feature at a time. cov overwrites C (no (m, p, p) temporary: at a
-    few hundred features a block, temporaries that size cost more in page faults than the
-    inverses cost in arithmetic).
-
-    Returns coef, se, t (m, p) and ok (m,): False where C is singular or its condition
-    bound is not below ``limit`` (:func:`_inverse_checked_into`); C is left as it was
-    there, the other outputs of that feature are undefined, and the caller takes the
-    pseudo-inverse.
-    """
-    m, p, _ = C.shape
-    coef = np.empty((m, p))
-    se = np.empty((m, p))
-    t = np.empty((m, p))
-    ok = np.ones(m, dtype=np.bool_)
-    inv = np.empty((p, p))
-    work = np.empty((p, p))
-    buf = np.empty(p)
-    perm = np.empty(p, dtype=np.int64)
-    for j in range(m):
-        if not _inverse_checked_into(C[j], inv, work, buf, perm, limit):
-            ok[j] = False
-            continue
-        for a in range(p):
-            c = 0.0
-            for b in range(p):
-                c += inv[a, b] * rhs[j, b]
-            coef[j, a] = c
-        for a in range(p):
-            for b in range(p):
-                C[j, a, b] = inv[a, b] * s0[j]
-            se[j, a] = np.sqrt(C[j, a, a])
-            t[j, a] = coef[j, a] / se[j, a]
-    return coef, se, t, ok
-
-
 @functools.partial(_compile, reassoc=True)
 def _score_batch(
     A: np.ndarray,
@@ -457,26 +365,6 @@ def rowsums(a: np.ndarray) -> np.ndarray:
 def inv_shifted_batch(A: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(diag(D_j) A + I)^-1 (m, q, q) for a shared symmetric A, and ok (m,) per row D_j."""
     return _inv_shifted_batch(np.ascontiguousarray(A), np.ascontiguousarray(D))
-
-
-def inverse_checked_batch(A: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetrised inverses of (m, k, k) symmetric matrices with condition bound < limit."""
-    return _inverse_checked_batch(np.ascontiguousarray(A), float(limit))
-
-
-def solve_batch(
-    C: np.ndarray, rhs: np.ndarray, s0: np.ndarray, limit: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """coef, se, t and ok of C (m, p, p) float64 C-contiguous, overwritten by cov where
-    ok, rhs (m, p) and s0 (m,); see :func:`_solve_batch`."""
-    if C.dtype != np.float64 or not C.flags.c_contiguous:
-        raise ValueError("C must be a C-contiguous float64 array (it is overwritten)")
-    return _solve_batch(
-        C,
-        np.ascontiguousarray(rhs, dtype=np.float64),
-        np.ascontiguousarray(s0, dtype=np.float64),
-        float(limit),
-    )
 
 
 def score_batch(

@@ -16,12 +16,19 @@ At h = 25 the evaluation is bound by loads and stores, not multiply-adds: the pr
 and the inverse share each row they load between two rows of their result
 (:mod:`.compiled_dense`: 9.6 against 14 us per evaluation at bench_fit's case), the first
 step of a fit (both ratios zero: S = I) takes no product or inverse, and the logarithms of
-log |det M0| are taken at the final evaluation only. Gauss-Jordan with the sweep of the
+log |det M0| are taken at the final evaluation only; I + b T, positive definite where
+both ratios are >= 0, is inverted without the search for pivots where its pivots are
+positive (:func:`_schur_parts`). Gauss-Jordan with the sweep of the
 upper triangle (half the multiply-adds) and Cholesky were each measured slower at this
 size; eight features per SIMD vector was not vectorised by the compiler.
 
 Each kernel works one feature at a time in a fixed order: the fit of a feature does not
 depend on the features that share its block.
+
+The kernels here call :mod:`.compiled_dense`'s (the products, the inverses): numba's disk
+cache of a kernel is invalidated by changes to its own file only, so a change there is
+noted here too (last: the upper-triangle products four rows a pass, the checked inverse
+by two pivots a sweep).
 """
 
 from __future__ import annotations
@@ -30,8 +37,13 @@ import functools
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _compile, _inverse_checked_into
-from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, _pinv_into
+from flashmm_dask.numerics.compiled import _compile
+from flashmm_dask.numerics.compiled_dense import (
+    _dots_into,
+    _gauss_jordan_pairs,
+    _inverse_checked_into,
+    _pinv_into,
+)
 
 
 @_compile
@@ -61,7 +73,7 @@ def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         out[i] = t
 
 
-@functools.partial(_compile, reassoc=True)
+@functools.partial(_compile, reassoc=True, inline=True)
 def _schur_parts(
     l1: np.ndarray,
     l2: np.ndarray,
@@ -77,6 +89,7 @@ def _schur_parts(
     buf: np.ndarray,
     buf2: np.ndarray,
     perm: np.ndarray,
+    spare: np.ndarray,
     with_log: bool,
 ) -> float:
     """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
@@ -89,9 +102,13 @@ def _schur_parts(
 
         (D L + I)^-1 = [[diag(w) + ab E F', -a E], [-b E', Si]],   E = F Si.
 
-    ``Ct`` = C'; ``buf``, ``buf2`` and ``perm`` (h2,) are scratch. I + b T is inverted
-    by Gauss-Jordan with pivoting, two pivots per sweep (:func:`_gauss_jordan_pairs`; at
-    h2 = 25 faster than Cholesky in these loops, measured), then symmetrised.
+    ``Ct`` = C'; ``buf``, ``buf2``, ``perm`` (h2,) and ``spare`` (h2, h2) are scratch.
+    I + b T is inverted by Gauss-Jordan, two pivots per sweep (:func:`_gauss_jordan_pairs`;
+    at h2 = 25 faster than Cholesky in these loops, measured), then symmetrised: first
+    without the search for pivots, which is exact for a positive definite I + b T (a, b
+    >= 0) and stops at a pivot <= 0 otherwise; then from its copy in ``spare`` with
+    partial pivoting. Where partial pivoting would interchange no rows (every feature of
+    bench_fit's K = 2 case) the bits are the same; the search was ~20% of the inverse.
     """
     h1 = l1.shape[0]
     h2 = l2.shape[0]
@@ -105,9 +122,9 @@ def _schur_parts(
             logdet += np.log(abs(x))
         for c in range(h2):
             F[i, c] = w[i] * C[i, c]
-    for c in range(h2):
+    for c in range(h2):  # F' from the rows of C' (the same products, read contiguously)
         for i in range(h1):
-            Ft[c, i] = F[i, c]
+            Ft[c, i] = w[i] * Ct[c, i]
     if a == 0.0 and b == 0.0:  # every fit's first step: T = diag(l2), Si = I exactly
         for c in range(h2):
             for d in range(h2):
@@ -130,7 +147,18 @@ def _schur_parts(
                 s += 1.0
             Si[c, d] = s
             Si[d, c] = s
-    ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log)
+    # I + b T is symmetric: positive definite (a, b >= 0: the Schur complement of a
+    # positive definite matrix) it is inverted without the search for pivots; otherwise,
+    # or where a pivot is not positive, from its copy in ``spare`` with the search
+    for c in range(h2):
+        for d in range(h2):
+            spare[c, d] = Si[c, d]
+    ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log, False)
+    if np.isnan(ld):
+        for c in range(h2):
+            for d in range(h2):
+                Si[c, d] = spare[c, d]
+        ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log, True)
     if np.isnan(ld):
         return np.nan
     for c in range(h2):  # symmetric up to rounding: make it so
@@ -174,7 +202,7 @@ def _rotate(k2: tuple, zry: np.ndarray, z1: np.ndarray, z2: np.ndarray) -> None:
         z2[r] = t
 
 
-@functools.partial(_compile, reassoc=True)
+@functools.partial(_compile, reassoc=True, inline=True)
 def _score_k2_one(
     design: tuple,
     work: tuple,
@@ -222,7 +250,7 @@ def _score_k2_one(
     a = sj[c1] / s0
     b = sj[c2] / s0
     logdet = np.nan
-    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm, final)
+    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm, P, final)
     if np.isnan(ld):
         return False, np.nan, np.nan
     # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
@@ -251,7 +279,7 @@ def _score_k2_one(
     if not traces:
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
-        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm, final)
+        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm, P, final)
         if np.isnan(ld):
             return False, np.nan, np.nan
     if final:
@@ -397,7 +425,7 @@ def _fit_k2_batch(
     Fj = np.empty((3, 3))
     inv = np.empty((3, 3))
     w3 = np.empty((3, 3))
-    b3 = np.empty(3)
+    b3, b3b = np.empty(3), np.empty(3)
     p3 = np.empty(3, dtype=np.int64)
     for j in range(m):
         _rotate(k2, zry[j], z1, z2)
@@ -410,7 +438,7 @@ def _fit_k2_batch(
             good, _, _ = _score_k2_one(design, work, sj, yry[j], False, True, g, Fj)
             if not good:
                 break
-            if not _inverse_checked_into(Fj, inv, w3, b3, p3, limit):
+            if not _inverse_checked_into(Fj, inv, w3, b3, p3, limit, b3b):
                 # ill-conditioned: the pseudo-inverse, as fisher._scoring's pinv_sym
                 if not _pinv_into(Fj, inv, tol):
                     good = False
@@ -432,7 +460,7 @@ def _fit_k2_batch(
         if good:
             good, _, ld = _score_k2_one(design, work, sj, yry[j], True, True, dl[j], fim[j])
         logdet[j] = ld
-        if good and not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit):
+        if good and not _inverse_checked_into(fim[j], inv, w3, b3, p3, limit, b3b):
             good = _pinv_into(fim[j], inv, tol)
         if not good:
             ok[j] = False

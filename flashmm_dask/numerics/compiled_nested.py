@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashmm_dask.numerics.compiled import _gauss_jordan, _inverse_checked_into
+from flashmm_dask.numerics.compiled import _gauss_jordan
+from flashmm_dask.numerics.compiled_dense import _inverse_checked_into
 from flashmm_dask.numerics.jit import jit
 
 
@@ -504,6 +505,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     kf = idx.shape[0]
     Fs = np.empty((kf, kf))
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
+    bk2 = np.empty(kf)
     Cw, buf, perm = np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64)
     comps, big = nt[3], nt[4]
     zero = _shared(design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm)
@@ -547,7 +549,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             good, _, _ = _evaluate(design, nt, sj, zs, y, sums, counts, yes, no, g, Fj, work, fx)
             if good:
                 Fs[:] = Fj[idx][:, idx]
-            if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
+            if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit, bk2):
                 good = False
                 break
             more = False
@@ -571,7 +573,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
         logdet[j] = ld
         if good:
             Fs[:] = fim[j][idx][:, idx]
-        if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit):
+        if not good or not _inverse_checked_into(Fs, inv, wk, bk, pk, limit, bk2):
             ok[j] = False
             continue
         theta[j] = sj

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from flashmm_dask.numerics.compiled import solve_batch
+from flashmm_dask.numerics.compiled_dense import solve_batch
 from flashmm_dask.numerics.fisher import GINV_LIMIT, FixedTerms, SharedTerms
 from flashmm_dask.numerics.linalg import Array, inv_shifted, pinv_sym
 from flashmm_dask.numerics.paired import fixed_effects as fixed_paired
@@ -60,7 +60,7 @@ def _solve(C: Array, rhs: Array, s0: Array) -> tuple[Array, Array, Array, Array]
     """coef = pinv(C) rhs, cov = pinv(C) s0, se = sqrt(diag cov) and t = coef / se.
 
     C (m, p, p) symmetric, C-contiguous and overwritten by cov; rhs (m, p), s0 (m,). The
-    compiled kernel (:func:`.compiled.solve_batch`) inverts C where its condition is
+    compiled kernel (:func:`.compiled_dense.solve_batch`) inverts C where its condition is
     provably small (the pseudo-inverse is then the inverse); the others take
     :func:`.linalg.pinv_sym`.
     """

@@ -12,7 +12,8 @@ from typing import TypeAlias
 import numpy as np
 import scipy.linalg
 
-from flashmm_dask.numerics.compiled import inv_shifted_batch, inverse_checked_batch
+from flashmm_dask.numerics.compiled import inv_shifted_batch
+from flashmm_dask.numerics.compiled_dense import inverse_checked_batch
 
 #: Arrays of float64 throughout the numerics (shapes are given in the docstrings).
 Array: TypeAlias = np.ndarray
