@@ -274,6 +274,41 @@ def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.zarr"]  # no temporaries
 
 
+def test_stored_statistics_are_chunked_along_the_features_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each statistic's chunks are whole along every axis but the features', cut into
+    pieces of at most _CHUNK_BYTES (not zarr's default tiles: one file and compression
+    per tile), and the statistics read back the same."""
+    import flashmm_dask.stats.store as store
+
+    rng = np.random.default_rng(5)
+    p, q, m = 3, 40, 1000
+    stats = SummaryStats(
+        XX=np.eye(p),
+        XY=rng.random((p, m)),
+        ZX=rng.random((q, p)),
+        ZY=rng.random((q, m)),
+        ZZ=np.eye(q),
+        Ynorm=rng.random(m) + 1,
+        n=500,
+        d=(q,),
+        covariates=[f"x{k}" for k in range(p)],
+        random=[f"z{k}" for k in range(q)],
+        components=("donor",),
+        features=[f"g{k}" for k in range(m)],
+        nnz=rng.integers(0, 500, m),
+    )
+    monkeypatch.setattr(store, "_CHUNK_BYTES", 8 * q * 300)  # 300 features of Z'E a chunk
+    stats.save(tmp_path / "stats.zarr")
+    group = zarr.open_group(str(tmp_path / "stats.zarr"), mode="r")
+    assert group["ZY"].chunks == (q, 300)
+    assert group["XY"].chunks == (p, 1000)
+    assert group["ZZ"].chunks == (q, q)
+    assert group["Ynorm"].chunks == group["nnz"].chunks == (1000,)
+    assert_same(SummaryStats.load(tmp_path / "stats.zarr"), stats)
+
+
 def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
     path = tmp_path / "stats.zarr"
     toy_stats(seed=1).save(path)

@@ -8,6 +8,7 @@ import dask
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from dask.sizeof import sizeof
 from test_reduce import counting_expr, reads
 from test_strata import FIXED, RANDOM, STATS, atlas
@@ -130,3 +131,55 @@ def test_running_sums_tell_dask_their_size(data):
     strata = plan_strata(data.obs, FIXED, RANDOM, by="cls")
     sums = module._Sums(strata, 1000)
     assert sizeof(sums) >= sums.out.nbytes + sums.Yn.nbytes + sums.nnz.nbytes
+
+
+def test_columns_set_by_the_donor_left_out_of_the_pass_until_a_cell_disagrees(data, monkeypatch):
+    """The intercept, the treatment and a donor-level age are left out of the compiled
+    pass (their X'E formed from Z'E when the chain ends); age loses its place when a
+    later chunk's cells disagree with their donor's age, and every stratum still equals
+    its cells reduced alone."""
+    monkeypatch.setattr(module, "_FOLD_ABOVE", 0)
+    stored = np.count_nonzero(data.X[:CHUNK].toarray()) * 4  # 16-bit indices and codes
+    monkeypatch.setattr(module, "_FOLD_BYTES", 3 * stored)
+    skipped: list[dict[int, np.ndarray]] = []
+    compiled = module.strata_products
+
+    def recorded(blocks, table, parts, *args):
+        skipped.append({s: np.asarray(skip) for s, *_, skip in parts})
+        return compiled(blocks, table, parts, *args)
+
+    monkeypatch.setattr(module, "strata_products", recorded)
+    obs = data.obs.copy()
+    donor_age = dict(zip(obs["sam"].cat.categories, np.arange(40.0, 48.0), strict=True))
+    age = obs["sam"].map(donor_age).astype(float).to_numpy()
+    age[len(age) - 40 :] += 0.5  # the last chunk's cells disagree with their donors
+    obs["age"] = age
+    fixed = "~ log(libsize) + trt + age"
+    counts = data.X.toarray().astype(float)
+    expr = counting_expr(obs, counts, (CHUNK, -1), "fold-donor")
+    with dask.config.set(scheduler="sync"):
+        stats = strata_graph(
+            expr, plan_strata(obs, fixed, RANDOM, by="cls"), transform="log2p1", chains=1
+        ).compute()
+    # columns: intercept, log(libsize), trt, age
+    assert all(skip.tolist() == [True, False, True, True] for skip in skipped[0].values())
+    assert any(not skip[3] for skip in skipped[-1].values()), "age kept its place"
+    aged = data.copy()
+    aged.obs = obs
+    assert_each_stratum_alone(stats, aged, counts, "log2p1", fixed)
+
+
+def test_packed_blocks_keep_their_values():
+    from flashmm_dask.stats.products import lookup_table
+    from flashmm_dask.stats.strata_products import Packed
+
+    rng = np.random.default_rng(3)
+    dense = rng.poisson(0.3, (50, 300)).astype(np.int32)
+    dense[0, 7] = 65_535
+    E = sp.csr_matrix(dense)
+    packed = Packed.of(E, lookup_table("none"))
+    assert packed.indices.dtype == packed.data.dtype == np.uint16
+    assert packed.nbytes == 4 * E.nnz
+    back = packed.csr()
+    assert back.dtype == E.dtype
+    np.testing.assert_array_equal(back.toarray(), dense)

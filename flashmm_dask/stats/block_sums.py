@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from flashmm_dask.stats.subject_columns import SubjectColumns
+
 __all__ = ["BlockSums"]
 
 
@@ -32,10 +34,9 @@ class BlockSums:
         "Ynorm",
         "_G",
         "_G_rows",
-        "_by_subject",
         "_group_X",
         "_group_of",
-        "_levels",
+        "_subjects",
         "group_capacity",
         "p",
         "q",
@@ -52,10 +53,8 @@ class BlockSums:
         self._group_X: list[np.ndarray] = []
         self._G: np.ndarray | None = None
         self._G_rows = 0  # the rows of G ever written
-        # the columns of X left out (None: nothing added yet) and their values by subject
-        # (p x q, NaN for a subject with no cell added yet)
-        self._by_subject: np.ndarray | None = None
-        self._levels = np.zeros((0, q))
+        # the columns of X left out, and their values by subject
+        self._subjects = SubjectColumns(p, q)
 
     @property
     def nbytes(self) -> int:
@@ -89,50 +88,29 @@ class BlockSums:
         self.direct()
         return self.XY, self.ZY, self.Ynorm
 
+    @property
+    def _by_subject(self) -> np.ndarray:
+        """(p,) bool: the columns of X left out so far (a copy)."""
+        return self._subjects.left_out
+
     def direct(self) -> None:
         """Add the products of the columns left out (:meth:`subject_columns`) to X'E and
         leave none out from now on: before a block's products are added any other way."""
-        if self._by_subject is not None and self._by_subject.any():
-            self._add_by_subject(self._by_subject)
-        self._by_subject = np.zeros(self.p, dtype=bool)
+        self._add_by_subject(self._subjects.stop())
 
     def subject_columns(self, X: np.ndarray, Z: sp.csr_matrix) -> np.ndarray:
         """The columns of X (bool, p) whose products with the block of these rows are not
-        to be added: those set by the subject in every cell added so far and in these.
-
-        Z has one entry per row (its column, the subject). The columns are chosen on the
-        first block (none when anything was added before); a column whose value differs
-        from its subject's in a later block, or a block whose Z is not 1 (a slope), adds
-        the products left out (u_k' Z'E, every cell so far having been added by subject)
-        and has its products added from then on.
-        """
-        if self._by_subject is not None and not self._by_subject.any():
-            return self._by_subject.copy()
-        if not np.all(Z.data == 1.0):
-            self.direct()
-            return np.zeros(self.p, dtype=bool)
-        present, first, inverse = np.unique(Z.indices, return_index=True, return_inverse=True)
-        values = X[first]  # (subjects, p): the first cell's
-        alike = (X == values[inverse]).all(axis=0)
-        if self._by_subject is None:
-            self._by_subject = alike
-            self._levels = np.full((self.p, self.q), np.nan)
-        else:
-            known = self._levels[:, present]
-            alike &= (np.isnan(known) | (known == values.T)).all(axis=1)
-            lost = self._by_subject & ~alike
-            if lost.any():
-                self._add_by_subject(lost)
-            self._by_subject &= alike
-        keep = self._by_subject
-        self._levels[np.ix_(keep, present)] = values[:, keep].T
-        return keep.copy()
+        to be added: those set by the subject in every cell added so far and in these
+        (:meth:`SubjectColumns.update`; the products of a column that loses its place,
+        u_k' Z'E of the cells so far, are added here)."""
+        keep, lost = self._subjects.update(X, Z)
+        self._add_by_subject(lost)
+        return keep
 
     def _add_by_subject(self, columns: np.ndarray) -> None:
-        """X'E of ``columns`` (left out so far) += u' Z'E; they are added from now on."""
-        assert self._by_subject is not None
-        self.XY[columns] += np.nan_to_num(self._levels[columns]) @ self.ZY
-        self._by_subject = self._by_subject & ~columns
+        """X'E of ``columns`` (left out so far) += u' Z'E."""
+        if columns.any():
+            self.XY[columns] += self._subjects.products(columns, self.ZY)
 
     def group_rows(self, X_g: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The row of the group sums G of each row of X_g (n_g x p: distinct rows of X,

@@ -19,7 +19,13 @@ has about one cell per (stratum, subject), and a pass over one chunk would fetch
 the sums from memory for nearly every value. Its chunk then waits in the chain's sums
 (read, not yet added) until the waiting chunks hold ``_FOLD_BYTES`` of stored values or
 the chain ends, and one pass adds them all, each stratum's design evaluated once on its
-cells of all of them (:func:`_accumulate`).
+cells of all of them (:func:`_accumulate`); waiting chunks are kept in 16-bit integers
+where they fit (:class:`~flashmm_dask.stats.strata_products.Packed`), so a pass takes
+twice the cells for the same memory.
+Columns of a stratum's X set by the subject (the intercept, donor-level covariates) are
+left out of the compiled pass while each of its cells has one entry of Z, equal to 1:
+their X'E is u' Z'E, added when the chain ends (:class:`_Sums`,
+:mod:`flashmm_dask.stats.subject_columns`).
 
 The statistics of S strata are S times those of one model (S x (p_s + q_s + 1) x m
 float64; 29 cell states x 260 x 11,596 features is 0.7 GB), so partials are not returned
@@ -51,6 +57,7 @@ from dask.delayed import Delayed
 from flashmm_dask.design.strata import Strata, group_name
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
+from flashmm_dask.stats.cell_pass import one_entry_rows
 from flashmm_dask.stats.graph import (
     Options,
     _InlineRead,
@@ -71,7 +78,8 @@ from flashmm_dask.stats.reduce import (
     stats_graph,
 )
 from flashmm_dask.stats.strata import StratifiedStats
-from flashmm_dask.stats.strata_products import fits_table, strata_products
+from flashmm_dask.stats.strata_products import Packed, fits_table, strata_products
+from flashmm_dask.stats.subject_columns import SubjectColumns
 from flashmm_dask.stats.summary import SummaryStats
 
 __all__ = ["reduce_strata", "strata_graph"]
@@ -120,7 +128,7 @@ class _StratumDesign:
 class _Chunk:
     """A cell chunk read and waiting in a chain's sums for the pass over several."""
 
-    E: sp.csr_matrix
+    E: Packed
     obs: Any
     codes: np.ndarray
     start: int
@@ -133,10 +141,14 @@ class _Sums:
     ``Yn`` and ``nnz`` (S x m) its colsums(E^2) and non-zero counts
     (:mod:`flashmm_dask.stats.strata_products`), ``small[s]`` its [XX, ZX, ZZ, n] (None
     while no chunk had its cells). ``pending``: chunks read but not yet added (see
-    :func:`_accumulate`; none once the chain's last chunk is added).
+    :func:`_accumulate`; none once the chain's last chunk is added). ``subjects[s]``:
+    the columns of stratum s's X left out of the compiled pass (their X'E is added by
+    :meth:`settle` when the chain ends, or by :meth:`direct` before the stratum's cells
+    are added any other way).
     """
 
     def __init__(self, strata: Strata, m: int) -> None:
+        self.subjects = [SubjectColumns(d.p, d.q) for d in strata.designs]
         self.p = [d.p for d in strata.designs]
         self.bases = np.concatenate([[0], np.cumsum([d.p + d.q for d in strata.designs])])
         self.out = np.zeros((int(self.bases[-1]), m))
@@ -152,7 +164,22 @@ class _Sums:
 
     def pending_bytes(self) -> int:
         """The stored values and indices of the pending chunks."""
-        return sum(c.E.data.nbytes + c.E.indices.nbytes for c in self.pending)
+        return sum(c.E.nbytes for c in self.pending)
+
+    def direct(self, s: int, lost: np.ndarray | None = None) -> None:
+        """Add stratum s's X'E of the columns ``lost`` (left out so far; None: all of
+        them, and none left out from now on) as u' Z'E of the cells added."""
+        if lost is None:
+            lost = self.subjects[s].stop()
+        if lost.any():
+            base, p = int(self.bases[s]), self.p[s]
+            ZY = self.out[base + p : int(self.bases[s + 1])]
+            self.out[base + np.flatnonzero(lost)] += self.subjects[s].products(lost, ZY)
+
+    def settle(self) -> None:
+        """Every stratum's X'E complete (the chain's last chunk added)."""
+        for s in range(len(self.subjects)):
+            self.direct(s)
 
     def add_small(self, s: int, item: tuple[Any, ...]) -> None:
         self.small[s] = self.added(self.small[s], item)
@@ -242,14 +269,15 @@ def _accumulate(
         total = _Sums(fold.strata, E.shape[1])
     table = lookup_table(fold.transform)
     if isinstance(E, sp.csr_matrix) and table is not None and fits_table(E, table):
-        total.pending.append(_Chunk(E, obs, codes, start))
+        total.pending.append(_Chunk(Packed.of(E, table), obs, codes, start))
         if last or total.out.nbytes <= _FOLD_ABOVE or total.pending_bytes() >= _FOLD_BYTES:
             _add_pending(total, fold, table)
-        return total
-    # dense blocks, other transforms, values off the table, no numba: stratum by stratum
-    _add_each(total, E, _strata_parts(total, fold.strata, obs, codes, start), start, fold)
+    else:
+        # dense blocks, other transforms, values off the table, no numba: stratum by stratum
+        _add_each(total, E, _strata_parts(total, fold.strata, obs, codes, start), start, fold)
     if last:
         _add_pending(total, fold, table)
+        total.settle()
     return total
 
 
@@ -282,6 +310,7 @@ def _add_each(
     """Add each stratum's products of its rows of E (``parts``: its rows of E and
     design rows) with the products of the unstratified reduction."""
     for s, rows, X, Z in parts:
+        total.direct(s)  # every column of X from now on
         E_s = E if len(rows) == E.shape[0] else E[rows]
         XY, ZY, Ynorm = _block_partial(
             E_s, (X, Z), fold.features, start, 0, fold.transform, fold.target_sum, fold.check
@@ -305,7 +334,7 @@ def _add_pending(total: _Sums, fold: _Fold, table: np.ndarray | None) -> None:
     if all(sp.issparse(Z) for *_, Z in parts) and strata_products(
         [c.E for c in chunks],
         table,
-        [(s, block[rows], row[rows], X, Z) for s, rows, X, Z in parts],
+        [(s, block[rows], row[rows], X, Z, _left_out(total, s, X, Z)) for s, rows, X, Z in parts],
         total.bases,
         total.out,
         total.Yn,
@@ -318,7 +347,19 @@ def _add_pending(total: _Sums, fold: _Fold, table: np.ndarray | None) -> None:
             here = block[rows] == b
             if here.any():
                 mine.append((s, row[rows[here]], X[here], Z[here]))
-        _add_each(total, chunk.E, mine, chunk.start, fold)
+        _add_each(total, chunk.E.csr(), mine, chunk.start, fold)
+
+
+def _left_out(total: _Sums, s: int, X: np.ndarray, Z: sp.csr_matrix) -> np.ndarray:
+    """The columns of stratum s's X (its rows of the pass) to leave out of the pass: those
+    set by the subject (:class:`SubjectColumns`) while every cell has one entry of Z;
+    the products of columns that lose their place are added first."""
+    if not one_entry_rows(sp.csr_matrix(Z)):
+        total.direct(s)
+        return np.zeros(X.shape[1], dtype=bool)
+    keep, lost = total.subjects[s].update(X, sp.csr_matrix(Z))
+    total.direct(s, lost)
+    return keep
 
 
 def _sum_strata(*parts: _Sums) -> _Sums:

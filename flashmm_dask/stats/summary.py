@@ -43,6 +43,7 @@ from flashmm_dask.stats.store import (
     _ARRAYS,
     FORMAT,
     FORMAT_VERSION,
+    chunk_shape,
     load_summary,
     save_stats,
 )
@@ -535,9 +536,11 @@ class SummaryStats:
             store, mode="w", zarr_format=3, storage_options=options or None, attributes=head
         )
         for name in _ARRAYS:
-            group.create_array(name, data=np.ascontiguousarray(getattr(self, name)))
+            values = np.ascontiguousarray(getattr(self, name))
+            group.create_array(name, data=values, chunks=chunk_shape(values.shape))
         if self.nnz is not None:
-            group.create_array("nnz", data=np.ascontiguousarray(self.nnz))
+            nnz = np.ascontiguousarray(self.nnz)
+            group.create_array("nnz", data=nnz, chunks=chunk_shape(nnz.shape))
         # marking completion last: a reader that sees complete=True sees every array
         group.update_attributes(last)
 
