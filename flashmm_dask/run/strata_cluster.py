@@ -23,7 +23,9 @@ same path: each stratum's rows are scattered once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,9 @@ from flashmm_dask.stats.store import save_local
 from flashmm_dask.stats.strata import StratifiedStats, save_strata
 from flashmm_dask.stats.summary import SummaryStats
 
-__all__ = ["ClusterStrata", "reduce_on_cluster", "scattered"]
+__all__ = ["ClusterStrata", "reduce_on_cluster", "save_in_background", "scattered"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +64,7 @@ class ClusterStrata:
     Ynorm, nnz : level -> (m,) its sums of squares and non-zero counts (nnz may be None)
     rows : level -> a Future of its (p + q) x M rows, X'E over Z'E, M >= m
     columns : the columns of ``rows`` of the m features (None: all, M = m)
+    saving : the write of ``stats.zarr`` going on beside the fit (None: none)
     """
 
     heads: StratifiedStats
@@ -68,6 +73,19 @@ class ClusterStrata:
     nnz: dict[str, np.ndarray | None]
     rows: dict[str, Any]
     columns: np.ndarray | None = None
+    saving: Future[None] | None = None
+
+    def saved(self, *, quiet: bool = False) -> None:
+        """Wait for ``stats.zarr`` to be written (:func:`save_in_background`), raising its
+        error (logged instead with ``quiet``: when another error is already raised)."""
+        if self.saving is None:
+            return
+        try:
+            self.saving.result()
+        except Exception:
+            if not quiet:
+                raise
+            logger.exception("the summary statistics could not be saved")
 
     @property
     def by(self) -> str | None:
@@ -243,3 +261,17 @@ def save_on_cluster(client: Any, stats: ClusterStrata, path: Path) -> None:
         save_local(path, True, write_groups)
     else:
         save_strata(path, stats.attrs(), write_groups, overwrite=True)
+
+
+def save_in_background(save: Callable[[], None], stats: ClusterStrata) -> ClusterStrata:
+    """``stats`` with ``save()`` (the write of ``stats.zarr``, :func:`save_on_cluster`)
+    going on in a thread of the driver: its tasks run on the workers while the driver
+    prepares the strata's models and creates their results groups, and the fit's tasks
+    fill the workers' waits for the strata's rows. The fit waits for it before it returns
+    (:meth:`ClusterStrata.saved`), so that a resumed run finds the statistics."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flashmm-save-stats")
+    try:
+        future = pool.submit(save)
+    finally:
+        pool.shutdown(wait=False)
+    return dataclasses.replace(stats, saving=future)

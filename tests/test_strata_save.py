@@ -1,0 +1,98 @@
+"""The statistics of a stratified run saved beside its fit: ``stats.zarr`` is whole when
+the fit returns, and when it fails, so that the rerun reuses it; a failed save is the
+run's error."""
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+from pipeline_helpers import local_client
+from test_strata import atlas
+
+from flashmm_dask import load_stats, write_store
+from flashmm_dask.errors import StoreError
+from flashmm_dask.run import pipeline_strata
+from flashmm_dask.run.config import load_config
+from flashmm_dask.run.pipeline import run
+from flashmm_dask.run.strata_cluster import ClusterStrata, save_in_background
+from flashmm_dask.stats.strata import StratifiedStats
+
+pytestmark = pytest.mark.distributed
+
+
+def _empty() -> ClusterStrata:
+    return ClusterStrata(StratifiedStats({}, "cls", {}), (), {}, {}, {})
+
+
+def test_saved_waits_and_raises_the_error_of_the_save(caplog) -> None:
+    gate = threading.Event()
+    done = []
+
+    def slow() -> None:
+        gate.wait(5)
+        done.append(True)
+
+    stats = save_in_background(slow, _empty())
+    assert not done
+    gate.set()
+    stats.saved()
+    assert done == [True]
+
+    def failing() -> None:
+        raise StoreError("cannot write the summary statistics: disk full")
+
+    stats = save_in_background(failing, _empty())
+    with pytest.raises(StoreError, match="disk full"):
+        stats.saved()
+    with caplog.at_level(logging.ERROR):
+        stats.saved(quiet=True)  # another error is on its way: this one is logged
+    assert "could not be saved" in caplog.text
+    _empty().saved()  # nothing saved: nothing to wait for
+
+
+@pytest.fixture(scope="module")
+def client():
+    with local_client() as client:
+        yield client
+
+
+def _settings(data, output):
+    return (
+        f"data.path={data}",
+        "model.fixed=~ log(libsize) + trt",
+        "model.random=~ 0 + sam",
+        "contrasts={trt: trtB}",
+        "model.by=cls",
+        "fit.block_size=7",
+        "output.plots=false",
+        "progress=false",
+        f"output.path={output}",
+    )
+
+
+def test_a_failed_fit_leaves_the_whole_statistics_for_the_rerun(
+    tmp_path, client, monkeypatch
+) -> None:
+    adata = atlas(n_cells=1500, n_genes=12, seed=7)
+    data = write_store(adata, tmp_path / "atlas.zarr", chunk_cells=500)
+    out = tmp_path / "out"
+    cfg = load_config(None, _settings(data, out))
+    fit = pipeline_strata.fit_strata_stores
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(pipeline_strata, "fit_strata_stores", failing)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run(cfg, client=client)
+    saved = load_stats(out / "stats.zarr")  # complete: the fit waited for it
+    assert list(saved) == ["1", "2", "3"]
+
+    monkeypatch.setattr(pipeline_strata, "fit_strata_stores", fit)
+    summary = run(cfg, client=client)
+    assert summary.strata == ("1", "2", "3")
+    again = load_stats(out / "stats.zarr")
+    for level in saved:
+        np.testing.assert_array_equal(again[level].ZY, saved[level].ZY)
+        np.testing.assert_array_equal(again[level].XY, saved[level].XY)
