@@ -11,18 +11,21 @@ code wrote, byte for byte. A block's values are still written one array per call
 failure between two leaves the block unmarked).
 
 Used by :mod:`flashmm_dask.io.results` (:func:`create_arrays` for ``create_results``,
-:func:`write_arrays` for ``write_block``).
+:func:`write_arrays` for ``write_block``) and
+:func:`flashmm_dask.io.strata_results.load_strata` (:func:`read_groups`: every stratum's
+results read in one call, not 15 calls per stratum in threads).
 """
 
 from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous as zarr_async
 from zarr.core.group import AsyncGroup
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
@@ -31,7 +34,7 @@ from flashmm_dask.errors import StoreError
 from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout
 from flashmm_dask.model.status import STATUS
 
-__all__ = ["arrays_of", "create_arrays", "run", "write_arrays"]
+__all__ = ["arrays_of", "create_arrays", "read_groups", "run", "write_arrays"]
 
 T = TypeVar("T")
 
@@ -171,3 +174,37 @@ def write_arrays(
 
 async def _lookup(group: zarr.Group, names: Iterable[str]) -> dict[str, Any]:
     return await arrays_of(await _async_group(group), names)
+
+
+#: What :func:`read_groups` gives of each array: its dimension names, values, attributes.
+Read = tuple[tuple[str, ...], np.ndarray, dict[str, Any]]
+
+
+def read_groups(
+    paths: Sequence[str], names: Iterable[str]
+) -> list[tuple[dict[str, Any], dict[str, Read | None]]]:
+    """The attributes of the groups at the local ``paths`` and their arrays among
+    ``names`` (absent names left out; a member that is not an array with dimension names
+    maps to None), every group and array read concurrently, in one call."""
+    wanted = list(names)
+
+    async def member(group: AsyncGroup, name: str) -> tuple[str, Read | None] | None:
+        try:
+            node = await group.getitem(name)
+        except KeyError:
+            return None
+        dims = getattr(node.metadata, "dimension_names", None)
+        if not isinstance(node, zarr.AsyncArray) or dims is None or None in dims:
+            return name, None
+        values = await node.getitem(...)
+        return name, (tuple(str(d) for d in dims), np.asarray(values), dict(node.attrs))
+
+    async def one(path: str) -> tuple[dict[str, Any], dict[str, Read | None]]:
+        group = await zarr_async.open_group(store=path, mode="r")
+        found = await asyncio.gather(*(member(group, name) for name in wanted))
+        return dict(group.attrs), dict(item for item in found if item is not None)
+
+    async def every() -> list[tuple[dict[str, Any], dict[str, Read | None]]]:
+        return list(await asyncio.gather(*(one(path) for path in paths)))
+
+    return run(every())
