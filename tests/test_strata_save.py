@@ -96,3 +96,33 @@ def test_a_failed_fit_leaves_the_whole_statistics_for_the_rerun(
     for level in saved:
         np.testing.assert_array_equal(again[level].ZY, saved[level].ZY)
         np.testing.assert_array_equal(again[level].XY, saved[level].XY)
+
+
+def test_rows_are_summed_on_the_workers_in_turn_and_read_there(tmp_path) -> None:
+    """Each stratum's rows are summed on a worker holding a chain, dealt in turn, and the
+    tasks that read them (its write, its blocks) are placed on that worker."""
+    from distributed import Client, LocalCluster, wait
+
+    from flashmm_dask.run.inputs import cluster_strata_stats, prepare_strata
+
+    adata = atlas(n_cells=1500, n_genes=12, seed=7)
+    data = write_store(adata, tmp_path / "atlas.zarr", chunk_cells=250)
+    cfg = load_config(None, (*_settings(data, tmp_path / "out"), "stats.save=false"))
+    inputs = prepare_strata(cfg, tmp_path / "out")
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        stats = cluster_strata_stats(cfg, client, tmp_path / "out", inputs)
+        workers = sorted(client.scheduler_info()["workers"])
+        assert list(stats.homes) == ["1", "2", "3"]
+        assert set(stats.homes.values()) <= set(workers)
+        wait(list(stats.rows.values()))
+        held = client.who_has(list(stats.rows.values()))
+        for level, home in stats.homes.items():
+            assert list(held[stats.rows[level].key]) == [home]
+            assert stats.at(level) == {"workers": [home], "allow_other_workers": True}
+        if len(set(stats.homes.values())) == 2:  # both workers hold a chain: dealt in turn
+            assert stats.homes["1"] != stats.homes["2"] and stats.homes["1"] == stats.homes["3"]

@@ -65,6 +65,9 @@ class ClusterStrata:
     rows : level -> a Future of its (p + q) x M rows, X'E over Z'E, M >= m
     columns : the columns of ``rows`` of the m features (None: all, M = m)
     saving : the write of ``stats.zarr`` going on beside the fit (None: none)
+    homes : level -> the worker its rows are summed on (dealt over the workers holding
+        the chains, so that both send and receive as many strata's rows); the tasks that
+        read them are placed there (:meth:`at`), not on a worker they must be sent to
     """
 
     heads: StratifiedStats
@@ -74,6 +77,13 @@ class ClusterStrata:
     rows: dict[str, Any]
     columns: np.ndarray | None = None
     saving: Future[None] | None = None
+    homes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def at(self, level: str) -> dict[str, Any]:
+        """The placement of a task that reads a stratum's rows (``client.submit``'s
+        keywords): on the worker that holds them, or another when it is busy or lost."""
+        home = self.homes.get(level)
+        return {} if home is None else {"workers": [home], "allow_other_workers": True}
 
     def saved(self, *, quiet: bool = False) -> None:
         """Wait for ``stats.zarr`` to be written (:func:`save_in_background`), raising its
@@ -177,13 +187,23 @@ def reduce_on_cluster(
     wait(chains)
     heads = client.gather(client.map(chain_heads, chains, pure=False))
     small, Yn, nnz = in_tree_order(heads, built.split_every, add_heads)
+    held = client.who_has(chains)
+    workers = sorted({address for c in chains for address in held.get(c.key, ())})
     rows: dict[str, Any] = {}
     shared: dict[str, SummaryStats] = {}
+    homes: dict[str, str] = {}
     for s, names in enumerate(built.names):
         level = names["level"]
+        if workers:
+            homes[level] = workers[s % len(workers)]
+        place = {"workers": [homes[level]], "allow_other_workers": True} if workers else {}
         parts = [client.submit(chain_rows, c, s, pure=False) for c in chains]
         rows[level] = client.submit(
-            _stratum_rows, built.split_every, *parts, key=f"flashmm-rows-{built.token}-{s}"
+            _stratum_rows,
+            built.split_every,
+            *parts,
+            key=f"flashmm-rows-{built.token}-{s}",
+            **place,
         )
         shared[level] = _head(names, small[s])
     all_features = built.features
@@ -195,6 +215,7 @@ def reduce_on_cluster(
         {level: nnz[s][picked] for s, level in enumerate(shared)},
         rows,
         None if features is None else np.asarray(features, dtype=np.intp),
+        homes=homes,
     )
 
 
@@ -252,6 +273,7 @@ def save_on_cluster(client: Any, stats: ClusterStrata, path: Path) -> None:
                 stats.Ynorm[level],
                 stats.nnz[level],
                 pure=False,
+                **stats.at(level),
             )
             for level in stats
         ]

@@ -123,7 +123,9 @@ def _submit(
         Ynorm = Ynorm if kept is None else Ynorm * kept
         return (fit_rows_block, shared, b, rows, columns, Ynorm, kept)
 
-    return blocks.submit_tasks(client, group.todo, f"flashmm-fit-{token}-s{index}", task)
+    # on the worker that holds the stratum's rows (ClusterStrata.at)
+    key = f"flashmm-fit-{token}-s{index}"
+    return blocks.submit_tasks(client, group.todo, key, task, **stats.at(group.level))
 
 
 def fit_strata_stores(
