@@ -1,9 +1,11 @@
-"""The statistics of a stratified run saved beside its fit: ``stats.zarr`` is whole when
-the fit returns, and when it fails, so that the rerun reuses it; a failed save is the
-run's error."""
+"""A stratified run's work done beside other work: ``stats.zarr`` saved beside the fit
+(whole when the fit returns, and when it fails, so that the rerun reuses it; a failed
+save is the run's error), each stratum's rows summed and read on one worker, and the top
+tables written beside the results table (the files write_top_tables writes)."""
 
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from test_strata import atlas
 
 from flashmm_dask import load_stats, write_store
 from flashmm_dask.errors import StoreError
+from flashmm_dask.io.resultsets import write_top_tables
+from flashmm_dask.io.strata_results import load_strata
+from flashmm_dask.report import summary as report_summary
 from flashmm_dask.run import pipeline_strata
 from flashmm_dask.run.config import load_config
 from flashmm_dask.run.pipeline import run
@@ -96,6 +101,26 @@ def test_a_failed_fit_leaves_the_whole_statistics_for_the_rerun(
     for level in saved:
         np.testing.assert_array_equal(again[level].ZY, saved[level].ZY)
         np.testing.assert_array_equal(again[level].XY, saved[level].XY)
+
+    # the top tables, written beside results.csv: those write_top_tables writes, listed
+    # among the run's files before report.md
+    reference = write_top_tables(load_strata(out / "results.zarr"), tmp_path / "reference")
+    assert len(reference) == 3
+    files = [Path(f) for f in summary.files]
+    for path in reference:
+        relative = path.relative_to(tmp_path / "reference")
+        assert (out / relative).read_bytes() == path.read_bytes()
+        assert files.index(out / relative) < files.index(out / "report.md")
+
+    # the report lists the top tables its caller wrote, and does not write them again
+    def unexpected(*args, **kwargs):
+        raise AssertionError("the top tables were written again")
+
+    monkeypatch.setattr(report_summary, "write_top_tables", unexpected)
+    listed = report_summary.report_outputs(
+        out / "results.zarr", tmp_path / "again", top=[tmp_path / "x.csv"]
+    )
+    assert listed == [tmp_path / "x.csv", tmp_path / "again" / "report.md"]
 
 
 def test_rows_are_summed_on_the_workers_in_turn_and_read_there(tmp_path) -> None:
