@@ -13,7 +13,10 @@ Here the chains of the one-pass reduction
 - the driver receives each stratum's shared statistics (XX, ZX, ZZ, n) as a
   SummaryStats of no features (its ``head``: names, d, provenance), and its Ynorm and
   non-zero counts (m each);
-- ``stats.zarr`` is written by one task per stratum (the root by the driver);
+- ``stats.zarr`` is written by one task per stratum (the root by the driver), beside
+  the fit (:func:`save_in_background`);
+- each stratum's rows are summed on the workers holding the chains in turn, and the
+  tasks that read them are placed there (:meth:`ClusterStrata.at`);
 - the task of each feature block takes its columns of its stratum's rows itself.
 
 Statistics loaded from a store (``stats.load``, or those of an interrupted run) take the
@@ -82,7 +85,11 @@ class ClusterStrata:
     def at(self, level: str) -> dict[str, Any]:
         """The placement of a task that reads a stratum's rows (``client.submit``'s
         keywords): on the worker that holds them, or another when it is busy or lost."""
-        home = self.homes.get(level)
+        return self.placed(self.homes.get(level))
+
+    @staticmethod
+    def placed(home: str | None) -> dict[str, Any]:
+        """``client.submit``'s keywords for a task preferring the worker ``home``."""
         return {} if home is None else {"workers": [home], "allow_other_workers": True}
 
     def saved(self, *, quiet: bool = False) -> None:
@@ -196,7 +203,7 @@ def reduce_on_cluster(
         level = names["level"]
         if workers:
             homes[level] = workers[s % len(workers)]
-        place = {"workers": [homes[level]], "allow_other_workers": True} if workers else {}
+        place = ClusterStrata.placed(homes.get(level))
         parts = [client.submit(chain_rows, c, s, pure=False) for c in chains]
         rows[level] = client.submit(
             _stratum_rows,
