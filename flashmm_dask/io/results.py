@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +52,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
-from zarr.errors import ZarrUserWarning
 
 from flashmm_dask.errors import StoreError
 from flashmm_dask.io.paths import Location, locate
@@ -61,6 +59,7 @@ from flashmm_dask.io.results_attrs import _default_versions, _user_attrs, redact
 from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout
 from flashmm_dask.io.tables import results_table, write_tables
 from flashmm_dask.io.writing import staged
+from flashmm_dask.io.zarr_batch import create_arrays, write_arrays
 from flashmm_dask.model.status import STATUS, finite_features, status_codes
 from flashmm_dask.numerics.inference import p_adjust
 
@@ -157,61 +156,33 @@ def _removable(target: Location) -> bool:
 
 
 def _write_group(group: zarr.Group, layout: ResultsLayout, attrs: dict[str, Any]) -> None:
-    """Create every array of ``layout`` in the empty ``group``, then its attributes."""
-    sizes = layout.dim_sizes()
-    names = {
-        "feature": layout.features,
-        "covariate": layout.covariates,
-        "covariate2": layout.covariates,
-        "component": layout.components,
-        "contrast": layout.contrasts,
+    """Create every array of ``layout`` in the empty ``group``, then its attributes (in one
+    call of Zarr's event loop: :func:`~flashmm_dask.io.zarr_batch.create_arrays`)."""
+    create_arrays(group, layout, attrs)
+
+
+def full_attrs(
+    layout: ResultsLayout, attrs: Mapping[str, Any], versions: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The attributes :func:`create_results` gives a store of ``layout``: ``attrs`` (checked)
+    with the managed ones, the versions (default: the installed ones, ``versions``) and
+    the time of creation."""
+    managed = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "block_size": layout.block_size,
+        "n_blocks": layout.n_blocks,
     }
-    for dim in _COORDS:
-        coord = group.create_array(
-            dim,
-            shape=(sizes[dim],),
-            dtype=str,  # zarr's variable-length UTF-8 "string" type: no warnings, read as str
-            chunks=(max(1, sizes[dim]),),
-            fill_value="",
-            dimension_names=(dim,),
-        )
-        if sizes[dim]:
-            coord[:] = np.array(names[dim], dtype=object)
-    fill = {"bool": False, "int8": -1}
-    for name in layout.variables():
-        var = _VARS[name]
-        dims = ("feature", *var.dims)
-        shape = tuple(sizes[d] for d in dims)
-        attributes: dict[str, Any] = {"description": var.description}
-        if name == "status":
-            attributes.update(flag_values=list(range(len(STATUS))), flag_meanings=" ".join(STATUS))
-        group.create_array(
-            name,
-            shape=shape,
-            dtype=var.dtype,
-            chunks=(layout.block_size, *(max(1, s) for s in shape[1:])),
-            fill_value=fill.get(var.dtype, np.nan),
-            dimension_names=dims,
-            attributes=attributes,
-        )
-    group.create_array(
-        "block_done",
-        shape=(layout.n_blocks,),
-        dtype="bool",
-        chunks=(1,),
-        fill_value=False,
-        dimension_names=("block",),
-        attributes={"description": "whether the block's features have been written"},
-    )
-    # Array metadata is final: consolidate it into the root document. zarr warns that
-    # consolidated metadata is not (yet) in the v3 specification; zarr-python and xarray
-    # read it, and it is what lets xarray.open_zarr(path) open the store without a warning.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=ZarrUserWarning)
-        zarr.consolidate_metadata(group.store, zarr_format=3)
-    # The attributes come last: until they are written the group is not a results store.
-    root = zarr.open_group(store=group.store, mode="r+")
-    root.update_attributes(dict(attrs))  # one metadata write, not one per key
+    user = _user_attrs(attrs, "attrs", managed)
+    given = user.get("versions", {})
+    installed = _default_versions() if versions is None else dict(versions)
+    return {
+        **managed,
+        **user,
+        "versions": {**installed, **(given if isinstance(given, dict) else {})},
+        "created": user.get("created", datetime.now(UTC).isoformat(timespec="seconds")),
+    }
 
 
 def create_results(
@@ -250,21 +221,7 @@ def create_results(
         ``attrs`` is not JSON-serialisable or sets an attribute this module manages.
     """
     target = _locate(path, storage_options)
-    managed = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "block_size": layout.block_size,
-        "n_blocks": layout.n_blocks,
-    }
-    user = _user_attrs(attrs, "attrs", managed)
-    versions = user.get("versions", {})
-    full = {
-        **managed,
-        **user,
-        "versions": {**_default_versions(), **(versions if isinstance(versions, dict) else {})},
-        "created": user.get("created", datetime.now(UTC).isoformat(timespec="seconds")),
-    }
+    full = full_attrs(layout, attrs)
     if target.exists():
         if not overwrite:
             raise StoreError(
@@ -394,52 +351,55 @@ def write_block(
         raise StoreError(
             f"block {b!r} is out of range: {target.shown!r} has blocks 0..{n_blocks - 1}"
         )
-    m = int(_array(group, "feature").shape[0])
-    start = int(b) * block_size
-    rows = slice(start, min(start + block_size, m))
-    present = {name for name in _VARS if name in group}
-    required = {
-        name
-        for name in present
-        if _VARS[name].per_block and int(np.prod(_array(group, name).shape[1:])) > 0
-    }
-    required.discard("status")  # derived below when not given
-    optional = {name for name in present if _VARS[name].per_block} - required
-    given = set(arrays)
-    problems = []
-    if missing := sorted(required - given):
-        problems.append(f"missing {', '.join(missing)}")
-    if unknown := sorted(given - required - optional):
-        why = {
-            name: (
-                "computed by finalize_results"
-                if name in _VARS and not _VARS[name].per_block
-                else "not in this store"
-                if name in _VARS
-                else "unknown"
-            )
-            for name in unknown
+
+    def check(shapes: dict[str, tuple[int, ...]], m: int) -> dict[str, np.ndarray]:
+        start = int(b) * block_size
+        rows = slice(start, min(start + block_size, m))
+        present = {name for name in _VARS if name in shapes}
+        required = {
+            name for name in present if _VARS[name].per_block and int(np.prod(shapes[name][1:])) > 0
         }
-        problems.append("unexpected " + ", ".join(f"{k} ({v})" for k, v in why.items()))
-    if problems:
-        raise StoreError(
-            f"block {b} for {target.shown!r}: {'; '.join(problems)}. Expected arrays: "
-            f"{', '.join(sorted(required))}"
-        )
-    nb = rows.stop - rows.start
-    checked = {
-        name: _block_array(name, value, (nb, *_array(group, name).shape[1:]), int(b))
-        for name, value in arrays.items()
-    }
-    if "status" in present and "status" not in checked:
-        checked["status"] = status_codes(
-            checked["niter"], checked["converged"], finite_features(checked), None, checked["theta"]
-        )
-    for name, value in checked.items():
-        _array(group, name)[rows] = value
-    # The resume record is written last: a block that is marked done is whole.
-    _array(group, "block_done")[int(b)] = True
-    logger.debug("wrote block %d (features %d:%d) to %s", b, rows.start, rows.stop, target.shown)
+        required.discard("status")  # derived below when not given
+        optional = {name for name in present if _VARS[name].per_block} - required
+        given = set(arrays)
+        problems = []
+        if missing := sorted(required - given):
+            problems.append(f"missing {', '.join(missing)}")
+        if unknown := sorted(given - required - optional):
+            why = {
+                name: (
+                    "computed by finalize_results"
+                    if name in _VARS and not _VARS[name].per_block
+                    else "not in this store"
+                    if name in _VARS
+                    else "unknown"
+                )
+                for name in unknown
+            }
+            problems.append("unexpected " + ", ".join(f"{k} ({v})" for k, v in why.items()))
+        if problems:
+            raise StoreError(
+                f"block {b} for {target.shown!r}: {'; '.join(problems)}. Expected arrays: "
+                f"{', '.join(sorted(required))}"
+            )
+        nb = rows.stop - rows.start
+        checked = {
+            name: _block_array(name, value, (nb, *shapes[name][1:]), int(b))
+            for name, value in arrays.items()
+        }
+        if "status" in present and "status" not in checked:
+            checked["status"] = status_codes(
+                checked["niter"],
+                checked["converged"],
+                finite_features(checked),
+                None,
+                checked["theta"],
+            )
+        return checked
+
+    # the arrays looked up in one call of Zarr's event loop, then checked and written
+    write_arrays(group, int(b), block_size, check)
+    logger.debug("wrote block %d to %s", b, target.shown)
 
 
 def blocks_done(
@@ -583,6 +543,7 @@ __all__ = [
     "finalize_results",
     "finite_features",
     "fit_arrays",
+    "full_attrs",
     "open_results",
     "read_layout",
     "read_store_attrs",

@@ -318,12 +318,14 @@ def report_outputs(
     alpha: float = 0.05,
     storage_options: Mapping[str, Any] | None = None,
     sets: ResultSets | None = None,
+    top: Sequence[Path] | None = None,
 ) -> list[Path]:
     """Write the top tables (when ``tables``) and ``report.md`` of a finished store.
 
     Call it after the plots, so that the report links them. ``sets``: the store's
     results already read (:func:`~flashmm_dask.io.resultsets.loaded`), so that a run
-    reads its store once for the tables and the report.
+    reads its store once for the tables and the report; ``top``: the top tables, when
+    the caller wrote them (:func:`~flashmm_dask.io.resultsets.write_top_tables`).
 
     Returns
     -------
@@ -332,7 +334,10 @@ def report_outputs(
     """
     if sets is None:
         sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
-    files = write_top_tables(sets, folder) if tables else []
+    if top is not None:
+        files = list(top)
+    else:
+        files = write_top_tables(sets, folder) if tables else []
     text = report_markdown(sets, folder, store=store, n=n, alpha=alpha, top_tables=tables)
     # staged: a report.md that exists is complete
     write = partial(Path.write_text, data=text + "\n", encoding="utf-8")

@@ -219,15 +219,17 @@ def submit_tasks(
     key: str,
     task: Callable[[int], tuple[Any, ...]],
     after: Any = None,
+    **options: Any,
 ) -> list[Any]:
     """Submit ``task(b)`` (a function and its arguments) for each block b of ``todo``,
-    named ``{key}-{b}``, after the future ``after`` when given."""
+    named ``{key}-{b}``, after the future ``after`` when given (``options``: more keywords
+    of ``client.submit``, as the workers to run on)."""
     futures = []
     for b in todo:
         spec = task(b)
         if after is not None:
             spec = (_after, after, *spec)
-        futures.append(client.submit(*spec, key=f"{key}-{b}", retries=1))
+        futures.append(client.submit(*spec, key=f"{key}-{b}", retries=1, **options))
     return futures
 
 

@@ -47,6 +47,7 @@ from flashmm_dask.run.stored_model import check_stats_model
 from flashmm_dask.run.strata_cluster import (
     ClusterStrata,
     reduce_on_cluster,
+    save_in_background,
     save_on_cluster,
     scattered,
 )
@@ -495,8 +496,12 @@ def cluster_strata_stats(
             raise
         raise error from exc
     if cfg.stats.save:
-        with _writing("the summary statistics", folder):
-            save_on_cluster(client, stats, folder / STATS)
+
+        def save() -> None:
+            with _writing("the summary statistics", folder):
+                save_on_cluster(client, stats, folder / STATS)
+
+        return save_in_background(save, stats)
     return stats
 
 

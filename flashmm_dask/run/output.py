@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
-from flashmm_dask.io.resultsets import ResultSets
+from flashmm_dask.io.resultsets import ResultSets, write_top_tables
 from flashmm_dask.io.strata_results import load_strata, strata_attrs, write_strata_tables
 from flashmm_dask.report.plots import make_report, strata_report
 from flashmm_dask.report.summary import report_outputs
@@ -199,14 +200,24 @@ def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -
 
         plots = partial(strata_report, store, folder)
     files: list[Path] = []
-    if cfg.output.tables:
-        with timings.phase("tables"):
-            files += tables()
-    if cfg.output.plots:
-        with timings.phase("plots"):
-            files += plots()
-    with timings.phase("report"):
-        sets = strata_sets() if stratified else None
-        files += report_outputs(store, folder, tables=bool(cfg.output.tables), sets=sets)
+    top: Future[list[Path]] | None = None
+    with ThreadPoolExecutor(1, thread_name_prefix="flashmm-top-tables") as pool:
+        if cfg.output.tables:
+            with timings.phase("tables"):
+                if stratified:
+                    # a top table per stratum and term (Python formats them, holding the
+                    # GIL) written beside the results table (Arrow formats it in threads
+                    # that release it); the report then lists them
+                    top = pool.submit(write_top_tables, strata_sets(), folder)
+                files += tables()
+        if cfg.output.plots:
+            with timings.phase("plots"):
+                files += plots()
+        with timings.phase("report"):
+            sets = strata_sets() if stratified else None
+            written = None if top is None else top.result()
+            files += report_outputs(
+                store, folder, tables=bool(cfg.output.tables), sets=sets, top=written
+            )
     register(folder, files)
     return files

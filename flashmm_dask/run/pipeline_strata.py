@@ -61,7 +61,14 @@ def _clear(folder: Path) -> None:
 def _fit(
     cfg: RunConfig, client: Any, stats: ClusterStrata, folder: Path, show: bool
 ) -> tuple[list[_Group], list[BlockReport]]:
-    return fit_strata_stores(cfg, client, stats, folder, show=show)
+    """Fit every stratum; the statistics' store, written meanwhile, is whole on return."""
+    try:
+        out = fit_strata_stores(cfg, client, stats, folder, show=show)
+    except BaseException:
+        stats.saved(quiet=True)
+        raise
+    stats.saved()
+    return out
 
 
 def _summarise(

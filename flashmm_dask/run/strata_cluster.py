@@ -13,7 +13,10 @@ Here the chains of the one-pass reduction
 - the driver receives each stratum's shared statistics (XX, ZX, ZZ, n) as a
   SummaryStats of no features (its ``head``: names, d, provenance), and its Ynorm and
   non-zero counts (m each);
-- ``stats.zarr`` is written by one task per stratum (the root by the driver);
+- ``stats.zarr`` is written by one task per stratum (the root by the driver), beside
+  the fit (:func:`save_in_background`);
+- each stratum's rows are summed on the workers holding the chains in turn, and the
+  tasks that read them are placed there (:meth:`ClusterStrata.at`);
 - the task of each feature block takes its columns of its stratum's rows itself.
 
 Statistics loaded from a store (``stats.load``, or those of an interrupted run) take the
@@ -23,7 +26,9 @@ same path: each stratum's rows are scattered once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +50,9 @@ from flashmm_dask.stats.store import save_local
 from flashmm_dask.stats.strata import StratifiedStats, save_strata
 from flashmm_dask.stats.summary import SummaryStats
 
-__all__ = ["ClusterStrata", "reduce_on_cluster", "scattered"]
+__all__ = ["ClusterStrata", "reduce_on_cluster", "save_in_background", "scattered"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +67,10 @@ class ClusterStrata:
     Ynorm, nnz : level -> (m,) its sums of squares and non-zero counts (nnz may be None)
     rows : level -> a Future of its (p + q) x M rows, X'E over Z'E, M >= m
     columns : the columns of ``rows`` of the m features (None: all, M = m)
+    saving : the write of ``stats.zarr`` going on beside the fit (None: none)
+    homes : level -> the worker its rows are summed on (dealt over the workers holding
+        the chains, so that both send and receive as many strata's rows); the tasks that
+        read them are placed there (:meth:`at`), not on a worker they must be sent to
     """
 
     heads: StratifiedStats
@@ -68,6 +79,30 @@ class ClusterStrata:
     nnz: dict[str, np.ndarray | None]
     rows: dict[str, Any]
     columns: np.ndarray | None = None
+    saving: Future[None] | None = None
+    homes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def at(self, level: str) -> dict[str, Any]:
+        """The placement of a task that reads a stratum's rows (``client.submit``'s
+        keywords): on the worker that holds them, or another when it is busy or lost."""
+        return self.placed(self.homes.get(level))
+
+    @staticmethod
+    def placed(home: str | None) -> dict[str, Any]:
+        """``client.submit``'s keywords for a task preferring the worker ``home``."""
+        return {} if home is None else {"workers": [home], "allow_other_workers": True}
+
+    def saved(self, *, quiet: bool = False) -> None:
+        """Wait for ``stats.zarr`` to be written (:func:`save_in_background`), raising its
+        error (logged instead with ``quiet``: when another error is already raised)."""
+        if self.saving is None:
+            return
+        try:
+            self.saving.result()
+        except Exception:
+            if not quiet:
+                raise
+            logger.exception("the summary statistics could not be saved")
 
     @property
     def by(self) -> str | None:
@@ -159,13 +194,23 @@ def reduce_on_cluster(
     wait(chains)
     heads = client.gather(client.map(chain_heads, chains, pure=False))
     small, Yn, nnz = in_tree_order(heads, built.split_every, add_heads)
+    held = client.who_has(chains)
+    workers = sorted({address for c in chains for address in held.get(c.key, ())})
     rows: dict[str, Any] = {}
     shared: dict[str, SummaryStats] = {}
+    homes: dict[str, str] = {}
     for s, names in enumerate(built.names):
         level = names["level"]
+        if workers:
+            homes[level] = workers[s % len(workers)]
+        place = ClusterStrata.placed(homes.get(level))
         parts = [client.submit(chain_rows, c, s, pure=False) for c in chains]
         rows[level] = client.submit(
-            _stratum_rows, built.split_every, *parts, key=f"flashmm-rows-{built.token}-{s}"
+            _stratum_rows,
+            built.split_every,
+            *parts,
+            key=f"flashmm-rows-{built.token}-{s}",
+            **place,
         )
         shared[level] = _head(names, small[s])
     all_features = built.features
@@ -177,6 +222,7 @@ def reduce_on_cluster(
         {level: nnz[s][picked] for s, level in enumerate(shared)},
         rows,
         None if features is None else np.asarray(features, dtype=np.intp),
+        homes=homes,
     )
 
 
@@ -234,6 +280,7 @@ def save_on_cluster(client: Any, stats: ClusterStrata, path: Path) -> None:
                 stats.Ynorm[level],
                 stats.nnz[level],
                 pure=False,
+                **stats.at(level),
             )
             for level in stats
         ]
@@ -243,3 +290,17 @@ def save_on_cluster(client: Any, stats: ClusterStrata, path: Path) -> None:
         save_local(path, True, write_groups)
     else:
         save_strata(path, stats.attrs(), write_groups, overwrite=True)
+
+
+def save_in_background(save: Callable[[], None], stats: ClusterStrata) -> ClusterStrata:
+    """``stats`` with ``save()`` (the write of ``stats.zarr``, :func:`save_on_cluster`)
+    going on in a thread of the driver: its tasks run on the workers while the driver
+    prepares the strata's models and creates their results groups, and the fit's tasks
+    fill the workers' waits for the strata's rows. The fit waits for it before it returns
+    (:meth:`ClusterStrata.saved`), so that a resumed run finds the statistics."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flashmm-save-stats")
+    try:
+        future = pool.submit(save)
+    finally:
+        pool.shutdown(wait=False)
+    return dataclasses.replace(stats, saving=future)

@@ -23,11 +23,11 @@ from flashmm_dask.io.results import (
     FORMAT,
     FORMAT_VERSION,
     ResultsLayout,
-    create_results,
     finalize_results,
     read_store_attrs,
     redact,
 )
+from flashmm_dask.io.results_create import create_many
 from flashmm_dask.io.strata_results import applicable_contrasts, mark_filtered
 from flashmm_dask.io.strata_results import status_counts as read_status_counts
 from flashmm_dask.run import blocks
@@ -99,7 +99,7 @@ def _open_group(
         cfg, head, L, n_workers, m_total=stats.m * len(stats), features=stats.features
     )
     filtered = _filtered(stats.nnz[level], stats.m, int(cfg.model.min_cells))
-    if not path.exists():  # created by a task on a worker, before the group's blocks
+    if not path.exists():  # created with the others (fit_strata_stores), before any block
         attrs = blocks.store_attrs(cfg, head, layout)
         attrs.update(
             stratum=level, by=head.provenance.get("by"), cells=head.provenance.get("cells")
@@ -114,16 +114,6 @@ def _submit(
     cfg: RunConfig, client: Any, group: _Group, index: int, shared: Any, stats: ClusterStrata
 ) -> list:
     token = cfg.hash()[:12]
-    created = None
-    if group.create is not None:
-        created = client.submit(
-            create_results,
-            str(group.path),
-            group.layout,
-            group.create,
-            key=f"flashmm-create-{token}-s{index}",
-            pure=False,
-        )
     keep = ~group.filtered if group.filtered.any() else None
 
     def task(b: int) -> tuple[Any, ...]:
@@ -133,7 +123,9 @@ def _submit(
         Ynorm = Ynorm if kept is None else Ynorm * kept
         return (fit_rows_block, shared, b, rows, columns, Ynorm, kept)
 
-    return blocks.submit_tasks(client, group.todo, f"flashmm-fit-{token}-s{index}", task, created)
+    # on the worker that holds the stratum's rows (ClusterStrata.at)
+    key = f"flashmm-fit-{token}-s{index}"
+    return blocks.submit_tasks(client, group.todo, key, task, **stats.at(group.level))
 
 
 def fit_strata_stores(
@@ -160,6 +152,11 @@ def fit_strata_stores(
     for level in stats:
         path = store if stats.by is None else store / "strata" / stats.groups[level]
         groups.append(_open_group(cfg, level, path, stats, per_stratum[level], n_workers))
+    # the new groups created here at once, copies of one per layout (create_many), before
+    # their blocks are submitted
+    new = [(g.path, g.layout, g.create) for g in groups if g.create is not None]
+    with _writing("the results store", store.parent):
+        create_many(new)
     logger.info(
         "%d strata, %d blocks to fit (%d already done)",
         len(groups),
