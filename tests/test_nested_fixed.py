@@ -76,6 +76,7 @@ def test_boundary_refit_does_not_reuse_the_terms_of_the_unconstrained_theta():
         C, a, ok = sh.nested.md_gram(D, zry[j, sh.structure.perm])
         assert ok
         close(gram.C[j], C, rtol=1e-9)
+        np.testing.assert_allclose(gram.a[j], a, rtol=0, atol=1e-9 * np.abs(a).max())
         assert not np.allclose(gram.C[j], th.gram.C[j], rtol=1e-6, atol=0)
     fx = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, gram=gram)
     dense = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, structure=False)

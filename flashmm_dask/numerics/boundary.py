@@ -37,10 +37,10 @@ import numpy as np
 
 from flashmm_dask.numerics import structured
 from flashmm_dask.numerics.fisher import (
+    FixedTerms,
     SharedTerms,
     ThetaFit,
     _score_compiled,
-    FixedTerms,
     _score_structured,
     fit_theta,
     prepare,
