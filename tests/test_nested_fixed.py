@@ -1,6 +1,9 @@
 """The fixed effects from the nested fit's own terms at theta (ThetaFit.gram, fixed.py's
 _fixed_from_gram) equal the dense path's to 1e-10, for every feature: those whose terms
-are missing or stale (a refit at the boundary) take the per-feature structured solves."""
+are missing take the per-feature structured solves; a refit at the boundary brings the
+terms of its own theta."""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -62,10 +65,40 @@ def test_boundary_refit_does_not_reuse_the_terms_of_the_unconstrained_theta():
     held_fit, held = constrain(sh, zry, yry, th)
     refitted = held.any(axis=1)
     assert refitted.any() and not refitted.all()
-    assert held_fit.gram is not None
-    np.testing.assert_array_equal(held_fit.gram.ok, th.gram.ok & ~refitted)
-    fx = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, gram=held_fit.gram)
+    gram = held_fit.gram
+    assert gram is not None and th.gram is not None
+    np.testing.assert_array_equal(gram.ok[~refitted], th.gram.ok[~refitted])
+    # the refitted rows' terms are those of their new theta, not the unconstrained one's
+    assert sh.nested is not None and sh.structure is not None
+    for j in np.flatnonzero(refitted & gram.ok):
+        s = held_fit.theta[j]
+        D = (s[sh.structure.comp] / s[-1])[None]
+        C, a, ok = sh.nested.md_gram(D, zry[j, sh.structure.perm])
+        assert ok
+        close(gram.C[j], C, rtol=1e-9)
+        np.testing.assert_allclose(gram.a[j], a, rtol=0, atol=1e-9 * np.abs(a).max())
+        assert not np.allclose(gram.C[j], th.gram.C[j], rtol=1e-6, atol=0)
+    fx = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, gram=gram)
     dense = fixed_effects(sh, XY, ZY, held_fit.theta, held_fit.logdetM0, re=False, structure=False)
+    same(fx, dense)
+
+
+def test_boundary_refits_keep_their_own_terms_and_equal_dense():
+    """The pinned refit at the boundary ends with an evaluation at the refitted theta: its
+    terms are kept (no per-feature solves for those rows) and give the dense path's fixed
+    effects to 1e-10."""
+    _, sh, XY, ZY, zry, yry = terms("nested_three", boundary=True)
+    held_fit, held = constrain(sh, zry, yry, fit_theta(sh, zry, yry))
+    refitted = held.any(axis=1)
+    kept = refitted & ~held[:, :-1].all(axis=1)  # a random component left: a nested refit
+    assert kept.any()
+    gram = held_fit.gram
+    assert gram is not None and gram.ok[kept].all()
+    rows = np.flatnonzero(refitted)
+    only = replace(gram, C=gram.C[rows], a=gram.a[rows], ok=gram.ok[rows])
+    theta, logdet = held_fit.theta[rows], held_fit.logdetM0[rows]
+    fx = fixed_effects(sh, XY[rows], ZY[rows], theta, logdet, re=False, gram=only)
+    dense = fixed_effects(sh, XY[rows], ZY[rows], theta, logdet, re=False, structure=False)
     same(fx, dense)
 
 

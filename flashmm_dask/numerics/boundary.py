@@ -37,6 +37,7 @@ import numpy as np
 
 from flashmm_dask.numerics import structured
 from flashmm_dask.numerics.fisher import (
+    FixedTerms,
     SharedTerms,
     ThetaFit,
     _score_compiled,
@@ -71,17 +72,22 @@ def _refit(
     epsilon: float,
     cache: dict[bytes, tuple[SharedTerms, np.ndarray]],
     pinned: bool,
+    gram: FixedTerms | None = None,
 ) -> tuple[Array, np.ndarray, _Score | None]:
     """Fit the features with their components ``held`` (m, K) at zero: theta (m, K+1),
     niter, and where ``pinned`` the full model's score and information at theta from the
     refits' final evaluation (None otherwise; NaN for the features with every component
-    held)."""
+    held). ``gram`` (m rows): where given and ``pinned``, the nested fit's terms of the
+    fixed effects at the refitted theta (:class:`.fisher.FixedTerms`) go into it, ok False
+    where a refit has none (the linear model, another path)."""
     m, K = held.shape
     theta = np.zeros((m, K + 1))
     niter = np.zeros(m, dtype=np.int64)
     score = _Score(
         np.full((m, K + 1), np.nan), np.full((m, K + 1, K + 1), np.nan), np.zeros(m), np.zeros(m)
     )
+    if gram is not None:
+        gram.ok[:] = False
     patterns, which = np.unique(held, axis=0, return_inverse=True)
     for g, pattern in enumerate(patterns):
         rows = np.flatnonzero(which.ravel() == g)
@@ -109,6 +115,8 @@ def _refit(
                 th.FIM_theta,
                 th.logdetM0,
             )
+            if gram is not None and th.gram is not None:
+                gram.C[rows], gram.a[rows], gram.ok[rows] = th.gram.C, th.gram.a, th.gram.ok
             continue
         if pattern.any():
             key = pattern.tobytes()
@@ -214,8 +222,10 @@ def constrain(
         Rows of features with a negative component replaced by the boundary optimum:
         theta with those components exactly 0, dlogL and FIM_theta of the full model there
         (the held components' score is <= epsilon), se_theta NaN for held components,
-        niter the unconstrained iterations plus the refits', logdetM0 of the reduced model.
-        The other rows are the input's, unchanged.
+        niter the unconstrained iterations plus the refits', logdetM0 of the reduced model,
+        and the nested path's terms of the fixed effects (``gram``) at the refitted theta
+        from the pinned refits (never those of the unconstrained theta: ok False where a
+        refit has none). The other rows are the input's, unchanged.
     held : (m, K+1) bool
         Components held at zero (the residual column is always False).
     """
@@ -243,11 +253,24 @@ def constrain(
         np.zeros(rows.size),
         np.zeros(rows.size),
     )
+    # the pinned refits' terms of the fixed effects at their theta (the nested path): the
+    # last refit of a feature is at its final theta, so its terms are that theta's
+    terms = None
+    if fit.gram is not None and pinned:
+        p = fit.gram.C.shape[1]
+        terms = FixedTerms(
+            np.empty((rows.size, p, p)), np.empty((rows.size, p)), np.zeros(rows.size, bool)
+        )
     for rounds in range(3 * K + 3):
+        now = None
+        if terms is not None:
+            now = FixedTerms(terms.C[todo], terms.a[todo], terms.ok[todo])
         th, nit, sc_fit = _refit(
-            sh, zr[todo], y[todo], hold[todo], start, max_iter, epsilon, cache, pinned
+            sh, zr[todo], y[todo], hold[todo], start, max_iter, epsilon, cache, pinned, now
         )
         theta[todo], extra[todo] = th, extra[todo] + nit
+        if terms is not None and now is not None:
+            terms.C[todo], terms.a[todo], terms.ok[todo] = now.C, now.a, now.ok
         if sc_fit is not None:
             last.dl[todo], last.F[todo], last.logdetM0[todo] = sc_fit.dl, sc_fit.F, sc_fit.logdetM0
         with np.errstate(invalid="ignore"):
@@ -299,7 +322,10 @@ def constrain(
     out["niter"][rows] += extra
     out["logdetM0"][rows] = final.logdetM0
     gram = fit.gram
-    if gram is not None:  # those of the unconstrained theta: not for the rows refitted
-        gram = replace(gram, ok=gram.ok.copy())
+    if gram is not None:  # those of the unconstrained theta: never for the rows refitted
+        gram = FixedTerms(gram.C.copy(), gram.a.copy(), gram.ok.copy())
         gram.ok[rows] = False
+        if terms is not None:  # those of the refitted theta instead
+            ok = terms.ok
+            gram.C[rows[ok]], gram.a[rows[ok]], gram.ok[rows[ok]] = terms.C[ok], terms.a[ok], True
     return replace(fit, **out, gram=gram), held

@@ -28,12 +28,13 @@ from flashmm_dask.numerics.jit import jit
 
 
 def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds, full):
-    """Everything of one evaluation before C^-1: ok, log |det P|, pbi, U, S^-1, kappa, the
-    group sums sig (qs, 3) and hs (3, qs, p), eps (qs, p), t and Q of W0, the Gram
-    matrices (K, p, p), Hw (3, p, p) = sum_u (rho_b pbi, pbi^2, zb pbi^3) H_u and C. The
-    big columns in the order of their parent and count (:class:`NestedTerms`).
-    ``full=False``: only what C and the quadratic forms need (ok, logdet, pbi, U, S^-1,
-    kappa, sig[:, 0], hs[0], eps, Hw[0], C; the profiling evaluation), the rest zero."""
+    """Everything of one evaluation before C^-1: ok, log |det P|, pu (U,) = 1 / (1 +
+    rho_b zu) (pbi = pu[cls]), U, S^-1, kappa, the group sums sig (qs, 3) and hs (3, qs,
+    p), eps (qs, p), t and Q of W0, the Gram matrices (K, p, p), Hw (3, p, p) = sum_u
+    (rho_b pbi, pbi^2, zb pbi^3) H_u and C. The big columns in the order of their parent
+    and count (:class:`NestedTerms`). ``full=False``: only what C and the quadratic forms
+    need (ok, logdet, pu, U, S^-1, kappa, sig[:, 0], hs[0] (hs then (1, qs, p)), eps,
+    Hw[0], C; the profiling evaluation), the rest zero."""
     qb, p = Gb.shape
     qs = Gs.shape[0]
     nu = zu.shape[0]
@@ -50,29 +51,54 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
         zp = zu[u] * pu[u]
         t[big] += ucount[u] * zp
         Q[big, big] += ucount[u] * zp * zp
-    pbi = np.empty(qb)
-    for a in range(qb):
-        pbi[a] = pu[cls[a]]
     # group sums over the children, pair by pair: sig[c] = sum w n^2, hs[:, c] = sum w n g,
-    # w = pbi, pbi^2, zb pbi^3
+    # w = pbi, pbi^2, zb pbi^3 (hs only hs[0] without ``full``: the rest is read where
+    # ``full`` only). Two pairs per sweep over p, each sum in the order of the pairs: half
+    # the loads and stores of hs, the same numbers
     sig = np.zeros((qs, 3))
-    hs = np.zeros((3, qs, p))
+    nh = 3 if full else 1
+    hs = np.empty((nh, qs, p))
     for c in range(qs):
-        for k in range(pstart[c], pstart[c + 1]):
-            u = pcls[k]
-            w1 = pu[u]
-            sig[c, 0] += w1 * pn2[k]
+        for i in range(nh):
             for j in range(p):
-                hs[0, c, j] += w1 * pA[k, j]
-            if full:
-                w2 = w1 * w1
-                w3 = zu[u] * w1 * w2
-                sig[c, 1] += w2 * pn2[k]
-                sig[c, 2] += w3 * pn2[k]
+                hs[i, c, j] = 0.0
+        k, k1 = pstart[c], pstart[c + 1]
+        while k < k1:
+            two = k + 1 < k1
+            u = pcls[k]
+            v = pcls[k + 1] if two else u
+            a1, b1 = pu[u], pu[v] if two else 0.0
+            sig[c, 0] += a1 * pn2[k]
+            if two:
+                sig[c, 0] += b1 * pn2[k + 1]
+            if not full and two:
                 for j in range(p):
-                    g = pA[k, j]
-                    hs[1, c, j] += w2 * g
-                    hs[2, c, j] += w3 * g
+                    hs[0, c, j] = (hs[0, c, j] + a1 * pA[k, j]) + b1 * pA[k + 1, j]
+            elif not full:
+                for j in range(p):
+                    hs[0, c, j] += a1 * pA[k, j]
+            else:
+                a2 = a1 * a1
+                a3 = zu[u] * a1 * a2
+                sig[c, 1] += a2 * pn2[k]
+                sig[c, 2] += a3 * pn2[k]
+                if two:
+                    b2 = b1 * b1
+                    b3 = zu[v] * b1 * b2
+                    sig[c, 1] += b2 * pn2[k + 1]
+                    sig[c, 2] += b3 * pn2[k + 1]
+                    for j in range(p):
+                        g, e = pA[k, j], pA[k + 1, j]
+                        hs[0, c, j] = (hs[0, c, j] + a1 * g) + b1 * e
+                        hs[1, c, j] = (hs[1, c, j] + a2 * g) + b2 * e
+                        hs[2, c, j] = (hs[2, c, j] + a3 * g) + b3 * e
+                else:
+                    for j in range(p):
+                        g = pA[k, j]
+                        hs[0, c, j] += a1 * g
+                        hs[1, c, j] += a2 * g
+                        hs[2, c, j] += a3 * g
+            k += 2
     U = np.empty(qs)
     Si = np.empty(qs)
     kap = np.empty(qs)
@@ -98,19 +124,30 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
     # sums over the counts: rho_b pbi, pbi^2 and zb pbi^3 times H_u (without H, too large
     # where few columns share a count: over the columns, O(qb p^2))
     Hw = np.zeros((3, p, p))
-    direct = H.shape[0] == 0
-    for u in range(qb if direct else zu.shape[0]):
-        z = zb[u] if direct else zu[u]
-        pz = 1.0 / (1.0 + rb * z)
-        w0, w1 = rb * pz, pz * pz
-        w2 = z * pz * w1
-        for i in range(p):
-            for j in range(p):
-                h = Gb[u, i] * Gb[u, j] if direct else H[u, i, j]
-                Hw[0, i, j] += w0 * h
-                if full:
-                    Hw[1, i, j] += w1 * h
-                    Hw[2, i, j] += w2 * h
+    if H.shape[0] == 0:
+        for u in range(qb):
+            z = zb[u]
+            pz = 1.0 / (1.0 + rb * z)
+            w0, w1 = rb * pz, pz * pz
+            w2 = z * pz * w1
+            for i in range(p):
+                for j in range(p):
+                    h = Gb[u, i] * Gb[u, j]
+                    Hw[0, i, j] += w0 * h
+                    if full:
+                        Hw[1, i, j] += w1 * h
+                        Hw[2, i, j] += w2 * h
+    else:  # the weights (nw, U) times the H_u (U, p^2) in one product by BLAS
+        nw = 3 if full else 1
+        Wu = np.empty((nw, nu))
+        for u in range(nu):
+            z = zu[u]
+            pz = 1.0 / (1.0 + rb * z)
+            Wu[0, u] = rb * pz
+            if full:
+                Wu[1, u] = pz * pz
+                Wu[2, u] = z * pz * (pz * pz)
+        Hw[:nw] = (Wu @ H.reshape((nu, p * p))).reshape((nw, p, p))
     # C = I - Hw0 - sum_c kap eps eps'; Gram_big = Hw1 + sum_c (kap^2 sig2 eps eps' -
     # kap (h2 eps' + eps h2')) = Hw1 + M + M' with M = sum_c kap (kap sig2 eps / 2 - h2)
     # eps'; Gram_k = sum_{c in k} S^-2 eps eps'. The three in one product by BLAS: L' Eps
@@ -118,7 +155,7 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
     # first p columns)
     nl = 3 if full else 1
     Eps = np.empty((qs, p))
-    L = np.zeros((qs, nl * p))
+    L = np.empty((qs, nl * p))  # every entry set below
     for c in range(qs):
         wb = kap[c] * sig[c, 1]
         s2 = Si[c] * Si[c]
@@ -147,7 +184,7 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
                             Ws[c, j] = L[c, 2 * p + j]
                 grams[k] = Ws.T @ Eps
     C = 0.5 * (C + C.T)
-    return ok, logdet, pbi, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, C
+    return ok, logdet, pu, U, Si, kap, sig, hs, t, Q, Eps, grams, Hw, C
 
 
 def _et_py(Gb, parent, nval, pbi, Si, kap, Eps, x):
@@ -529,11 +566,21 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
             z[a] = zry[j, a]
         R[:] = 0.0  # the feature's sums over the count classes and pairs, once
         Z2[:] = 0.0
-        for a in range(qb):
+        a = 0
+        while a < qb:  # two columns per sweep over p where they share their class
             u = cls[a]
             Z2[u] += z[a] * z[a]
-            for i in range(p):
-                R[u, i] += z[a] * Gb[a, i]
+            if a + 1 < qb and cls[a + 1] == u:
+                Z2[u] += z[a + 1] * z[a + 1]
+                za, zb1 = z[a], z[a + 1]
+                for i in range(p):
+                    R[u, i] = (R[u, i] + za * Gb[a, i]) + zb1 * Gb[a + 1, i]
+                a += 2
+            else:
+                za = z[a]
+                for i in range(p):
+                    R[u, i] += za * Gb[a, i]
+                a += 1
         for k in range(nz.shape[0]):
             acc = 0.0
             for a in range(pedges[k], pedges[k + 1]):

@@ -119,8 +119,10 @@ class NestedTerms:
 
     def _pre(self, D: Array, full: bool = True) -> tuple:
         """The compiled pieces of one feature at the ratios D (q,), permuted order
-        (``full=False``: only what C and the solves need, :func:`_pre_py`)."""
-        return kernels.pre(*self.packed, D[0], np.ascontiguousarray(D[self.st.qb :]), full)
+        (``full=False``: only what C and the solves need, :func:`_pre_py`), pbi (qb,) in
+        the place of pu."""
+        pre = kernels.pre(*self.packed, D[0], np.ascontiguousarray(D[self.st.qb :]), full)
+        return (*pre[:2], pre[2][self.cls], *pre[3:])  # pbi = pu[cls]
 
     def score(
         self, K: int, s: Array, zry: Array, yry: Array, final: bool
