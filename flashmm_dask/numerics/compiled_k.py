@@ -298,25 +298,7 @@ def _score_k2_one(
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
         ld, e_done = _schur_parts(
-            l01,
-            l02,
-            C0,
-            Cts[1],
-            a,
-            b,
-            w0,
-            F0t,
-            T0,
-            Si0,
-            buf,
-            r2,
-            perm,
-            final,
-            True,
-            Sa,
-            ga,
-            gb,
-            E,
+            l01, l02, C0, Cts[1], a, b, w0, F0t, T0, Si0, buf, r2, perm, final, True, Sa, ga, gb, E
         )
         if np.isnan(ld):
             return False, np.nan, np.nan
