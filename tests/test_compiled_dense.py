@@ -7,7 +7,7 @@ from flashmm_dask.numerics.compiled import _gauss_jordan
 from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, residualise_rows
 
 
-@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 6, 7, 8, 9, 25])
+@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 6, 7, 8, 9, 25, 60])
 @pytest.mark.parametrize("kind", ["spd", "general", "pivoting"])
 def test_gauss_jordan_pairs_is_gauss_jordan(h, kind):
     """Two pivots per sweep: the same operations as one at a time, so the same bits."""
@@ -142,7 +142,7 @@ def test_newton_gap_batch_is_the_pseudo_inverse_form():
     assert np.isnan(gap[7])
 
 
-@pytest.mark.parametrize("h, extra", [(1, 1), (2, 3), (5, 5), (7, 2), (25, 25)])
+@pytest.mark.parametrize("h, extra", [(1, 1), (2, 3), (5, 5), (7, 2), (25, 25), (30, 30)])
 @pytest.mark.parametrize("kind", ["spd", "general", "pivoting"])
 def test_gauss_jordan_pairs_augmented(h, extra, kind):
     """[S | B] (h, h + extra): S^-1 with the bits of the square inversion, and S^-1 B right
