@@ -7,7 +7,7 @@ from flashmm_dask.numerics.compiled import _gauss_jordan
 from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, residualise_rows
 
 
-@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 8, 25])
+@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 6, 7, 8, 9, 25, 60])
 @pytest.mark.parametrize("kind", ["spd", "general", "pivoting"])
 def test_gauss_jordan_pairs_is_gauss_jordan(h, kind):
     """Two pivots per sweep: the same operations as one at a time, so the same bits."""
@@ -140,3 +140,30 @@ def test_newton_gap_batch_is_the_pseudo_inverse_form():
     ref = 0.5 * np.einsum("mk,mk->m", g, step[:, :, 0])
     np.testing.assert_allclose(gap[rows], ref[rows], rtol=1e-12)
     assert np.isnan(gap[7])
+
+
+@pytest.mark.parametrize("h, extra", [(1, 1), (2, 3), (5, 5), (7, 2), (25, 25), (30, 30)])
+@pytest.mark.parametrize("kind", ["spd", "general", "pivoting"])
+def test_gauss_jordan_pairs_augmented(h, extra, kind):
+    """[S | B] (h, h + extra): S^-1 with the bits of the square inversion, and S^-1 B right
+    of it, with and without interchanges of rows."""
+    rng = np.random.default_rng(10 * h + extra)
+    if kind == "spd":
+        X = rng.normal(size=(3 * h, h))
+        S = np.eye(h) + 0.1 * X.T @ X
+    elif kind == "general":
+        S = rng.normal(size=(h, h))
+    else:  # a small leading diagonal: every step interchanges rows
+        S = rng.normal(size=(h, h)) + np.diag(np.full(h, -1e3))[::-1]
+        S[np.diag_indices(h)] = 1e-6
+    B = rng.normal(size=(h, extra))
+    perm = np.empty(h, dtype=np.int64)
+    for pivoting in (True, False) if kind == "spd" else (True,):
+        aug = np.hstack([S, B])
+        square = S.copy()
+        wide = (np.empty(h + extra), np.empty(h + extra))
+        ld1 = _gauss_jordan_pairs(aug, *wide, perm, True, pivoting)
+        ld2 = _gauss_jordan_pairs(square, np.empty(h), np.empty(h), perm, True, pivoting)
+        np.testing.assert_array_equal(aug[:, :h], square)
+        assert ld1 == ld2
+        np.testing.assert_allclose(aug[:, h:], np.linalg.solve(S, B), rtol=1e-9, atol=1e-12)

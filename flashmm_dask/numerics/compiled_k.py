@@ -13,22 +13,22 @@ in the kernel (z rotated once, the evaluation that profiles s0 without the trace
 ill-conditioned information pseudo-inverted there by pinv_sym's rule).
 
 At h = 25 the evaluation is bound by loads and stores, not multiply-adds: the products
-and the inverse share each row they load between two rows of their result
-(:mod:`.compiled_dense`: 9.6 against 14 us per evaluation at bench_fit's case), the first
-step of a fit (both ratios zero: S = I) takes no product or inverse, and the logarithms of
-log |det M0| are taken at the final evaluation only; I + b T, positive definite where
-both ratios are >= 0, is inverted without the search for pivots where its pivots are
-positive (:func:`_schur_parts`). Gauss-Jordan with the sweep of the
-upper triangle (half the multiply-adds) and Cholesky were each measured slower at this
-size; eight features per SIMD vector was not vectorised by the compiler.
+and the inverse share each row they load between two or four rows of their result
+(:mod:`.compiled_dense`), the first step of a fit (both ratios zero: S = I) takes no
+product or inverse, the logarithms of log |det M0| are taken at the final evaluation
+only, F = diag(w) C is never stored; I + b T, positive definite where both ratios are >=
+0, is inverted without the search for pivots where its pivots are positive, in one
+elimination of [I + b T | F'] that leaves E' beside it (:func:`_schur_parts`). Slower at
+this size, measured: the sweep of the upper triangle, Cholesky with triangular solves
+(11.8 against 5.0 us for Si, E and Y), F' weighted as C' is loaded; eight or sixteen
+features per SIMD vector are not vectorised (numba leaves LLVM's SLP vectoriser off).
 
 Each kernel works one feature at a time in a fixed order: the fit of a feature does not
 depend on the features that share its block.
 
 The kernels here call :mod:`.compiled_dense`'s (the products, the inverses): numba's disk
 cache of a kernel is invalidated by changes to its own file only, so a change there is
-noted here too (last: the upper-triangle products four rows a pass, the checked inverse
-by two pivots a sweep).
+noted here too (last: the elimination of [S | B], four rows a pass).
 """
 
 from __future__ import annotations
@@ -45,32 +45,27 @@ from flashmm_dask.numerics.compiled_dense import (
     _pinv_into,
 )
 
-
-@_compile
-def _symmetrize_upper(a: np.ndarray) -> None:
-    """Copy the upper triangle of the square ``a`` onto its lower triangle, in place."""
-    q = a.shape[0]
-    for r in range(q):
-        for c in range(r + 1, q):
-            a[c, r] = a[r, c]
-
-
-def symmetrize_upper(a: np.ndarray) -> None:
-    """The upper triangle of a (LAPACK's dpotri output) mirrored onto the lower, in place."""
-    _symmetrize_upper(a)
-
-
 # --- K = 2, dense: the Schur complement in a basis that diagonalises both diagonal blocks ---
 
 
 @functools.partial(_compile, reassoc=True)
 def _matvec_into(A: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out = A x, one dot product of a contiguous row of A a entry."""
-    for i in range(A.shape[0]):
+    """out = A[:, :k] x (k = x.size), one dot product of a contiguous row of A an entry
+    (A may have more columns: the inverse part of the augmented elimination)."""
+    for i in range(out.shape[0]):
         t = 0.0
-        for c in range(A.shape[1]):
+        for c in range(x.shape[0]):
             t += A[i, c] * x[c]
         out[i] = t
+
+
+@functools.partial(_compile, inline=True)
+def _one_plus(b: float, t: float, diagonal: bool) -> float:
+    """An entry of I + b T: b t, plus 1 on the diagonal."""
+    s = b * t
+    if diagonal:
+        s += 1.0
+    return s
 
 
 @functools.partial(_compile, reassoc=True, inline=True)
@@ -82,33 +77,42 @@ def _schur_parts(
     a: float,
     b: float,
     w: np.ndarray,
-    F: np.ndarray,
     Ft: np.ndarray,
     T: np.ndarray,
     Si: np.ndarray,
     buf: np.ndarray,
     buf2: np.ndarray,
     perm: np.ndarray,
-    spare: np.ndarray,
     with_log: bool,
-) -> float:
+    aug: bool,
+    Sa: np.ndarray,
+    ga: np.ndarray,
+    gb: np.ndarray,
+    E: np.ndarray,
+) -> tuple[float, bool]:
     """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
     diag(l2)]], D = diag(a, .., b, ..); return log |det(D L + I)| (0.0 without
     ``with_log``: the logarithms are taken for the final evaluation only), or NaN where a
-    pivot is zero (the caller checks that its sums are finite).
+    pivot is zero (the caller checks that its sums are finite), and whether E = F Si is
+    filled (below).
 
-    Fills w = 1 / (1 + a l1), F = diag(w) C (h1, h2) and Ft = F', T = diag(l2) - a C' F
-    and Si = (I + b T)^-1 (h2, h2, both symmetric). Then (:func:`_score_k2_batch`)
+    Fills w = 1 / (1 + a l1), Ft = F' (F = diag(w) C is not formed), T = diag(l2) - a C'
+    F and Si = (I + b T)^-1 (h2, h2, both symmetric). Then (:func:`_score_k2_batch`)
 
         (D L + I)^-1 = [[diag(w) + ab E F', -a E], [-b E', Si]],   E = F Si.
 
-    ``Ct`` = C'; ``buf``, ``buf2``, ``perm`` (h2,) and ``spare`` (h2, h2) are scratch.
-    I + b T is inverted by Gauss-Jordan, two pivots per sweep (:func:`_gauss_jordan_pairs`;
-    at h2 = 25 faster than Cholesky in these loops, measured), then symmetrised: first
-    without the search for pivots, which is exact for a positive definite I + b T (a, b
-    >= 0) and stops at a pivot <= 0 otherwise; then from its copy in ``spare`` with
-    partial pivoting. Where partial pivoting would interchange no rows (every feature of
+    ``Ct`` = C'; ``buf``, ``buf2``, ``perm`` (h2,) are scratch.
+    I + b T is inverted by Gauss-Jordan, two pivots per sweep (:func:`_gauss_jordan_pairs`),
+    then symmetrised: first without the search for pivots, exact for a positive definite
+    I + b T (a, b >= 0), stopping at a pivot <= 0 otherwise; then (I + b T formed again
+    from T) with partial pivoting. Where that would interchange no rows (every feature of
     bench_fit's K = 2 case) the bits are the same; the search was ~20% of the inverse.
+
+    With ``aug`` (the traces need E) the elimination without pivots runs on Sa = [I + b T
+    | F'] (h2, h2 + h1; ``ga``, ``gb`` (h2 + h1,) scratch): it leaves (I + b T)^-1 in
+    Sa[:, :h2] (not symmetrised; Si is not filled) and Si F' = E' right of it, from which
+    E (h1, h2) is filled (rows of 50 share the elimination's loop overhead: F Si is not
+    formed). The second value returned says whether this happened.
     """
     h1 = l1.shape[0]
     h2 = l2.shape[0]
@@ -116,12 +120,10 @@ def _schur_parts(
     for i in range(h1):
         x = 1.0 + a * l1[i]
         if x == 0.0:
-            return np.nan
+            return np.nan, False
         w[i] = 1.0 / x
         if with_log:
             logdet += np.log(abs(x))
-        for c in range(h2):
-            F[i, c] = w[i] * C[i, c]
     for c in range(h2):  # F' from the rows of C' (the same products, read contiguously)
         for i in range(h1):
             Ft[c, i] = w[i] * Ct[c, i]
@@ -132,7 +134,7 @@ def _schur_parts(
                 Si[c, d] = 0.0
             T[c, c] = l2[c]
             Si[c, c] = 1.0
-        return logdet
+        return logdet, False
     # T from dot products of contiguous rows of C' and F'
     _dots_into(Ct, Ft, T, True)
     for c in range(h2):
@@ -142,40 +144,50 @@ def _schur_parts(
                 v += l2[c]
             T[c, d] = v
             T[d, c] = v
-            s = b * v
-            if c == d:
-                s += 1.0
-            Si[c, d] = s
-            Si[d, c] = s
+            if aug:
+                t = _one_plus(b, v, c == d)
+                Sa[c, d] = t
+                Sa[d, c] = t
     # I + b T is symmetric: positive definite (a, b >= 0: the Schur complement of a
     # positive definite matrix) it is inverted without the search for pivots; otherwise,
-    # or where a pivot is not positive, from its copy in ``spare`` with the search
+    # or where a pivot is not positive, formed again and inverted with the search
+    if aug:
+        for c in range(h2):
+            for i in range(h1):
+                Sa[c, h2 + i] = Ft[c, i]
+        ld = _gauss_jordan_pairs(Sa, ga, gb, perm, with_log, False)
+        if not np.isnan(ld):
+            for i in range(h1):
+                for c in range(h2):
+                    E[i, c] = Sa[c, h2 + i]
+            return logdet + ld, True
     for c in range(h2):
         for d in range(h2):
-            spare[c, d] = Si[c, d]
-    ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log, False)
+            Si[c, d] = _one_plus(b, T[c, d], c == d)
+    # (where the augmented elimination stopped at a pivot this one would too)
+    ld = np.nan if aug else _gauss_jordan_pairs(Si, buf, buf2, perm, with_log, False)
     if np.isnan(ld):
-        for c in range(h2):
-            for d in range(h2):
-                Si[c, d] = spare[c, d]
+        if not aug:
+            for c in range(h2):
+                for d in range(h2):
+                    Si[c, d] = _one_plus(b, T[c, d], c == d)
         ld = _gauss_jordan_pairs(Si, buf, buf2, perm, with_log, True)
     if np.isnan(ld):
-        return np.nan
+        return np.nan, False
     for c in range(h2):  # symmetric up to rounding: make it so
         for d in range(c + 1, h2):
             v = 0.5 * (Si[c, d] + Si[d, c])
             Si[c, d] = v
             Si[d, c] = v
-    return logdet + ld
+    return logdet + ld, False
 
 
 @_compile
 def _k2_work(h1: int, h2: int, reml: bool) -> tuple:
     """The scratch arrays of :func:`_score_k2_one` (M0's are M's with REML)."""
-    w, Fw, Ftw = np.empty(h1), np.empty((h1, h2)), np.empty((h2, h1))
+    w, Ftw = np.empty(h1), np.empty((h2, h1))
     T, Si = np.empty((h2, h2)), np.empty((h2, h2))
     w0 = np.empty(h1) if not reml else w
-    F0 = np.empty((h1, h2)) if not reml else Fw
     F0t = np.empty((h2, h1)) if not reml else Ftw
     T0 = np.empty((h2, h2)) if not reml else T
     Si0 = np.empty((h2, h2)) if not reml else Si
@@ -183,7 +195,8 @@ def _k2_work(h1: int, h2: int, reml: bool) -> tuple:
     buf, r2, u1, u2 = np.empty(h2), np.empty(h2), np.empty(h1), np.empty(h2)
     z1, z2, perm = np.empty(h1), np.empty(h2), np.empty(h2, dtype=np.int64)
     Y = np.empty((h1, h1))
-    return w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y
+    Sa, ga, gb = np.empty((h2, h2 + h1)), np.empty(h2 + h1), np.empty(h2 + h1)
+    return w, Ftw, T, Si, w0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y, Sa, ga, gb
 
 
 @_compile
@@ -241,7 +254,8 @@ def _score_k2_one(
     rot, rot0, Cts, reml, c1, nrq, nr, scale, division_min = design
     l1, l2, C = rot[2], rot[3], rot[4]
     l01, l02, C0 = rot0[2], rot0[3], rot0[4]
-    w, Fw, Ftw, T, Si, w0, F0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y = work
+    w, Ftw, T, Si, w0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y = work[:18]
+    Sa, ga, gb = work[18], work[19], work[20]
     h1 = l1.shape[0]
     h2 = l2.shape[0]
     K = 2
@@ -250,20 +264,24 @@ def _score_k2_one(
     a = sj[c1] / s0
     b = sj[c2] / s0
     logdet = np.nan
-    ld = _schur_parts(l1, l2, C, Cts[0], a, b, w, Fw, Ftw, T, Si, buf, r2, perm, P, final)
+    aug = reml and traces  # E wanted from this elimination
+    ld, e_done = _schur_parts(
+        l1, l2, C, Cts[0], a, b, w, Ftw, T, Si, buf, r2, perm, final, aug, Sa, ga, gb, E
+    )
     if np.isnan(ld):
         return False, np.nan, np.nan
-    # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2
+    Sq = Sa if e_done else Si  # (I + b T)^-1 in its first h2 columns
+    # the quadratic forms: u2 = Si (z2 - a F' z1), u1 = w z1 - b F u2 (F u2 = w C u2)
     _matvec_into(Ftw, z1, r2)
     for c in range(h2):
         r2[c] = z2[c] - a * r2[c]
-    _matvec_into(Si, r2, u2)
-    _matvec_into(Fw, u2, u1)
+    _matvec_into(Sq, r2, u2)
+    _matvec_into(C, u2, u1)
     uu1 = 0.0
     zu1 = 0.0
     zMDz = 0.0
     for i in range(h1):
-        v = w[i] * z1[i] - b * u1[i]
+        v = w[i] * z1[i] - b * (w[i] * u1[i])
         uu1 += v * v
         zu1 += (v + z1[i]) * v
         zMDz += a * z1[i] * v
@@ -279,12 +297,15 @@ def _score_k2_one(
     if not traces:
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
-        ld = _schur_parts(l01, l02, C0, Cts[1], a, b, w0, F0, F0t, T0, Si0, buf, r2, perm, P, final)
+        ld, e_done = _schur_parts(
+            l01, l02, C0, Cts[1], a, b, w0, F0t, T0, Si0, buf, r2, perm, final, True, Sa, ga, gb, E
+        )
         if np.isnan(ld):
             return False, np.nan, np.nan
+    S0q = Sa if e_done else Si0  # (I + b T0)^-1 in its first h2 columns
     if final:
         logdet = -ld
-    # E = F0 Si0 by rows, then the sums over E, Y = E F0' and Si0
+    # E = F0 Si0 by rows (F0 = diag(w0) C0), then the sums over E, Y = E F0' and Si0
     e2 = 0.0
     trY = 0.0
     wY = 0.0
@@ -299,9 +320,12 @@ def _score_k2_one(
     if zero:
         for i in range(h1):
             for d in range(h2):
-                E[i, d] = F0[i, d]
-    else:
-        _dots_into(F0, Si0, E, False)  # Si0 is symmetric: its rows are its columns
+                E[i, d] = w0[i] * C0[i, d]
+    elif not e_done:
+        _dots_into(C0, Si0, E, False)  # Si0 is symmetric: its rows are its columns
+        for i in range(h1):
+            for d in range(h2):
+                E[i, d] *= w0[i]
     for i in range(h1):
         for d in range(h2):
             e2 += E[i, d] * E[i, d]
@@ -312,21 +336,22 @@ def _score_k2_one(
         slw += lw
         slw2 += lw * lw
         slww += lw * wi
-    _dots_into(E, F0, Y, True)  # Y = E F0', symmetric: its upper triangle
+    _dots_into(E, C0, Y, True)  # Y diag(1 / w0), Y = E F0' symmetric: its upper triangle
     for i in range(h1):
-        t = Y[i, i]
+        t = Y[i, i] * w0[i]
         trY += t
         wY += w0[i] * t
         lwY += l01[i] * w0[i] * t
         yy += t * t
         for k in range(i + 1, h1):
-            yy += 2.0 * Y[i, k] * Y[i, k]
+            v = Y[i, k] * w0[k]
+            yy += 2.0 * v * v
     trS = 0.0
     ss = 0.0
     for c in range(h2):
-        trS += Si0[c, c]
+        trS += S0q[c, c]
         for d in range(h2):
-            ss += Si0[c, d] * Si0[c, d]
+            ss += S0q[c, d] * S0q[c, d]
     if abs(b) * scale >= division_min:  # T Si = (I - Si) / b
         tP = (h2 - trS) / b
         pp = (h2 - 2.0 * trS + ss) / (b * b)
@@ -340,6 +365,12 @@ def _score_k2_one(
                 for d in range(h2):
                     P[c, d] = T0[c, d]
         else:
+            if e_done:  # Si0 from the augmented elimination, symmetrised
+                for c in range(h2):
+                    for d in range(c, h2):
+                        v = 0.5 * (Sa[c, d] + Sa[d, c])
+                        Si0[c, d] = v
+                        Si0[d, c] = v
             _dots_into(T0, Si0, P, False)
         for c in range(h2):
             tP += P[c, c]
@@ -380,7 +411,7 @@ def _score_k2_batch(
     """:func:`_score_k2_one` of each feature of a block: dl (m, 3), F (m, 3, 3), the
     profiled s0 (m,), log |det M0| (m,) and ok (m,)."""
     design, work = _k2_design(k2, counts)
-    z1, z2 = work[16], work[17]
+    z1, z2 = work[14], work[15]
     m = zry.shape[0]
     dl = np.empty((m, 3))
     F = np.empty((m, 3, 3))
@@ -413,7 +444,7 @@ def _fit_k2_batch(
     features by ``fisher._scoring``.
     """
     design, work = _k2_design(k2, counts)
-    z1, z2 = work[16], work[17]
+    z1, z2 = work[14], work[15]
     max_iter, epsilon, limit = stop
     m = zry.shape[0]
     theta, se, dl = np.empty((m, 3)), np.empty((m, 3)), np.empty((m, 3))

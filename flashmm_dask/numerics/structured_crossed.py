@@ -34,7 +34,7 @@ import scipy.linalg.lapack
 import scipy.sparse
 
 from flashmm_dask.numerics.compiled import _compile, w_row_divided
-from flashmm_dask.numerics.compiled_k import symmetrize_upper
+from flashmm_dask.numerics.compiled_dense import symmetrize_upper
 from flashmm_dask.numerics.linalg import Array
 
 #: Order below which :func:`_upper_inverse` calls dtrtri.
