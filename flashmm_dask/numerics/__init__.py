@@ -5,6 +5,7 @@ scores        their score and information in NumPy (the reference algebra)
 structured    the same through the block structure of Z'Z (K >= 2, one diagonal block)
 structured_nested  REML's correction there for nested factors (a diagonal Schur complement)
 compiled_nested  its compiled kernels (Fisher scoring in one loop per feature)
+compiled_nested_pre  its first kernel: one evaluation's pieces before C^-1
 compiled      per-feature kernels of the fitter, compiled with numba
 spectral      the compiled kernels of one random component (K = 1)
 boundary      variance components constrained to be non-negative

@@ -286,7 +286,7 @@ def _info_py(design, nt, order, theta, zry, yry):
 def _middle_py(design, theta, L):
     """L (E_k'E_k) L' (m, K, p, p) and ok (m,) (P invertible; NaN where not ok) of a
     block of features at theta (m, K+1), E = P^-T G; the Gram matrices as
-    :func:`.compiled_nested._pre_py` takes them: E_b'E_b = Hw1 + Kb + Kb' with Hw1 =
+    :func:`.compiled_nested_pre._pre_py` takes them: E_b'E_b = Hw1 + Kb + Kb' with Hw1 =
     sum_u pbi_u^2 H_u and Kb = sum_c kap_c (kap_c sig1_c eps_c / 2 - h1_c) eps_c', and
     E_k'E_k = sum_{c in k} eps_c eps_c' / S_c^2 for a small component k."""
     Gb, Gs, pstart, pcls, pn2, pA, zb, _, _, zs, comps, big, zu, H, _ = design
