@@ -7,19 +7,24 @@ from flashmm_dask.numerics.compiled import _gauss_jordan
 from flashmm_dask.numerics.compiled_dense import _dots_into, _gauss_jordan_pairs, residualise_rows
 
 
+def _square(kind, h, rng):
+    """An h x h matrix to invert: symmetric positive definite, general, or one whose
+    small leading diagonal makes every step interchange rows."""
+    if kind == "spd":
+        X = rng.normal(size=(3 * h, h))
+        return np.eye(h) + 0.1 * X.T @ X
+    if kind == "general":
+        return rng.normal(size=(h, h))
+    A = rng.normal(size=(h, h)) + np.diag(np.full(h, -1e3))[::-1]
+    A[np.diag_indices(h)] = 1e-6
+    return A
+
+
 @pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 6, 7, 8, 9, 25, 60])
 @pytest.mark.parametrize("kind", ["spd", "general", "pivoting"])
 def test_gauss_jordan_pairs_is_gauss_jordan(h, kind):
     """Two pivots per sweep: the same operations as one at a time, so the same bits."""
-    rng = np.random.default_rng(h)
-    if kind == "spd":
-        B = rng.normal(size=(3 * h, h))
-        A = np.eye(h) + 0.1 * B.T @ B
-    elif kind == "general":
-        A = rng.normal(size=(h, h))
-    else:  # a small leading diagonal: every step interchanges rows
-        A = rng.normal(size=(h, h)) + np.diag(np.full(h, -1e3))[::-1]
-        A[np.diag_indices(h)] = 1e-6
+    A = _square(kind, h, np.random.default_rng(h))
     one, two = A.copy(), A.copy()
     ld1 = _gauss_jordan(one, np.empty(h), np.empty(h, dtype=np.int64))
     ld2 = _gauss_jordan_pairs(two, np.empty(h), np.empty(h), np.empty(h, dtype=np.int64), True)
@@ -148,14 +153,7 @@ def test_gauss_jordan_pairs_augmented(h, extra, kind):
     """[S | B] (h, h + extra): S^-1 with the bits of the square inversion, and S^-1 B right
     of it, with and without interchanges of rows."""
     rng = np.random.default_rng(10 * h + extra)
-    if kind == "spd":
-        X = rng.normal(size=(3 * h, h))
-        S = np.eye(h) + 0.1 * X.T @ X
-    elif kind == "general":
-        S = rng.normal(size=(h, h))
-    else:  # a small leading diagonal: every step interchanges rows
-        S = rng.normal(size=(h, h)) + np.diag(np.full(h, -1e3))[::-1]
-        S[np.diag_indices(h)] = 1e-6
+    S = _square(kind, h, rng)
     B = rng.normal(size=(h, extra))
     perm = np.empty(h, dtype=np.int64)
     for pivoting in (True, False) if kind == "spd" else (True,):

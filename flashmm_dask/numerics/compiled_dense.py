@@ -202,75 +202,52 @@ def _gauss_jordan_pairs(
         # the other rows, both steps in one sweep: a_i -= f_i r0 + g_i r1
         # (four rows per pass over r0 and r1 where four are left and rows are short, else
         # two, else one: four were 6% slower at 60 x 60, faster at 21 to 50 columns)
-        if nc <= 50:
-            i = _next_other(-1, k, k1)
-            while i < q:
-                i2 = _next_other(i, k, k1)
-                i3 = _next_other(i2, k, k1)
-                i4 = _next_other(i3, k, k1)
-                f = a[i, k]
-                g = a[i, k1] - f * r0k1
-                a[i, k] = 0.0
-                a[i, k1] = 0.0
-                if i4 < q:
-                    f2 = a[i2, k]
-                    g2 = a[i2, k1] - f2 * r0k1
-                    a[i2, k] = 0.0
-                    a[i2, k1] = 0.0
-                    f3 = a[i3, k]
-                    g3 = a[i3, k1] - f3 * r0k1
-                    a[i3, k] = 0.0
-                    a[i3, k1] = 0.0
-                    f4 = a[i4, k]
-                    g4 = a[i4, k1] - f4 * r0k1
-                    a[i4, k] = 0.0
-                    a[i4, k1] = 0.0
-                    for j in range(nc):
-                        x = r0[j]
-                        y = r1[j]
-                        a[i, j] = a[i, j] - f * x - g * y
-                        a[i2, j] = a[i2, j] - f2 * x - g2 * y
-                        a[i3, j] = a[i3, j] - f3 * x - g3 * y
-                        a[i4, j] = a[i4, j] - f4 * x - g4 * y
-                    i = _next_other(i4, k, k1)
-                elif i2 < q:
-                    f2 = a[i2, k]
-                    g2 = a[i2, k1] - f2 * r0k1
-                    a[i2, k] = 0.0
-                    a[i2, k1] = 0.0
-                    for j in range(nc):
-                        x = r0[j]
-                        y = r1[j]
-                        a[i, j] = a[i, j] - f * x - g * y
-                        a[i2, j] = a[i2, j] - f2 * x - g2 * y
-                    i = i3
-                else:
-                    for j in range(nc):
-                        a[i, j] = a[i, j] - f * r0[j] - g * r1[j]
-                    i = i2
-        else:  # rows of more than 50 columns: two rows a pass
-            i = 0 if k != 0 else 2
-            while i < q:
-                i2 = _next_other(i, k, k1)
-                f = a[i, k]
-                g = a[i, k1] - f * r0k1
-                a[i, k] = 0.0
-                a[i, k1] = 0.0
-                if i2 < q:
-                    f2 = a[i2, k]
-                    g2 = a[i2, k1] - f2 * r0k1
-                    a[i2, k] = 0.0
-                    a[i2, k1] = 0.0
-                    for j in range(nc):
-                        x = r0[j]
-                        y = r1[j]
-                        a[i, j] = a[i, j] - f * x - g * y
-                        a[i2, j] = a[i2, j] - f2 * x - g2 * y
-                    i = _next_other(i2, k, k1)
-                else:
-                    for j in range(nc):
-                        a[i, j] = a[i, j] - f * r0[j] - g * r1[j]
-                    i = i2
+        four = nc <= 50
+        i = _next_other(-1, k, k1)
+        while i < q:
+            i2 = _next_other(i, k, k1)
+            i3 = _next_other(i2, k, k1)
+            i4 = _next_other(i3, k, k1)
+            f = a[i, k]
+            g = a[i, k1] - f * r0k1
+            a[i, k] = 0.0
+            a[i, k1] = 0.0
+            if four and i4 < q:
+                f2 = a[i2, k]
+                g2 = a[i2, k1] - f2 * r0k1
+                a[i2, k] = 0.0
+                a[i2, k1] = 0.0
+                f3 = a[i3, k]
+                g3 = a[i3, k1] - f3 * r0k1
+                a[i3, k] = 0.0
+                a[i3, k1] = 0.0
+                f4 = a[i4, k]
+                g4 = a[i4, k1] - f4 * r0k1
+                a[i4, k] = 0.0
+                a[i4, k1] = 0.0
+                for j in range(nc):
+                    x = r0[j]
+                    y = r1[j]
+                    a[i, j] = a[i, j] - f * x - g * y
+                    a[i2, j] = a[i2, j] - f2 * x - g2 * y
+                    a[i3, j] = a[i3, j] - f3 * x - g3 * y
+                    a[i4, j] = a[i4, j] - f4 * x - g4 * y
+                i = _next_other(i4, k, k1)
+            elif i2 < q:
+                f2 = a[i2, k]
+                g2 = a[i2, k1] - f2 * r0k1
+                a[i2, k] = 0.0
+                a[i2, k1] = 0.0
+                for j in range(nc):
+                    x = r0[j]
+                    y = r1[j]
+                    a[i, j] = a[i, j] - f * x - g * y
+                    a[i2, j] = a[i2, j] - f2 * x - g2 * y
+                i = i3
+            else:
+                for j in range(nc):
+                    a[i, j] = a[i, j] - f * r0[j] - g * r1[j]
+                i = i2
         k += 2
     if pivoting:
         _unswap_columns(a, perm)
