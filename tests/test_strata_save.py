@@ -1,7 +1,8 @@
 """A stratified run's work done beside other work: ``stats.zarr`` saved beside the fit
 (whole when the fit returns, and when it fails, so that the rerun reuses it; a failed
 save is the run's error), each stratum's rows summed and read on one worker, and the top
-tables written beside the results table (the files write_top_tables writes)."""
+tables written beside the results table (the files write_top_tables writes), by a task
+per stratum on the cluster."""
 
 import logging
 import threading
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import get_task_stream
 from pipeline_helpers import local_client
 from test_strata import atlas
 
@@ -95,8 +97,12 @@ def test_a_failed_fit_leaves_the_whole_statistics_for_the_rerun(
     assert list(saved) == ["1", "2", "3"]
 
     monkeypatch.setattr(pipeline_strata, "fit_strata_stores", fit)
-    summary = run(cfg, client=client)
+    with get_task_stream(client) as stream:
+        summary = run(cfg, client=client)
     assert summary.strata == ("1", "2", "3")
+    # each stratum's top tables were written by a task on the cluster
+    keys = [str(task["key"]) for task in stream.data]
+    assert sum(key.startswith("write_stratum_top") for key in keys) == 3
     again = load_stats(out / "stats.zarr")
     for level in saved:
         np.testing.assert_array_equal(again[level].ZY, saved[level].ZY)

@@ -482,10 +482,31 @@ def write_top_tables(
     """
     by_level = dict(sets)
     return [
-        write_file(
-            Path(outdir) / relative, partial(write_frame_csv, term_table(by_level[level], term))
-        )
-        for level, term, relative in top_paths(sets, terms)
+        path
+        for level, items in top_items(sets, terms).items()
+        for path in write_stratum_top(by_level[level], items, outdir)
+    ]
+
+
+def top_items(
+    sets: ResultSets, terms: Sequence[str] | None = None
+) -> dict[Any, list[tuple[str, Path]]]:
+    """:func:`top_paths` by stratum: level -> its ``(term, relative path)``, in order."""
+    out: dict[Any, list[tuple[str, Path]]] = {}
+    for level, term, relative in top_paths(sets, terms):
+        out.setdefault(level, []).append((term, relative))
+    return out
+
+
+def write_stratum_top(
+    ds: xr.Dataset, items: Sequence[tuple[str, Path]], outdir: str | os.PathLike[str]
+) -> list[Path]:
+    """The top tables of one stratum's results ``ds`` (those of :func:`write_top_tables`):
+    ``items`` are its ``(term, relative path)`` (:func:`top_items`). A run writes each
+    stratum's on a worker (:func:`flashmm_dask.run.output.write_outputs`)."""
+    return [
+        write_file(Path(outdir) / relative, partial(write_frame_csv, term_table(ds, term)))
+        for term, relative in items
     ]
 
 
@@ -503,7 +524,9 @@ __all__ = [
     "term_columns",
     "term_names",
     "term_table",
+    "top_items",
     "top_paths",
     "top_table",
+    "write_stratum_top",
     "write_top_tables",
 ]

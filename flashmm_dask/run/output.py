@@ -8,15 +8,16 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
-from flashmm_dask.io.resultsets import ResultSets, write_top_tables
+from flashmm_dask.io.resultsets import ResultSets, top_items, write_stratum_top, write_top_tables
 from flashmm_dask.io.strata_results import load_strata, strata_attrs, write_strata_tables
 from flashmm_dask.report.plots import make_report, strata_report
 from flashmm_dask.report.summary import report_outputs
@@ -171,11 +172,38 @@ def _check_existing(store: Path, cfg: RunConfig) -> bool:
     )
 
 
-def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -> list[Path]:
+def _top_tables(
+    sets: ResultSets, folder: Path, client: Any, pool: Executor
+) -> Callable[[], list[Path]]:
+    """Start writing the top tables of a stratified store; returns what waits for them.
+
+    With a cluster (``client``), each stratum's tables are written by a task of their own
+    (:func:`~flashmm_dask.io.resultsets.write_stratum_top`: Python formats them, holding
+    the GIL of the process it runs in), so that they do not wait for the driver, which
+    meanwhile writes the results table; else in a thread of the driver (``pool``)."""
+    if client is None:
+        return pool.submit(write_top_tables, sets, folder).result
+    by_level = dict(sets)
+    futures = [
+        client.submit(write_stratum_top, by_level[level], items, folder, pure=False)
+        for level, items in top_items(sets).items()
+    ]
+
+    def gathered() -> list[Path]:
+        return [path for paths in client.gather(futures) for path in paths]
+
+    return gathered
+
+
+def write_outputs(
+    cfg: RunConfig, store: Path, folder: Path, timings: Timings, client: Any = None
+) -> list[Path]:
     """The tables and plots (as the config asks) and the report of a finished store, each
     in its timed phase, registered as the run's outputs.
 
-    A stratified store gets tables with a ``stratum`` column and plots per stratum.
+    A stratified store gets tables with a ``stratum`` column and plots per stratum; its
+    top tables are written on the cluster when a ``client`` is given (see
+    :func:`_top_tables`).
     """
     formats = tuple(cfg.output.tables)
     tables: Callable[[], list[Path]]
@@ -200,22 +228,22 @@ def write_outputs(cfg: RunConfig, store: Path, folder: Path, timings: Timings) -
 
         plots = partial(strata_report, store, folder)
     files: list[Path] = []
-    top: Future[list[Path]] | None = None
+    top: Callable[[], list[Path]] | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="flashmm-top-tables") as pool:
         if cfg.output.tables:
             with timings.phase("tables"):
                 if stratified:
-                    # a top table per stratum and term (Python formats them, holding the
-                    # GIL) written beside the results table (Arrow formats it in threads
-                    # that release it); the report then lists them
-                    top = pool.submit(write_top_tables, strata_sets(), folder)
+                    # a top table per stratum and term written beside the results table
+                    # (Arrow formats it in threads that release the GIL); the report
+                    # then lists them
+                    top = _top_tables(strata_sets(), folder, client, pool)
                 files += tables()
         if cfg.output.plots:
             with timings.phase("plots"):
                 files += plots()
         with timings.phase("report"):
             sets = strata_sets() if stratified else None
-            written = None if top is None else top.result()
+            written = None if top is None else top()
             files += report_outputs(
                 store, folder, tables=bool(cfg.output.tables), sets=sets, top=written
             )

@@ -124,6 +124,13 @@ def _summary(
 PLAIN = Flow(prepare_inputs, compute_stats, check_fittable, _fit, _blocks, _finalize, _summary)
 
 
+def _outputs(
+    cfg: RunConfig, store: Path, folder: Path, timings: Timings, client: Any
+) -> list[Path]:
+    with _writing("the tables and plots", folder):
+        return write_outputs(cfg, store, folder, timings, client=client)
+
+
 def run(cfg: RunConfig, *, client: Any = None, show_progress: bool | None = None) -> RunSummary:
     """Run a configuration end to end.
 
@@ -155,6 +162,7 @@ def run(cfg: RunConfig, *, client: Any = None, show_progress: bool | None = None
         reports: list[BlockReport] = []
         if resuming and read_store_attrs(str(store)).get("complete"):
             logger.info("%s is complete for this configuration; writing tables and plots", store)
+            files = _outputs(cfg, store, folder, timings, client)
         else:
             inputs = flow.prepare(cfg, folder)
             with nullcontext(client) if client is not None else open_client(cfg.cluster) as active:
@@ -163,17 +171,17 @@ def run(cfg: RunConfig, *, client: Any = None, show_progress: bool | None = None
                 flow.fittable(stats)
                 with timings.phase("fitting"):
                     fitted, reports = flow.fit(cfg, active, stats, folder, show)
-            history = list(read_store_attrs(str(store)).get("history", []))
-            history.append(
-                {
-                    "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "blocks_fitted": flow.fitted(reports),
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-            )
-            extra = {"timings": dict(timings), "history": history}
-            with timings.phase("finalize"), _writing("the results store", folder):
-                flow.finalize(cfg, store, fitted, stats, extra)
-        with _writing("the tables and plots", folder):
-            files = write_outputs(cfg, store, folder, timings)
+                history = list(read_store_attrs(str(store)).get("history", []))
+                history.append(
+                    {
+                        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "blocks_fitted": flow.fitted(reports),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                )
+                extra = {"timings": dict(timings), "history": history}
+                with timings.phase("finalize"), _writing("the results store", folder):
+                    flow.finalize(cfg, store, fitted, stats, extra)
+                # with the cluster still open: a stratified run writes its top tables there
+                files = _outputs(cfg, store, folder, timings, active)
     return flow.summary(store, folder, reports, timings, files)  # the CLI prints its line()
