@@ -29,6 +29,19 @@ _ARRAYS = ("XX", "XY", "ZX", "ZY", "ZZ", "Ynorm")
 _CHUNK_BYTES = 8 << 20
 
 
+def compressors() -> tuple[Any, ...]:
+    """The codec of every statistic in the store: LZ4 in Blosc (no shuffle).
+
+    Sums of log counts repeat few bit patterns, so LZ4 keeps a third of Z'E's bytes at
+    about half the CPU time of Zarr's default (Zstandard, a sixth): a stratified run of 29
+    states writes 0.7 GB of Z'E beside its fit, on the workers that fit. Standard Zarr v3
+    (``blosc``), read by any Zarr reader.
+    """
+    from zarr.codecs import BloscCodec
+
+    return (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),)
+
+
 def chunk_shape(shape: tuple[int, ...], itemsize: int = 8) -> tuple[int, ...]:
     """The chunks of a statistic in the store: whole along every axis but the last (the
     features, for XY, ZY, Ynorm and nnz), cut along it into pieces of at most

@@ -44,6 +44,7 @@ from flashmm_dask.stats.store import (
     FORMAT,
     FORMAT_VERSION,
     chunk_shape,
+    compressors,
     load_summary,
     save_stats,
 )
@@ -535,12 +536,15 @@ class SummaryStats:
         group = zarr.open_group(
             store, mode="w", zarr_format=3, storage_options=options or None, attributes=head
         )
+        codecs = compressors()
         for name in _ARRAYS:
             values = np.ascontiguousarray(getattr(self, name))
-            group.create_array(name, data=values, chunks=chunk_shape(values.shape))
+            group.create_array(
+                name, data=values, chunks=chunk_shape(values.shape), compressors=codecs
+            )
         if self.nnz is not None:
             nnz = np.ascontiguousarray(self.nnz)
-            group.create_array("nnz", data=nnz, chunks=chunk_shape(nnz.shape))
+            group.create_array("nnz", data=nnz, chunks=chunk_shape(nnz.shape), compressors=codecs)
         # marking completion last: a reader that sees complete=True sees every array
         group.update_attributes(last)
 
