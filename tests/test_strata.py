@@ -258,3 +258,34 @@ def test_stratified_statistics_save_and_load(tmp_path, data):
         fm.SummaryStats.load(tmp_path / "stats.zarr")
     one = fm.SummaryStats.load(tmp_path / "stats.zarr" / "strata" / "2")
     np.testing.assert_array_equal(one.nnz, stats["2"].nnz)
+
+
+def _by_hand_design(obs, mask, fixed, random):
+    return build_design(select_obs(obs, mask), fixed, random)
+
+
+def test_strata_with_the_same_levels_share_one_design_equal_to_by_hand(data):
+    """A design is learned once per set of factor levels: strata 1 and 3 have every donor
+    (2 lacks A1) and share one, and each stratum's X and Z equal those of a design built
+    by hand from its cells; a formula with a term that learns state from the data
+    (``scale``) is learned in every stratum."""
+    obs = data.obs
+    strata = plan_strata(obs, FIXED, RANDOM, by="cls")
+    designs = dict(zip(strata.levels, strata.designs, strict=True))
+    assert designs["3"] is designs["1"] and designs["2"] is not designs["1"]
+    for level, design in designs.items():
+        mask = (obs["cls"] == level).to_numpy()
+        ref = _by_hand_design(obs, mask, FIXED, RANDOM)
+        cells = select_obs(obs, mask)
+        assert design.covariates == ref.covariates and design.random_names == ref.random_names
+        np.testing.assert_array_equal(design.X(cells), ref.X(cells))
+        assert (design.Z(cells) != ref.Z(cells)).nnz == 0
+    fixed = "~ scale(n_genes) + trt"
+    strata = plan_strata(obs, fixed, RANDOM, by="cls")
+    assert len({id(d) for d in strata.designs}) == len(strata.designs)
+    for level, design in zip(strata.levels, strata.designs, strict=True):
+        mask = (obs["cls"] == level).to_numpy()
+        cells = select_obs(obs, mask)
+        np.testing.assert_array_equal(
+            design.X(cells), _by_hand_design(obs, mask, fixed, RANDOM).X(cells)
+        )

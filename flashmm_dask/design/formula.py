@@ -204,6 +204,10 @@ class Design:
     _columns: tuple[str, ...] = field(repr=False, compare=False)
     _levels: tuple[tuple[str, frozenset[Any]], ...] = field(repr=False, compare=False)
     _fast: FastDesign | None = field(default=None, repr=False, compare=False)
+    # the levels it was learned from, in order (build_design's ``like``)
+    _learned_from: tuple[tuple[str, Any], ...] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def p(self) -> int:
@@ -293,6 +297,7 @@ def build_design(
     random: str | Sequence[str] | Mapping[str, str],
     *,
     check_rank: bool = True,
+    like: Sequence[Design] = (),
 ) -> Design:
     """Learn a design from the cell metadata.
 
@@ -309,6 +314,13 @@ def build_design(
     check_rank : bool, default True
         Check that X has full column rank (X'X is accumulated over chunks of at most
         :data:`RANK_CHUNK_ROWS` cells) and name the aliased columns if it has not.
+    like : sequence of Design, optional
+        Designs of the same formulas learned from other cells (other strata's): when one
+        has the fast path (terms with no state learned from the data) and these cells
+        have its factor levels, in the same order, formulaic would learn that design
+        here, so it is taken without learning it again or comparing its fast path with
+        formulaic again (each costs ~50 ms with a factor of hundreds of levels); the
+        cells are still checked as any design's are.
 
     Returns
     -------
@@ -358,6 +370,13 @@ def build_design(
     frame = _prepare(obs, used)
     _check_missing_values(frame)
     rows = _first_cells(frame)
+    first = frame.iloc[rows]  # every value of every non-numeric column
+    for known in like:
+        if _learns_as(known, fixed, random_pairs, used, first):
+            design = _checked_fast_path(known, obs, frame, rows, compare=False)
+            if check_rank:
+                _check_rank(design, obs)
+            return design
 
     fixed_block = build_block(fixed, fixed_parsed, frame, FIXED, dense=True, rows=rows)
     for expr, lv in fixed_block.levels.items():
@@ -380,7 +399,6 @@ def build_design(
             )
         random_blocks.append(block)
 
-    first = frame.iloc[rows]  # every value of every non-numeric column
     levels = tuple(
         (col, frozenset(first[col].cat.categories))
         if isinstance(first[col].dtype, pd.CategoricalDtype)
@@ -399,6 +417,7 @@ def build_design(
         _random_blocks=tuple(random_blocks),
         _columns=tuple(used),
         _levels=levels,
+        _learned_from=_ordered_levels(first, used),
         _fast=combine(
             plan_block(fixed_parsed, fixed_block.levels, fixed_block.spec, first),
             [
@@ -430,12 +449,50 @@ def build_design(
 FAST_CHECK_ROWS = 1_000
 
 
+def _ordered_levels(first: pd.DataFrame, used: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """The levels formulaic learns from the cells ``first``: each categorical column's
+    categories in order, each other non-numeric column's values (formulaic sorts them)."""
+    return tuple(
+        (col, tuple(first[col].cat.categories))
+        if isinstance(first[col].dtype, pd.CategoricalDtype)
+        else (col, frozenset(first[col].unique()))
+        for col in used
+        if not pd.api.types.is_numeric_dtype(first[col])
+    )
+
+
+def _learns_as(
+    like: Design,
+    fixed: str,
+    random_pairs: list[tuple[str, str]],
+    used: list[str],
+    first: pd.DataFrame,
+) -> bool:
+    """Whether formulaic learns ``like`` from the cells ``first``: the same formulas and
+    columns, no state learned from the data (the fast path covers only such terms) and
+    the same levels in the same order."""
+    learned_from = like._learned_from
+    return (
+        like._fast is not None
+        and learned_from is not None
+        and (like.fixed, like.random, like._columns)
+        == (fixed, tuple(f for _, f in random_pairs), tuple(used))
+        and learned_from == _ordered_levels(first, used)
+    )
+
+
 def _checked_fast_path(
-    design: Design, obs: pd.DataFrame, frame: pd.DataFrame, first: np.ndarray
+    design: Design,
+    obs: pd.DataFrame,
+    frame: pd.DataFrame,
+    first: np.ndarray,
+    *,
+    compare: bool = True,
 ) -> Design:
     """The design, without its fast path unless it evaluates every cell and X and Z from it
     equal formulaic's exactly on the first :data:`FAST_CHECK_ROWS` cells and the cells
-    ``first`` (the first cell of each factor level).
+    ``first`` (the first cell of each factor level); ``compare=False``: the comparison was
+    made for this very design on other cells (:func:`build_design`'s ``like``).
 
     The prepared cells ``frame`` are walked in chunks of :data:`RANK_CHUNK_ROWS`; a chunk
     that the fast path cannot evaluate (e.g. log(0) somewhere) is evaluated by formulaic,
@@ -455,6 +512,8 @@ def _checked_fast_path(
             block.check(chunk, RANDOM)
     if fast is None or not plain:
         return slow
+    if not compare:
+        return design
     sample = obs.iloc[np.union1d(np.arange(min(len(obs), FAST_CHECK_ROWS)), first)]
     X, Z = fast.X(sample), fast.Z(sample)
     if (

@@ -243,6 +243,7 @@ def plan_strata(
     designs: list[Design] = []
     categories: list[dict[str, list[Any]]] = []
     skipped: dict[str, str] = {}
+    learned: list[Design] = []  # the distinct designs of the strata so far
     for label, rows in groups:
         n_s = int(rows.sum())
         if n_s == 0:
@@ -250,7 +251,8 @@ def plan_strata(
             continue
         sub = select_obs(obs[used], rows)
         try:
-            design = build_design(sub, fixed, random)
+            # an earlier stratum's design where these cells learn the same one
+            design = build_design(sub, fixed, random, like=learned)
         except DesignError as exc:
             if by is None:
                 raise
@@ -272,6 +274,8 @@ def plan_strata(
                     raise
                 skipped[label] = str(exc)
                 continue
+        if all(design is not known for known in learned):
+            learned.append(design)
         codes[rows] = len(levels)
         levels.append(label)
         designs.append(design)
