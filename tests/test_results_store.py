@@ -519,14 +519,15 @@ def test_a_block_that_fails_midway_is_not_marked_done(
     path = tmp_path / "res.zarr"
     layout = _layout(fit)
     create_results(path, layout, ATTRS)
-    setitem = zarr.Array.__setitem__
+    # the block's arrays are written concurrently (zarr's asynchronous arrays), then marked
+    setitem = zarr.AsyncArray.setitem
 
-    def failing(self, selection, value):
+    async def failing(self, selection, value, *args, **kwargs):
         if self.basename == "contrast_df":  # the last array of the block
             raise OSError("connection reset")
-        setitem(self, selection, value)
+        await setitem(self, selection, value, *args, **kwargs)
 
-    monkeypatch.setattr(zarr.Array, "__setitem__", failing)
+    monkeypatch.setattr(zarr.AsyncArray, "setitem", failing)
     with pytest.raises(OSError, match="connection reset"):
         write_block(path, 1, _block(arrays, layout, 1))
     monkeypatch.undo()

@@ -7,8 +7,8 @@ GIL to be handed back (up to the interpreter's switch interval, 5 ms): creating 
 group of 26 arrays took 0.15-0.2 s there (55 ms alone), and a stratified run creates one
 per stratum. Here the arrays of a group are created, or looked up, concurrently in one
 coroutine run by one round trip (:func:`run`); the stores are those the one-call-at-a-time
-code wrote, byte for byte. A block's values are still written one array per call (a
-failure between two leaves the block unmarked).
+code wrote, byte for byte. A block's values are written concurrently in one call, and
+the block marked done in a second (a failure of any write leaves it unmarked).
 
 Used by :mod:`flashmm_dask.io.results` (:func:`create_arrays` for ``create_results``,
 :func:`write_arrays` for ``write_block``) and
@@ -158,16 +158,19 @@ def write_arrays(
 ) -> None:
     """Write block ``b`` of the results ``group``: its arrays are looked up in one call,
     ``check(shapes, m)`` (the array shapes by name, the number of features) returns the
-    arrays to write, checked; each is written (one call each: a failure leaves the
-    block unmarked), then the block is marked in ``block_done``."""
+    arrays to write, checked; they are written concurrently in one call (a failure of
+    any leaves the block unmarked), then the block is marked in ``block_done``."""
     found = run(_lookup(group, [*_VARS, "feature", "block_done"]))
     shapes = {name: tuple(array.shape) for name, array in found.items()}
     m = int(shapes["feature"][0])
     checked = check(shapes, m)
     start = int(b) * block_size
     rows = slice(start, min(start + block_size, m))
-    for name, value in checked.items():
-        zarr.Array(found[name])[rows] = value
+
+    async def values() -> None:
+        await asyncio.gather(*(found[name].setitem(rows, value) for name, value in checked.items()))
+
+    run(values())
     # The resume record is written last: a block that is marked done is whole.
     zarr.Array(found["block_done"])[int(b)] = True
 
