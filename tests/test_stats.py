@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 import zarr
 from reference_cases import as_array, load_case
+from zarr.core.group import AsyncGroup
 
 from flashmm_dask.errors import InputError, StoreError
 from flashmm_dask.stats.summary import FORMAT, FORMAT_VERSION, SummaryStats
@@ -332,21 +333,22 @@ def test_overwrite_never_replaces_something_else(tmp_path: Path) -> None:
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails midway leaves no store and keeps the store it would replace."""
     path = tmp_path / "stats.zarr"
-    create_array = zarr.Group.create_array
+    # the arrays are created concurrently, by zarr's asynchronous group
+    create_array = AsyncGroup.create_array
 
-    def failing_create_array(self: Any, name: str, **kwargs: Any) -> Any:
+    async def failing_create_array(self: Any, name: str, **kwargs: Any) -> Any:
         if name == "ZY":
             raise OSError("disk full")
-        return create_array(self, name, **kwargs)
+        return await create_array(self, name, **kwargs)
 
-    monkeypatch.setattr(zarr.Group, "create_array", failing_create_array)
+    monkeypatch.setattr(AsyncGroup, "create_array", failing_create_array)
     with pytest.raises(StoreError, match=r"could not write summary statistics .*disk full"):
         toy_stats().save(path)
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.undo()
     toy_stats(seed=1).save(path)
-    monkeypatch.setattr(zarr.Group, "create_array", failing_create_array)
+    monkeypatch.setattr(AsyncGroup, "create_array", failing_create_array)
     with pytest.raises(StoreError, match="disk full"):
         toy_stats(seed=2).save(path, overwrite=True)
     monkeypatch.undo()
@@ -362,14 +364,15 @@ def test_remote_url_round_trip_and_incomplete_write(monkeypatch: pytest.MonkeyPa
     with pytest.raises(StoreError, match="already exists"):
         stats.save(url)
 
-    create_array = zarr.Group.create_array
+    # the arrays are created concurrently, by zarr's asynchronous group
+    create_array = AsyncGroup.create_array
 
-    def failing_create_array(self: Any, name: str, **kwargs: Any) -> Any:
+    async def failing_create_array(self: Any, name: str, **kwargs: Any) -> Any:
         if name == "Ynorm":
             raise OSError("connection reset")
-        return create_array(self, name, **kwargs)
+        return await create_array(self, name, **kwargs)
 
-    monkeypatch.setattr(zarr.Group, "create_array", failing_create_array)
+    monkeypatch.setattr(AsyncGroup, "create_array", failing_create_array)
     with pytest.raises(StoreError, match="incomplete"):
         stats.save(url, overwrite=True)
     monkeypatch.undo()

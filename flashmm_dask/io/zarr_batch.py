@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,7 +34,7 @@ from flashmm_dask.errors import StoreError
 from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout
 from flashmm_dask.model.status import STATUS
 
-__all__ = ["arrays_of", "create_arrays", "read_groups", "run", "write_arrays"]
+__all__ = ["arrays_of", "create_arrays", "read_groups", "run", "settled", "write_arrays"]
 
 T = TypeVar("T")
 
@@ -42,6 +42,17 @@ T = TypeVar("T")
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` on Zarr's event loop: one round trip, whatever it awaits."""
     return sync(coroutine)
+
+
+async def settled(awaitables: Iterable[Awaitable[Any]]) -> list[Any]:
+    """``asyncio.gather`` of ``awaitables`` that lets every one finish before it raises
+    the first error: a write that fails does not leave others still writing into a
+    store that its caller then removes or rewrites."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 async def _async_group(group: zarr.Group) -> AsyncGroup:
@@ -167,10 +178,7 @@ def write_arrays(
     start = int(b) * block_size
     rows = slice(start, min(start + block_size, m))
 
-    async def values() -> None:
-        await asyncio.gather(*(found[name].setitem(rows, value) for name, value in checked.items()))
-
-    run(values())
+    run(settled(found[name].setitem(rows, value) for name, value in checked.items()))
     # The resume record is written last: a block that is marked done is whole.
     zarr.Array(found["block_done"])[int(b)] = True
 

@@ -525,7 +525,10 @@ class SummaryStats:
         return attrs
 
     def _write_group(self, store: Any, attrs: dict[str, Any], options: dict[str, Any]) -> None:
-        import zarr
+        import zarr.api.asynchronous as zarr_async
+        from zarr.core.sync import sync
+
+        from flashmm_dask.io.zarr_batch import settled
 
         # the attributes in two writes of the group's metadata, not one per key: first
         # all but the feature names (thousands of them), then the names with the mark
@@ -533,20 +536,31 @@ class SummaryStats:
         last: dict[str, Any] = {"complete": True}
         if "features" in head:
             head["features"], last["features"] = [], head["features"]
-        group = zarr.open_group(
-            store, mode="w", zarr_format=3, storage_options=options or None, attributes=head
-        )
-        codecs = compressors()
-        for name in _ARRAYS:
-            values = np.ascontiguousarray(getattr(self, name))
-            group.create_array(
-                name, data=values, chunks=chunk_shape(values.shape), compressors=codecs
-            )
+        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAYS}
         if self.nnz is not None:
-            nnz = np.ascontiguousarray(self.nnz)
-            group.create_array("nnz", data=nnz, chunks=chunk_shape(nnz.shape), compressors=codecs)
-        # marking completion last: a reader that sees complete=True sees every array
-        group.update_attributes(last)
+            arrays["nnz"] = np.ascontiguousarray(self.nnz)
+        codecs = compressors()
+
+        async def write() -> None:
+            # one call of zarr's event loop, not one per array: on a busy worker each call
+            # waits for the GIL
+            group = await zarr_async.open_group(
+                store=store,
+                mode="w",
+                zarr_format=3,
+                storage_options=options or None,
+                attributes=head,
+            )
+            await settled(
+                group.create_array(
+                    name, data=values, chunks=chunk_shape(values.shape), compressors=codecs
+                )
+                for name, values in arrays.items()
+            )
+            # marking completion last: a reader that sees complete=True sees every array
+            await group.update_attributes(last)
+
+        sync(write())
 
     @classmethod
     def load(
