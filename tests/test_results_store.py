@@ -31,6 +31,7 @@ from flashmm_dask.io.results import (
     blocks_done,
     create_results,
     finalize_results,
+    finalizing,
     fit_arrays,
     open_results,
     read_layout,
@@ -39,9 +40,11 @@ from flashmm_dask.io.results import (
     write_block,
     write_tables,
 )
+from flashmm_dask.io.results_finalize import finalize_groups
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.model.lmm import lmm
 from flashmm_dask.model.lmmtest import lmmtest
+from flashmm_dask.model.status import STATUS
 
 CONTRASTS = {"second-first": "cls2:trtB - cls1:trtB", "first": "cls1:trtB"}
 BLOCK = 7  # 40 features: blocks of 7, the last of 5
@@ -646,3 +649,44 @@ def test_storage_options_are_redacted_and_attrs_made_json(tmp_path: Path, fit: L
     assert read_store_attrs(tmp_path / "d.zarr", storage_options={"anon": True})["n_blocks"] == 6
     with pytest.raises(InputError, match=r"extra_attrs sets block_size=3"):
         finalize_results(tmp_path / "d.zarr", extra_attrs={"block_size": 3})
+
+
+def test_groups_finalized_together_equal_one_by_one(tmp_path: Path, fit: LmmFit, arrays) -> None:
+    """finalize_groups (a stratified run's groups in one call) writes what finalize_results
+    writes one group at a time, marks the filtered features and counts the statuses; a
+    group with a block missing raises after the others are finalized."""
+    layout = _layout(fit)
+    paths = [tmp_path / f"g{k}.zarr" for k in range(4)]
+    for path in paths:
+        create_results(path, layout, ATTRS)
+        _write_all(path, layout, arrays)
+    incomplete = tmp_path / "missing.zarr"
+    create_results(incomplete, layout, ATTRS)
+    for b in range(layout.n_blocks - 1):
+        write_block(incomplete, b, _block(arrays, layout, b))
+    finalize_results(paths[0], extra_attrs={"timings": {"fit": 1.0}})
+    m = len(fit.features)
+    filtered = np.zeros(m, dtype=bool)
+    filtered[[0, 7]] = True
+    items = [
+        finalizing(paths[1], {"timings": {"fit": 1.0}}),
+        finalizing(paths[2], {"timings": {"fit": 1.0}}, filtered=filtered, counted=True),
+        finalizing(incomplete),
+        finalizing(paths[3], counted=True),
+    ]
+    with pytest.raises(StoreError, match=r"1 of 6 blocks .*missing\.zarr"):
+        finalize_groups(items)
+    assert read_store_attrs(incomplete)["complete"] is False
+    one = zarr.open_group(paths[0], mode="r")
+    for path in (paths[1], paths[2], paths[3]):
+        group = zarr.open_group(path, mode="r")
+        assert group.attrs["complete"] is True and group.attrs["p_adjust"] == "BH"
+        for name in ("padj", "contrast_padj"):
+            np.testing.assert_array_equal(group[name][...], one[name][...])
+    assert zarr.open_group(paths[1], mode="r").attrs["timings"] == {"fit": 1.0}
+    status = zarr.open_group(paths[2], mode="r")["status"][...]
+    assert (status[[0, 7]] == STATUS.index("filtered")).all()
+    np.testing.assert_array_equal(np.delete(status, [0, 7]), np.delete(one["status"][...], [0, 7]))
+    counts = zarr.open_group(paths[2], mode="r").attrs["status_counts"]
+    assert counts["filtered"] == 2 and sum(counts.values()) == m
+    assert zarr.open_group(paths[3], mode="r").attrs["status_counts"]["filtered"] == 0

@@ -56,12 +56,12 @@ import zarr
 from flashmm_dask.errors import StoreError
 from flashmm_dask.io.paths import Location, locate
 from flashmm_dask.io.results_attrs import _default_versions, _user_attrs, redact
+from flashmm_dask.io.results_finalize import Finalizing, finalize_groups
 from flashmm_dask.io.results_layout import _COORDS, _VARS, ResultsLayout
 from flashmm_dask.io.tables import results_table, write_tables
 from flashmm_dask.io.writing import staged
 from flashmm_dask.io.zarr_batch import create_arrays, write_arrays
 from flashmm_dask.model.status import STATUS, finite_features, status_codes
-from flashmm_dask.numerics.inference import p_adjust
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -439,25 +439,23 @@ def finalize_results(
     StoreError
         Some blocks have not been written; rerun the fit to write them.
     """
+    finalize_groups([finalizing(path, extra_attrs, storage_options=storage_options)], method)
+
+
+def finalizing(
+    path: str | os.PathLike[str],
+    extra_attrs: Mapping[str, Any] | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    filtered: np.ndarray | None = None,
+    counted: bool = False,
+) -> Finalizing:
+    """The results store at ``path`` opened and checked for :func:`finalize_groups`
+    (``extra_attrs`` checked as :func:`finalize_results` takes them)."""
     target = _locate(path, storage_options)
     group = _open_checked(target, "r+")
     extra = _user_attrs(extra_attrs, "extra_attrs", {**group.attrs, "complete": True})
-    done = np.asarray(_array(group, "block_done")[:], dtype=bool)
-    if not done.all():
-        missing = np.flatnonzero(~done)
-        shown = ", ".join(str(x) for x in missing[:10]) + (" ..." if missing.size > 10 else "")
-        raise StoreError(
-            f"{missing.size} of {done.size} blocks of {target.shown!r} are not written "
-            f"(blocks {shown}); rerun the same command to fit them, then finalize"
-        )
-    for p_name, padj_name in (("p", "padj"), ("contrast_p", "contrast_padj")):
-        if int(np.prod(_array(group, p_name).shape)) > 0:
-            _array(group, padj_name)[...] = p_adjust(
-                np.asarray(_array(group, p_name)[...]), method, axis=0
-            )
-    # one metadata write (attrs.update writes the group document once per key)
-    group.update_attributes({**extra, "p_adjust": method, "complete": True})
-    logger.info("finalized results store %s", target.shown)
+    return Finalizing(group, target.shown, extra, filtered=filtered, counted=counted)
 
 
 # -- reading --------------------------------------------------------------------------
@@ -541,6 +539,7 @@ __all__ = [
     "blocks_done",
     "create_results",
     "finalize_results",
+    "finalizing",
     "finite_features",
     "fit_arrays",
     "full_attrs",

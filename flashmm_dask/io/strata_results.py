@@ -41,6 +41,7 @@ from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.errors import ContrastError, StoreError
 from flashmm_dask.io.paths import locate
 from flashmm_dask.io.results import open_group, open_results
+from flashmm_dask.io.results_finalize import FILTERED, count_status
 from flashmm_dask.io.resultsets import TABLE_VARIABLES
 from flashmm_dask.io.tables import (
     results_arrow,
@@ -51,7 +52,6 @@ from flashmm_dask.io.tables import (
 )
 from flashmm_dask.io.writing import write_file
 from flashmm_dask.io.zarr_batch import read_groups
-from flashmm_dask.model.status import STATUS
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -72,7 +72,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FILTERED = STATUS.index("filtered")
 #: Root attribute listing the strata of a stratified store.
 STRATA_ATTR = "strata"
 #: Folder of the stratum groups inside a stratified store.
@@ -280,8 +279,7 @@ def status_counts(path: str | os.PathLike[str]) -> dict[str, int]:
     """Features per status name of a results group (read from its ``status`` array)."""
     array = zarr.open_group(str(path), mode="r")["status"]
     assert isinstance(array, zarr.Array)
-    codes = np.asarray(array[:])
-    return {name: int((codes == k).sum()) for k, name in enumerate(STATUS)}
+    return count_status(np.asarray(array[:]))
 
 
 def mark_filtered(path: str | os.PathLike[str], filtered: np.ndarray) -> None:

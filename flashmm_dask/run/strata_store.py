@@ -7,7 +7,6 @@ the groups, and the root, complete (used by :mod:`flashmm_dask.run.pipeline_stra
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +22,13 @@ from flashmm_dask.io.results import (
     FORMAT,
     FORMAT_VERSION,
     ResultsLayout,
-    finalize_results,
+    finalizing,
     read_store_attrs,
     redact,
 )
 from flashmm_dask.io.results_create import create_many
-from flashmm_dask.io.strata_results import applicable_contrasts, mark_filtered
-from flashmm_dask.io.strata_results import status_counts as read_status_counts
+from flashmm_dask.io.results_finalize import finalize_groups
+from flashmm_dask.io.strata_results import applicable_contrasts
 from flashmm_dask.run import blocks
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.output import RESULTS, _writing
@@ -184,29 +183,20 @@ def finalize_strata(
     """Mark each stratum's group complete (its filtered features, adjusted p-values,
     status counts), then the root with the counts over all strata.
 
-    The groups are finalized in threads: each is a few small reads and writes, whose
-    waits on the file system then overlap."""
-
-    def finalize(group: _Group) -> dict[str, int]:
+    The groups are opened (and checked) one by one, then finalized together in one call
+    of zarr's event loop (:func:`~flashmm_dask.io.results_finalize.finalize_groups`)."""
+    total: dict[str, int] = {}
+    todo = []
+    for group in groups:
         attrs = read_store_attrs(str(group.path))
         if attrs.get("complete"):
-            return dict(attrs.get("status_counts", {}))
-        mark_filtered(group.path, group.filtered)
-        counts = read_status_counts(group.path)
-        plain = {
-            "n_converged": counts["ok"],
-            "n_not_converged": counts["not_converged"],
-            "n_zero": counts["all_zero"] + counts["filtered"],
-            "status_counts": counts,
-        }
-        finalize_results(str(group.path), extra_attrs={**extra, **plain}, method=cfg.test.p_adjust)
-        return counts
-
-    total: dict[str, int] = {}
-    with ThreadPoolExecutor(max(1, min(8, len(groups)))) as pool:
-        per_group = list(pool.map(finalize, groups))
-    for counts in per_group:
-        for name, k in counts.items():
+            counts = dict(attrs.get("status_counts", {}))
+            for name, k in counts.items():
+                total[name] = total.get(name, 0) + int(k)
+            continue
+        todo.append(finalizing(group.path, extra, filtered=group.filtered, counted=True))
+    for found in finalize_groups(todo, method=cfg.test.p_adjust):
+        for name, k in (found or {}).items():
             total[name] = total.get(name, 0) + int(k)
     if stats.by is not None:
         root = zarr.open_group(str(store), mode="r+")
