@@ -352,11 +352,13 @@ def log_top_genes(
     n: int = TOP_N,
     alpha: float = 0.05,
     storage_options: Mapping[str, Any] | None = None,
+    sets: ResultSets | None = None,
 ) -> None:
     """Log :func:`top_genes_text` of a finished store once, at INFO (nothing is read
-    when INFO is not logged)."""
+    when INFO is not logged); ``sets``: its results already read."""
     if logger.isEnabledFor(logging.INFO):
-        sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
+        if sets is None:
+            sets = loaded(result_sets(os.fspath(store), storage_options=storage_options))
         logger.info("top genes by p\n%s", top_genes_text(sets, n=n, alpha=alpha))
 
 

@@ -17,10 +17,17 @@ from typing import Any
 from flashmm_dask.errors import FlashmmError, StoreError
 from flashmm_dask.io.outputs import clear_owned, register
 from flashmm_dask.io.results import open_results, read_store_attrs, write_tables
-from flashmm_dask.io.resultsets import ResultSets, top_items, write_stratum_top, write_top_tables
+from flashmm_dask.io.resultsets import (
+    ResultSets,
+    loaded,
+    result_sets,
+    top_items,
+    write_stratum_top,
+    write_top_tables,
+)
 from flashmm_dask.io.strata_results import load_strata, strata_attrs, write_strata_tables
 from flashmm_dask.report.plots import make_report, strata_report
-from flashmm_dask.report.summary import report_outputs
+from flashmm_dask.report.summary import log_top_genes, report_outputs
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.progress import Timings
 from flashmm_dask.run.stored_model import config_difference
@@ -242,10 +249,11 @@ def write_outputs(
             with timings.phase("plots"):
                 files += plots()
         with timings.phase("report"):
-            sets = strata_sets() if stratified else None
+            sets = strata_sets() if stratified else loaded(result_sets(str(store)))
             written = None if top is None else top()
             files += report_outputs(
                 store, folder, tables=bool(cfg.output.tables), sets=sets, top=written
             )
+            log_top_genes(store, sets=sets)  # the results read once for the report and log
     register(folder, files)
     return files

@@ -37,7 +37,6 @@ from typing import Any
 
 from flashmm_dask.io.outputs import refuse_foreign, register, removed_if_unused
 from flashmm_dask.io.results import finalize_results, open_results, read_store_attrs
-from flashmm_dask.report.summary import log_top_genes
 from flashmm_dask.run.blocks import auto_block_size, fit_store, shared_model, versions
 from flashmm_dask.run.cluster import open_client
 from flashmm_dask.run.config import RunConfig
@@ -116,7 +115,6 @@ def _summary(
         status_counts=dict(counts.get("status_counts", {})),
     )
     advise(summary.status_counts)
-    log_top_genes(store)
     return summary
 
 

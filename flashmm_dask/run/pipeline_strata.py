@@ -32,7 +32,6 @@ from typing import Any
 
 from flashmm_dask.io.results import open_results, read_store_attrs
 from flashmm_dask.io.strata_results import strata_attrs
-from flashmm_dask.report.summary import log_top_genes
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.flow import Flow
 from flashmm_dask.run.inputs import (
@@ -74,7 +73,6 @@ def _fit(
 def _summarise(
     store: Path, folder: Path, reports: list[BlockReport], timings: Timings, files: list[Path]
 ) -> RunSummary:
-    log_top_genes(store)
     return _summary(store, folder, reports, timings, files, strata_attrs(store))
 
 
