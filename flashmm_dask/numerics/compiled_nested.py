@@ -7,8 +7,8 @@ epsilon or max_iter steps, then s0 profiled and the score and information evalua
 once more) with the assembly of ``fisher._score_structured``, without a return to Python
 per evaluation; the profiling evaluation needs only zry' M D zry, so it skips the traces
 (the Gram matrices, the products with C^-1). What an evaluation shares by all features
-(everything but the feature's quadratic forms) is computed once per block at the start,
-where every ratio is zero, and taken from there for each feature's first evaluation. A
+(everything but the feature's quadratic forms) is computed once per design where every
+ratio is zero (:func:`_start_py`), and taken from there for each feature's first evaluation. A
 feature whose evaluation fails (P or C singular, a result not finite) or whose information
 matrix is not provably well conditioned (its inverse is then not the pseudo-inverse) is
 reported (``ok`` False): the caller refits it by ``fisher._scoring`` from the same start.
@@ -310,7 +310,7 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
     and F (K+1, K+1) into ``dl`` and ``F`` where ``full``, C = I - G' P^-1 D G (p, p) and
     G' P^-1 D zry (p,) into the two arrays of ``fixed``; returns (ok, s0 profiled, log |det M0| (NaN
     unless ``final``)). ``work`` ends with the shared pieces at ratios all zero (the start
-    of every feature: :func:`_shared_py` once per block), taken where s has those ratios:
+    of every feature: :func:`_start_py`, once per design), taken where s has those ratios:
     the same numbers."""
     comps, big = nt[3], nt[4]
     nrq, nr, q = counts
@@ -362,11 +362,20 @@ def _evaluate_py(design, nt, s, zry_s, yry, sums, counts, full, final, dl, F, wo
     return ok, s0p, logdet
 
 
-def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
+def _start_py(design, comps, big):
+    """What every feature's first evaluation shares (all ratios zero): :func:`_shared_py`'s
+    four results and C^-1 there (:func:`_fit_py`'s ``zero``, computed once per design)."""
+    p = design[0].shape[1]
+    Cw, buf, perm = np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64)
+    zero = _shared(design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm)
+    return zero, Cw
+
+
+def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free, first):
     """theta, se_theta, dlogL (m, K+1), FIM_theta (m, K+1, K+1), niter (m,), logdetM0
     (m,), the fixed effects' terms at theta: C = I - G' P^-1 D G (m, p, p) and G' P^-1 D
     zry (m, p) (valid where ok), and ok (m,), of a block of features (zry (m, q) in the
-    permuted order).
+    permuted order); ``first``: :func:`_start_py`'s result for this design.
 
     ``free`` (K+1,) bool: the components updated, by their own score and the information
     among them (the others stay at their start, zero: ``fisher._scoring``'s ``free``);
@@ -387,9 +396,7 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free):
     inv, wk, bk, pk = np.empty((kf, kf)), np.empty((kf, kf)), np.empty(kf), np.empty(kf, np.int64)
     bk2 = np.empty(kf)
     Cw, buf, perm = np.empty((p, p)), np.empty(p), np.empty(p, dtype=np.int64)
-    comps, big = nt[3], nt[4]
-    zero = _shared(design, comps, big, 0.0, np.zeros(comps.shape[0]), True, Cw, buf, perm)
-    work = (Cw, buf, perm, zero, Cw.copy())
+    work = (Cw, buf, perm, first[0], first[1])
     gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
     cls = design[7]
@@ -481,4 +488,5 @@ _shared = jit(_shared_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)
 _evaluate = jit(_evaluate_py, **_OPTIONS)
+start = jit(_start_py, **_OPTIONS)
 fit = jit(_fit_py, **_OPTIONS)

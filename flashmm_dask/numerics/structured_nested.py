@@ -103,6 +103,8 @@ class NestedTerms:
         for u in range(self.H.shape[0]):
             g = self.Gb[by[edges[u] : edges[u + 1]]]
             self.H[u] = g.T @ g
+        # every feature's first evaluation (all ratios zero) shares its pieces: once here
+        self.first = kernels.start(self.packed, self.comps, st.big)
 
     def _z(self, x: Array) -> Array:
         """x (q,) in the permuted order with its big part in this order."""
@@ -198,4 +200,5 @@ class NestedTerms:
             stop,
             counts,
             np.ones(s_init.shape[1], dtype=bool) if free is None else np.asarray(free, dtype=bool),
+            self.first,
         )
