@@ -62,7 +62,7 @@ def _traces_py(big, comps, U, Si, kap, sig, hs, Eps, grams, Hw2, B, t, Q):
     qs2 = 2 * qs
     EH = np.empty((qs2, p))
     EH[:qs] = Eps
-    EH[qs:] = hs[1]
+    EH[qs:] = hs[1, :, :p]  # (hs is padded to whole SIMD vectors)
     EHB = EH @ B
     EB = EHB[:qs]
     HB = EHB[qs:]
@@ -400,8 +400,9 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free, first):
     gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
     cls = design[7]
-    nval, pedges = nt[2], nt[5]
-    R = np.zeros((design[12].shape[0], p))
+    nval, pedges, Gbp = nt[2], nt[5], nt[6]
+    pp = Gbp.shape[1]  # Gb with zero columns to a multiple of 8 (whole SIMD vectors)
+    R = np.zeros((design[12].shape[0], pp))
     Z2 = np.zeros(design[12].shape[0])
     nz = np.zeros(pedges.shape[0] - 1)
     sums = (R, Z2, nz)
@@ -423,13 +424,13 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free, first):
             if a + 1 < qb and cls[a + 1] == u:
                 Z2[u] += z[a + 1] * z[a + 1]
                 za, zb1 = z[a], z[a + 1]
-                for i in range(p):
-                    R[u, i] = (R[u, i] + za * Gb[a, i]) + zb1 * Gb[a + 1, i]
+                for i in range(pp):
+                    R[u, i] = (R[u, i] + za * Gbp[a, i]) + zb1 * Gbp[a + 1, i]
                 a += 2
             else:
                 za = z[a]
-                for i in range(p):
-                    R[u, i] += za * Gb[a, i]
+                for i in range(pp):
+                    R[u, i] += za * Gbp[a, i]
                 a += 1
         for k in range(nz.shape[0]):
             acc = 0.0

@@ -103,6 +103,13 @@ class NestedTerms:
         for u in range(self.H.shape[0]):
             g = self.Gb[by[edges[u] : edges[u + 1]]]
             self.H[u] = g.T @ g
+        # pA and Gb with zero columns up to a multiple of 8: the compiled sums over the pairs
+        # and the count classes then run in whole SIMD vectors (the same sums)
+        pp = -(-self.p // 8) * 8
+        self.pAp = np.zeros((self.pA.shape[0], pp))
+        self.pAp[:, : self.p] = self.pA
+        self.Gbp = np.zeros((qb, pp))
+        self.Gbp[:, : self.p] = self.Gb
         # every feature's first evaluation (all ratios zero) shares its pieces: once here
         self.first = kernels.start(self.packed, self.comps, st.big)
 
@@ -116,7 +123,7 @@ class NestedTerms:
         """What the compiled kernels take of the design (:func:`_pre_py`'s first entries)."""
         return (
             self.Gb, self.Gs, self.pstart, self.pcls, self.pn2, self.pA, self.zb, self.cls,
-            self.ucount, self.zs, self.comps, self.st.big, self.zu, self.H, self.K,
+            self.ucount, self.zs, self.comps, self.st.big, self.zu, self.H, self.K, self.pAp,
         )  # fmt: skip
 
     def _pre(self, D: Array, full: bool = True) -> tuple:
@@ -187,7 +194,7 @@ class NestedTerms:
         (:func:`.compiled_nested.fit`)."""
         st = self.st
         q = st.qb + st.qs
-        nt = (self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges)
+        nt = (self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges, self.Gbp)
         counts = (float(n - r - q), float(n - r), float(q))
         stop = (int(max_iter), float(epsilon), float(limit))
         return kernels.fit(
