@@ -371,6 +371,37 @@ def _start_py(design, comps, big):
     return zero, Cw
 
 
+def _class_sums_py(zc, Gc, cedges, R, Z2):
+    """R (U, pp) = sum_{zb_a = u} zry_a g_a and Z2 (U,) = sum_{zb_a = u} zry_a^2 of one
+    feature, from its big columns sorted by count class (zc (qb,), stably: within a class
+    in the order of NestedTerms) and Gc (qb, pp) their rows of G with zero columns to a
+    multiple of 8; class u at cedges[u]:cedges[u + 1]. Four columns per sweep over the
+    row of R, each sum in the order of its columns (the sums of a sweep per column in that
+    order, 55 -> 35 us per feature at the atlas's q = 7,770)."""
+    pp = Gc.shape[1]
+    for u in range(cedges.shape[0] - 1):
+        r = R[u]
+        for i in range(pp):
+            r[i] = 0.0
+        s2 = 0.0
+        a, a1 = cedges[u], cedges[u + 1]
+        while a + 3 < a1:
+            z0, z1, z2, z3 = zc[a], zc[a + 1], zc[a + 2], zc[a + 3]
+            s2 = (((s2 + z0 * z0) + z1 * z1) + z2 * z2) + z3 * z3
+            g0, g1, g2, g3 = Gc[a], Gc[a + 1], Gc[a + 2], Gc[a + 3]
+            for i in range(pp):
+                r[i] = (((r[i] + z0 * g0[i]) + z1 * g1[i]) + z2 * g2[i]) + z3 * g3[i]
+            a += 4
+        while a < a1:
+            z0 = zc[a]
+            s2 += z0 * z0
+            g0 = Gc[a]
+            for i in range(pp):
+                r[i] += z0 * g0[i]
+            a += 1
+        Z2[u] = s2
+
+
 def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free, first):
     """theta, se_theta, dlogL (m, K+1), FIM_theta (m, K+1, K+1), niter (m,), logdetM0
     (m,), the fixed effects' terms at theta: C = I - G' P^-1 D G (m, p, p) and G' P^-1 D
@@ -399,12 +430,11 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free, first):
     work = (Cw, buf, perm, first[0], first[1])
     gram, ex = np.empty((m, p, p)), np.empty((m, p))
     z = np.empty(q)
-    cls = design[7]
-    nval, pedges, Gbp = nt[2], nt[5], nt[6]
-    pp = Gbp.shape[1]  # Gb with zero columns to a multiple of 8 (whole SIMD vectors)
-    R = np.zeros((design[12].shape[0], pp))
+    nval, pedges, Gc, corder, cedges = nt[2], nt[5], nt[6], nt[7], nt[8]
+    R = np.zeros((design[12].shape[0], Gc.shape[1]))
     Z2 = np.zeros(design[12].shape[0])
     nz = np.zeros(pedges.shape[0] - 1)
+    zc = np.empty(qb)
     sums = (R, Z2, nz)
     # booleans known at run time only: constant ones are typed as literals, and numba
     # compiles _evaluate (with all it calls) once per combination
@@ -415,23 +445,9 @@ def _fit_py(design, nt, order, zry, yry, s_init, stop, counts, free, first):
             z[a] = zry[j, order[a]]
         for a in range(qb, q):
             z[a] = zry[j, a]
-        R[:] = 0.0  # the feature's sums over the count classes and pairs, once
-        Z2[:] = 0.0
-        a = 0
-        while a < qb:  # two columns per sweep over p where they share their class
-            u = cls[a]
-            Z2[u] += z[a] * z[a]
-            if a + 1 < qb and cls[a + 1] == u:
-                Z2[u] += z[a + 1] * z[a + 1]
-                za, zb1 = z[a], z[a + 1]
-                for i in range(pp):
-                    R[u, i] = (R[u, i] + za * Gbp[a, i]) + zb1 * Gbp[a + 1, i]
-                a += 2
-            else:
-                za = z[a]
-                for i in range(pp):
-                    R[u, i] += za * Gbp[a, i]
-                a += 1
+        for a in range(qb):  # and by count class
+            zc[a] = zry[j, corder[a]]
+        _class_sums(zc, Gc, cedges, R, Z2)  # the feature's sums over the count classes, once
         for k in range(nz.shape[0]):
             acc = 0.0
             for a in range(pedges[k], pedges[k + 1]):
@@ -489,5 +505,6 @@ _shared = jit(_shared_py, **_OPTIONS)
 post = jit(_post_py, **_OPTIONS)
 et = jit(_et_py, **_OPTIONS)
 _evaluate = jit(_evaluate_py, **_OPTIONS)
+_class_sums = jit(_class_sums_py, **_OPTIONS)
 start = jit(_start_py, **_OPTIONS)
 fit = jit(_fit_py, **_OPTIONS)

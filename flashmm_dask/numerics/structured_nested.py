@@ -98,18 +98,22 @@ class NestedTerms:
         # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
         by = np.argsort(self.cls, kind="stable")
         edges = np.concatenate([[0], np.cumsum(self.ucount.astype(np.int64))])
+        # the big columns by count class (within one in this order) for each feature's sums
+        # over the classes: zry's columns (corder), rows of G (Gc, padded as pAp), edges
+        self.corder = np.ascontiguousarray(self.order[by])
+        self.Gc = np.zeros((qb, -(-self.p // 8) * 8))
+        self.Gc[:, : self.p] = self.Gb[by]
+        self.cedges = edges.astype(np.int64)
         direct = self.zu.size * self.p * self.p > H_VALUES
         self.H = np.empty((0 if direct else self.zu.size, self.p, self.p))
         for u in range(self.H.shape[0]):
             g = self.Gb[by[edges[u] : edges[u + 1]]]
             self.H[u] = g.T @ g
-        # pA and Gb with zero columns up to a multiple of 8: the compiled sums over the pairs
-        # and the count classes then run in whole SIMD vectors (the same sums)
+        # pA with zero columns up to a multiple of 8: the compiled sums over the pairs then
+        # run in whole SIMD vectors (the same sums)
         pp = -(-self.p // 8) * 8
         self.pAp = np.zeros((self.pA.shape[0], pp))
         self.pAp[:, : self.p] = self.pA
-        self.Gbp = np.zeros((qb, pp))
-        self.Gbp[:, : self.p] = self.Gb
         # every feature's first evaluation (all ratios zero) shares its pieces: once here
         self.first = kernels.start(self.packed, self.comps, st.big)
 
@@ -194,7 +198,10 @@ class NestedTerms:
         (:func:`.compiled_nested.fit`)."""
         st = self.st
         q = st.qb + st.qs
-        nt = (self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges, self.Gbp)
+        nt = (
+            self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges, self.Gc,
+            self.corder, self.cedges,
+        )  # fmt: skip
         counts = (float(n - r - q), float(n - r), float(q))
         stop = (int(max_iter), float(epsilon), float(limit))
         return kernels.fit(
