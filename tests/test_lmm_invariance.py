@@ -6,6 +6,7 @@ import pytest
 from reference_cases import load_case, summary_args
 
 from flashmm_dask import lmm
+from flashmm_dask.model.core import _starts
 from flashmm_dask.numerics.fisher import fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
 
@@ -176,3 +177,19 @@ def test_tables():
     np.testing.assert_array_equal(ds["coef"].sel(feature=res.features[5]).values, res.coef[:, 5])
     np.testing.assert_array_equal(ds["theta"].values, res.theta.T)
     assert ds["RE"].dims == ("feature", "random")
+
+
+@pytest.mark.parametrize(
+    ("size", "block", "workers"),
+    [(100, 16, 2), (3, 1, 2), (7, 2, 3), (1, 16, 2), (0, 16, 2), (100, 16, 1), (11596, 2899, 2)],
+)
+def test_blocks_even_and_a_multiple_of_the_threads(size, block, workers):
+    """With threads, the features go in blocks of sizes within one of each other, as many
+    as a multiple of the threads (none empty, none over ``block``)."""
+    starts = _starts(size, block, workers)
+    sizes = np.diff(starts)
+    assert starts[0] == 0 and starts[-1] == size
+    assert np.all(sizes >= 1) and np.all(sizes <= block)
+    if workers > 1 and sizes.size > 1:
+        assert sizes.max() - sizes.min() <= 1
+        assert sizes.size % workers == 0 or sizes.size == size

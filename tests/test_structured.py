@@ -4,12 +4,13 @@ the structure."""
 
 import numpy as np
 import pytest
+from threadpoolctl import ThreadpoolController
 
 from flashmm_dask import lmm
 from flashmm_dask.numerics import structured_nested
 from flashmm_dask.numerics.fisher import fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
-from flashmm_dask.numerics.structured import Factor, detect, md_solve
+from flashmm_dask.numerics.structured import Factor, detect, md_solve, one_blas_thread
 
 RTOL = 1e-10
 
@@ -268,3 +269,22 @@ def test_md_solve_by_cholesky_equals_the_inverse():
     MDx, ok = md_solve(s, D, x)
     assert ok.all()
     close(MDx, by_inverse.solve(D[:, :, None] * x), rtol=1e-12)
+
+
+def test_one_blas_thread_holds_until_the_last_context_closes():
+    """Contexts that overlap (a fit's blocks in threads) share one limit: the first to close
+    does not let BLAS threads back in under the other; the last restores the setting."""
+    ctl = ThreadpoolController()
+
+    def threads():
+        return {x["num_threads"] for x in ctl.select(user_api="blas").info()}
+
+    with ctl.limit(limits=2, user_api="blas"):
+        a, b = one_blas_thread(), one_blas_thread()
+        a.__enter__()
+        b.__enter__()
+        assert threads() == {1}
+        a.__exit__(None, None, None)  # closed first, while b is open
+        assert threads() == {1}
+        b.__exit__(None, None, None)
+        assert threads() == {2}

@@ -10,7 +10,7 @@ from flashmm_dask.errors import InputError
 from flashmm_dask.model import lmm as lmm_module
 from flashmm_dask.numerics import structured
 from flashmm_dask.numerics.structured import _is_diagonal, detect
-from flashmm_dask.numerics.zz_scan import scan
+from flashmm_dask.numerics.zz_scan import Ahead, guess, scan
 from tests.test_structured import design, fit
 
 D = [3, 5, 4]
@@ -163,3 +163,81 @@ def test_scan_in_threads_equals_one_thread(i, j, value):
         _is_diagonal(np.ascontiguousarray(a[edges[k] : edges[k + 1], edges[k] : edges[k + 1]]))
         for k in range(len(d))
     )
+
+
+def test_guess_reads_the_first_rows_of_each_block():
+    """A block not diagonal in its first rows is guessed not diagonal; an entry further down
+    is left to the scan."""
+    d = [30, 120]
+    a = np.diag(np.arange(1.0, 151.0))
+    assert guess(a, d) == (True, True)
+    b = a.copy()
+    b[35, 36] = b[36, 35] = 1.0  # in the big block's first 64 rows
+    assert guess(b, d) == (True, False) == scan(b, d).diagonal
+    c = a.copy()
+    c[140, 141] = c[141, 140] = 1.0  # below them: the guess is wrong, the scan is not
+    assert guess(c, d) == (True, True)
+    assert scan(c, d).diagonal == (True, False)
+    assert guess(np.asfortranarray(b), d) == (True, False)
+
+
+@pytest.mark.parametrize("where", ["first rows", "further down"])
+def test_lmm_keeps_a_guessed_structure_only_where_the_scan_confirms_it(where, monkeypatch):
+    """With threads, lmm fits with the structure guessed from the first rows while the scan
+    reads ZZ (zz_scan.Ahead); where the scan finds an entry the guess did not see, the fit
+    is redone with the scan's structure: the dense path's results."""
+    seen = []
+    prepare_terms = lmm_module.prepare_terms
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["diagonal"])
+        return prepare_terms(*args, **kwargs)
+
+    monkeypatch.setattr(lmm_module, "prepare_terms", spy)
+    st = design("nested_large", m=4)
+    ZZ = st["ZZ"].copy()
+    i = 31 if where == "first rows" else 140  # rows of the big block (30:150)
+    ZZ[i, i + 1] = ZZ[i + 1, i] = 1e-300
+    st = dict(st, ZZ=ZZ)
+    res = lmm(**st, n_threads=2)
+    assert seen[-1] == scan(ZZ, st["d"]).diagonal == (True, False)
+    assert len(seen) == (1 if where == "first rows" else 2)
+    _, th_d, _ = fit(st, "REML", False)
+    np.testing.assert_allclose(res.theta, th_d.theta.T, rtol=1e-10)
+    seen.clear()
+    one = lmm(**st, n_threads=1)  # no scan ahead: the scan first
+    assert seen == [(True, False)]
+    np.testing.assert_array_equal(one.theta, res.theta)
+
+
+def test_lmm_scans_ahead_only_with_threads_and_a_contiguous_ZZ(monkeypatch):
+    made = []
+
+    class Spy(Ahead):
+        def __init__(self, ZZ, d):
+            made.append(1)
+            super().__init__(ZZ, d)
+
+    monkeypatch.setattr(lmm_module, "Ahead", Spy)
+    st = design("nested_large", m=3)
+    lmm(**st, n_threads=2)
+    assert made == [1]
+    lmm(**st, n_threads=1)
+    wide = np.zeros((st["ZZ"].shape[0], 2 * st["ZZ"].shape[1]))
+    wide[:, ::2] = st["ZZ"]
+    lmm(**dict(st, ZZ=wide[:, ::2]), n_threads=2)  # neither C nor F ordered
+    assert made == [1]
+
+
+@pytest.mark.parametrize(("i", "j"), [(0, 1), (140, 141), (3, 100)])
+def test_lmm_scanning_ahead_rejects_nan_before_other_errors(i, j):
+    """The scan's verdict on ZZ comes first, as when it ran before everything else: before
+    a bad XY, and before a fit that the NaN upsets."""
+    st = design("nested_large", m=3)
+    st["ZZ"][i, j] = np.nan
+    with pytest.raises(InputError, match="ZZ contains NaN or Inf"):
+        lmm(**st, n_threads=2)
+    XY = st["XY"].copy()
+    XY[0, 0] = np.inf
+    with pytest.raises(InputError, match="ZZ contains NaN or Inf"):
+        lmm(**dict(st, XY=XY), n_threads=2)

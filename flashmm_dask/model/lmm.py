@@ -28,7 +28,7 @@ from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.numerics.fisher import METHODS
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.satterthwaite import BOUNDARY_DF, DF_METHODS
-from flashmm_dask.numerics.zz_scan import scan
+from flashmm_dask.numerics.zz_scan import Ahead, scan
 from flashmm_dask.stats.summary import SummaryStats, summary_shapes
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,26 @@ def _components(d: Components | None, q: int) -> tuple[tuple[int, ...], tuple[st
             "d must give the number of columns of each random component"
         )
     return ints, tuple(names)
+
+
+def _zz_not_finite() -> InputError:
+    return InputError("ZZ contains NaN or Inf; the shared statistics must be finite")
+
+
+def _cells(n: int, p: int) -> int:
+    """The checked number of cells."""
+    try:
+        n_cells = int(n)
+    except (TypeError, ValueError):
+        raise InputError(f"n must be the number of cells (an integer); got {n!r}") from None
+    if n_cells != n:
+        raise InputError(f"n must be the number of cells (an integer); got {n!r}")
+    if n_cells <= p:
+        raise InputError(
+            f"n = {n_cells} cells but p = {p} covariates: n must exceed p for the residual "
+            "degrees of freedom n - p to be positive"
+        )
+    return n_cells
 
 
 def _theta0(theta0: ArrayLike | None, K: int, m: int) -> np.ndarray | None:
@@ -279,40 +299,56 @@ def lmm(
     for name in ("XX", "ZX"):
         _check_finite(name, arrays[name])
     # with K >= 2, one pass over ZZ also finds which of its diagonal blocks are diagonal
-    # (the structured path's question; the atlas's nested ZZ is 483 MB)
-    zz = scan(arrays["ZZ"], sizes, options.n_threads) if len(sizes) > 1 else None
-    if zz is None:
+    # (the structured path's question; the atlas's nested ZZ is 483 MB). With threads, the
+    # pass runs in one of its own while the fit starts with the structure its first rows
+    # suggest, kept only where the pass confirms it (zz_scan.Ahead)
+    zz, ahead = None, None
+    if len(sizes) > 1 and options.n_threads > 1 and Ahead.possible(arrays["ZZ"]):
+        ahead = Ahead(arrays["ZZ"], sizes)
+    elif len(sizes) > 1:
+        zz = scan(arrays["ZZ"], sizes, options.n_threads)
+        if not zz.finite:
+            raise _zz_not_finite()
+    else:
         _check_finite("ZZ", arrays["ZZ"])
-    elif not zz.finite:
-        raise InputError("ZZ contains NaN or Inf; the shared statistics must be finite")
-    for name in ("XY", "ZY", "Ynorm"):
-        _check_finite(name, arrays[name], features)
-
     try:
-        n_cells = int(n)
-    except (TypeError, ValueError):
-        raise InputError(f"n must be the number of cells (an integer); got {n!r}") from None
-    if n_cells != n:
-        raise InputError(f"n must be the number of cells (an integer); got {n!r}")
-    if n_cells <= p:
-        raise InputError(
-            f"n = {n_cells} cells but p = {p} covariates: n must exceed p for the residual "
-            "degrees of freedom n - p to be positive"
-        )
-    K = len(sizes)
-    t0 = _theta0(theta0, K, m)
+        for name in ("XY", "ZY", "Ynorm"):
+            _check_finite(name, arrays[name], features)
+        n_cells = _cells(n, p)
+        t0 = _theta0(theta0, len(sizes), m)
+    except InputError:
+        if ahead is not None and not ahead.result().finite:
+            raise _zz_not_finite() from None
+        raise
 
-    shared = prepare_terms(
-        arrays["XX"],
-        arrays["ZX"],
-        arrays["ZZ"],
-        n_cells,
-        sizes,
-        method,
-        covariates,
-        diagonal=None if zz is None else zz.diagonal,
-    )
-    fit = fit_features(shared, arrays["XY"], arrays["ZY"], arrays["Ynorm"], options, t0)
+    def prepare_and_fit(diagonal: tuple[bool, ...] | None) -> dict[str, Array]:
+        shared = prepare_terms(
+            arrays["XX"],
+            arrays["ZX"],
+            arrays["ZZ"],
+            n_cells,
+            sizes,
+            method,
+            covariates,
+            diagonal=diagonal,
+        )
+        return fit_features(shared, arrays["XY"], arrays["ZY"], arrays["Ynorm"], options, t0)
+
+    if ahead is None:
+        fit = prepare_and_fit(None if zz is None else zz.diagonal)
+    else:
+        try:
+            guessed: dict[str, Array] | None = prepare_and_fit(ahead.guess)
+        except Exception:
+            if ahead.confirms():  # the fit's own error
+                raise
+            guessed = None
+        if not ahead.result().finite:
+            raise _zz_not_finite()
+        if guessed is not None and ahead.confirms():
+            fit = guessed
+        else:  # an entry the guess did not see: the structure the scan found
+            fit = prepare_and_fit(ahead.result().diagonal)
     fitted = fit["fitted"]
     n_zero = int(m - fitted.sum())
     if n_zero and warn_zero:

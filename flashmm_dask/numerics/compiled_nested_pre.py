@@ -17,14 +17,18 @@ from flashmm_dask.numerics.jit import jit
 __all__ = ["pre"]
 
 
-def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, H, K, rb, ds, full):
+def _pre_py(
+    Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, H, K, pAp, rb, ds, full
+):
     """Everything of one evaluation before C^-1: ok, log |det P|, pu (U,) = 1 / (1 +
     rho_b zu) (pbi = pu[cls]), U, S^-1, kappa, the group sums sig (qs, 3) and hs (3, qs,
     p), eps (qs, p), t and Q of W0, the Gram matrices (K, p, p), Hw (3, p, p) = sum_u
     (rho_b pbi, pbi^2, zb pbi^3) H_u and C. The big columns in the order of their parent
-    and count (:class:`NestedTerms`). ``full=False``: only what C and the quadratic forms
-    need (ok, logdet, pu, U, S^-1, kappa, sig[:, 0], hs[0] (hs then (1, qs, p)), eps,
-    Hw[0], C; the profiling evaluation), the rest zero."""
+    and count (:class:`NestedTerms`); pAp: pA with zero columns up to a multiple of 8, and
+    hs (3, qs, pp) as wide (the sums over the pairs in whole SIMD vectors: with p = 30 a
+    quarter of the columns went to a scalar remainder loop). ``full=False``: only what C
+    and the quadratic forms need (ok, logdet, pu, U, S^-1, kappa, sig[:, 0], hs[0] (hs then
+    (1, qs, pp)), eps, Hw[0], C; the profiling evaluation), the rest zero."""
     qb, p = Gb.shape
     qs = Gs.shape[0]
     nu = zu.shape[0]
@@ -47,10 +51,11 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
     # the loads and stores of hs, the same numbers
     sig = np.zeros((qs, 3))
     nh = 3 if full else 1
-    hs = np.empty((nh, qs, p))
+    pp = pAp.shape[1]
+    hs = np.empty((nh, qs, pp))
     for c in range(qs):
         for i in range(nh):
-            for j in range(p):
+            for j in range(pp):
                 hs[i, c, j] = 0.0
         k, k1 = pstart[c], pstart[c + 1]
         while k < k1:
@@ -62,11 +67,11 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
             if two:
                 sig[c, 0] += b1 * pn2[k + 1]
             if not full and two:
-                for j in range(p):
-                    hs[0, c, j] = (hs[0, c, j] + a1 * pA[k, j]) + b1 * pA[k + 1, j]
+                for j in range(pp):
+                    hs[0, c, j] = (hs[0, c, j] + a1 * pAp[k, j]) + b1 * pAp[k + 1, j]
             elif not full:
-                for j in range(p):
-                    hs[0, c, j] += a1 * pA[k, j]
+                for j in range(pp):
+                    hs[0, c, j] += a1 * pAp[k, j]
             else:
                 a2 = a1 * a1
                 a3 = zu[u] * a1 * a2
@@ -77,14 +82,14 @@ def _pre_py(Gb, Gs, pstart, pcls, pn2, pA, zb, cls, ucount, zs, comps, big, zu, 
                     b3 = zu[v] * b1 * b2
                     sig[c, 1] += b2 * pn2[k + 1]
                     sig[c, 2] += b3 * pn2[k + 1]
-                    for j in range(p):
-                        g, e = pA[k, j], pA[k + 1, j]
+                    for j in range(pp):
+                        g, e = pAp[k, j], pAp[k + 1, j]
                         hs[0, c, j] = (hs[0, c, j] + a1 * g) + b1 * e
                         hs[1, c, j] = (hs[1, c, j] + a2 * g) + b2 * e
                         hs[2, c, j] = (hs[2, c, j] + a3 * g) + b3 * e
                 else:
-                    for j in range(p):
-                        g = pA[k, j]
+                    for j in range(pp):
+                        g = pAp[k, j]
                         hs[0, c, j] += a1 * g
                         hs[1, c, j] += a2 * g
                         hs[2, c, j] += a3 * g

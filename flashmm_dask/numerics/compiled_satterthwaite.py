@@ -46,7 +46,7 @@ def _info_py(design, nt, order, theta, zry, yry):
     and C invertible; NaN where not ok) of a block of features: theta (m, K+1), zry (m, q)
     in the permuted column order, yry (m,). ``design`` and ``nt`` as
     :meth:`.structured_nested.NestedTerms.fit` passes them."""
-    Gb, Gs, pstart, pcls, pn2, pA, zb, cls, _, zs, comps, big, zu, H, _ = design
+    Gb, Gs, pstart, pcls, pn2, pA, zb, cls, _, zs, comps, big, zu, H, _ = design[:15]
     nval, pedges = nt[2], nt[5]
     qb, p = Gb.shape
     qs = Gs.shape[0]
@@ -289,7 +289,7 @@ def _middle_py(design, theta, L):
     :func:`.compiled_nested_pre._pre_py` takes them: E_b'E_b = Hw1 + Kb + Kb' with Hw1 =
     sum_u pbi_u^2 H_u and Kb = sum_c kap_c (kap_c sig1_c eps_c / 2 - h1_c) eps_c', and
     E_k'E_k = sum_{c in k} eps_c eps_c' / S_c^2 for a small component k."""
-    Gb, Gs, pstart, pcls, pn2, pA, zb, _, _, zs, comps, big, zu, H, _ = design
+    Gb, Gs, pstart, pcls, pn2, pA, zb, _, _, zs, comps, big, zu, H, _ = design[:15]
     qb, p = Gb.shape
     qs = Gs.shape[0]
     m, k1 = theta.shape

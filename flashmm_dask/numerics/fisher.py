@@ -254,6 +254,8 @@ def prepare(
     else:
         with one_blas_thread():
             sh.G  # noqa: B018
+            if method == "REML":
+                sh.nested  # noqa: B018
     return sh
 
 

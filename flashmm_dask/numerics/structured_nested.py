@@ -98,11 +98,24 @@ class NestedTerms:
         # H_u = sum_{zb_a = u} g_a g_a' over the U distinct counts
         by = np.argsort(self.cls, kind="stable")
         edges = np.concatenate([[0], np.cumsum(self.ucount.astype(np.int64))])
+        # the big columns by count class (within one in this order) for each feature's sums
+        # over the classes: zry's columns (corder), rows of G (Gc, padded as pAp), edges
+        self.corder = np.ascontiguousarray(self.order[by])
+        self.Gc = np.zeros((qb, -(-self.p // 8) * 8))
+        self.Gc[:, : self.p] = self.Gb[by]
+        self.cedges = edges.astype(np.int64)
         direct = self.zu.size * self.p * self.p > H_VALUES
         self.H = np.empty((0 if direct else self.zu.size, self.p, self.p))
         for u in range(self.H.shape[0]):
             g = self.Gb[by[edges[u] : edges[u + 1]]]
             self.H[u] = g.T @ g
+        # pA with zero columns up to a multiple of 8: the compiled sums over the pairs then
+        # run in whole SIMD vectors (the same sums)
+        pp = -(-self.p // 8) * 8
+        self.pAp = np.zeros((self.pA.shape[0], pp))
+        self.pAp[:, : self.p] = self.pA
+        # every feature's first evaluation (all ratios zero) shares its pieces: once here
+        self.first = kernels.start(self.packed, self.comps, st.big)
 
     def _z(self, x: Array) -> Array:
         """x (q,) in the permuted order with its big part in this order."""
@@ -114,7 +127,7 @@ class NestedTerms:
         """What the compiled kernels take of the design (:func:`_pre_py`'s first entries)."""
         return (
             self.Gb, self.Gs, self.pstart, self.pcls, self.pn2, self.pA, self.zb, self.cls,
-            self.ucount, self.zs, self.comps, self.st.big, self.zu, self.H, self.K,
+            self.ucount, self.zs, self.comps, self.st.big, self.zu, self.H, self.K, self.pAp,
         )  # fmt: skip
 
     def _pre(self, D: Array, full: bool = True) -> tuple:
@@ -185,7 +198,10 @@ class NestedTerms:
         (:func:`.compiled_nested.fit`)."""
         st = self.st
         q = st.qb + st.qs
-        nt = (self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges)
+        nt = (
+            self.Gb, self.parent, self.nval, self.comps, st.big, self.pedges, self.Gc,
+            self.corder, self.cedges,
+        )  # fmt: skip
         counts = (float(n - r - q), float(n - r), float(q))
         stop = (int(max_iter), float(epsilon), float(limit))
         return kernels.fit(
@@ -198,4 +214,5 @@ class NestedTerms:
             stop,
             counts,
             np.ones(s_init.shape[1], dtype=bool) if free is None else np.asarray(free, dtype=bool),
+            self.first,
         )
