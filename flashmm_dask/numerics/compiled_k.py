@@ -28,7 +28,8 @@ depend on the features that share its block.
 
 The kernels here call :mod:`.compiled_dense`'s (the products, the inverses): numba's disk
 cache of a kernel is invalidated by changes to its own file only, so a change there is
-noted here too (last: the elimination of [S | B], four rows a pass).
+noted here too (last: [I + b T | F'] eliminated by :mod:`.compiled_spd`, four pivots a
+sweep). The kernels of :mod:`.compiled_spd` are called from here too.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from flashmm_dask.numerics.compiled_dense import (
     _inverse_checked_into,
     _pinv_into,
 )
+from flashmm_dask.numerics.compiled_spd import _gauss_jordan_spd
 
 # --- K = 2, dense: the Schur complement in a basis that diagonalises both diagonal blocks ---
 
@@ -86,8 +88,8 @@ def _schur_parts(
     with_log: bool,
     aug: bool,
     Sa: np.ndarray,
-    ga: np.ndarray,
-    gb: np.ndarray,
+    R4: np.ndarray,
+    c4: np.ndarray,
     E: np.ndarray,
 ) -> tuple[float, bool]:
     """The Schur complement of D L + I over its first block, L = [[diag(l1), C], [C',
@@ -109,7 +111,9 @@ def _schur_parts(
     bench_fit's K = 2 case) the bits are the same; the search was ~20% of the inverse.
 
     With ``aug`` (the traces need E) the elimination without pivots runs on Sa = [I + b T
-    | F'] (h2, h2 + h1; ``ga``, ``gb`` (h2 + h1,) scratch): it leaves (I + b T)^-1 in
+    | F' | 0] (h2, h2 + h1 rounded up to a multiple of 8: no scalar tail in the row loops;
+    ``R4`` (4, that), ``c4`` (5, 4) scratch; :func:`.compiled_spd._gauss_jordan_spd`, four
+    pivots a sweep, the bits of :func:`_gauss_jordan_pairs`): it leaves (I + b T)^-1 in
     Sa[:, :h2] (not symmetrised; Si is not filled) and Si F' = E' right of it, from which
     E (h1, h2) is filled (rows of 50 share the elimination's loop overhead: F Si is not
     formed). The second value returned says whether this happened.
@@ -155,7 +159,9 @@ def _schur_parts(
         for c in range(h2):
             for i in range(h1):
                 Sa[c, h2 + i] = Ft[c, i]
-        ld = _gauss_jordan_pairs(Sa, ga, gb, perm, with_log, False)
+            for j in range(h2 + h1, Sa.shape[1]):
+                Sa[c, j] = 0.0
+        ld = _gauss_jordan_spd(Sa, R4, c4, with_log)
         if not np.isnan(ld):
             for i in range(h1):
                 for c in range(h2):
@@ -195,8 +201,9 @@ def _k2_work(h1: int, h2: int, reml: bool) -> tuple:
     buf, r2, u1, u2 = np.empty(h2), np.empty(h2), np.empty(h1), np.empty(h2)
     z1, z2, perm = np.empty(h1), np.empty(h2), np.empty(h2, dtype=np.int64)
     Y = np.empty((h1, h1))
-    Sa, ga, gb = np.empty((h2, h2 + h1)), np.empty(h2 + h1), np.empty(h2 + h1)
-    return w, Ftw, T, Si, w0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y, Sa, ga, gb
+    nc = -(-(h2 + h1) // 8) * 8
+    Sa, R4, c4 = np.empty((h2, nc)), np.empty((4, nc)), np.empty((5, 4))
+    return w, Ftw, T, Si, w0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y, Sa, R4, c4
 
 
 @_compile
@@ -255,7 +262,7 @@ def _score_k2_one(
     l1, l2, C = rot[2], rot[3], rot[4]
     l01, l02, C0 = rot0[2], rot0[3], rot0[4]
     w, Ftw, T, Si, w0, F0t, T0, Si0, E, P, buf, r2, u1, u2, z1, z2, perm, Y = work[:18]
-    Sa, ga, gb = work[18], work[19], work[20]
+    Sa, R4, c4 = work[18], work[19], work[20]
     h1 = l1.shape[0]
     h2 = l2.shape[0]
     K = 2
@@ -266,7 +273,7 @@ def _score_k2_one(
     logdet = np.nan
     aug = reml and traces  # E wanted from this elimination
     ld, e_done = _schur_parts(
-        l1, l2, C, Cts[0], a, b, w, Ftw, T, Si, buf, r2, perm, final, aug, Sa, ga, gb, E
+        l1, l2, C, Cts[0], a, b, w, Ftw, T, Si, buf, r2, perm, final, aug, Sa, R4, c4, E
     )
     if np.isnan(ld):
         return False, np.nan, np.nan
@@ -298,7 +305,7 @@ def _score_k2_one(
         return bool(np.isfinite(s0p)), s0p, logdet
     if not reml:
         ld, e_done = _schur_parts(
-            l01, l02, C0, Cts[1], a, b, w0, F0t, T0, Si0, buf, r2, perm, final, True, Sa, ga, gb, E
+            l01, l02, C0, Cts[1], a, b, w0, F0t, T0, Si0, buf, r2, perm, final, True, Sa, R4, c4, E
         )
         if np.isnan(ld):
             return False, np.nan, np.nan

