@@ -5,7 +5,8 @@ Run: ``python benchmarks/bench_strata.py [--cells 200000] [--genes 11596] [--rep
 The atlas of :mod:`bench_atlas` (259 donors nested in 2 conditions, 29 cell states,
 donor-level age and sex, ~5% non-zeros). Two runs of the whole pipeline
 (:func:`flashmm_dask.run.pipeline.run`: statistics, fitting, tests, results store, tables; no
-plots) on the same local cluster, alternated ``--repeats`` times (best of each reported):
+plots) on the same local cluster (the one a run opens: ``run.cluster.open_client``),
+alternated ``--repeats`` times (best of each reported):
 
 - joint: ``~ 0 + log(libsize) + age + sex + state + state:condition``, random ``~ 0 + donor``
   (p = 61, q = 259), the two contrasts of bench_atlas;
@@ -21,7 +22,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import DEFAULT_STORE_DIR, TreeMemory, gib, load_average, machine_line
+from _common import (
+    DEFAULT_STORE_DIR,
+    TreeMemory,
+    gib,
+    load_average,
+    local_client,
+    machine_line,
+)
 from bench_atlas import FIXED, RANDOM, atlas_store, contrasts_for, stored_nnz
 
 STRATA_FIXED = "~ log(libsize) + age + sex + condition"
@@ -52,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--store-dir", type=type(DEFAULT_STORE_DIR), default=DEFAULT_STORE_DIR)
     args = ap.parse_args(argv)
-    from distributed import Client, LocalCluster
 
     print(machine_line())
     store, write_s = atlas_store(args.store_dir, args.cells, args.genes, args.density)
@@ -75,12 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
     best: dict[str, tuple[float, dict, int, str]] = {}
-    with (
-        LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, dashboard_address="127.0.0.1:0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    # the local cluster a run opens (run.cluster.open_client: its workers' malloc settings
+    # included), as the other benchmarks use it
+    with local_client(args.workers) as client:
         for repeat in range(args.repeats):
             for name, overrides in runs.items():
                 output = args.store_dir / f"strata-bench-{name}"
