@@ -399,13 +399,8 @@ def build_design(
             )
         random_blocks.append(block)
 
-    levels = tuple(
-        (col, frozenset(first[col].cat.categories))
-        if isinstance(first[col].dtype, pd.CategoricalDtype)
-        else (col, frozenset(first[col].unique()))
-        for col in used
-        if not pd.api.types.is_numeric_dtype(first[col])
-    )
+    learned_from = _ordered_levels(first, used)
+    levels = tuple((col, frozenset(values)) for col, values in learned_from)
     design = Design(
         fixed=fixed,
         random=tuple(f for _, f in random_pairs),
@@ -417,7 +412,7 @@ def build_design(
         _random_blocks=tuple(random_blocks),
         _columns=tuple(used),
         _levels=levels,
-        _learned_from=_ordered_levels(first, used),
+        _learned_from=learned_from,
         _fast=combine(
             plan_block(fixed_parsed, fixed_block.levels, fixed_block.spec, first),
             [

@@ -23,7 +23,6 @@ from flashmm_dask.io.results import (
     FORMAT_VERSION,
     ResultsLayout,
     finalizing,
-    read_store_attrs,
     redact,
 )
 from flashmm_dask.io.results_create import create_many
@@ -183,18 +182,20 @@ def finalize_strata(
     """Mark each stratum's group complete (its filtered features, adjusted p-values,
     status counts), then the root with the counts over all strata.
 
-    The groups are opened (and checked) one by one, then finalized together in one call
-    of zarr's event loop (:func:`~flashmm_dask.io.results_finalize.finalize_groups`)."""
+    The groups are opened (and checked) one by one, then those not complete yet finalized
+    together in one call of zarr's event loop
+    (:func:`~flashmm_dask.io.results_finalize.finalize_groups`)."""
     total: dict[str, int] = {}
     todo = []
     for group in groups:
-        attrs = read_store_attrs(str(group.path))
-        if attrs.get("complete"):
-            counts = dict(attrs.get("status_counts", {}))
-            for name, k in counts.items():
-                total[name] = total.get(name, 0) + int(k)
+        item = finalizing(group.path, extra, filtered=group.filtered, counted=True)
+        attrs = item.group.attrs
+        if not attrs.get("complete"):
+            todo.append(item)
             continue
-        todo.append(finalizing(group.path, extra, filtered=group.filtered, counted=True))
+        counts: Any = attrs.get("status_counts", {})
+        for name, k in dict(counts).items():
+            total[name] = total.get(name, 0) + int(k)
     for found in finalize_groups(todo, method=cfg.test.p_adjust):
         for name, k in (found or {}).items():
             total[name] = total.get(name, 0) + int(k)

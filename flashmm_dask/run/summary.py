@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from flashmm_dask.io.results import STATUS
+from flashmm_dask.io.results_finalize import count_status
 
 logger = logging.getLogger(__name__)
 
@@ -135,5 +136,5 @@ def counts_of(ds: Any) -> dict[str, Any]:
     }
     if "status" in ds:
         codes = np.asarray(ds["status"].values)
-        counts["status_counts"] = {name: int((codes == k).sum()) for k, name in enumerate(STATUS)}
+        counts["status_counts"] = count_status(codes)
     return counts
