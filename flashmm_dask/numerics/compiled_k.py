@@ -46,6 +46,7 @@ from flashmm_dask.numerics.compiled_dense import (
     _pinv_into,
 )
 from flashmm_dask.numerics.compiled_spd import _gauss_jordan_spd
+from flashmm_dask.numerics.linalg import GINV_TOL
 
 # --- K = 2, dense: the Schur complement in a basis that diagonalises both diagonal blocks ---
 
@@ -457,7 +458,7 @@ def _fit_k2_batch(
     theta, se, dl = np.empty((m, 3)), np.empty((m, 3)), np.empty((m, 3))
     fim, logdet = np.empty((m, 3, 3)), np.empty(m)
     niter, ok = np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.bool_)
-    tol = 0.5 / limit  # GINV_TOL
+    tol = GINV_TOL  # the pseudo-inverse's cut-off, where the bound is not below limit
     sj = np.empty(3)
     g = np.empty(3)
     Fj = np.empty((3, 3))

@@ -42,7 +42,7 @@ import numpy as np
 import scipy.linalg
 
 from flashmm_dask.numerics import compiled, compiled_dense, compiled_k, paired, structured
-from flashmm_dask.numerics.linalg import GINV_TOL, Array, aliased_columns, pinv_sym
+from flashmm_dask.numerics.linalg import GINV_LIMIT, Array, aliased_columns, pinv_sym
 from flashmm_dask.numerics.scores import _Score, _score_general, _score_spectral
 from flashmm_dask.numerics.spectral import fit_spectral_batch
 from flashmm_dask.numerics.spectral_terms import eigh_one_thread as _eigh
@@ -481,10 +481,6 @@ def fit_theta(
         theta[~ok], se[~ok], dl[~ok] = rest.theta, rest.se_theta, rest.dlogL
         F[~ok], niter[~ok], logdet[~ok] = rest.FIM_theta, rest.niter, rest.logdetM0
     return ThetaFit(theta=theta, se_theta=se, dlogL=dl, FIM_theta=F, niter=niter, logdetM0=logdet)
-
-
-#: Condition bound below which pinv_sym takes the inverse (see linalg.pinv_sym).
-GINV_LIMIT = 0.5 / GINV_TOL
 
 
 def _fit_k2(

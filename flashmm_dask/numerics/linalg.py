@@ -24,6 +24,12 @@ ALIAS_RTOL = 1e-9
 #: Relative singular-value cut-off of MASS::ginv.
 GINV_TOL = float(np.sqrt(np.finfo(np.float64).eps))
 
+#: Condition bound below which a symmetric matrix's pseudo-inverse is taken as its inverse
+#: (:func:`pinv_sym` and the compiled kernels' checked inverses): ginv drops no singular
+#: value of a matrix whose condition is below 1 / GINV_TOL, and the bound, computed from the
+#: inverse itself, is off by about cond * eps (~1e-8) relatively, far within the 10% kept.
+GINV_LIMIT = 0.9 / GINV_TOL
+
 
 def pinv_sym(A: Array) -> Array:
     """Moore-Penrose pseudo-inverse of a stack of symmetric matrices.
@@ -32,8 +38,8 @@ def pinv_sym(A: Array) -> Array:
     eigendecomposition gives exactly ``MASS::ginv``'s answer. Most matrices are well
     conditioned, and for them the pseudo-inverse is the inverse: an inverse is taken first
     (2 x 2 in closed form, larger by compiled Gauss-Jordan elimination), and only matrices
-    whose condition number may exceed ``1 / GINV_TOL`` (bounded by cond_1, which is >= cond_2
-    for a symmetric matrix) are decomposed.
+    whose condition number may exceed ``GINV_LIMIT`` (bounded from the norms of the matrix
+    and its inverse: :func:`.compiled_dense._inverse_checked_into`) are decomposed.
 
     Parameters
     ----------
@@ -52,7 +58,7 @@ def pinv_sym(A: Array) -> Array:
         A = 0.5 * (A + np.swapaxes(A, -1, -2))
         out, ok = _inverse_2x2(A)
     else:  # symmetrised, inverted and its condition bounded in one compiled pass
-        out, ok = inverse_checked_batch(A, 0.5 / GINV_TOL)
+        out, ok = inverse_checked_batch(A, GINV_LIMIT)
     if not ok.all():
         if k != 2:  # the compiled kernel symmetrised its own copies
             A = 0.5 * (A + np.swapaxes(A, -1, -2))
