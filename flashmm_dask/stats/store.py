@@ -42,6 +42,13 @@ def compressors() -> tuple[Any, ...]:
     return (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),)
 
 
+#: Zarr's runtime settings of every statistic written: every chunk is written as it is. By
+#: default Zarr first compares each chunk with the fill value, to skip chunks of nothing
+#: but fill; for Z'E of a stratum (24 MB) that scan cost as much as compressing it, and
+#: chunks of sums are almost never all zero (a skipped one reads back the same zeros).
+ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
+
+
 def chunk_shape(shape: tuple[int, ...], itemsize: int = 8) -> tuple[int, ...]:
     """The chunks of a statistic in the store: whole along every axis but the last (the
     features, for XY, ZY, Ynorm and nnz), cut along it into pieces of at most

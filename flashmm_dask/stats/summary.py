@@ -41,6 +41,7 @@ from flashmm_dask.errors import InputError
 from flashmm_dask.io.writing import package_version
 from flashmm_dask.stats.store import (
     _ARRAYS,
+    ARRAY_CONFIG,
     FORMAT,
     FORMAT_VERSION,
     chunk_shape,
@@ -553,7 +554,11 @@ class SummaryStats:
             )
             await settled(
                 group.create_array(
-                    name, data=values, chunks=chunk_shape(values.shape), compressors=codecs
+                    name,
+                    data=values,
+                    chunks=chunk_shape(values.shape),
+                    compressors=codecs,
+                    config=ARRAY_CONFIG,
                 )
                 for name, values in arrays.items()
             )
