@@ -8,7 +8,7 @@ from reference_cases import load_case, summary_args
 from flashmm_dask import lmm
 from flashmm_dask.numerics import compiled, compiled_dense
 from flashmm_dask.numerics.fisher import fit_theta, prepare
-from flashmm_dask.numerics.linalg import GINV_TOL, inv_or_pinv, inv_shifted, pinv_sym
+from flashmm_dask.numerics.linalg import GINV_LIMIT, GINV_TOL, inv_or_pinv, inv_shifted, pinv_sym
 
 THETA_FIELDS = ("theta", "se_theta", "FIM_theta", "logdetM0")
 
@@ -56,6 +56,36 @@ def test_inverse_checked_batch_refuses_singular_ill_conditioned_and_nan():
     assert ok.tolist() == [True, False, False, False, True, True]
     np.testing.assert_allclose(out[ok], np.linalg.inv(A[ok]), rtol=1e-10)
     np.testing.assert_array_equal(out[ok], np.swapaxes(out[ok], 1, 2))  # symmetrised
+
+
+def _with_eigenvalues(rng, values):
+    """A symmetric matrix with the given eigenvalues in a random orthonormal basis."""
+    Q, _ = np.linalg.qr(rng.normal(size=(len(values), len(values))))
+    return (Q * np.asarray(values)) @ Q.T
+
+
+def test_checked_inverse_proves_a_dominated_condition_below_ginvs_cut_off():
+    # a fixed-effect C with one covariate on its own scale: one eigenvalue dominates, its
+    # condition 4e7 is below ginv's cut-off 1 / GINV_TOL (6.7e7), so ginv is the inverse;
+    # the bound of 1-norms overstates it (beyond the old limit 0.5 / GINV_TOL for all, and
+    # beyond this one for most), the Frobenius norms do not
+    rng = np.random.default_rng(3)
+    lam = np.array([4e7, 3.0, 2.0, 1.5, 1.0])
+    A = np.stack([_with_eigenvalues(rng, lam) for _ in range(20)])
+    Ai = np.linalg.inv(A)
+    one = np.abs(A).sum(1).max(1) * np.abs(Ai).sum(1).max(1)
+    assert (one > 0.5 / GINV_TOL).all() and (one > GINV_LIMIT).sum() >= 10
+    out, ok = compiled_dense.inverse_checked_batch(A, GINV_LIMIT)
+    assert ok.all()
+    np.testing.assert_allclose(out, np.linalg.pinv(A, rcond=GINV_TOL, hermitian=True), rtol=1e-6)
+    # beyond the cut-off ginv drops the smallest eigenvalue: never taken as the inverse
+    lam[0] = 1.2 / GINV_TOL
+    B = np.stack([_with_eigenvalues(rng, lam) for _ in range(20)])
+    _, ok = compiled_dense.inverse_checked_batch(B, GINV_LIMIT)
+    assert not ok.any()
+    got = pinv_sym(B)
+    np.testing.assert_allclose(got, np.linalg.pinv(B, rcond=GINV_TOL, hermitian=True), rtol=1e-6)
+    assert np.abs(got - np.linalg.inv(B)).max() > 0.5  # the dropped 1 / lambda_min
 
 
 def test_pinv_sym_is_the_moore_penrose_inverse_either_way():
