@@ -17,6 +17,8 @@ from flashmm_dask.io.paths import Location, locate
 from flashmm_dask.io.writing import staged
 
 if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+
     from flashmm_dask.stats.summary import SummaryStats
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def compressors() -> tuple[Any, ...]:
 #: default Zarr first compares each chunk with the fill value, to skip chunks of nothing
 #: but fill; for Z'E of a stratum (24 MB) that scan cost as much as compressing it, and
 #: chunks of sums are almost never all zero (a skipped one reads back the same zeros).
-ARRAY_CONFIG: dict[str, Any] = {"write_empty_chunks": True}
+ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int = 8) -> tuple[int, ...]:
