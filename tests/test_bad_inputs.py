@@ -675,21 +675,26 @@ def test_a_failed_run_quiets_the_local_processes_before_closing_them(tmp_path):
 
 @pytest.mark.distributed
 def test_local_worker_processes_keep_large_temporaries_on_the_heap(monkeypatch):
-    """Dask's MALLOC_TRIM_THRESHOLD_ freezes glibc's mmap threshold at 128 KiB in the
-    workers; a local cluster's worker processes get MALLOC_MMAP_THRESHOLD_ as well, and a
-    user's own setting of it (the environment overrides dask's config) is kept."""
-    from flashmm_dask.run.cluster import MMAP_THRESHOLD, open_client
+    """Dask's MALLOC_TRIM_THRESHOLD_ (64 KiB) freezes glibc's mmap threshold at 128 KiB in
+    the workers and hands freed memory back at once; a local cluster's worker processes get
+    MALLOC_MMAP_THRESHOLD_, one arena and a larger trim threshold instead, and a user's own
+    settings (the environment overrides dask's config) are kept."""
+    from flashmm_dask.run.cluster import ARENA_MAX, MMAP_THRESHOLD, TRIM_THRESHOLD, open_client
     from flashmm_dask.run.config import ClusterConfig
 
-    def environ() -> tuple[str | None, str | None]:
-        return os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    names = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
+
+    def environ() -> tuple[str | None, ...]:
+        return tuple(os.environ.get(name) for name in names)
 
     cfg = ClusterConfig(n_workers=1, threads_per_worker=1, processes=True)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     with open_client(cfg) as client:
         (ours,) = client.run(environ).values()
-    assert ours == (str(MMAP_THRESHOLD), "65536")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4096")
+    assert ours == (str(MMAP_THRESHOLD), str(TRIM_THRESHOLD), str(ARENA_MAX))
+    for name, value in zip(names, ("4096", "1000", "4"), strict=True):
+        monkeypatch.setenv(name, value)
     with open_client(cfg) as client:
         (theirs,) = client.run(environ).values()
-    assert theirs[0] == "4096"
+    assert theirs == ("4096", "1000", "4")
