@@ -11,11 +11,10 @@ attributes, and each store is a copy of its template's folder, staged into place
 its attributes are written: the files of ``create_results(path, layout, attrs)``, byte
 for byte, in a few milliseconds each.
 
-Each copy's root document (``zarr.json``: its attributes and the consolidated metadata of
-its 31 arrays) is the template's with the attributes spliced in as Zarr serialises them,
-not read and rewritten by Zarr: with an indent, Python's JSON encoder runs in Python, and
-parsing and re-encoding the consolidated metadata took 40-100 ms a store on a busy driver,
-the time the fit's first tasks waited for (29 strata: 1-3 s).
+Each copy's root document (``zarr.json``, with the consolidated metadata of its 31
+arrays) gets its attributes spliced in (:class:`_Template`), not read and rewritten by
+Zarr: that took 40-100 ms a store on a busy driver, before the fit's first tasks (29
+strata: 1-3 s).
 """
 
 from __future__ import annotations
@@ -126,20 +125,20 @@ class _Template:
             self.folders += sorted(os.path.join(relative, d) for d in dirs)
             for name in names:
                 self.files[os.path.join(relative, name)] = Path(top, name).read_bytes()
-        root = self.files.pop(os.path.join(".", "zarr.json"))
-        self.root = root
+        self.root = self.files.pop(os.path.join(".", "zarr.json"))
         indent = zarr.config.get("json_indent")
         self.indent = " " * indent if isinstance(indent, int) else indent
-        text = root.decode("utf-8")
+        text = self.root.decode("utf-8")
         doc = json.loads(text)
         marker = json.dumps(f"flashmm-attributes-{uuid.uuid4().hex}")
-        self.text: str | None = None
+        self.text: str | None = None  # the marked document, where the splice applies
+        self.marker = marker
         if doc.get("attributes") == {}:
             marked = json.dumps(
                 {**doc, "attributes": json.loads(marker)}, indent=indent, allow_nan=True
             )
             if marked.count(marker) == 1 and marked.replace(marker, "{}") == text:
-                self.text, self.marker = marked, marker
+                self.text = marked
 
     def write(self, folder: Path, attrs: Mapping[str, Any]) -> None:
         """Write a copy of the template into the new ``folder`` with the attributes

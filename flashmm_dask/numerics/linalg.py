@@ -39,7 +39,8 @@ def pinv_sym(A: Array) -> Array:
     conditioned, and for them the pseudo-inverse is the inverse: an inverse is taken first
     (2 x 2 in closed form, larger by compiled Gauss-Jordan elimination), and only matrices
     whose condition number may exceed ``GINV_LIMIT`` (bounded from the norms of the matrix
-    and its inverse: :func:`.compiled_dense._inverse_checked_into`) are decomposed.
+    and its inverse: :func:`.compiled_dense._inverse_checked_into`; a 2 x 2 matrix keeps
+    the stricter bound of :func:`_inverse_2x2`, for its closed form) are decomposed.
 
     Parameters
     ----------
