@@ -411,6 +411,41 @@ def test_large_tables_are_formatted_in_slices_to_the_same_bytes(
     assert one.read_bytes() == whole.read_bytes()
 
 
+def test_parquet_from_arrow_is_the_file_pandas_writes(tmp_path: Path, fit: LmmFit, arrays) -> None:
+    """results.parquet, written from the Arrow rows, has the schema (pandas' metadata
+    included) and the rows that ``results_table(ds).to_parquet`` writes, so pandas reads
+    the same frame (niter Int64, NA where a feature was not fitted); an empty table reads
+    as pandas' empty frame."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flashmm_dask.io.tables import results_arrow, write_arrow_parquet
+
+    path = tmp_path / "res.zarr"
+    layout = _layout(fit)
+    create_results(path, layout, ATTRS)
+    unfitted = {k: np.array(v, dtype=float) if k == "niter" else v for k, v in arrays.items()}
+    unfitted["niter"][[0, 5]] = np.nan
+    _write_all(path, layout, unfitted)
+    finalize_results(path)
+    ds = open_results(path).load()
+    for name, table in (
+        ("whole", results_arrow(ds, "T cells")),
+        ("empty", results_arrow(ds, "T cells").slice(0, 0)),
+    ):
+        ours, theirs = tmp_path / f"{name}-ours.parquet", tmp_path / f"{name}-pandas.parquet"
+        write_arrow_parquet(table, ours)
+        frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        frame.to_parquet(theirs, index=False)
+        read = pd.read_parquet(ours)
+        pd.testing.assert_frame_equal(read, pd.read_parquet(theirs))
+        if name == "whole":  # (pandas types an empty frame's text columns as null)
+            assert pq.read_schema(ours).equals(pq.read_schema(theirs), check_metadata=True)
+            assert str(read["niter"].dtype) == "Int64"
+            assert read["niter"].isna().sum() == 2 * (7 + 2)
+            assert set(read["stratum"]) == {"T cells"}
+
+
 def test_write_tables_one_format_and_bad_format(tmp_path: Path, fit: LmmFit, arrays) -> None:
     path = tmp_path / "res.zarr"
     layout = _layout(fit, contrasts=())

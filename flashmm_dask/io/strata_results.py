@@ -29,12 +29,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import zarr
 
 from flashmm_dask.design.contrasts import contrast_matrix
@@ -45,12 +43,8 @@ from flashmm_dask.io.results_finalize import FILTERED, count_status
 from flashmm_dask.io.resultsets import TABLE_VARIABLES
 from flashmm_dask.io.tables import (
     results_arrow,
-    results_table,
-    table_formats,
-    write_arrow_csv,
-    write_table,
+    write_arrow_tables,
 )
-from flashmm_dask.io.writing import write_file
 from flashmm_dask.io.zarr_batch import read_groups
 
 if TYPE_CHECKING:
@@ -294,19 +288,6 @@ def mark_filtered(path: str | os.PathLike[str], filtered: np.ndarray) -> None:
     array[:] = status
 
 
-def strata_table(datasets: Mapping[str, xr.Dataset]) -> pd.DataFrame:
-    """The tidy results table of every stratum, with a first column ``stratum``."""
-    parts = []
-    for level, ds in datasets.items():
-        # the table's variables in one read (not one dask compute per variable)
-        drop = [v for v in ("cov", "theta", "se_theta", "dlogL", "logLik", "block_done") if v in ds]
-        # read here, in threads: a round trip through a cluster per stratum costs more
-        table = results_table(ds.drop_vars(drop).load(scheduler="threads"))
-        table.insert(0, "stratum", level)
-        parts.append(table)
-    return pd.concat(parts, ignore_index=True)
-
-
 def write_strata_tables(
     path: str | os.PathLike[str],
     folder: Path,
@@ -324,12 +305,6 @@ def write_strata_tables(
     import pyarrow as pa
 
     sets = load_strata(path) if loaded is None else loaded
-    datasets: dict[str, xr.Dataset] = {str(level): ds for level, ds in sets}
-    written = []
-    for fmt in table_formats(formats):
-        if fmt == "csv":  # built in Arrow: millions of rows over the strata
-            table = pa.concat_tables([results_arrow(ds, level) for level, ds in datasets.items()])
-            written.append(write_file(folder / "results.csv", partial(write_arrow_csv, table)))
-        else:
-            written += write_table(strata_table(datasets), folder, "results", (fmt,))
-    return written
+    # one Arrow table of every stratum's rows (millions), both formats written from it
+    table = pa.concat_tables([results_arrow(ds, str(level)) for level, ds in sets])
+    return write_arrow_tables(table, folder, "results", formats)

@@ -125,6 +125,24 @@ def write_arrow_csv(table: pa.Table, path: Path, *, threads: int = 2) -> None:
             fh.write(pending.popleft().result())
 
 
+def write_arrow_parquet(table: pa.Table, path: Path) -> None:
+    """An Arrow table of :func:`results_arrow` as Parquet: the file
+    ``results_table(ds).to_parquet(path, index=False)`` writes (the same schema, pandas'
+    metadata included, and values, so that pandas reads the same frame back: niter as
+    Int64), without the round trip through a DataFrame of Python strings (2 M rows of a
+    stratified run: 1.6 -> 0.4 s)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # pandas' metadata of this table's frame, taken from its first row (or none): the
+    # same document pandas writes for the whole frame
+    head = table.slice(0, min(1, table.num_rows))
+    frame = head.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+    metadata = pa.Table.from_pandas(frame, preserve_index=False).schema.metadata
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
 def write_frame_csv(frame: pd.DataFrame, path: Path) -> None:
     """``frame.to_csv(path, index=False)``, the same bytes, faster on many float values.
 
@@ -216,9 +234,26 @@ def write_tables(
     formats: Sequence[str] = _TABLE_FORMATS,
     name: str = "results",
 ) -> list[Path]:
-    """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``
-    (:func:`write_table`). Returns the paths written."""
-    return write_table(results_table(ds), outdir, name, table_formats(formats))
+    """Write :func:`results_table` as ``<outdir>/<name>.csv`` and/or ``.parquet``, each
+    staged as :func:`write_table` stages it. Returns the paths written."""
+    return write_arrow_tables(results_arrow(ds), outdir, name, table_formats(formats))
+
+
+def write_arrow_tables(
+    table: pa.Table,
+    folder: str | os.PathLike[str],
+    name: str = "results",
+    formats: Sequence[str] = _TABLE_FORMATS,
+) -> list[Path]:
+    """An Arrow table of :func:`results_arrow` as ``<folder>/<name>.csv`` and/or
+    ``.parquet`` (:func:`write_arrow_csv`, :func:`write_arrow_parquet`: the files of
+    :func:`write_table` on the same rows as a DataFrame), each staged. Returns the paths
+    written."""
+    written = []
+    for fmt in table_formats(formats):
+        write = write_arrow_csv if fmt == "csv" else write_arrow_parquet
+        written.append(write_file(Path(folder) / f"{name}.{fmt}", partial(write, table)))
+    return written
 
 
 __all__ = [
@@ -226,6 +261,8 @@ __all__ = [
     "results_table",
     "table_formats",
     "write_arrow_csv",
+    "write_arrow_parquet",
+    "write_arrow_tables",
     "write_frame_csv",
     "write_table",
     "write_tables",
