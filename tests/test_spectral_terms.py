@@ -168,3 +168,24 @@ def test_fit_features_equal_the_numpy_terms(monkeypatch, method, boundary_df, di
     assert fast.keys() == ref.keys()
     for name in fast:
         _close(np.asarray(fast[name], dtype=float), np.asarray(ref[name], dtype=float))
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_log_abs_product_is_the_sum_of_logarithms(reml):
+    """log |det M0| from products of eigenvalue blocks equals the sum of a logarithm per
+    eigenvalue, also where a block's product underflows or overflows, or a factor is 0."""
+    from flashmm_dask.numerics.spectral import _log_abs_product, eigen_terms
+
+    rng = np.random.default_rng(5)
+    q = 259  # blocks of 8 and a remainder
+    lam, mu = rng.uniform(0.0, 300.0, q), rng.uniform(0.0, 400.0, q)
+    lam[3] = mu[3] = 2.0  # 1 + rho lam is 0 at rho = -0.5: m0 = 0, log |det M0| = -inf
+    for rho in (0.0, 1e-3, 0.37, 5.0, -1e-3, 1e30, 1e40, 1e-200, -0.5):
+        terms = [eigen_terms.py_func(rho, lam[k], mu[k], reml)[2] for k in range(q)]
+        with np.errstate(divide="ignore"):
+            ref = float(np.sum(np.log(np.abs(terms))))
+        got = _log_abs_product(rho, lam, mu, reml)
+        if np.isinf(ref):
+            assert got == ref, rho
+        else:
+            assert abs(got - ref) <= 1e-13 * max(1.0, abs(ref)), (rho, got, ref)

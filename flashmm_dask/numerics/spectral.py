@@ -34,7 +34,31 @@ def eigen_terms(rho: float, lam_k: float, mu_k: float, reml: bool) -> tuple[floa
     return mv, mu_k, 1.0 / x0 if x0 != 0.0 else 0.0
 
 
+#: Eigenvalues whose |m0| are multiplied before one logarithm is taken of the product.
+_LOG_BLOCK = 8
+
+
 @_compile
+def _log_abs_product(rho: float, lam: np.ndarray, mu: np.ndarray, reml: bool) -> float:
+    """log |det M0| = sum_k log |m0_k| (:func:`eigen_terms`), as the logarithms of products
+    of ``_LOG_BLOCK`` factors (a logarithm per eigenvalue was half a K = 1 fit's scoring);
+    a block whose product is zero, subnormal or overflows takes a logarithm per factor."""
+    q = lam.shape[0]
+    total = 0.0
+    for start in range(0, q, _LOG_BLOCK):
+        stop = min(start + _LOG_BLOCK, q)
+        product = 1.0
+        for k in range(start, stop):
+            product *= abs(eigen_terms(rho, lam[k], mu[k], reml)[2])
+        if 1e-300 < product < 1e300:
+            total += np.log(product)
+        else:
+            for k in range(start, stop):
+                total += np.log(abs(eigen_terms(rho, lam[k], mu[k], reml)[2]))
+    return total
+
+
+@functools.partial(_compile, reassoc=True)
 def _spectral_score(
     rho: float,
     s0: float,
@@ -49,7 +73,9 @@ def _spectral_score(
     final: bool,
 ) -> None:
     """K = 1 score and information at (rho s0, s0): out = (dl1, dl0, F11, F10, F00, s0_prof,
-    log |det M0|), the eigenvalue sums of ``fisher._score_spectral`` for one feature."""
+    log |det M0| (0 unless ``final``)), the eigenvalue sums of ``fisher._score_spectral``
+    for one feature. The sums are reassociated (vectorised: a division per eigenvalue, in
+    whole SIMD vectors, 1.8x faster), so they differ from the loop's order in rounding."""
     q = lam.shape[0]
     sw = 0.0
     sww = 0.0
@@ -69,8 +95,8 @@ def _spectral_score(
         sm0m0 += m0 * m0
         zm2 += z2[k] * mv * mv
         zm += z2[k] * mv
-        if final:  # a log per eigenvalue: only where the caller keeps it
-            logdet += np.log(abs(m0))
+    if final:  # only where the caller keeps it
+        logdet = _log_abs_product(rho, lam, mu, reml)
     s02 = s0 * s0
     out[0] = (zm2 / s02 - sw / s0) / 2.0
     yR2y = yry - rho * (zm2 + zm)
