@@ -40,11 +40,14 @@ def _compile(
     """``fn`` compiled by :func:`.jit.jit` with :data:`_OPTIONS`; ``reassoc`` also lets
     sums be reassociated (vectorised reductions); ``inline``: a helper inlined into the
     kernels that call it (no call in their inner loops); ``contract=False``: no fused
-    multiply-adds (each product rounds as NumPy's)."""
+    multiply-adds (each product rounds as NumPy's; with ``reassoc`` still reassociated)."""
     options = dict(_OPTIONS)
+    fastmath = {"contract"} if contract else set()
     if reassoc:
-        options["fastmath"] = {"contract", "reassoc"}
-    if not contract:
+        fastmath.add("reassoc")
+    if fastmath:
+        options["fastmath"] = fastmath
+    else:
         options.pop("fastmath")
     if inline:
         options["inline"] = "always"

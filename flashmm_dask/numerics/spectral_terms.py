@@ -119,7 +119,9 @@ def shifted_reciprocal(rho: np.ndarray, v: np.ndarray, kind: str = "plain") -> n
     )
 
 
-@_exact  # 1 + rho lam rounded as NumPy's: a fused one differs where it is near 0
+# 1 + rho lam rounded as NumPy's (a fused one differs where it is near 0); the sums over
+# the eigenvalues reassociated (vectorised: 2x faster)
+@functools.partial(_compile, contract=False, reassoc=True)
 def _observed_information(
     lam: np.ndarray,
     mu: np.ndarray,
