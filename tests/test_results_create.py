@@ -56,6 +56,7 @@ def _sync_create(path: Path, layout: ResultsLayout, attrs: dict[str, Any]) -> No
     """The store create_results wrote before its arrays were created in one call: one
     synchronous Zarr call per array (the reference for the batched creation)."""
     from flashmm_dask.io.results import full_attrs
+    from flashmm_dask.io.zarr_batch import compressors
 
     group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
     sizes = layout.dim_sizes()
@@ -91,6 +92,7 @@ def _sync_create(path: Path, layout: ResultsLayout, attrs: dict[str, Any]) -> No
             dtype=var.dtype,
             chunks=(layout.block_size, *(max(1, s) for s in shape[1:])),
             fill_value=fill.get(var.dtype, np.nan),
+            compressors=compressors(),
             dimension_names=dims,
             attributes=attributes,
         )

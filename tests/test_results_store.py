@@ -206,6 +206,10 @@ def test_blocks_in_shuffled_order_round_trip(tmp_path: Path, fit: LmmFit, arrays
     _check_dataset(ds, fit)
     assert ds.attrs["complete"] is True
     assert bool(ds["block_done"].all())
+    # every per-feature result in LZ4 with byte shuffle (zarr_batch.compressors)
+    for name in ("coef", "cov", "converged", "status", "padj", "contrast_p"):
+        (codec,) = zarr.open_array(str(path / name)).compressors
+        assert (codec.cname.value, codec.shuffle.value) == ("lz4", "shuffle"), name
 
 
 def test_plain_xarray_open_zarr_reads_the_store_without_warnings(
