@@ -257,6 +257,31 @@ def test_block_task_writes_satterthwaite_df():
     assert np.all(residual["contrast_df"] == st.n - st.p)
 
 
+def test_deferred_model_is_prepared_where_it_is_fitted():
+    """A model built with ``defer`` (a stratified run's) carries no terms until its first
+    block is fitted (on a worker: pickled without them), then keeps them; its block's
+    arrays are those of a model prepared when built, to the bit."""
+    import pickle
+
+    st = stats("k2")
+    common = dict(
+        XX=st.XX, ZX=st.ZX, ZZ=st.ZZ, n=st.n, d=st.d, method="REML", max_iter=50,
+        epsilon=1e-5, L=np.zeros((st.p, 0)), alternative="two.sided", store_cov=True,
+        store="unused", df="satterthwaite", nonnegative=True,
+    )  # fmt: skip
+    deferred = SharedModel(**common, defer=True)
+    assert deferred.terms is None
+    sent = pickle.loads(pickle.dumps(deferred))
+    assert sent.terms is None
+    got = block_arrays(sent, st.XY, st.ZY, st.Ynorm)
+    terms = sent.terms
+    assert terms is not None and sent.prepared() is terms  # prepared once, kept
+    want = block_arrays(SharedModel(**common), st.XY, st.ZY, st.Ynorm)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_zero_features_stay_nan():
     X, Y, Z, d = cell_arrays("k1")
     Y = Y.copy()

@@ -155,10 +155,17 @@ def resumed(layout: ResultsLayout, path: Path) -> tuple[ResultsLayout, list[int]
 
 
 def shared_model(
-    cfg: RunConfig, stats: SummaryStats, L: pd.DataFrame | None, *, store: str, store_cov: bool
+    cfg: RunConfig,
+    stats: SummaryStats,
+    L: pd.DataFrame | None,
+    *,
+    store: str,
+    store_cov: bool,
+    defer: bool = False,
 ) -> SharedModel:
     """What every block task of ``stats`` shares: the statistics' shared part and the
-    config's fit settings (the one place that maps the model config onto the workers)."""
+    config's fit settings (the one place that maps the model config onto the workers);
+    ``defer``: its terms prepared by the worker that fits its first block."""
     return SharedModel(
         XX=np.asarray(stats.XX),
         ZX=np.asarray(stats.ZX),
@@ -175,6 +182,7 @@ def shared_model(
         df=cfg.model.df,
         nonnegative=cfg.model.nonnegative,
         boundary_df=cfg.model.boundary_df,
+        defer=defer,
     )
 
 

@@ -7,6 +7,7 @@ the groups, and the root, complete (used by :mod:`flashmm_dask.run.pipeline_stra
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from threadpoolctl import threadpool_limits
 
 from flashmm_dask.errors import InputError
 from flashmm_dask.io.results import (
@@ -150,26 +150,35 @@ def fit_strata_stores(
     for level in stats:
         path = store if stats.by is None else store / "strata" / stats.groups[level]
         groups.append(_open_group(cfg, level, path, stats, per_stratum[level], n_workers))
-    # the new groups created here at once, copies of one per layout (create_many), before
-    # their blocks are submitted
+    # the new groups created at once, copies of one per layout (create_many), in a thread
+    # while the strata's models are prepared and scattered, and before any block is
+    # submitted
     new = [(g.path, g.layout, g.create) for g in groups if g.create is not None]
-    with _writing("the results store", store.parent):
-        create_many(new)
+
+    def create() -> None:
+        with _writing("the results store", store.parent):
+            create_many(new)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="flashmm-create-groups") as pool:
+        created = pool.submit(create)
+        # every stratum's shared model in one scatter (one round trip, not one per
+        # stratum), its terms (two q x q eigendecompositions) prepared by the worker that
+        # fits it (``defer``): on this driver, beside the workers, they held back the
+        # first fit by ~1 s
+        models = [
+            blocks.shared_model(
+                cfg, g.stats, g.L, store=str(g.path), store_cov=g.layout.store_cov, defer=True
+            )
+            for g in groups
+        ]
+        shared = client.scatter(models, broadcast=True, hash=False) if groups else []
+        created.result()
     logger.info(
         "%d strata, %d blocks to fit (%d already done)",
         len(groups),
         sum(len(g.todo) for g in groups),
         sum(g.layout.n_blocks - len(g.todo) for g in groups),
     )
-    # every stratum's shared model in one scatter (one round trip, not one per stratum);
-    # their eigendecompositions (two q x q per stratum) on one BLAS thread: several BLAS
-    # threads make a small eigh tens of times slower on a busy driver
-    with threadpool_limits(1, user_api="blas"):
-        models = [
-            blocks.shared_model(cfg, g.stats, g.L, store=str(g.path), store_cov=g.layout.store_cov)
-            for g in groups
-        ]
-    shared = client.scatter(models, broadcast=True, hash=False) if groups else []
     futures = []
     for index, group in enumerate(groups):
         futures += _submit(cfg, client, group, index, shared[index], stats)

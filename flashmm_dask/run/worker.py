@@ -46,7 +46,11 @@ class SharedModel:
     boundary_df : Satterthwaite's df at a component held at zero: "lmertest" or "retain"
     terms : the prepared shared terms of (XX, ZX, ZZ, n, d, method); prepared when the
         model is built unless given for these very inputs (as ``dataclasses.replace`` of a
-        model's other settings gives them)
+        model's other settings gives them), or ``defer``
+    defer : prepare the terms where the first block is fitted (:meth:`prepared`, on a
+        worker), not when the model is built: a stratified run's driver builds a model
+        per stratum while the workers are busy, and would start no fit until the last
+        was prepared
     """
 
     XX: np.ndarray
@@ -66,14 +70,26 @@ class SharedModel:
     nonnegative: bool = False
     boundary_df: str = "lmertest"
     terms: SharedTerms | None = field(default=None, repr=False)
+    defer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("XX", "ZX", "ZZ", "L"):  # float64, as lmm's checks make them
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        if self.terms is not None and not self._prepared_here(self.terms):
+            object.__setattr__(self, "terms", None)
         # prepared here, on the driver, once: the workers receive the terms with the model
-        if self.terms is None or not self._prepared_here(self.terms):
+        if not self.defer:
+            self.prepared()
+
+    def prepared(self) -> SharedTerms:
+        """The shared terms, prepared on first use where the model was built without
+        them (``defer``; each worker then prepares the models of the blocks it fits, once,
+        and keeps them with the model it holds)."""
+        if self.terms is None:
             terms = prepare_terms(self.XX, self.ZX, self.ZZ, self.n, self.d, self.method)
             object.__setattr__(self, "terms", terms)
+        assert self.terms is not None
+        return self.terms
 
     def _prepared_here(self, terms: SharedTerms) -> bool:
         """Whether ``terms`` were prepared from this model's shared statistics."""
@@ -122,10 +138,9 @@ def block_arrays(
     -------
     dict of arrays with the feature axis first, keyed by results-store variable names.
     """
-    assert model.terms is not None  # set when the model was built
     options = model.fit_options()
     fit = fit_features(
-        model.terms,
+        model.prepared(),
         np.asarray(XY, dtype=np.float64),
         np.asarray(ZY, dtype=np.float64),
         np.asarray(Ynorm, dtype=np.float64),
