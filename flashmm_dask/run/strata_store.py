@@ -151,8 +151,7 @@ def fit_strata_stores(
         path = store if stats.by is None else store / "strata" / stats.groups[level]
         groups.append(_open_group(cfg, level, path, stats, per_stratum[level], n_workers))
     # the new groups created at once, copies of one per layout (create_many), in a thread
-    # while the strata's models are prepared and scattered, and before any block is
-    # submitted
+    # while the strata's models are built and scattered, and before any block is submitted
     new = [(g.path, g.layout, g.create) for g in groups if g.create is not None]
 
     def create() -> None:

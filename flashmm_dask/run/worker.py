@@ -2,7 +2,8 @@
 
 The shared part of the model (XX, ZX, ZZ, n, d, the method and the contrast matrix) is a
 :class:`SharedModel`, built on the driver, where its shared terms are checked and prepared
-once (:func:`flashmm_dask.model.core.prepare_terms`), and scattered to the workers once;
+once (:func:`flashmm_dask.model.core.prepare_terms`; a stratified run's by the worker that
+fits the stratum, ``SharedModel.defer``), and scattered to the workers once;
 each task receives only its block's per-feature statistics (XY, ZY, Ynorm), fits them with
 the fitting core (:func:`flashmm_dask.model.core.fit_features`, the one
 :func:`~flashmm_dask.model.lmm.lmm` calls) on one thread, tests the contrasts
