@@ -450,6 +450,32 @@ def test_parquet_from_arrow_is_the_file_pandas_writes(tmp_path: Path, fit: LmmFi
             assert set(read["stratum"]) == {"T cells"}
 
 
+def test_write_table_of_a_frame_writes_what_pandas_writes(tmp_path: Path) -> None:
+    """write_table (a DataFrame, through the same Arrow writers): its Parquet is the file
+    ``to_parquet(index=False)`` writes (integer and nullable integer columns kept apart),
+    its CSV reads back as the frame."""
+    import pyarrow.parquet as pq
+
+    from flashmm_dask.io.tables import write_table
+
+    frame = pd.DataFrame(
+        {
+            "name": ["a", 'b,"c"', "d"],
+            "count": np.array([1, 2, 3], dtype=np.int64),
+            "niter": pd.array([4, None, 6], dtype="Int64"),
+            "p": [0.5, np.nan, 1.5e-5],
+        }
+    )
+    csv, parquet = write_table(frame, tmp_path, "t")
+    frame.to_parquet(tmp_path / "pandas.parquet", index=False)
+    assert pq.read_schema(parquet).equals(
+        pq.read_schema(tmp_path / "pandas.parquet"), check_metadata=True
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame)
+    back = pd.read_csv(csv, float_precision="round_trip", dtype={"niter": "Int64"})
+    pd.testing.assert_frame_equal(back, frame)
+
+
 def test_write_tables_one_format_and_bad_format(tmp_path: Path, fit: LmmFit, arrays) -> None:
     path = tmp_path / "res.zarr"
     layout = _layout(fit, contrasts=())

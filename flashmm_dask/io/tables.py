@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -135,12 +135,14 @@ def write_arrow_parquet(table: pa.Table, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # pandas' metadata of this table's frame, taken from its first row (or none): the
-    # same document pandas writes for the whole frame
-    head = table.slice(0, min(1, table.num_rows))
-    frame = head.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    metadata = pa.Table.from_pandas(frame, preserve_index=False).schema.metadata
-    pq.write_table(table.replace_schema_metadata(metadata), path)
+    if b"pandas" not in (table.schema.metadata or {}):  # (a table from a frame has it)
+        # pandas' metadata of this table's frame, taken from its first row (or none): the
+        # same document pandas writes for the whole frame
+        head = table.slice(0, min(1, table.num_rows))
+        frame = head.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+        metadata = pa.Table.from_pandas(frame, preserve_index=False).schema.metadata
+        table = table.replace_schema_metadata(metadata)
+    pq.write_table(table, path)
 
 
 def write_frame_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -176,15 +178,11 @@ def write_table(
 
     Returns the paths written.
     """
-    written = []
-    for fmt in table_formats(formats):
-        write: Callable[[Path], object] = (
-            partial(write_frame_csv, table)
-            if fmt == "csv"
-            else partial(table.to_parquet, index=False)
-        )
-        written.append(write_file(Path(folder) / f"{name}.{fmt}", write))
-    return written
+    import pyarrow as pa
+
+    # the frame's own Arrow table, pandas' metadata and all: what to_parquet writes
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    return write_arrow_tables(arrow, folder, name, formats)
 
 
 def write_tables(
@@ -205,10 +203,10 @@ def write_arrow_tables(
     name: str = "results",
     formats: Sequence[str] = _TABLE_FORMATS,
 ) -> list[Path]:
-    """An Arrow table of :func:`results_arrow` as ``<folder>/<name>.csv`` and/or
-    ``.parquet`` (:func:`write_arrow_csv`, :func:`write_arrow_parquet`: the files of
-    :func:`write_table` on the same rows as a DataFrame), each staged. Returns the paths
-    written."""
+    """An Arrow table (of :func:`results_arrow`, or of a frame with pandas' metadata) as
+    ``<folder>/<name>.csv`` and/or ``.parquet`` (:func:`write_arrow_csv`,
+    :func:`write_arrow_parquet`), each staged as :func:`write_table` says. Returns the
+    paths written."""
     written = []
     for fmt in table_formats(formats):
         write = write_arrow_csv if fmt == "csv" else write_arrow_parquet
