@@ -16,6 +16,7 @@ from pipeline_helpers import local_client, small_config
 from flashmm_dask import InputError, StoreError
 from flashmm_dask.io.results import open_results
 from flashmm_dask.run.pipeline import STATS, run
+from flashmm_dask.numerics.inference import p_adjust
 from flashmm_dask.run.retest import retest
 
 pytestmark = pytest.mark.distributed
@@ -116,3 +117,26 @@ def test_residual_df_stores_keep_their_df(tmp_path, client):
     table = retest(str(summary.store), NEW)
     ds = open_results(str(summary.store))
     assert np.all(table["df"] == ds["df"].values[0, 0])
+
+
+def test_new_contrasts_are_adjusted_as_the_run_and_carry_its_status(tmp_path, client):
+    """A run adjusted by Benjamini-Yekutieli: the retested contrasts' padj are the run's
+    own (not BH), and each row has the feature's status, as the run's tables."""
+    contrasts = "contrasts={" + ", ".join(f"{k}: '{v}'" for k, v in NEW.items()) + "}"
+    summary = run(
+        small_config(tmp_path / "by", "model.df=residual", "test.p_adjust=BY", contrasts),
+        client=client,
+    )
+    ds = open_results(str(summary.store))
+    assert ds.attrs["p_adjust"] == "BY"
+    table = retest(str(summary.store), NEW)
+    _assert_table_equals_run(table, ds, rtol=1e-12)
+    bh = p_adjust(ds["contrast_p"].values, "BH", axis=0)
+    assert not np.allclose(table[table.term == "b1"]["padj"], bh[:, 0])  # BY, not BH
+    run_table = pd.read_csv(summary.output / "results.csv", float_precision="round_trip")
+    for name in NEW:
+        mine = table[table.term == name].reset_index(drop=True)
+        theirs = run_table[run_table.term == name].reset_index(drop=True)
+        assert list(mine.columns) == list(theirs.columns)
+        assert list(mine["status"]) == list(theirs["status"])
+        np.testing.assert_allclose(mine["padj"], theirs["padj"], rtol=1e-12)

@@ -351,12 +351,9 @@ def term_columns(ds: xr.Dataset, term: str) -> dict[str, np.ndarray]:
 
 
 def _status_labels(ds: xr.Dataset) -> np.ndarray | None:
-    from flashmm_dask.io.results import STATUS
+    from flashmm_dask.model.status import status_names
 
-    if "status" not in ds:
-        return None
-    labels = np.array([*STATUS, "not_written"], dtype=object)
-    return labels[np.asarray(ds["status"].values, dtype=np.int64)]
+    return status_names(ds["status"].values) if "status" in ds else None
 
 
 def term_table(ds: xr.Dataset, term: str, n: int | None = None) -> pd.DataFrame:

@@ -195,5 +195,8 @@ def feature_status(
 
 
 def status_names(codes: np.ndarray) -> np.ndarray:
-    """The names of status codes (an object array)."""
-    return np.asarray(STATUS, dtype=object)[np.asarray(codes, dtype=np.int64)]
+    """The names of status codes (an object array); "not_written" for code -1 (a feature
+    of a results store whose block is not written yet), as in the run's tables."""
+    codes = np.asarray(codes, dtype=np.int64)
+    names = np.asarray([*STATUS, "not_written"], dtype=object)
+    return names[np.where(codes < 0, len(STATUS), codes)]

@@ -36,6 +36,7 @@ from flashmm_dask.io.strata_results import applicable_contrasts, strata_attrs, s
 from flashmm_dask.model.fit import LmmFit
 from flashmm_dask.model.lmm import lmm, lmm_summary
 from flashmm_dask.model.lmmtest import check_alternative, satterthwaite_inputs
+from flashmm_dask.model.status import status_names
 from flashmm_dask.numerics.inference import contrast_test, p_adjust
 from flashmm_dask.numerics.satterthwaite import satterthwaite_df
 from flashmm_dask.stats.summary import SummaryStats
@@ -71,7 +72,8 @@ def retest(
     Returns
     -------
     DataFrame, one row per feature and contrast: feature, term, coef, se, t, df, p, padj
-    (Benjamini-Hochberg within a contrast), converged, niter.
+    (within a contrast, by the run's ``test.p_adjust``, as the run's own tables),
+    converged, niter and status (the columns of the run's ``results.csv``).
     """
     check_alternative(alternative)
     if not contrasts:
@@ -97,8 +99,9 @@ def retest(
     else:
         raise InputError(f"{store} was fitted with unknown degrees of freedom {df_method!r}")
     test = contrast_test(coef, cov, Lm, df, alternative)
-    padj = p_adjust(test.p, "BH", axis=0)
+    padj = p_adjust(test.p, adjustment(ds), axis=0)
     features = [str(f) for f in ds["feature"].values]
+    status = status_names(ds["status"].values) if "status" in ds else None
     frames = []
     for j, name in enumerate(L.columns):
         frames.append(
@@ -114,10 +117,21 @@ def retest(
                     "padj": padj[:, j],
                     "converged": ds["converged"].values,
                     "niter": ds["niter"].values,
+                    **({} if status is None else {"status": status}),
                 }
             )
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def adjustment(ds: xr.Dataset) -> str:
+    """The multiple-testing adjustment of a store's run: the one its ``padj`` were
+    adjusted by (the ``p_adjust`` attribute finalize writes), else its config's
+    ``test.p_adjust``, else Benjamini-Hochberg (stores from before either)."""
+    method = ds.attrs.get("p_adjust") or ds.attrs.get("config", {}).get("test", {}).get(
+        "p_adjust"
+    )
+    return str(method) if method else "BH"
 
 
 def run_stats(store: str, config: Mapping[str, Any]) -> str:
