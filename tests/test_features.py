@@ -37,6 +37,14 @@ def test_repeated_names_keep_every_column(caplog):
     assert feature_positions(None, NAMES) is None
 
 
+def test_a_column_two_names_select_is_kept_once():
+    """A repeated name selects its every column, and one of its unique names (as the
+    readers make them, the second 'LYZ' is 'LYZ-1') its one column: that column once."""
+    unique = ["CD3E", "MS4A1", "CD3E-1", "LYZ", "GAPDH", "LYZ-1"]
+    positions = feature_positions(["LYZ", "LYZ-1", "CD3E-1"], unique, as_read=NAMES)
+    np.testing.assert_array_equal(positions, [2, 3, 5])
+
+
 def test_unknown_names_are_listed():
     with pytest.raises(InputError, match=r"2 features that the data do not have: 'CD4', 'CD8A'"):
         feature_positions(["CD4", "CD3E", "CD8A"], NAMES)

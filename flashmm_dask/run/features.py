@@ -8,7 +8,8 @@ Two forms::
 
 Names that occur more than once among the data's features (gene symbols often do) select
 every column of that name, and are reported with their positions; a name listed twice is
-kept once. The readers make repeated names unique as anndata does (the second ``GENE`` is
+kept once, and so is a column that two names select (a repeated name and one of its
+unique names). The readers make repeated names unique as anndata does (the second ``GENE`` is
 ``GENE-1``), and those names select their one column. The result is the positions of the
 selected features in the data's order.
 """
@@ -159,4 +160,5 @@ def feature_positions(
             len(dups),
             _shown(dups),
         )
-    return np.array(sorted(p for f in requested for p in where[f]), dtype=np.intp)
+    # a column selected twice (a repeated name and one of its unique names) is kept once
+    return np.array(sorted({p for f in requested for p in where[f]}), dtype=np.intp)
