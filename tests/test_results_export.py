@@ -259,11 +259,31 @@ def test_write_results_with_strata(stratified, fit, fit_ml):
     assert list(info["strata"]) == ["A", "B1"]
     assert info["strata"]["B1"]["varm_prefix"] == "flashmm_B1"
     assert info["strata"]["A"]["n_cells"] == fit.n
+    assert info["strata"]["B1"]["level"] == "B1"
     # a mapping level -> LmmFit (what flashmm(..., by=...) returns) writes the same
     mapped = make_adata(fit.features)
     fm.write_results(mapped, {"A": fit, "B1": fit_ml}, contrasts={"first": "cls1:trtB"})
     for key in ("flashmm_A_padj", "flashmm_B1_coef", "flashmm_B1_p"):
         pd.testing.assert_frame_equal(mapped.varm[key], adata.varm[key][mapped.varm[key].columns])
+
+
+def test_write_results_of_levels_with_a_slash_write_to_zarr_and_h5ad(fit, fit_ml, tmp_path):
+    """A level with '/' (a path separator in .h5ad and .zarr) is '_' in the varm keys and
+    in uns, whose entry keeps the level; two levels that would share a key are refused."""
+    adata = make_adata(fit.features)
+    fm.write_results(adata, {"B/plasma": fit, "T": fit_ml})
+    info = adata.uns["flashmm"]["strata"]
+    assert list(info) == ["B_plasma", "T"] and info["B_plasma"]["level"] == "B/plasma"
+    assert info["B_plasma"]["varm_prefix"] == "flashmm_B_plasma"
+    assert "flashmm_B_plasma_coef" in adata.varm
+    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+        with pytest.warns(UserWarning, match="Consolidated metadata"):  # zarr's, on v3
+            adata.write_zarr(tmp_path / "a.zarr")
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad")
+    assert back.uns["flashmm"]["strata"]["B_plasma"]["level"] == "B/plasma"
+    with pytest.raises(InputError, match=r"'B/plasma' and 'B_plasma' both have the key"):
+        fm.write_results(make_adata(fit.features), {"B/plasma": fit, "B_plasma": fit_ml})
 
 
 # -- top tables --------------------------------------------------------------------------

@@ -106,8 +106,14 @@ def _uns_safe(value: Any) -> Any:
     return value
 
 
+def _safe(level: Any) -> str:
+    """A stratum's level as a key of varm and uns: '/' (a path separator in .h5ad and
+    .zarr) becomes '_'."""
+    return str(level).replace("/", "_")
+
+
 def _prefix(key: str, level: str | None) -> str:
-    return key if level is None else f"{key}_{str(level).replace('/', '_')}"
+    return key if level is None else f"{key}_{_safe(level)}"
 
 
 def write_results(
@@ -163,7 +169,14 @@ def write_results(
                 values, index=pd.Index(var_names), columns=terms
             )
         if level is not None:
-            strata[str(level)] = {
+            if _safe(level) in strata:
+                raise InputError(
+                    f"strata {strata[_safe(level)]['level']!r} and {str(level)!r} both have "
+                    f"the key {_safe(level)!r} in varm and uns ('/' becomes '_'); rename one "
+                    "of the levels"
+                )
+            strata[_safe(level)] = {
+                "level": str(level),
                 "varm_prefix": prefix,
                 "n_cells": ds.attrs.get("n_cells"),
                 "n_features": len(features),
