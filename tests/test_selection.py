@@ -52,6 +52,24 @@ def test_missing_values_compare_as_pandas(obs):
     assert not parse_cells("score < 1e9").mask(obs)[1]
 
 
+def test_a_boolean_column_with_missing_values_is_a_condition(obs):
+    """pandas' nullable booleans (a doublet call with NA): a missing value is not True, so
+    the bare name selects as ``== True`` and ``not`` as ``!= True``."""
+    obs = obs.assign(flag=pd.array([True, None, False, None, True, False], dtype="boolean"))
+    for text, expected in (
+        ("flag", [True, False, False, False, True, False]),
+        ("not flag", [False, True, True, True, False, True]),
+        ("flag and n_genes >= 200", [True, False, False, False, True, False]),
+    ):
+        np.testing.assert_array_equal(parse_cells(text).mask(obs), expected)
+    np.testing.assert_array_equal(
+        parse_cells("flag").mask(obs), parse_cells("flag == True").mask(obs)
+    )
+    np.testing.assert_array_equal(
+        parse_cells("not flag").mask(obs), parse_cells("flag != True").mask(obs)
+    )
+
+
 def test_columns_listed_in_order():
     sel = parse_cells("(a > 1 and b == 'x') or a < 0 or `c d` in [1]")
     assert sel.columns == ("a", "b", "c d")

@@ -21,7 +21,8 @@ Grammar (keywords are case-sensitive; whitespace between tokens is ignored)::
 
 A NAME is a column of obs (letters, digits, ``_`` and ``.``, not starting with a digit;
 backticks quote any other name). A bare name is a condition when its column is boolean
-(``is_doublet``, ``not is_doublet``). Comparisons follow pandas: a missing value compares
+(``is_doublet``, ``not is_doublet``; a missing value there is not True, so ``is_doublet``
+is ``is_doublet == True``). Comparisons follow pandas: a missing value compares
 unequal to everything (so ``x != 'a'`` selects the cells where x is missing), and
 ``in`` is :meth:`pandas.Series.isin`. Unknown columns are listed, with the columns obs has.
 """
@@ -387,7 +388,9 @@ def _condition(value: Any, node: _Node, text: str) -> np.ndarray:
     """A sub-expression as a boolean array: a comparison, or a boolean column."""
     if isinstance(value, pd.Series):
         if pd.api.types.is_bool_dtype(value.dtype):
-            return value.to_numpy(dtype=bool)
+            # a missing value (pandas' "boolean" dtype) is not True: ``flag`` is ``flag ==
+            # True``, and ``not flag`` is ``flag != True``, as the comparisons treat it
+            return value.fillna(False).to_numpy(dtype=bool)
         name = node.name if isinstance(node, _Column) else "?"
         raise SelectionError(
             f"cell selection {text!r}: column {name!r} is not boolean ({value.dtype}); "
