@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from pipeline_helpers import local_client
 
+import flashmm_dask as fm
 from flashmm_dask.io.results import STATUS, open_results
 from flashmm_dask.run.config import load_config
 from flashmm_dask.run.pipeline import run
@@ -166,6 +167,12 @@ def test_awkward_features_are_flagged(plain):
     assert np.isnan(ds["coef"].sel(feature=zero).values).all()
     assert np.isnan(ds["niter"].sel(feature=zero).values).all()
     assert summary.status_counts["all_zero"] == 2 and summary.status_counts["constant"] == 2
+    # explained exactly by the fixed effects: no test (a rounding error's residual
+    # variance gave p = 0, a BH discovery, with the run's defaults)
+    constant = [f for f, kind in KINDS.items() if kind == "constant"]
+    assert np.isfinite(ds["coef"].sel(feature="covariate").values).all()
+    for name in ("se", "t", "p", "padj", "contrast_p", "contrast_padj", "cov"):
+        assert np.isnan(ds[name].sel(feature=constant).values).all(), name
 
 
 @pytest.mark.parametrize("feature", ["huge", "tiny"])
@@ -205,3 +212,31 @@ def test_nearly_singular_ZZ(store, client, tmp_path):
     _check_counts(summary, ds)
     status = _status(ds)
     assert status["zero1"] == "all_zero" and status["constant"] == "constant"
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"df": "satterthwaite", "nonnegative": True}], ids=["R", "run-defaults"]
+)
+def test_a_feature_explained_exactly_has_no_test_in_process(options):
+    """lmmfit, whatever its settings: a feature that the fixed effects explain exactly has
+    status constant, its coefficients, and no test (se, t, p NaN; its contrasts too), so
+    BH does not count it; top_table shows the fit's own status."""
+    rng = np.random.default_rng(1)
+    n, n_sam = 400, 8
+    sam = np.sort(rng.integers(0, n_sam, n))
+    trt = (sam >= n_sam // 2).astype(float)
+    X = np.c_[np.ones(n), rng.normal(size=n), trt]
+    Z = (sam[:, None] == np.arange(n_sam)[None]).astype(float)
+    Y = np.vstack([1 + rng.normal(0, 1, n_sam)[sam] + rng.normal(size=n), 2 + trt])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few donors' df, an undefined Satterthwaite df
+        fit = fm.lmmfit(Y, X, Z, **options)
+        tests = fm.lmmtest(fit, contrast={"d": "X3 - X2"})
+        top = fm.top_table(fit, "X3").set_index("feature")
+    assert list(fit.status_names()) == ["ok", "constant"]
+    np.testing.assert_allclose(fit.coef[:, 1], [2, 0, 1], atol=1e-8)
+    for values in (fit.se, fit.t, fit.p):
+        assert np.isnan(values[:, 1]).all() and np.isfinite(values[:, 0]).all()
+    assert np.isnan(tests.loc["F2"].filter(like="p").to_numpy(dtype=float)).all()
+    assert list(top.loc[list(fit.features), "status"]) == ["ok", "constant"]
+    assert np.isnan(top.loc["F2", "padj"]) and top.loc["F1", "padj"] == top.loc["F1", "p"]

@@ -100,10 +100,12 @@ def fit_dataset(
     data["padj"] = (fc, p_adjust(arrays["p"], method, axis=0))
     data["niter"] = ("feature", arrays["niter"])
     data["converged"] = ("feature", arrays["converged"])
-    data["status"] = (
-        "feature",
-        status_codes(arrays["niter"], arrays["converged"], finite_features(arrays)),
-    )
+    # the fit's own status (from the fitting core: constant and boundary features
+    # included); derived from its arrays only for a fit made without one
+    status = fit.status
+    if status is None:
+        status = status_codes(arrays["niter"], arrays["converged"], finite_features(arrays))
+    data["status"] = ("feature", status)
     coords: dict[str, Any] = {
         "feature": list(fit.features),
         "covariate": list(fit.covariates),

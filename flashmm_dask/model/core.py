@@ -36,7 +36,7 @@ import numpy as np
 
 from flashmm_dask.errors import DesignError
 from flashmm_dask.model.status import converged as converged_rule
-from flashmm_dask.model.status import feature_status, no_residual_variation
+from flashmm_dask.model.status import STATUS, feature_status, no_residual_variation
 from flashmm_dask.numerics.boundary import constrain
 from flashmm_dask.numerics.fisher import NotPositiveDefiniteError, SharedTerms, fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
@@ -333,5 +333,21 @@ def fit_features(
     if not satterthwaite:
         out["df"] = np.full((m, p), df_residual)
     out["converged"], out["status"] = feature_status(out, fitted)
+    untestable(out)
     out["fitted"] = fitted
     return out
+
+
+def untestable(out: dict[str, Array]) -> None:
+    """No test for a feature of status ``constant`` (explained exactly by the fixed
+    effects: no residual variation, so no variance to test against), in place: its se, t,
+    p and coefficient covariance are NaN, so that its contrasts are not tested either and
+    Benjamini-Hochberg does not count it, whatever the fit's settings (the residual
+    variance is then zero or a rounding error: se 0/0 = NaN unconstrained, a spurious
+    t ~ 1e9 and p = 0 where a boundary refit left a variance of 1e-16). The coefficients
+    are kept."""
+    constant = out["status"] == STATUS.index("constant")
+    if constant.any():
+        for name in ("se", "t", "p", "cov"):
+            if name in out:
+                out[name][constant] = np.nan
