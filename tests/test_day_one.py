@@ -411,6 +411,35 @@ def test_output_folder_holds_a_manifest_and_foreign_files_are_safe(base, tmp_pat
     assert open_results(store).attrs["method"] == "ML"
 
 
+def test_overwrite_of_a_stratified_run_keeps_the_users_files_among_its_plots(base, tmp_path):
+    """The strata's plots are the manifest's files like any other: --overwrite removes
+    them and the folders they leave empty, never a file of the user's beside them."""
+    model = {"fixed": "~ log(libsize) + trt", "random": RANDOM, "by": "cls"}
+    cfg = _config(tmp_path / "run.yaml", data={"path": str(base)}, model=model)
+    out = tmp_path / "out"
+    code, _, err = _cli("run", cfg, "--output", out, "--quiet", "--set", "output.plots=true")
+    assert code == 0, err
+    plots = sorted(out.glob("strata/*/plots/*.png"))
+    assert plots and all(f"{p.relative_to(out)}" in _manifest(out) for p in plots)
+    mine = [out / "strata" / "notes.txt", plots[0].parent / "mine.txt"]
+    for path in mine:
+        path.write_text("mine")
+    code, _, err = _cli(
+        "run", cfg, "--output", out, "--quiet", "--overwrite", "--set", "model.method=ML"
+    )
+    assert code == 0, err
+    assert all(path.read_text() == "mine" for path in mine)
+    assert not any(p.exists() for p in plots)  # plots=false now: the old ones are gone
+    assert sorted(p.relative_to(out).parts[:2] for p in out.glob("strata/*")) == [
+        ("strata", plots[0].parent.parent.name),  # the folder with the user's file
+        ("strata", "notes.txt"),
+    ]
+
+
+def _manifest(out: Path) -> set[str]:
+    return set(json.loads((out / MANIFEST).read_text())["files"])
+
+
 def test_a_refused_run_leaves_no_folder(base, tmp_path):
     cfg = _config(tmp_path / "run.yaml", data={"path": str(base)}, model={"fixed": FIXED})
     out = tmp_path / "new" / "out"

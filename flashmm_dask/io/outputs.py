@@ -138,9 +138,12 @@ def clear_owned(folder: str | os.PathLike[str]) -> list[str]:
         else:
             continue
         removed.append(name)
-    for sub in sorted({Path(n).parent for n in removed if "/" in n}, reverse=True):
+    # the folders of ours (strata/<name>/plots/...), deepest first, once empty: a folder
+    # with a file of the user's stays, with its parents
+    parents = {parent for n in removed for parent in Path(n).parents if parent != Path(".")}
+    for sub in sorted(parents, key=lambda sub: len(sub.parts), reverse=True):
         try:
-            (folder / sub).rmdir()  # a folder of ours, once empty (foreign files stay)
+            (folder / sub).rmdir()
         except OSError:
             pass
     (folder / MANIFEST).unlink(missing_ok=True)

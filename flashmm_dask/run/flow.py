@@ -18,10 +18,6 @@ from flashmm_dask.run.summary import RunSummary
 from flashmm_dask.run.worker import BlockReport
 
 
-def _nothing(folder: Path) -> None:
-    """Nothing to clear beyond the owned files (removed by the overwrite itself)."""
-
-
 @dataclass(frozen=True)
 class Flow:
     """The steps of one kind of run.
@@ -35,7 +31,6 @@ class Flow:
     fitted : (reports) -> what the store's history records of the blocks fitted now
     finalize : (cfg, store, fitted, stats, extra attributes) -> None
     summary : (store, folder, reports, timings, files) -> the RunSummary
-    clear : (folder) -> None, what an overwrite removes beyond the owned files
     """
 
     prepare: Callable[..., Any]
@@ -45,4 +40,3 @@ class Flow:
     fitted: Callable[[list[BlockReport]], Any]
     finalize: Callable[..., None]
     summary: Callable[[Path, Path, list[BlockReport], Timings, list[Path]], RunSummary]
-    clear: Callable[[Path], None] = _nothing

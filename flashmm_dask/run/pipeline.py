@@ -154,8 +154,6 @@ def run(cfg: RunConfig, *, client: Any = None, show_progress: bool | None = None
         store = folder / RESULTS
         refuse_foreign(folder, run_outputs(cfg), overwrite=cfg.output.overwrite)
         resuming = _check_existing(store, cfg)
-        if not resuming and cfg.output.overwrite:
-            flow.clear(folder)
         register(folder, run_outputs(cfg))
         reports: list[BlockReport] = []
         if resuming and read_store_attrs(str(store)).get("complete"):

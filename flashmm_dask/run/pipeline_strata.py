@@ -26,7 +26,6 @@ strata). The steps are those of the plain run, per stratum:
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,6 @@ from flashmm_dask.run.worker import BlockReport
 __all__ = ["STRATA", "StrataRunSummary", "uses_strata"]
 
 logger = logging.getLogger(__name__)
-
-
-def _clear(folder: Path) -> None:
-    """Remove the per-stratum plots of an earlier run (with ``output.overwrite``)."""
-    if (folder / "strata").is_dir():
-        shutil.rmtree(folder / "strata")
 
 
 def _fit(
@@ -85,7 +78,6 @@ STRATA = Flow(
     len,
     finalize_strata,
     _summarise,
-    clear=_clear,
 )
 
 
