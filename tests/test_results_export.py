@@ -361,6 +361,24 @@ def test_report_of_a_stratified_store(stratified, tmp_path):
     assert "top 4 of first in stratum B1" in log and best in log
 
 
+def test_report_of_a_stratified_store_links_its_plots(stratified, tmp_path):
+    """Each stratum's plots (``strata/<group>/plots/``, where a run writes them) are
+    linked from report.md, and every link leads to a file."""
+    import re
+
+    from flashmm_dask.report.plots import strata_report
+
+    plots = strata_report(str(stratified), tmp_path)
+    report_outputs(str(stratified), tmp_path)
+    text = (tmp_path / REPORT).read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert all((tmp_path / link).exists() for link in links), links
+    linked = {tmp_path / link for link in links}
+    pngs = {p for p in plots if p.suffix == ".png"}
+    assert pngs and pngs <= linked, sorted(map(str, pngs - linked))
+    assert "- [convergence in stratum B1](strata/" in text
+
+
 # -- the volcano plot --------------------------------------------------------------------
 
 

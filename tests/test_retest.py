@@ -15,8 +15,8 @@ from pipeline_helpers import local_client, small_config
 
 from flashmm_dask import InputError, StoreError
 from flashmm_dask.io.results import open_results
-from flashmm_dask.run.pipeline import STATS, run
 from flashmm_dask.numerics.inference import p_adjust
+from flashmm_dask.run.pipeline import STATS, run
 from flashmm_dask.run.retest import retest
 
 pytestmark = pytest.mark.distributed

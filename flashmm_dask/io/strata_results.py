@@ -194,11 +194,16 @@ def is_strata_store(path: str | os.PathLike[str]) -> bool:
 
 
 def stratum_paths(path: str | os.PathLike[str]) -> dict[str, Path]:
-    """Level -> the path of its results group, in level order."""
-    strata = strata_attrs(path)
-    if strata is None:
+    """Level -> the path of its results group, in level order (the ``strata`` attribute in
+    any of the forms :func:`strata_groups` reads, as :func:`iter_strata`)."""
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+        attrs = {}
+    groups = strata_groups(attrs, repr(str(path)))
+    if not groups:
         raise StoreError(f"{path} is not the results store of a stratified run")
-    return {level: Path(path) / sub for level, sub in strata_groups({STRATA_ATTR: strata})}
+    return {level: Path(path) / sub for level, sub in groups}
 
 
 def open_strata(

@@ -35,8 +35,8 @@ from typing import TypeAlias
 import numpy as np
 
 from flashmm_dask.errors import DesignError
-from flashmm_dask.model.status import converged as converged_rule
 from flashmm_dask.model.status import STATUS, feature_status, no_residual_variation
+from flashmm_dask.model.status import converged as converged_rule
 from flashmm_dask.numerics.boundary import constrain
 from flashmm_dask.numerics.fisher import NotPositiveDefiniteError, SharedTerms, fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects

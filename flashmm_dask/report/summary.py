@@ -138,23 +138,32 @@ def _status_counts(ds: xr.Dataset) -> dict[str, int]:
     return counts
 
 
-def _plot_links(folder: Path, level: str | None, term_stem: str, stratum_stem: str | None):
-    """Relative paths of the volcano and p-value plots of a term, where they exist."""
+def _plot_folders(sets: ResultSets, store: str | os.PathLike[str] | None) -> dict:
+    """Level -> the folder of its plots, relative to the output folder: ``plots/`` of an
+    unstratified run, ``strata/<group>/plots/`` of each stratum
+    (:func:`flashmm_dask.report.plots.strata_report`); none for strata of an unknown
+    store."""
+    from flashmm_dask.io.strata_results import stratum_paths
     from flashmm_dask.report.plots import PLOTS_DIR
 
+    if sets[0][0] is None:
+        return {None: Path(PLOTS_DIR)}
+    if store is None or "://" in str(store):
+        return {}
+    return {
+        level: Path("strata") / group.name / PLOTS_DIR
+        for level, group in stratum_paths(store).items()
+    }
+
+
+def _plot_links(folder: Path, plots: Path | None, term_stem: str) -> dict[str, str]:
+    """Relative paths of the volcano and p-value plots of a term in the folder ``plots``
+    (relative to ``folder``), where they exist."""
     found = {}
     for kind in ("volcano", "pvalues"):
-        if level is None:
-            candidates = [Path(PLOTS_DIR) / f"{kind}_{term_stem}.png"]
-        else:
-            candidates = [
-                Path(PLOTS_DIR) / str(stratum_stem) / f"{kind}_{term_stem}.png",
-                Path(PLOTS_DIR) / f"{kind}_{stratum_stem}_{term_stem}.png",
-            ]
-        for path in candidates:
-            if (folder / path).exists():
-                found[kind] = path.as_posix()
-                break
+        path = None if plots is None else plots / f"{kind}_{term_stem}.png"
+        if path is not None and (folder / path).exists():
+            found[kind] = path.as_posix()
     return found
 
 
@@ -172,7 +181,6 @@ def report_markdown(
     Links to the top tables (when ``top_tables``) and to the plots that exist in
     ``folder`` are relative to it.
     """
-    from flashmm_dask.report.plots import PLOTS_DIR
     from flashmm_dask.report.values import file_stems
 
     folder = Path(folder)
@@ -262,7 +270,7 @@ def report_markdown(
         "",
     ]
     tables = {(level, term): path for level, term, path in top_paths(sets)}
-    strata_stems = file_stems([str(s) for s, _ in sets if s is not None])
+    plot_folders = _plot_folders(sets, store)
     by_level = dict(sets)
     for (level, term), table_path in tables.items():
         ds = by_level[level]
@@ -273,12 +281,7 @@ def report_markdown(
         line = f"{significant} of {tested} tested features with padj < {alpha:g}."
         if top_tables:
             line += f" All features, sorted: [{table_path.as_posix()}]({table_path.as_posix()})."
-        plots = _plot_links(
-            folder,
-            level,
-            file_stems([term])[term],
-            None if level is None else strata_stems[str(level)],
-        )
+        plots = _plot_links(folder, plot_folders.get(level), file_stems([term])[term])
         if "pvalues" in plots:
             line += f" [p-values and QQ plot]({plots['pvalues']})."
         out += [line, ""]
@@ -298,14 +301,13 @@ def report_markdown(
         if "volcano" in plots:
             out += [f"![volcano plot of {term}{_where(level)}]({plots['volcano']})", ""]
 
-    convergence = sorted((folder / PLOTS_DIR).glob("**/convergence.png"))
-    if convergence:
-        out += ["## Plots", ""]
-        out += [f"- [convergence]({p.relative_to(folder).as_posix()})" for p in convergence]
-        index = folder / PLOTS_DIR / "index.tsv"
-        if index.exists():
-            out += [f"- [index of the plots]({index.relative_to(folder).as_posix()})"]
-        out += [""]
+    links = []
+    for level, plots in plot_folders.items():
+        for name, what in (("convergence.png", "convergence"), ("index.tsv", "index of the plots")):
+            if (folder / plots / name).exists():
+                links.append(f"- [{what}{_where(level)}]({(plots / name).as_posix()})")
+    if links:
+        out += ["## Plots", "", *links, ""]
     return "\n".join(out)
 
 

@@ -128,9 +128,7 @@ def adjustment(ds: xr.Dataset) -> str:
     """The multiple-testing adjustment of a store's run: the one its ``padj`` were
     adjusted by (the ``p_adjust`` attribute finalize writes), else its config's
     ``test.p_adjust``, else Benjamini-Hochberg (stores from before either)."""
-    method = ds.attrs.get("p_adjust") or ds.attrs.get("config", {}).get("test", {}).get(
-        "p_adjust"
-    )
+    method = ds.attrs.get("p_adjust") or ds.attrs.get("config", {}).get("test", {}).get("p_adjust")
     return str(method) if method else "BH"
 
 
