@@ -175,6 +175,20 @@ def test_awkward_features_are_flagged(plain):
         assert np.isnan(ds[name].sel(feature=constant).values).all(), name
 
 
+def test_new_contrasts_on_a_run_with_constant_features(plain):
+    """flashmm-dask test refits a Satterthwaite run from its statistics: the constant
+    features (no se, no test) do not make it refuse them as another run's."""
+    from flashmm_dask.run.retest import retest
+
+    summary, ds = plain
+    assert ds.attrs["config"]["model"]["df"] == "satterthwaite"
+    table = retest(str(summary.store), {"c": "clsc1 - clsc2"}).set_index("feature")
+    np.testing.assert_allclose(
+        table.loc[list(ds["feature"].values), "p"], ds["contrast_p"].values[:, 0], rtol=1e-9
+    )
+    assert table.loc["constant", "status"] == "constant" and np.isnan(table.loc["constant", "p"])
+
+
 @pytest.mark.parametrize("feature", ["huge", "tiny"])
 def test_a_scaled_feature_is_either_right_or_flagged(plain, feature):
     _, ds = plain

@@ -221,11 +221,14 @@ def satterthwaite_contrast_df(
 def _check_reproduced(fit: LmmFit, coef: np.ndarray, df: np.ndarray, stats: str) -> None:
     """Refuse statistics whose refit differs from the stored coefficients or df."""
     tol = REPRODUCE_RTOL * (np.abs(coef) + fit.se.T)
+    # a feature the run left unfitted (NaN: all zero, or filtered by model.min_cells) or
+    # untested (no se: constant, explained exactly by the fixed effects, whose
+    # coefficients' rounding errors have no scale to compare at) is not compared; its
+    # contrasts' df are NaN
+    skip = np.isnan(coef) | np.isnan(fit.se.T)
     with np.errstate(invalid="ignore"):
-        # a feature the run left unfitted (NaN: all zero, or filtered by model.min_cells)
-        # is not compared; its df stay NaN
-        bad = ~((np.abs(fit.coef.T - coef) <= tol) | np.isnan(coef))
-        bad |= ~((np.abs(fit.df_array().T - df) <= REPRODUCE_RTOL * np.abs(df)) | np.isnan(df))
+        bad = ~((np.abs(fit.coef.T - coef) <= tol) | skip)
+        bad |= ~((np.abs(fit.df_array().T - df) <= REPRODUCE_RTOL * np.abs(df)) | skip)
     if bad.any():
         j = int(np.flatnonzero(bad.any(axis=1))[0])
         raise StoreError(
