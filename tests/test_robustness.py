@@ -22,6 +22,7 @@ from pipeline_helpers import local_client
 
 import flashmm_dask as fm
 from flashmm_dask.io.results import STATUS, open_results
+from flashmm_dask.io.results_finalize import converged_counts
 from flashmm_dask.run.config import load_config
 from flashmm_dask.run.pipeline import run
 
@@ -136,6 +137,13 @@ def _check_counts(summary, ds) -> None:
     ]:
         assert f"{counts[name]} {label}" in line, line
     assert ds.attrs["status_counts"] == counts
+    # converged: ok, boundary, negative_variance; not fitted: all_zero (and filtered)
+    converged = sum(counts[s] for s in ("ok", "boundary", "negative_variance"))
+    numbers = (converged, len(codes) - converged - counts["all_zero"], counts["all_zero"])
+    assert (summary.n_converged, summary.n_not_converged, summary.n_zero) == numbers
+    assert tuple(ds.attrs[f"n_{k}"] for k in ("converged", "not_converged", "zero")) == numbers
+    # a stratified run's counts, from its status counts: the same numbers
+    assert tuple(converged_counts(counts).values()) == numbers
     # converged exactly for ok features and those with a variance at (boundary) or below
     # (negative_variance) zero, which are otherwise ok; they are whole
     ok = np.isin(codes, [STATUS.index(s) for s in ("ok", "boundary", "negative_variance")])

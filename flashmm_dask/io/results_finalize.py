@@ -38,14 +38,29 @@ def count_status(codes: np.ndarray) -> dict[str, int]:
     return {name: int((codes == k).sum()) for k, name in enumerate(STATUS)}
 
 
+#: Statuses of converged features (``converged`` True): ok, and the fits with a variance
+#: component at or below zero, otherwise whole.
+CONVERGED = ("ok", "boundary", "negative_variance")
+#: Statuses of features not fitted (NaN results).
+UNFITTED = ("all_zero", "filtered")
+
+
+def converged_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """n_converged, n_not_converged (fitted, not converged: not_converged, constant and
+    non_finite) and n_zero (not fitted) from the counts per status, as :func:`counts_of
+    <flashmm_dask.run.summary.counts_of>` counts them from ``converged`` and ``niter``."""
+    converged = sum(counts.get(name, 0) for name in CONVERGED)
+    unfitted = sum(counts.get(name, 0) for name in UNFITTED)
+    return {
+        "n_converged": converged,
+        "n_not_converged": sum(counts.values()) - converged - unfitted,
+        "n_zero": unfitted,
+    }
+
+
 def counted_attrs(counts: Mapping[str, int]) -> dict[str, Any]:
     """The attributes a finalized group records of its status counts."""
-    return {
-        "n_converged": counts["ok"],
-        "n_not_converged": counts["not_converged"],
-        "n_zero": counts["all_zero"] + counts["filtered"],
-        "status_counts": dict(counts),
-    }
+    return {**converged_counts(counts), "status_counts": dict(counts)}
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flashmm_dask.io.results import open_results, read_store_attrs
+from flashmm_dask.io.results_finalize import converged_counts
 from flashmm_dask.io.strata_results import strata_attrs
 from flashmm_dask.run.config import RunConfig
 from flashmm_dask.run.flow import Flow
@@ -116,9 +117,7 @@ def _summary(
         "n_features": n_features,
         "n_blocks": n_blocks,
         "blocks_fitted": fitted,
-        "n_converged": int(status_counts.get("ok", 0)),
-        "n_not_converged": int(status_counts.get("not_converged", 0)),
-        "n_zero": int(status_counts.get("all_zero", 0)),
+        **converged_counts(status_counts),
         "timings": dict(timings),
         "files": tuple(files),
         "status_counts": status_counts,

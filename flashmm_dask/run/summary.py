@@ -128,7 +128,7 @@ def counts_of(ds: Any) -> dict[str, Any]:
     """Features converged, not converged, not fitted and per status code in ``ds``."""
     niter = ds["niter"].values
     converged = ds["converged"].values.astype(bool)
-    fitted = ~np.isnan(niter)
+    fitted = ~np.isnan(niter)  # (filtered features are not fitted either)
     counts: dict[str, Any] = {
         "n_converged": int(converged.sum()),
         "n_not_converged": int((fitted & ~converged).sum()),
