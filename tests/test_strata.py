@@ -165,6 +165,19 @@ def test_drop_missing(data):
         assert_fits_equal(fits[level], ref)
 
 
+def test_levels_that_print_the_same_are_refused(data):
+    """1 and "1" in one object column (batches concatenated): two strata named '1', one
+    of which every result keyed by level would hide; refused, naming the column."""
+    obs = data.obs.copy()
+    obs["batch"] = np.array([1 if i % 2 else "1" for i in range(len(obs))], dtype=object)
+    with pytest.raises(
+        fm.DesignError, match=r"'batch' has distinct values that print the same: '1'"
+    ):
+        plan_strata(obs, FIXED, RANDOM, by="batch")
+    obs["batch"] = obs["batch"].astype(str)  # the remedy the message gives
+    assert plan_strata(obs, FIXED, RANDOM, by="batch").levels == ("1",)
+
+
 def test_min_cells_from_the_same_pass(data):
     expr = read_expression(data, chunk_cells=450)
     strata = plan_strata(expr.obs, FIXED, RANDOM, by="cls")

@@ -165,6 +165,21 @@ def _levels(values: pd.Series) -> list[Any]:
     return sorted(pd.unique(values.dropna()), key=lambda v: (str(type(v)), v))
 
 
+def _distinct_labels(by: str, labels: list[str]) -> None:
+    """Refuse levels of ``by`` that print the same (an object column holding 1 and "1",
+    after a concatenation of batches): their strata would share a name, and one would
+    hide the other in every result keyed by level."""
+    seen: set[str] = set()
+    clashes = sorted({label for label in labels if label in seen or seen.add(label)})
+    if clashes:
+        raise DesignError(
+            f"obs column '{by}' has distinct values that print the same: "
+            f"{', '.join(map(repr, clashes[:5]))} (e.g. the number 1 and the text '1'); "
+            f"make the column one type (obs['{by}'] = obs['{by}'].astype(str)) so that "
+            "each stratum has its own name"
+        )
+
+
 def plan_strata(
     obs: pd.DataFrame,
     fixed: str,
@@ -239,6 +254,7 @@ def plan_strata(
     else:
         column = obs[by]
         groups = [(str(level), mask & (column == level).to_numpy()) for level in _levels(column)]
+        _distinct_labels(by, [label for label, _ in groups])
     levels: list[str] = []
     designs: list[Design] = []
     categories: list[dict[str, list[Any]]] = []
