@@ -10,6 +10,8 @@ fit it came from, and adjusted p-values with statsmodels' Benjamini-Hochberg.
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -265,6 +267,36 @@ def test_write_results_with_strata(stratified, fit, fit_ml):
     fm.write_results(mapped, {"A": fit, "B1": fit_ml}, contrasts={"first": "cls1:trtB"})
     for key in ("flashmm_A_padj", "flashmm_B1_coef", "flashmm_B1_p"):
         pd.testing.assert_frame_equal(mapped.varm[key], adata.varm[key][mapped.varm[key].columns])
+
+
+def test_contrasts_on_stratum_fits_apply_where_their_coefficients_exist(caplog):
+    """As a run: a contrast is tested in every stratum that has its coefficients (cell
+    type 1 lacks grp level c), the others are named in a warning; one that no stratum has
+    is refused."""
+    import logging
+
+    adata = fm.simulate_rnaseq(6, 1500, n_samples=8, seed=1)
+    rng = np.random.default_rng(0)
+    grp = rng.choice(["a", "b", "c"], adata.n_obs)
+    one = (adata.obs["cls"] == "1").to_numpy()
+    grp[one] = rng.choice(["a", "b"], one.sum())
+    adata.obs["grp"] = pd.Categorical(grp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fits = fm.flashmm(adata, "~ trt + grp", "~ 0 + sam", by="cls", is_counts=True)
+    assert "grpc" not in fits["1"].covariates and "grpc" in fits["2"].covariates
+    contrasts = {"c_vs_b": "grpc - grpb", "b": "grpb"}
+    with caplog.at_level(logging.WARNING):
+        fm.write_results(adata, fits, contrasts=contrasts)
+    assert "stratum 1 lacks the coefficients of contrast 'c_vs_b'" in caplog.text
+    assert "c_vs_b" not in adata.varm["flashmm_1_p"].columns
+    assert {"c_vs_b", "b"} <= set(adata.varm["flashmm_2_p"].columns)
+    expected = fm.lmmtest(fits["2"], contrast=contrasts)
+    np.testing.assert_allclose(
+        adata.varm["flashmm_2_p"]["c_vs_b"].to_numpy(), expected["c_vs_b_p"], rtol=1e-12
+    )
+    with pytest.raises(fm.ContrastError, match="grpd"):
+        fm.write_results(adata, fits, contrasts={"d": "grpd"})
 
 
 def test_write_results_of_levels_with_a_slash_write_to_zarr_and_h5ad(fit, fit_ml, tmp_path):

@@ -198,11 +198,56 @@ def result_sets(
     if isinstance(results, Mapping):
         if not results:
             raise InputError("no results: the mapping of strata is empty")
+        tested = _per_stratum(results, contrasts)
         return [
-            (str(level), _as_dataset(value, contrasts, f"stratum {level!r}"))
+            (str(level), _as_dataset(value, tested[level], f"stratum {level!r}"))
             for level, value in results.items()
         ]
     return [(None, _as_dataset(results, contrasts, "results"))]
+
+
+def _per_stratum(results: Mapping[Any, Any], contrasts: Any) -> dict[Any, Any]:
+    """The contrasts each stratum's fit is tested for: as a run tests them, those whose
+    coefficients the stratum has (its cells may lack a level of a factor), the others
+    named in a warning; a contrast that no stratum has raises the ContrastError of the
+    first."""
+    from flashmm_dask.design.contrasts import contrast_matrix
+    from flashmm_dask.errors import ContrastError
+
+    fits = {level: v for level, v in results.items() if isinstance(v, LmmFit)}
+    if contrasts is None or not fits:
+        return {level: contrasts for level in results}
+    named = _named(contrasts)
+    out: dict[Any, Any] = {level: contrasts for level in results}
+    kept: set[str] = set()
+    first: dict[str, ContrastError] = {}
+    for level, fit in fits.items():
+        ok = {}
+        for name, expression in named.items():
+            try:
+                contrast_matrix({name: expression}, list(fit.covariates))
+            except ContrastError as exc:
+                first.setdefault(name, exc)
+                logger.warning(
+                    "stratum %s lacks the coefficients of contrast %r: %s", level, name, exc
+                )
+                continue
+            ok[name] = expression
+        kept |= set(ok)
+        out[level] = ok or None
+    lost = [name for name in named if name not in kept]
+    if lost:
+        raise first[lost[0]]
+    return out
+
+
+def _named(contrasts: Mapping[str, str] | Sequence[str] | str) -> dict[str, str]:
+    """Contrasts as name -> expression (an expression alone names itself)."""
+    if isinstance(contrasts, Mapping):
+        return {str(k): str(v) for k, v in contrasts.items()}
+    if isinstance(contrasts, str):
+        return {contrasts: contrasts}
+    return {str(c): str(c) for c in contrasts}
 
 
 #: The variables the tables and the report read (not ``cov``).
