@@ -165,6 +165,25 @@ def test_verbose_reports_nonconverged(caplog):
         lmm(**summary_args(case), verbose=True)
 
 
+def test_values_of_a_large_scale_are_told_to_lower_epsilon():
+    """Values ~1e4: R's rule max |dlogL| <= epsilon holds after one step (the score
+    shrinks with the square of the scale), short of the optimum; the features are not
+    converged and the warning names epsilon, not max_iter, as the remedy, which works:
+    with epsilon=1e-12 the fit is the unscaled one's, scaled."""
+    from flashmm_dask import ConvergenceWarning
+
+    args = summary_args(load_case("simu_reml_k1"))
+    s = 1e4
+    big = dict(args, XY=args["XY"] * s, ZY=args["ZY"] * s, Ynorm=args["Ynorm"] * s**2)
+    with pytest.warns(ConvergenceWarning, match=r"stopped earlier by R's rule.*lower epsilon"):
+        early = lmm(**big, verbose=True)
+    assert (early.niter < 50).all() and not early.converged.all()
+    ref, fine = lmm(**args), lmm(**big, epsilon=1e-12)
+    assert fine.converged.all() and ref.converged.all()
+    np.testing.assert_allclose(fine.theta, ref.theta * s**2, rtol=1e-6)
+    np.testing.assert_allclose(fine.coef, ref.coef * s, rtol=1e-6, atol=1e-6 * s)
+
+
 def test_tables():
     res = fit("simu_reml_k1")
     df = res.to_dataframe()

@@ -25,6 +25,7 @@ from numpy.typing import ArrayLike
 from flashmm_dask.errors import ConvergenceWarning, InputError, ZeroFeatureWarning
 from flashmm_dask.model.core import FitOptions, Keep, default_threads, fit_features, prepare_terms
 from flashmm_dask.model.fit import LmmFit
+from flashmm_dask.model.status import STATUS
 from flashmm_dask.numerics.fisher import METHODS
 from flashmm_dask.numerics.linalg import Array
 from flashmm_dask.numerics.satterthwaite import BOUNDARY_DF, DF_METHODS
@@ -361,14 +362,10 @@ def lmm(
     converged = fit["converged"]
     n_bad = int(fitted.sum() - converged.sum())
     if n_bad:
-        log = logger.warning if verbose else logger.debug
-        log("%d of %d fitted features did not converge in %d iterations", n_bad, m, max_iter)
+        text = _not_converged_text(fit, m, max_iter)
+        (logger.warning if verbose else logger.debug)(text)
         if verbose:
-            warnings.warn(
-                f"{n_bad} of {m} features did not converge within max_iter = {max_iter}",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
+            warnings.warn(text, ConvergenceWarning, stacklevel=2)
 
     df_t: float | Array = float(n_cells - p)
     if df_method == "satterthwaite":
@@ -477,6 +474,31 @@ def _options(
         keep=keep,
         contrasts=None if contrasts is None else np.asarray(contrasts, float),
     )
+
+
+def _not_converged_text(fit: dict[str, Array], m: int, max_iter: int) -> str:
+    """What the features not converged of a fit are, and what to do: those that reached
+    max_iter, and those stopped earlier by R's rule (max |dlogL| <= epsilon) short of the
+    optimum, as the values of a large scale are (the score shrinks with the square of
+    their scale; epsilon, not max_iter, is then the remedy)."""
+    status = fit["status"]
+    bad = status == STATUS.index("not_converged")
+    at_max = int((bad & (fit["niter"] >= max_iter)).sum())
+    early = int(bad.sum()) - at_max
+    other = int((fit["fitted"] & ~fit["converged"]).sum()) - at_max - early
+    parts = []
+    if at_max:
+        parts.append(f"{at_max} reached max_iter = {max_iter} (raise max_iter)")
+    if early:
+        parts.append(
+            f"{early} stopped earlier by R's rule max |dlogL| <= epsilon short of the "
+            "optimum, as happens for values of a large scale (the score shrinks with the "
+            "square of their scale): lower epsilon (e.g. epsilon=1e-12) or rescale the values"
+        )
+    if other:
+        parts.append(f"{other} constant or with non-finite results (see status)")
+    n_bad = at_max + early + other
+    return f"{n_bad} of {m} features did not converge: " + "; ".join(parts)
 
 
 def _threads(n_threads: int | None) -> int:

@@ -72,9 +72,14 @@ _STATUS_LABELS = {
     "filtered": "filtered (too few non-zero cells)",
 }
 _STATUS_ADVICE = {
-    "not_converged": "converged = false; raise model.max_iter, or check their scale",
+    "not_converged": (
+        "converged = false; raise model.max_iter where niter reached it; where it stopped "
+        "earlier the values are large (R's rule max |dlogL| <= model.epsilon holds at once, "
+        "the score shrinking with the square of their scale): lower model.epsilon (e.g. "
+        "1e-12) or rescale the values"
+    ),
     "all_zero": "not fitted, their results are NaN",
-    "constant": "the fixed effects explain them exactly: no test is possible",
+    "constant": "the fixed effects explain them exactly: no test is possible (se, p NaN)",
     "non_finite": "some of their results are NaN or infinite",
     "filtered": "not fitted: non-zero in fewer cells than model.min_cells",
     "negative_variance": (
