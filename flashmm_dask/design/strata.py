@@ -169,8 +169,8 @@ def _distinct_labels(by: str, labels: list[str]) -> None:
     """Refuse levels of ``by`` that print the same (an object column holding 1 and "1",
     after a concatenation of batches): their strata would share a name, and one would
     hide the other in every result keyed by level."""
-    seen: set[str] = set()
-    clashes = sorted({label for label in labels if label in seen or seen.add(label)})
+    counts = pd.Series(labels).value_counts()
+    clashes = sorted(counts.index[counts > 1])
     if clashes:
         raise DesignError(
             f"obs column '{by}' has distinct values that print the same: "
