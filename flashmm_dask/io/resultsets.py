@@ -215,9 +215,10 @@ def _per_stratum(results: Mapping[Any, Any], contrasts: Any) -> dict[Any, Any]:
     from flashmm_dask.errors import ContrastError
 
     fits = {level: v for level, v in results.items() if isinstance(v, LmmFit)}
-    if contrasts is None or not fits:
+    named = None if contrasts is None else _named(contrasts)
+    if named is None or not fits or len(named) < len(contrasts):
+        # nothing to split; or a repeated expression, which contrast_matrix refuses
         return {level: contrasts for level in results}
-    named = _named(contrasts)
     out: dict[Any, Any] = {level: contrasts for level in results}
     kept: set[str] = set()
     first: dict[str, ContrastError] = {}
