@@ -178,6 +178,19 @@ def test_levels_that_print_the_same_are_refused(data):
     assert plan_strata(obs, FIXED, RANDOM, by="batch").levels == ("1",)
 
 
+def test_group_names_are_distinct_for_distinct_levels():
+    """'a b' is not a safe path (s<position>), and another level may be 's0' itself, or
+    differ from a level in case only (one file on a case-insensitive disk): every level
+    gets a group of its own."""
+    from flashmm_dask.design.strata import group_names
+
+    assert group_names(["a b", "s0"]) == {"a b": "s0_1", "s0": "s0"}
+    assert group_names(["s0", "a b"]) == {"s0": "s0", "a b": "s1"}
+    names = group_names(["A", "a", "s1", "x y", "T cell", "T_cell"])
+    assert names["A"] == "A" and names["s1"] == "s1" and names["T_cell"] == "T_cell"
+    assert len({n.lower() for n in names.values()}) == 6
+
+
 def test_min_cells_from_the_same_pass(data):
     expr = read_expression(data, chunk_cells=450)
     strata = plan_strata(expr.obs, FIXED, RANDOM, by="cls")

@@ -40,7 +40,7 @@ from flashmm_dask.design.selection import Cells, cell_mask, describe
 from flashmm_dask.design.terms import parse_formula, required_columns
 from flashmm_dask.errors import DesignError, InputError
 
-__all__ = ["Strata", "group_name", "plan_strata", "select_obs"]
+__all__ = ["Strata", "group_name", "group_names", "plan_strata", "select_obs"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,38 @@ def select_obs(obs: pd.DataFrame, mask: Sequence[bool] | np.ndarray) -> pd.DataF
 
 
 def group_name(level: str, position: int) -> str:
-    """The name of a stratum's group in a store: the level itself when it is a safe path
-    component (letters, digits, ``_ . + -``, not starting with ``.``), else ``s<position>``."""
+    """The name of a stratum's group in a store, alone: the level itself when it is a safe
+    path component (letters, digits, ``_ . + -``, not starting with ``.``), else
+    ``s<position>``. The strata of a store take :func:`group_names`, which keeps them apart."""
     text = str(level)
     if _SAFE_GROUP.fullmatch(text) and len(text) <= 100:
         return text
     return f"s{position}"
+
+
+def group_names(levels: Sequence[str]) -> dict[str, str]:
+    """Level -> the name of its group in a store, distinct for distinct levels, also where
+    file names ignore case: a safe level keeps its own name (the first of those that differ
+    in case only), and any other takes ``s<position>``, or ``s<position>_<k>`` where that
+    is a level's name too ('a b' and a level 's0')."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    later = []
+    for position, level in enumerate(levels):
+        name = group_name(level, position)
+        if name == str(level) and name.lower() not in taken:
+            out[level] = name
+            taken.add(name.lower())
+        else:
+            later.append((position, level))
+    for position, level in later:
+        name, k = f"s{position}", 0
+        while name.lower() in taken:
+            k += 1
+            name = f"s{position}_{k}"
+        out[level] = name
+        taken.add(name.lower())
+    return {level: out[level] for level in levels}
 
 
 @dataclass(frozen=True)

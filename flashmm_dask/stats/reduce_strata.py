@@ -54,7 +54,7 @@ import scipy.sparse as sp
 from dask import delayed
 from dask.delayed import Delayed
 
-from flashmm_dask.design.strata import Strata, group_name
+from flashmm_dask.design.strata import Strata, group_names
 from flashmm_dask.errors import DataError, InputError
 from flashmm_dask.stats.blocks import _as_block, _block_partial
 from flashmm_dask.stats.cell_pass import one_entry_rows
@@ -379,13 +379,11 @@ def _assemble_strata(
     features: tuple[str, ...],
 ) -> StratifiedStats:
     out: dict[str, SummaryStats] = {}
-    groups: dict[str, str] = {}
     for s, name in enumerate(names):
         name = dict(name)
         level = name.pop("level")
         out[level] = SummaryStats(**total.stratum(s), features=features, **name)
-        groups[level] = group_name(level, s)
-    return StratifiedStats(out, by, groups, strata_info)
+    return StratifiedStats(out, by, group_names(list(out)), strata_info)
 
 
 @dataclass(frozen=True)
@@ -457,7 +455,7 @@ def strata_chains(expr: _Expression, strata: Strata, options: Options, chains: i
                 },
             }
         )
-    groups = {level: group_name(level, s) for s, level in enumerate(strata.levels)}
+    groups = group_names(strata.levels)
     return StrataChains(
         parts,
         names,
