@@ -141,6 +141,30 @@ def test_fit_stats_refuses_another_model_and_takes_the_stored_one(base, tmp_path
     assert "cls2:trtB" in list(ds["covariate"].values)
 
 
+def test_fit_stats_of_strata_refuses_another_model_or_selection(base, tmp_path):
+    """The same check for the statistics of strata (model.by): another model or cell
+    selection is refused in one line, before any work; the statistics' own is fitted."""
+    model = {"fixed": "~ log(libsize) + trt", "random": RANDOM, "by": "cls"}
+    data = {"path": str(base), "cells": "libsize > 0"}
+    cfg = _config(tmp_path / "run.yaml", data=data, model=model)
+    code, _, err = _cli("stats", cfg, "--output", tmp_path / "s", "--quiet")
+    assert code == 0, err
+    stats = tmp_path / "s" / "stats.zarr"
+    for key, value, shown in (
+        ("model.fixed", "~ trt", "config key 'model.fixed' ('~ trt') differs"),
+        ("model.transform", "none", "config key 'model.transform' ('none') differs"),
+        ("data.cells", "libsize > 1", "config key 'data.cells' ('libsize > 1') differs"),
+    ):
+        out = tmp_path / key
+        code, _, err = _cli(
+            "fit", cfg, "--stats", stats, "--output", out, "--set", f"{key}={value}"
+        )
+        assert code == 2 and shown in _error_line(err.strip().splitlines()[-1]), err
+        assert not out.exists()
+    code, _, err = _cli("fit", cfg, "--stats", stats, "--output", tmp_path / "f", "--quiet")
+    assert code == 0, err
+
+
 # 8. duplicated feature names are made unique (as anndata does), with a warning
 
 

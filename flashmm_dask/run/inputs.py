@@ -27,7 +27,7 @@ from flashmm_dask.design.check import check_design_replication, check_stats_repl
 from flashmm_dask.design.contrasts import contrast_matrix
 from flashmm_dask.design.formula import Design
 from flashmm_dask.design.strata import Strata, plan_strata
-from flashmm_dask.errors import DataError, InputError, StoreError
+from flashmm_dask.errors import ConfigError, DataError, InputError, StoreError
 from flashmm_dask.io.readers import Expression, Orientation, read_expression
 from flashmm_dask.io.strata_results import applicable_contrasts, strata_attrs
 from flashmm_dask.run.config import RunConfig, SimulateConfig, require_model
@@ -375,6 +375,8 @@ def prepare_strata(cfg: RunConfig, folder: Path) -> StrataInputs:
                 f"{'of strata of ' + repr(loaded.by) if loaded.by else 'not stratified'}; "
                 "compute them with this model.by (flashmm-dask stats)"
             )
+        if cfg.stats.load is not None:
+            _check_loaded_strata(cfg, loaded)
         inputs = StrataInputs(loaded)
         covariates = {k: v.covariates for k, v in loaded.items()}
     else:
@@ -392,6 +394,22 @@ def prepare_strata(cfg: RunConfig, folder: Path) -> StrataInputs:
                 )
     _check_contrasts(cfg, covariates)
     return inputs
+
+
+def _check_loaded_strata(cfg: RunConfig, loaded: StratifiedStats) -> None:
+    """Refuse a config whose model (each stratum's, :func:`check_stats_model`) or cell
+    selection differs from those the loaded statistics of strata were reduced for (leave
+    the keys out to take the statistics')."""
+    where = str(cfg.stats.load)
+    for stats in loaded.values():
+        check_stats_model(cfg, stats, where)
+    stored = loaded.attrs().get("cells")
+    if cfg.data.cells is not None and str(cfg.data.cells) != str(stored):
+        raise ConfigError(
+            f"config key 'data.cells' ({str(cfg.data.cells)!r}) differs from the cell "
+            f"selection of the statistics in {where} ({stored!r}); leave data.cells out to "
+            "take theirs, or compute them with this selection (flashmm-dask stats)"
+        )
 
 
 def _read_strata(cfg: RunConfig, folder: Path) -> StrataInputs:
