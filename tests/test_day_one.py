@@ -460,6 +460,23 @@ def test_overwrite_of_a_stratified_run_keeps_the_users_files_among_its_plots(bas
     ]
 
 
+def test_a_relative_output_folder_records_names_in_it(base, tmp_path, monkeypatch):
+    """--output out (relative): the manifest names its files relative to the folder, so
+    --overwrite finds them, a top table of a contrast no longer in the config included."""
+    monkeypatch.chdir(tmp_path)
+    model = {"fixed": FIXED, "random": RANDOM}
+    cfg = _config(tmp_path / "run.yaml", data={"path": str(base)}, model=model)
+    code, _, err = _cli(
+        "run", cfg, "--output", "out", "--quiet", "--set", "contrasts.old=cls1:trtB"
+    )
+    assert code == 0, err
+    names = _manifest(tmp_path / "out")
+    assert "top/old.csv" in names and not any(n.startswith("out/") for n in names), names
+    code, _, err = _cli("run", cfg, "--output", "out", "--quiet", "--overwrite")
+    assert code == 0, err
+    assert not (tmp_path / "out" / "top" / "old.csv").exists()
+
+
 def _manifest(out: Path) -> set[str]:
     return set(json.loads((out / MANIFEST).read_text())["files"])
 

@@ -46,9 +46,17 @@ STANDARD = (
 
 
 def _relative(folder: Path, path: str | os.PathLike[str]) -> str:
+    """The name in ``folder`` of ``path``: an absolute path, a path ``folder / name`` (the
+    folder as given, relative to the working directory: ``--output out``), or a name
+    relative to the folder already (``results.zarr``)."""
     p = Path(path)
     if p.is_absolute():
-        p = p.relative_to(folder)
+        return p.relative_to(folder.absolute()).as_posix()
+    if not folder.is_absolute() and folder != Path("."):
+        try:
+            return p.relative_to(folder).as_posix()
+        except ValueError:
+            pass
     return p.as_posix()
 
 
