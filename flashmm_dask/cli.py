@@ -235,16 +235,16 @@ def _test(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.store).parent
-    if is_strata_store(args.store):
+    if is_strata_store(args.store):  # the plots of each stratum in out/strata/<group>/plots
         files = strata_report(args.store, out)
-        print(f"wrote {len(files)} plots into {out / 'strata'}")
-        return 0
-    ds = open_results(args.store)
-    files = make_report(ds, out)
-    if not args.out:
-        register(out, files)
-    print(f"wrote {len(files)} plots into {files[0].parent if files else args.out}")
-    written = report_outputs(args.store, Path(args.out) if args.out else Path(args.store).parent)
+        where = out / "strata"
+    else:
+        files = make_report(open_results(args.store), out)
+        where = files[0].parent if files else out
+    print(f"wrote {len(files)} plots into {where}")
+    written = report_outputs(args.store, out)
+    if not args.out:  # the run's output folder: these are its files
+        register(out, [*files, *written])
     print(f"wrote {written[-1]} and {len(written) - 1} top tables")
     return 0
 

@@ -477,6 +477,27 @@ def test_a_relative_output_folder_records_names_in_it(base, tmp_path, monkeypatc
     assert not (tmp_path / "out" / "top" / "old.csv").exists()
 
 
+def test_report_of_a_stratified_store_writes_plots_tables_and_report(base, tmp_path):
+    """flashmm-dask report on a model.by run's store: each stratum's plots, its top
+    tables and report.md again (it wrote the plots only), all in the manifest."""
+    model = {"fixed": "~ log(libsize) + trt", "random": RANDOM, "by": "cls"}
+    cfg = _config(tmp_path / "run.yaml", data={"path": str(base)}, model=model)
+    out = tmp_path / "out"
+    code, _, err = _cli("run", cfg, "--output", out, "--quiet", "--set", "contrasts.t=trtB")
+    assert code == 0, err
+    tables = sorted(p.relative_to(out) for p in out.glob("top/*/*.csv"))
+    (out / "report.md").unlink()
+    for path in tables:
+        (out / path).unlink()
+    code, text, err = _cli("report", out / "results.zarr")
+    assert code == 0, err
+    assert (out / "report.md").exists() and tables
+    assert all((out / path).exists() for path in tables)
+    plots = sorted(p.relative_to(out).as_posix() for p in out.glob("strata/*/plots/*.png"))
+    assert plots and set(plots) <= _manifest(out)
+    assert "report.md" in _manifest(out) and "top tables" in text
+
+
 def _manifest(out: Path) -> set[str]:
     return set(json.loads((out / MANIFEST).read_text())["files"])
 
