@@ -498,6 +498,29 @@ def test_report_of_a_stratified_store_writes_plots_tables_and_report(base, tmp_p
     assert "report.md" in _manifest(out) and "top tables" in text
 
 
+def test_a_stratum_where_the_selected_features_are_zero_leaves_the_others(base, tmp_path):
+    """A gene that one cell type does not express: that stratum's rows are all_zero, the
+    others are fitted (the run failed as a whole after its data pass); every stratum
+    zero is still refused."""
+    adata = ad.read_zarr(base)
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    X[(adata.obs["cls"] == "1").to_numpy(), 0] = 0
+    path = _write(tmp_path / "d.zarr", X, adata.obs, adata.var_names)
+    model = {"fixed": "~ log(libsize) + trt", "random": RANDOM, "by": "cls"}
+    data = {"path": str(path), "features": [str(adata.var_names[0])]}
+    cfg = _config(tmp_path / "run.yaml", data=data, model=model)
+    code, _, err = _cli("run", cfg, "--output", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "out" / "results.csv", dtype={"stratum": str})
+    status = table.groupby("stratum")["status"].first()
+    assert status["1"] == "all_zero" and (status.drop("1") != "all_zero").all(), status
+    X[:, 0] = 0
+    path = _write(tmp_path / "z.zarr", X, adata.obs, adata.var_names)
+    cfg = _config(tmp_path / "z.yaml", data={**data, "path": str(path)}, model=model)
+    code, _, err = _cli("run", cfg, "--output", tmp_path / "z", "--quiet")
+    assert code == 2 and "zero in every cell of every stratum" in _error_line(err), err
+
+
 def _manifest(out: Path) -> set[str]:
     return set(json.loads((out / MANIFEST).read_text())["files"])
 

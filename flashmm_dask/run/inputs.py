@@ -524,10 +524,21 @@ def cluster_strata_stats(
 
 
 def check_strata_fittable(stats: ClusterStrata) -> None:
-    """Refuse a stratum in which every feature is zero: there is nothing to fit."""
-    for level, Ynorm in stats.Ynorm.items():
-        if not (np.asarray(Ynorm) > 0).any():
-            raise DataError(
-                f"all {stats.m} features are zero in every cell of stratum {level!r}: nothing "
-                "to fit; check the data (data.layer), data.features and data.cells"
-            )
+    """Refuse statistics in which every feature is zero in every stratum: there is nothing
+    to fit (a layer of the wrong kind, a selection of no expressed gene). A stratum in
+    which the selected features are all zero (a rare cell type that does not express
+    them) is only named in a warning: its features are ``all_zero``, not fitted, as any
+    all-zero feature, and the other strata are fitted."""
+    empty = [level for level, Ynorm in stats.Ynorm.items() if not (np.asarray(Ynorm) > 0).any()]
+    if empty and len(empty) == len(stats.Ynorm):
+        raise DataError(
+            f"all {stats.m} features are zero in every cell of every stratum: nothing to "
+            "fit; check the data (data.layer), data.features and data.cells"
+        )
+    if empty:
+        logger.warning(
+            "all %d features are zero in every cell of stratum %s: their results there are "
+            "NaN (status all_zero)",
+            stats.m,
+            ", ".join(map(repr, empty)),
+        )
