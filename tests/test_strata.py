@@ -284,6 +284,11 @@ def test_stratified_statistics_save_and_load(tmp_path, data):
         fm.SummaryStats.load(tmp_path / "stats.zarr")
     one = fm.SummaryStats.load(tmp_path / "stats.zarr" / "strata" / "2")
     np.testing.assert_array_equal(one.nnz, stats["2"].nnz)
+    # a standard Zarr reader lists the strata (the strata group is explicit)
+    import zarr
+
+    members = dict(zarr.open_group(str(tmp_path / "stats.zarr"), mode="r").groups())
+    assert sorted(dict(members["strata"].groups())) == sorted(stats.groups.values())
 
 
 def _by_hand_design(obs, mask, fixed, random):

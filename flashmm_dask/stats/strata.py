@@ -131,6 +131,7 @@ def save_strata(
                 "strata": strata,
             }
         )
+        root.create_group("strata")  # explicit, so that Zarr readers list the strata
         write_groups(tmp)
         root.attrs["complete"] = True
 
