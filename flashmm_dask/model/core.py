@@ -37,7 +37,7 @@ import numpy as np
 from flashmm_dask.errors import DesignError
 from flashmm_dask.model.status import STATUS, feature_status, no_residual_variation
 from flashmm_dask.model.status import converged as converged_rule
-from flashmm_dask.numerics.boundary import constrain
+from flashmm_dask.numerics.boundary import constrain, restarted
 from flashmm_dask.numerics.fisher import NotPositiveDefiniteError, SharedTerms, fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
 from flashmm_dask.numerics.inference import t_pvalues
@@ -257,7 +257,11 @@ def fit_features(
         )
         held = None
         if options.nonnegative:
+            first = th
             th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon, z=z)
+            th, held = restarted(
+                shared, zry, yry, first, th, held, max_iter=max_iter, epsilon=epsilon, z=z
+            )
         out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
         out["constant"][rows] = no_residual_variation(yry, ynorm)
         # with all features fitted, the K = 1 path leaves cov in the output itself

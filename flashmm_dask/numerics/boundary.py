@@ -199,6 +199,7 @@ def constrain(
     epsilon: float = 1e-5,
     z: Array | None = None,
     pinned: bool | None = None,
+    theta0: Array | None = None,
 ) -> tuple[ThetaFit, np.ndarray]:
     """The fit over variance components >= 0, from an unconstrained one.
 
@@ -215,6 +216,9 @@ def constrain(
         Refit with the held components pinned at zero in the full model's terms (True)
         or on the reduced model's terms (False); default: pinned on the structured path
         (``sh.path == "structured"``), reduced elsewhere. The two give the same fit.
+    theta0 : (m, K+1) array, optional
+        Where the first refits start (the held components' entries are not read);
+        default R's start, as ``fit_theta``'s.
 
     Returns
     -------
@@ -243,7 +247,9 @@ def constrain(
     theta = np.zeros((rows.size, K + 1))
     extra = np.zeros(rows.size, dtype=np.int64)
     todo = np.arange(rows.size)  # features whose held set changed
-    start: Array | None = None
+    start: Array | None = None if theta0 is None else np.where(hold, 0.0, theta0[rows, :K])
+    if start is not None and theta0 is not None:
+        start = np.column_stack([start, theta0[rows, K]])
     cache: dict[bytes, tuple[SharedTerms, np.ndarray]] = {}
     # the structured path's refits end with the full model's score at their theta (final):
     # kept per feature for the KKT check and the result, which need no evaluation of their own
@@ -328,4 +334,81 @@ def constrain(
         if terms is not None:  # those of the refitted theta instead
             ok = terms.ok
             gram.C[rows[ok]], gram.a[rows[ok]], gram.ok[rows[ok]] = terms.C[ok], terms.a[ok], True
+    return replace(fit, **out, gram=gram), held
+
+
+#: A variance component's start, as a share of the residual variance's estimate, in the
+#: second search of :func:`restarted` (a start inside the parameter space).
+RESTART_SHARE = 0.1
+#: Log-likelihood by which the second search must beat the first to be kept.
+RESTART_GAIN = 1e-6
+
+
+def restarted(
+    sh: SharedTerms,
+    zry: Array,
+    yry: Array,
+    first: ThetaFit,
+    fit: ThetaFit,
+    held: np.ndarray,
+    *,
+    max_iter: int = 50,
+    epsilon: float = 1e-5,
+    z: Array | None = None,
+) -> tuple[ThetaFit, np.ndarray]:
+    """A second search for the features whose unconstrained fit ``first`` did not converge
+    (a component not finite, or max_iter iterations) and whose constrained ``fit``
+    (:func:`constrain`) holds a component at zero: the signs that fit ended with then say
+    little about which components the optimum holds, and the restricted likelihood may
+    have several maxima over theta >= 0 (three components and a few donors: every
+    variance held at zero is a Karush-Kuhn-Tucker point 0.5 below the optimum, which R's
+    start at zero does not reach). The features are fitted again from a start inside
+    (every variance at :data:`RESTART_SHARE` of the residual variance's estimate),
+    constrained, and that fit is kept where its log-likelihood is higher; ``held`` with
+    it. The other features are ``fit``'s, unchanged."""
+    from flashmm_dask.numerics.fixed import _loglik
+
+    K = sh.K
+    with np.errstate(invalid="ignore"):
+        unsettled = ~np.isfinite(first.theta).all(axis=1) | (first.niter >= max_iter)
+    rows = np.flatnonzero(unsettled & held[:, :K].any(axis=1))
+    if rows.size == 0:
+        return fit, held
+    s0 = yry[rows] / (sh.n - sh.r)
+    start = np.column_stack([np.outer(s0, np.full(K, RESTART_SHARE)), s0])
+    zr = None if z is None else z[rows]
+    again = fit_theta(
+        sh, zry[rows], yry[rows], theta0=start, max_iter=max_iter, epsilon=epsilon, z=zr
+    )
+    # held components leave from there, the others from where that fit ended
+    again, held_again = constrain(
+        sh, zry[rows], yry[rows], again, max_iter=max_iter, epsilon=epsilon, z=zr,
+        theta0=again.theta,
+    )  # fmt: skip
+    with np.errstate(invalid="ignore", divide="ignore"):
+        before = _loglik(sh, fit.theta[rows, K], fit.logdetM0[rows])
+        after = _loglik(sh, again.theta[:, K], again.logdetM0)
+        # higher by more than rounding (the same optimum found twice is not a change),
+        # or where the first fit's is not finite
+        higher = ~np.isfinite(before) | (after > before + RESTART_GAIN)
+        better = np.isfinite(after) & higher & (again.theta[:, :K] >= 0).all(axis=1)
+    if not better.any():
+        return fit, held
+    pick = rows[better]
+    out = {}
+    for name in ("theta", "se_theta", "dlogL", "FIM_theta", "niter", "logdetM0"):
+        values = getattr(fit, name).copy()
+        values[pick] = getattr(again, name)[better]
+        out[name] = values
+    out["niter"][pick] += fit.niter[pick]  # every iteration spent
+    gram = fit.gram
+    if gram is not None:
+        gram = FixedTerms(gram.C.copy(), gram.a.copy(), gram.ok.copy())
+        gram.ok[pick] = False
+        if again.gram is not None:
+            ok = np.flatnonzero(better & again.gram.ok)
+            gram.C[rows[ok]], gram.a[rows[ok]] = again.gram.C[ok], again.gram.a[ok]
+            gram.ok[rows[ok]] = True
+    held = held.copy()
+    held[pick] = held_again[better]
     return replace(fit, **out, gram=gram), held
