@@ -47,8 +47,9 @@ UNFITTED = ("all_zero", "filtered")
 
 def converged_counts(counts: Mapping[str, int]) -> dict[str, int]:
     """n_converged, n_not_converged (fitted, not converged: not_converged, constant and
-    non_finite) and n_zero (not fitted) from the counts per status, as :func:`counts_of
-    <flashmm_dask.run.summary.counts_of>` counts them from ``converged`` and ``niter``."""
+    non_finite) and n_zero (not fitted) from the counts per status: those of every
+    summary and store (``converged`` is True exactly for the statuses of
+    :data:`CONVERGED`)."""
     converged = sum(counts.get(name, 0) for name in CONVERGED)
     unfitted = sum(counts.get(name, 0) for name in UNFITTED)
     return {

@@ -211,8 +211,8 @@ def _per_stratum(results: Mapping[Any, Any], contrasts: Any) -> dict[Any, Any]:
     coefficients the stratum has (its cells may lack a level of a factor), the others
     named in a warning; a contrast that no stratum has raises the ContrastError of the
     first."""
-    from flashmm_dask.design.contrasts import contrast_matrix
     from flashmm_dask.errors import ContrastError
+    from flashmm_dask.io.strata_results import applicable_contrasts
 
     fits = {level: v for level, v in results.items() if isinstance(v, LmmFit)}
     named = None if contrasts is None else _named(contrasts)
@@ -220,25 +220,18 @@ def _per_stratum(results: Mapping[Any, Any], contrasts: Any) -> dict[Any, Any]:
         # nothing to split; or a repeated expression, which contrast_matrix refuses
         return {level: contrasts for level in results}
     out: dict[Any, Any] = {level: contrasts for level in results}
-    kept: set[str] = set()
-    first: dict[str, ContrastError] = {}
+    reasons: dict[str, str] = {}  # the first stratum's, of each contrast it lacks
     for level, fit in fits.items():
-        ok = {}
-        for name, expression in named.items():
-            try:
-                contrast_matrix({name: expression}, list(fit.covariates))
-            except ContrastError as exc:
-                first.setdefault(name, exc)
-                logger.warning(
-                    "stratum %s lacks the coefficients of contrast %r: %s", level, name, exc
-                )
-                continue
-            ok[name] = expression
-        kept |= set(ok)
+        ok, missing = applicable_contrasts(named, list(fit.covariates))
+        for name, reason in missing.items():
+            reasons.setdefault(name, reason)
+            logger.warning(
+                "stratum %s lacks the coefficients of contrast %r: %s", level, name, reason
+            )
         out[level] = ok or None
-    lost = [name for name in named if name not in kept]
+    lost = [name for name in named if not any(out[lv] and name in out[lv] for lv in fits)]
     if lost:
-        raise first[lost[0]]
+        raise ContrastError(reasons[lost[0]])
     return out
 
 

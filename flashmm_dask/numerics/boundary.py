@@ -247,9 +247,9 @@ def constrain(
     theta = np.zeros((rows.size, K + 1))
     extra = np.zeros(rows.size, dtype=np.int64)
     todo = np.arange(rows.size)  # features whose held set changed
-    start: Array | None = None if theta0 is None else np.where(hold, 0.0, theta0[rows, :K])
-    if start is not None and theta0 is not None:
-        start = np.column_stack([start, theta0[rows, K]])
+    start: Array | None = None
+    if theta0 is not None:  # the held components from zero
+        start = np.column_stack([np.where(hold, 0.0, theta0[rows, :K]), theta0[rows, K]])
     cache: dict[bytes, tuple[SharedTerms, np.ndarray]] = {}
     # the structured path's refits end with the full model's score at their theta (final):
     # kept per feature for the KKT check and the result, which need no evaluation of their own

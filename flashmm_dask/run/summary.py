@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from flashmm_dask.io.results import STATUS
-from flashmm_dask.io.results_finalize import count_status
+from flashmm_dask.io.results_finalize import converged_counts, count_status
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +131,14 @@ def advise(status_counts: dict[str, int]) -> None:
 
 def counts_of(ds: Any) -> dict[str, Any]:
     """Features converged, not converged, not fitted and per status code in ``ds``."""
-    niter = ds["niter"].values
+    if "status" in ds:  # the numbers of the status counts, as every store records them
+        status_counts = count_status(np.asarray(ds["status"].values))
+        return {**converged_counts(status_counts), "status_counts": status_counts}
+    # a store written before the status codes
+    fitted = ~np.isnan(ds["niter"].values)
     converged = ds["converged"].values.astype(bool)
-    fitted = ~np.isnan(niter)  # (filtered features are not fitted either)
-    counts: dict[str, Any] = {
+    return {
         "n_converged": int(converged.sum()),
         "n_not_converged": int((fitted & ~converged).sum()),
         "n_zero": int((~fitted).sum()),
     }
-    if "status" in ds:
-        codes = np.asarray(ds["status"].values)
-        counts["status_counts"] = count_status(codes)
-    return counts
