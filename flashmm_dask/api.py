@@ -54,8 +54,10 @@ def lmm_stats(stats: SummaryStats, *, check_design: bool = True, **kwargs: Any) 
     """:func:`lmm` of a :class:`SummaryStats`, keeping its names.
 
     With ``check_design`` (the default) a random component that the fixed effects absorb
-    (no degrees of freedom left, e.g. one donor per condition) raises a DesignError, and
-    one with fewer than 3 left is named in a logged warning
+    (no degrees of freedom left, e.g. one donor per condition) or variance components the
+    data cannot tell apart (a factor with one cell per level, two components with the same
+    levels: :mod:`flashmm_dask.design.identifiable`) raise a DesignError, and a component
+    with fewer than 3 left is named in a logged warning
     (:mod:`flashmm_dask.design.check`); ``check_design=False`` fits any design, as R
     FLASHMM does. Other keyword arguments go to :func:`lmm` (method, df, theta0, max_iter,
     epsilon, output_*...).
@@ -119,8 +121,10 @@ def flashmm(
     check_design : refuse, before the expression is read, a design in which the fixed
         effects absorb a random component (no degrees of freedom left for it, e.g. one donor
         per condition), with a DesignError naming it and the fixed-effect columns that
-        absorb it; log a warning for a component with fewer than 3 left
-        (:mod:`flashmm_dask.design.check`). False fits any design, as R FLASHMM does.
+        absorb it, and variance components the data cannot tell apart (a factor with one
+        cell per level, two components with the same levels); log a warning for a
+        component with fewer than 3 left (:mod:`flashmm_dask.design.check`). False fits
+        any design, as R FLASHMM does.
     by : obs column: fit one model per level (a stratum), each with its own variance
         components, all from one pass over the data (see :mod:`flashmm_dask.design.strata`)
     cells : the cells to use: an expression over obs columns
@@ -143,7 +147,8 @@ def flashmm(
     InputError
         An unknown keyword (checked before the data are read, with the closest valid one).
     DesignError
-        A design whose fixed effects absorb a random component (``check_design``).
+        A design whose fixed effects absorb a random component, or whose variance
+        components cannot be told apart (``check_design``).
     """
     check_keywords("flashmm", kwargs, [*keyword_names(flashmm)[4:], *_lmm_keywords()])
     expr = read_expression(

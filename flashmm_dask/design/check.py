@@ -41,6 +41,7 @@ import numpy as np
 import scipy.sparse
 from numpy.typing import ArrayLike
 
+from flashmm_dask.design.identifiable import check_identifiable
 from flashmm_dask.errors import DesignError
 from flashmm_dask.numerics.spectral_terms import eigvalsh_one_thread
 from flashmm_dask.numerics.structured import _is_diagonal
@@ -201,7 +202,7 @@ def _quoted(names: Sequence[str], shown: int = 6) -> str:
 # they are written once; it shows replication's signature with min_df (set below). A wrong
 # argument is the TypeError of the call to replication, which names replication().
 def check_replication(
-    *args: Any, min_df: int = MIN_DF, where: str = "", **kwargs: Any
+    *args: Any, min_df: int = MIN_DF, where: str = "", n: int | None = None, **kwargs: Any
 ) -> list[Replication]:
     """Refuse a random component the fixed effects absorb; warn of one with few df.
 
@@ -209,7 +210,8 @@ def check_replication(
     left (but at least one) are named in one logged warning, together with those that keep
     fewer than :data:`CALIBRATED_DF` (tests between their levels were not calibrated at BH
     thresholds there). ``where``: what the design is of (e.g. ``"stratum cls=1"``), named
-    in the warning.
+    in the warning. ``n``: the number of cells; given, variance components the data cannot
+    tell apart (:mod:`flashmm_dask.design.identifiable`) are refused too.
 
     Returns
     -------
@@ -219,7 +221,9 @@ def check_replication(
     ------
     DesignError
         A component keeps no degrees of freedom (its columns lie in the span of X), e.g.
-        one donor per condition with the condition among the fixed effects.
+        one donor per condition with the condition among the fixed effects; or (with
+        ``n``) variance components cannot be told apart, e.g. a factor with one cell per
+        level or two components with the same levels.
     """
     found = replication(*args, **kwargs)
     for r in found:
@@ -232,6 +236,11 @@ def check_replication(
                 f"use several '{r.component}' levels per level of those terms, or remove "
                 "the terms or the component"
             )
+    if n is not None:
+        bound = inspect.signature(replication).bind(*args, **kwargs).arguments
+        check_identifiable(
+            bound["XX"], bound["ZX"], bound["ZZ"], bound["d"], n, bound["components"]
+        )
     few = [r for r in found if 0 < r.df < min_df]
     thin = [r for r in found if max(min_df, 1) <= r.df < CALIBRATED_DF]
     parts = []
@@ -272,6 +281,9 @@ check_replication.__signature__ = inspect.Signature(  # type: ignore[attr-define
             "min_df", inspect.Parameter.KEYWORD_ONLY, default=MIN_DF, annotation="int"
         ),
         inspect.Parameter("where", inspect.Parameter.KEYWORD_ONLY, default="", annotation="str"),
+        inspect.Parameter(
+            "n", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"
+        ),
     ],
     return_annotation="list[Replication]",
 )
@@ -309,7 +321,15 @@ def check_design_replication(
     """:func:`check_replication` of a design over its cell metadata (before any data pass)."""
     XX, ZX, ZZ = design_crossproducts(design, obs)
     return check_replication(
-        XX, ZX, ZZ, design.d, design.covariates, design.components, min_df=min_df, where=where
+        XX,
+        ZX,
+        ZZ,
+        design.d,
+        design.covariates,
+        design.components,
+        min_df=min_df,
+        where=where,
+        n=len(obs),
     )
 
 
@@ -326,4 +346,5 @@ def check_stats_replication(
         stats.components,
         min_df=min_df,
         where=where,
+        n=int(stats.n),
     )
