@@ -580,7 +580,11 @@ def _check_consistency(cfg: RunConfig, origins: dict[str, str]) -> None:
             "data.features",
             "is an empty list; list the features to keep, or remove the key to keep all",
         )
+    # names of features select among loaded statistics (stats.load) without the data
+    by_name = cfg.stats.load is not None and not isinstance(cfg.data.features, Mapping)
     for name in ("layer", "orientation", "obs", "features", *SOMA_KEYS):
+        if name == "features" and by_name:
+            continue
         if cfg.data.path is None and getattr(cfg.data, name) is not None:
             raise fail(
                 f"data.{name}",

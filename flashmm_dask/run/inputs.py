@@ -152,6 +152,29 @@ def _saved(cfg: RunConfig, folder: Path, load: Callable[[str], _Stats]) -> _Stat
     return cached
 
 
+def _loaded_features(cfg: RunConfig, stats: _Stats) -> _Stats:
+    """The features of ``data.features`` among statistics loaded by ``stats.load``, found by
+    name (a var column is read from ``data.path``, whose features the statistics must be
+    of); all of them without ``data.features``."""
+    if not cfg.data.features:
+        return stats
+    first = stats if isinstance(stats, SummaryStats) else next(iter(stats.values()))
+    names = list(first.features)  # every stratum's statistics are of the same features
+    positions = feature_positions(
+        cfg.data.features,
+        names,
+        data=cfg.data.path,
+        storage_options=dict(cfg.data.storage_options or {}),
+    )
+    logger.info(
+        "data.features: %d of the %d features of the statistics in %s",
+        0 if positions is None else positions.size,
+        len(names),
+        cfg.stats.load,
+    )
+    return stats if positions is None else stats.subset(positions)
+
+
 def _reduce(client: Any, graph: Any, source: str, *, show: bool) -> Any:
     """Compute the reduction ``graph`` on the cluster; an unreadable chunk of the data
     raises a DataError that names ``source``."""
@@ -228,6 +251,7 @@ def prepare_inputs(cfg: RunConfig, folder: Path) -> Inputs:
     if stats is not None:
         if cfg.stats.load is not None:
             check_stats_model(cfg, stats, cfg.stats.load)
+            stats = _loaded_features(cfg, stats)
         inputs = Inputs(stats, covariates=tuple(stats.covariates))
     else:
         inputs = _read_inputs(cfg, folder)
@@ -377,6 +401,7 @@ def prepare_strata(cfg: RunConfig, folder: Path) -> StrataInputs:
             )
         if cfg.stats.load is not None:
             _check_loaded_strata(cfg, loaded)
+            loaded = _loaded_features(cfg, loaded)
         inputs = StrataInputs(loaded)
         covariates = {k: v.covariates for k, v in loaded.items()}
     else:
