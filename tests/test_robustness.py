@@ -220,7 +220,9 @@ def test_many_features_not_converged(store, client, tmp_path):
     status = _status(ds)
     not_converged = [f for f in ORDINARY if status[f] == "not_converged"]
     assert len(not_converged) >= 4, status
-    assert (ds["niter"].sel(feature=ORDINARY).values == 1).all()
+    # one iteration of Fisher scoring, then one step of the safeguarded search that
+    # nonnegative=True (the run default) gives features scoring left unconverged
+    assert (ds["niter"].sel(feature=ORDINARY).values == 2).all()
     assert f"{summary.status_counts['not_converged']} not converged" in summary.line()
     assert summary.n_not_converged >= len(not_converged)
 

@@ -37,6 +37,7 @@ import numpy as np
 from flashmm_dask.errors import DesignError
 from flashmm_dask.model.status import STATUS, feature_status, no_residual_variation
 from flashmm_dask.model.status import converged as converged_rule
+from flashmm_dask.numerics.ascent import ascended
 from flashmm_dask.numerics.boundary import constrain, restarted
 from flashmm_dask.numerics.fisher import NotPositiveDefiniteError, SharedTerms, fit_theta, prepare
 from flashmm_dask.numerics.fixed import fixed_effects
@@ -261,6 +262,11 @@ def fit_features(
             th, held = constrain(shared, zry, yry, th, max_iter=max_iter, epsilon=epsilon, z=z)
             th, held = restarted(
                 shared, zry, yry, first, th, held, max_iter=max_iter, epsilon=epsilon, z=z
+            )
+            # where scoring could not end, a search that raises the likelihood every step
+            eligible = ~no_residual_variation(yry, ynorm)
+            th, held = ascended(
+                shared, zry, yry, th, held, eligible, epsilon=epsilon, max_iter=max_iter, z=z
             )
         out["converged"][rows] = converged_rule(th.dlogL, th.FIM_theta, epsilon, held)
         out["constant"][rows] = no_residual_variation(yry, ynorm)

@@ -45,7 +45,7 @@ from flashmm_dask.numerics.fisher import (
     fit_theta,
     prepare,
 )
-from flashmm_dask.numerics.linalg import Array, pinv_sym
+from flashmm_dask.numerics.linalg import Array, pinv_scaled
 from flashmm_dask.numerics.scores import _Score, _score_general
 from flashmm_dask.numerics.spectral_terms import score_batch
 
@@ -311,7 +311,7 @@ def constrain(
     Fr = np.where(free[:, :, None] & free[:, None, :], F, 0.0)
     Fr = Fr + np.eye(K + 1) * ~free[:, None, :] * scale
     with np.errstate(invalid="ignore"):
-        se = np.sqrt(np.diagonal(pinv_sym(Fr), axis1=1, axis2=2))
+        se = np.sqrt(np.diagonal(pinv_scaled(Fr), axis1=1, axis2=2))
     se = np.where(held[rows], np.nan, se)
     out = {
         "theta": fit.theta.copy(),

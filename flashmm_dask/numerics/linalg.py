@@ -75,6 +75,23 @@ def pinv_sym(A: Array) -> Array:
     return out.reshape(shape)
 
 
+def pinv_scaled(A: Array) -> Array:
+    """:func:`pinv_sym` of the matrices scaled to unit diagonal, scaled back:
+    S^-1 pinv(S^-1 A S^-1) S^-1 with S = diag(sqrt|A_ii|) (1 where A_ii is 0 or not finite).
+
+    The inverse where A is invertible (the same up to rounding); where A's entries span
+    many orders of magnitude (the information of a slope's variance against an
+    intercept's, say 1e7 against 1e-4), a pseudo-inverse of A itself counts its small
+    directions as null and drops them, one of A scaled to unit diagonal keeps them.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        s = np.sqrt(np.abs(np.diagonal(A, axis1=-2, axis2=-1)))
+    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+    outer = s[..., :, None] * s[..., None, :]
+    return pinv_sym(A / outer) / outer
+
+
 def _inverse_2x2(A: Array) -> tuple[Array, np.ndarray]:
     """Closed-form inverses of symmetric 2 x 2 matrices (m, 2, 2), and which of them are
     provably well conditioned (2 * ||A||_1 * ||A^-1||_1 < 0.5 / GINV_TOL)."""

@@ -84,7 +84,7 @@ import numpy as np
 
 from flashmm_dask.numerics import satterthwaite_structured as structured
 from flashmm_dask.numerics.fisher import SharedTerms
-from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_sym, reciprocal
+from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_scaled, reciprocal
 from flashmm_dask.numerics.spectral_terms import observed_information_batch, shifted_reciprocal
 
 #: The df methods of the t-tests: the R package's n - p, or Satterthwaite's.
@@ -460,12 +460,14 @@ def theta_vcov(
     info = observed_information(
         sh, theta, zry, yry, spectral=spectral, z=z, structure=structure, fim=fim
     )
+    # scaled to unit diagonal first: the information of a slope's variance and of an
+    # intercept's may differ by ten orders of magnitude (pinv_scaled)
     if held is None or not held.any():
-        return pinv_sym(info)
+        return pinv_scaled(info)
     if boundary_df == "retain":
-        return pinv_sym(_retained_information(sh, theta, held, info, structure))
+        return pinv_scaled(_retained_information(sh, theta, held, info, structure))
     both = ~held[:, :, None] & ~held[:, None, :]
     # the held diagonal gets the residual's scale, so that a pseudo-inverse keeps the rest
     scale = np.abs(info[:, -1, -1])[:, None, None]
     info = np.where(both, info, 0.0) + np.eye(sh.K + 1) * held[:, None, :] * scale
-    return np.where(both, pinv_sym(info), 0.0)
+    return np.where(both, pinv_scaled(info), 0.0)
