@@ -472,3 +472,23 @@ def test_unseen_level_in_a_chunk() -> None:
     chunk.iloc[0, chunk.columns.get_loc("sam")] = "Z9"
     with pytest.raises(DesignError, match=r"level.*'Z9'.*not in the obs the design was built"):
         design.Z(chunk)
+
+
+@pytest.mark.parametrize("name", ["Treatment", "bs", "center", "C"])
+def test_columns_named_like_formulaic_transforms_are_columns(name: str) -> None:
+    """An obs column called like one of formulaic's transforms or contrasts (R's CO2 has
+    'Treatment') is read as the column, as formulaic itself does; it was left out of the
+    frame and formulaic failed on its transform of that name."""
+    obs = pd.DataFrame(
+        {
+            "g": pd.Categorical(list("aabbccdd")),
+            name: pd.Categorical(list("xyxyxyxy")),
+            "x": np.arange(8.0),
+        }
+    )
+    design = build_design(obs, f"~ {name} + log(x + 1)", f"~ 0 + g + g:{name}")
+    assert list(design.covariates) == ["(Intercept)", f"{name}y", "log(x + 1)"]
+    X = design.X(obs)
+    np.testing.assert_array_equal(X[:, 1], (obs[name] == "y").to_numpy(dtype=float))
+    np.testing.assert_allclose(X[:, 2], np.log(obs["x"] + 1))
+    assert design.q == 8  # g, and g:{name} coded as R codes it (the y level in each g)

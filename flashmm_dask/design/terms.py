@@ -160,20 +160,25 @@ def required_columns(parsed: SimpleFormula) -> set[str]:
     from formulaic.transforms import TRANSFORMS
 
     names = {str(v) for v in parsed.required_variables}
+    values: set[str] = set()
     for term in parsed:
         for factor in term.factors:
-            names |= _expression_names(str(factor.expr))
-    return names - set(TRANSFORMS)
+            values |= _expression_names(str(factor.expr))
+    # a transform's name read as a value is a column (an obs column 'bs' or 'Treatment')
+    return (names | values) - (set(TRANSFORMS) - values)
 
 
 def _expression_names(expr: str) -> set[str]:
-    """The names an expression reads as values (not those it calls), e.g. {"age"} of
-    ``I(center(age) ** 2)``; none when it is not Python (formulaic's backtick names)."""
+    """The names an expression reads as values (not those it calls, nor modules whose
+    attributes it reads), e.g. {"age"} of ``I(center(age) ** 2)`` and of
+    ``np.log1p(age)``; none when it is not Python (formulaic's backtick names)."""
     try:
         tree = ast.parse(expr, mode="eval")
     except SyntaxError:
         return set()
     called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    # np of np.log1p(x): a module whose attribute is read, not a value
+    called |= {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     return {
         node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and id(node) not in called
     }
