@@ -120,8 +120,12 @@ def test_few_degrees_of_freedom_give_one_warning(caplog):
         (r,) = check_design_replication(design, obs)
     assert r.df == 2
     warned = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert len(warned) == 1
-    assert "random component 'sam' keeps 2 of its 4 levels' dimensions" in warned[0].message
+    # one warning of the df; one of the cell types varying within donors (design/within.py)
+    df_warned = [rec for rec in warned if "freedom left" in rec.message]
+    assert len(df_warned) == 1 and len(warned) == 2
+    assert "random component 'sam' keeps 2 of its 4 levels' dimensions" in df_warned[0].message
+    (within,) = [rec.getMessage() for rec in warned if "vary within" in rec.getMessage()]
+    assert "'cls0', 'cls1', 'cls2'" in within and "random component 'sam'" in within
 
 
 def test_enough_donors_and_crossed_designs_pass_quietly(caplog):
@@ -134,7 +138,9 @@ def test_enough_donors_and_crossed_designs_pass_quietly(caplog):
         )
     assert r.df == CALIBRATED_DF == 10
     assert [(b.component, b.df, b.absorbed) for b in both] == [("sam", 10, 2), ("batch", 11, 1)]
-    assert not caplog.records
+    # no warning of the df; the cell types vary within donors (design/within.py), in both
+    assert [r.getMessage() for r in caplog.records if "vary within" not in r.getMessage()] == []
+    assert len(caplog.records) == 2
 
 
 def test_fewer_df_than_the_calibration_needs_are_named_in_one_warning(caplog):
@@ -147,7 +153,9 @@ def test_fewer_df_than_the_calibration_needs_are_named_in_one_warning(caplog):
         )
     assert r.df == 5
     assert [(b.component, b.df, b.absorbed) for b in both] == [("sam", 8, 2), ("batch", 3, 1)]
-    first, second = (rec.getMessage() for rec in caplog.records)  # one warning per design
+    # one warning of the df per design (and one of the cell types within donors each)
+    first, second = (r.getMessage() for r in caplog.records if "freedom left" in r.getMessage())
+    assert len(caplog.records) == 4
     assert "random component 'sam' keeps 5 of its 7 levels' dimensions" in first
     assert "fewer than 10" in first and "CALIBRATION.md" in first and "very few" not in first
     assert "'sam' keeps 8 of its 10" in second and "'batch' keeps 3 of its 4" in second

@@ -42,6 +42,7 @@ import scipy.sparse
 from numpy.typing import ArrayLike
 
 from flashmm_dask.design.identifiable import check_identifiable
+from flashmm_dask.design.within import warn_within_level_effects
 from flashmm_dask.errors import DesignError
 from flashmm_dask.numerics.spectral_terms import eigvalsh_one_thread
 from flashmm_dask.numerics.structured import _is_diagonal
@@ -211,7 +212,9 @@ def check_replication(
     fewer than :data:`CALIBRATED_DF` (tests between their levels were not calibrated at BH
     thresholds there). ``where``: what the design is of (e.g. ``"stratum cls=1"``), named
     in the warning. ``n``: the number of cells; given, variance components the data cannot
-    tell apart (:mod:`flashmm_dask.design.identifiable`) are refused too.
+    tell apart (:mod:`flashmm_dask.design.identifiable`) are refused too, and indicator
+    fixed effects that vary within a component's levels with no random component of their
+    interaction are named in a warning (:mod:`flashmm_dask.design.within`).
 
     Returns
     -------
@@ -238,9 +241,9 @@ def check_replication(
             )
     if n is not None:
         bound = inspect.signature(replication).bind(*args, **kwargs).arguments
-        check_identifiable(
-            bound["XX"], bound["ZX"], bound["ZZ"], bound["d"], n, bound["components"]
-        )
+        shared = (bound["XX"], bound["ZX"], bound["ZZ"], bound["d"])
+        check_identifiable(*shared, n, bound["components"])
+        warn_within_level_effects(*shared, n, bound["covariates"], bound["components"], where=where)
     few = [r for r in found if 0 < r.df < min_df]
     thin = [r for r in found if max(min_df, 1) <= r.df < CALIBRATED_DF]
     parts = []
