@@ -140,3 +140,22 @@ def test_lmmtest_index_equals_fit():
     np.testing.assert_allclose(res["log(libsize)_p"], fit.p[0], rtol=1e-12)
     everything = lmmtest(fit)
     assert everything.shape == (40, 21)
+
+
+def test_numerically_aliased_column_with_a_positive_pivot_is_refused():
+    """X'X of a column that is a combination of others, where rounding leaves Cholesky a
+    tiny positive pivot (it succeeds): refused by the design check's rule, not fitted
+    (the fit's variances were garbage, e.g. a residual variance of -2.7)."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(0)
+    n = 100
+    x, g = rng.normal(size=n), (rng.random(n) < 0.5).astype(float)
+    X = np.column_stack([np.ones(n), g, 0.1 * x, 0.3 * g + 0.7 * x])
+    scipy.linalg.cho_factor(X.T @ X, lower=True)  # no error: the case this test is about
+    Z = np.eye(10)[np.arange(n) % 10]
+    y = rng.normal(size=n)
+    st = {"XX": X.T @ X, "XY": (X.T @ y)[:, None], "ZX": Z.T @ X, "ZY": (Z.T @ y)[:, None]}
+    st |= {"ZZ": Z.T @ Z, "Ynorm": np.array([y @ y]), "n": n, "d": [10]}
+    with pytest.raises(DesignError, match=r"not full column rank.*aliased columns 'x4'"):
+        lmm(**st)

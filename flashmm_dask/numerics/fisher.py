@@ -231,6 +231,11 @@ def prepare(
             cho = scipy.linalg.cho_factor(XX, lower=True)
         except np.linalg.LinAlgError:
             raise NotPositiveDefiniteError([int(j) for j in aliased_columns(XX)]) from None
+        # rounding can leave a numerically singular X'X a tiny positive pivot: the rule of
+        # the design check (1 - R^2 of a column on the earlier ones <= ALIAS_RTOL) decides
+        aliased = aliased_columns(XX)
+        if aliased.size:
+            raise NotPositiveDefiniteError([int(j) for j in aliased])
         XXinv = scipy.linalg.cho_solve(cho, np.eye(XX.shape[0]))
     d = np.asarray(d, dtype=np.int64)
     sh = SharedTerms(
