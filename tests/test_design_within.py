@@ -69,3 +69,25 @@ def test_one_warning_names_them_and_the_remedy(caplog):
         design = fm.build_design(obs, "~ cond", ["~ 0 + donor", "~ 0 + donor:cond"])
         check_design_replication(design, obs)
     assert not [r for r in caplog.records if "vary within" in r.getMessage()]
+
+
+def test_a_classical_split_plot_is_quiet():
+    """One observation per whole plot and subplot level (lme4's Alfalfa, a split plot):
+    the interaction of the subplot factor with the whole plot is the residual itself."""
+    plots = [f"P{k}" for k in range(12)]
+    obs = pd.DataFrame(
+        {
+            "plot": np.repeat(plots, 4),
+            "date": np.tile(["d1", "d2", "d3", "d4"], 12),
+            "variety": np.repeat(np.arange(12) % 3, 4).astype(str),
+        }
+    )
+    design = fm.build_design(obs, "~ variety + date", "~ 0 + plot")
+    XX, ZX, ZZ = design_crossproducts(design, obs)
+    args = (design.d, len(obs), design.covariates, design.components)
+    assert within_level_effects(XX, ZX, ZZ, *args) == {}
+    doubled = pd.concat([obs, obs], ignore_index=True)  # two cells per plot and date
+    design = fm.build_design(doubled, "~ variety + date", "~ 0 + plot")
+    XX, ZX, ZZ = design_crossproducts(design, doubled)
+    args = (design.d, len(doubled), design.covariates, design.components)
+    assert within_level_effects(XX, ZX, ZZ, *args) == {"plot": ["dated2", "dated3", "dated4"]}

@@ -60,9 +60,10 @@ def within_level_effects(
     covariates: Sequence[str],
     components: Sequence[str],
 ) -> dict[str, list[str]]:
-    """Component name -> the 0/1 fixed-effect columns that vary within its levels while no
-    indicator random component is constant where they are. Components that are not
-    indicators of a factor covering every cell are not judged."""
+    """Component name -> the 0/1 fixed-effect columns that vary within its levels, with two
+    cells or more of value 1 in some level (otherwise their interaction with it is the
+    residual), while no indicator random component is constant where they are.
+    Components that are not indicators of a factor covering every cell are not judged."""
     XX = np.asarray(XX, dtype=np.float64)
     ZX = np.asarray(ZX, dtype=np.float64)
     ZZ = np.asarray(ZZ, dtype=np.float64)
@@ -70,15 +71,21 @@ def within_level_effects(
     xx = np.diag(XX)
     # per indicator component: x'x - sum_l s_l^2 / c_l of every column
     residual: list[np.ndarray | None] = []
+    # and whether some level holds two cells or more of the column's value 1 beside others:
+    # with one cell per level and value (a classical split plot) the interaction is the
+    # residual itself, and nothing is missing from the model
+    replicated: list[np.ndarray | None] = []
     for b in blocks:
         if b is None or not np.isclose(b[1].sum(), n):
             residual.append(None)
+            replicated.append(None)
             continue
         s, counts = b
         sums = ZX[s]
         with np.errstate(invalid="ignore", divide="ignore"):
             explained = np.where(counts[:, None] > 0, sums**2 / counts[:, None], 0.0).sum(axis=0)
         residual.append(xx - explained)
+        replicated.append(((sums >= 1.5) & (counts[:, None] - sums >= 0.5)).any(axis=0))
     # 0/1 columns: x'x equals the sum of x (read off any component covering every cell)
     covering = [b for b, r in zip(blocks, residual, strict=True) if r is not None]
     totals = ZX[covering[0][0]].sum(axis=0) if covering else None  # type: ignore[index]
@@ -91,10 +98,10 @@ def within_level_effects(
     for r in residual:
         if r is not None:
             spanned |= r <= WITHIN_RTOL * scale
-    for name, r in zip(components, residual, strict=True):
-        if r is None:
+    for name, r, rep in zip(components, residual, replicated, strict=True):
+        if r is None or rep is None:
             continue
-        varies = binary & (r > WITHIN_RTOL * scale) & ~spanned
+        varies = binary & (r > WITHIN_RTOL * scale) & ~spanned & rep
         if varies.any():
             within[str(name)] = [str(covariates[int(j)]) for j in np.flatnonzero(varies)]
     return within
