@@ -17,7 +17,9 @@ accepted step raises the likelihood:
 
 1. start from the better (by l_p) of the constrained fit (where finite and >= 0) and a
    start inside (every variance at a tenth of the residual variance's estimate);
-2. at theta (residual at s0(rho)): the score g and information F of the full model; the
+2. at theta (residual at s0(rho)): the score g and information F of the full model (the
+   observed information, Newton's, where it is positive definite: Fisher scoring converges
+   linearly, and slowly near a variance of zero; the expected one elsewhere); the
    free components are those above zero or with g_k > 0, less those at zero whose step
    would leave the boundary downwards (so that a small step is an ascent direction);
    step = pinv(F_free) g_free, with F scaled to unit diagonal first (a slope's variance
@@ -54,11 +56,14 @@ HALVINGS = 40
 #: asks for 1e-6, which leaves relative errors of ~1e-3 se(theta) in theta; this search is
 #: not R's, so it goes to the optimum), or until no step raises l_p.
 GAP = 1e-12
+#: Smallest eigenvalue of the observed information scaled to unit diagonal for a Newton step
+#: (Fisher's expected information below it).
+POSITIVE = 1e-8
 #: Relative change of l_p that counts as rounding: at the optimum a full step may lower l_p
 #: by this much and is still taken (the score, not l_p, then says whether it converged),
 #: at most FLAT_STEPS times a feature.
 ROUNDING = 1e-12
-FLAT_STEPS = 5
+FLAT_STEPS = 50
 
 
 def _profiled(sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | None):
@@ -88,6 +93,25 @@ def _profiled(sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | 
 def _score(sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | None):
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         return full_score(sh, theta, zry, yry, final=True, z=z)
+
+
+def _curvature(
+    sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | None, F: Array
+) -> Array:
+    """The observed information (minus the Hessian: Newton's steps, which converge fast
+    where Fisher's crawl, near a variance of zero) where it is positive definite, the
+    expected information F elsewhere."""
+    from flashmm_dask.numerics.satterthwaite import observed_information
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        H = observed_information(sh, theta, zry, yry, z=z, fim=F)
+        d = np.sqrt(np.abs(np.diagonal(H, axis1=1, axis2=2)))
+        d = np.where(np.isfinite(d) & (d > 0), d, 1.0)
+        unit = H / (d[:, :, None] * d[:, None, :])
+        ok = np.isfinite(unit).all(axis=(1, 2))
+        lowest = np.full(len(H), -np.inf)
+        lowest[ok] = np.linalg.eigvalsh(unit[ok])[:, 0]
+    return np.where((lowest > POSITIVE)[:, None, None], H, F)
 
 
 def _step(dl: Array, F: Array, theta: Array, K: int) -> tuple[Array, np.ndarray]:
@@ -145,7 +169,8 @@ def ascend(
     fit : ThetaFit with those rows replaced where the search ends higher in likelihood
         than ``fit`` (theta, se_theta, dlogL, FIM_theta, niter (+ its steps), logdetM0; the
         nested path's terms of the fixed effects dropped there)
-    improved : (len(rows),) bool, which of them were replaced
+    improved : (len(rows),) bool, which of them were replaced: higher in likelihood, or as
+        high to rounding where the search met its stopping rule
     """
     from flashmm_dask.model.status import converged as converged_rule
     from flashmm_dask.model.status import loglik_gap
@@ -165,17 +190,21 @@ def ascend(
     lp = np.where(take_in, lp_in, before)
     steps = np.zeros(rows.size, dtype=np.int64)
     flats = np.zeros(rows.size, dtype=np.int64)
+    settled = np.zeros(rows.size, dtype=bool)  # the search's own stopping rule met
     active = np.flatnonzero(np.isfinite(lp))
     for _ in range(max_steps):
         if active.size == 0:
             break
         sub = None if zu is None else zu[active]
         sc = _score(sh, theta[active], zr[active], y[active], sub)
-        step, held = _step(sc.dl, sc.F, theta[active], K)
+        step, held = _step(
+            sc.dl, _curvature(sh, theta[active], zr[active], y[active], sub, sc.F), theta[active], K
+        )
         with np.errstate(invalid="ignore"):
             done = converged_rule(sc.dl, sc.F, epsilon, held) & (
                 loglik_gap(sc.dl, sc.F, held) <= GAP
             )
+        settled[active[done]] = True
         go = active[~done]
         step = step[~done]
         active = go
@@ -205,7 +234,9 @@ def ascend(
             accepted[todo[up]] = True
             a *= 0.5
         active = go[accepted]  # a feature no step raises is as high as this search goes
-    improved = np.isfinite(lp) & ~(lp <= before)
+    # higher; or as high to rounding and converged, where the fit was not
+    tied = settled & (lp >= before - ROUNDING * np.maximum(1.0, np.abs(before)))
+    improved = np.isfinite(lp) & (~(lp <= before) | tied)
     if not improved.any():
         return fit, improved
     pick = rows[improved]
