@@ -96,18 +96,31 @@ def _score(sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | Non
 
 
 def _curvature(
-    sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | None, F: Array
+    sh: SharedTerms,
+    theta: Array,
+    zry: Array,
+    yry: Array,
+    z: Array | None,
+    F: Array,
+    dl: Array,
 ) -> Array:
     """The observed information (minus the Hessian: Newton's steps, which converge fast
-    where Fisher's crawl, near a variance of zero) where it is positive definite, the
-    expected information F elsewhere."""
+    where Fisher's crawl, near a variance of zero) where it is positive definite over the
+    components not held at zero (those at zero whose score points out), the expected
+    information F elsewhere."""
     from flashmm_dask.numerics.satterthwaite import observed_information
 
+    K = sh.K
+    held = np.zeros(theta.shape, dtype=bool)
+    held[:, :K] = (theta[:, :K] <= 0) & ~(dl[:, :K] > 0)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         H = observed_information(sh, theta, zry, yry, z=z, fim=F)
         d = np.sqrt(np.abs(np.diagonal(H, axis1=1, axis2=2)))
         d = np.where(np.isfinite(d) & (d > 0), d, 1.0)
         unit = H / (d[:, :, None] * d[:, None, :])
+        free = ~held
+        unit = np.where(free[:, :, None] & free[:, None, :], unit, 0.0)
+        unit = unit + np.eye(K + 1) * held[:, None, :]
         ok = np.isfinite(unit).all(axis=(1, 2))
         lowest = np.full(len(H), -np.inf)
         lowest[ok] = np.linalg.eigvalsh(unit[ok])[:, 0]
@@ -197,9 +210,8 @@ def ascend(
             break
         sub = None if zu is None else zu[active]
         sc = _score(sh, theta[active], zr[active], y[active], sub)
-        step, held = _step(
-            sc.dl, _curvature(sh, theta[active], zr[active], y[active], sub, sc.F), theta[active], K
-        )
+        curvature = _curvature(sh, theta[active], zr[active], y[active], sub, sc.F, sc.dl)
+        step, held = _step(sc.dl, curvature, theta[active], K)
         with np.errstate(invalid="ignore"):
             done = converged_rule(sc.dl, sc.F, epsilon, held) & (
                 loglik_gap(sc.dl, sc.F, held) <= GAP
