@@ -84,7 +84,7 @@ def gram(XX: ArrayLike, ZX: ArrayLike, ZZ: ArrayLike, d: Sequence[int], n: int) 
         for k in range(j, K):
             C = ZZ[sj, blocks[k]]
             value = (
-                np.sum(C * C)
+                np.einsum("ij,ij->", C, C)  # no q x q temporary
                 - 2.0 * np.sum(A_pinv * (B[j].T @ (C @ B[k])))
                 + np.sum((A_pinv @ BB[j]) * (A_pinv @ BB[k]).T)
             )

@@ -44,8 +44,8 @@ def _indicator_blocks(ZZ: np.ndarray, d: Sequence[int]) -> list[tuple[slice, np.
         start += int(size)
         block = ZZ[s, s]
         counts = np.diag(block)
-        off = block - np.diag(counts)
-        diagonal = not np.any(off)
+        # no q x q temporary: Z'Z of donor x state has 7,511 columns (451 MB a copy)
+        diagonal = np.count_nonzero(block) == np.count_nonzero(counts)
         integral = np.allclose(counts, np.round(counts)) and (counts >= 0).all()
         out.append((s, counts) if diagonal and integral and counts.sum() > 0 else None)
     return out

@@ -6,8 +6,8 @@ donor:state, donor + batch) the unconstrained fit ends at max_iter or at non-fin
 values, and the constrained fit built on it (:func:`.boundary.constrain`) may stop with a
 held component whose score points into the interior. lme4's optimiser reaches the
 optimum over theta >= 0 there. :func:`ascend` gives such features (``nonnegative=True``
-only: the unconstrained fit stays R's) a projected Fisher scoring with backtracking on
-the residual-variance-profiled log-likelihood
+only: the unconstrained fit stays R's) a projected Newton (or Fisher scoring) search with
+backtracking on the residual-variance-profiled log-likelihood
 
     l_p(rho) = -(n - r)(1 + log(2 pi s0(rho))) / 2 + log|det M0(rho)| / 2,
     rho = theta_k / s0,  s0(rho) = (yry - zry' M D zry) / (n - r),
@@ -22,9 +22,10 @@ accepted step raises the likelihood:
    linearly, and slowly near a variance of zero; the expected one elsewhere); the
    free components are those above zero or with g_k > 0, less those at zero whose step
    would leave the boundary downwards (so that a small step is an ascent direction);
-   step = pinv(F_free) g_free, with F scaled to unit diagonal first (a slope's variance
-   and an intercept's may differ by ten orders of magnitude in information, where a
-   pseudo-inverse of F itself drops a direction and the search would never move along it);
+   step = pinv(F_free) g_free (F the information chosen), scaled to unit diagonal first
+   (a slope's variance and an intercept's may differ by ten orders of magnitude in
+   information, where a pseudo-inverse of F itself drops a direction and the search
+   would never move along it);
 3. theta + a step, components below zero set to zero, the residual set to the profiled
    s0 of the new ratios; a = 1, 1/2, 1/4, ... until l_p rises;
 4. stop when R's rule holds on the projected score and one more step promises a gain
@@ -32,7 +33,7 @@ accepted step raises the likelihood:
    about 1e-3 se(theta) in theta), or when no step raises l_p. At the optimum l_p
    changes by rounding only while the score may still exceed epsilon (R's rule is not
    scale-free): a full step that lowers l_p by no more than rounding (:data:`ROUNDING`)
-   is still taken, a few times (:data:`FLAT_STEPS`), and the score says whether the fit
+   is still taken, at most :data:`FLAT_STEPS` times, and the score says whether the fit
    converged.
 
 Features are processed together (a block at a time), each with its own step length.
@@ -67,8 +68,9 @@ FLAT_STEPS = 50
 
 
 def _profiled(sh: SharedTerms, theta: Array, zry: Array, yry: Array, z: Array | None):
-    """l_p at the ratios of theta, the score there with the residual at s0(rho), and that
-    theta. Rows whose theta has a residual <= 0 or a non-finite entry get l_p = -inf."""
+    """l_p at the ratios of theta, and theta with its residual set to s0(rho) there. Rows
+    whose theta has a residual <= 0, a variance below zero or a non-finite entry get
+    l_p = -inf."""
     from flashmm_dask.numerics.fixed import _loglik
 
     K = sh.K
@@ -128,7 +130,8 @@ def _curvature(
 
 
 def _step(dl: Array, F: Array, theta: Array, K: int) -> tuple[Array, np.ndarray]:
-    """The projected Fisher step and the components held at zero ((m, K+1) bool)."""
+    """The projected step of the score ``dl`` with the information ``F`` (observed or
+    expected), and the components held at zero ((m, K+1) bool)."""
     at_zero = np.zeros(theta.shape, dtype=bool)
     at_zero[:, :K] = theta[:, :K] <= 0
     held = at_zero & ~(dl > 0)
