@@ -35,7 +35,12 @@ _VARS: dict[str, _Var] = {
     "se_theta": _Var(_FK, "float64", "standard error of theta"),
     "dlogL": _Var(_FK, "float64", "score (gradient of the log-likelihood) at theta"),
     "logLik": _Var((), "float64", "log-likelihood (REML or ML) at the fit"),
-    "niter": _Var((), "float64", "Fisher scoring iterations; NaN for features not fitted"),
+    "niter": _Var(
+        (),
+        "float64",
+        "iterations of the fit (Fisher scoring, refits at the boundary, the safeguarded search);"
+        " NaN for features not fitted",
+    ),
     "converged": _Var((), "bool", "max |dlogL| <= epsilon and theta at the optimum"),
     "status": _Var((), "int8", "fit status code; see flag_values and flag_meanings"),
     "cov": _Var(("covariate", "covariate2"), "float64", "covariance matrix of coef"),

@@ -147,7 +147,7 @@ def status_codes(
 
     Parameters
     ----------
-    niter : (m,) Fisher scoring iterations; NaN for features not fitted (all zero)
+    niter : (m,) iterations of the fit; NaN for features not fitted (all zero)
     converged : (m,) bool, from :func:`converged`
     finite : (m,) bool, whether every result of the feature is finite
     constant : (m,) bool, optional; no residual variation after the fixed effects
