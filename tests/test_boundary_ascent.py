@@ -121,3 +121,23 @@ def test_orange_random_slope_matches_lme4(method):
     np.testing.assert_allclose(fit.p[:, 0], co["p"], rtol=1e-3)
     shift = np.linalg.slogdet(X.T @ X)[1] / 2 if method == "REML" else 0.0
     np.testing.assert_allclose(fit.logLik[0] - shift, r["logLik"], rtol=0, atol=1e-8)
+
+
+def test_a_local_maximum_inside_gives_way_to_the_boundary_optimum():
+    """K = 1, ML, three donors of 64, 3 and 4 cells (tests/reference/local_optimum): the
+    likelihood has an interior local maximum 0.16 below the optimum at donor variance 0
+    (lme4's singular fit). A search from the fit alone ended converged ('ok') there, with
+    p = 0.495 for the first coefficient against lme4's 2.8e-4; starting on every face, the
+    search reaches the optimum."""
+    case = json.loads((Path(__file__).parent / "reference/local_optimum/case1197.json").read_text())
+    X, y = np.array(case["X"]), np.array(case["y"])
+    Z = np.eye(3)[np.array(case["donor"])]
+    st = {"XX": X.T @ X, "XY": (X.T @ y)[:, None], "ZX": Z.T @ X, "ZY": (Z.T @ y)[:, None]}
+    st |= {"ZZ": Z.T @ Z, "Ynorm": np.array([y @ y]), "n": y.size, "d": [3]}
+    fit = lmm(**st, method="ML", nonnegative=True, df="satterthwaite")
+    f = criterion(y, X, [Z], "ML")
+    best = bounded_optimum(f, 1, float(y.var()))
+    assert f(fit.theta[:, 0]) <= best.fun + 1e-8
+    assert fit.theta[0, 0] == 0 and STATUS[fit.status[0]] == "boundary" and fit.converged[0]
+    np.testing.assert_allclose(fit.theta[1, 0], 0.049919, rtol=1e-4)  # lme4's residual
+    np.testing.assert_allclose(fit.p[:, 0], [2.77e-4, 1.03e-2, 9.18e-4, 1.28e-4], rtol=1e-2)

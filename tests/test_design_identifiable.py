@@ -134,3 +134,20 @@ def test_cli_refuses_with_one_line_and_writes_nothing(tmp_path: Path):
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("flashmm-dask: error: the variances of 'sam' and 'sam:trt'")
     assert not out.exists()
+
+
+def test_a_slope_in_large_units_does_not_hide_a_dependence():
+    """The emptiness of a component is judged against its own size: a random slope on a
+    covariate of ~1e4 made the residual and the other components look empty (not checked)."""
+    obs = cells()
+    obs["counts"] = np.random.default_rng(2).uniform(5e3, 2e4, len(obs))
+    design = fm.build_design(obs, "~ trt", ["~ 0 + sam", "~ 0 + sam2", "~ 0 + sam:counts"])
+    with pytest.raises(fm.DesignError, match="'sam' and 'sam2' cannot be told apart"):
+        check_design_replication(design, obs)
+
+
+def test_a_component_zero_in_every_cell_is_refused():
+    obs = cells().assign(zero=0.0)
+    design = fm.build_design(obs, "~ trt", ["~ 0 + sam", "~ 0 + sam:zero"])
+    with pytest.raises(fm.DesignError, match="random component 'sam:zero' is zero in every cell"):
+        check_design_replication(design, obs)

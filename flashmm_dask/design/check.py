@@ -230,7 +230,13 @@ def check_replication(
     """
     found = replication(*args, **kwargs)
     for r in found:
-        if r.rank and r.df == 0:
+        if r.rank == 0:
+            raise DesignError(
+                f"random component '{r.component}' is zero in every cell (e.g. a slope on "
+                "a covariate that is 0 throughout), so it has no variance to estimate; "
+                "remove it or check the covariate"
+            )
+        if r.df == 0:
             raise DesignError(
                 f"random component '{r.component}' has no replication left after the fixed "
                 f"effects: its {r.rank} levels lie in the span of the fixed-effect columns "

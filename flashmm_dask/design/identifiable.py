@@ -44,8 +44,9 @@ RANK_RTOL = 1e-8
 DEPENDENT_RTOL = 1e-9
 #: Weight of a null vector above which a component counts as one of the dependent ones.
 WEIGHT_TOL = 1e-6
-#: Below this relative size a component's own Gram entry counts as zero (nothing left of it
-#: after the fixed effects: refused by :func:`flashmm_dask.design.check.check_replication`).
+#: Below this share of its size before the projection off the fixed effects, a component's
+#: own Gram entry counts as zero (nothing left of it after the fixed effects: refused by
+#: :func:`flashmm_dask.design.check.check_replication`).
 EMPTY_RTOL = 1e-12
 
 
@@ -109,7 +110,15 @@ def dependent_components(
     G = gram(XX, ZX, ZZ, d, n)
     names = ["residual", *map(str, components)]
     diag = np.diag(G).copy()
-    keep = np.flatnonzero(diag > EMPTY_RTOL * max(1.0, float(diag.max(initial=0.0))))
+    # each against its own size before the projection (tr(V_k V_k) = ||Z_k'Z_k||^2, n for
+    # the residual's): a slope in large units must not make the others look empty
+    ZZ = np.asarray(ZZ, dtype=np.float64)
+    edges = np.concatenate([[0], np.cumsum(np.asarray(d, dtype=np.int64))])
+    raw = [float(n)] + [
+        float(np.einsum("ij,ij->", ZZ[a:b, a:b], ZZ[a:b, a:b]))
+        for a, b in itertools.pairwise(edges)
+    ]
+    keep = np.flatnonzero(diag > EMPTY_RTOL * np.asarray(raw))
     if keep.size < 2:
         return []
     s = np.sqrt(diag[keep])

@@ -15,8 +15,10 @@ backtracking on the residual-variance-profiled log-likelihood
 which equals the (restricted) log-likelihood maximised over s0 at those ratios, so every
 accepted step raises the likelihood:
 
-1. start from the better (by l_p) of the constrained fit (where finite and >= 0) and a
-   start inside (every variance at a tenth of the residual variance's estimate);
+1. start from the constrained fit (where finite and >= 0) and from a start on every face
+   of theta >= 0 (each set of components at zero, the others at a tenth of the residual
+   variance's estimate; with K > 3 every variance at zero, each component alone and all
+   of them): the likelihood may have several maxima, and the highest end is kept;
 2. at theta (residual at s0(rho)): the score g and information F of the full model (the
    observed information, Newton's, where it is positive definite: Fisher scoring converges
    linearly, and slowly near a variance of zero; the expected one elsewhere); the
@@ -41,6 +43,7 @@ Features are processed together (a block at a time), each with its own step leng
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -51,6 +54,8 @@ from flashmm_dask.numerics.linalg import Array, pinv_scaled, pinv_sym
 
 __all__ = ["HALVINGS", "ascend", "ascended"]
 
+#: Up to this many components, the search starts on every face of theta >= 0 (2^K starts).
+MAX_FACES_K = 3
 #: Step halvings tried before a feature's search stops (a step of 2^-40 changes nothing).
 HALVINGS = 40
 #: The search goes on until one more step promises at most this gain in l_p (the fit's rule
@@ -195,18 +200,26 @@ def ascend(
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0:
         return fit, np.zeros(0, dtype=bool)
-    zr, y = zry[rows], yry[rows]
-    zu = None if z is None else z[rows]
-    before, at_fit = _profiled(sh, fit.theta[rows], zr, y, zu)
-    s0 = y / (sh.n - sh.r)
-    inside = np.column_stack([np.outer(s0, np.full(K, RESTART_SHARE)), s0])
-    lp_in, at_in = _profiled(sh, inside, zr, y, zu)
-    take_in = lp_in > before
-    theta = np.where(take_in[:, None], at_in, at_fit)
-    lp = np.where(take_in, lp_in, before)
-    steps = np.zeros(rows.size, dtype=np.int64)
-    flats = np.zeros(rows.size, dtype=np.int64)
-    settled = np.zeros(rows.size, dtype=bool)  # the search's own stopping rule met
+    zr0, y0 = zry[rows], yry[rows]
+    zu0 = None if z is None else z[rows]
+    before, at_fit = _profiled(sh, fit.theta[rows], zr0, y0, zu0)
+    # the likelihood may have several maxima over theta >= 0, one on each face: the search
+    # runs from the fit and from starts on every face (each set of components at zero, the
+    # others at RESTART_SHARE of the residual's estimate; with K > 3 every variance at zero
+    # and each component alone), and the highest end is kept
+    s0 = y0 / (sh.n - sh.r)
+    if K <= MAX_FACES_K:
+        masks = [np.array(m, dtype=float) for m in itertools.product((0.0, 1.0), repeat=K)]
+    else:
+        masks = [np.ones(K), np.zeros(K), *np.eye(K)]
+    starts = [at_fit] + [np.column_stack([np.outer(s0, RESTART_SHARE * m), s0]) for m in masks]
+    C = len(starts)
+    zr, y = np.tile(zr0, (C, 1)), np.tile(y0, C)
+    zu = None if zu0 is None else np.tile(zu0, (C, 1))
+    lp, theta = _profiled(sh, np.concatenate(starts), zr, y, zu)
+    steps = np.zeros(lp.size, dtype=np.int64)
+    flats = np.zeros(lp.size, dtype=np.int64)
+    settled = np.zeros(lp.size, dtype=bool)  # the search's own stopping rule met
     active = np.flatnonzero(np.isfinite(lp))
     for _ in range(max_steps):
         if active.size == 0:
@@ -249,6 +262,11 @@ def ascend(
             accepted[todo[up]] = True
             a *= 0.5
         active = go[accepted]  # a feature no step raises is as high as this search goes
+    # each feature's highest end over its starts
+    ends = np.where(np.isfinite(lp), lp, -np.inf).reshape(C, rows.size)
+    best = np.argmax(ends, axis=0) * rows.size + np.arange(rows.size)
+    theta, lp, steps, settled = theta[best], lp[best], steps[best], settled[best]
+    zr, y, zu = zr0, y0, zu0
     # higher; or as high to rounding and converged, where the fit was not
     tied = settled & (lp >= before - ROUNDING * np.maximum(1.0, np.abs(before)))
     improved = np.isfinite(lp) & (~(lp <= before) | tied)
