@@ -153,35 +153,23 @@ def test_fit_from_saved_statistics_applies_data_features(tmp_path):
     res = cli("stats", "configs/demo.yaml", *small_args(tmp_path / "first"), cwd=root)
     assert res.returncode == 0, res.stderr
     stats = tmp_path / "first" / "stats.zarr"
+
+    def fit(out, *extra):
+        return cli(
+            "fit", "configs/demo.yaml", "--stats", str(stats), *small_args(out), *extra, cwd=root
+        )
+
     whole = tmp_path / "whole"
-    res = cli("fit", "configs/demo.yaml", "--stats", str(stats), *small_args(whole), cwd=root)
+    res = fit(whole)
     assert res.returncode == 0, res.stderr
     names = list(open_results(str(whole / "results.zarr"))["feature"].values)
     chosen = [names[4], names[1]]
     picked = tmp_path / "picked"
-    res = cli(
-        "fit",
-        "configs/demo.yaml",
-        "--stats",
-        str(stats),
-        *small_args(picked),
-        "--set",
-        f"data.features=[{chosen[0]}, {chosen[1]}]",
-        cwd=root,
-    )
+    res = fit(picked, "--set", f"data.features=[{chosen[0]}, {chosen[1]}]")
     assert res.returncode == 0, res.stderr
     ds = open_results(str(picked / "results.zarr"))
     assert list(ds["feature"].values) == [names[1], names[4]]  # in the statistics' order
     full = open_results(str(whole / "results.zarr"))
     np.testing.assert_array_equal(ds["coef"].values, full["coef"].values[[1, 4]])
-    res = cli(
-        "fit",
-        "configs/demo.yaml",
-        "--stats",
-        str(stats),
-        *small_args(tmp_path / "bad"),
-        "--set",
-        "data.features=[no_such_gene]",
-        cwd=root,
-    )
+    res = fit(tmp_path / "bad", "--set", "data.features=[no_such_gene]")
     assert res.returncode == 2 and "no_such_gene" in res.stderr

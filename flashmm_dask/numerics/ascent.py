@@ -50,7 +50,7 @@ import numpy as np
 
 from flashmm_dask.numerics.boundary import RESTART_SHARE, full_score
 from flashmm_dask.numerics.fisher import FixedTerms, SharedTerms, ThetaFit
-from flashmm_dask.numerics.linalg import Array, pinv_scaled, pinv_sym
+from flashmm_dask.numerics.linalg import Array, pinv_free
 
 __all__ = ["HALVINGS", "ascend", "ascended"]
 
@@ -140,20 +140,12 @@ def _step(dl: Array, F: Array, theta: Array, K: int) -> tuple[Array, np.ndarray]
     at_zero = np.zeros(theta.shape, dtype=bool)
     at_zero[:, :K] = theta[:, :K] <= 0
     held = at_zero & ~(dl > 0)
-    # the information scaled to unit diagonal: its entries may span ten orders of magnitude
-    # (a slope's variance against an intercept's), where a pseudo-inverse of F itself drops
-    # the small directions and the search would never move along them
-    with np.errstate(invalid="ignore", divide="ignore"):
-        diag = np.sqrt(np.abs(np.diagonal(F, axis1=1, axis2=2)))
-        diag = np.where(np.isfinite(diag) & (diag > 0), diag, 1.0)
-        unit = F / (diag[:, :, None] * diag[:, None, :])
+    # pinv_free scales the information to unit diagonal: its entries may span ten orders of
+    # magnitude (a slope's variance against an intercept's), where a pseudo-inverse of F
+    # itself drops the small directions and the search would never move along them
     for _ in range(K + 1):  # hold those at zero whose step points out of the space
-        free = ~held
-        Fr = np.where(free[:, :, None] & free[:, None, :], unit, 0.0)
-        Fr = Fr + np.eye(K + 1) * held[:, None, :]
-        with np.errstate(invalid="ignore"):
-            g = np.where(held, 0.0, dl) / diag
-            step = np.einsum("mij,mj->mi", pinv_sym(Fr), g) / diag
+        with np.errstate(invalid="ignore", divide="ignore"):
+            step = np.einsum("mij,mj->mi", pinv_free(F, ~held), np.where(held, 0.0, dl))
         leaving = at_zero & ~held & (step < 0)
         if not leaving.any():
             break
@@ -278,12 +270,8 @@ def ascend(
     final = _score(sh, th, zr[improved], y[improved], sub)
     held = np.zeros(th.shape, dtype=bool)
     held[:, :K] = th[:, :K] <= 0
-    free = ~held
-    scale = np.abs(final.F[:, K, K])[:, None, None]
-    Fr = np.where(free[:, :, None] & free[:, None, :], final.F, 0.0)
-    Fr = Fr + np.eye(K + 1) * held[:, None, :] * scale
     with np.errstate(invalid="ignore"):
-        se = np.sqrt(np.diagonal(pinv_scaled(Fr), axis1=1, axis2=2))
+        se = np.sqrt(np.diagonal(pinv_free(final.F, ~held), axis1=1, axis2=2))
     out = {}
     for name, value in (
         ("theta", th),

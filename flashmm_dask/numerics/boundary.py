@@ -45,7 +45,7 @@ from flashmm_dask.numerics.fisher import (
     fit_theta,
     prepare,
 )
-from flashmm_dask.numerics.linalg import Array, pinv_scaled
+from flashmm_dask.numerics.linalg import Array, pinv_free
 from flashmm_dask.numerics.scores import _Score, _score_general
 from flashmm_dask.numerics.spectral_terms import score_batch
 
@@ -306,12 +306,8 @@ def constrain(
     held[rows, :K] = hold
     F = final.F
     # se of the free components from their own information; NaN for the held ones
-    free = ~held[rows]
-    scale = np.abs(F[:, K, K])[:, None, None]  # the residual's: the pseudo-inverse keeps the rest
-    Fr = np.where(free[:, :, None] & free[:, None, :], F, 0.0)
-    Fr = Fr + np.eye(K + 1) * ~free[:, None, :] * scale
     with np.errstate(invalid="ignore"):
-        se = np.sqrt(np.diagonal(pinv_scaled(Fr), axis1=1, axis2=2))
+        se = np.sqrt(np.diagonal(pinv_free(F, ~held[rows]), axis1=1, axis2=2))
     se = np.where(held[rows], np.nan, se)
     out = {
         "theta": fit.theta.copy(),

@@ -92,6 +92,15 @@ def pinv_scaled(A: Array) -> Array:
     return pinv_sym(A / outer) / outer
 
 
+def pinv_free(A: Array, free: np.ndarray) -> Array:
+    """:func:`pinv_scaled` of the matrices ``A`` (m, k, k) restricted to their ``free``
+    rows and columns ((m, k) bool), zero in the others (a variance held at zero is not a
+    parameter there)."""
+    both = free[:, :, None] & free[:, None, :]
+    eye = np.eye(A.shape[-1]) * ~free[:, None, :]
+    return np.where(both, pinv_scaled(np.where(both, A, 0.0) + eye), 0.0)
+
+
 def _inverse_2x2(A: Array) -> tuple[Array, np.ndarray]:
     """Closed-form inverses of symmetric 2 x 2 matrices (m, 2, 2), and which of them are
     provably well conditioned (2 * ||A||_1 * ||A^-1||_1 < 0.5 / GINV_TOL)."""

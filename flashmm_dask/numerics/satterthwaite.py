@@ -84,7 +84,7 @@ import numpy as np
 
 from flashmm_dask.numerics import satterthwaite_structured as structured
 from flashmm_dask.numerics.fisher import SharedTerms
-from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_scaled, reciprocal
+from flashmm_dask.numerics.linalg import Array, inv_or_pinv, pinv_free, pinv_scaled, reciprocal
 from flashmm_dask.numerics.spectral_terms import observed_information_batch, shifted_reciprocal
 
 #: The df methods of the t-tests: the R package's n - p, or Satterthwaite's.
@@ -466,8 +466,4 @@ def theta_vcov(
         return pinv_scaled(info)
     if boundary_df == "retain":
         return pinv_scaled(_retained_information(sh, theta, held, info, structure))
-    both = ~held[:, :, None] & ~held[:, None, :]
-    # the held diagonal gets the residual's scale, so that a pseudo-inverse keeps the rest
-    scale = np.abs(info[:, -1, -1])[:, None, None]
-    info = np.where(both, info, 0.0) + np.eye(sh.K + 1) * held[:, None, :] * scale
-    return np.where(both, pinv_scaled(info), 0.0)
+    return pinv_free(info, ~held)
